@@ -1,0 +1,52 @@
+"""The `dit-lens` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main"]
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def _world(args: argparse.Namespace) -> int:
+    from .world.build import build_world
+
+    build_world(args)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dit-lens", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="counterfactual pairs on the embedded world (or --model)")
+    demo.add_argument("--model", default="embedded", help="pipeline folder (default: embedded)")
+    demo.add_argument("--lora", default=None, help="peft LoRA adapter folder to merge")
+    demo.add_argument("--out", default="cache/demo", help="output folder")
+    demo.set_defaults(func=_demo)
+
+    world = sub.add_parser("world", help="the embedded endoscopy world")
+    world_sub = world.add_subparsers(dest="world_command", required=True)
+    build = world_sub.add_parser("build", help="rebuild the shipped world from seeded code")
+    build.add_argument("--out", default=None, help="where to write (default: the package)")
+    build.set_defaults(func=_world)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError, TypeError) as err:
+        print(f"dit-lens: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""`load`: one way to open a diffusers DiT pipeline, hooked by nnsight, in eval mode.
+
+The embedded world, a user's PixArt-alpha/Sigma folder and an already built pipeline all go through
+the same code path, so what is measured on the embedded model is measured the same way on real
+weights.
+
+Examples:
+    >>> from dit_lens.architectures import PixArtSpec, build_pixart
+    >>> lens = load(build_pixart(PixArtSpec(num_layers=2)))
+    >>> lens.num_layers, lens.width, lens.token_grid
+    (2, 16, (4, 4))
+    >>> image = lens.plain("a polyp", seed=0, num_inference_steps=2)
+    >>> image.shape
+    (16, 16, 3)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .sites import Family, family_of
+
+__all__ = ["Lens", "load", "EMBEDDED_PIPELINE"]
+
+#: Where the shipped embedded world's pipeline lives (built by ``dit-lens world build``).
+EMBEDDED_PIPELINE = Path(__file__).parent / "embedded" / "pipeline"
+
+
+@dataclass(eq=False)
+class Lens:
+    """A diffusers DiT pipeline together with its nnsight wrapper and its site table.
+
+    Attributes:
+        pipeline: The diffusers pipeline, every module in eval mode.
+        model: The nnsight ``DiffusionModel`` over the same pipeline (same module objects).
+        family: The denoiser's site table.
+        source: Where the pipeline came from (``"embedded"``, a folder, or ``"<object>"``).
+        lora: The LoRA adapter folder merged into the denoiser, if any.
+    """
+
+    pipeline: Any
+    model: Any
+    family: Family
+    source: str
+    lora: str | None = None
+    pipeline_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipeline, self.family.denoiser)
+
+    @property
+    def blocks(self) -> torch.nn.ModuleList:
+        return getattr(self.denoiser, self.family.blocks)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def width(self) -> int:
+        """Channels C of the residual stream (and of every attn2 output)."""
+        return int(self.denoiser.config.num_attention_heads * self.denoiser.config.attention_head_dim)
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        """(rows, cols) of image tokens at the default resolution."""
+        cfg = self.denoiser.config
+        scale = self.pipeline.vae_scale_factor
+        return (
+            self.pipeline_kwargs["height"] // scale // cfg.patch_size,
+            self.pipeline_kwargs["width"] // scale // cfg.patch_size,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser.device
+
+    def generator(self, seed: int) -> torch.Generator:
+        """The generator the plain call uses for `seed`."""
+        return torch.Generator(self.device).manual_seed(int(seed))
+
+    def plain(
+        self,
+        prompt: str,
+        *,
+        seed: int,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 4.5,
+    ) -> np.ndarray:
+        """The unhooked reference call; returns one image ``(H, W, 3)`` float in [0, 1]."""
+        out = self.pipeline(
+            prompt,
+            generator=self.generator(seed),
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            output_type="np",
+            **self.pipeline_kwargs,
+        )
+        return out.images[0]
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Content hash of the weights (denoiser in full, other modules by strided sample)."""
+        digest = hashlib.blake2b(digest_size=16)
+        for name, component in sorted(self.pipeline.components.items()):
+            if not isinstance(component, torch.nn.Module):
+                digest.update(f"{name}:{type(component).__name__}".encode())
+                continue
+            full = name == self.family.denoiser
+            for key, tensor in component.state_dict().items():
+                flat = tensor.detach().reshape(-1)
+                if not full and flat.numel() > 65536:
+                    flat = flat[:: flat.numel() // 65536]
+                digest.update(f"{name}.{key}{tuple(tensor.shape)}{tensor.dtype}".encode())
+                digest.update(flat.float().cpu().numpy().tobytes())
+        return digest.hexdigest()
+
+    def provenance(self) -> dict:
+        """What identifies this model in saved results."""
+        from . import __version__
+
+        return {
+            "model_source": self.source,
+            "model_fingerprint": self.fingerprint,
+            "model_class": type(self.pipeline).__name__,
+            "denoiser_class": self.family.name,
+            "lora": self.lora or "",
+            "num_layers": self.num_layers,
+            "width": self.width,
+            "dit_lens_version": __version__,
+        }
+
+
+def load(
+    source: Any,
+    *,
+    lora: str | Path | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Lens:
+    """Open a diffusers DiT pipeline for capture and steering.
+
+    Args:
+        source: ``"embedded"`` (the shipped endoscopy world), a local diffusers pipeline folder
+            (one with ``model_index.json``; PixArt-alpha and PixArt-Sigma are supported), or an
+            already built diffusers pipeline.
+        lora: A peft LoRA adapter folder (``adapter_config.json`` + weights) trained on the
+            denoiser; it is merged into the denoiser's weights.
+        device: Where to run (default: where the pipeline already is, CPU for folders).
+        dtype: Weight dtype (default: as stored).
+
+    Returns:
+        A `Lens` whose pipeline is in eval mode.
+
+    Raises:
+        FileNotFoundError: `source` or `lora` is a path that does not exist.
+        ValueError: the folder is not a diffusers pipeline, or `lora` is not a peft adapter.
+        TypeError: the pipeline's denoiser is not a supported cross-attention DiT.
+    """
+    pipeline, label = _open_pipeline(source)
+    family = family_of(pipeline)
+    lora_label = None
+    if lora is not None:
+        lora_label = str(_merge_lora(pipeline, family, Path(lora)))
+    if device is not None or dtype is not None:
+        pipeline.to(device=device, dtype=dtype)
+    for component in pipeline.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval().requires_grad_(False)
+    pipeline.set_progress_bar_config(disable=True)
+    return Lens(
+        pipeline=pipeline,
+        model=_wrap(pipeline),
+        family=family,
+        source=label,
+        lora=lora_label,
+        pipeline_kwargs=_pipeline_kwargs(pipeline, family),
+    )
+
+
+def _open_pipeline(source: Any) -> tuple[Any, str]:
+    if not isinstance(source, (str, Path)):
+        if not hasattr(source, "components"):
+            raise TypeError(
+                f"load() takes 'embedded', a pipeline folder or a diffusers pipeline, "
+                f"got {type(source).__name__}"
+            )
+        return source, "<object>"
+    if str(source) == "embedded":
+        if not (EMBEDDED_PIPELINE / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"the embedded world is not installed at {EMBEDDED_PIPELINE}; "
+                f"build it with `dit-lens world build`"
+            )
+        path, label = EMBEDDED_PIPELINE, "embedded"
+    else:
+        path, label = Path(source).expanduser(), str(source)
+    if not path.exists():
+        raise FileNotFoundError(f"no such pipeline folder: {path}")
+    index = path / "model_index.json"
+    if not path.is_dir() or not index.is_file():
+        raise ValueError(
+            f"{path} is not a diffusers pipeline folder (no model_index.json); pass the folder "
+            f"written by `pipeline.save_pretrained(...)`, or 'embedded'"
+        )
+    try:
+        class_name = json.loads(index.read_text())["_class_name"]
+    except (json.JSONDecodeError, KeyError) as err:
+        raise ValueError(f"{index} is not a valid diffusers model_index.json: {err}") from err
+    import diffusers
+
+    pipeline_cls = getattr(diffusers, class_name, None)
+    if pipeline_cls is None:
+        raise ValueError(f"{index} names pipeline class {class_name!r}, unknown to diffusers")
+    return pipeline_cls.from_pretrained(path), label
+
+
+def _merge_lora(pipeline: Any, family: Family, path: Path) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"no such LoRA adapter folder: {path}")
+    if not (path / "adapter_config.json").is_file():
+        raise ValueError(
+            f"{path} is not a peft adapter folder (no adapter_config.json); save one with "
+            f"`peft_model.save_pretrained(...)`"
+        )
+    from peft import PeftModel
+
+    denoiser = getattr(pipeline, family.denoiser)
+    merged = PeftModel.from_pretrained(denoiser, str(path)).merge_and_unload()
+    setattr(pipeline, family.denoiser, merged)
+    pipeline.register_modules(**{family.denoiser: merged})
+    return path
+
+
+def _pipeline_kwargs(pipeline: Any, family: Family) -> dict:
+    denoiser = getattr(pipeline, family.denoiser)
+    side = int(denoiser.config.sample_size) * int(pipeline.vae_scale_factor)
+    kwargs: dict = {"height": side, "width": side}
+    import inspect
+
+    accepted = inspect.signature(type(pipeline).__call__).parameters
+    if "use_resolution_binning" in accepted:
+        kwargs["use_resolution_binning"] = False  # non-standard sizes are rejected otherwise
+    if "clean_caption" in accepted:
+        kwargs["clean_caption"] = False  # same prompt text whatever optional packages exist
+    return kwargs
+
+
+def _wrap(pipeline: Any) -> Any:
+    from nnsight.modeling.diffusion import DiffusionModel, _PipelineModule
+
+    model = DiffusionModel(_PipelineModule(pipeline))
+    model.pipeline = pipeline
+    return model

@@ -1,0 +1,108 @@
+"""Site tables: where, in each DiT family, the activations dit-lens reads and edits live.
+
+A *site* is an abstract name for one activation inside a transformer block ("attn2" is the
+cross-attention output). Each supported denoiser class maps site names to module paths relative to
+the block, so supporting a new DiT family is one `Family` entry in `FAMILIES`, never string hacks
+spread through the code.
+
+Examples:
+    >>> family = FAMILIES["PixArtTransformer2DModel"]
+    >>> family.site_path("attn2", layer=3)
+    'transformer.transformer_blocks.3.attn2'
+    >>> family.site_path("block", layer=0)
+    'transformer.transformer_blocks.0'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Mapping
+
+__all__ = ["Family", "FAMILIES", "family_of", "site_module"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one denoiser class is laid out.
+
+    Attributes:
+        name: The denoiser class name (``type(pipeline.transformer).__name__``).
+        denoiser: The pipeline component that holds the denoiser.
+        blocks: Attribute of the denoiser holding the ``nn.ModuleList`` of transformer blocks.
+        sites: Site name -> path of the module *inside one block* whose output is the site
+            ("" is the block itself).
+        cross_attention_site: The site whose output carries the text conditioning.
+    """
+
+    name: str
+    denoiser: str
+    blocks: str
+    sites: Mapping[str, str]
+    cross_attention_site: str = "attn2"
+
+    def site_path(self, site: str, layer: int) -> str:
+        """Dotted path, from the pipeline, of `site` in block `layer`."""
+        if site not in self.sites:
+            raise ValueError(
+                f"unknown site {site!r} for {self.name}; choose one of {sorted(self.sites)}"
+            )
+        inner = self.sites[site]
+        path = f"{self.denoiser}.{self.blocks}.{layer}"
+        return f"{path}.{inner}" if inner else path
+
+
+_PIXART = Family(
+    name="PixArtTransformer2DModel",
+    denoiser="transformer",
+    blocks="transformer_blocks",
+    sites=MappingProxyType({"attn1": "attn1", "attn2": "attn2", "ff": "ff", "block": ""}),
+)
+
+#: Denoiser class name -> layout. PixArt-alpha and PixArt-Sigma share one denoiser class.
+FAMILIES: Mapping[str, Family] = MappingProxyType({_PIXART.name: _PIXART})
+
+
+def family_of(pipeline: Any) -> Family:
+    """The `Family` of a diffusers pipeline's denoiser.
+
+    Raises:
+        TypeError: the pipeline has no denoiser of a supported cross-attention DiT family.
+    """
+    for component_name in ("transformer", "unet", "prior"):
+        denoiser = getattr(pipeline, component_name, None)
+        if denoiser is not None:
+            break
+    else:
+        raise TypeError(
+            f"{type(pipeline).__name__} has no `transformer` component; dit-lens needs a pipeline "
+            f"whose denoiser is a cross-attention DiT ({', '.join(FAMILIES)})"
+        )
+    name = type(denoiser).__name__
+    if name not in FAMILIES:
+        raise TypeError(
+            f"the denoiser of {type(pipeline).__name__} is a {name}, which is not a supported "
+            f"cross-attention DiT; supported: {', '.join(FAMILIES)}. Add a `Family` entry to "
+            f"dit_lens.sites.FAMILIES to support it."
+        )
+    family = FAMILIES[name]
+    blocks = getattr(denoiser, family.blocks)
+    site = family.sites[family.cross_attention_site]
+    if not len(blocks) or any(getattr(b, site, None) is None for b in blocks):
+        raise TypeError(
+            f"the {name} in this pipeline has no cross-attention ({family.cross_attention_site} is "
+            f"missing); dit-lens steers text-conditioned DiTs built with `cross_attention_dim`"
+        )
+    return family
+
+
+def site_module(root: Any, family: Family, site: str, layer: int) -> Any:
+    """Resolve `site` of block `layer` on `root` (a pipeline, or an nnsight model of one).
+
+    Works on anything that exposes the pipeline's components as attributes, so the same call gives
+    the raw ``torch.nn.Module`` on a pipeline and the envoy on an nnsight ``DiffusionModel``.
+    """
+    node = root
+    for part in family.site_path(site, layer).split("."):
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    return node

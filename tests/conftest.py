@@ -1,0 +1,22 @@
+"""Shared fixtures: tiny, seeded, genuine PixArt pipelines built in code (never at import time)."""
+
+import pytest
+
+from dit_lens.architectures import PixArtSpec, build_pixart
+
+
+@pytest.fixture
+def tiny_spec() -> PixArtSpec:
+    return PixArtSpec(num_layers=3, num_heads=2, head_dim=8, sample_size=8, patch_size=2)
+
+
+@pytest.fixture
+def tiny_pipeline(tiny_spec):
+    return build_pixart(tiny_spec, seed=0)
+
+
+@pytest.fixture
+def tiny_lens(tiny_pipeline):
+    from dit_lens import load
+
+    return load(tiny_pipeline)
