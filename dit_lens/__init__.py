@@ -11,8 +11,13 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+source"
 
 from .architectures import PIXART_ALPHA_512, PixArtSpec, build_pixart
+from .explorer import write_explorer
+from .figures import gate_figure, pairs_figure
+from .generate import generate
 from .lens import Lens, load
 from .sites import FAMILIES, Family
+from .steer import Steer, steer_tokens
+from .vectors import concept_vector, export_authors, import_authors, load_vector, save_vector
 
 __all__ = [
     "__version__",
@@ -21,6 +26,17 @@ __all__ = [
     "Lens",
     "PIXART_ALPHA_512",
     "PixArtSpec",
+    "Steer",
     "build_pixart",
+    "concept_vector",
+    "export_authors",
+    "gate_figure",
+    "generate",
+    "import_authors",
     "load",
+    "load_vector",
+    "pairs_figure",
+    "save_vector",
+    "steer_tokens",
+    "write_explorer",
 ]

@@ -1,0 +1,128 @@
+"""Interactive gate explorer: one self-contained HTML page (plotly.js inlined, works offline).
+
+Controls pick the pair, the denoising step and the layer; the page shows the gate map over the
+unsteered image, and the unsteered and steered images side by side. All gate maps share one colour
+scale, so what grows or shrinks across steps and layers is visible.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from .figures import _require_gates, _title
+
+__all__ = ["write_explorer"]
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>dit-lens gate explorer</title>
+<style>
+ body {{ font-family: system-ui, sans-serif; margin: 1em; }}
+ .controls {{ display: flex; gap: 2em; align-items: center; flex-wrap: wrap; }}
+ label {{ font-size: 0.9em; }} output {{ font-weight: bold; }}
+</style></head><body>
+<h3>{title}</h3>
+<div class="controls">
+ <label>pair <select id="pair">{pair_options}</select></label>
+ <label>step <input id="step" type="range" min="0" max="{max_step}" value="0">
+   <output id="step-label"></output></label>
+ <label>layer <input id="layer" type="range" min="0" max="{max_layer}" value="0">
+   <output id="layer-label"></output></label>
+</div>
+{plot}
+<script>
+const DATA = {data};
+const gd = document.getElementById("gate-explorer");
+function show() {{
+  const p = +document.getElementById("pair").value;
+  const s = +document.getElementById("step").value;
+  const l = +document.getElementById("layer").value;
+  document.getElementById("step-label").textContent =
+      DATA.steps[s] + " (t=" + DATA.timesteps[s] + ")";
+  document.getElementById("layer-label").textContent = DATA.layers[l];
+  Plotly.restyle(gd, {{z: [DATA.gates[p][s][l]]}}, [1]);
+  Plotly.restyle(gd, {{z: [DATA.images[p][0]]}}, [0]);
+  Plotly.restyle(gd, {{z: [DATA.images[p][0]]}}, [2]);
+  Plotly.restyle(gd, {{z: [DATA.images[p][1]]}}, [3]);
+  gd.dataset.shown = JSON.stringify({{pair: p, step: DATA.steps[s], layer: DATA.layers[l]}});
+}}
+for (const id of ["pair", "step", "layer"]) {{
+  document.getElementById(id).addEventListener("input", show);
+}}
+show();
+</script></body></html>
+"""
+
+
+def write_explorer(out: xr.Dataset, path: str | Path, *, max_pairs: int = 16) -> Path:
+    """Write the gate explorer for a `generate` result made with a steer and ``record_gates=True``.
+
+    Args:
+        out: The result of `dit_lens.generate`.
+        path: The HTML file to write (parent folders are created).
+        max_pairs: At most this many (prompt, seed) pairs are offered in the page.
+
+    Returns:
+        The path written.
+    """
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    gate = _require_gates(out)
+    if len(out["branch"]) != 2:
+        raise ValueError("the explorer needs pairs: generate with a steer")
+    cells = [(str(p), int(s)) for p in out["prompt"].values for s in out["seed"].values][:max_pairs]
+    images = [
+        [_rgb8(out["image"].sel(prompt=p, seed=s, branch=b).values) for b in ("unsteered", "steered")]
+        for p, s in cells
+    ]
+    gates = [np.round(gate.sel(prompt=p, seed=s).values, 5).tolist() for p, s in cells]
+    zmax = float(gate.max()) or 1.0
+    height, width = out.sizes["y"], out.sizes["x"]
+    rows, cols = out.sizes["row"], out.sizes["col"]
+
+    fig = make_subplots(rows=1, cols=3, subplot_titles=("gate over unsteered", "unsteered", "steered"))
+    fig.add_trace(go.Image(z=images[0][0]), row=1, col=1)
+    fig.add_trace(
+        go.Heatmap(
+            z=gates[0][0][0], zmin=0, zmax=zmax, colorscale="Magma", opacity=0.6,
+            x0=width / cols / 2 - 0.5, dx=width / cols, y0=height / rows / 2 - 0.5, dy=height / rows,
+            colorbar={"title": {"text": "gate"}}, name="gate",
+        ),
+        row=1, col=1,
+    )
+    fig.add_trace(go.Image(z=images[0][0]), row=1, col=2)
+    fig.add_trace(go.Image(z=images[0][1]), row=1, col=3)
+    fig.update_layout(height=420, width=1100, margin={"t": 40, "b": 10})
+    data = {
+        "steps": [int(x) for x in gate["step"].values],
+        "timesteps": [int(x) for x in gate["timestep"].values] if "timestep" in gate.coords
+        else [int(x) for x in gate["step"].values],
+        "layers": [int(x) for x in gate["layer"].values],
+        "gates": gates,
+        "images": images,
+    }
+    plot = fig.to_html(full_html=False, include_plotlyjs=True, div_id="gate-explorer")
+    options = "".join(
+        f'<option value="{i}">{html.escape(p)} · seed {s}</option>' for i, (p, s) in enumerate(cells)
+    )
+    page = _PAGE.format(
+        title=html.escape(_title(out, None)),
+        pair_options=options,
+        max_step=len(data["steps"]) - 1,
+        max_layer=len(data["layers"]) - 1,
+        plot=plot,
+        data=json.dumps(data),
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def _rgb8(image: np.ndarray) -> list:
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8).tolist()

@@ -1,0 +1,191 @@
+"""`generate`: counterfactual pairs (unsteered, steered) from the same seed, in one batched pass.
+
+Both branches of a pair share prompt and seed, so they start from the same noise; only the steered
+branch's rows are edited, through the same nnsight-hooked model that `capture` reads. The gate of
+every steered token can be recorded as a heat map over the token grid.
+
+Examples:
+    >>> from dit_lens import PixArtSpec, build_pixart, load
+    >>> lens = load(build_pixart(PixArtSpec(num_layers=2)))
+    >>> out = generate(lens, ["a polyp"], seeds=[0, 1], num_inference_steps=2, progress=False)
+    >>> dict(out["image"].sizes)
+    {'prompt': 1, 'seed': 2, 'branch': 1, 'y': 16, 'x': 16, 'rgb': 3}
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import xarray as xr
+from tqdm.auto import tqdm
+
+from .sites import site_module
+from .steer import Steer, steer_tokens
+
+__all__ = ["generate", "scheduler_timesteps"]
+
+
+def generate(
+    lens: Any,
+    prompts: str | Sequence[str],
+    *,
+    seeds: Sequence[int],
+    steer: Steer | Sequence[Steer] | None = None,
+    num_inference_steps: int = 20,
+    guidance_scale: float = 4.5,
+    record_gates: bool = False,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> xr.Dataset:
+    """Generate images for every (prompt, seed), with a steered twin when `steer` is given.
+
+    Args:
+        lens: From `dit_lens.load`.
+        prompts: One prompt or a list.
+        seeds: Generator seeds; each (prompt, seed) is one cell.
+        steer: A `Steer`, or several applied in order at each site (e.g. dye and polyp).
+        num_inference_steps: Denoising steps T.
+        guidance_scale: Classifier-free guidance scale.
+        record_gates: Also return the gate g = max(0, h·v) of every token of the conditional half
+            of the steered run, at steered layers and steps.
+        batch_size: Cells per pipeline call (each cell is 1 or 2 images); default 4.
+        progress: Show a progress bar over batches.
+
+    Returns:
+        Dataset with ``image (prompt, seed, branch, y, x, rgb)`` float32 in [0, 1], branch
+        ``["unsteered", "steered"]`` (or ``["unsteered"]``), and with `record_gates`
+        ``gate (prompt, seed, step, layer, row, col)`` (a leading ``steer`` dim when several
+        steers are given). Attrs hold provenance and every setting.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    seeds = [int(s) for s in seeds]
+    steers = _as_steers(steer)
+    _validate(lens, prompts, seeds, steers, num_inference_steps, record_gates, batch_size)
+    branches = ["unsteered", "steered"] if steers else ["unsteered"]
+    cells = [(p, s) for p in range(len(prompts)) for s in range(len(seeds))]
+    per_call = batch_size or 4
+    rows, cols = lens.token_grid
+    layers = sorted({l for st in steers for l in st.steered_layers()})
+    steps = sorted({t for st in steers for t in st.steered_steps(num_inference_steps)})
+
+    height, width = lens.pipeline_kwargs["height"], lens.pipeline_kwargs["width"]
+    images = np.zeros((len(prompts), len(seeds), len(branches), height, width, 3), np.float32)
+    gates = None
+    if record_gates:
+        gates = np.zeros((len(steers), len(prompts), len(seeds), len(steps), len(layers), rows, cols), np.float32)
+
+    chunks = [cells[i : i + per_call] for i in range(0, len(cells), per_call)]
+    for chunk in tqdm(chunks, desc="generate", unit="batch", disable=not progress):
+        row_prompts = [prompts[p] for p, _ in chunk for _ in branches]
+        generators = [lens.generator(seeds[s]) for _, s in chunk for _ in branches]
+        steered_rows = [i * len(branches) + 1 for i in range(len(chunk))] if steers else []
+        chunk_gates = _run(
+            lens, row_prompts, generators, steers, steered_rows, layers, steps,
+            num_inference_steps, guidance_scale, record_gates,
+        )
+        out_images, chunk_gates = chunk_gates
+        for i, (p, s) in enumerate(chunk):
+            images[p, s] = out_images[i * len(branches) : (i + 1) * len(branches)]
+            if gates is not None:
+                gates[:, p, s] = chunk_gates[:, i].reshape(len(steers), len(steps), len(layers), rows, cols)
+
+    coords = {"prompt": prompts, "seed": seeds, "branch": branches}
+    data = {"image": (("prompt", "seed", "branch", "y", "x", "rgb"), images)}
+    if gates is not None:
+        gate_dims = ("prompt", "seed", "step", "layer", "row", "col")
+        timesteps = scheduler_timesteps(lens, num_inference_steps)
+        coords.update(step=steps, layer=layers, timestep=("step", timesteps[steps]))
+        if len(steers) == 1:
+            data["gate"] = (gate_dims, gates[0])
+        else:
+            coords["steer"] = [st.name or f"steer{k}" for k, st in enumerate(steers)]
+            data["gate"] = (("steer",) + gate_dims, gates)
+    ds = xr.Dataset(data, coords=coords)
+    ds.attrs.update(lens.provenance())
+    ds.attrs.update(
+        num_inference_steps=num_inference_steps,
+        guidance_scale=float(guidance_scale),
+        seeds=json.dumps(seeds),
+        steers=json.dumps([st.settings() for st in steers]),
+    )
+    return ds
+
+
+def _run(lens, row_prompts, generators, steers, steered_rows, layers, steps, T, guidance, record):
+    """One pipeline call over `row_prompts`; edits `steered_rows`. Returns (images, gates)."""
+    import nnsight
+
+    n_steered = len(steered_rows)
+    gates = torch.zeros(len(steers), n_steered, len(steps), len(layers), lens.token_grid[0] * lens.token_grid[1])
+    step_index = {t: i for i, t in enumerate(steps)}
+    n_rows = len(row_prompts)
+    with lens.model.generate(
+        row_prompts,
+        generator=generators,
+        num_inference_steps=T,
+        guidance_scale=guidance,
+        output_type="np",
+        **lens.pipeline_kwargs,
+    ) as tracer:
+        for t in tracer.iter[:T]:
+            if t not in step_index:
+                continue
+            for j, layer in enumerate(layers):
+                site = site_module(lens.model, lens.family, lens.family.cross_attention_site, layer)
+                h = site.output  # (2 * rows with guidance, tokens, C)
+                halves = h.shape[0] // n_rows
+                index = torch.tensor([r + k * n_rows for k in range(halves) for r in steered_rows])
+                edited = h[index]
+                changed = False
+                for k, st in enumerate(steers):
+                    if layer not in st.steered_layers() or t not in st.steered_steps(T):
+                        continue
+                    edited, gate = steer_tokens(edited, st.vector_at(t, layer), st.alpha, st.renormalize)
+                    changed = True
+                    if record:
+                        # the conditional half is the last n_steered rows of `index`
+                        gates[k, :, step_index[t], j] = gate[-n_steered:].detach().float().cpu()
+                if changed:
+                    new = h.clone()
+                    new[index] = edited
+                    site.output = new
+        result = nnsight.save(lens.model.output)
+    return result.images.astype(np.float32), gates.numpy()
+
+
+def scheduler_timesteps(lens: Any, num_inference_steps: int) -> np.ndarray:
+    """The scheduler's timestep values for a run of T steps (one per transformer call)."""
+    scheduler = copy.deepcopy(lens.pipeline.scheduler)
+    scheduler.set_timesteps(num_inference_steps, device="cpu")
+    return scheduler.timesteps.cpu().numpy()
+
+
+def _as_steers(steer: Any) -> list[Steer]:
+    if steer is None:
+        return []
+    steers = [steer] if isinstance(steer, Steer) else list(steer)
+    for st in steers:
+        if not isinstance(st, Steer):
+            raise TypeError(f"steer= takes Steer values (or a list of them), got {type(st).__name__}")
+    return steers
+
+
+def _validate(lens, prompts, seeds, steers, T, record_gates, batch_size) -> None:
+    if not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty strings")
+    if not seeds:
+        raise ValueError("seeds must hold at least one seed")
+    if len(set(prompts)) != len(prompts) or len(set(seeds)) != len(seeds):
+        raise ValueError("prompts and seeds must not repeat (they label the result)")
+    if not isinstance(T, int) or T < 1:
+        raise ValueError(f"num_inference_steps must be a positive integer, got {T!r}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if record_gates and not steers:
+        raise ValueError("record_gates=True needs a steer: the gate is the steering's own")
+    for st in steers:
+        st.check(lens, T)

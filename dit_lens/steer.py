@@ -1,0 +1,226 @@
+"""`Steer`: a concept-removal intervention on cross-attention outputs, as a printable value.
+
+For every image token h of ``transformer_blocks[l].attn2``'s output at a steered layer l and step t
+(both halves of the guidance batch):
+
+    g  = max(0, h · v(l, t))            the per-token gate (dot product, not cosine)
+    h' = h − α · g · v(l, t)            the paper's update
+    h' ← ‖h‖ · h' / ‖h'‖                with ``renormalize=True`` (the authors' public code)
+
+Examples:
+    >>> import numpy as np, xarray as xr
+    >>> v = xr.DataArray(np.eye(4, dtype=np.float32)[None, None, 0].repeat(3, 1),
+    ...                  dims=("step", "layer", "channel"))
+    >>> Steer(v, alpha=2.5, layers=[1, 2])
+    Steer(alpha=2.5, layers=[1, 2], steps=all, renormalize=False, vector=1 steps × 3 layers × 4 channels)
+    >>> h = torch.tensor([[[2.0, 1.0, 0.0, 0.0], [-1.0, 1.0, 0.0, 0.0]]])  # (batch, tokens, C)
+    >>> new, gate = steer_tokens(h, torch.tensor([1.0, 0.0, 0.0, 0.0]), alpha=1.0)
+    >>> gate.tolist(), new[0, 0].tolist()
+    ([[2.0, 0.0]], [0.0, 1.0, 0.0, 0.0])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import xarray as xr
+
+from .vectors import _check_vector
+
+__all__ = ["Steer", "steer_tokens"]
+
+
+def steer_tokens(
+    h: torch.Tensor, v: torch.Tensor, alpha: float, renormalize: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply the gated update to tokens ``h (..., tokens, C)`` along unit ``v (C,)``.
+
+    Returns:
+        The edited tokens (same shape) and the gate ``g (..., tokens)``. Tokens with g = 0 are
+        returned bit-for-bit unchanged; ``alpha = 0`` returns ``h`` bit-for-bit.
+    """
+    v = v.to(device=h.device, dtype=h.dtype)
+    gate = torch.relu(h @ v)  # (..., tokens)
+    new = h - alpha * gate.unsqueeze(-1) * v  # (..., tokens, C)
+    if renormalize:
+        norm_h = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
+        norm_new = torch.linalg.vector_norm(new, dim=-1, keepdim=True)
+        new = torch.where(norm_new > 0, new * (norm_h / norm_new), new)
+    return new, gate
+
+
+@dataclass(frozen=True, eq=False)
+class Steer:
+    """Remove a concept along a vector at chosen layers and steps.
+
+    Attributes:
+        vector: Unit concept vector, dims ``(step, layer, channel)`` (see `concept_vector`).
+        alpha: Steering strength α (0 leaves the model untouched).
+        layers: Blocks to steer (``None``: every layer the vector covers).
+        steps: Denoising steps to steer (``None``: all).
+        renormalize: Rescale each edited token back to its original L2 norm (authors' code).
+        reuse_last_step: Allow runs with more steps than the vector, reusing its last step
+            (authors' code); otherwise that is an error.
+        name: A label for figures and results (e.g. ``"polyps−normal cecum"``).
+    """
+
+    vector: xr.DataArray = field(repr=False)
+    alpha: float = 2.5
+    layers: tuple[int, ...] | None = None
+    steps: tuple[int, ...] | None = None
+    renormalize: bool = False
+    reuse_last_step: bool = False
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        _check_vector(self.vector)
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+            raise ValueError(f"Steer.alpha must be a finite number, got {self.alpha!r}")
+        object.__setattr__(self, "alpha", float(self.alpha))
+        have_layers = [int(x) for x in self.vector["layer"].values]
+        for attr, allowed in (("layers", have_layers), ("steps", None)):
+            value = getattr(self, attr)
+            if value is None:
+                continue
+            if isinstance(value, (int, np.integer)):
+                value = (value,)
+            value = tuple(sorted({int(x) for x in value}))
+            if not value:
+                raise ValueError(f"Steer.{attr} is empty; pass None to steer all {attr}")
+            if min(value) < 0:
+                raise ValueError(f"Steer.{attr} must be >= 0, got {list(value)}")
+            if allowed is not None and not set(value) <= set(allowed):
+                raise ValueError(
+                    f"Steer.layers {sorted(set(value) - set(allowed))} are not in the vector "
+                    f"(it covers layers {allowed})"
+                )
+            object.__setattr__(self, attr, value)
+
+    # -- what runs -------------------------------------------------------------------------
+
+    @property
+    def vector_steps(self) -> int:
+        return int(self.vector.sizes["step"])
+
+    def steered_layers(self) -> list[int]:
+        return list(self.layers) if self.layers is not None else [int(x) for x in self.vector["layer"].values]
+
+    def steered_steps(self, num_inference_steps: int) -> list[int]:
+        steps = range(num_inference_steps) if self.steps is None else self.steps
+        return [t for t in steps if t < num_inference_steps]
+
+    def check(self, lens: Any, num_inference_steps: int) -> None:
+        """Raise a clear error if this steer cannot run on `lens` with T steps."""
+        channels = int(self.vector.sizes["channel"])
+        if channels != lens.width:
+            raise ValueError(
+                f"the vector has {channels} channels but the model's cross-attention is "
+                f"{lens.width} wide; compute the vector on this model"
+            )
+        too_deep = [l for l in self.steered_layers() if l >= lens.num_layers]
+        if too_deep:
+            raise ValueError(
+                f"Steer layers {too_deep} do not exist: the model has {lens.num_layers} blocks"
+            )
+        if num_inference_steps > self.vector_steps and not self.reuse_last_step:
+            raise ValueError(
+                f"the run has {num_inference_steps} steps but the vector only {self.vector_steps}; "
+                f"compute the vector with as many steps, or pass reuse_last_step=True to reuse its "
+                f"last step (the authors' behaviour)"
+            )
+        if self.steps is not None and max(self.steps) >= num_inference_steps:
+            raise ValueError(
+                f"Steer.steps {list(self.steps)} go beyond the run's {num_inference_steps} steps"
+            )
+
+    def vector_at(self, step: int, layer: int) -> torch.Tensor:
+        """v(layer, step) as a tensor ``(C,)``; past the vector's last step, its last step."""
+        index = min(step, self.vector_steps - 1)
+        return torch.from_numpy(
+            np.ascontiguousarray(self.vector.isel(step=index).sel(layer=layer).values)
+        )
+
+    # -- as a value ------------------------------------------------------------------------
+
+    @property
+    def vector_digest(self) -> str:
+        return hashlib.blake2b(np.ascontiguousarray(self.vector.values).tobytes(), digest_size=8).hexdigest()
+
+    def settings(self) -> dict:
+        """Everything that defines the run except the vector's values (which are digested)."""
+        return {
+            "name": self.name,
+            "alpha": self.alpha,
+            "layers": None if self.layers is None else list(self.layers),
+            "steps": None if self.steps is None else list(self.steps),
+            "renormalize": self.renormalize,
+            "reuse_last_step": self.reuse_last_step,
+            "update": "authors (renormalized)" if self.renormalize else "paper",
+            "vector_shape": [int(n) for n in self.vector.shape],
+            "vector_digest": self.vector_digest,
+        }
+
+    def to_dict(self) -> dict:
+        """Settings plus the vector itself (``xarray.DataArray.to_dict``); JSON-serialisable."""
+        data = self.settings()
+        vector = self.vector.astype(np.float64).to_dict(data="list")
+        vector["attrs"] = {k: v for k, v in vector["attrs"].items() if isinstance(v, (str, int, float))}
+        data["vector"] = vector
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Steer":
+        vector = xr.DataArray.from_dict(data["vector"]).astype(np.float32)
+        steer = cls(
+            vector,
+            alpha=data["alpha"],
+            layers=data.get("layers"),
+            steps=data.get("steps"),
+            renormalize=data.get("renormalize", False),
+            reuse_last_step=data.get("reuse_last_step", False),
+            name=data.get("name", ""),
+        )
+        if "vector_digest" in data and steer.vector_digest != data["vector_digest"]:
+            raise ValueError("the saved steer's vector does not match its digest; the file is corrupt")
+        return steer
+
+    def save(self, path: str | Path) -> Path:
+        """Write as JSON; refuses to overwrite an existing file."""
+        path = Path(path)
+        if path.exists():
+            raise FileExistsError(f"{path} exists; choose a new path or delete it first")
+        path.write_text(json.dumps(self.to_dict()))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Steer":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no saved Steer at {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not a saved Steer (invalid JSON: {err})") from err
+        return cls.from_dict(data)
+
+    def __repr__(self) -> str:
+        layers = "all" if self.layers is None else _ranges(self.layers)
+        steps = "all" if self.steps is None else _ranges(self.steps)
+        shape = self.vector.shape
+        label = f"{self.name!r}, " if self.name else ""
+        return (
+            f"Steer({label}alpha={self.alpha:g}, layers={layers}, steps={steps}, "
+            f"renormalize={self.renormalize}, "
+            f"vector={shape[0]} steps × {shape[1]} layers × {shape[2]} channels)"
+        )
+
+
+def _ranges(values: Sequence[int]) -> str:
+    return "[" + ", ".join(str(v) for v in values) + "]"

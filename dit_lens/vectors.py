@@ -1,0 +1,232 @@
+"""Concept ("pathology") vectors: normalised mean differences of captured activations.
+
+v(l, t) = normalize(mean⁺(l, t) − mean⁻(l, t)), one unit vector per (layer, step), where mean± is
+the capture of the positive / negative prompts averaged over prompts and seeds (the capture itself
+already averages over image tokens of the conditional half of the guidance batch).
+
+Examples:
+    >>> import numpy as np, xarray as xr
+    >>> dims = ("prompt", "seed", "step", "layer", "channel")
+    >>> pos = xr.Dataset({"attn2": (dims, np.ones((1, 2, 3, 4, 5)))})
+    >>> neg = xr.Dataset({"attn2": (dims, np.zeros((1, 2, 3, 4, 5)))})
+    >>> vec = concept_vector(pos, neg)
+    >>> vec.dims, round(float(vec.sel(step=0, layer=0).sum()), 4)  # 5 equal channels: 5 / sqrt(5)
+    (('step', 'layer', 'channel'), 2.2361)
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import xarray as xr
+
+__all__ = ["concept_vector", "save_vector", "load_vector", "export_authors", "import_authors"]
+
+VECTOR_DIMS = ("step", "layer", "channel")
+
+
+def concept_vector(
+    source: Any,
+    other: Any = None,
+    /,
+    *,
+    positive: Sequence[str] | None = None,
+    negative: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    num_inference_steps: int = 20,
+    guidance_scale: float = 4.5,
+    site: str = "attn2",
+    batch_size: int | None = None,
+) -> xr.DataArray:
+    """A unit concept vector per (step, layer), from two captures or by capturing them.
+
+    Call it either on two captures, ``concept_vector(ds_pos, ds_neg)``, or on a lens with the
+    contrastive prompts, ``concept_vector(lens, positive=[...], negative=[...], seeds=[...])``;
+    the second form runs `dit_lens.capture` (reusing its store) and then the first.
+
+    Args:
+        source: A capture Dataset (``reduce="mean"``) of the prompts with the concept, or a Lens.
+        other: The capture of the prompts without the concept (first form only).
+        positive: Prompts with the concept (lens form).
+        negative: Prompts without it, otherwise identical (lens form).
+        seeds: Seeds per prompt (lens form).
+        num_inference_steps: Denoising steps T (lens form).
+        guidance_scale: Classifier-free guidance (lens form).
+        site: Which captured variable to use.
+        batch_size: Passed to `capture` (lens form).
+
+    Returns:
+        DataArray ``(step, layer, channel)`` of unit L2 norm over channel, with provenance attrs.
+
+    Raises:
+        ValueError: the captures do not match, hold no mean capture, or give a zero difference.
+    """
+    if isinstance(source, xr.Dataset):
+        if positive is not None or negative is not None:
+            raise TypeError("concept_vector(ds_pos, ds_neg) takes no positive=/negative= prompts")
+        ds_pos, ds_neg = source, other
+        if not isinstance(ds_neg, xr.Dataset):
+            raise TypeError("concept_vector(ds_pos, ds_neg): ds_neg must be a capture Dataset too")
+    else:
+        if other is not None:
+            raise TypeError("concept_vector(lens, ...) takes the prompts as positive=/negative=")
+        if not positive or not negative or not seeds:
+            raise ValueError(
+                "concept_vector(lens, ...) needs non-empty positive=[...], negative=[...] and "
+                "seeds=[...]"
+            )
+        from .capture import capture
+
+        settings = dict(
+            seeds=list(seeds), num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, site=site, branch="cond", reduce="mean",
+            batch_size=batch_size,
+        )
+        ds_pos = capture(source, list(positive), **settings)
+        ds_neg = capture(source, list(negative), **settings)
+    mean_pos = _mean_capture(ds_pos, site, "positive")
+    mean_neg = _mean_capture(ds_neg, site, "negative")
+    for dim in VECTOR_DIMS:
+        if not np.array_equal(mean_pos[dim].values, mean_neg[dim].values):
+            raise ValueError(
+                f"the positive and negative captures differ along {dim!r}; capture both with the "
+                f"same layers, steps and model"
+            )
+    diff = mean_pos - mean_neg  # (step, layer, channel)
+    norm = np.sqrt((diff**2).sum("channel"))
+    if bool((norm == 0).any()) or not bool(np.isfinite(norm).all()):
+        raise ValueError(
+            "the positive and negative captures give a zero (or non-finite) difference at some "
+            "(step, layer); use prompts that differ in the concept"
+        )
+    vec = (diff / norm).astype(np.float32).transpose(*VECTOR_DIMS)
+    vec.name = "concept_vector"
+    vec.attrs = _provenance(ds_pos, ds_neg, site)
+    return vec
+
+
+def _mean_capture(ds: xr.Dataset, site: str, which: str) -> xr.DataArray:
+    if site not in ds:
+        raise ValueError(f"the {which} capture has no variable {site!r} (has {list(ds.data_vars)})")
+    da = ds[site]
+    if "token" in da.dims:
+        da = da.mean("token")
+    if "branch" in da.dims:
+        if "cond" not in da["branch"].values:
+            raise ValueError(f"the {which} capture has no conditional branch; capture branch='cond'")
+        da = da.sel(branch="cond", drop=True)
+    missing = set(VECTOR_DIMS) - set(da.dims)
+    if missing:
+        raise ValueError(f"the {which} capture lacks dims {sorted(missing)}; got {da.dims}")
+    keep = [d for d in ("prompt", "seed") if d in da.dims]
+    return da.mean(keep).transpose(*VECTOR_DIMS).astype(np.float64)
+
+
+def _provenance(positive: xr.Dataset, negative: xr.Dataset, site: str) -> dict:
+    from . import __version__
+
+    attrs: dict = {"site": site, "dit_lens_version": __version__}
+    for which, ds in (("positive", positive), ("negative", negative)):
+        attrs[f"{which}_prompts"] = json.dumps([str(p) for p in np.atleast_1d(ds.get("prompt", []))])
+        if "seed" in ds.coords:
+            attrs[f"{which}_seeds"] = json.dumps([int(s) for s in ds["seed"].values])
+    for key in ("model_fingerprint", "model_source", "num_inference_steps", "guidance_scale"):
+        if key in positive.attrs:
+            attrs[key] = positive.attrs[key]
+    return attrs
+
+
+def _check_vector(vec: Any) -> xr.DataArray:
+    if not isinstance(vec, xr.DataArray) or tuple(vec.dims) != VECTOR_DIMS:
+        got = getattr(vec, "dims", type(vec).__name__)
+        raise ValueError(f"a concept vector is a DataArray with dims {VECTOR_DIMS}, got {got}")
+    if not bool(np.isfinite(vec.values).all()):
+        raise ValueError("the concept vector holds NaN or inf values; recompute it")
+    return vec
+
+
+def save_vector(vec: xr.DataArray, path: str | Path) -> Path:
+    """Write a vector (values and provenance) as a Zarr store; refuses to overwrite."""
+    vec = _check_vector(vec)
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} exists; choose a new path or delete it first")
+    vec.to_dataset(name="concept_vector").to_zarr(path, mode="w-", consolidated=False)
+    return path
+
+
+def load_vector(path: str | Path) -> xr.DataArray:
+    """Read a vector written by `save_vector`."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no concept vector at {path}")
+    ds = xr.open_zarr(path, consolidated=False)
+    if "concept_vector" not in ds:
+        raise ValueError(f"{path} is not a dit-lens concept vector store")
+    return _check_vector(ds["concept_vector"].load())
+
+
+def export_authors(vec: xr.DataArray, path: str | Path) -> Path:
+    """Write the MedSteer authors' format: a pickle of ``{step: {"blocks": [tensor per block]}}``.
+
+    Every block of the model must be present in the vector (the authors index blocks by position).
+    """
+    import torch
+
+    vec = _check_vector(vec)
+    layers = [int(x) for x in vec["layer"].values]
+    if layers != list(range(len(layers))):
+        raise ValueError(
+            f"the authors' format lists every block from 0; this vector has layers {layers}"
+        )
+    table = {
+        int(step): {"blocks": [torch.from_numpy(vec.sel(step=step, layer=l).values.copy()) for l in layers]}
+        for step in vec["step"].values
+    }
+    path = Path(path)
+    with path.open("wb") as fh:
+        pickle.dump(table, fh)
+    return path
+
+
+def import_authors(path: str | Path) -> xr.DataArray:
+    """Read the authors' pickle format into a ``(step, layer, channel)`` vector.
+
+    Only open pickles you trust: unpickling can run code.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such vector file: {path}")
+    with path.open("rb") as fh:
+        table = pickle.load(fh)
+    try:
+        steps = sorted(int(s) for s in table)
+        rows = [[np.asarray(_numpy(b), dtype=np.float32).reshape(-1) for b in table[s]["blocks"]] for s in _keys(table, steps)]
+        values = np.stack([np.stack(r) for r in rows])  # (step, layer, channel)
+    except (TypeError, KeyError, ValueError, AttributeError) as err:
+        raise ValueError(
+            f"{path} is not in the authors' format {{step: {{'blocks': [vector per block]}}}}: {err}"
+        ) from err
+    vec = xr.DataArray(
+        values,
+        dims=VECTOR_DIMS,
+        coords={"step": steps, "layer": np.arange(values.shape[1])},
+        name="concept_vector",
+        attrs={"imported_from": str(path), "format": "medsteer-authors-pickle"},
+    )
+    return _check_vector(vec)
+
+
+def _keys(table: dict, steps: list[int]) -> list:
+    by_int = {int(k): k for k in table}
+    return [by_int[s] for s in steps]
+
+
+def _numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):
+        return value.detach().float().cpu().numpy()
+    return np.asarray(value)

@@ -1,0 +1,85 @@
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from dit_lens.explorer import write_explorer
+from dit_lens.figures import gate_figure, pairs_figure
+from dit_lens.generate import generate
+from dit_lens.steer import Steer
+from test_steer import unit_vector
+
+
+@pytest.fixture
+def pairs(tiny_lens):
+    steer = Steer(unit_vector(4, 3, 16, seed=0), alpha=3.0, name="test")
+    return generate(tiny_lens, ["a polyp", "normal"], seeds=[0, 5], steer=steer,
+                    num_inference_steps=4, record_gates=True, progress=False)
+
+
+def test_gate_figure_lays_out_steps_by_layers(pairs, tmp_path):
+    fig = gate_figure(pairs, prompt="normal", seed=5, max_steps=3)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[:2] == ["unsteered", "steered"]
+    assert titles.count("layer 0") == 1 and "layer 2" in titles
+    assert sum(1 for ax in fig.axes[2:] if ax.get_ylabel().startswith("step")) == 3
+    fig.savefig(tmp_path / "gates.png")
+    assert (tmp_path / "gates.png").stat().st_size > 1000
+
+
+def test_pairs_figure_and_errors(pairs, tmp_path, tiny_lens):
+    fig = pairs_figure(pairs)
+    assert len(fig.axes) == 4 * 3
+    fig.savefig(tmp_path / "pairs.png")
+    with pytest.raises(ValueError, match="seed 9 is not in the result"):
+        gate_figure(pairs, seed=9)
+    plain = generate(tiny_lens, "x", seeds=[0], num_inference_steps=2, progress=False)
+    with pytest.raises(ValueError, match="record_gates=True"):
+        gate_figure(plain)
+
+
+def test_explorer_is_self_contained(pairs, tmp_path):
+    path = write_explorer(pairs, tmp_path / "sub" / "explorer.html")
+    page = path.read_text()
+    assert "<script src=" not in page  # plotly.js is inlined: works offline
+    assert "Plotly.restyle" in page and 'id="step"' in page and 'id="layer"' in page
+
+
+def _chromium():
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install Debian's chromium (see .ci/run)")
+        pytest.skip("headless Chromium is not installed (apt-get install chromium)")
+    return found
+
+
+@pytest.mark.browser
+def test_explorer_renders_and_step_control_changes_the_map(pairs, tmp_path):
+    executable = _chromium()
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    # make the gate at step 0 and step 3 of layer 1 differ, so the check can fail
+    g = pairs["gate"].sel(prompt="a polyp", seed=0, layer=1)
+    assert not np.array_equal(g.sel(step=0).values, g.sel(step=3).values)
+    path = write_explorer(pairs, tmp_path / "explorer.html")
+    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"]
+    read_z = "JSON.stringify(document.getElementById('gate-explorer').data[1].z)"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=args)
+        try:
+            page = browser.new_page()
+            page.goto(path.as_uri())
+            page.wait_for_selector("#gate-explorer .main-svg")
+            assert page.locator("#gate-explorer .heatmaplayer, #gate-explorer .imagelayer").count() > 0
+            page.locator("#layer").fill("1")
+            before = page.evaluate(read_z)
+            page.locator("#step").fill("3")
+            after = page.evaluate(read_z)
+            assert before != after
+            np.testing.assert_allclose(np.array(json.loads(after)), g.sel(step=3).values, atol=1e-4)
+            assert page.locator("#step-label").inner_text().startswith("3 ")
+        finally:
+            browser.close()
