@@ -1,0 +1,217 @@
+"""Metrics on `generate` results: concept flips, confidence shift, background preservation, dye.
+
+Each metric has a per-pair form (a DataArray over ``(prompt, seed)``) and is summarised with
+`estimate`, which gives the mean, its n and a bootstrap 95% interval. Classifiers and segmenters
+are plain callables with the embedded oracle's call shape: images ``(N, H, W, 3)`` float in [0, 1]
+→ probabilities ``(N, K)`` (with ``.labels``), or → boolean lesion masks ``(N, H, W)``.
+
+Examples:
+    >>> import xarray as xr
+    >>> e = estimate(xr.DataArray([1.0, 0.0, 1.0, 1.0], dims="seed"), seed=0)
+    >>> e.value, e.n, e.low <= e.value <= e.high
+    (0.75, 4, True)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import xarray as xr
+
+__all__ = [
+    "Estimate",
+    "estimate",
+    "classify",
+    "segment",
+    "flips",
+    "confidence_drop",
+    "background_mask",
+    "background_ssim",
+    "background_psnr",
+    "background_lpips",
+    "dyed",
+    "LPIPS_UNAVAILABLE",
+]
+
+#: What `background_lpips` reports when no LPIPS weights are on disk (never a stand-in under that name).
+LPIPS_UNAVAILABLE = "unavailable: no LPIPS weights on disk"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A mean with its sample size and bootstrap 95% confidence interval."""
+
+    value: float
+    low: float
+    high: float
+    n: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return f"{self.value:.3f} [{self.low:.3f}, {self.high:.3f}] (n={self.n})"
+
+
+def estimate(values: xr.DataArray | np.ndarray, *, resamples: int = 2000, seed: int = 0) -> Estimate:
+    """Mean of `values` (NaNs dropped) with a percentile bootstrap 95% interval."""
+    from scipy.stats import bootstrap
+
+    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), 0)
+    if x.size == 1 or np.all(x == x[0]):
+        return Estimate(float(x.mean()), float(x.min()), float(x.max()), int(x.size))
+    ci = bootstrap(
+        (x,), np.mean, n_resamples=resamples, confidence_level=0.95, method="percentile",
+        random_state=np.random.default_rng(seed),
+    ).confidence_interval
+    return Estimate(float(x.mean()), float(ci.low), float(ci.high), int(x.size))
+
+
+def _images(out: xr.Dataset, branch: str) -> tuple[np.ndarray, tuple]:
+    im = out["image"].sel(branch=branch).transpose("prompt", "seed", "y", "x", "rgb")
+    shape = im.shape
+    return im.values.reshape(-1, *shape[2:]), shape[:2]
+
+
+def classify(out: xr.Dataset, classifier: Callable, *, batch: int = 64) -> xr.DataArray:
+    """Class probabilities for every image: DataArray ``(prompt, seed, branch, class)``."""
+    labels = list(getattr(classifier, "labels", []))
+    per_branch = []
+    for branch in out["branch"].values:
+        flat, cells = _images(out, str(branch))
+        probs = np.concatenate([np.asarray(classifier(flat[i : i + batch])) for i in range(0, len(flat), batch)])
+        if probs.ndim != 2 or probs.shape[0] != len(flat):
+            raise ValueError(f"the classifier returned shape {probs.shape}; expected (N, classes)")
+        per_branch.append(probs.reshape(*cells, probs.shape[1]))
+    stacked = np.stack(per_branch, axis=2)  # (prompt, seed, branch, class)
+    coords = {k: out[k].values for k in ("prompt", "seed", "branch")}
+    coords["class"] = labels or list(range(stacked.shape[-1]))
+    return xr.DataArray(stacked, dims=("prompt", "seed", "branch", "class"), coords=coords, name="probability")
+
+
+def segment(out: xr.Dataset, segmenter: Callable, *, batch: int = 64) -> xr.DataArray:
+    """Lesion masks for every image: boolean DataArray ``(prompt, seed, branch, y, x)``."""
+    per_branch = []
+    for branch in out["branch"].values:
+        flat, cells = _images(out, str(branch))
+        masks = np.concatenate([np.asarray(segmenter(flat[i : i + batch]), dtype=bool) for i in range(0, len(flat), batch)])
+        if masks.shape != flat.shape[:3]:
+            raise ValueError(f"the segmenter returned shape {masks.shape}; expected {flat.shape[:3]}")
+        per_branch.append(masks.reshape(*cells, *masks.shape[1:]))
+    coords = {k: out[k].values for k in ("prompt", "seed", "branch")}
+    return xr.DataArray(np.stack(per_branch, axis=2), dims=("prompt", "seed", "branch", "y", "x"), coords=coords, name="lesion")
+
+
+def _class_index(probs: xr.DataArray, label: str | int) -> Any:
+    labels = list(probs["class"].values)
+    if label not in labels:
+        raise ValueError(f"class {label!r} is not one of the classifier's labels {labels}")
+    return label
+
+
+def flips(probs: xr.DataArray, source: str | int, *, branch: str = "steered") -> xr.DataArray:
+    """1.0 where the `branch` image is no longer classified as `source`, else 0.0 ``(prompt, seed)``."""
+    source = _class_index(probs, source)
+    predicted = probs.sel(branch=branch).idxmax("class")
+    return (predicted != source).astype(np.float64).rename("flip")
+
+
+def confidence_drop(probs: xr.DataArray, source: str | int) -> xr.DataArray:
+    """p(source | unsteered) − p(source | steered) per pair ``(prompt, seed)``."""
+    source = _class_index(probs, source)
+    p = probs.sel({"class": source})
+    return (p.sel(branch="unsteered") - p.sel(branch="steered")).rename("confidence_drop")
+
+
+def background_mask(masks: xr.DataArray) -> xr.DataArray:
+    """Pixels outside the lesion in *both* images of a pair ``(prompt, seed, y, x)``."""
+    return ~masks.any("branch")
+
+
+def background_ssim(out: xr.DataArray | xr.Dataset, background: xr.DataArray) -> xr.DataArray:
+    """Mean SSIM (7×7 window, RGB) between the pair, over background pixels ``(prompt, seed)``."""
+    from skimage.metrics import structural_similarity
+
+    def one(a: np.ndarray, b: np.ndarray, keep: np.ndarray) -> float:
+        if not keep.any():
+            return float("nan")
+        _, full = structural_similarity(a, b, channel_axis=-1, data_range=1.0, full=True)
+        return float(full.mean(-1)[keep].mean())
+
+    return _pairwise(out, background, one, "bg_ssim")
+
+
+def background_psnr(out: xr.Dataset, background: xr.DataArray) -> xr.DataArray:
+    """PSNR (dB, peak 1.0) between the pair over background pixels ``(prompt, seed)``."""
+
+    def one(a: np.ndarray, b: np.ndarray, keep: np.ndarray) -> float:
+        if not keep.any():
+            return float("nan")
+        mse = float(((a - b) ** 2)[keep].mean())
+        return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
+
+    return _pairwise(out, background, one, "bg_psnr")
+
+
+def _pairwise(out: xr.Dataset, background: xr.DataArray, fn: Callable, name: str) -> xr.DataArray:
+    image = out["image"].transpose("prompt", "seed", "branch", "y", "x", "rgb")
+    keep = background.transpose("prompt", "seed", "y", "x").values
+    values = np.zeros(image.shape[:2])
+    data = image.values.astype(np.float64)
+    branches = list(image["branch"].values)
+    u, s = branches.index("unsteered"), branches.index("steered")
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            values[i, j] = fn(data[i, j, u], data[i, j, s], keep[i, j])
+    return xr.DataArray(values, dims=("prompt", "seed"), coords={k: image[k].values for k in ("prompt", "seed")}, name=name)
+
+
+def dyed(probs: xr.DataArray, *, branch: str = "steered", dye_classes: Sequence[str] | None = None) -> xr.DataArray:
+    """1.0 where the `branch` image is still classified as a dyed class ``(prompt, seed)``.
+
+    The dye detection rate is ``estimate(dyed(probs))``. Dyed classes default to every label
+    that contains "dyed".
+    """
+    labels = [str(c) for c in probs["class"].values]
+    dye_classes = list(dye_classes) if dye_classes is not None else [c for c in labels if "dyed" in c]
+    if not dye_classes or not set(dye_classes) <= set(labels):
+        raise ValueError(f"dye classes {dye_classes} must be among the classifier's labels {labels}")
+    predicted = probs.sel(branch=branch).idxmax("class")
+    return predicted.isin(dye_classes).astype(np.float64).rename("dyed")
+
+
+def background_lpips(out: xr.Dataset, background: xr.DataArray, *, net: str = "alex") -> xr.DataArray:
+    """Spatial LPIPS between the pair averaged over background pixels ``(prompt, seed)``.
+
+    Needs the ``lpips`` package and its backbone weights already on disk (torch hub cache). When
+    they are not available, returns NaN everywhere with ``attrs["status"]`` saying why; callers
+    must report that status, never a substitute number under the LPIPS name.
+    """
+    cells = {k: out[k].values for k in ("prompt", "seed")}
+    try:
+        import lpips  # noqa: F401  (optional)
+        import torch
+
+        model = lpips.LPIPS(net=net, spatial=True, verbose=False).eval()
+    except Exception as err:  # missing package, no torchvision, weights not on disk
+        empty = np.full((len(cells["prompt"]), len(cells["seed"])), np.nan)
+        da = xr.DataArray(empty, dims=("prompt", "seed"), coords=cells, name="bg_lpips")
+        da.attrs["status"] = f"{LPIPS_UNAVAILABLE} ({type(err).__name__}: {err})"
+        return da
+
+    def one(a: np.ndarray, b: np.ndarray, keep: np.ndarray) -> float:
+        if not keep.any():
+            return float("nan")
+        to = lambda x: torch.from_numpy(x).permute(2, 0, 1)[None].float() * 2 - 1  # noqa: E731
+        with torch.no_grad():
+            dist = model(to(a), to(b))[0, 0].numpy()  # (H, W)
+        return float(dist[keep].mean())
+
+    da = _pairwise(out, background, one, "bg_lpips")
+    da.attrs["status"] = f"lpips {net}"
+    return da

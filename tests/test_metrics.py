@@ -1,0 +1,97 @@
+import numpy as np
+import pytest
+import xarray as xr
+
+from dit_lens import metrics
+
+LABELS = ["normal cecum", "polyps", "dyed lifted polyps"]
+
+
+def pairs_dataset(unsteered, steered):
+    """A `generate`-shaped result from arrays (prompt, seed, y, x, rgb)."""
+    image = np.stack([unsteered, steered], axis=2)
+    p, s = image.shape[:2]
+    return xr.Dataset(
+        {"image": (("prompt", "seed", "branch", "y", "x", "rgb"), image)},
+        coords={"prompt": [f"p{i}" for i in range(p)], "seed": list(range(s)), "branch": ["unsteered", "steered"]},
+    )
+
+
+class MeanColourOracle:
+    """A real (if simple) classifier: red-dominant → polyps, blue → dyed, else normal."""
+
+    labels = LABELS
+
+    def __call__(self, images):
+        m = images.mean(axis=(1, 2))  # (N, 3)
+        logits = np.stack([m[:, 1], m[:, 0], m[:, 2]], axis=1) * 20
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+
+def test_estimate_interval_and_degenerate_cases():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=200)
+    e = metrics.estimate(x)
+    assert e.n == 200 and e.low < x.mean() < e.high and e.high - e.low < 0.2
+    assert metrics.estimate(np.array([1.0, 1.0])).to_dict() == {"value": 1.0, "low": 1.0, "high": 1.0, "n": 2}
+    assert metrics.estimate(np.array([np.nan])).n == 0
+
+
+def test_flips_confidence_and_dye():
+    red, green, blue = (np.zeros((1, 3, 4, 4, 3)) for _ in range(3))
+    red[..., 0], green[..., 1], blue[..., 2] = 1, 1, 1
+    steered = np.concatenate([green[:, :2], red[:, 2:]], axis=1)  # two flip to normal, one stays
+    out = pairs_dataset(red, steered)
+    probs = metrics.classify(out, MeanColourOracle())
+    assert probs.dims == ("prompt", "seed", "branch", "class")
+    np.testing.assert_array_equal(metrics.flips(probs, "polyps").values, [[1, 1, 0]])
+    drop = metrics.confidence_drop(probs, "polyps").values
+    assert drop[0, 0] > 0.99 and abs(drop[0, 2]) < 1e-12
+    np.testing.assert_array_equal(metrics.dyed(probs, branch="steered").values, [[0, 0, 0]])
+    np.testing.assert_array_equal(metrics.dyed(pairs_dataset(blue, blue).pipe(metrics.classify, MeanColourOracle())).values, [[1, 1, 1]])
+    with pytest.raises(ValueError, match="not one of the classifier's labels"):
+        metrics.flips(probs, "ulcerative colitis")
+
+
+def test_background_metrics_ignore_the_lesion():
+    rng = np.random.default_rng(1)
+    base = rng.uniform(size=(1, 2, 32, 32, 3))
+    edited = base.copy()
+    edited[:, :, 8:24, 8:24] = 0.0  # change only inside the lesion
+    out = pairs_dataset(base, edited)
+    masks = np.zeros((1, 2, 2, 32, 32), bool)
+    masks[:, :, 1, 8:24, 8:24] = True  # lesion found in the steered image only
+    masks = xr.DataArray(masks, dims=("prompt", "seed", "branch", "y", "x"), coords={k: out[k].values for k in ("prompt", "seed", "branch")})
+    bg = metrics.background_mask(masks)
+    assert int((~bg).sum()) == 2 * 256
+    everywhere = xr.ones_like(bg)
+    ssim_bg, ssim_all = metrics.background_ssim(out, bg), metrics.background_ssim(out, everywhere)
+    # the 7×7 SSIM window still sees the lesion edge from a few background pixels
+    assert float(ssim_bg.min()) > float(ssim_all.max()) + 0.1
+    assert np.isinf(metrics.background_psnr(out, bg).values).all()
+    assert float(metrics.background_psnr(out, everywhere).max()) < 20
+    far = bg.copy()
+    far[:, :, 5:27, 5:27] = False  # background beyond the window's reach of the lesion
+    assert float(metrics.background_ssim(out, far).min()) == pytest.approx(1.0)
+
+
+def test_segment_and_shape_errors():
+    out = pairs_dataset(np.zeros((1, 2, 8, 8, 3)), np.ones((1, 2, 8, 8, 3)))
+    masks = metrics.segment(out, lambda x: x[..., 0] > 0.5)
+    assert masks.dims == ("prompt", "seed", "branch", "y", "x")
+    assert not masks.sel(branch="unsteered").any() and masks.sel(branch="steered").all()
+    with pytest.raises(ValueError, match="segmenter returned shape"):
+        metrics.segment(out, lambda x: x[:, :4, :4, 0] > 0)
+    with pytest.raises(ValueError, match="classifier returned shape"):
+        metrics.classify(out, lambda x: x.mean((1, 2, 3)))
+
+
+def test_lpips_reports_unavailability_instead_of_a_number():
+    out = pairs_dataset(np.zeros((1, 2, 8, 8, 3)), np.ones((1, 2, 8, 8, 3)))
+    bg = xr.DataArray(np.ones((1, 2, 8, 8), bool), dims=("prompt", "seed", "y", "x"))
+    da = metrics.background_lpips(out, bg)
+    if da.attrs["status"].startswith("unavailable"):
+        assert np.isnan(da.values).all()
+    else:
+        assert np.isfinite(da.values).all()
