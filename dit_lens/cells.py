@@ -43,16 +43,16 @@ class CellRunner:
     def cells(self) -> list[dict]:
         s = self.study
         grid = [
-            {"method": "medsteer", "pair": p, "window": w, "alpha": a, "renormalize": r, "vector_seeds": n}
+            {"edit": "medsteer", "pair": p, "window": w, "alpha": a, "renormalize": r, "vector_seeds": n}
             for p in range(len(s.pairs)) for w in s.windows for a in s.alphas
             for r in s.renormalize for n in s.vector_seeds
         ]
-        grid += [{"method": b, "pair": p} for b in s.baselines for p in range(len(s.pairs))]
+        grid += [{"edit": b, "pair": p} for b in s.baselines for p in range(len(s.pairs))]
         return grid
 
     def path(self, cell: dict) -> Path:
-        if cell["method"] != "medsteer":
-            name = f"{cell['method']}_p{cell['pair']}"
+        if cell["edit"] != "medsteer":
+            name = f"{cell['edit']}_p{cell['pair']}"
         else:
             w = "-".join(f"{x:g}" for x in cell["window"])
             name = f"p{cell['pair']}_w{w}_a{cell['alpha']:g}_r{int(cell['renormalize'])}_n{cell['vector_seeds']}"
@@ -72,7 +72,7 @@ class CellRunner:
         s, lens = self.study, self.lens
         pair = s.pairs[cell["pair"]]
         seeds = [s.eval_seed_base + i for i in range(s.eval_seeds)]
-        if cell["method"] == "reprompt":
+        if cell["edit"] == "reprompt":
             out = self._reprompt(pair, seeds)
             return self.measure(out, pair)
         steer = self.steer(cell)
@@ -111,10 +111,10 @@ class CellRunner:
         both = generate(self.lens, [pair.source_prompt, pair.target_prompt], seeds=seeds,
                         num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
                         batch_size=8, progress=False)
-        image = both["image"].isel(branch=0)
-        pairs = xr.concat([image.isel(prompt=0), image.isel(prompt=1)], dim="branch")
-        pairs = pairs.assign_coords(branch=["unsteered", "steered"]).expand_dims(prompt=[pair.source_prompt])
-        return xr.Dataset({"image": pairs.transpose("prompt", "seed", "branch", "y", "x", "rgb")})
+        image = both["image"].isel(branch=0).transpose("prompt", "seed", "y", "x", "rgb").values
+        pairs = np.stack([image[0], image[1]], axis=1)[None]  # (1, seed, branch, y, x, rgb)
+        coords = {"prompt": [pair.source_prompt], "seed": seeds, "branch": ["unsteered", "steered"]}
+        return xr.Dataset({"image": (("prompt", "seed", "branch", "y", "x", "rgb"), pairs)}, coords=coords)
 
     # -- metrics -------------------------------------------------------------------------
 
@@ -145,7 +145,7 @@ class CellRunner:
         s = self.study
         methods = ["medsteer", *s.baselines]
         coords = {
-            "method": methods, "pair": [p.name for p in s.pairs], "window": [window_label(w) for w in s.windows],
+            "edit": methods, "pair": [p.name for p in s.pairs], "window": [window_label(w) for w in s.windows],
             "alpha": list(s.alphas), "renormalize": list(s.renormalize), "vector_seeds": list(s.vector_seeds),
         }
         shape = tuple(len(v) for v in coords.values())
@@ -154,18 +154,18 @@ class CellRunner:
         status = set()
         for cell in self.cells():
             record = json.loads(self.path(cell).read_text())["metrics"]
-            if cell["method"] == "medsteer":
+            if cell["edit"] == "medsteer":
                 index = (0, cell["pair"], s.windows.index(tuple(cell["window"])), s.alphas.index(cell["alpha"]),
                          s.renormalize.index(cell["renormalize"]), s.vector_seeds.index(cell["vector_seeds"]))
             else:  # a baseline does not depend on the steering settings: it fills its whole row
-                index = (methods.index(cell["method"]), cell["pair"])
+                index = (methods.index(cell["edit"]), cell["pair"])
             for m, est in record.items():
                 status.add(est.get("status", "")) if m == "bg_lpips" else None
                 for suffix, key in (("", "value"), ("_low", "low"), ("_high", "high"), ("_n", "n")):
                     arrays[f"{m}{suffix}"][index] = est[key]
         ds = xr.Dataset({k: (tuple(coords), v) for k, v in arrays.items()}, coords=coords)
         if not s.baselines:
-            ds = ds.isel(method=0, drop=True)
+            ds = ds.isel(edit=0, drop=True)
         ds.attrs.update(self.lens.provenance())
         ds.attrs.update(
             study=json.dumps(s.to_dict()), folder=str(self.folder),
@@ -208,7 +208,7 @@ def _replace_zarr(ds: xr.Dataset, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    ds.to_zarr(tmp, mode="w", consolidated=False)
+    ds.to_zarr(tmp, mode="w", zarr_format=2)  # format 3 warns on string coordinates
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)

@@ -21,6 +21,12 @@ def _world(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study(args: argparse.Namespace) -> int:
+    from .study_cli import run_study_file
+
+    return run_study_file(args.name, args.rest)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dit-lens", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -30,6 +36,11 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--lora", default=None, help="peft LoRA adapter folder to merge")
     demo.add_argument("--out", default="cache/demo", help="output folder")
     demo.set_defaults(func=_demo)
+
+    study = sub.add_parser("study", help="run studies/<name>.py (flags go to the study)")
+    study.add_argument("name", help="layer_sweep, alpha_sweep, seed_count, concept_pairs, dye, downstream")
+    study.add_argument("rest", nargs=argparse.REMAINDER, help="the study's own flags, e.g. --quick")
+    study.set_defaults(func=_study)
 
     world = sub.add_parser("world", help="the embedded endoscopy world")
     world_sub = world.add_subparsers(dest="world_command", required=True)

@@ -29,7 +29,15 @@ import xarray as xr
 
 from . import metrics as M
 
-__all__ = ["ConceptPair", "Study", "run_study", "window_layers", "STEER_METRICS"]
+__all__ = ["ConceptPair", "ENDOSCOPY_CONTEXTS", "Study", "run_study", "window_layers", "STEER_METRICS"]
+
+#: Context phrasings varied across the contrastive prompts of a vector ("{}" is the label).
+ENDOSCOPY_CONTEXTS = (
+    "An endoscopic image of {}",
+    "A colonoscopy photograph of {}",
+    "An endoscopy frame showing {}",
+    "A medical endoscopic view of {}",
+)
 
 #: Metrics computed for every steered cell (and for each baseline).
 STEER_METRICS = ("flip_rate", "confidence_shift", "bg_ssim", "bg_psnr", "bg_lpips")
@@ -49,7 +57,7 @@ class ConceptPair:
 
     source: str
     target: str
-    contexts: tuple[str, ...] = ("An endoscopic image of {}",)
+    contexts: tuple[str, ...] = ENDOSCOPY_CONTEXTS
     prompt: str = "An endoscopic image of {}"
 
     def __post_init__(self) -> None:
@@ -167,8 +175,8 @@ class Study:
 
 
 def window_layers(window: tuple[float, float], num_layers: int) -> list[int]:
-    """Blocks of a fractional window: ``round(start·L) … max(round(stop·L), start+1) − 1``."""
-    start = int(round(window[0] * num_layers))
+    """Blocks of a fractional window ``round(start·L) … round(stop·L) − 1``; never empty."""
+    start = min(int(round(window[0] * num_layers)), num_layers - 1)
     stop = max(int(round(window[1] * num_layers)), start + 1)
     return list(range(start, min(stop, num_layers)))
 
@@ -190,7 +198,7 @@ def run_study(
     """Run every cell of `study` not already finished in `out`, and return the labelled result.
 
     Returns:
-        Dataset with dims ``(pair, window, alpha, renormalize, vector_seeds)`` (plus ``method``
+        Dataset with dims ``(pair, window, alpha, renormalize, vector_seeds)`` (plus ``edit``
         when baselines are declared); for each metric the variables ``<metric>``, ``<metric>_low``,
         ``<metric>_high`` and ``<metric>_n``. Attrs: the declaration, provenance, the folder.
     """

@@ -105,7 +105,7 @@ def print_table(result) -> None:
     metrics = [m for m in ("flip_rate", "confidence_shift", "bg_ssim", "bg_psnr", "dye_detection_rate", "polyp_kept")
                if m in result]
     flat = result[metrics + [f"{m}_low" for m in metrics] + [f"{m}_high" for m in metrics]].to_dataframe().reset_index()
-    dims = [d for d in result["flip_rate"].dims if result.sizes[d] > 1 or d in ("pair", "method")]
+    dims = [d for d in result["flip_rate"].dims if result.sizes[d] > 1 or d in ("pair", "edit")]
     header = "  ".join(f"{d:>16s}" for d in dims) + "  " + "  ".join(f"{m:>22s}" for m in metrics)
     print(header)
     for _, row in flat.iterrows():

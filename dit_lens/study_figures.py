@@ -23,7 +23,7 @@ def study_figure(result: xr.Dataset) -> Any:
     plt = _pyplot()
     metrics = [m for m in _SHOWN if m in result and bool(np.isfinite(result[m]).any())]
     dims = list(result["flip_rate"].dims)
-    swept = [d for d in dims if result.sizes[d] > 1 and d not in ("pair", "method")]
+    swept = [d for d in dims if result.sizes[d] > 1 and d not in ("pair", "edit")]
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.3 * len(metrics), 3.0), squeeze=False)
     axes = axes[0]
     if swept:

@@ -155,7 +155,7 @@ def save_vector(vec: xr.DataArray, path: str | Path) -> Path:
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"{path} exists; choose a new path or delete it first")
-    vec.to_dataset(name="concept_vector").to_zarr(path, mode="w-", consolidated=False)
+    vec.to_dataset(name="concept_vector").to_zarr(path, mode="w-", zarr_format=2)
     return path
 
 
@@ -164,7 +164,7 @@ def load_vector(path: str | Path) -> xr.DataArray:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no concept vector at {path}")
-    ds = xr.open_zarr(path, consolidated=False)
+    ds = xr.open_zarr(path)
     if "concept_vector" not in ds:
         raise ValueError(f"{path} is not a dit-lens concept vector store")
     return _check_vector(ds["concept_vector"].load())

@@ -1,0 +1,25 @@
+"""How strong must the steering be? α sweep for both update variants (paper and authors' renorm).
+
+Paper (layers 8–16 of 28): α = 0.5/1/2/2.5/3 → flip 0.012/0.038/0.513/0.800/0.700.
+
+    python studies/alpha_sweep.py [--quick] [--windows 0.25:0.75] [--alphas 1 2 3]
+"""
+
+import sys
+
+from dit_lens.study import ConceptPair, Study
+from dit_lens.study_cli import study_main
+
+STUDY = Study(
+    "alpha_sweep",
+    pairs=(ConceptPair("polyps", "normal cecum"),),
+    windows=((0.25, 0.75),),
+    alphas=(0.5, 1.0, 2.0, 2.5, 3.0, 4.0, 6.0),
+    renormalize=(False, True),
+    vector_seeds=(32,),
+    eval_seeds=64,
+    quick={"alphas": (1.0, 3.0, 6.0), "vector_seeds": (8,), "eval_seeds": 8},
+)
+
+if __name__ == "__main__":
+    sys.exit(study_main(STUDY))

@@ -1,0 +1,30 @@
+"""The counterfactual table: three concept pairs, MedSteer vs re-prompting (same seed, target prompt).
+
+Paper flips: polyp → normal cecum 0.800, ulcerative colitis → normal cecum 0.925,
+esophagitis → normal z-line 0.950.
+
+    python studies/concept_pairs.py [--quick] [--alphas 2.5] [--windows 0.25:0.75]
+"""
+
+import sys
+
+from dit_lens.study import ConceptPair, Study
+from dit_lens.study_cli import study_main
+
+STUDY = Study(
+    "concept_pairs",
+    pairs=(
+        ConceptPair("polyps", "normal cecum"),
+        ConceptPair("ulcerative colitis", "normal cecum"),
+        ConceptPair("esophagitis", "normal z-line"),
+    ),
+    windows=((0.25, 0.75),),
+    alphas=(2.5,),
+    vector_seeds=(32,),
+    eval_seeds=64,
+    baselines=("reprompt",),
+    quick={"vector_seeds": (8,), "eval_seeds": 8},
+)
+
+if __name__ == "__main__":
+    sys.exit(study_main(STUDY))

@@ -1,0 +1,28 @@
+"""Dye disentanglement: remove the dye from dyed lifted polyps and keep the polyp.
+
+Reports the dye detection rate after steering (lower is better; paper 0.25 vs PnP 0.80) and the
+fraction of steered images whose polyp survives (oracle says polyps and the segmenter still finds a
+lesion).
+
+    python studies/dye.py [--quick] [--alphas 1 2 3]
+"""
+
+import sys
+
+from dit_lens.study import ConceptPair, Study
+from dit_lens.study_cli import study_main
+
+STUDY = Study(
+    "dye",
+    pairs=(ConceptPair("dyed lifted polyps", "polyps"),),
+    windows=((0.25, 0.75), (0.0, 1.0)),
+    alphas=(1.0, 2.0, 3.0),
+    vector_seeds=(32,),
+    eval_seeds=64,
+    baselines=("reprompt",),
+    dye=True,
+    quick={"alphas": (2.0,), "windows": ((0.25, 0.75),), "vector_seeds": (8,), "eval_seeds": 8},
+)
+
+if __name__ == "__main__":
+    sys.exit(study_main(STUDY))
