@@ -32,9 +32,9 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="counterfactual pairs on the embedded world (or --model)")
-    demo.add_argument("--model", default="embedded", help="pipeline folder (default: embedded)")
-    demo.add_argument("--lora", default=None, help="peft LoRA adapter folder to merge")
-    demo.add_argument("--out", default="cache/demo", help="output folder")
+    from .demo import add_demo_arguments
+
+    add_demo_arguments(demo)
     demo.set_defaults(func=_demo)
 
     study = sub.add_parser("study", help="run studies/<name>.py (flags go to the study)")
