@@ -1,0 +1,182 @@
+"""Downstream utility of counterfactuals: a binary polyp detector trained on real + synthetic images.
+
+Arms, each trained with several seeds and tested on the embedded world's *shifted* split:
+- ``real``: real images only (``real_per_class`` per class);
+- ``reprompt``: plus K synthetic positives (source prompt) and K negatives (target prompt, same seeds);
+- ``medsteer``: plus K counterfactual pairs (unsteered positive, steered negative, same seed).
+The synthetic sets are quantity-matched. Reports AUC and F1 with bootstrap intervals over seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import xarray as xr
+
+from . import metrics as M
+
+__all__ = ["DownstreamConfig", "roc_auc", "f1_score", "train_detector", "run_downstream"]
+
+ARMS = ("real", "reprompt", "medsteer")
+
+
+@dataclass(frozen=True)
+class DownstreamConfig:
+    source: str = "polyps"
+    target: str = "normal cecum"
+    real_per_class: int = 20
+    synthetic_per_class: int = 64
+    test_per_class: int = 200
+    train_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    detector_steps: int = 300
+    alpha: float = 2.5
+    window: tuple[float, float] = (0.25, 0.75)
+    vector_seeds: int = 32
+    num_inference_steps: int = 20
+    guidance_scale: float = 4.5
+
+    def __post_init__(self) -> None:
+        for name in ("real_per_class", "synthetic_per_class", "test_per_class", "detector_steps", "vector_seeds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DownstreamConfig.{name} must be >= 1")
+        if not self.train_seeds:
+            raise ValueError("DownstreamConfig.train_seeds needs at least one seed")
+        object.__setattr__(self, "train_seeds", tuple(int(s) for s in self.train_seeds))
+        object.__setattr__(self, "window", tuple(float(x) for x in self.window))
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (the Mann–Whitney U statistic, ties counted half)."""
+    from scipy.stats import mannwhitneyu
+
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError("AUC needs both positive and negative examples")
+    return float(mannwhitneyu(pos, neg).statistic / (len(pos) * len(neg)))
+
+
+def f1_score(scores: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> float:
+    predicted = scores >= threshold
+    tp = float((predicted & (labels == 1)).sum())
+    fp = float((predicted & (labels == 0)).sum())
+    fn = float((~predicted & (labels == 1)).sum())
+    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+def train_detector(images: np.ndarray, labels: np.ndarray, *, seed: int, steps: int = 300):
+    """A small CNN (the oracle's architecture, 2 classes) trained with the world's augmentation.
+
+    Returns a callable mapping images ``(N, H, W, 3)`` in [0, 1] to p(positive) ``(N,)``.
+    """
+    from .world.judges import OracleNet, _as_batch, _fit, augment
+    from .world.train import StageConfig
+
+    torch.manual_seed(seed)
+    net = OracleNet(16, num_classes=2)
+    x_all, y_all = _as_batch(images, "train_detector"), torch.as_tensor(labels, dtype=torch.long)
+    cfg = StageConfig(steps=steps, batch_size=min(64, len(x_all)), lr=1e-3, warmup=min(30, steps // 5), seed=seed)
+
+    def loss(idx, gen):
+        return F.cross_entropy(net(augment(x_all[idx], gen)), y_all[idx])
+
+    net = _fit(net, cfg, loss, len(x_all), log=lambda *_: None, name="detector")
+
+    @torch.no_grad()
+    def detect(batch: np.ndarray) -> np.ndarray:
+        x = _as_batch(batch, "detector")
+        return torch.softmax(net(x), dim=1)[:, 1].numpy()
+
+    return detect
+
+
+def run_downstream(cfg: DownstreamConfig, lens: Any, folder: Path, *, progress: bool = True) -> xr.Dataset:
+    """Run (or resume) every (arm, seed); returns AUC/F1 per arm with intervals over seeds."""
+    from .generate import generate
+    from .steer import Steer
+    from .study import ENDOSCOPY_CONTEXTS, window_layers
+    from .vectors import concept_vector
+    from .world.procedural import render
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _claim(folder, cfg, lens)
+    k = cfg.synthetic_per_class
+    synth_path = folder / "synthetic.npz"
+    if synth_path.exists():
+        synthetic = dict(np.load(synth_path))
+    else:
+        prompt = f"An endoscopic image of {cfg.source}"
+        seeds = [20_000 + i for i in range(k)]
+        vector = concept_vector(lens, positive=[c.format(cfg.source) for c in ENDOSCOPY_CONTEXTS],
+                                negative=[c.format(cfg.target) for c in ENDOSCOPY_CONTEXTS],
+                                seeds=list(range(cfg.vector_seeds)), num_inference_steps=cfg.num_inference_steps,
+                                guidance_scale=cfg.guidance_scale)
+        steer = Steer(vector, alpha=cfg.alpha, layers=window_layers(cfg.window, lens.num_layers))
+        pairs = generate(lens, prompt, seeds=seeds, steer=steer, num_inference_steps=cfg.num_inference_steps,
+                         guidance_scale=cfg.guidance_scale, batch_size=8, progress=progress)
+        target = generate(lens, f"An endoscopic image of {cfg.target}", seeds=seeds,
+                          num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                          batch_size=8, progress=progress)
+        synthetic = {
+            "source": pairs["image"].sel(branch="unsteered").values[0],
+            "steered": pairs["image"].sel(branch="steered").values[0],
+            "target": target["image"].sel(branch="unsteered").values[0],
+        }
+        np.savez_compressed(synth_path, **synthetic)
+    n_real, n_test = cfg.real_per_class, cfg.test_per_class
+    real = render([cfg.source] * n_real + [cfg.target] * n_real, list(range(500, 500 + n_real)) * 2).images
+    real_y = np.array([1] * n_real + [0] * n_real)
+    test_seeds = list(range(900_000, 900_000 + n_test))
+    test = render([cfg.source] * n_test + [cfg.target] * n_test, test_seeds * 2, split="shifted").images
+    test_y = np.array([1] * n_test + [0] * n_test)
+    arms = {
+        "real": (real, real_y),
+        "reprompt": (np.concatenate([real, synthetic["source"], synthetic["target"]]), np.concatenate([real_y, [1] * k, [0] * k])),
+        "medsteer": (np.concatenate([real, synthetic["source"], synthetic["steered"]]), np.concatenate([real_y, [1] * k, [0] * k])),
+    }
+    results: dict = {}
+    for arm, (x, y) in arms.items():
+        for seed in cfg.train_seeds:
+            path = folder / "cells" / f"{arm}_seed{seed}.json"
+            if not path.exists():
+                detector = train_detector(x, y, seed=seed, steps=cfg.detector_steps)
+                scores = detector(test)
+                record = {"auc": roc_auc(scores, test_y), "f1": f1_score(scores, test_y)}
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(record))
+                os.replace(tmp, path)
+                if progress:
+                    print(f"downstream {arm} seed {seed}: AUC {record['auc']:.4f} F1 {record['f1']:.4f}")
+            results[(arm, seed)] = json.loads(path.read_text())
+    data = {}
+    for metric in ("auc", "f1"):
+        per_seed = np.array([[results[(a, s)][metric] for s in cfg.train_seeds] for a in ARMS])
+        est = [M.estimate(row) for row in per_seed]
+        data[metric] = (("arm",), [e.value for e in est])
+        data[f"{metric}_low"] = (("arm",), [e.low for e in est])
+        data[f"{metric}_high"] = (("arm",), [e.high for e in est])
+        data[f"{metric}_per_seed"] = (("arm", "train_seed"), per_seed)
+    ds = xr.Dataset(data, coords={"arm": list(ARMS), "train_seed": list(cfg.train_seeds)})
+    ds.attrs.update(lens.provenance())
+    ds.attrs.update(config=json.dumps(asdict(cfg)), folder=str(folder),
+                    synthetic_per_class=k, real_per_class=n_real, test="shifted split, "
+                    f"{n_test} per class")
+    return ds
+
+
+def _claim(folder: Path, cfg: DownstreamConfig, lens: Any) -> None:
+    declaration = folder / "downstream.json"
+    mine = json.loads(json.dumps({"config": asdict(cfg), "model_fingerprint": lens.fingerprint}))
+    if declaration.exists():
+        if json.loads(declaration.read_text()) != mine:
+            raise ValueError(f"{folder} holds another downstream run; pass a new --out folder (nothing was changed)")
+    else:
+        declaration.write_text(json.dumps(mine, indent=1))

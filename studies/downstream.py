@@ -1,0 +1,61 @@
+"""Does counterfactual augmentation help a downstream polyp detector more than re-prompting?
+
+A binary polyp detector is trained on 20 real images per class plus a quantity-matched synthetic set
+from (a) re-prompting or (b) MedSteer counterfactual pairs, with several training seeds, and tested
+on the shifted split. Paper: ViT AUC 0.9755 (MedSteer) vs 0.9083 (re-prompting).
+
+    python studies/downstream.py [--quick] [--synthetic-per-class 64] [--train-seeds 0 1 2 3 4]
+"""
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+from dit_lens.downstream import DownstreamConfig, run_downstream
+
+CONFIG = DownstreamConfig()
+QUICK = dict(synthetic_per_class=16, test_per_class=64, train_seeds=(0, 1), detector_steps=120, vector_seeds=8)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a small version (about 2 min on CPU)")
+    p.add_argument("--model", default="embedded")
+    p.add_argument("--lora", default=None)
+    p.add_argument("--out", default=None, help="result folder (default: cache/studies/downstream[-quick])")
+    for field in dataclasses.fields(DownstreamConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if field.name in ("train_seeds", "window"):
+            p.add_argument(flag, nargs="+", type=float if field.name == "window" else int)
+        else:
+            p.add_argument(flag, type=type(field.default))
+    args = p.parse_args(argv)
+    changes = dict(QUICK) if args.quick else {}
+    changes.update({f.name: getattr(args, f.name) for f in dataclasses.fields(DownstreamConfig)
+                    if getattr(args, f.name) is not None})
+    try:
+        cfg = dataclasses.replace(CONFIG, **changes)
+        from dit_lens import load
+        from dit_lens.store import cache_root
+
+        lens = load(args.model, lora=args.lora)
+        folder = Path(args.out) if args.out else cache_root() / "studies" / ("downstream-quick" if args.quick else "downstream")
+        start = time.perf_counter()
+        result = run_downstream(cfg, lens, folder)
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        print(f"downstream: error: {err}", file=sys.stderr)
+        return 2
+    print(f"\n{'arm':10s} {'AUC [95% CI]':>26s} {'F1 [95% CI]':>26s}   n seeds = {len(cfg.train_seeds)}")
+    for arm in result["arm"].values:
+        r = result.sel(arm=arm)
+        print(f"{arm:10s} {float(r.auc):8.4f} [{float(r.auc_low):.4f}, {float(r.auc_high):.4f}]"
+              f" {float(r.f1):8.4f} [{float(r.f1_low):.4f}, {float(r.f1_high):.4f}]")
+    result.to_zarr(folder / "result.zarr", mode="w", zarr_format=2)
+    print(f"downstream: {time.perf_counter() - start:.0f} s; results in {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
