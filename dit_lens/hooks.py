@@ -1,0 +1,109 @@
+"""nnsight plumbing shared by capture and steering: run the real denoising loop, visit sites.
+
+`traced_generate` runs the pipeline's own ``__call__`` (through the nnsight ``DiffusionModel`` in
+``lens.model``) for a batch of (prompt, seed) runs and calls a Python function on a site's output at
+every denoising step and every requested layer, in execution order. The function may return a
+tensor to replace the output (steering) or ``None`` to leave it alone (capture). nnsight removes its
+hooks when the trace ends, also when the visit raises.
+
+Examples:
+    >>> from dit_lens import PixArtSpec, build_pixart, load
+    >>> lens = load(build_pixart(PixArtSpec(num_layers=2)))
+    >>> shapes = []
+    >>> traced_generate(lens, ["a polyp"], [0], num_inference_steps=2, guidance_scale=4.5,
+    ...                 site="attn2", layers=(0, 1),
+    ...                 visit=lambda step, i, out: shapes.append((step, i, tuple(out.shape))))
+    >>> shapes  # (step, layer index, (2 * batch, tokens, C)): guidance doubles the batch
+    [(0, 0, (2, 16, 16)), (0, 1, (2, 16, 16)), (1, 0, (2, 16, 16)), (1, 1, (2, 16, 16))]
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .sites import site_module
+
+__all__ = ["Visit", "branch_rows", "traced_generate"]
+
+#: ``visit(step, layer_index, output)`` -> replacement output or None.
+Visit = Callable[[int, int, torch.Tensor], "torch.Tensor | None"]
+
+
+def traced_generate(
+    lens: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    num_inference_steps: int,
+    guidance_scale: float,
+    site: str,
+    layers: Sequence[int],
+    visit: Visit,
+    output_type: str = "latent",
+) -> None:
+    """Run ``lens.pipeline``'s denoising loop for runs ``(prompts[i], seeds[i])`` as one batch.
+
+    Run i is the plain call ``lens.pipeline(prompts[i], generator=lens.generator(seeds[i]), ...)``:
+    each run draws its initial noise from its own generator, so batching changes values only by
+    float rounding.
+
+    Args:
+        lens: A `dit_lens.Lens`.
+        prompts: One prompt per run.
+        seeds: One seed per run.
+        num_inference_steps: Denoising steps T; `visit` sees steps 0 … T-1.
+        guidance_scale: Classifier-free guidance scale; above 1 the site output holds the
+            unconditional rows first, then the conditional rows (see `branch_rows`).
+        site: A site of ``lens.family`` (``"attn2"``, ``"attn1"``, ``"ff"``, ``"block"``).
+        layers: Block indices, strictly ascending (nnsight needs execution order).
+        visit: Called as ``visit(step, index into layers, output)``.
+        output_type: The pipeline's ``output_type``; the default skips the VAE decode, which no
+            site depends on.
+    """
+    if len(prompts) != len(seeds) or not prompts:
+        raise ValueError(f"need one seed per prompt, got {len(prompts)} prompts, {len(seeds)} seeds")
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise ValueError(f"layers must be strictly ascending (execution order), got {list(layers)}")
+    envoys = [site_module(lens.model, lens.family, site, layer) for layer in layers]
+    steps = int(num_inference_steps)
+    with lens.model.generate(
+        list(prompts),
+        generator=[lens.generator(seed) for seed in seeds],
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        output_type=output_type,
+        **lens.pipeline_kwargs,
+    ) as tracer:
+        for step in tracer.iter[:steps]:  # bounded: code after an unbounded iter never runs
+            for index, envoy in enumerate(envoys):
+                replacement = visit(int(step), index, envoy.output)  # (rows, tokens, C)
+                if replacement is not None:
+                    envoy.output = replacement
+
+
+def branch_rows(output: torch.Tensor, branch: str, batch: int, guided: bool) -> torch.Tensor:
+    """Pick the rows of one guidance branch from a site output over a batch of `batch` runs.
+
+    Args:
+        output: ``(2 * batch, ...)`` when `guided` (unconditional rows first), else ``(batch, ...)``.
+        branch: ``"cond"``, ``"uncond"``, or ``"both"`` (stacked as ``[cond, uncond]`` on dim 1).
+        batch: Number of runs.
+        guided: Whether classifier-free guidance doubled the batch.
+
+    Returns:
+        ``(batch, ...)``, or ``(batch, 2, ...)`` for ``"both"``.
+    """
+    if not guided:
+        if branch != "cond":
+            raise ValueError(f"branch {branch!r} needs classifier-free guidance (scale > 1)")
+        return output
+    uncond, cond = output[:batch], output[batch:]
+    if branch == "cond":
+        return cond
+    if branch == "uncond":
+        return uncond
+    if branch == "both":
+        return torch.stack([cond, uncond], dim=1)  # (batch, 2, ...)
+    raise ValueError(f"unknown branch {branch!r}; choose 'cond', 'uncond' or 'both'")
