@@ -292,7 +292,11 @@ def _identity(lens, prompts, seeds, settings) -> dict:
         "model_fingerprint": lens.fingerprint,
         "model_class": provenance["model_class"],
         "denoiser_class": provenance["denoiser_class"],
-        "scheduler": {"class": type(scheduler).__name__, "config": dict(scheduler.config)},
+        "scheduler": {
+            "class": type(scheduler).__name__,
+            # "_use_default_values" etc. are bookkeeping (a list in set order), not settings
+            "config": {k: v for k, v in scheduler.config.items() if not k.startswith("_")},
+        },
         "pipeline_kwargs": dict(lens.pipeline_kwargs),
         "device_type": lens.device.type,  # initial noise differs between CPU and CUDA generators
         "prompts": list(prompts),

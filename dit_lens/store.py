@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -134,7 +135,7 @@ class CaptureStore:
                 a capture with another identity. The store is left untouched.
         """
         path = Path(path).expanduser()
-        identity = json.loads(json.dumps(dict(identity), default=str))
+        identity = _plain(identity)
         if path.exists():
             _check_existing(path, template, spec, identity)
         else:
@@ -202,9 +203,8 @@ def _check_existing(path: Path, template: xr.Dataset, spec: VariableSpec, identi
     stored = found.attrs.get("identity", {})
     if stored != identity:
         diffs = [
-            f"{key}: store has {_short(stored.get(key))}, asked for {_short(identity.get(key))}"
-            for key in sorted(set(stored) | set(identity))
-            if stored.get(key) != identity.get(key)
+            f"{key}: store has {_short(old)}, asked for {_short(new)}"
+            for key, old, new in _differences(stored, identity)
         ]
         raise CaptureStoreError(
             f"store {path} holds an incompatible capture ({'; '.join(diffs)}); it was not "
@@ -224,6 +224,32 @@ def _check_existing(path: Path, template: xr.Dataset, spec: VariableSpec, identi
             problems.append(f"coordinate {name!r} differs")
     if problems:
         raise CaptureStoreError(f"store {path} is corrupt ({'; '.join(problems)}); {fix}")
+
+
+def _plain(value: Any) -> Any:
+    """`value` as it reads back from JSON attrs (tuples -> lists, non-finite floats -> str)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.generic):
+        return _plain(value.item())
+    return str(value)
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for each leaf where two identities differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [
+            diff
+            for key in sorted(set(old) | set(new))
+            for diff in _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        ]
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
 
 
 def _short(value: Any, limit: int = 60) -> str:
