@@ -180,6 +180,8 @@ def capture(
     """
     prompts = _check_prompts(prompts)
     seeds = _check_seeds(seeds)
+    if isinstance(layers, (int, np.integer)):
+        raise ValueError(f"layers must be a list of block indices; pass layers=[{layers}]")
     settings = CaptureSettings(
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,

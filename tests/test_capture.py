@@ -29,6 +29,15 @@ RAW_SITES = {
 }
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; with two, a loaded 2-core machine stalls 30x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def raw_capture(pipeline, site, prompt, seed, steps=STEPS, guidance_scale=4.5):
     """The plain pipeline call with torch forward hooks: ((step, layer, rows, tokens, C), timesteps)."""
     blocks = pipeline.transformer.transformer_blocks
@@ -193,11 +202,11 @@ capture(lens, {prompts}, seeds={seeds}, num_inference_steps={steps}, store=sys.a
 
 
 def test_killed_capture_resumes_with_only_missing_cells(tiny_lens, tiny_spec, tmp_path):
-    prompts, seeds, steps = ["a polyp", "normal mucosa"], list(range(12)), 8
+    prompts, seeds, steps = ["a polyp", "normal mucosa"], list(range(16)), 8
     store = tmp_path / "killed.zarr"
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(spec=tiny_spec.to_dict(), prompts=prompts, seeds=seeds, steps=steps))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     child = subprocess.Popen([sys.executable, str(script), str(store)], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     done = 0
@@ -272,7 +281,7 @@ def test_memory_stays_flat_as_seeds_grow(tmp_path):
     """48 runs whose per-token activations total ~100 MB must not raise the peak RSS."""
     script = tmp_path / "memory.py"
     script.write_text(MEMORY_CHILD.format(seeds=48))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -321,6 +330,7 @@ def test_corrupt_store_is_an_error(tiny_lens, tmp_path):
         (dict(seeds=3), r"seeds must be a list.*seeds=range\(3\)"),
         (dict(layers=[0, 3]), r"layers \[3\] out of range.*3 blocks.*0\.\.2"),
         (dict(layers=[-1]), r"layers \[-1\] out of range"),
+        (dict(layers=1), r"layers must be a list.*layers=\[1\]"),
         (dict(site="attn3"), r"unknown site='attn3'.*'attn2'"),
         (dict(branch="negative"), r"unknown branch='negative'.*'uncond'"),
         (dict(branch="uncond", guidance_scale=1.0), "branch='uncond' needs classifier-free"),
