@@ -10,11 +10,13 @@ times, interleaved so that load drifts hit all alike, `repeats` times each:
   token mean at every step, conditional branch), everything included: store creation, the hooked
   run (which skips the VAE decode, as no site depends on it), writing the store.
 
-It prints medians and minima (the least disturbed run, steadier on a shared CPU) and two ratios: capture / plain (the figure the issue asks for) and
-capture / plain_latent (the same model work on both sides, so hooking + store cost alone).
+It prints medians and minima (the least disturbed run, steadier on a shared CPU) and two ratios:
+capture / plain (the figure the issue asks for) and capture / plain_latent (the same model work on
+both sides, so hooking + store cost alone).
 
 Usage:
     PYTHONPATH=. python benchmarks/capture_overhead.py [--steps 4] [--repeats 3] [--sample-size 16]
+        [--threads 1] [--device cuda]
 """
 
 from __future__ import annotations
@@ -108,7 +110,8 @@ def main() -> None:
     spec = dataclasses.replace(PIXART_ALPHA_512, sample_size=args.sample_size)
     lens = load(build_pixart(spec, seed=0), device=args.device)
     params = sum(p.numel() for p in lens.denoiser.parameters()) / 1e6
-    label = f"PIXART_ALPHA_512 shape, random weights, sample_size {args.sample_size}, {params:.0f} M"
+    label = (f"PIXART_ALPHA_512 shape, random weights, sample_size {args.sample_size}, "
+             f"{params:.0f} M parameters")
     report(label, lens, args.steps, measure(lens, steps=args.steps, repeats=args.repeats))
 
 

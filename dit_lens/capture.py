@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import datetime
 import math
+import numbers
 import platform
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -34,7 +35,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from .hooks import branch_rows, traced_generate
+from .hooks import branch_rows, check_prompts, check_seeds, is_int, traced_generate
 from .store import CaptureStore, VariableSpec, cache_root, content_key
 
 __all__ = ["BRANCHES", "REDUCTIONS", "CaptureSettings", "capture"]
@@ -65,12 +66,13 @@ class CaptureSettings:
 
     def __post_init__(self) -> None:
         steps = self.num_inference_steps
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        if not is_int(steps) or steps < 1:
             raise ValueError(
                 f"num_inference_steps must be a positive integer, got {steps!r}; pass e.g. "
                 f"num_inference_steps=20"
             )
-        if not isinstance(self.guidance_scale, (int, float)) or not math.isfinite(self.guidance_scale):
+        scale = self.guidance_scale
+        if not isinstance(scale, numbers.Real) or not math.isfinite(scale):
             raise ValueError(f"guidance_scale must be a finite number, got {self.guidance_scale!r}")
         if self.branch not in BRANCHES:
             raise ValueError(f"unknown branch={self.branch!r}; pass one of {list(BRANCHES)}")
@@ -89,7 +91,7 @@ class CaptureSettings:
             raise ValueError(f"site must be a site name such as 'attn2', got {self.site!r}")
         if self.layers is not None:
             layers = tuple(self.layers)
-            if not layers or any(isinstance(l, bool) or not isinstance(l, (int, np.integer)) for l in layers):
+            if not layers or not all(is_int(layer) for layer in layers):
                 raise ValueError(
                     f"layers must be a non-empty list of block indices (or None for all), got "
                     f"{self.layers!r}"
@@ -178,8 +180,8 @@ def capture(
         ValueError: a bad argument (the message names it and the fix).
         dit_lens.store.CaptureStoreError: `store` is corrupt or holds another capture.
     """
-    prompts = _check_prompts(prompts)
-    seeds = _check_seeds(seeds)
+    prompts = check_prompts(prompts)
+    seeds = check_seeds(seeds)
     if isinstance(layers, (int, np.integer)):
         raise ValueError(f"layers must be a list of block indices; pass layers=[{layers}]")
     settings = CaptureSettings(
@@ -192,7 +194,7 @@ def capture(
     ).resolve(lens)
     if batch_size is None:
         batch_size = 1
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
 
     template, spec = _layout(lens, prompts, seeds, settings)
@@ -204,7 +206,8 @@ def capture(
 
     missing = cells.missing()
     total = len(prompts) * len(seeds)
-    with tqdm(total=total, initial=total - len(missing), unit="cell", desc=f"capture {site}") as bar:
+    bar = tqdm(total=total, initial=total - len(missing), unit="cell", desc=f"capture {site}")
+    with bar:
         for start in range(0, len(missing), int(batch_size)):
             batch = missing[start : start + int(batch_size)]
             _run_batch(lens, cells, batch, prompts, seeds, settings)
@@ -324,37 +327,3 @@ def _provenance(lens, settings) -> dict:
         "python_version": platform.python_version(),
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def _check_prompts(prompts: Any) -> list[str]:
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    try:
-        prompts = list(prompts)
-    except TypeError:
-        raise ValueError(f"prompts must be a list of strings, got {type(prompts).__name__}") from None
-    if not prompts:
-        raise ValueError("prompts is empty; pass at least one prompt, e.g. prompts=['a polyp']")
-    bad = [p for p in prompts if not isinstance(p, str)]
-    if bad:
-        raise ValueError(f"prompts must all be strings; got {bad[:3]!r}")
-    if len(set(prompts)) != len(prompts):
-        raise ValueError("prompts has duplicates; list each prompt once (they label the data)")
-    return prompts
-
-
-def _check_seeds(seeds: Any) -> list[int]:
-    if isinstance(seeds, (int, np.integer)):
-        raise ValueError(f"seeds must be a list of integers; pass seeds=range({seeds}) or seeds=[{seeds}]")
-    try:
-        seeds = list(seeds)
-    except TypeError:
-        raise ValueError(f"seeds must be a list of integers, got {type(seeds).__name__}") from None
-    if not seeds:
-        raise ValueError("seeds is empty; pass at least one seed, e.g. seeds=range(8)")
-    for seed in seeds:
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
-            raise ValueError(f"seeds must be integers in [0, 2**63), got {seed!r}")
-    if len(set(int(s) for s in seeds)) != len(seeds):
-        raise ValueError("seeds has duplicates; list each seed once (they label the data)")
-    return [int(s) for s in seeds]

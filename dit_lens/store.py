@@ -216,7 +216,9 @@ def _check_existing(path: Path, template: xr.Dataset, spec: VariableSpec, identi
     else:
         var = found[spec.name]
         if var.dims != spec.dims or var.shape != spec.shape:
-            problems.append(f"{spec.name} is {var.dims} {var.shape}, expected {spec.dims} {spec.shape}")
+            problems.append(
+                f"{spec.name} is {var.dims} {var.shape}, expected {spec.dims} {spec.shape}"
+            )
         if found["done"].shape != spec.shape[:2]:
             problems.append(f"done has shape {found['done'].shape}, expected {spec.shape[:2]}")
     for name, coord in template.coords.items():

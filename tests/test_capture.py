@@ -39,7 +39,7 @@ def one_thread():
 
 
 def raw_capture(pipeline, site, prompt, seed, steps=STEPS, guidance_scale=4.5):
-    """The plain pipeline call with torch forward hooks: ((step, layer, rows, tokens, C), timesteps)."""
+    """The plain call with torch forward hooks: ((step, layer, rows, tokens, C), timesteps)."""
     blocks = pipeline.transformer.transformer_blocks
     outputs = {layer: [] for layer in range(len(blocks))}
     timesteps = []
@@ -99,7 +99,8 @@ def count_calls(lens):
 
 def test_mean_attn2_matches_raw_hooks(tiny_lens, tiny_pipeline, tmp_path):
     prompts, seeds = ["a polyp", "normal mucosa"], [0, 5]
-    ds = capture(tiny_lens, prompts, seeds=seeds, num_inference_steps=STEPS, store=tmp_path / "s.zarr")
+    ds = capture(tiny_lens, prompts, seeds=seeds, num_inference_steps=STEPS,
+                 store=tmp_path / "s.zarr")
     var = ds["attn2"]
     assert var.dims == ("prompt", "seed", "step", "layer", "channel")
     assert var.shape == (2, 2, STEPS, 3, 16)
@@ -128,7 +129,9 @@ def test_mean_attn2_matches_raw_hooks(tiny_lens, tiny_pipeline, tmp_path):
         ("attn2", "both", None, True),
     ],
 )
-def test_sites_branches_reductions_match_raw_hooks(site, branch, reduce, sigma, tiny_spec, tmp_path):
+def test_sites_branches_reductions_match_raw_hooks(
+    site, branch, reduce, sigma, tiny_spec, tmp_path
+):
     pipeline = build_pixart(PixArtSpec(**{**tiny_spec.to_dict(), "sigma": sigma}), seed=1)
     lens = load(pipeline)
     ds = capture(lens, ["a dyed polyp"], seeds=[3], num_inference_steps=STEPS, site=site,
@@ -205,7 +208,9 @@ def test_killed_capture_resumes_with_only_missing_cells(tiny_lens, tiny_spec, tm
     prompts, seeds, steps = ["a polyp", "normal mucosa"], list(range(16)), 8
     store = tmp_path / "killed.zarr"
     script = tmp_path / "child.py"
-    script.write_text(CHILD.format(spec=tiny_spec.to_dict(), prompts=prompts, seeds=seeds, steps=steps))
+    script.write_text(
+        CHILD.format(spec=tiny_spec.to_dict(), prompts=prompts, seeds=seeds, steps=steps)
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     child = subprocess.Popen([sys.executable, str(script), str(store)], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -250,7 +255,8 @@ def test_error_inside_capture_unhooks_and_keeps_finished_cells(tiny_lens, tmp_pa
         capture(tiny_lens, ["a polyp"], seeds=[0, 1, 2], num_inference_steps=STEPS,
                 store=tmp_path / "e.zarr")
     monkeypatch.undo()
-    np.testing.assert_array_equal(tiny_lens.plain("a polyp", seed=0, num_inference_steps=STEPS), reference)
+    after = tiny_lens.plain("a polyp", seed=0, num_inference_steps=STEPS)
+    np.testing.assert_array_equal(after, reference)
     assert int(xr.open_zarr(tmp_path / "e.zarr").done.sum()) == 2
     calls, handle = count_calls(tiny_lens)
     try:
@@ -265,7 +271,8 @@ MEMORY_CHILD = """
 import resource, tempfile
 from dit_lens import PixArtSpec, build_pixart, load
 from dit_lens.capture import capture
-lens = load(build_pixart(PixArtSpec(num_layers=2, num_heads=4, head_dim=64, sample_size=32), seed=0))
+spec = PixArtSpec(num_layers=2, num_heads=4, head_dim=64, sample_size=32)  # C 256, 256 tokens
+lens = load(build_pixart(spec, seed=0))
 root = tempfile.mkdtemp()
 run = lambda name, seeds: capture(lens, ["a polyp"], seeds=seeds, num_inference_steps=2,
                                   store=f"{{root}}/{{name}}.zarr", batch_size=2, reduce="mean")

@@ -8,7 +8,8 @@ from dit_lens.store import CaptureStore, CaptureStoreError, VariableSpec, cache_
 
 
 def make(path, identity=None, shape=(2, 3, 4)):
-    template = xr.Dataset(coords={"prompt": ["a polyp", "normal"][: shape[0]], "seed": list(range(shape[1]))})
+    prompts, seeds = ["a polyp", "normal"][: shape[0]], list(range(shape[1]))
+    template = xr.Dataset(coords={"prompt": prompts, "seed": seeds})
     spec = VariableSpec("attn2", ("prompt", "seed", "channel"), shape, (1, 1, shape[2]))
     return CaptureStore.open(path, template, spec, identity=identity or {"steps": 2},
                              attrs={"model_fingerprint": "abc"})
