@@ -6,13 +6,15 @@ times, interleaved so that load drifts hit all alike, `repeats` times each:
 
 - ``plain``: the reference call ``lens.plain(prompt, seed=...)`` (``output_type="np"``);
 - ``plain_latent``: the same call with ``output_type="latent"`` (no VAE decode);
+- ``hooked``: the nnsight run that capture makes (every block's attn2 token mean at every step),
+  without the store;
 - ``capture``: ``capture(lens, [prompt], seeds=[seed])`` into a fresh store (every block's attn2
   token mean at every step, conditional branch), everything included: store creation, the hooked
   run (which skips the VAE decode, as no site depends on it), writing the store.
 
-It prints medians and minima (the least disturbed run, steadier on a shared CPU) and two ratios:
-capture / plain (the figure the issue asks for) and capture / plain_latent (the same model work on
-both sides, so hooking + store cost alone).
+It prints medians and minima (the least disturbed run, steadier on a shared CPU) and the ratios
+capture / plain (the figure the issue asks for), capture / plain_latent (the same model work on
+both sides: hooking + store cost) and capture / hooked (store cost alone).
 
 Usage:
     PYTHONPATH=. python benchmarks/capture_overhead.py [--steps 4] [--repeats 3] [--sample-size 16]
@@ -42,6 +44,7 @@ def _time(fn) -> float:
 
 def measure(lens, *, steps: int, repeats: int, guidance_scale: float = 4.5) -> dict:
     from dit_lens.capture import capture
+    from dit_lens.hooks import traced_generate
 
     prompt = "An endoscopic image of a polyp"
     root = Path(tempfile.mkdtemp(prefix="capture-bench-"))
@@ -58,7 +61,18 @@ def measure(lens, *, steps: int, repeats: int, guidance_scale: float = 4.5) -> d
         capture(lens, [prompt], seeds=[seed], num_inference_steps=steps,
                 guidance_scale=guidance_scale, store=root / f"{next(counter)}.zarr")
 
-    runs = {"plain": plain, "plain_latent": plain_latent, "capture": captured}
+    def hooked(seed: int) -> None:  # the nnsight run capture makes, without the store
+        shape = (steps, lens.num_layers, 2, lens.width)
+        buffer = torch.empty(shape, device=lens.device)  # (step, layer, rows, C)
+
+        def visit(step: int, index: int, output: torch.Tensor) -> None:
+            buffer[step, index] = output.mean(dim=1, dtype=torch.float32)
+
+        traced_generate(lens, [prompt], [seed], num_inference_steps=steps,
+                        guidance_scale=guidance_scale, site="attn2",
+                        layers=tuple(range(lens.num_layers)), visit=visit)
+
+    runs = {"plain": plain, "plain_latent": plain_latent, "hooked": hooked, "capture": captured}
     _ = lens.fingerprint  # hashed once per model, outside the timings (cached on the Lens)
     for fn in runs.values():  # warm up every path once
         fn(0)
@@ -79,7 +93,7 @@ def report(label: str, lens, steps: int, result: dict) -> None:
     for name, values in result["times"].items():
         runs = ", ".join(f"{v:.3f}" for v in values)
         print(f"  {name:<13} median {med[name]:8.3f} s  min {best[name]:8.3f} s  (runs: {runs})")
-    for base in ("plain", "plain_latent"):
+    for base in ("plain", "plain_latent", "hooked"):
         print(f"  ratio capture / {base:<13}: median {med['capture'] / med[base]:.3f}x, "
               f"min {best['capture'] / best[base]:.3f}x")
 
