@@ -217,7 +217,7 @@ def test_killed_capture_resumes_with_only_missing_cells(tiny_lens, tiny_spec, tm
     done = 0
     try:
         deadline = time.monotonic() + 120
-        while done < 3 and time.monotonic() < deadline and child.poll() is None:
+        while done < 1 and time.monotonic() < deadline and child.poll() is None:
             time.sleep(0.01)
             if (store / "done" / "0.0").exists():
                 done = int(zarr.open_group(str(store), mode="r")["done"][...].sum())
@@ -226,7 +226,7 @@ def test_killed_capture_resumes_with_only_missing_cells(tiny_lens, tiny_spec, tm
         _, err = child.communicate()
     assert child.returncode == -signal.SIGKILL, err.decode()[-2000:]
     finished = int(zarr.open_group(str(store), mode="r")["done"][...].sum())
-    assert 3 <= finished < len(prompts) * len(seeds), "the child was not killed mid-capture"
+    assert 1 <= finished < len(prompts) * len(seeds), "the child was not killed mid-capture"
 
     calls, handle = count_calls(tiny_lens)
     try:
