@@ -1,0 +1,329 @@
+"""`capture`: record a site's output per layer and denoising step into a labelled, resumable store.
+
+The run for prompt p and seed s is the plain call ``lens.pipeline(p, generator=lens.generator(s),
+num_inference_steps=T, guidance_scale=g, output_type="np", **lens.pipeline_kwargs)``, executed
+through nnsight; ``step`` is the index of the transformer call in its denoising loop. Results land
+cell by cell (one cell = one (prompt, seed) run) in a Zarr store (`dit_lens.store`), so a killed
+capture resumes where it stopped and a repeated one is read back without running the model.
+
+Examples:
+    >>> import tempfile
+    >>> from dit_lens import PixArtSpec, build_pixart, load
+    >>> lens = load(build_pixart(PixArtSpec(num_layers=2)))
+    >>> store = tempfile.mkdtemp() + "/polyp.zarr"
+    >>> ds = capture(lens, ["a polyp", "normal mucosa"], seeds=[0, 1], num_inference_steps=3,
+    ...              store=store)
+    >>> ds.attn2.dims, ds.attn2.shape
+    (('prompt', 'seed', 'step', 'layer', 'channel'), (2, 2, 3, 2, 16))
+    >>> ds.timestep.values.round().tolist()
+    [999.0, 666.0, 333.0]
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import math
+import numbers
+import platform
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import xarray as xr
+from tqdm.auto import tqdm
+
+from .hooks import branch_rows, check_prompts, check_seeds, is_int, traced_generate
+from .store import CaptureStore, VariableSpec, cache_root, content_key
+
+__all__ = ["BRANCHES", "REDUCTIONS", "CaptureSettings", "capture"]
+
+BRANCHES = ("cond", "uncond", "both")
+REDUCTIONS = ("mean", None)
+
+
+@dataclass(frozen=True)
+class CaptureSettings:
+    """Everything besides the model, prompts and seeds that decides a capture's values.
+
+    Attributes:
+        num_inference_steps: Denoising steps T (>= 1).
+        guidance_scale: Classifier-free guidance scale g; ``"uncond"``/``"both"`` need g > 1.
+        layers: Block indices, ascending; ``None`` until `resolve` fills in every block.
+        site: Site name in the model family's table (``"attn2"`` = cross-attention output).
+        branch: ``"cond"``, ``"uncond"`` or ``"both"`` halves of the guidance batch.
+        reduce: ``"mean"`` over image tokens, or ``None`` to keep every token.
+    """
+
+    num_inference_steps: int = 20
+    guidance_scale: float = 4.5
+    layers: tuple[int, ...] | None = None
+    site: str = "attn2"
+    branch: str = "cond"
+    reduce: str | None = "mean"
+
+    def __post_init__(self) -> None:
+        steps = self.num_inference_steps
+        if not is_int(steps) or steps < 1:
+            raise ValueError(
+                f"num_inference_steps must be a positive integer, got {steps!r}; pass e.g. "
+                f"num_inference_steps=20"
+            )
+        scale = self.guidance_scale
+        if not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+            raise ValueError(f"guidance_scale must be a finite number, got {self.guidance_scale!r}")
+        if self.branch not in BRANCHES:
+            raise ValueError(f"unknown branch={self.branch!r}; pass one of {list(BRANCHES)}")
+        if self.branch != "cond" and self.guidance_scale <= 1:
+            raise ValueError(
+                f"branch={self.branch!r} needs classifier-free guidance, but guidance_scale="
+                f"{self.guidance_scale} <= 1 runs no unconditional branch; raise guidance_scale or "
+                f"pass branch='cond'"
+            )
+        if self.reduce not in REDUCTIONS:
+            raise ValueError(
+                f"unknown reduce={self.reduce!r}; pass reduce='mean' (mean over image tokens) or "
+                f"reduce=None (every token)"
+            )
+        if not isinstance(self.site, str):
+            raise ValueError(f"site must be a site name such as 'attn2', got {self.site!r}")
+        if self.layers is not None:
+            layers = tuple(self.layers)
+            if not layers or not all(is_int(layer) for layer in layers):
+                raise ValueError(
+                    f"layers must be a non-empty list of block indices (or None for all), got "
+                    f"{self.layers!r}"
+                )
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"layers has duplicates: {list(layers)}; list each block once")
+            object.__setattr__(self, "layers", tuple(sorted(int(l) for l in layers)))
+        object.__setattr__(self, "num_inference_steps", int(steps))
+        object.__setattr__(self, "guidance_scale", float(self.guidance_scale))
+
+    def resolve(self, lens: Any) -> "CaptureSettings":
+        """These settings checked against `lens`, with ``layers=None`` expanded to every block."""
+        sites = lens.family.sites
+        if self.site not in sites:
+            raise ValueError(
+                f"unknown site={self.site!r} for {lens.family.name}; pass one of {sorted(sites)} "
+                f"(or add it to the family's site table in dit_lens.sites)"
+            )
+        count = lens.num_layers
+        layers = tuple(range(count)) if self.layers is None else self.layers
+        outside = [l for l in layers if not 0 <= l < count]
+        if outside:
+            raise ValueError(
+                f"layers {outside} out of range: this model has {count} blocks; pass indices in "
+                f"0..{count - 1}, or layers=None for all"
+            )
+        return replace(self, layers=layers)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["layers"] = None if self.layers is None else list(self.layers)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CaptureSettings":
+        data = dict(data)
+        if data.get("layers") is not None:
+            data["layers"] = tuple(data["layers"])
+        return cls(**data)
+
+
+def capture(
+    lens: Any,
+    prompts: str | Iterable[str],
+    *,
+    seeds: Iterable[int],
+    num_inference_steps: int = 20,
+    guidance_scale: float = 4.5,
+    layers: Iterable[int] | None = None,
+    site: str = "attn2",
+    branch: str = "cond",
+    reduce: str | None = "mean",
+    store: str | Path | None = None,
+    batch_size: int | None = None,
+) -> xr.Dataset:
+    """Record `site`'s output at every requested layer and step, for every prompt × seed.
+
+    Cells already complete in the store are not run again; a tqdm bar counts cells (silence it
+    with ``TQDM_DISABLE=1``).
+
+    Args:
+        lens: A `dit_lens.Lens` (from `dit_lens.load`).
+        prompts: Prompt strings (unique); one string is one prompt.
+        seeds: Generator seeds (unique non-negative integers).
+        num_inference_steps: Denoising steps T.
+        guidance_scale: Classifier-free guidance scale.
+        layers: Block indices (default: all).
+        site: What to record: ``"attn2"`` (cross-attention output), ``"attn1"``, ``"ff"``,
+            ``"block"`` (block output).
+        branch: ``"cond"`` or ``"uncond"`` half of the guidance batch, or ``"both"`` (a
+            ``branch`` dim with labels ``["cond", "uncond"]``).
+        reduce: ``"mean"`` over image tokens, or ``None`` for every token (a ``token`` dim before
+            ``channel``; written to the store step by step, never held in memory).
+        store: Zarr path. Default: a content-addressed entry under ``cache/captures/`` (root
+            overridable with ``$DIT_LENS_CACHE``) keyed by the weights, prompts, seeds, settings
+            and package version.
+        batch_size: Runs per pipeline call (default 1). Batching is faster on a GPU and changes
+            values only by float rounding.
+
+    Returns:
+        A Dataset backed by the store (``.load()`` it to detach), with variable ``site`` of dims
+        ``("prompt", "seed", "step", "layer"[, "branch"][, "token"], "channel")`` and
+        coordinates prompt, seed, step, timestep (per step), layer; provenance in ``attrs``.
+
+    Raises:
+        ValueError: a bad argument (the message names it and the fix).
+        dit_lens.store.CaptureStoreError: `store` is corrupt or holds another capture.
+    """
+    prompts = check_prompts(prompts)
+    seeds = check_seeds(seeds)
+    if isinstance(layers, (int, np.integer)):
+        raise ValueError(f"layers must be a list of block indices; pass layers=[{layers}]")
+    settings = CaptureSettings(
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        layers=None if layers is None else tuple(layers),
+        site=site,
+        branch=branch,
+        reduce=reduce,
+    ).resolve(lens)
+    if batch_size is None:
+        batch_size = 1
+    if not is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+
+    template, spec = _layout(lens, prompts, seeds, settings)
+    identity = _identity(lens, prompts, seeds, settings)
+    key = content_key(identity)
+    path = Path(store) if store is not None else cache_root() / "captures" / f"{key}.zarr"
+    attrs = {**_provenance(lens, settings), "capture_key": key}
+    cells = CaptureStore.open(path, template, spec, identity=identity, attrs=attrs)
+
+    missing = cells.missing()
+    total = len(prompts) * len(seeds)
+    bar = tqdm(total=total, initial=total - len(missing), unit="cell", desc=f"capture {site}")
+    with bar:
+        for start in range(0, len(missing), int(batch_size)):
+            batch = missing[start : start + int(batch_size)]
+            _run_batch(lens, cells, batch, prompts, seeds, settings)
+            cells.mark_done(batch)
+            bar.update(len(batch))
+    return cells.dataset()
+
+
+def _run_batch(lens, cells, batch, prompts, seeds, settings) -> None:
+    """Run the cells of `batch` as one pipeline call and write their values to the store."""
+    size, guided = len(batch), settings.guidance_scale > 1
+    steps, layers, branch = settings.num_inference_steps, settings.layers, settings.branch
+    if settings.reduce == "mean":
+        extra = (2,) if branch == "both" else ()
+        buffer = torch.empty(  # (cells, step, layer[, branch], C)
+            (size, steps, len(layers), *extra, lens.width), dtype=torch.float32, device=lens.device
+        )
+
+        def visit(step: int, index: int, output: torch.Tensor) -> None:
+            token_mean = output.mean(dim=1, dtype=torch.float32)  # (rows, C)
+            buffer[:, step, index] = branch_rows(token_mean, branch, size, guided)
+
+    else:
+
+        def visit(step: int, index: int, output: torch.Tensor) -> None:
+            picked = branch_rows(output, branch, size, guided)  # (cells[, branch], tokens, C)
+            values = picked.float().cpu().numpy()
+            for row, cell in enumerate(batch):
+                cells.write(cell, values[row], at=(step, index))
+
+    traced_generate(
+        lens,
+        [prompts[i] for i, _ in batch],
+        [seeds[j] for _, j in batch],
+        num_inference_steps=steps,
+        guidance_scale=settings.guidance_scale,
+        site=settings.site,
+        layers=layers,
+        visit=visit,
+    )
+    if settings.reduce == "mean":
+        values = buffer.cpu().numpy()
+        for row, cell in enumerate(batch):
+            cells.write(cell, values[row])
+
+
+def _layout(lens, prompts, seeds, settings) -> tuple[xr.Dataset, VariableSpec]:
+    """Coordinates and the data variable's dims, shape and chunks."""
+    steps, layers = settings.num_inference_steps, settings.layers
+    coords: dict = {
+        "prompt": np.array(prompts, dtype=str),
+        "seed": np.array(seeds, dtype=np.int64),
+        "step": np.arange(steps, dtype=np.int64),
+        "timestep": ("step", _timesteps(lens, steps)),
+        "layer": np.array(layers, dtype=np.int64),
+    }
+    dims = ["prompt", "seed", "step", "layer"]
+    shape = [len(prompts), len(seeds), steps, len(layers)]
+    chunks = [1, 1, steps, len(layers)]  # mean: one chunk per cell
+    if settings.branch == "both":
+        coords["branch"] = np.array(["cond", "uncond"])
+        dims, shape, chunks = dims + ["branch"], shape + [2], chunks + [2]
+    if settings.reduce is None:
+        tokens = int(np.prod(lens.token_grid))
+        coords["token"] = np.arange(tokens, dtype=np.int64)
+        dims, shape, chunks = dims + ["token"], shape + [tokens], chunks + [tokens]
+        chunks[2] = chunks[3] = 1  # per token: one chunk per cell, step and layer
+    dims, shape, chunks = dims + ["channel"], shape + [lens.width], chunks + [lens.width]
+    spec = VariableSpec(settings.site, tuple(dims), tuple(shape), tuple(chunks))
+    return xr.Dataset(coords=coords), spec
+
+
+def _timesteps(lens: Any, steps: int) -> np.ndarray:
+    """The scheduler's timestep at each of the first `steps` transformer calls."""
+    scheduler = copy.deepcopy(lens.pipeline.scheduler)
+    scheduler.set_timesteps(steps, device="cpu")
+    return scheduler.timesteps[:steps].double().numpy()
+
+
+def _identity(lens, prompts, seeds, settings) -> dict:
+    """What must match for two captures to be the same (hashed into the cache key)."""
+    from . import __version__
+
+    scheduler = lens.pipeline.scheduler
+    provenance = lens.provenance()
+    return {
+        "model_fingerprint": lens.fingerprint,
+        "model_class": provenance["model_class"],
+        "denoiser_class": provenance["denoiser_class"],
+        "scheduler": {
+            "class": type(scheduler).__name__,
+            # "_use_default_values" etc. are bookkeeping (a list in set order), not settings
+            "config": {k: v for k, v in scheduler.config.items() if not k.startswith("_")},
+        },
+        "pipeline_kwargs": dict(lens.pipeline_kwargs),
+        "device_type": lens.device.type,  # initial noise differs between CPU and CUDA generators
+        "prompts": list(prompts),
+        "seeds": list(seeds),
+        "settings": settings.to_dict(),
+        "dit_lens_version": __version__,
+    }
+
+
+def _provenance(lens, settings) -> dict:
+    import diffusers
+    import nnsight
+
+    return {
+        **lens.provenance(),
+        **{f"capture_{k}": v for k, v in settings.to_dict().items() if v is not None},
+        "token_grid": list(lens.token_grid),
+        "device": str(lens.device),
+        "dtype": str(lens.denoiser.dtype),
+        "torch_version": torch.__version__,
+        "diffusers_version": diffusers.__version__,
+        "nnsight_version": nnsight.__version__,
+        "python_version": platform.python_version(),
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }

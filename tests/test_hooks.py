@@ -1,0 +1,55 @@
+"""traced_generate and branch_rows: the nnsight plumbing shared by capture and steering."""
+
+import numpy as np
+import pytest
+import torch
+
+from dit_lens.hooks import branch_rows, check_seeds, traced_generate
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_replacing_an_output_matches_a_raw_forward_hook(tiny_lens):
+    def halve(step, index, output):
+        return output * 0.5 if index == 0 else None
+
+    result = traced_generate(tiny_lens, ["a polyp"], [4], num_inference_steps=3,
+                             guidance_scale=4.5, site="attn2", layers=(1, 2), visit=halve,
+                             output_type="np")
+    handle = tiny_lens.blocks[1].attn2.register_forward_hook(lambda module, args, out: out * 0.5)
+    try:
+        reference = tiny_lens.plain("a polyp", seed=4, num_inference_steps=3)
+    finally:
+        handle.remove()
+    np.testing.assert_array_equal(result.images[0], reference)
+    untouched = tiny_lens.plain("a polyp", seed=4, num_inference_steps=3)
+    assert not np.array_equal(untouched, reference)  # the edit mattered, and was undone
+
+
+def test_layers_must_be_in_execution_order(tiny_lens):
+    with pytest.raises(ValueError, match="strictly ascending"):
+        traced_generate(tiny_lens, ["a"], [0], num_inference_steps=1, guidance_scale=4.5,
+                        site="attn2", layers=(2, 0), visit=lambda *args: None)
+
+
+def test_branch_rows_splits_the_guidance_batch():
+    rows = torch.arange(4.0).reshape(4, 1)  # runs 0, 1: uncond rows 0, 1; cond rows 2, 3
+    assert branch_rows(rows, "cond", 2, True).flatten().tolist() == [2.0, 3.0]
+    assert branch_rows(rows, "uncond", 2, True).flatten().tolist() == [0.0, 1.0]
+    both = branch_rows(rows, "both", 2, True)  # (batch, 2, 1): [cond, uncond] per run
+    assert both[:, :, 0].tolist() == [[2.0, 0.0], [3.0, 1.0]]
+    assert branch_rows(rows, "cond", 4, False) is rows
+    with pytest.raises(ValueError, match="needs classifier-free guidance"):
+        branch_rows(rows, "uncond", 4, False)
+
+
+def test_seed_checks():
+    assert check_seeds(np.arange(3)) == [0, 1, 2]
+    with pytest.raises(ValueError, match=r"integers in \[0, 2\*\*63\)"):
+        check_seeds([1.5])
