@@ -11,16 +11,20 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+source"
 
 from .architectures import PIXART_ALPHA_512, PixArtSpec, build_pixart
+from .capture import CaptureSettings, capture
 from .explorer import write_explorer
 from .figures import gate_figure, pairs_figure
 from .generate import generate
 from .lens import Lens, load
 from .sites import FAMILIES, Family
 from .steer import Steer, steer_tokens
+from .store import CaptureStoreError
 from .vectors import concept_vector, export_authors, import_authors, load_vector, save_vector
 
 __all__ = [
     "__version__",
+    "CaptureSettings",
+    "CaptureStoreError",
     "FAMILIES",
     "Family",
     "Lens",
@@ -28,6 +32,7 @@ __all__ = [
     "PixArtSpec",
     "Steer",
     "build_pixart",
+    "capture",
     "concept_vector",
     "export_authors",
     "gate_figure",

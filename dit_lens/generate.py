@@ -23,7 +23,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from .sites import site_module
+from .hooks import check_prompts, check_seeds, traced_generate
 from .steer import Steer, steer_tokens
 
 __all__ = ["generate", "scheduler_timesteps"]
@@ -61,8 +61,7 @@ def generate(
         ``gate (prompt, seed, step, layer, row, col)`` (a leading ``steer`` dim when several
         steers are given). Attrs hold provenance and every setting.
     """
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    seeds = [int(s) for s in seeds]
+    prompts, seeds = check_prompts(prompts), check_seeds(seeds)
     steers = _as_steers(steer)
     _validate(lens, prompts, seeds, steers, num_inference_steps, record_gates, batch_size)
     branches = ["unsteered", "steered"] if steers else ["unsteered"]
@@ -81,13 +80,12 @@ def generate(
     chunks = [cells[i : i + per_call] for i in range(0, len(cells), per_call)]
     for chunk in tqdm(chunks, desc="generate", unit="batch", disable=not progress):
         row_prompts = [prompts[p] for p, _ in chunk for _ in branches]
-        generators = [lens.generator(seeds[s]) for _, s in chunk for _ in branches]
+        row_seeds = [seeds[s] for _, s in chunk for _ in branches]
         steered_rows = [i * len(branches) + 1 for i in range(len(chunk))] if steers else []
-        chunk_gates = _run(
-            lens, row_prompts, generators, steers, steered_rows, layers, steps,
+        out_images, chunk_gates = _run(
+            lens, row_prompts, row_seeds, steers, steered_rows, layers, steps,
             num_inference_steps, guidance_scale, record_gates,
         )
-        out_images, chunk_gates = chunk_gates
         for i, (p, s) in enumerate(chunk):
             images[p, s] = out_images[i * len(branches) : (i + 1) * len(branches)]
             if gates is not None:
@@ -115,45 +113,36 @@ def generate(
     return ds
 
 
-def _run(lens, row_prompts, generators, steers, steered_rows, layers, steps, T, guidance, record):
-    """One pipeline call over `row_prompts`; edits `steered_rows`. Returns (images, gates)."""
-    import nnsight
-
-    n_steered = len(steered_rows)
+def _run(lens, row_prompts, row_seeds, steers, steered_rows, layers, steps, T, guidance, record):
+    """One pipeline call over the rows; edits `steered_rows`. Returns (images, gates)."""
+    n_steered, n_rows = len(steered_rows), len(row_prompts)
     gates = torch.zeros(len(steers), n_steered, len(steps), len(layers), lens.token_grid[0] * lens.token_grid[1])
     step_index = {t: i for i, t in enumerate(steps)}
-    n_rows = len(row_prompts)
-    with lens.model.generate(
-        row_prompts,
-        generator=generators,
-        num_inference_steps=T,
-        guidance_scale=guidance,
-        output_type="np",
-        **lens.pipeline_kwargs,
-    ) as tracer:
-        for t in tracer.iter[:T]:
-            if t not in step_index:
+
+    def visit(t: int, j: int, h: torch.Tensor) -> torch.Tensor | None:
+        if t not in step_index:
+            return None
+        layer = layers[j]
+        halves = h.shape[0] // n_rows  # 2 with classifier-free guidance: [uncond rows, cond rows]
+        index = torch.tensor([r + k * n_rows for k in range(halves) for r in steered_rows])
+        edited, changed = h[index], False  # (halves * steered, tokens, C)
+        for k, st in enumerate(steers):
+            if layer not in st.steered_layers() or t not in st.steered_steps(T):
                 continue
-            for j, layer in enumerate(layers):
-                site = site_module(lens.model, lens.family, lens.family.cross_attention_site, layer)
-                h = site.output  # (2 * rows with guidance, tokens, C)
-                halves = h.shape[0] // n_rows
-                index = torch.tensor([r + k * n_rows for k in range(halves) for r in steered_rows])
-                edited = h[index]
-                changed = False
-                for k, st in enumerate(steers):
-                    if layer not in st.steered_layers() or t not in st.steered_steps(T):
-                        continue
-                    edited, gate = steer_tokens(edited, st.vector_at(t, layer), st.alpha, st.renormalize)
-                    changed = True
-                    if record:
-                        # the conditional half is the last n_steered rows of `index`
-                        gates[k, :, step_index[t], j] = gate[-n_steered:].detach().float().cpu()
-                if changed:
-                    new = h.clone()
-                    new[index] = edited
-                    site.output = new
-        result = nnsight.save(lens.model.output)
+            edited, gate = steer_tokens(edited, st.vector_at(t, layer), st.alpha, st.renormalize)
+            changed = True
+            if record:  # the conditional half is the last n_steered rows of `index`
+                gates[k, :, step_index[t], j] = gate[-n_steered:].detach().float().cpu()
+        if not changed:
+            return None
+        new = h.clone()
+        new[index] = edited
+        return new
+
+    result = traced_generate(
+        lens, row_prompts, row_seeds, num_inference_steps=T, guidance_scale=guidance,
+        site=lens.family.cross_attention_site, layers=layers, visit=visit, output_type="np",
+    )
     return result.images.astype(np.float32), gates.numpy()
 
 
@@ -175,12 +164,6 @@ def _as_steers(steer: Any) -> list[Steer]:
 
 
 def _validate(lens, prompts, seeds, steers, T, record_gates, batch_size) -> None:
-    if not prompts or not all(isinstance(p, str) and p for p in prompts):
-        raise ValueError("prompts must be a non-empty list of non-empty strings")
-    if not seeds:
-        raise ValueError("seeds must hold at least one seed")
-    if len(set(prompts)) != len(prompts) or len(set(seeds)) != len(seeds):
-        raise ValueError("prompts and seeds must not repeat (they label the result)")
     if not isinstance(T, int) or T < 1:
         raise ValueError(f"num_inference_steps must be a positive integer, got {T!r}")
     if batch_size is not None and batch_size < 1:

@@ -109,11 +109,14 @@ class Lens:
 
     @cached_property
     def fingerprint(self) -> str:
-        """Content hash of the weights (denoiser in full, other modules by strided sample)."""
+        """Content hash of the weights (denoiser in full, other modules by strided sample) and scheduler."""
         digest = hashlib.blake2b(digest_size=16)
         for name, component in sorted(self.pipeline.components.items()):
             if not isinstance(component, torch.nn.Module):
-                digest.update(f"{name}:{type(component).__name__}".encode())
+                config = getattr(component, "config", None)  # a scheduler's settings change images
+                settings = {k: v for k, v in dict(config or {}).items() if not k.startswith("_")}
+                described = json.dumps(settings, sort_keys=True, default=str)
+                digest.update(f"{name}:{type(component).__name__}:{described}".encode())
                 continue
             full = name == self.family.denoiser
             for key, tensor in component.state_dict().items():

@@ -7,7 +7,6 @@ applies the study's own small-run overrides first. ``dit-lens study <name>`` run
 from __future__ import annotations
 
 import argparse
-import json
 import runpy
 import sys
 import time

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny, seeded, genuine PixArt pipelines built in code (never at import time)."""
 
 import pytest
+import torch
 
 from dit_lens.architectures import PixArtSpec, build_pixart
 
@@ -20,3 +21,12 @@ def tiny_lens(tiny_pipeline):
     from dit_lens import load
 
     return load(tiny_pipeline)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and far faster when other jobs share the CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

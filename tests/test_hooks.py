@@ -7,12 +7,6 @@ import torch
 from dit_lens.hooks import branch_rows, check_seeds, traced_generate
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_replacing_an_output_matches_a_raw_forward_hook(tiny_lens):

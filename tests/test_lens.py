@@ -51,6 +51,15 @@ def test_fingerprint_tracks_weights(tiny_spec):
     assert a != b
 
 
+def test_fingerprint_tracks_scheduler_settings(tiny_spec):
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe = build_pixart(tiny_spec, seed=0)
+    before = load(pipe).fingerprint
+    pipe.scheduler = DPMSolverMultistepScheduler(prediction_type="v_prediction")
+    assert load(pipe).fingerprint != before
+
+
 def test_sigma_pipelines_load(tmp_path):
     lens = load(build_pixart(PixArtSpec(num_layers=2, sigma=True)))
     assert type(lens.pipeline).__name__ == "PixArtSigmaPipeline"

@@ -84,3 +84,16 @@ def test_authors_format_with_numpy_blocks_and_bad_files(tmp_path):
     (tmp_path / "c.pkl").write_bytes(pickle.dumps(nan))
     with pytest.raises(ValueError, match="NaN"):
         import_authors(tmp_path / "c.pkl")
+
+
+def test_vector_from_a_lens_matches_raw_hook_means(tiny_lens, tmp_path, monkeypatch):
+    from reference import attn2_token_means
+
+    monkeypatch.setenv("DIT_LENS_CACHE", str(tmp_path))
+    pos, neg, seeds, T = ["a red polyp", "a polyp"], ["normal mucosa", "a normal cecum"], [0, 1, 2], 3
+    vec = concept_vector(tiny_lens, positive=pos, negative=neg, seeds=seeds, num_inference_steps=T, batch_size=2)
+    mean = lambda prompts: np.mean([attn2_token_means(tiny_lens, p, s, T, 4.5) for p in prompts for s in seeds], axis=0)
+    diff = mean(pos) - mean(neg)
+    np.testing.assert_allclose(vec.values, diff / np.linalg.norm(diff, axis=-1, keepdims=True), rtol=1e-3, atol=1e-5)
+    assert vec.attrs["model_fingerprint"] == tiny_lens.fingerprint
+    assert "a red polyp" in vec.attrs["positive_prompts"]

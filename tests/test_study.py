@@ -1,0 +1,100 @@
+import json
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from dit_lens.study import ConceptPair, Study, run_study, window_layers
+
+LABELS = ["normal cecum", "polyps"]
+
+
+class BrightnessOracle:
+    """A real, simple classifier: bright images read as polyps."""
+
+    labels = LABELS
+
+    def __call__(self, images):
+        p = 1 / (1 + np.exp(-(images.mean(axis=(1, 2, 3)) - 0.5) * 40))
+        return np.stack([1 - p, p], axis=1)
+
+
+def red_segmenter(images):
+    return images[..., 0] > images[..., 1] + 0.2
+
+
+@pytest.fixture
+def study():
+    return Study(
+        "unit", pairs=(ConceptPair("polyps", "normal cecum", contexts=("An image of {}", "A photo of {}")),),
+        windows=((0.0, 0.5), (0.0, 1.0)), alphas=(0.0, 3.0), vector_seeds=(2, 3), eval_seeds=3,
+        num_inference_steps=3, baselines=("reprompt",),
+    )
+
+
+def test_window_layers_cover_the_depth():
+    assert window_layers((0.25, 0.5), 28) == list(range(7, 14))
+    assert window_layers((0.0, 1.0), 12) == list(range(12))
+    assert window_layers((0.9, 0.95), 4) == [3]  # never empty
+
+
+def test_study_validates_its_declaration():
+    pair = ConceptPair("polyps", "normal cecum")
+    with pytest.raises(ValueError, match="windows"):
+        Study("x", pairs=(pair,), windows=((0.5, 0.2),))
+    with pytest.raises(ValueError, match="baselines"):
+        Study("x", pairs=(pair,), baselines=("pnp",))
+    with pytest.raises(ValueError, match="quick overrides unknown"):
+        Study("x", pairs=(pair,), quick={"alpha": 1})
+    with pytest.raises(ValueError, match="two different labels"):
+        ConceptPair("polyps", "polyps")
+    s = Study("x", pairs=(pair,), alphas=[1, 2])
+    assert Study.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+
+
+def test_run_study_grid_result_and_resume(tiny_lens, study, tmp_path, monkeypatch):
+    result = run_study(study, tiny_lens, oracle=BrightnessOracle(), segmenter=red_segmenter,
+                       out=tmp_path / "s", progress=False)
+    assert result["flip_rate"].dims == ("edit", "pair", "window", "alpha", "renormalize", "vector_seeds")
+    assert list(result["edit"].values) == ["medsteer", "reprompt"]
+    steered = result.sel(edit="medsteer")
+    # alpha 0 is the unsteered image: no flips, background identical
+    zero = steered.sel(alpha=0.0)
+    assert float(zero["flip_rate"].max()) == 0.0 and float(zero["bg_ssim"].min()) == pytest.approx(1.0)
+    assert int(result["flip_rate_n"].max()) == 3
+    assert float(steered["vector_cosine_to_largest"].sel(vector_seeds=3).min()) == pytest.approx(1.0, abs=1e-5)
+    # the baseline fills its row whatever the steering settings
+    rep = result.sel(edit="reprompt")["bg_ssim"].values
+    assert np.isfinite(rep).all() and np.allclose(rep, rep.flat[0])
+    assert xr.open_zarr(tmp_path / "s" / "result.zarr")["flip_rate"].shape == result["flip_rate"].shape
+    assert json.loads(result.attrs["study"])["alphas"] == [0.0, 3.0]
+
+    # a re-run reuses every finished cell: the model is never called
+    import dit_lens.cells as cells
+
+    def boom(*a, **k):
+        raise AssertionError("the model ran again")
+
+    monkeypatch.setattr(cells, "generate", boom)
+    again = run_study(study, tiny_lens, oracle=BrightnessOracle(), segmenter=red_segmenter,
+                      out=tmp_path / "s", progress=False)
+    xr.testing.assert_equal(again, result)
+    # a half-finished study computes only its missing cells
+    (tmp_path / "s" / "cells" / "p0_w0-1_a3_r0_n3.json").unlink()
+    with pytest.raises(AssertionError, match="the model ran again"):
+        run_study(study, tiny_lens, oracle=BrightnessOracle(), segmenter=red_segmenter, out=tmp_path / "s", progress=False)
+
+
+def test_a_folder_of_another_study_is_refused(tiny_lens, study, tmp_path):
+    run_study(study.replace(alphas=(0.0,), vector_seeds=(2,), windows=((0.0, 1.0),), baselines=()), tiny_lens,
+              oracle=BrightnessOracle(), segmenter=red_segmenter, out=tmp_path / "s", progress=False)
+    before = sorted(p.name for p in (tmp_path / "s" / "cells").iterdir())
+    with pytest.raises(ValueError, match="holds another study"):
+        run_study(study, tiny_lens, oracle=BrightnessOracle(), segmenter=red_segmenter, out=tmp_path / "s", progress=False)
+    assert sorted(p.name for p in (tmp_path / "s" / "cells").iterdir()) == before
+
+
+def test_unknown_labels_are_refused(tiny_lens, tmp_path):
+    s = Study("x", pairs=(ConceptPair("esophagitis", "normal z-line"),), eval_seeds=1, vector_seeds=(1,), num_inference_steps=2)
+    with pytest.raises(ValueError, match="not one of the oracle's labels"):
+        run_study(s, tiny_lens, oracle=BrightnessOracle(), segmenter=red_segmenter, out=tmp_path, progress=False)
