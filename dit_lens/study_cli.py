@@ -39,7 +39,8 @@ def _bool(text: str) -> bool:
 
 
 def parser(study: Study) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"study {study.name}", description=f"Run the {study.name!r} study.")
+    p = argparse.ArgumentParser(prog=f"study {study.name}", description=f"Run the {study.name!r} study.",
+                                allow_abbrev=False)
     p.add_argument("--quick", action="store_true", help="the study's small version (≤ 2 min on CPU)")
     p.add_argument("--model", default="embedded", help="pipeline folder (default: the embedded world)")
     p.add_argument("--lora", default=None, help="peft LoRA adapter folder")

@@ -20,7 +20,8 @@ QUICK = dict(synthetic_per_class=16, test_per_class=64, train_seeds=(0, 1), dete
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--quick", action="store_true", help="a small version (about 2 min on CPU)")
     p.add_argument("--model", default="embedded")
     p.add_argument("--lora", default=None)
