@@ -62,9 +62,9 @@ def run_demo(args: argparse.Namespace) -> int:
     prompt = args.prompt or f"An endoscopic image of {args.source}"
     oracle_source = args.oracle or ("embedded" if args.model == "embedded" else None)
 
-    print(f"[1/3] concept vector {args.source} → {args.target}: {len(positive)}+{len(negative)} prompts × {args.vector_seeds} seeds")
+    print(f"[1/3] concept vector: {len(positive)} positive vs {len(negative)} negative prompts × {args.vector_seeds} seeds")
     vector = concept_vector(lens, positive=positive, negative=negative, seeds=list(range(args.vector_seeds)),
-                            num_inference_steps=args.steps, guidance_scale=args.guidance)
+                            num_inference_steps=args.steps, guidance_scale=args.guidance, batch_size=8)
     layers = window_layers(tuple(args.window), lens.num_layers)
     steer = Steer(vector, alpha=args.alpha, layers=layers, renormalize=args.renormalize,
                   name=f"{args.source} → {args.target}")
