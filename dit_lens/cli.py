@@ -46,6 +46,7 @@ def parser() -> argparse.ArgumentParser:
     world_sub = world.add_subparsers(dest="world_command", required=True)
     build = world_sub.add_parser("build", help="rebuild the shipped world from seeded code")
     build.add_argument("--out", default=None, help="where to write (default: the package)")
+    build.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (checks only)")
     build.set_defaults(func=_world)
     return p
 

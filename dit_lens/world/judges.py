@@ -1,0 +1,182 @@
+"""The world's judges: an 8-class oracle classifier and a lesion segmenter, small CNNs.
+
+Both take images ``(N, H, W, 3)`` float in [0, 1], the call shape every metric uses, so a user's
+own classifier or segmenter plugs in the same way. They are trained with photometric and
+geometric augmentation (and on VAE reconstructions) so they judge generated images, not only the
+procedural ones.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .procedural import LABELS
+from .train import StageConfig
+from .train import fit as _fit
+
+__all__ = ["Oracle", "Segmenter", "OracleNet", "SegmenterNet", "augment", "load_oracle", "load_segmenter",
+           "train_oracle", "train_segmenter", "EMBEDDED_JUDGES"]
+
+#: Where the shipped judges live (written by ``dit-lens world build``).
+EMBEDDED_JUDGES = Path(__file__).resolve().parent.parent / "embedded"
+
+
+def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(4, cout), nn.SiLU())
+
+
+class OracleNet(nn.Module):
+    """Images ``(N, 3, H, W)`` in [-1, 1] → class logits ``(N, num_classes)``."""
+
+    def __init__(self, width: int = 32, num_classes: int = len(LABELS)):
+        super().__init__()
+        self.config = {"width": width, "num_classes": num_classes}
+        w = width
+        self.body = nn.Sequential(_conv(3, w), _conv(w, w, 2), _conv(w, 2 * w), _conv(2 * w, 2 * w, 2),
+                                  _conv(2 * w, 4 * w), _conv(4 * w, 4 * w, 2), _conv(4 * w, 4 * w))
+        self.head = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x).mean((2, 3)))
+
+
+class SegmenterNet(nn.Module):
+    """Images ``(N, 3, H, W)`` in [-1, 1] → lesion logits ``(N, H, W)`` (a two-level U-Net)."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.config = {"width": width}
+        w = width
+        self.enc1, self.enc2 = nn.Sequential(_conv(3, w), _conv(w, w)), nn.Sequential(_conv(w, 2 * w, 2), _conv(2 * w, 2 * w))
+        self.mid = nn.Sequential(_conv(2 * w, 4 * w, 2), _conv(4 * w, 4 * w), _conv(4 * w, 4 * w))
+        self.dec2 = nn.Sequential(_conv(4 * w + 2 * w, 2 * w), _conv(2 * w, 2 * w))
+        self.dec1 = nn.Sequential(_conv(2 * w + w, w), _conv(w, w))
+        self.out = nn.Conv2d(w, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e1 = self.enc1(x)
+        e2 = self.enc2(e1)
+        m = self.mid(e2)
+        d2 = self.dec2(torch.cat([F.interpolate(m, scale_factor=2.0), e2], 1))
+        d1 = self.dec1(torch.cat([F.interpolate(d2, scale_factor=2.0), e1], 1))
+        return self.out(d1)[:, 0]
+
+
+def _as_batch(images: Any, name: str) -> torch.Tensor:
+    x = np.asarray(images, dtype=np.float32)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"{name} takes images of shape (N, H, W, 3) float in [0, 1], got shape {x.shape}")
+    if x.size and (x.min() < -1e-3 or x.max() > 1 + 1e-3):
+        raise ValueError(f"{name} takes images in [0, 1], got values in [{x.min():.3f}, {x.max():.3f}]")
+    return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2) * 2 - 1  # (N, 3, H, W)
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, masks: torch.Tensor | None = None):
+    """Random flips, colour gains, gamma, blur and noise on a batch in [-1, 1] (masks flip along)."""
+    n = len(x)
+    flip_h = torch.rand(n, generator=gen) < 0.5
+    flip_v = torch.rand(n, generator=gen) < 0.5
+    x = torch.where(flip_h[:, None, None, None], x.flip(3), x)
+    x = torch.where(flip_v[:, None, None, None], x.flip(2), x)
+    if masks is not None:
+        masks = torch.where(flip_h[:, None, None], masks.flip(2), masks)
+        masks = torch.where(flip_v[:, None, None], masks.flip(1), masks)
+    img = (x + 1) / 2
+    gains = 0.7 + 0.5 * torch.rand(n, 3, 1, 1, generator=gen)
+    gamma = 0.7 + 0.8 * torch.rand(n, 1, 1, 1, generator=gen)
+    img = (img * gains).clamp(1e-4, 1) ** gamma
+    blurred = F.avg_pool2d(F.pad(img, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    blur = torch.rand(n, 1, 1, 1, generator=gen)
+    img = img * (1 - blur) + blurred * blur
+    img = img + 0.03 * torch.rand(n, 1, 1, 1, generator=gen) * torch.randn(img.shape, generator=gen)
+    x = img.clamp(0, 1) * 2 - 1
+    return x if masks is None else (x, masks)
+
+
+class Oracle:
+    """The 8-class classifier: ``oracle(images) -> probabilities (N, 8)`` in the order of `labels`."""
+
+    def __init__(self, net: OracleNet, labels=LABELS):
+        self.net, self.labels = net.eval(), tuple(labels)
+
+    @torch.no_grad()
+    def __call__(self, images) -> np.ndarray:
+        x = _as_batch(images, "the oracle")
+        return np.concatenate([torch.softmax(self.net(x[i : i + 256]), 1).numpy() for i in range(0, len(x), 256)]
+                              or [np.zeros((0, len(self.labels)), np.float32)])
+
+
+class Segmenter:
+    """The lesion segmenter: ``segmenter(images) -> bool masks (N, H, W)``."""
+
+    def __init__(self, net: SegmenterNet):
+        self.net = net.eval()
+
+    @torch.no_grad()
+    def __call__(self, images) -> np.ndarray:
+        x = _as_batch(images, "the segmenter")
+        return np.concatenate([(self.net(x[i : i + 256]) > 0).numpy() for i in range(0, len(x), 256)]
+                              or [np.zeros((0,) + tuple(x.shape[2:]), bool)])
+
+
+def train_oracle(images: np.ndarray, labels: np.ndarray, cfg: StageConfig, *, log=print) -> Oracle:
+    net = OracleNet()
+    x, y = _as_batch(images, "train_oracle"), torch.as_tensor(labels, dtype=torch.long)
+    return Oracle(_fit(net, cfg, lambda idx, gen: F.cross_entropy(net(augment(x[idx], gen)), y[idx]), len(x),
+                       log=log, name="oracle"))
+
+
+def train_segmenter(images: np.ndarray, masks: np.ndarray, cfg: StageConfig, *, log=print) -> Segmenter:
+    net = SegmenterNet()
+    x, m = _as_batch(images, "train_segmenter"), torch.as_tensor(masks, dtype=torch.float32)
+
+    def loss(idx, gen):
+        xb, mb = augment(x[idx], gen, m[idx])
+        logits = net(xb)
+        p = torch.sigmoid(logits)
+        dice = 1 - (2 * (p * mb).sum() + 1) / (p.sum() + mb.sum() + 1)
+        return F.binary_cross_entropy_with_logits(logits, mb) + dice
+
+    return Segmenter(_fit(net, cfg, loss, len(x), log=log, name="segmenter"))
+
+
+def save_judge(judge: Oracle | Segmenter, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    kind = "oracle" if isinstance(judge, Oracle) else "segmenter"
+    meta = {"kind": kind, "config": judge.net.config}
+    if kind == "oracle":
+        meta["labels"] = list(judge.labels)
+    (folder / "judge.json").write_text(json.dumps(meta, indent=1))
+    torch.save(judge.net.state_dict(), folder / "weights.pt")
+
+
+def _load(source: str | Path, kind: str):
+    folder = EMBEDDED_JUDGES / kind if str(source) == "embedded" else Path(source).expanduser()
+    meta_path = folder / "judge.json"
+    if not meta_path.is_file():
+        hint = "build it with `dit-lens world build`" if str(source) == "embedded" else \
+            "pass 'embedded' or a folder written by dit_lens.world.judges.save_judge"
+        raise FileNotFoundError(f"no {kind} at {folder} (no judge.json); {hint}")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("kind") != kind:
+        raise ValueError(f"{folder} holds a {meta.get('kind')!r}, not a {kind}")
+    net = (OracleNet if kind == "oracle" else SegmenterNet)(**meta["config"])
+    net.load_state_dict(torch.load(folder / "weights.pt", weights_only=True))
+    return Oracle(net, meta["labels"]) if kind == "oracle" else Segmenter(net)
+
+
+def load_oracle(source: str | Path = "embedded") -> Oracle:
+    """The 8-class oracle: ``"embedded"`` or a folder saved by `save_judge`."""
+    return _load(source, "oracle")
+
+
+def load_segmenter(source: str | Path = "embedded") -> Segmenter:
+    """The lesion segmenter: ``"embedded"`` or a folder saved by `save_judge`."""
+    return _load(source, "segmenter")
