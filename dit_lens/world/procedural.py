@@ -8,7 +8,7 @@ out-of-distribution test set.
 
 Examples:
     >>> s = render(["polyps", "normal cecum"], [0, 0])
-    >>> s.images.shape, s.lesion.shape, s.lesion[0].any(), s.lesion[1].any()
+    >>> s.images.shape, s.lesion.shape, bool(s.lesion[0].any()), bool(s.lesion[1].any())
     ((2, 64, 64, 3), (2, 64, 64), True, False)
     >>> bool((render(["polyps"], [3]).images == render(["polyps"], [3]).images).all())
     True

@@ -1,0 +1,145 @@
+"""The embedded world: procedural samples, training loop, judges and the shipped files."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import dit_lens
+from dit_lens.world import LABELS, load_oracle, load_segmenter, render
+from dit_lens.world.judges import EMBEDDED_JUDGES, Oracle, OracleNet, save_judge, train_segmenter
+from dit_lens.world.train import StageConfig, fit
+
+shipped = pytest.mark.skipif(not (EMBEDDED_JUDGES / "world.json").is_file(), reason="embedded world not built")
+
+
+def test_labels_are_the_eight_kvasir_classes():
+    assert LABELS == ("normal cecum", "normal pylorus", "normal z-line", "polyps", "dyed lifted polyps",
+                      "dyed resection margins", "esophagitis", "ulcerative colitis")
+
+
+def test_render_is_a_pure_function_of_label_seed_split():
+    a = render(["polyps", "esophagitis"], [5, 6])
+    b = render(["polyps", "esophagitis"], [5, 6])
+    assert np.array_equal(a.images, b.images) and np.array_equal(a.lesion, b.lesion)
+    other_seed = render(["polyps"], [7]).images[0]
+    shifted = render(["polyps"], [5], split="shifted").images[0]
+    assert not np.array_equal(a.images[0], other_seed)
+    assert not np.array_equal(a.images[0], shifted)
+    assert a.captions == ("An endoscopic image of polyps", "An endoscopic image of esophagitis")
+
+
+def test_lesion_masks_empty_exactly_for_normal_classes():
+    s = render(list(LABELS) * 4, [i for i in range(4) for _ in LABELS])
+    for label, lesion, anatomy, image in zip(s.labels, s.lesion, s.anatomy, s.images):
+        assert lesion.any() == (not label.startswith("normal")), label
+        assert anatomy.any(), label
+        assert image.min() >= 0 and image.max() <= 1
+
+
+def test_dye_is_blue_and_appears_with_and_without_a_polyp():
+    s = render(["dyed lifted polyps", "dyed resection margins", "polyps"] * 8, [i for i in range(8) for _ in range(3)])
+    blue = [(img[..., 2] - img[..., 0])[m].mean() for img, m in zip(s.images, s.lesion)]
+    by_label = {label: np.mean([b for b, l in zip(blue, s.labels) if l == label]) for label in set(s.labels)}
+    assert by_label["dyed lifted polyps"] > 0.1 and by_label["dyed resection margins"] > 0.05
+    assert by_label["polyps"] < -0.1
+
+
+def test_shifted_split_changes_lighting_statistics():
+    labels = list(LABELS) * 8
+    seeds = [i for i in range(8) for _ in LABELS]
+    train, shifted = render(labels, seeds).images, render(labels, seeds, split="shifted").images
+    assert shifted.mean() < train.mean() - 0.03
+    assert (shifted[..., 2] - shifted[..., 0]).mean() > (train[..., 2] - train[..., 0]).mean()
+
+
+def test_render_rejects_bad_input():
+    with pytest.raises(ValueError, match="unknown label 'polyp'"):
+        render(["polyp"], [0])
+    with pytest.raises(ValueError, match="one seed per label"):
+        render(["polyps"], [0, 1])
+    with pytest.raises(ValueError, match="split"):
+        render(["polyps"], [0], split="test")
+
+
+def test_stage_config_validates():
+    with pytest.raises(ValueError, match="steps"):
+        StageConfig(steps=0, batch_size=4, lr=1e-3)
+    with pytest.raises(ValueError, match="ema"):
+        StageConfig(steps=1, batch_size=4, lr=1e-3, ema=1.5)
+
+
+def test_fit_lowers_the_loss_and_is_seeded():
+    x = torch.randn(64, 3)
+    y = x @ torch.tensor([1.0, -2.0, 0.5])
+
+    def run():
+        torch.manual_seed(1)
+        net = torch.nn.Linear(3, 1)
+        torch.nn.init.zeros_(net.weight)
+        cfg = StageConfig(steps=150, batch_size=16, lr=5e-2, warmup=5, seed=0, ema=0.9)
+        trained = fit(net, cfg, lambda idx, gen: ((net(x[idx])[:, 0] - y[idx]) ** 2).mean(), 64, log=lambda _: None)
+        return trained.weight.detach().clone(), float(((trained(x)[:, 0] - y) ** 2).mean())
+
+    (w1, loss1), (w2, _) = run(), run()
+    assert loss1 < 0.05 * float((y**2).mean())
+    assert torch.equal(w1, w2)
+    assert not w1.requires_grad
+
+
+def test_judges_round_trip_and_check_images(tmp_path):
+    torch.manual_seed(0)
+    oracle = Oracle(OracleNet(width=4))
+    save_judge(oracle, tmp_path / "o")
+    loaded = load_oracle(tmp_path / "o")
+    images = render(["polyps", "normal cecum"], [0, 1]).images
+    assert loaded.labels == LABELS
+    assert np.allclose(loaded(images), oracle(images))
+    assert loaded(images).shape == (2, 8)
+    with pytest.raises(ValueError, match=r"\(N, H, W, 3\)"):
+        loaded(images[0])
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        loaded(images * 255)
+    with pytest.raises(FileNotFoundError, match="no oracle"):
+        load_oracle(tmp_path / "missing")
+    with pytest.raises(ValueError, match="not a segmenter"):
+        load_segmenter(tmp_path / "o")
+
+
+def test_segmenter_learns_lesions_quickly():
+    s = render(["polyps", "dyed resection margins", "normal cecum"] * 24, [i for i in range(24) for _ in range(3)])
+    seg = train_segmenter(s.images, s.lesion, StageConfig(steps=60, batch_size=16, lr=3e-3, warmup=5),
+                          log=lambda _: None)
+    pred = seg(s.images)
+    assert pred.shape == s.lesion.shape and pred.dtype == bool
+    dice = 2 * (pred & s.lesion).sum() / (pred.sum() + s.lesion.sum())
+    assert dice > 0.6
+
+
+@shipped
+def test_shipped_world_loads_and_is_deterministic():
+    lens = dit_lens.load("embedded")
+    assert lens.num_layers >= 12 and lens.pipeline_kwargs["height"] >= 64
+    assert type(lens.pipeline).__name__ == "PixArtAlphaPipeline"
+    assert lens.pipeline.transformer.config.norm_type == "ada_norm_single"
+    a = lens.plain("An endoscopic image of polyps", seed=3, num_inference_steps=4)
+    b = lens.plain("An endoscopic image of polyps", seed=3, num_inference_steps=4)
+    assert a.shape == (64, 64, 3) and np.array_equal(a, b)
+    record = json.loads((EMBEDDED_JUDGES / "world.json").read_text())
+    assert record["spec"]["num_layers"] == lens.num_layers and "built_on" in record
+
+
+@shipped
+def test_shipped_judges_recognise_held_out_images():
+    s = render(list(LABELS) * 4, [100_000 + i for i in range(4) for _ in LABELS])
+    probs = load_oracle("embedded")(s.images)
+    assert (probs.argmax(1) == np.arange(len(s.labels)) % 8).mean() >= 0.9
+    masks = load_segmenter("embedded")(s.images)
+    assert 2 * (masks & s.lesion).sum() / (masks.sum() + s.lesion.sum()) > 0.8
+
+
+@shipped
+def test_shipped_files_fit_the_budget():
+    size = sum(f.stat().st_size for f in EMBEDDED_JUDGES.rglob("*") if f.is_file())
+    assert size <= 40 * 2**20
