@@ -20,6 +20,7 @@ from .sites import FAMILIES, Family
 from .steer import Steer, steer_tokens
 from .store import CaptureStoreError
 from .vectors import concept_vector, export_authors, import_authors, load_vector, save_vector
+from .world import load_oracle, load_segmenter
 
 __all__ = [
     "__version__",
@@ -39,6 +40,8 @@ __all__ = [
     "generate",
     "import_authors",
     "load",
+    "load_oracle",
+    "load_segmenter",
     "load_vector",
     "pairs_figure",
     "save_vector",
