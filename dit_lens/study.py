@@ -25,16 +25,13 @@ from typing import Any, Callable
 import numpy as np
 import xarray as xr
 
+from .world.procedural import CONTEXTS
 
 __all__ = ["ConceptPair", "ENDOSCOPY_CONTEXTS", "Study", "run_study", "window_layers", "STEER_METRICS"]
 
-#: Context phrasings varied across the contrastive prompts of a vector ("{}" is the label).
-ENDOSCOPY_CONTEXTS = (
-    "An endoscopic image of {}",
-    "A colonoscopy photograph of {}",
-    "An endoscopy frame showing {}",
-    "A medical endoscopic view of {}",
-)
+#: Context phrasings varied across the contrastive prompts of a vector ("{}" is the label): the
+#: phrasings the embedded world was trained with.
+ENDOSCOPY_CONTEXTS = CONTEXTS
 
 #: Metrics computed for every steered cell (and for each baseline).
 STEER_METRICS = ("flip_rate", "confidence_shift", "bg_ssim", "bg_psnr", "bg_lpips")
