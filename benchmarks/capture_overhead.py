@@ -18,7 +18,7 @@ both sides: hooking + store cost) and capture / hooked (store cost alone).
 
 Usage:
     PYTHONPATH=. python benchmarks/capture_overhead.py [--steps 4] [--repeats 3] [--sample-size 16]
-        [--threads 1] [--device cuda]
+        [--threads 1] [--device cuda] [--dtype float16]
 """
 
 from __future__ import annotations
@@ -37,8 +37,12 @@ import torch  # noqa: E402
 
 
 def _time(fn) -> float:
+    """Wall seconds of fn(), with the GPU's queued work finished on both sides."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     start = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - start
 
 
@@ -105,6 +109,8 @@ def main() -> None:
     parser.add_argument("--sample-size", type=int, default=16,
                         help="latent side for the PixArt-alpha shape (64 = 512 px)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="weight dtype (default: as built, float32)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 is steadier on a shared machine)")
     args = parser.parse_args()
@@ -114,15 +120,17 @@ def main() -> None:
     from dit_lens import PIXART_ALPHA_512, build_pixart, load
     from dit_lens.lens import EMBEDDED_PIPELINE
 
-    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    print(f"torch {torch.__version__}, device {args.device}, dtype {args.dtype or 'float32'}, "
+          f"threads {torch.get_num_threads()}")
     if (EMBEDDED_PIPELINE / "model_index.json").is_file():
-        lens = load("embedded", device=args.device)
+        lens = load("embedded", device=args.device, dtype=dtype)
         report("embedded", lens, args.steps, measure(lens, steps=args.steps, repeats=args.repeats))
     else:
         print(f"\n== embedded: absent ({EMBEDDED_PIPELINE} not built), skipped")
 
     spec = dataclasses.replace(PIXART_ALPHA_512, sample_size=args.sample_size)
-    lens = load(build_pixart(spec, seed=0), device=args.device)
+    lens = load(build_pixart(spec, seed=0), device=args.device, dtype=dtype)
     params = sum(p.numel() for p in lens.denoiser.parameters()) / 1e6
     label = (f"PIXART_ALPHA_512 shape, random weights, sample_size {args.sample_size}, "
              f"{params:.0f} M parameters")

@@ -47,6 +47,9 @@ def parser() -> argparse.ArgumentParser:
     build = world_sub.add_parser("build", help="rebuild the shipped world from seeded code")
     build.add_argument("--out", default=None, help="where to write (default: the package)")
     build.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (checks only)")
+    build.add_argument("--device", default="cpu", help="where to train: cpu (default) or cuda")
+    build.add_argument("--set", nargs="+", default=None, metavar="STAGE.FIELD=VALUE",
+                       help="change the recipe, e.g. transformer.steps=3000 train_text_encoder=true")
     build.set_defaults(func=_world)
     return p
 

@@ -9,7 +9,8 @@ import torch
 import dit_lens
 from dit_lens.world import LABELS, load_oracle, load_segmenter, render
 from dit_lens.world.judges import EMBEDDED_JUDGES, Oracle, OracleNet, save_judge, train_segmenter
-from dit_lens.world.train import StageConfig, fit
+from dit_lens.world.build import BUILD_STAGES, recipe
+from dit_lens.world.train import StageConfig, fit, train_transformer
 
 shipped = pytest.mark.skipif(not (EMBEDDED_JUDGES / "world.json").is_file(), reason="embedded world not built")
 
@@ -86,6 +87,37 @@ def test_fit_lowers_the_loss_and_is_seeded():
     assert loss1 < 0.05 * float((y**2).mean())
     assert torch.equal(w1, w2)
     assert not w1.requires_grad
+
+
+def test_recipe_overrides_are_parsed_and_validated():
+    stages = recipe(["transformer.steps=10", "transformer.lr=2e-4", "train_text_encoder=false"])
+    assert stages["transformer"].steps == 10 and stages["transformer"].lr == 2e-4
+    assert stages["train_text_encoder"] is False
+    assert stages["vae"] == BUILD_STAGES["vae"] and BUILD_STAGES["transformer"].steps != 10
+    assert recipe(scale=0.5)["oracle"].steps == BUILD_STAGES["oracle"].steps // 2
+    for bad, match in [("transformer.depth=3", "no field 'depth'"), ("colour=red", "stage.field=value"),
+                       ("train_text_encoder=3", "takes a bool"), ("transformer=5", "stage.field=value"),
+                       ("transformer.steps", "stage.field=value")]:
+        with pytest.raises(ValueError, match=match):
+            recipe([bad])
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_transformer_training_moves_the_text_encoder_only_when_asked(tiny_pipeline, joint):
+    pipe = tiny_pipeline
+    before = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+    blocks_before = pipe.transformer.transformer_blocks[0].attn2.to_out[0].weight.clone()
+    gen = torch.Generator().manual_seed(0)
+    size = pipe.transformer.config.sample_size
+    mean, std = torch.randn(8, 4, size, size, generator=gen), torch.rand(8, 4, size, size, generator=gen) * 0.1
+    cfg = StageConfig(steps=3, batch_size=4, lr=1e-2, warmup=1, seed=0)
+    train_transformer(pipe, mean, std, torch.tensor([[0], [1]] * 4), ["a polyp", "a cecum"], cfg,
+                      train_text_encoder=joint, log=lambda _: None)
+    changed = any(not torch.equal(before[k], v) for k, v in pipe.text_encoder.state_dict().items())
+    assert changed == joint
+    assert not torch.equal(blocks_before, pipe.transformer.transformer_blocks[0].attn2.to_out[0].weight)
+    assert not pipe.transformer.training and not pipe.text_encoder.training
+    assert not any(p.requires_grad for p in pipe.text_encoder.parameters())
 
 
 def test_judges_round_trip_and_check_images(tmp_path):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .procedural import LABELS
-from .train import StageConfig
+from .train import StageConfig, rand
 from .train import fit as _fit
 
 __all__ = ["Oracle", "Segmenter", "OracleNet", "SegmenterNet", "augment", "load_oracle", "load_segmenter",
@@ -81,21 +81,21 @@ def _as_batch(images: Any, name: str) -> torch.Tensor:
 def augment(x: torch.Tensor, gen: torch.Generator, masks: torch.Tensor | None = None):
     """Random flips, colour gains, gamma, blur and noise on a batch in [-1, 1] (masks flip along)."""
     n = len(x)
-    flip_h = torch.rand(n, generator=gen) < 0.5
-    flip_v = torch.rand(n, generator=gen) < 0.5
+    flip_h = rand((n,), gen, x) < 0.5
+    flip_v = rand((n,), gen, x) < 0.5
     x = torch.where(flip_h[:, None, None, None], x.flip(3), x)
     x = torch.where(flip_v[:, None, None, None], x.flip(2), x)
     if masks is not None:
         masks = torch.where(flip_h[:, None, None], masks.flip(2), masks)
         masks = torch.where(flip_v[:, None, None], masks.flip(1), masks)
     img = (x + 1) / 2
-    gains = 0.7 + 0.5 * torch.rand(n, 3, 1, 1, generator=gen)
-    gamma = 0.7 + 0.8 * torch.rand(n, 1, 1, 1, generator=gen)
+    gains = 0.7 + 0.5 * rand((n, 3, 1, 1), gen, x)
+    gamma = 0.7 + 0.8 * rand((n, 1, 1, 1), gen, x)
     img = (img * gains).clamp(1e-4, 1) ** gamma
     blurred = F.avg_pool2d(F.pad(img, (1, 1, 1, 1), mode="replicate"), 3, 1)
-    blur = torch.rand(n, 1, 1, 1, generator=gen)
+    blur = rand((n, 1, 1, 1), gen, x)
     img = img * (1 - blur) + blurred * blur
-    img = img + 0.03 * torch.rand(n, 1, 1, 1, generator=gen) * torch.randn(img.shape, generator=gen)
+    img = img + 0.03 * rand((n, 1, 1, 1), gen, x) * torch.randn(img.shape, generator=gen).to(x.device)
     x = img.clamp(0, 1) * 2 - 1
     return x if masks is None else (x, masks)
 
@@ -126,16 +126,21 @@ class Segmenter:
                               or [np.zeros((0,) + tuple(x.shape[2:]), bool)])
 
 
-def train_oracle(images: np.ndarray, labels: np.ndarray, cfg: StageConfig, *, log=print) -> Oracle:
-    net = OracleNet()
-    x, y = _as_batch(images, "train_oracle"), torch.as_tensor(labels, dtype=torch.long)
-    return Oracle(_fit(net, cfg, lambda idx, gen: F.cross_entropy(net(augment(x[idx], gen)), y[idx]), len(x),
-                       log=log, name="oracle"))
+def train_oracle(images: np.ndarray, labels: np.ndarray, cfg: StageConfig, *, device="cpu", log=print) -> Oracle:
+    """Train the oracle on `device`; the returned judge runs on the CPU."""
+    net = OracleNet().to(device)
+    x, y = _as_batch(images, "train_oracle").to(device), torch.as_tensor(labels, dtype=torch.long, device=device)
+    trained = _fit(net, cfg, lambda idx, gen: F.cross_entropy(net(augment(x[idx], gen)), y[idx]), len(x),
+                   log=log, name="oracle")
+    return Oracle(trained.cpu())
 
 
-def train_segmenter(images: np.ndarray, masks: np.ndarray, cfg: StageConfig, *, log=print) -> Segmenter:
-    net = SegmenterNet()
-    x, m = _as_batch(images, "train_segmenter"), torch.as_tensor(masks, dtype=torch.float32)
+def train_segmenter(images: np.ndarray, masks: np.ndarray, cfg: StageConfig, *, device="cpu",
+                    log=print) -> Segmenter:
+    """Train the segmenter on `device`; the returned judge runs on the CPU."""
+    net = SegmenterNet().to(device)
+    x = _as_batch(images, "train_segmenter").to(device)
+    m = torch.as_tensor(masks, dtype=torch.float32, device=device)
 
     def loss(idx, gen):
         xb, mb = augment(x[idx], gen, m[idx])
@@ -144,7 +149,7 @@ def train_segmenter(images: np.ndarray, masks: np.ndarray, cfg: StageConfig, *, 
         dice = 1 - (2 * (p * mb).sum() + 1) / (p.sum() + mb.sum() + 1)
         return F.binary_cross_entropy_with_logits(logits, mb) + dice
 
-    return Segmenter(_fit(net, cfg, loss, len(x), log=log, name="segmenter"))
+    return Segmenter(_fit(net, cfg, loss, len(x), log=log, name="segmenter").cpu())
 
 
 def save_judge(judge: Oracle | Segmenter, folder: Path) -> None:

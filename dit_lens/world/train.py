@@ -63,7 +63,11 @@ def fit(
     name: str = "stage",
     params=None,
 ) -> torch.nn.Module:
-    """Minimise ``loss_fn(batch_indices, generator)`` over `n` samples; returns the (EMA) network in eval mode."""
+    """Minimise ``loss_fn(batch_indices, generator)`` over `n` samples; returns the (EMA) network in eval mode.
+
+    The generator is a CPU one whatever the device, so batch order and noise are the same draws on
+    every device (`rand`/`randn` move them where the data is).
+    """
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     params = [p for p in (params if params is not None else net.parameters()) if p.requires_grad]
@@ -104,6 +108,16 @@ def fit(
     return out.eval()
 
 
+def randn(shape, gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """Standard normal draws from the CPU generator `gen`, on the device and dtype of `like`."""
+    return torch.randn(tuple(shape), generator=gen).to(device=like.device, dtype=like.dtype)
+
+
+def rand(shape, gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """Uniform [0, 1) draws from the CPU generator `gen`, on the device and dtype of `like`."""
+    return torch.rand(tuple(shape), generator=gen).to(device=like.device, dtype=like.dtype)
+
+
 def world_spec():
     """The shipped pipeline's shape: 12 blocks of width 128 over 64 latent tokens, 64 px images."""
     from ..architectures import PixArtSpec
@@ -118,13 +132,13 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def train_vae(vae, images: np.ndarray, cfg: StageConfig, *, kl_weight: float = 1e-4, log=print):
-    """Train `vae` (an `AutoencoderKL`) to reconstruct `images`; sets its ``scaling_factor``."""
-    x = _to_tensor(images)
+    """Train `vae` (an `AutoencoderKL`, on any device) to reconstruct `images`; sets its ``scaling_factor``."""
+    x = _to_tensor(images).to(vae.device)
 
     def loss(idx, gen):
         batch = x[idx]
         post = vae.encode(batch).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        z = post.mean + post.std * randn(post.mean.shape, gen, batch)
         rec = vae.decode(z).sample
         kl = 0.5 * (post.mean**2 + post.var - 1 - post.logvar).mean()
         return F.mse_loss(rec, batch) + F.l1_loss(rec, batch) + kl_weight * kl
@@ -150,18 +164,25 @@ def text_table(pipeline, captions: list[str]) -> tuple[torch.Tensor, torch.Tenso
 
 
 def train_transformer(pipeline, latents_mean, latents_std, caption_ids, captions, cfg: StageConfig,
-                      *, dropout: float = 0.1, log=print):
-    """Train ``pipeline.transformer`` on VAE latents with v-prediction.
+                      *, dropout: float = 0.1, train_text_encoder: bool = False, log=print):
+    """Train ``pipeline.transformer`` on VAE latents with v-prediction (on the pipeline's device).
 
     Args:
         latents_mean, latents_std: ``(N, 4, h, w)`` posterior of each training image (unscaled).
         caption_ids: ``(N, K)`` indices into `captions` (K phrasings per image, one drawn per step).
         captions: caption strings; the empty prompt (``""``) is added for guidance dropout.
+        train_text_encoder: Train ``pipeline.text_encoder`` jointly (prompts are encoded by the
+            pipeline's own ``encode_prompt`` at every step); otherwise it stays frozen.
     """
     from diffusers import DDPMScheduler
 
-    transformer = pipeline.transformer
+    transformer, text_encoder = pipeline.transformer, pipeline.text_encoder
+    device = transformer.device
+    latents_mean, latents_std = latents_mean.to(device), latents_std.to(device)
+    caption_ids = caption_ids.to(device)
     transformer.requires_grad_(True)
+    text_encoder.requires_grad_(train_text_encoder)
+    table = [""] + list(captions)
     embeds, masks = text_table(pipeline, captions)
     sched_cfg = pipeline.scheduler.config
     noise_sched = DDPMScheduler(num_train_timesteps=sched_cfg.num_train_timesteps, beta_start=sched_cfg.beta_start,
@@ -171,21 +192,34 @@ def train_transformer(pipeline, latents_mean, latents_std, caption_ids, captions
     channels = latents_mean.shape[1]
     no_extra = {"resolution": None, "aspect_ratio": None}
 
+    def encode(text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings and masks of table rows `text` (b,): the table, or the live encoder."""
+        if not train_text_encoder:
+            return embeds[text], masks[text]
+        rows, inverse = torch.unique(text, return_inverse=True)
+        e, m, _, _ = pipeline.encode_prompt([table[int(r)] for r in rows], do_classifier_free_guidance=False,
+                                            clean_caption=False, device=device)
+        return e[inverse], m[inverse]  # (b, seq, D), (b, seq)
+
     def loss(idx, gen):
+        idx = idx.to(device)
         b = len(idx)
-        x0 = (latents_mean[idx] + latents_std[idx] * torch.randn(latents_mean[idx].shape, generator=gen)) * scale
-        pick = torch.randint(0, caption_ids.shape[1], (b,), generator=gen)
+        x0 = (latents_mean[idx] + latents_std[idx] * randn(latents_mean[idx].shape, gen, latents_mean)) * scale
+        pick = torch.randint(0, caption_ids.shape[1], (b,), generator=gen).to(device)
         text = caption_ids[idx, pick] + 1  # +1: row 0 of the table is the empty prompt
-        text = torch.where(torch.rand(b, generator=gen) < dropout, torch.zeros_like(text), text)
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (b,), generator=gen)
+        text = torch.where(rand((b,), gen, x0) < dropout, torch.zeros_like(text), text)
+        noise = randn(x0.shape, gen, x0)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (b,), generator=gen).to(device)
         noisy = noise_sched.add_noise(x0, noise, t)
         target = noise_sched.get_velocity(x0, noise, t)
-        pred = transformer(noisy, encoder_hidden_states=embeds[text], encoder_attention_mask=masks[text],
+        hidden, mask = encode(text)
+        pred = transformer(noisy, encoder_hidden_states=hidden, encoder_attention_mask=mask,
                            timestep=t, added_cond_kwargs=no_extra).sample[:, :channels]
         return F.mse_loss(pred, target)
 
-    trained = fit(transformer, cfg, loss, len(latents_mean), log=log, name="transformer")
-    transformer.load_state_dict(trained.state_dict())
-    transformer.eval().requires_grad_(False)
+    nets = torch.nn.ModuleDict({"transformer": transformer, "text_encoder": text_encoder})
+    trained = fit(nets, cfg, loss, len(latents_mean), log=log, name="transformer")
+    nets.load_state_dict(trained.state_dict())
+    for net in nets.values():
+        net.eval().requires_grad_(False)
     return transformer
