@@ -26,6 +26,7 @@ import datetime
 import math
 import numbers
 import platform
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
@@ -202,22 +203,29 @@ def capture(
     key = content_key(identity)
     path = Path(store) if store is not None else cache_root() / "captures" / f"{key}.zarr"
     attrs = {**_provenance(lens, settings), "capture_key": key}
-    cells = CaptureStore.open(path, template, spec, identity=identity, attrs=attrs)
-
-    missing = cells.missing()
     total = len(prompts) * len(seeds)
-    bar = tqdm(total=total, initial=total - len(missing), unit="cell", desc=f"capture {site}")
-    with bar:
-        for start in range(0, len(missing), int(batch_size)):
-            batch = missing[start : start + int(batch_size)]
-            _run_batch(lens, cells, batch, prompts, seeds, settings)
-            cells.mark_done(batch)
-            bar.update(len(batch))
-    return cells.dataset()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        if path.exists() or settings.reduce is None:  # checked (or needed) before any model work
+            opened = CaptureStore.open(path, template, spec, identity=identity, attrs=attrs)
+            missing = opened.missing()
+            cells = lambda: opened  # noqa: E731
+        else:  # a new store is made by a worker while the first batch runs (zarr's fixed cost hidden)
+            making = pool.submit(CaptureStore.open, path, template, spec, identity=identity, attrs=attrs)
+            missing = [(i, j) for i in range(len(prompts)) for j in range(len(seeds))]
+            cells = making.result
+        bar = tqdm(total=total, initial=total - len(missing), unit="cell", desc=f"capture {site}")
+        with bar:
+            for start in range(0, len(missing), int(batch_size)):
+                batch = missing[start : start + int(batch_size)]
+                _run_batch(lens, cells, batch, prompts, seeds, settings)
+                cells().mark_done(batch)
+                bar.update(len(batch))
+        return cells().dataset()
 
 
 def _run_batch(lens, cells, batch, prompts, seeds, settings) -> None:
-    """Run the cells of `batch` as one pipeline call and write their values to the store."""
+    """Run the cells of `batch` as one pipeline call and write their values to ``cells()``, the
+    store (a callable, so that a store still being created is waited for only when written to)."""
     size, guided = len(batch), settings.guidance_scale > 1
     steps, layers, branch = settings.num_inference_steps, settings.layers, settings.branch
     if settings.reduce == "mean":
@@ -236,7 +244,7 @@ def _run_batch(lens, cells, batch, prompts, seeds, settings) -> None:
             picked = branch_rows(output, branch, size, guided)  # (cells[, branch], tokens, C)
             values = picked.float().cpu().numpy()
             for row, cell in enumerate(batch):
-                cells.write(cell, values[row], at=(step, index))
+                cells().write(cell, values[row], at=(step, index))
 
     traced_generate(
         lens,
@@ -251,7 +259,7 @@ def _run_batch(lens, cells, batch, prompts, seeds, settings) -> None:
     if settings.reduce == "mean":
         values = buffer.cpu().numpy()
         for row, cell in enumerate(batch):
-            cells.write(cell, values[row])
+            cells().write(cell, values[row])
 
 
 def _layout(lens, prompts, seeds, settings) -> tuple[xr.Dataset, VariableSpec]:
