@@ -14,11 +14,11 @@ STUDY = Study(
     "alpha_sweep",
     pairs=(ConceptPair("polyps", "normal cecum"),),
     windows=((0.25, 0.75),),
-    alphas=(0.5, 1.0, 2.0, 2.5, 3.0, 4.0, 6.0),
+    alphas=(1.0, 2.5, 5.0, 7.5, 10.0, 12.5),
     renormalize=(False, True),
     vector_seeds=(32,),
     eval_seeds=64,
-    quick={"alphas": (1.0, 3.0, 6.0), "vector_seeds": (8,), "eval_seeds": 8},
+    quick={"alphas": (2.5, 7.5, 12.5), "vector_seeds": (8,), "eval_seeds": 8},
 )
 
 if __name__ == "__main__":

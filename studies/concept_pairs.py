@@ -19,7 +19,7 @@ STUDY = Study(
         ConceptPair("esophagitis", "normal z-line"),
     ),
     windows=((0.25, 0.75),),
-    alphas=(2.5,),
+    alphas=(7.5,),
     vector_seeds=(32,),
     eval_seeds=64,
     baselines=("reprompt",),

@@ -16,12 +16,12 @@ STUDY = Study(
     "dye",
     pairs=(ConceptPair("dyed lifted polyps", "polyps"),),
     windows=((0.25, 0.75), (0.0, 1.0)),
-    alphas=(1.0, 2.0, 3.0),
+    alphas=(2.5, 5.0, 7.5, 10.0),
     vector_seeds=(32,),
     eval_seeds=64,
     baselines=("reprompt",),
     dye=True,
-    quick={"alphas": (2.0,), "windows": ((0.25, 0.75),), "vector_seeds": (8,), "eval_seeds": 8},
+    quick={"alphas": (7.5,), "windows": ((0.25, 0.75),), "vector_seeds": (8,), "eval_seeds": 8},
 )
 
 if __name__ == "__main__":

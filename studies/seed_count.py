@@ -14,7 +14,7 @@ STUDY = Study(
     "seed_count",
     pairs=(ConceptPair("polyps", "normal cecum"),),
     windows=((0.25, 0.75),),
-    alphas=(2.5,),
+    alphas=(7.5,),
     vector_seeds=(2, 4, 8, 16, 32, 64),
     eval_seeds=64,
     quick={"vector_seeds": (2, 4, 8), "eval_seeds": 8},
