@@ -183,7 +183,7 @@ def train_transformer(pipeline, latents_mean, latents_std, caption_ids, captions
     transformer.requires_grad_(True)
     text_encoder.requires_grad_(train_text_encoder)
     table = [""] + list(captions)
-    embeds, masks = text_table(pipeline, captions)
+    embeds, masks = (None, None) if train_text_encoder else text_table(pipeline, captions)  # frozen: once
     sched_cfg = pipeline.scheduler.config
     noise_sched = DDPMScheduler(num_train_timesteps=sched_cfg.num_train_timesteps, beta_start=sched_cfg.beta_start,
                                 beta_end=sched_cfg.beta_end, beta_schedule=sched_cfg.beta_schedule,
