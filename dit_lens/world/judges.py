@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .procedural import LABELS
-from .train import StageConfig, rand
+from .train import StageConfig, rand, randn
 from .train import fit as _fit
 
 __all__ = ["Oracle", "Segmenter", "OracleNet", "SegmenterNet", "augment", "load_oracle", "load_segmenter",
@@ -95,7 +95,7 @@ def augment(x: torch.Tensor, gen: torch.Generator, masks: torch.Tensor | None = 
     blurred = F.avg_pool2d(F.pad(img, (1, 1, 1, 1), mode="replicate"), 3, 1)
     blur = rand((n, 1, 1, 1), gen, x)
     img = img * (1 - blur) + blurred * blur
-    img = img + 0.03 * rand((n, 1, 1, 1), gen, x) * torch.randn(img.shape, generator=gen).to(x.device)
+    img = img + 0.03 * rand((n, 1, 1, 1), gen, x) * randn(img.shape, gen, img)
     x = img.clamp(0, 1) * 2 - 1
     return x if masks is None else (x, masks)
 
