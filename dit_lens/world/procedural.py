@@ -179,10 +179,8 @@ def _one(label: str, seed: int, split: str, size: int):
         dome = np.sqrt(np.clip(1 - d**2, 0, 1))
         inside = d < 1
         shade = 0.75 + 0.35 * dome - 0.2 * ((yy - py) / ry).clip(-1, 1) * inside
-        if label == "polyps":
-            colour = np.array([0.82, 0.36, 0.34])
-        else:
-            colour = np.array([0.5, 0.55, 0.85])
+        colour = np.array([0.82, 0.36, 0.34])  # the same polyp with or without dye: separable concepts
+        if label == "dyed lifted polyps":  # lifted on an indigo-stained submucosal cushion
             halo = _blob(rng, yy, xx, py, px, ry * 1.7, rx * 1.7, 0, 0.25, _noise(rng, size, 2.5)) < 1
             stain = np.array([0.3, 0.38, 0.78])
             img = np.where((halo & ~inside)[..., None], img * 0.35 + stain * 0.65, img)
