@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from . import metrics as M
 from .generate import generate
 from .steer import Steer
-from .study import DYE_METRICS, STEER_METRICS, ConceptPair, Study, window_label, window_layers
+from .study import DYE_METRICS, STEER_METRICS, ConceptPair, Study, window_label, window_layers, window_steps
 from .vectors import concept_vector
 
 __all__ = ["CellRunner"]
@@ -43,8 +43,8 @@ class CellRunner:
     def cells(self) -> list[dict]:
         s = self.study
         grid = [
-            {"edit": "medsteer", "pair": p, "window": w, "alpha": a, "renormalize": r, "vector_seeds": n}
-            for p in range(len(s.pairs)) for w in s.windows for a in s.alphas
+            {"edit": "medsteer", "pair": p, "window": w, "steps": t, "alpha": a, "renormalize": r, "vector_seeds": n}
+            for p in range(len(s.pairs)) for w in s.windows for t in s.step_windows for a in s.alphas
             for r in s.renormalize for n in s.vector_seeds
         ]
         grid += [{"edit": b, "pair": p} for b in s.baselines for p in range(len(s.pairs))]
@@ -55,7 +55,8 @@ class CellRunner:
             name = f"{cell['edit']}_p{cell['pair']}"
         else:
             w = "-".join(f"{x:g}" for x in cell["window"])
-            name = f"p{cell['pair']}_w{w}_a{cell['alpha']:g}_r{int(cell['renormalize'])}_n{cell['vector_seeds']}"
+            t = "-".join(f"{x:g}" for x in cell["steps"])
+            name = f"p{cell['pair']}_w{w}_t{t}_a{cell['alpha']:g}_r{int(cell['renormalize'])}_n{cell['vector_seeds']}"
         return self.folder / "cells" / f"{name}.json"
 
     def run(self) -> None:
@@ -89,7 +90,7 @@ class CellRunner:
         return Steer(
             self.vector(cell["pair"], cell["vector_seeds"]), alpha=cell["alpha"],
             layers=window_layers(cell["window"], self.lens.num_layers),
-            renormalize=cell["renormalize"], name=pair.name, **extra,
+            steps=window_steps(cell["steps"], self.study.num_inference_steps), renormalize=cell["renormalize"], name=pair.name, **extra,
         )
 
     def vector(self, pair_index: int, n: int) -> xr.DataArray:
@@ -146,6 +147,7 @@ class CellRunner:
         methods = ["medsteer", *s.baselines]
         coords = {
             "edit": methods, "pair": [p.name for p in s.pairs], "window": [window_label(w) for w in s.windows],
+            "steps": [window_label(w) for w in s.step_windows],
             "alpha": list(s.alphas), "renormalize": list(s.renormalize), "vector_seeds": list(s.vector_seeds),
         }
         shape = tuple(len(v) for v in coords.values())
@@ -155,7 +157,8 @@ class CellRunner:
         for cell in self.cells():
             record = json.loads(self.path(cell).read_text())["metrics"]
             if cell["edit"] == "medsteer":
-                index = (0, cell["pair"], s.windows.index(tuple(cell["window"])), s.alphas.index(cell["alpha"]),
+                index = (0, cell["pair"], s.windows.index(tuple(cell["window"])),
+                         s.step_windows.index(tuple(cell["steps"])), s.alphas.index(cell["alpha"]),
                          s.renormalize.index(cell["renormalize"]), s.vector_seeds.index(cell["vector_seeds"]))
             else:  # a baseline does not depend on the steering settings: it fills its whole row
                 index = (methods.index(cell["edit"]), cell["pair"])
@@ -170,6 +173,8 @@ class CellRunner:
         ds.attrs.update(
             study=json.dumps(s.to_dict()), folder=str(self.folder),
             window_layers=json.dumps({window_label(w): window_layers(w, self.lens.num_layers) for w in s.windows}),
+            step_window_steps=json.dumps({window_label(w): window_steps(w, s.num_inference_steps) or "all"
+                                          for w in s.step_windows}),
             eval_seeds=json.dumps([s.eval_seed_base + i for i in range(s.eval_seeds)]),
             bg_lpips_status="; ".join(sorted(x for x in status if x)),
         )

@@ -27,7 +27,8 @@ import xarray as xr
 
 from .world.procedural import CONTEXTS
 
-__all__ = ["ConceptPair", "ENDOSCOPY_CONTEXTS", "Study", "run_study", "window_layers", "STEER_METRICS"]
+__all__ = ["ConceptPair", "ENDOSCOPY_CONTEXTS", "Study", "run_study", "window_layers", "window_steps",
+           "pick_settings", "STEER_METRICS"]
 
 #: Context phrasings varied across the contrastive prompts of a vector ("{}" is the label): the
 #: phrasings the embedded world was trained with.
@@ -90,6 +91,9 @@ class Study:
         pairs: Concept pairs (a grid axis).
         windows: Layer windows as fractions of depth ``(start, stop)``; `window_layers` resolves
             them to blocks ``round(start·L) … round(stop·L) − 1`` (a grid axis).
+        step_windows: When to steer, as fractions of the denoising steps ``(start, stop)``;
+            `window_steps` resolves them to steps ``round(start·T) … round(stop·T) − 1`` (a grid
+            axis; ``(0, 1)`` steers every step).
         alphas: Steering strengths (a grid axis).
         renormalize: Update variants: False = paper, True = authors' renormalised (a grid axis).
         vector_seeds: Numbers of seeds per prompt for the vector (a grid axis); vectors for
@@ -104,6 +108,7 @@ class Study:
     name: str
     pairs: tuple[ConceptPair, ...]
     windows: tuple[tuple[float, float], ...] = ((0.0, 1.0),)
+    step_windows: tuple[tuple[float, float], ...] = ((0.0, 1.0),)
     alphas: tuple[float, ...] = (2.5,)
     renormalize: tuple[bool, ...] = (False,)
     vector_seeds: tuple[int, ...] = (16,)
@@ -116,18 +121,21 @@ class Study:
     quick: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        tuples = ("pairs", "windows", "alphas", "renormalize", "vector_seeds", "baselines")
+        tuples = ("pairs", "windows", "step_windows", "alphas", "renormalize", "vector_seeds", "baselines")
         for attr in tuples:
             object.__setattr__(self, attr, tuple(getattr(self, attr)))
-        object.__setattr__(self, "windows", tuple(tuple(float(x) for x in w) for w in self.windows))
+        for attr in ("windows", "step_windows"):
+            object.__setattr__(self, attr, tuple(tuple(float(x) for x in w) for w in getattr(self, attr)))
         if not self.name or "/" in self.name:
             raise ValueError(f"Study.name must be a plain non-empty name, got {self.name!r}")
-        for attr in ("pairs", "windows", "alphas", "renormalize", "vector_seeds"):
+        for attr in ("pairs", "windows", "step_windows", "alphas", "renormalize", "vector_seeds"):
             if not getattr(self, attr):
                 raise ValueError(f"Study.{attr} must hold at least one value")
-        for start, stop in self.windows:
-            if not 0.0 <= start < stop <= 1.0:
-                raise ValueError(f"Study.windows entries are fractions 0 <= start < stop <= 1, got {(start, stop)}")
+        for attr in ("windows", "step_windows"):
+            for window in getattr(self, attr):
+                if len(window) != 2 or not 0.0 <= window[0] < window[1] <= 1.0:
+                    raise ValueError(f"Study.{attr} entries are fractions (start, stop) with 0 <= start < stop <= 1, "
+                                     f"got {window}")
         if any(not np.isfinite(a) for a in self.alphas):
             raise ValueError(f"Study.alphas must be finite, got {self.alphas}")
         if any(int(n) < 1 for n in self.vector_seeds) or self.eval_seeds < 1:
@@ -149,7 +157,8 @@ class Study:
         return self.replace(**self.quick, name=f"{self.name}-quick")
 
     def grid_shape(self) -> dict:
-        return {"pair": len(self.pairs), "window": len(self.windows), "alpha": len(self.alphas),
+        return {"pair": len(self.pairs), "window": len(self.windows), "steps": len(self.step_windows),
+                "alpha": len(self.alphas),
                 "renormalize": len(self.renormalize), "vector_seeds": len(self.vector_seeds)}
 
     def to_dict(self) -> dict:
@@ -175,6 +184,13 @@ def window_layers(window: tuple[float, float], num_layers: int) -> list[int]:
     return list(range(start, min(stop, num_layers)))
 
 
+def window_steps(window: tuple[float, float], num_steps: int) -> list[int] | None:
+    """Denoising steps of a fractional window, like `window_layers`; None for the whole run."""
+    if tuple(window) == (0.0, 1.0):
+        return None
+    return window_layers(window, num_steps)
+
+
 def window_label(window: tuple[float, float]) -> str:
     return f"{window[0]:g}–{window[1]:g}"
 
@@ -192,7 +208,7 @@ def run_study(
     """Run every cell of `study` not already finished in `out`, and return the labelled result.
 
     Returns:
-        Dataset with dims ``(pair, window, alpha, renormalize, vector_seeds)`` (plus ``edit``
+        Dataset with dims ``(pair, window, steps, alpha, renormalize, vector_seeds)`` (plus ``edit``
         when baselines are declared); for each metric the variables ``<metric>``, ``<metric>_low``,
         ``<metric>_high`` and ``<metric>_n``. Attrs: the declaration, provenance, the folder.
     """
@@ -204,3 +220,43 @@ def run_study(
     runner = CellRunner(study, lens, oracle, segmenter, folder, progress=progress, keep_images=keep_images)
     runner.run()
     return runner.assemble()
+
+
+def pick_settings(result: xr.Dataset, *, require: dict[str, float] | None = None,
+                  maximize: str = "bg_ssim") -> list[dict]:
+    """For each pair, the steered setting a sweep picks: the best background among settings that work.
+
+    Among the MedSteer cells whose metrics reach every floor in `require` (default: flip rate ≥ 0.9;
+    a dye study would add ``polyp_kept``), the one with the highest `maximize`; when none reaches
+    them all, the one closest to doing so (highest worst ratio metric / floor), with
+    ``"meets": False``. Returns one dict per pair: the setting's coordinates and every metric as
+    ``[value, low, high]``.
+    """
+    require = {"flip_rate": 0.9} if require is None else dict(require)
+    steered = result.sel(edit="medsteer") if "edit" in result.dims else result
+    axes = [d for d in ("window", "steps", "alpha", "renormalize", "vector_seeds") if d in steered.dims]
+    picks = []
+    for pair in steered["pair"].values:
+        cells = steered.sel(pair=pair).to_dataframe().reset_index()
+        cells = cells[np.isfinite(cells["flip_rate"])]
+        if cells.empty:
+            continue
+        missing = [m for m in (*require, maximize) if m not in cells]
+        if missing:
+            raise ValueError(f"pick_settings: the result has no metric {missing}; it has {sorted(result.data_vars)}")
+        ok = np.logical_and.reduce([cells[m] >= floor for m, floor in require.items()])
+        if ok.any():
+            row = cells[ok].loc[cells[ok][maximize].idxmax()]
+        else:
+            worst = np.min([cells[m] / floor for m, floor in require.items()], axis=0)
+            row = cells.iloc[int(np.argmax(worst))]
+        pick = {"pair": str(pair), "meets": bool(ok.any()), **{d: _plain(row[d]) for d in axes}}
+        for m in ("flip_rate", "confidence_shift", "bg_ssim", "bg_psnr", "dye_detection_rate", "polyp_kept"):
+            if m in cells:
+                pick[m] = [float(row[m]), float(row[f"{m}_low"]), float(row[f"{m}_high"])]
+        picks.append(pick)
+    return picks
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value

@@ -13,16 +13,18 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from .study import ConceptPair, Study, run_study
 
-__all__ = ["study_main", "find_study", "print_table"]
+__all__ = ["study_main", "find_study", "print_table", "print_picks"]
 
 
 def _window(text: str) -> tuple[float, float]:
     try:
         start, stop = (float(x) for x in text.split(":"))
     except ValueError as err:
-        raise argparse.ArgumentTypeError(f"a window is START:STOP fractions of depth, e.g. 0.25:0.5; got {text!r}") from err
+        raise argparse.ArgumentTypeError(f"a window is START:STOP fractions (of the depth, or of the steps), e.g. 0.25:0.5; got {text!r}") from err
     return start, stop
 
 
@@ -48,6 +50,8 @@ def parser(study: Study) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="result folder (default: cache/studies/<name>-<hash>)")
     p.add_argument("--pairs", nargs="+", type=_pair, help="concept pairs 'SOURCE>TARGET'")
     p.add_argument("--windows", nargs="+", type=_window, help="layer windows START:STOP (fractions)")
+    p.add_argument("--step-windows", nargs="+", type=_window,
+                   help="when to steer: step windows START:STOP (fractions of the steps; 0:1 = all)")
     p.add_argument("--alphas", nargs="+", type=float, help="steering strengths")
     p.add_argument("--renormalize", nargs="+", type=_bool, help="update variants (true = authors')")
     p.add_argument("--vector-seeds", nargs="+", type=int, help="seeds per prompt for the vector")
@@ -61,7 +65,7 @@ def declared(study: Study, args: argparse.Namespace) -> Study:
     if args.quick:
         study = study.quick_version()
     changes: dict[str, Any] = {}
-    for field in ("windows", "alphas", "renormalize", "vector_seeds", "eval_seeds", "num_inference_steps", "guidance_scale"):
+    for field in ("windows", "step_windows", "alphas", "renormalize", "vector_seeds", "eval_seeds", "num_inference_steps", "guidance_scale"):
         value = getattr(args, field)
         if value is not None:
             changes[field] = tuple(value) if isinstance(value, list) else value
@@ -90,6 +94,7 @@ def study_main(study: Study, argv: Sequence[str] | None = None, *, report: Calla
         print(f"study {study.name}: error: {err}", file=sys.stderr)
         return 2
     print_table(result)
+    print_picks(result)
     from .study_figures import study_figure
 
     folder = Path(result.attrs["folder"])
@@ -116,6 +121,26 @@ def print_table(result) -> None:
         print(cells + "  " + values)
     n = result["flip_rate_n"].max().item()
     print(f"n = {int(n)} pairs per cell; Bg-LPIPS: {result.attrs.get('bg_lpips_status') or 'not computed'}")
+
+
+def print_picks(result) -> None:
+    """Per pair, the setting with the best Bg-SSIM among those that flip ≥ 0.9 (dye: also keep the polyp ≥ 0.8)."""
+    from .study import pick_settings
+
+    if int(np.isfinite(result["flip_rate"]).sum()) <= result.sizes["pair"] * result.sizes.get("edit", 1):
+        return  # one setting per pair: nothing to pick
+    require = {"flip_rate": 0.9}
+    if "polyp_kept" in result:
+        require = {"flip_rate": 0.8, "polyp_kept": 0.8}
+    floors = " and ".join(f"{m} >= {v:g}" for m, v in require.items())
+    print(f"picked per pair (best Bg-SSIM with {floors}):")
+    for pick in pick_settings(result, require=require):
+        where = ", ".join(f"{k}={pick[k]}" for k in ("window", "steps", "alpha", "renormalize", "vector_seeds")
+                          if k in pick)
+        shown = "".join(f", {m} {pick[m][0]:.3f}" for m in ("flip_rate", "bg_ssim", "dye_detection_rate", "polyp_kept")
+                        if m in pick)
+        note = "" if pick["meets"] else "  (no setting meets the floors: the closest shown)"
+        print(f"  {pick['pair']}: {where}{shown}{note}")
 
 
 def find_study(name: str) -> Path:

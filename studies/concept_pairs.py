@@ -1,5 +1,8 @@
 """The counterfactual table: three concept pairs, MedSteer vs re-prompting (same seed, target prompt).
 
+Each pair is swept over α; the printout ends with the setting picked for each pair (the best Bg-SSIM
+among settings that flip at least 0.9).
+
 Paper flips: polyp → normal cecum 0.800, ulcerative colitis → normal cecum 0.925,
 esophagitis → normal z-line 0.950.
 
@@ -19,11 +22,11 @@ STUDY = Study(
         ConceptPair("esophagitis", "normal z-line"),
     ),
     windows=((0.25, 0.75),),
-    alphas=(7.5,),
+    alphas=(2.5, 5.0, 7.5, 10.0),
     vector_seeds=(32,),
     eval_seeds=64,
     baselines=("reprompt",),
-    quick={"vector_seeds": (8,), "eval_seeds": 8},
+    quick={"alphas": (7.5,), "vector_seeds": (8,), "eval_seeds": 8},
 )
 
 if __name__ == "__main__":

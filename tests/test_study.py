@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from dit_lens.study import ConceptPair, Study, run_study, window_layers
+from dit_lens.study import ConceptPair, Study, pick_settings, run_study, window_layers, window_steps
 
 LABELS = ["normal cecum", "polyps"]
 
@@ -38,10 +38,55 @@ def test_window_layers_cover_the_depth():
     assert window_layers((0.9, 0.95), 4) == [3]  # never empty
 
 
+def test_window_steps_resolve_when_to_steer():
+    assert window_steps((0.0, 1.0), 20) is None  # every step
+    assert window_steps((0.5, 1.0), 20) == list(range(10, 20))
+    assert window_steps((0.0, 0.25), 20) == list(range(5))
+
+
+def test_a_step_window_steers_only_those_steps(tiny_lens, tmp_path):
+    from dit_lens.cells import CellRunner
+
+    s = Study("steps", pairs=(ConceptPair("polyps", "normal cecum", contexts=("An image of {}",)),),
+              step_windows=((0.0, 1.0), (0.5, 1.0)), alphas=(3.0,), vector_seeds=(2,), eval_seeds=2,
+              num_inference_steps=4)
+    assert s.grid_shape()["steps"] == 2
+    runner = CellRunner(s, tiny_lens, BrightnessOracle(), red_segmenter, tmp_path, progress=False)
+    late = [c for c in runner.cells() if c["steps"] == (0.5, 1.0)][0]
+    assert runner.steer(late).steps == (2, 3)
+    result = run_study(s, tiny_lens, oracle=BrightnessOracle(), segmenter=red_segmenter, out=tmp_path, progress=False)
+    assert list(result["steps"].values) == ["0–1", "0.5–1"]
+    ssim = result["bg_ssim"].squeeze()
+    assert np.isfinite(ssim).all() and not np.allclose(ssim.values[0], ssim.values[1])
+    assert json.loads(result.attrs["step_window_steps"]) == {"0–1": "all", "0.5–1": [2, 3]}
+
+
+def test_pick_settings_takes_the_best_background_among_settings_that_flip():
+    def est(v):
+        return xr.DataArray(np.array(v, float), dims=("pair", "alpha"))
+
+    result = xr.Dataset(
+        {"flip_rate": est([[0.5, 0.95, 1.0], [0.2, 0.4, 0.6]]), "bg_ssim": est([[0.99, 0.93, 0.80], [0.9, 0.8, 0.7]])},
+        coords={"pair": ["a → b", "c → d"], "alpha": [1.0, 2.0, 3.0]},
+    )
+    for m in ("flip_rate", "bg_ssim"):
+        result[f"{m}_low"], result[f"{m}_high"] = result[m] - 0.01, result[m] + 0.01
+    first, second = pick_settings(result)
+    assert first["alpha"] == 2.0 and first["meets"] and first["bg_ssim"][0] == pytest.approx(0.93)
+    assert second["alpha"] == 3.0 and not second["meets"]  # none flips 0.9: the closest
+    # a second floor changes the pick: only alpha 1 keeps a background of 0.95
+    (only,) = pick_settings(result.isel(pair=[0]), require={"flip_rate": 0.5, "bg_ssim": 0.95})
+    assert only["alpha"] == 1.0 and only["meets"]
+    with pytest.raises(ValueError, match="no metric"):
+        pick_settings(result, require={"polyp_kept": 0.8})
+
+
 def test_study_validates_its_declaration():
     pair = ConceptPair("polyps", "normal cecum")
     with pytest.raises(ValueError, match="windows"):
         Study("x", pairs=(pair,), windows=((0.5, 0.2),))
+    with pytest.raises(ValueError, match="step_windows"):
+        Study("x", pairs=(pair,), step_windows=((0.0, 1.5),))
     with pytest.raises(ValueError, match="baselines"):
         Study("x", pairs=(pair,), baselines=("pnp",))
     with pytest.raises(ValueError, match="quick overrides unknown"):
@@ -55,7 +100,7 @@ def test_study_validates_its_declaration():
 def test_run_study_grid_result_and_resume(tiny_lens, study, tmp_path, monkeypatch):
     result = run_study(study, tiny_lens, oracle=BrightnessOracle(), segmenter=red_segmenter,
                        out=tmp_path / "s", progress=False)
-    assert result["flip_rate"].dims == ("edit", "pair", "window", "alpha", "renormalize", "vector_seeds")
+    assert result["flip_rate"].dims == ("edit", "pair", "window", "steps", "alpha", "renormalize", "vector_seeds")
     assert list(result["edit"].values) == ["medsteer", "reprompt"]
     steered = result.sel(edit="medsteer")
     # alpha 0 is the unsteered image: no flips, background identical
@@ -80,7 +125,7 @@ def test_run_study_grid_result_and_resume(tiny_lens, study, tmp_path, monkeypatc
                       out=tmp_path / "s", progress=False)
     xr.testing.assert_equal(again, result)
     # a half-finished study computes only its missing cells
-    (tmp_path / "s" / "cells" / "p0_w0-1_a3_r0_n3.json").unlink()
+    (tmp_path / "s" / "cells" / "p0_w0-1_t0-1_a3_r0_n3.json").unlink()
     with pytest.raises(AssertionError, match="the model ran again"):
         run_study(study, tiny_lens, oracle=BrightnessOracle(), segmenter=red_segmenter, out=tmp_path / "s", progress=False)
 

@@ -41,10 +41,19 @@ def test_lesion_masks_empty_exactly_for_normal_classes():
 
 def test_dye_is_blue_and_appears_with_and_without_a_polyp():
     s = render(["dyed lifted polyps", "dyed resection margins", "polyps"] * 8, [i for i in range(8) for _ in range(3)])
-    blue = [(img[..., 2] - img[..., 0])[m].mean() for img, m in zip(s.images, s.lesion)]
-    by_label = {label: np.mean([b for b, l in zip(blue, s.labels) if l == label]) for label in set(s.labels)}
-    assert by_label["dyed lifted polyps"] > 0.1 and by_label["dyed resection margins"] > 0.05
-    assert by_label["polyps"] < -0.1
+
+    def fractions(label):  # per image: share of lesion pixels that are indigo stain, and red polyp
+        chosen = [(img, m) for img, m, l in zip(s.images, s.lesion, s.labels) if l == label]
+        stain = np.array([((img[..., 2] - img[..., 0])[m] > 0.1).mean() for img, m in chosen])
+        polyp = np.array([((img[..., 0] - img[..., 2])[m] > 0.2).mean() for img, m in chosen])
+        return stain, polyp
+
+    stain, polyp = fractions("dyed lifted polyps")  # the same red polyp, on a stained cushion
+    assert stain.min() > 0.3 and polyp.min() > 0.2
+    stain, polyp = fractions("dyed resection margins")  # stain without a polyp
+    assert stain.min() > 0.3 and polyp.max() < 0.02
+    stain, polyp = fractions("polyps")  # a polyp without stain
+    assert stain.max() < 0.02 and polyp.min() > 0.8
 
 
 def test_shifted_split_changes_lighting_statistics():
