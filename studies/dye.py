@@ -15,14 +15,13 @@ from dit_lens.study_cli import study_main
 STUDY = Study(
     "dye",
     pairs=(ConceptPair("dyed lifted polyps", "polyps"),),
-    windows=((0.25, 0.75),),
-    step_windows=((0.0, 1.0), (0.5, 1.0)),
-    alphas=(1.0, 2.5, 5.0, 7.5, 10.0),
+    windows=((0.25, 0.75), (0.0, 1.0)),
+    alphas=(1.0, 1.5, 2.0, 2.5, 5.0),
     vector_seeds=(32,),
     eval_seeds=64,
     baselines=("reprompt",),
     dye=True,
-    quick={"alphas": (5.0,), "step_windows": ((0.0, 1.0),), "vector_seeds": (8,), "eval_seeds": 8},
+    quick={"alphas": (1.5,), "windows": ((0.0, 1.0),), "vector_seeds": (8,), "eval_seeds": 8},
 )
 
 if __name__ == "__main__":
