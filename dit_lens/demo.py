@@ -28,8 +28,8 @@ __all__ = ["add_demo_arguments", "run_demo"]
 
 #: Demo defaults on the embedded world, as picked by the layer and alpha sweeps (README, Results).
 DEFAULT_SOURCE, DEFAULT_TARGET = "polyps", "normal cecum"
-DEFAULT_WINDOW = (0.25, 0.75)
-DEFAULT_ALPHA = 7.5
+DEFAULT_WINDOW = (0.0, 1.0)
+DEFAULT_ALPHA = 3.0
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:

@@ -36,8 +36,8 @@ class DownstreamConfig:
     test_per_class: int = 200
     train_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     detector_steps: int = 300
-    alpha: float = 7.5
-    window: tuple[float, float] = (0.25, 0.75)
+    alpha: float = 3.0
+    window: tuple[float, float] = (0.0, 1.0)
     vector_seeds: int = 32
     num_inference_steps: int = 20
     guidance_scale: float = 4.5

@@ -13,12 +13,12 @@ from dit_lens.study_cli import study_main
 STUDY = Study(
     "alpha_sweep",
     pairs=(ConceptPair("polyps", "normal cecum"),),
-    windows=((0.25, 0.75),),
-    alphas=(1.0, 2.5, 5.0, 7.5, 10.0, 12.5),
+    windows=((0.25, 0.75), (0.0, 1.0)),
+    alphas=(1.0, 2.0, 3.0, 5.0, 7.5, 10.0),
     renormalize=(False, True),
     vector_seeds=(32,),
     eval_seeds=64,
-    quick={"alphas": (2.5, 7.5, 12.5), "vector_seeds": (8,), "eval_seeds": 8},
+    quick={"alphas": (1.0, 3.0, 7.5), "windows": ((0.0, 1.0),), "vector_seeds": (8,), "eval_seeds": 8},
 )
 
 if __name__ == "__main__":

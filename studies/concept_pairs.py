@@ -21,12 +21,12 @@ STUDY = Study(
         ConceptPair("ulcerative colitis", "normal cecum"),
         ConceptPair("esophagitis", "normal z-line"),
     ),
-    windows=((0.25, 0.75),),
-    alphas=(2.5, 5.0, 7.5, 10.0),
+    windows=((0.0, 1.0),),
+    alphas=(2.0, 3.0, 4.0),
     vector_seeds=(32,),
     eval_seeds=64,
     baselines=("reprompt",),
-    quick={"alphas": (7.5,), "vector_seeds": (8,), "eval_seeds": 8},
+    quick={"alphas": (3.0,), "vector_seeds": (8,), "eval_seeds": 8},
 )
 
 if __name__ == "__main__":

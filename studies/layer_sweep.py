@@ -14,7 +14,7 @@ STUDY = Study(
     "layer_sweep",
     pairs=(ConceptPair("polyps", "normal cecum"),),
     windows=((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0), (0.25, 0.75), (0.0, 1.0)),
-    alphas=(7.5,),
+    alphas=(3.0,),
     vector_seeds=(32,),
     eval_seeds=64,
     quick={"vector_seeds": (8,), "eval_seeds": 8},

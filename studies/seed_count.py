@@ -13,8 +13,8 @@ from dit_lens.study_cli import study_main
 STUDY = Study(
     "seed_count",
     pairs=(ConceptPair("polyps", "normal cecum"),),
-    windows=((0.25, 0.75),),
-    alphas=(7.5,),
+    windows=((0.0, 1.0),),
+    alphas=(3.0,),
     vector_seeds=(2, 4, 8, 16, 32, 64),
     eval_seeds=64,
     quick={"vector_seeds": (2, 4, 8), "eval_seeds": 8},
