@@ -8,7 +8,7 @@ axes. Finished cells are kept as small JSON files, so a killed study resumes and
 Examples:
     >>> s = Study("demo", pairs=(ConceptPair("polyps", "normal cecum"),), alphas=(1.0, 2.5))
     >>> s.grid_shape()
-    {'pair': 1, 'window': 1, 'alpha': 2, 'renormalize': 1, 'vector_seeds': 1}
+    {'pair': 1, 'window': 1, 'steps': 1, 'alpha': 2, 'renormalize': 1, 'vector_seeds': 1}
     >>> ConceptPair("polyps", "normal cecum").source_prompt
     'An endoscopic image of polyps'
 """
