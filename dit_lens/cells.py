@@ -90,7 +90,8 @@ class CellRunner:
         return Steer(
             self.vector(cell["pair"], cell["vector_seeds"]), alpha=cell["alpha"],
             layers=window_layers(cell["window"], self.lens.num_layers),
-            steps=window_steps(cell["steps"], self.study.num_inference_steps), renormalize=cell["renormalize"], name=pair.name, **extra,
+            steps=window_steps(cell["steps"], self.study.num_inference_steps),
+            renormalize=cell["renormalize"], name=pair.name, **extra,
         )
 
     def vector(self, pair_index: int, n: int) -> xr.DataArray:
