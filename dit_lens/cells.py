@@ -54,8 +54,7 @@ class CellRunner:
         if cell["edit"] != "medsteer":
             name = f"{cell['edit']}_p{cell['pair']}"
         else:
-            w = "-".join(f"{x:g}" for x in cell["window"])
-            t = "-".join(f"{x:g}" for x in cell["steps"])
+            w, t = ("-".join(f"{x:g}" for x in cell[axis]) for axis in ("window", "steps"))
             name = f"p{cell['pair']}_w{w}_t{t}_a{cell['alpha']:g}_r{int(cell['renormalize'])}_n{cell['vector_seeds']}"
         return self.folder / "cells" / f"{name}.json"
 

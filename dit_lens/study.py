@@ -251,7 +251,7 @@ def pick_settings(result: xr.Dataset, *, require: dict[str, float] | None = None
             worst = np.min([cells[m] / floor for m, floor in require.items()], axis=0)
             row = cells.iloc[int(np.argmax(worst))]
         pick = {"pair": str(pair), "meets": bool(ok.any()), **{d: _plain(row[d]) for d in axes}}
-        for m in ("flip_rate", "confidence_shift", "bg_ssim", "bg_psnr", "dye_detection_rate", "polyp_kept"):
+        for m in STEER_METRICS + DYE_METRICS:
             if m in cells:
                 pick[m] = [float(row[m]), float(row[f"{m}_low"]), float(row[f"{m}_high"])]
         picks.append(pick)

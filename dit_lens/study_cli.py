@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
-
 from .study import ConceptPair, Study, run_study
 
 __all__ = ["study_main", "find_study", "print_table", "print_picks"]
@@ -127,7 +125,7 @@ def print_picks(result) -> None:
     """Per pair, the setting with the best Bg-SSIM among those that flip ≥ 0.9 (dye: also keep the polyp ≥ 0.8)."""
     from .study import pick_settings
 
-    if int(np.isfinite(result["flip_rate"]).sum()) <= result.sizes["pair"] * result.sizes.get("edit", 1):
+    if all(size == 1 for dim, size in result.sizes.items() if dim not in ("pair", "edit")):
         return  # one setting per pair: nothing to pick
     require = {"flip_rate": 0.9}
     if "polyp_kept" in result:

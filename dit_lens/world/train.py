@@ -152,12 +152,14 @@ def train_vae(vae, images: np.ndarray, cfg: StageConfig, *, kl_weight: float = 1
     return vae
 
 
-def text_table(pipeline, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt embeddings and masks exactly as the pipeline computes them; index 0 is the empty prompt."""
+def text_table(pipeline, captions: list[str], length: int = 120) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt embeddings and masks exactly as the pipeline computes them, padded to `length` tokens;
+    index 0 is the empty prompt."""
     with torch.no_grad():
         embeds, masks = [], []
         for text in [""] + list(captions):
-            e, m, _, _ = pipeline.encode_prompt(text, do_classifier_free_guidance=False, clean_caption=False)
+            e, m, _, _ = pipeline.encode_prompt(text, do_classifier_free_guidance=False, clean_caption=False,
+                                                max_sequence_length=length)
             embeds.append(e[0])
             masks.append(m[0])
     return torch.stack(embeds), torch.stack(masks)  # (K, seq, D), (K, seq)
@@ -187,7 +189,7 @@ def train_transformer(pipeline, latents_mean, latents_std, caption_ids, captions
     # real token (T5 and the cross-attention both mask it), so sampling with the pipeline's default
     # length of 120 sees exactly what training saw, and a step costs about 25% less.
     length = min(120, max(len(pipeline.tokenizer(text).input_ids) for text in table))
-    embeds, masks = (None, None) if train_text_encoder else text_table(pipeline, captions)  # frozen: once
+    embeds, masks = (None, None) if train_text_encoder else text_table(pipeline, captions, length)  # frozen: once
     sched_cfg = pipeline.scheduler.config
     noise_sched = DDPMScheduler(num_train_timesteps=sched_cfg.num_train_timesteps, beta_start=sched_cfg.beta_start,
                                 beta_end=sched_cfg.beta_end, beta_schedule=sched_cfg.beta_schedule,
