@@ -184,13 +184,16 @@ class CellRunner:
     def _claim_folder(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         declaration = self.folder / "study.json"
-        mine = {"study": self.study.to_dict(), "model_fingerprint": self.lens.fingerprint}
+        mine = {"study": self.study.to_dict(), "model_fingerprint": self.lens.fingerprint,
+                "metrics_version": M.METRICS_VERSION}
         if declaration.exists():
             theirs = json.loads(declaration.read_text())
             if theirs != json.loads(json.dumps(mine)):
-                raise ValueError(
-                    f"{self.folder} holds another study or model; pass a new out= folder (nothing was changed)"
-                )
+                why = ("was measured with metrics version "
+                       f"{theirs.get('metrics_version', 1)} (this is {M.METRICS_VERSION})"
+                       if {**theirs, "metrics_version": M.METRICS_VERSION} == json.loads(json.dumps(mine))
+                       else "holds another study or model")
+                raise ValueError(f"{self.folder} {why}; pass a new out= folder (nothing was changed)")
         else:
             _write_json_atomic(declaration, mine)
 

@@ -120,6 +120,8 @@ def _measure(pairs, oracle_source, source_label) -> dict:
     result["bg_lpips"] = None if lpips.attrs["status"].startswith("unavailable") else M.estimate(lpips).value
     result["bg_lpips_status"] = lpips.attrs["status"]
     result["background"] = masks_note
+    result["metrics_version"] = M.METRICS_VERSION
+    result["bg_ssim_definition"] = "7x7 SSIM, window statistics over background pixels only, averaged over them"
     return result
 
 

@@ -1,6 +1,9 @@
 """Downstream utility of counterfactuals: a binary polyp detector trained on real + synthetic images.
 
-Arms, each trained with several seeds and tested on the embedded world's *shifted* split:
+Arms, each trained with several seeds and tested on the embedded world's *shifted* split, where the
+positives are the source class and the negatives come from every label in ``test_negatives`` (by
+default the colon's other findings: a polyp detector must not fire on colitis or a resection scar,
+which the training negatives — the target class only — never show):
 - ``real``: real images only (``real_per_class`` per class);
 - ``reprompt``: plus K synthetic positives (source prompt) and K negatives (target prompt, same seeds);
 - ``medsteer``: plus K counterfactual pairs (unsteered positive, steered negative, same seed).
@@ -34,6 +37,7 @@ class DownstreamConfig:
     real_per_class: int = 20
     synthetic_per_class: int = 64
     test_per_class: int = 200
+    test_negatives: tuple[str, ...] = ("normal cecum", "ulcerative colitis", "dyed resection margins")
     train_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     detector_steps: int = 300
     alpha: float = 3.0
@@ -49,7 +53,24 @@ class DownstreamConfig:
         if not self.train_seeds:
             raise ValueError("DownstreamConfig.train_seeds needs at least one seed")
         object.__setattr__(self, "train_seeds", tuple(int(s) for s in self.train_seeds))
+        object.__setattr__(self, "test_negatives", tuple(str(x) for x in self.test_negatives))
+        from .world.procedural import LABELS
+
+        unknown = [x for x in (self.source, self.target, *self.test_negatives) if x not in LABELS]
+        if unknown:
+            raise ValueError(f"DownstreamConfig labels {unknown} are not world classes; expected some of {LABELS}")
+        if not self.test_negatives or self.source in self.test_negatives:
+            raise ValueError(f"DownstreamConfig.test_negatives must name negative classes other than the source "
+                             f"{self.source!r}, got {self.test_negatives}")
         object.__setattr__(self, "window", tuple(float(x) for x in self.window))
+
+
+    def key(self, lens: Any) -> str:
+        """Names the default result folder: changes with the settings or the model."""
+        import hashlib
+
+        blob = json.dumps({"config": asdict(self), "model": lens.fingerprint}, sort_keys=True)
+        return hashlib.blake2b(blob.encode(), digest_size=6).hexdigest()
 
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -133,9 +154,7 @@ def run_downstream(cfg: DownstreamConfig, lens: Any, folder: Path, *, progress: 
     n_real, n_test = cfg.real_per_class, cfg.test_per_class
     real = render([cfg.source] * n_real + [cfg.target] * n_real, list(range(500, 500 + n_real)) * 2).images
     real_y = np.array([1] * n_real + [0] * n_real)
-    test_seeds = list(range(900_000, 900_000 + n_test))
-    test = render([cfg.source] * n_test + [cfg.target] * n_test, test_seeds * 2, split="shifted").images
-    test_y = np.array([1] * n_test + [0] * n_test)
+    test, test_y, test_label = _test_set(cfg)
     arms = {
         "real": (real, real_y),
         "reprompt": (np.concatenate([real, synthetic["source"], synthetic["target"]]), np.concatenate([real_y, [1] * k, [0] * k])),
@@ -148,7 +167,10 @@ def run_downstream(cfg: DownstreamConfig, lens: Any, folder: Path, *, progress: 
             if not path.exists():
                 detector = train_detector(x, y, seed=seed, steps=cfg.detector_steps)
                 scores = detector(test)
-                record = {"auc": roc_auc(scores, test_y), "f1": f1_score(scores, test_y)}
+                record = {"auc": roc_auc(scores, test_y), "f1": f1_score(scores, test_y),
+                          "auc_by_negative": {label: roc_auc(scores[(test_y == 1) | (test_label == label)],
+                                                             test_y[(test_y == 1) | (test_label == label)])
+                                              for label in cfg.test_negatives}}
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(record))
@@ -164,12 +186,28 @@ def run_downstream(cfg: DownstreamConfig, lens: Any, folder: Path, *, progress: 
         data[f"{metric}_low"] = (("arm",), [e.low for e in est])
         data[f"{metric}_high"] = (("arm",), [e.high for e in est])
         data[f"{metric}_per_seed"] = (("arm", "train_seed"), per_seed)
-    ds = xr.Dataset(data, coords={"arm": list(ARMS), "train_seed": list(cfg.train_seeds)})
+    by_negative = np.array([[np.mean([results[(a, s)]["auc_by_negative"][label] for s in cfg.train_seeds])
+                             for label in cfg.test_negatives] for a in ARMS])
+    data["auc_by_negative"] = (("arm", "negative"), by_negative)
+    ds = xr.Dataset(data, coords={"arm": list(ARMS), "train_seed": list(cfg.train_seeds),
+                                  "negative": list(cfg.test_negatives)})
     ds.attrs.update(lens.provenance())
     ds.attrs.update(config=json.dumps(asdict(cfg)), folder=str(folder),
-                    synthetic_per_class=k, real_per_class=n_real, test="shifted split, "
-                    f"{n_test} per class")
+                    synthetic_per_class=k, real_per_class=n_real,
+                    test=f"shifted split: {n_test * len(cfg.test_negatives)} {cfg.source}; {n_test} each of "
+                    + ", ".join(cfg.test_negatives))
     return ds
+
+
+def _test_set(cfg: DownstreamConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The shifted-split test set: as many positives as negatives, `test_per_class` per negative label."""
+    from .world.procedural import render
+
+    n, negatives = cfg.test_per_class, cfg.test_negatives
+    labels = [cfg.source] * (n * len(negatives)) + [x for x in negatives for _ in range(n)]
+    seeds = list(range(900_000, 900_000 + n * len(negatives))) + list(range(900_000, 900_000 + n)) * len(negatives)
+    images = render(labels, seeds, split="shifted").images
+    return images, (np.array(labels) == cfg.source).astype(int), np.array(labels)
 
 
 def _claim(folder: Path, cfg: DownstreamConfig, lens: Any) -> None:

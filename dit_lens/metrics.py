@@ -29,11 +29,17 @@ __all__ = [
     "confidence_drop",
     "background_mask",
     "background_ssim",
+    "masked_ssim_map",
     "background_psnr",
     "background_lpips",
     "dyed",
     "LPIPS_UNAVAILABLE",
+    "METRICS_VERSION",
 ]
+
+#: Changes when a metric's definition changes; study results measured under another version are
+#: not reused. 2: `background_ssim` takes each window's statistics over background pixels only.
+METRICS_VERSION = 2
 
 #: What `background_lpips` reports when no LPIPS weights are on disk (never a stand-in under that name).
 LPIPS_UNAVAILABLE = "unavailable: no LPIPS weights on disk"
@@ -133,17 +139,57 @@ def background_mask(masks: xr.DataArray) -> xr.DataArray:
     return ~masks.any("branch")
 
 
-def background_ssim(out: xr.DataArray | xr.Dataset, background: xr.DataArray) -> xr.DataArray:
-    """Mean SSIM (7×7 window, RGB) between the pair, over background pixels ``(prompt, seed)``."""
+def background_ssim(out: xr.DataArray | xr.Dataset, background: xr.DataArray, *,
+                    masked_windows: bool = True) -> xr.DataArray:
+    """Mean SSIM (7×7 window, RGB) between the pair over background pixels ``(prompt, seed)``.
+
+    With ``masked_windows`` (the default) each window's means, variances and covariance are taken
+    over its background pixels only (`masked_ssim_map`), so an edit that leaves every background
+    pixel unchanged scores exactly 1.0 however close or ragged the lesion. ``masked_windows=False``
+    averages the plain SSIM map over the background instead, as many papers do: there a window
+    that straddles the lesion edge is penalised for the lesion's change, which for a diffuse
+    lesion caps even a perfect edit well below 1.
+    """
     from skimage.metrics import structural_similarity
 
     def one(a: np.ndarray, b: np.ndarray, keep: np.ndarray) -> float:
         if not keep.any():
             return float("nan")
-        _, full = structural_similarity(a, b, channel_axis=-1, data_range=1.0, full=True)
+        if masked_windows:
+            full = masked_ssim_map(a, b, keep)
+        else:
+            _, full = structural_similarity(a, b, channel_axis=-1, data_range=1.0, full=True)
         return float(full.mean(-1)[keep].mean())
 
     return _pairwise(out, background, one, "bg_ssim")
+
+
+def masked_ssim_map(a: np.ndarray, b: np.ndarray, keep: np.ndarray, *, win_size: int = 7,
+                    data_range: float = 1.0) -> np.ndarray:
+    """Per-pixel, per-channel SSIM ``(H, W, C)`` whose window statistics use only `keep` pixels.
+
+    Normalised convolution: a window's mean, variance and covariance are weighted by the mask,
+    with the sample-covariance correction n/(n − 1) for its n kept pixels. Where `keep` is all
+    true this is exactly scikit-image's ``structural_similarity`` map (uniform window, K1 = 0.01,
+    K2 = 0.03, reflected borders); pixels outside `keep` are meaningless and should be ignored.
+    """
+    from scipy.ndimage import uniform_filter
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape or a.shape[:2] != keep.shape:
+        raise ValueError(f"masked_ssim_map needs two (H, W, C) images and an (H, W) mask, got {a.shape}, "
+                         f"{b.shape}, {keep.shape}")
+    m = keep.astype(np.float64)[..., None]
+    box = lambda x: uniform_filter(x, size=(win_size, win_size, 1), mode="reflect")  # noqa: E731
+    weight = box(np.broadcast_to(m, a.shape).copy())
+    safe = np.where(weight > 0, weight, 1.0)
+    mean = lambda x: box(x * m) / safe  # noqa: E731
+    ua, ub = mean(a), mean(b)
+    n = weight * win_size**2
+    norm = np.where(n > 1.5, n / np.maximum(n - 1, 1e-12), 1.0)
+    va, vb, cov = (norm * (mean(x * y) - ux * uy) for x, y, ux, uy in ((a, a, ua, ua), (b, b, ub, ub), (a, b, ua, ub)))
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    return ((2 * ua * ub + c1) * (2 * cov + c2)) / ((ua**2 + ub**2 + c1) * (va + vb + c2))
 
 
 def background_psnr(out: xr.Dataset, background: xr.DataArray) -> xr.DataArray:

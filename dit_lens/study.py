@@ -173,7 +173,10 @@ class Study:
         return cls(**data)
 
     def key(self, lens: Any) -> str:
-        blob = json.dumps({"study": self.to_dict(), "model": lens.fingerprint}, sort_keys=True)
+        from .metrics import METRICS_VERSION
+
+        blob = json.dumps({"study": self.to_dict(), "model": lens.fingerprint, "metrics": METRICS_VERSION},
+                          sort_keys=True)
         return hashlib.blake2b(blob.encode(), digest_size=6).hexdigest()
 
 

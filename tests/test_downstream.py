@@ -28,3 +28,39 @@ def test_config_validation():
         DownstreamConfig(real_per_class=0)
     with pytest.raises(ValueError, match="train_seeds"):
         DownstreamConfig(train_seeds=())
+
+
+def test_config_refuses_unknown_or_positive_test_negatives():
+    with pytest.raises(ValueError, match="not world classes"):
+        DownstreamConfig(test_negatives=("normal colon",))
+    with pytest.raises(ValueError, match="other than the source"):
+        DownstreamConfig(test_negatives=("polyps",))
+
+
+def test_run_downstream_end_to_end_resumes_and_refuses_another_run(tmp_path):
+    import xarray as xr
+
+    from dit_lens import load
+    from dit_lens.architectures import PixArtSpec, build_pixart
+    from dit_lens.downstream import run_downstream
+
+    lens = load(build_pixart(PixArtSpec(num_layers=2, num_heads=2, head_dim=8, sample_size=32, patch_size=4), seed=0))
+    cfg = DownstreamConfig(real_per_class=3, synthetic_per_class=2, test_per_class=3, train_seeds=(0, 1),
+                           detector_steps=4, vector_seeds=1, num_inference_steps=2,
+                           test_negatives=("normal cecum", "ulcerative colitis"))
+    result = run_downstream(cfg, lens, tmp_path, progress=False)
+    assert isinstance(result, xr.Dataset)
+    assert list(result["arm"].values) == ["real", "reprompt", "medsteer"]
+    assert result["auc_per_seed"].shape == (3, 2) and result["auc_by_negative"].shape == (3, 2)
+    assert ((result["auc"] >= 0) & (result["auc"] <= 1)).all()
+    assert "6 polyps" in result.attrs["test"] and "ulcerative colitis" in result.attrs["test"]
+    cells = sorted(p.name for p in (tmp_path / "cells").iterdir())
+    assert len(cells) == 6
+    # a re-run reuses every finished cell and the synthetic images
+    stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "cells").iterdir()}
+    again = run_downstream(cfg, lens, tmp_path, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cells").iterdir()} == stamp
+    xr.testing.assert_equal(again["auc"], result["auc"])
+    with pytest.raises(ValueError, match="another downstream run"):
+        run_downstream(DownstreamConfig(**{**cfg.__dict__, "alpha": 1.0}), lens, tmp_path, progress=False)
+    assert sorted(p.name for p in (tmp_path / "cells").iterdir()) == cells

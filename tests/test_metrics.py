@@ -67,13 +67,36 @@ def test_background_metrics_ignore_the_lesion():
     assert int((~bg).sum()) == 2 * 256
     everywhere = xr.ones_like(bg)
     ssim_bg, ssim_all = metrics.background_ssim(out, bg), metrics.background_ssim(out, everywhere)
-    # the 7×7 SSIM window still sees the lesion edge from a few background pixels
-    assert float(ssim_bg.min()) > float(ssim_all.max()) + 0.1
+    # every background pixel is untouched, so the masked windows see no change at all
+    np.testing.assert_allclose(ssim_bg.values, 1.0, atol=1e-12)
+    assert float(ssim_all.max()) < 0.9
+    # the plain SSIM map still sees the lesion edge from background pixels near it
+    plain = metrics.background_ssim(out, bg, masked_windows=False)
+    assert float(plain.max()) < 0.99
     assert np.isinf(metrics.background_psnr(out, bg).values).all()
     assert float(metrics.background_psnr(out, everywhere).max()) < 20
     far = bg.copy()
     far[:, :, 5:27, 5:27] = False  # background beyond the window's reach of the lesion
-    assert float(metrics.background_ssim(out, far).min()) == pytest.approx(1.0)
+    assert float(metrics.background_ssim(out, far, masked_windows=False).min()) == pytest.approx(1.0)
+    # one changed background pixel is seen
+    nudged = edited.copy()
+    nudged[:, :, 2, 2] = 1.0 - nudged[:, :, 2, 2]
+    assert float(metrics.background_ssim(pairs_dataset(base, nudged), bg).max()) < 0.999
+
+
+def test_masked_ssim_is_scikit_image_ssim_on_a_full_mask():
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(3)
+    a = rng.uniform(size=(24, 20, 3))
+    b = np.clip(a + rng.normal(0, 0.2, a.shape), 0, 1)
+    _, reference = structural_similarity(a, b, channel_axis=-1, data_range=1.0, full=True)
+    np.testing.assert_allclose(metrics.masked_ssim_map(a, b, np.ones((24, 20), bool)), reference, atol=1e-12)
+    keep = rng.uniform(size=(24, 20)) > 0.5
+    inside = metrics.masked_ssim_map(a, b, keep)
+    assert np.isfinite(inside).all() and not np.allclose(inside, reference)
+    with pytest.raises(ValueError, match="mask"):
+        metrics.masked_ssim_map(a, b, keep[:5])
 
 
 def test_segment_and_shape_errors():

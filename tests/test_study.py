@@ -139,6 +139,30 @@ def test_a_folder_of_another_study_is_refused(tiny_lens, study, tmp_path):
     assert sorted(p.name for p in (tmp_path / "s" / "cells").iterdir()) == before
 
 
+def test_cells_measured_under_older_metric_definitions_are_not_reused(tiny_lens, study, tmp_path):
+    import json
+
+    small = study.replace(alphas=(0.0,), vector_seeds=(2,), windows=((0.0, 1.0),), baselines=())
+    run_study(small, tiny_lens, oracle=BrightnessOracle(), segmenter=red_segmenter, out=tmp_path / "s", progress=False)
+    declaration = tmp_path / "s" / "study.json"
+    old = json.loads(declaration.read_text())
+    old.pop("metrics_version")  # as written before metric versions existed
+    declaration.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="measured with metrics version 1"):
+        run_study(small, tiny_lens, oracle=BrightnessOracle(), segmenter=red_segmenter, out=tmp_path / "s", progress=False)
+    from dit_lens import metrics
+
+    assert small.key(tiny_lens) != _key_without_metrics(small, tiny_lens) and metrics.METRICS_VERSION >= 2
+
+
+def _key_without_metrics(study, lens):
+    import hashlib
+    import json
+
+    blob = json.dumps({"study": study.to_dict(), "model": lens.fingerprint}, sort_keys=True)
+    return hashlib.blake2b(blob.encode(), digest_size=6).hexdigest()
+
+
 def test_unknown_labels_are_refused(tiny_lens, tmp_path):
     s = Study("x", pairs=(ConceptPair("esophagitis", "normal z-line"),), eval_seeds=1, vector_seeds=(1,), num_inference_steps=2)
     with pytest.raises(ValueError, match="not one of the oracle's labels"):
