@@ -38,7 +38,7 @@ class DownstreamConfig:
     synthetic_per_class: int = 64
     test_per_class: int = 200
     test_negatives: tuple[str, ...] = ("normal cecum", "ulcerative colitis", "dyed resection margins")
-    train_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    train_seeds: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7)
     detector_steps: int = 300
     alpha: float = 3.0
     window: tuple[float, float] = (0.0, 1.0)

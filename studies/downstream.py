@@ -5,7 +5,7 @@ from (a) re-prompting or (b) MedSteer counterfactual pairs, with several trainin
 on the shifted split against polyps and the colon's other findings (normal cecum, ulcerative colitis,
 dyed resection margins). Paper: ViT AUC 0.9755 (MedSteer) vs 0.9083 (re-prompting).
 
-    python studies/downstream.py [--quick] [--synthetic-per-class 64] [--train-seeds 0 1 2 3 4]
+    python studies/downstream.py [--quick] [--synthetic-per-class 64] [--train-seeds 0 1 2 3 4 5 6 7]
         [--test-negatives 'normal cecum']
 """
 
