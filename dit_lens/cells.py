@@ -27,9 +27,9 @@ class CellRunner:
     """Runs and stores the cells of one study in `folder`."""
 
     def __init__(self, study: Study, lens: Any, oracle: Callable, segmenter: Callable, folder: Path,
-                 *, progress: bool = True, keep_images: bool = True) -> None:
+                 *, progress: bool = True) -> None:
         self.study, self.lens, self.oracle, self.segmenter = study, lens, oracle, segmenter
-        self.folder, self.progress, self.keep_images = Path(folder), progress, keep_images
+        self.folder, self.progress = Path(folder), progress
         self._captures: dict[int, tuple[xr.Dataset, xr.Dataset]] = {}
         labels = list(getattr(oracle, "labels", []))
         for pair in study.pairs:

@@ -206,7 +206,6 @@ def run_study(
     segmenter: Callable,
     out: str | Path | None = None,
     progress: bool = True,
-    keep_images: bool = True,
 ) -> xr.Dataset:
     """Run every cell of `study` not already finished in `out`, and return the labelled result.
 
@@ -220,7 +219,7 @@ def run_study(
     from .store import cache_root
 
     folder = Path(out) if out is not None else cache_root() / "studies" / f"{study.name}-{study.key(lens)}"
-    runner = CellRunner(study, lens, oracle, segmenter, folder, progress=progress, keep_images=keep_images)
+    runner = CellRunner(study, lens, oracle, segmenter, folder, progress=progress)
     runner.run()
     return runner.assemble()
 
