@@ -182,20 +182,26 @@ class CellRunner:
         return ds
 
     def _claim_folder(self) -> None:
+        """Refuse a folder whose cells mean something else; record this declaration in it."""
         self.folder.mkdir(parents=True, exist_ok=True)
         declaration = self.folder / "study.json"
-        mine = {"study": self.study.to_dict(), "model_fingerprint": self.lens.fingerprint,
-                "metrics_version": M.METRICS_VERSION}
+        mine = _jsonable({"study": self.study.to_dict(), "model_fingerprint": self.lens.fingerprint,
+                          "metrics_version": M.METRICS_VERSION})
         if declaration.exists():
             theirs = json.loads(declaration.read_text())
-            if theirs != json.loads(json.dumps(mine)):
-                why = ("was measured with metrics version "
-                       f"{theirs.get('metrics_version', 1)} (this is {M.METRICS_VERSION})"
-                       if {**theirs, "metrics_version": M.METRICS_VERSION} == json.loads(json.dumps(mine))
-                       else "holds another study or model")
+            try:
+                context = Study.from_dict(theirs["study"]).cell_context()
+            except (KeyError, TypeError, ValueError):
+                context = None
+            if theirs.get("metrics_version", 1) != M.METRICS_VERSION:
+                why = f"was measured with metrics version {theirs.get('metrics_version', 1)} (this is {M.METRICS_VERSION})"
+            elif context != self.study.cell_context() or theirs.get("model_fingerprint") != self.lens.fingerprint:
+                why = "holds another study or model (pairs, seeds, sampler or weights differ)"
+            else:
+                why = None
+            if why:
                 raise ValueError(f"{self.folder} {why}; pass a new out= folder (nothing was changed)")
-        else:
-            _write_json_atomic(declaration, mine)
+        _write_json_atomic(declaration, mine)
 
 
 def _jsonable(value: Any) -> Any:

@@ -3,7 +3,8 @@
 A `Study` is a frozen value. `run_study` does the rest: captures for the vectors (reusing the capture
 store), one vector per (pair, number of vector seeds), counterfactual pairs for every grid cell,
 metrics with their n and bootstrap intervals, and a labelled `xarray.Dataset` whose dims are the grid
-axes. Finished cells are kept as small JSON files, so a killed study resumes and a re-run reuses them.
+axes. Finished cells are kept as small JSON files, so a killed study resumes, a re-run reuses them, and
+a widened grid (another α, window or baseline) computes only its new cells.
 
 Examples:
     >>> s = Study("demo", pairs=(ConceptPair("polyps", "normal cecum"),), alphas=(1.0, 2.5))
@@ -172,11 +173,25 @@ class Study:
         data["pairs"] = tuple(ConceptPair(**p) for p in data["pairs"])
         return cls(**data)
 
+    def cell_context(self) -> dict:
+        """What gives a cell's numbers their meaning besides its own grid coordinates.
+
+        Two declarations with the same context can share a result folder: widening a sweep (more
+        windows, step windows, α or update variants, another baseline) reuses the cells already
+        measured. Everything else — the pairs, seeds, sampler, vector seed counts (the cosine is
+        taken to the largest), dye metrics — must match.
+        """
+        data = self.to_dict()
+        for axis in ("name", "windows", "step_windows", "alphas", "renormalize", "baselines"):
+            data.pop(axis)
+        return json.loads(json.dumps(data))
+
     def key(self, lens: Any) -> str:
+        """Names the default result folder: the study's name and cell context, the model, the metrics."""
         from .metrics import METRICS_VERSION
 
-        blob = json.dumps({"study": self.to_dict(), "model": lens.fingerprint, "metrics": METRICS_VERSION},
-                          sort_keys=True)
+        blob = json.dumps({"name": self.name, "context": self.cell_context(), "model": lens.fingerprint,
+                           "metrics": METRICS_VERSION}, sort_keys=True)
         return hashlib.blake2b(blob.encode(), digest_size=6).hexdigest()
 
 

@@ -23,7 +23,7 @@ STUDY = Study(
         ConceptPair("ulcerative colitis", "normal cecum"),
         ConceptPair("esophagitis", "normal z-line"),
     ),
-    windows=((0.0, 0.5), (0.25, 0.75)),
+    windows=((0.0, 0.5), (0.25, 0.75), (0.0, 1.0)),
     step_windows=((0.0, 1.0), (0.5, 1.0), (0.75, 1.0)),
     alphas=(1.75, 2.5),
     renormalize=(True,),
