@@ -7,7 +7,10 @@ which the training negatives — the target class only — never show):
 - ``real``: real images only (``real_per_class`` per class);
 - ``reprompt``: plus K synthetic positives (source prompt) and K negatives (target prompt, same seeds);
 - ``medsteer``: plus K counterfactual pairs (unsteered positive, steered negative, same seed).
-The synthetic sets are quantity-matched. Reports AUC and F1 with bootstrap intervals over seeds.
+The synthetic sets are quantity-matched. Reports AUC and F1 with bootstrap intervals over seeds, and
+the AUC gain of ``medsteer`` over ``reprompt`` paired by training seed (both arms see the same real
+images, initialisation and batch order for a seed, so the pairing removes the detector's own
+seed-to-seed spread).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ class DownstreamConfig:
     synthetic_per_class: int = 64
     test_per_class: int = 200
     test_negatives: tuple[str, ...] = ("normal cecum", "ulcerative colitis", "dyed resection margins")
-    train_seeds: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7)
+    train_seeds: tuple[int, ...] = tuple(range(16))
     detector_steps: int = 300
     alpha: float = 3.0
     window: tuple[float, float] = (0.0, 1.0)
@@ -65,11 +68,17 @@ class DownstreamConfig:
         object.__setattr__(self, "window", tuple(float(x) for x in self.window))
 
 
+    def context(self) -> dict:
+        """Every setting but the training seeds: runs that share it share their finished cells."""
+        data = json.loads(json.dumps(asdict(self)))
+        data.pop("train_seeds")
+        return data
+
     def key(self, lens: Any) -> str:
-        """Names the default result folder: changes with the settings or the model."""
+        """Names the default result folder: changes with the settings (not the seed list) or the model."""
         import hashlib
 
-        blob = json.dumps({"config": asdict(self), "model": lens.fingerprint}, sort_keys=True)
+        blob = json.dumps({"config": self.context(), "model": lens.fingerprint}, sort_keys=True)
         return hashlib.blake2b(blob.encode(), digest_size=6).hexdigest()
 
 
@@ -186,6 +195,12 @@ def run_downstream(cfg: DownstreamConfig, lens: Any, folder: Path, *, progress: 
         data[f"{metric}_low"] = (("arm",), [e.low for e in est])
         data[f"{metric}_high"] = (("arm",), [e.high for e in est])
         data[f"{metric}_per_seed"] = (("arm", "train_seed"), per_seed)
+    per_seed_auc = np.array([[results[(a, s)]["auc"] for s in cfg.train_seeds] for a in ARMS])
+    gain = per_seed_auc[ARMS.index("medsteer")] - per_seed_auc[ARMS.index("reprompt")]
+    paired = M.estimate(gain)
+    data["auc_gain_medsteer_vs_reprompt"] = ((), paired.value)
+    data["auc_gain_medsteer_vs_reprompt_low"] = ((), paired.low)
+    data["auc_gain_medsteer_vs_reprompt_high"] = ((), paired.high)
     by_negative = np.array([[np.mean([results[(a, s)]["auc_by_negative"][label] for s in cfg.train_seeds])
                              for label in cfg.test_negatives] for a in ARMS])
     data["auc_by_negative"] = (("arm", "negative"), by_negative)
@@ -211,10 +226,14 @@ def _test_set(cfg: DownstreamConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def _claim(folder: Path, cfg: DownstreamConfig, lens: Any) -> None:
+    """Refuse a folder holding another run; more or other training seeds reuse the finished ones."""
     declaration = folder / "downstream.json"
     mine = json.loads(json.dumps({"config": asdict(cfg), "model_fingerprint": lens.fingerprint}))
     if declaration.exists():
-        if json.loads(declaration.read_text()) != mine:
+        theirs = json.loads(declaration.read_text())
+        theirs_context = {k: v for k, v in theirs.get("config", {}).items() if k != "train_seeds"}
+        if theirs_context != cfg.context() or theirs.get("model_fingerprint") != lens.fingerprint:
             raise ValueError(f"{folder} holds another downstream run; pass a new --out folder (nothing was changed)")
-    else:
-        declaration.write_text(json.dumps(mine, indent=1))
+    tmp = declaration.with_suffix(".tmp")
+    tmp.write_text(json.dumps(mine, indent=1))
+    os.replace(tmp, declaration)

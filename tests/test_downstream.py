@@ -61,6 +61,14 @@ def test_run_downstream_end_to_end_resumes_and_refuses_another_run(tmp_path):
     again = run_downstream(cfg, lens, tmp_path, progress=False)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cells").iterdir()} == stamp
     xr.testing.assert_equal(again["auc"], result["auc"])
+    assert np.isfinite(float(result["auc_gain_medsteer_vs_reprompt"]))
+    gain = result["auc_per_seed"].sel(arm="medsteer") - result["auc_per_seed"].sel(arm="reprompt")
+    assert float(result["auc_gain_medsteer_vs_reprompt"]) == pytest.approx(float(gain.mean()))
+    # more training seeds reuse the finished ones
+    more = run_downstream(DownstreamConfig(**{**cfg.__dict__, "train_seeds": (0, 1, 2)}), lens, tmp_path, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cells").iterdir() if p in stamp} == stamp
+    assert len(list((tmp_path / "cells").iterdir())) == 9 and more["auc_per_seed"].shape == (3, 3)
+    cells = sorted(p.name for p in (tmp_path / "cells").iterdir())
     with pytest.raises(ValueError, match="another downstream run"):
         run_downstream(DownstreamConfig(**{**cfg.__dict__, "alpha": 1.0}), lens, tmp_path, progress=False)
     assert sorted(p.name for p in (tmp_path / "cells").iterdir()) == cells
