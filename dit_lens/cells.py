@@ -43,9 +43,10 @@ class CellRunner:
     def cells(self) -> list[dict]:
         s = self.study
         grid = [
-            {"edit": "medsteer", "pair": p, "window": w, "steps": t, "alpha": a, "renormalize": r, "vector_seeds": n}
+            {"edit": "medsteer", "pair": p, "window": w, "steps": t, "alpha": a, "renormalize": r, "blend": b,
+             "vector_seeds": n}
             for p in range(len(s.pairs)) for w in s.windows for t in s.step_windows for a in s.alphas
-            for r in s.renormalize for n in s.vector_seeds
+            for r in s.renormalize for b in s.blends for n in s.vector_seeds
         ]
         grid += [{"edit": b, "pair": p} for b in s.baselines for p in range(len(s.pairs))]
         return grid
@@ -55,7 +56,8 @@ class CellRunner:
             name = f"{cell['edit']}_p{cell['pair']}"
         else:
             w, t = ("-".join(f"{x:g}" for x in cell[axis]) for axis in ("window", "steps"))
-            name = f"p{cell['pair']}_w{w}_t{t}_a{cell['alpha']:g}_r{int(cell['renormalize'])}_n{cell['vector_seeds']}"
+            blend = f"_b{cell['blend']:g}" if cell["blend"] else ""  # unblended cells keep their names
+            name = f"p{cell['pair']}_w{w}_t{t}_a{cell['alpha']:g}_r{int(cell['renormalize'])}{blend}_n{cell['vector_seeds']}"
         return self.folder / "cells" / f"{name}.json"
 
     def run(self) -> None:
@@ -77,7 +79,7 @@ class CellRunner:
             return self.measure(out, pair)
         steer = self.steer(cell)
         out = generate(lens, pair.source_prompt, seeds=seeds, steer=steer, num_inference_steps=s.num_inference_steps,
-                       guidance_scale=s.guidance_scale, batch_size=8, progress=False)
+                       guidance_scale=s.guidance_scale, blend=cell["blend"], batch_size=8, progress=False)
         result = self.measure(out, pair)
         full = self.vector(cell["pair"], max(s.vector_seeds))
         cos = float((steer.vector * full).sum("channel").mean())
@@ -148,7 +150,8 @@ class CellRunner:
         coords = {
             "edit": methods, "pair": [p.name for p in s.pairs], "window": [window_label(w) for w in s.windows],
             "steps": [window_label(w) for w in s.step_windows],
-            "alpha": list(s.alphas), "renormalize": list(s.renormalize), "vector_seeds": list(s.vector_seeds),
+            "alpha": list(s.alphas), "renormalize": list(s.renormalize), "blend": list(s.blends),
+            "vector_seeds": list(s.vector_seeds),
         }
         shape = tuple(len(v) for v in coords.values())
         names = list(self.metrics) + ["vector_cosine_to_largest"]
@@ -159,7 +162,8 @@ class CellRunner:
             if cell["edit"] == "medsteer":
                 index = (0, cell["pair"], s.windows.index(tuple(cell["window"])),
                          s.step_windows.index(tuple(cell["steps"])), s.alphas.index(cell["alpha"]),
-                         s.renormalize.index(cell["renormalize"]), s.vector_seeds.index(cell["vector_seeds"]))
+                         s.renormalize.index(cell["renormalize"]), s.blends.index(cell["blend"]),
+                         s.vector_seeds.index(cell["vector_seeds"]))
             else:  # a baseline does not depend on the steering settings: it fills its whole row
                 index = (methods.index(cell["edit"]), cell["pair"])
             for m, est in record.items():

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics as M
+from .blend import check_blend
 from .explorer import write_explorer
 from .figures import gate_figure, pairs_figure
 from .generate import generate
@@ -30,6 +31,7 @@ __all__ = ["add_demo_arguments", "run_demo"]
 DEFAULT_SOURCE, DEFAULT_TARGET = "polyps", "normal cecum"
 DEFAULT_WINDOW = (0.0, 1.0)
 DEFAULT_ALPHA = 3.0
+DEFAULT_BLEND = 0.0
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,6 +48,9 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=float, nargs=2, default=DEFAULT_WINDOW, metavar=("START", "STOP"),
                    help="steered layers as fractions of depth")
     p.add_argument("--renormalize", action="store_true", help="the authors' norm-preserving update")
+    p.add_argument("--blend", type=float, default=DEFAULT_BLEND,
+                   help="latent blending threshold in [0, 1): keep the unsteered latent where steering changed "
+                        "it little (0 = off, the paper's method)")
     p.add_argument("--vector-seeds", type=int, default=16, help="seeds per prompt for the vector")
     p.add_argument("--pairs", type=int, default=16, help="counterfactual pairs to generate")
     p.add_argument("--steps", type=int, default=20, help="denoising steps")
@@ -56,6 +61,7 @@ def run_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    check_blend(args.blend)
     lens = load(args.model, lora=args.lora)
     positive = args.positive or [c.format(args.source) for c in ENDOSCOPY_CONTEXTS]
     negative = args.negative or [c.format(args.target) for c in ENDOSCOPY_CONTEXTS]
@@ -71,14 +77,14 @@ def run_demo(args: argparse.Namespace) -> int:
     seeds = [10_000 + i for i in range(args.pairs)]
     print(f"[2/3] {args.pairs} counterfactual pairs, {steer!r}")
     pairs = generate(lens, prompt, seeds=seeds, steer=steer, num_inference_steps=args.steps,
-                     guidance_scale=args.guidance, record_gates=True, batch_size=8)
+                     guidance_scale=args.guidance, record_gates=True, blend=args.blend, batch_size=8)
 
     print("[3/3] metrics and figures")
     summary = _measure(pairs, oracle_source, args.source)
     summary.update(
         n_pairs=args.pairs,
         settings={"alpha": args.alpha, "layers": layers, "window": list(args.window),
-                  "renormalize": args.renormalize, "num_inference_steps": args.steps,
+                  "renormalize": args.renormalize, "blend": args.blend, "num_inference_steps": args.steps,
                   "guidance_scale": args.guidance, "seeds": seeds,
                   "vector_seeds": list(range(args.vector_seeds)), "prompt": prompt,
                   "positive": positive, "negative": negative},
@@ -152,6 +158,6 @@ def _print_table(summary: dict, out_dir: Path) -> None:
             print(f"{key:22s} {fmt(key)}")
     print(f"{'bg_lpips':22s} {summary['bg_lpips_status']}")
     s = summary["settings"]
-    print(f"settings: alpha={s['alpha']} layers={s['layers']} renormalize={s['renormalize']} "
+    print(f"settings: alpha={s['alpha']} layers={s['layers']} renormalize={s['renormalize']} blend={s['blend']} "
           f"steps={s['num_inference_steps']} guidance={s['guidance_scale']}; {summary['seconds']} s")
     print(f"wrote {out_dir}/summary.json, pairs.png, gates.png, explorer.html, vector.zarr")

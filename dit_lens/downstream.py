@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import xarray as xr
 
 from . import metrics as M
+from .blend import check_blend
 
 __all__ = ["DownstreamConfig", "roc_auc", "f1_score", "train_detector", "run_downstream"]
 
@@ -45,6 +46,7 @@ class DownstreamConfig:
     detector_steps: int = 300
     alpha: float = 3.0
     window: tuple[float, float] = (0.0, 1.0)
+    blend: float = 0.0
     vector_seeds: int = 32
     num_inference_steps: int = 20
     guidance_scale: float = 4.5
@@ -66,6 +68,7 @@ class DownstreamConfig:
             raise ValueError(f"DownstreamConfig.test_negatives must name negative classes other than the source "
                              f"{self.source!r}, got {self.test_negatives}")
         object.__setattr__(self, "window", tuple(float(x) for x in self.window))
+        object.__setattr__(self, "blend", check_blend(self.blend))
 
 
     def context(self) -> dict:
@@ -150,7 +153,7 @@ def run_downstream(cfg: DownstreamConfig, lens: Any, folder: Path, *, progress: 
                                 guidance_scale=cfg.guidance_scale)
         steer = Steer(vector, alpha=cfg.alpha, layers=window_layers(cfg.window, lens.num_layers))
         pairs = generate(lens, prompt, seeds=seeds, steer=steer, num_inference_steps=cfg.num_inference_steps,
-                         guidance_scale=cfg.guidance_scale, batch_size=8, progress=progress)
+                         guidance_scale=cfg.guidance_scale, blend=cfg.blend, batch_size=8, progress=progress)
         target = generate(lens, f"An endoscopic image of {cfg.target}", seeds=seeds,
                           num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                           batch_size=8, progress=progress)

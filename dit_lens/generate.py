@@ -23,6 +23,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
+from .blend import blend_latents, check_blend
 from .hooks import check_prompts, check_seeds, traced_generate
 from .steer import Steer, steer_tokens
 
@@ -38,6 +39,7 @@ def generate(
     num_inference_steps: int = 20,
     guidance_scale: float = 4.5,
     record_gates: bool = False,
+    blend: float = 0.0,
     batch_size: int | None = None,
     progress: bool = True,
 ) -> xr.Dataset:
@@ -52,6 +54,9 @@ def generate(
         guidance_scale: Classifier-free guidance scale.
         record_gates: Also return the gate g = max(0, h·v) of every token of the conditional half
             of the steered run, at steered layers and steps.
+        blend: Latent blending threshold τ in [0, 1) (`dit_lens.blend`): after every step the
+            steered latent is pulled back to the unsteered one where steering changed it less
+            than τ of its largest change. 0 (the default) turns it off.
         batch_size: Cells per pipeline call (each cell is 1 or 2 images); default 4.
         progress: Show a progress bar over batches.
 
@@ -59,11 +64,15 @@ def generate(
         Dataset with ``image (prompt, seed, branch, y, x, rgb)`` float32 in [0, 1], branch
         ``["unsteered", "steered"]`` (or ``["unsteered"]``), and with `record_gates`
         ``gate (prompt, seed, step, layer, row, col)`` (a leading ``steer`` dim when several
-        steers are given). Attrs hold provenance and every setting.
+        steers are given); with `blend`, ``blend_mask (prompt, seed, blend_step, latent_y, latent_x)``,
+        the mask m after every step. Attrs hold provenance and every setting.
     """
     prompts, seeds = check_prompts(prompts), check_seeds(seeds)
     steers = _as_steers(steer)
     _validate(lens, prompts, seeds, steers, num_inference_steps, record_gates, batch_size)
+    blend = check_blend(blend)
+    if blend and not steers:
+        raise ValueError("blend needs a steer: it blends the steered branch with the unsteered one")
     branches = ["unsteered", "steered"] if steers else ["unsteered"]
     cells = [(p, s) for p in range(len(prompts)) for s in range(len(seeds))]
     per_call = batch_size or 4
@@ -76,18 +85,23 @@ def generate(
     gates = None
     if record_gates:
         gates = np.zeros((len(steers), len(prompts), len(seeds), len(steps), len(layers), rows, cols), np.float32)
+    masks = None
 
     chunks = [cells[i : i + per_call] for i in range(0, len(cells), per_call)]
     for chunk in tqdm(chunks, desc="generate", unit="batch", disable=not progress):
         row_prompts = [prompts[p] for p, _ in chunk for _ in branches]
         row_seeds = [seeds[s] for _, s in chunk for _ in branches]
         steered_rows = [i * len(branches) + 1 for i in range(len(chunk))] if steers else []
-        out_images, chunk_gates = _run(
+        out_images, chunk_gates, chunk_masks = _run(
             lens, row_prompts, row_seeds, steers, steered_rows, layers, steps,
-            num_inference_steps, guidance_scale, record_gates,
+            num_inference_steps, guidance_scale, record_gates, blend,
         )
+        if blend and masks is None:
+            masks = np.zeros((len(prompts), len(seeds), *chunk_masks.shape[1:]), np.float32)
         for i, (p, s) in enumerate(chunk):
             images[p, s] = out_images[i * len(branches) : (i + 1) * len(branches)]
+            if masks is not None:
+                masks[p, s] = chunk_masks[i]
             if gates is not None:
                 gates[:, p, s] = chunk_gates[:, i].reshape(len(steers), len(steps), len(layers), rows, cols)
 
@@ -102,19 +116,23 @@ def generate(
         else:
             coords["steer"] = [st.name or f"steer{k}" for k, st in enumerate(steers)]
             data["gate"] = (("steer",) + gate_dims, gates)
+    if masks is not None:
+        data["blend_mask"] = (("prompt", "seed", "blend_step", "latent_y", "latent_x"), masks)
+        coords["blend_step"] = np.arange(masks.shape[2])
     ds = xr.Dataset(data, coords=coords)
     ds.attrs.update(lens.provenance())
     ds.attrs.update(
         num_inference_steps=num_inference_steps,
         guidance_scale=float(guidance_scale),
+        blend=blend,
         seeds=json.dumps(seeds),
         steers=json.dumps([st.settings() for st in steers]),
     )
     return ds
 
 
-def _run(lens, row_prompts, row_seeds, steers, steered_rows, layers, steps, T, guidance, record):
-    """One pipeline call over the rows; edits `steered_rows`. Returns (images, gates)."""
+def _run(lens, row_prompts, row_seeds, steers, steered_rows, layers, steps, T, guidance, record, blend):
+    """One pipeline call over the rows; edits `steered_rows`. Returns (images, gates, blend masks)."""
     n_steered, n_rows = len(steered_rows), len(row_prompts)
     gates = torch.zeros(len(steers), n_steered, len(steps), len(layers), lens.token_grid[0] * lens.token_grid[1])
     step_index = {t: i for i, t in enumerate(steps)}
@@ -139,11 +157,20 @@ def _run(lens, row_prompts, row_seeds, steers, steered_rows, layers, steps, T, g
         new[index] = edited
         return new
 
+    masks: list[torch.Tensor] = []
+
+    def step_end(t: int, latents: torch.Tensor) -> None:  # latents: (rows, C, H, W), edited in place
+        steered = torch.tensor(steered_rows)
+        latents[steered], mask = blend_latents(latents[steered - 1], latents[steered], blend)
+        masks.append(mask.detach().float().cpu())  # (pairs, H, W)
+
     result = traced_generate(
         lens, row_prompts, row_seeds, num_inference_steps=T, guidance_scale=guidance,
         site=lens.family.cross_attention_site, layers=layers, visit=visit, output_type="np",
+        step_end=step_end if blend else None,
     )
-    return result.images.astype(np.float32), gates.numpy()
+    mask_array = torch.stack(masks, dim=1).numpy() if masks else None  # (pairs, steps, H, W)
+    return result.images.astype(np.float32), gates.numpy(), mask_array
 
 
 def scheduler_timesteps(lens: Any, num_inference_steps: int) -> np.ndarray:

@@ -51,6 +51,7 @@ def traced_generate(
     layers: Sequence[int],
     visit: Visit,
     output_type: str = "latent",
+    step_end: Callable[[int, torch.Tensor], None] | None = None,
 ) -> Any:
     """Run ``lens.pipeline``'s denoising loop for runs ``(prompts[i], seeds[i])`` as one batch.
 
@@ -70,6 +71,8 @@ def traced_generate(
         visit: Called as ``visit(step, index into layers, output)``.
         output_type: The pipeline's ``output_type``; the default skips the VAE decode, which no
             site depends on.
+        step_end: Called as ``step_end(step, latents)`` after each denoising step with the
+            loop's latents ``(runs, C, H, W)``; it may edit them in place (latent blending).
 
     Returns:
         The pipeline's output (``.images``), as the plain call returns it.
@@ -82,12 +85,14 @@ def traced_generate(
         raise ValueError(f"layers must be strictly ascending (execution order), got {list(layers)}")
     envoys = [site_module(lens.model, lens.family, site, layer) for layer in layers]
     steps = int(num_inference_steps)
+    extra = {} if step_end is None else {"callback": lambda step, _t, latents: step_end(int(step), latents)}
     with lens.model.generate(
         list(prompts),
         generator=[lens.generator(seed) for seed in seeds],
         num_inference_steps=steps,
         guidance_scale=guidance_scale,
         output_type=output_type,
+        **extra,
         **lens.pipeline_kwargs,
     ) as tracer:
         for step in tracer.iter[:steps]:  # bounded: code after an unbounded iter never runs

@@ -9,7 +9,7 @@ a widened grid (another α, window or baseline) computes only its new cells.
 Examples:
     >>> s = Study("demo", pairs=(ConceptPair("polyps", "normal cecum"),), alphas=(1.0, 2.5))
     >>> s.grid_shape()
-    {'pair': 1, 'window': 1, 'steps': 1, 'alpha': 2, 'renormalize': 1, 'vector_seeds': 1}
+    {'pair': 1, 'window': 1, 'steps': 1, 'alpha': 2, 'renormalize': 1, 'blend': 1, 'vector_seeds': 1}
     >>> ConceptPair("polyps", "normal cecum").source_prompt
     'An endoscopic image of polyps'
 """
@@ -26,6 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import xarray as xr
 
+from .blend import check_blend
 from .world.procedural import CONTEXTS
 
 __all__ = ["ConceptPair", "ENDOSCOPY_CONTEXTS", "Study", "run_study", "window_layers", "window_steps",
@@ -38,6 +39,8 @@ ENDOSCOPY_CONTEXTS = CONTEXTS
 #: Metrics computed for every steered cell (and for each baseline).
 STEER_METRICS = ("flip_rate", "confidence_shift", "bg_ssim", "bg_psnr", "bg_lpips")
 DYE_METRICS = ("dye_detection_rate", "polyp_kept")
+#: The steering settings a study sweeps, as result dims (`pair` and `edit` aside).
+SETTING_AXES = ("window", "steps", "alpha", "renormalize", "blend", "vector_seeds")
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,8 @@ class Study:
             axis; ``(0, 1)`` steers every step).
         alphas: Steering strengths (a grid axis).
         renormalize: Update variants: False = paper, True = authors' renormalised (a grid axis).
+        blends: Latent blending thresholds τ (`dit_lens.blend`; 0 = off, the paper's method) (a
+            grid axis).
         vector_seeds: Numbers of seeds per prompt for the vector (a grid axis); vectors for
             smaller counts use the first seeds of the largest capture.
         eval_seeds: Pairs generated per cell (seeds ``eval_seed_base + i``, disjoint from the
@@ -112,6 +117,7 @@ class Study:
     step_windows: tuple[tuple[float, float], ...] = ((0.0, 1.0),)
     alphas: tuple[float, ...] = (2.5,)
     renormalize: tuple[bool, ...] = (False,)
+    blends: tuple[float, ...] = (0.0,)
     vector_seeds: tuple[int, ...] = (16,)
     eval_seeds: int = 32
     eval_seed_base: int = 10_000
@@ -122,14 +128,14 @@ class Study:
     quick: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        tuples = ("pairs", "windows", "step_windows", "alphas", "renormalize", "vector_seeds", "baselines")
+        tuples = ("pairs", "windows", "step_windows", "alphas", "renormalize", "blends", "vector_seeds", "baselines")
         for attr in tuples:
             object.__setattr__(self, attr, tuple(getattr(self, attr)))
         for attr in ("windows", "step_windows"):
             object.__setattr__(self, attr, tuple(tuple(float(x) for x in w) for w in getattr(self, attr)))
         if not self.name or "/" in self.name:
             raise ValueError(f"Study.name must be a plain non-empty name, got {self.name!r}")
-        for attr in ("pairs", "windows", "step_windows", "alphas", "renormalize", "vector_seeds"):
+        for attr in ("pairs", "windows", "step_windows", "alphas", "renormalize", "blends", "vector_seeds"):
             if not getattr(self, attr):
                 raise ValueError(f"Study.{attr} must hold at least one value")
         for attr in ("windows", "step_windows"):
@@ -139,6 +145,10 @@ class Study:
                                      f"got {window}")
         if any(not np.isfinite(a) for a in self.alphas):
             raise ValueError(f"Study.alphas must be finite, got {self.alphas}")
+        try:
+            object.__setattr__(self, "blends", tuple(check_blend(b) for b in self.blends))
+        except ValueError as err:
+            raise ValueError(f"Study.blends: {err}") from None
         if any(int(n) < 1 for n in self.vector_seeds) or self.eval_seeds < 1:
             raise ValueError("Study.vector_seeds and Study.eval_seeds must be >= 1")
         if self.eval_seed_base < max(self.vector_seeds):
@@ -160,7 +170,7 @@ class Study:
     def grid_shape(self) -> dict:
         return {"pair": len(self.pairs), "window": len(self.windows), "steps": len(self.step_windows),
                 "alpha": len(self.alphas),
-                "renormalize": len(self.renormalize), "vector_seeds": len(self.vector_seeds)}
+                "renormalize": len(self.renormalize), "blend": len(self.blends), "vector_seeds": len(self.vector_seeds)}
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -182,7 +192,7 @@ class Study:
         taken to the largest), dye metrics — must match.
         """
         data = self.to_dict()
-        for axis in ("name", "windows", "step_windows", "alphas", "renormalize", "baselines"):
+        for axis in ("name", "windows", "step_windows", "alphas", "renormalize", "blends", "baselines"):
             data.pop(axis)
         return json.loads(json.dumps(data))
 
@@ -225,7 +235,7 @@ def run_study(
     """Run every cell of `study` not already finished in `out`, and return the labelled result.
 
     Returns:
-        Dataset with dims ``(pair, window, steps, alpha, renormalize, vector_seeds)`` (plus ``edit``
+        Dataset with dims ``(pair, window, steps, alpha, renormalize, blend, vector_seeds)`` (plus ``edit``
         when baselines are declared); for each metric the variables ``<metric>``, ``<metric>_low``,
         ``<metric>_high`` and ``<metric>_n``. Attrs: the declaration, provenance, the folder.
     """
@@ -251,7 +261,7 @@ def pick_settings(result: xr.Dataset, *, require: dict[str, float] | None = None
     """
     require = {"flip_rate": 0.9} if require is None else dict(require)
     steered = result.sel(edit="medsteer") if "edit" in result.dims else result
-    axes = [d for d in ("window", "steps", "alpha", "renormalize", "vector_seeds") if d in steered.dims]
+    axes = [d for d in SETTING_AXES if d in steered.dims]
     picks = []
     for pair in steered["pair"].values:
         cells = steered.sel(pair=pair).to_dataframe().reset_index()

@@ -52,6 +52,8 @@ def parser(study: Study) -> argparse.ArgumentParser:
                    help="when to steer: step windows START:STOP (fractions of the steps; 0:1 = all)")
     p.add_argument("--alphas", nargs="+", type=float, help="steering strengths")
     p.add_argument("--renormalize", nargs="+", type=_bool, help="update variants (true = authors')")
+    p.add_argument("--blends", nargs="+", type=float,
+                   help="latent blending thresholds in [0, 1) (0 = off: the paper's method)")
     p.add_argument("--vector-seeds", nargs="+", type=int, help="seeds per prompt for the vector")
     p.add_argument("--eval-seeds", type=int, help="pairs per cell")
     p.add_argument("--steps", type=int, dest="num_inference_steps", help="denoising steps")
@@ -63,7 +65,8 @@ def declared(study: Study, args: argparse.Namespace) -> Study:
     if args.quick:
         study = study.quick_version()
     changes: dict[str, Any] = {}
-    for field in ("windows", "step_windows", "alphas", "renormalize", "vector_seeds", "eval_seeds", "num_inference_steps", "guidance_scale"):
+    for field in ("windows", "step_windows", "alphas", "renormalize", "blends", "vector_seeds", "eval_seeds",
+                  "num_inference_steps", "guidance_scale"):
         value = getattr(args, field)
         if value is not None:
             changes[field] = tuple(value) if isinstance(value, list) else value
@@ -123,7 +126,7 @@ def print_table(result) -> None:
 
 def print_picks(result) -> None:
     """Per pair, the setting with the best Bg-SSIM among those that flip ≥ 0.9 (dye: also keep the polyp ≥ 0.8)."""
-    from .study import pick_settings
+    from .study import SETTING_AXES, pick_settings
 
     if all(size == 1 for dim, size in result.sizes.items() if dim not in ("pair", "edit")):
         return  # one setting per pair: nothing to pick
@@ -133,8 +136,7 @@ def print_picks(result) -> None:
     floors = " and ".join(f"{m} >= {v:g}" for m, v in require.items())
     print(f"picked per pair (best Bg-SSIM with {floors}):")
     for pick in pick_settings(result, require=require):
-        where = ", ".join(f"{k}={pick[k]}" for k in ("window", "steps", "alpha", "renormalize", "vector_seeds")
-                          if k in pick)
+        where = ", ".join(f"{k}={pick[k]}" for k in SETTING_AXES if k in pick)
         shown = "".join(f", {m} {pick[m][0]:.3f}" for m in ("flip_rate", "bg_ssim", "dye_detection_rate", "polyp_kept")
                         if m in pick)
         note = "" if pick["meets"] else "  (no setting meets the floors: the closest shown)"

@@ -5,7 +5,7 @@ import pytest
 
 from dit_lens.generate import generate
 from dit_lens.steer import Steer
-from reference import steered_plain_call
+from reference import blended_plain_call, steered_plain_call
 from test_steer import unit_vector
 
 T = 4
@@ -100,3 +100,38 @@ def test_bad_arguments_are_clear_errors(tiny_lens, steer):
         generate(tiny_lens, "x", seeds=[0], steer=steer, num_inference_steps=T + 1, progress=False)
     with pytest.raises(TypeError, match="Steer values"):
         generate(tiny_lens, "x", seeds=[0], steer="polyp", progress=False)
+
+
+def test_blend_matches_a_two_call_reference(tiny_lens, steer):
+    # on this tiny random model steering changes every position much alike: a high τ blends
+    out = generate(tiny_lens, ["a polyp"], seeds=[3, 4], steer=steer, num_inference_steps=T, blend=0.9,
+                   batch_size=2, progress=False)
+    unblended = generate(tiny_lens, ["a polyp"], seeds=[3, 4], steer=steer, num_inference_steps=T, progress=False)
+    for seed in (3, 4):
+        image = blended_plain_call(tiny_lens, "a polyp", seed, T, 4.5, (steer.vector.values, 3.0, [1, 2], False), 0.9)
+        got = out["image"].sel(prompt="a polyp", seed=seed, branch="steered").values
+        np.testing.assert_allclose(got, image, atol=1e-4)
+    # blending pulls the steered image toward the unsteered one, which it leaves alone
+    diff = lambda o: np.abs(o["image"].sel(branch="steered").values - o["image"].sel(branch="unsteered").values).mean()  # noqa: E731
+    assert 0 < diff(out) < diff(unblended)
+    np.testing.assert_array_equal(out["image"].sel(branch="unsteered").values,
+                                  unblended["image"].sel(branch="unsteered").values)
+    mask = out["blend_mask"]
+    assert mask.dims == ("prompt", "seed", "blend_step", "latent_y", "latent_x") and mask.sizes["blend_step"] == T
+    assert 0 <= float(mask.min()) < 0.9 and float(mask.max()) == 1.0
+    assert out.attrs["blend"] == 0.9
+
+
+def test_blend_with_alpha_zero_is_bit_identical(tiny_lens, steer):
+    zero = Steer(steer.vector, alpha=0.0)
+    out = generate(tiny_lens, ["a polyp"], seeds=[0, 1], steer=zero, num_inference_steps=T, blend=0.3, progress=False)
+    np.testing.assert_array_equal(out["image"].sel(branch="steered").values, out["image"].sel(branch="unsteered").values)
+    assert float(out["blend_mask"].max()) == 0.0
+
+
+def test_bad_blend_is_a_clear_error(tiny_lens, steer):
+    for bad in (-0.1, 1.0, float("nan"), True):
+        with pytest.raises(ValueError, match=r"blend must be"):
+            generate(tiny_lens, "x", seeds=[0], steer=steer, num_inference_steps=T, blend=bad, progress=False)
+    with pytest.raises(ValueError, match="blend needs a steer"):
+        generate(tiny_lens, "x", seeds=[0], num_inference_steps=T, blend=0.3, progress=False)

@@ -61,6 +61,22 @@ def test_a_step_window_steers_only_those_steps(tiny_lens, tmp_path):
     assert json.loads(result.attrs["step_window_steps"]) == {"0–1": "all", "0.5–1": [2, 3]}
 
 
+def test_a_blend_axis_blends_its_cells_and_keeps_unblended_cell_names(tiny_lens, tmp_path):
+    s = Study("blend", pairs=(ConceptPair("polyps", "normal cecum", contexts=("An image of {}",)),),
+              alphas=(0.0, 3.0), blends=(0.0, 0.9), vector_seeds=(2,), eval_seeds=2, num_inference_steps=4)
+    assert s.grid_shape()["blend"] == 2
+    result = run_study(s, tiny_lens, oracle=BrightnessOracle(), segmenter=red_segmenter, out=tmp_path, progress=False)
+    assert list(result["blend"].values) == [0.0, 0.9]
+    names = sorted(p.name for p in (tmp_path / "cells").glob("*.json"))
+    assert names == ["p0_w0-1_t0-1_a0_r0_b0.9_n2.json", "p0_w0-1_t0-1_a0_r0_n2.json",
+                     "p0_w0-1_t0-1_a3_r0_b0.9_n2.json", "p0_w0-1_t0-1_a3_r0_n2.json"]
+    psnr = result["bg_psnr"].squeeze()
+    assert float(psnr.sel(alpha=0.0).min()) == 100.0  # α 0 stays the unsteered image, blended or not
+    assert float(psnr.sel(alpha=3.0, blend=0.9)) > float(psnr.sel(alpha=3.0, blend=0.0))
+    with pytest.raises(ValueError, match="Study.blends"):
+        Study("x", pairs=s.pairs, blends=(1.5,))
+
+
 def test_pick_settings_takes_the_best_background_among_settings_that_flip():
     def est(v):
         return xr.DataArray(np.array(v, float), dims=("pair", "alpha"))
@@ -100,7 +116,8 @@ def test_study_validates_its_declaration():
 def test_run_study_grid_result_and_resume(tiny_lens, study, tmp_path, monkeypatch):
     result = run_study(study, tiny_lens, oracle=BrightnessOracle(), segmenter=red_segmenter,
                        out=tmp_path / "s", progress=False)
-    assert result["flip_rate"].dims == ("edit", "pair", "window", "steps", "alpha", "renormalize", "vector_seeds")
+    assert result["flip_rate"].dims == ("edit", "pair", "window", "steps", "alpha", "renormalize", "blend",
+                                        "vector_seeds")
     assert list(result["edit"].values) == ["medsteer", "reprompt"]
     steered = result.sel(edit="medsteer")
     # alpha 0 is the unsteered image: no flips, background identical
