@@ -12,7 +12,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from . import metrics as M
-from .generate import generate
+from .generate import generate, reprompt
 from .steer import Steer
 from .study import DYE_METRICS, STEER_METRICS, ConceptPair, Study, window_label, window_layers, window_steps
 from .vectors import concept_vector
@@ -48,15 +48,16 @@ class CellRunner:
             for p in range(len(s.pairs)) for w in s.windows for t in s.step_windows for a in s.alphas
             for r in s.renormalize for b in s.blends for n in s.vector_seeds
         ]
-        grid += [{"edit": b, "pair": p} for b in s.baselines for p in range(len(s.pairs))]
+        # a baseline depends on the pair and on blending (the same latent blending applies to it), not on steering
+        grid += [{"edit": e, "pair": p, "blend": b} for e in s.baselines for p in range(len(s.pairs)) for b in s.blends]
         return grid
 
     def path(self, cell: dict) -> Path:
+        blend = f"_b{cell['blend']:g}" if cell["blend"] else ""  # unblended cells keep their names
         if cell["edit"] != "medsteer":
-            name = f"{cell['edit']}_p{cell['pair']}"
+            name = f"{cell['edit']}_p{cell['pair']}{blend}"
         else:
             w, t = ("-".join(f"{x:g}" for x in cell[axis]) for axis in ("window", "steps"))
-            blend = f"_b{cell['blend']:g}" if cell["blend"] else ""  # unblended cells keep their names
             name = f"p{cell['pair']}_w{w}_t{t}_a{cell['alpha']:g}_r{int(cell['renormalize'])}{blend}_n{cell['vector_seeds']}"
         return self.folder / "cells" / f"{name}.json"
 
@@ -75,7 +76,9 @@ class CellRunner:
         pair = s.pairs[cell["pair"]]
         seeds = [s.eval_seed_base + i for i in range(s.eval_seeds)]
         if cell["edit"] == "reprompt":
-            out = self._reprompt(pair, seeds)
+            out = reprompt(lens, pair.source_prompt, pair.target_prompt, seeds=seeds, blend=cell["blend"],
+                           num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale, batch_size=8,
+                           progress=False)
             return self.measure(out, pair)
         steer = self.steer(cell)
         out = generate(lens, pair.source_prompt, seeds=seeds, steer=steer, num_inference_steps=s.num_inference_steps,
@@ -107,17 +110,6 @@ class CellRunner:
                                           capture(self.lens, pair.negative(), **settings))
         pos, neg = self._captures[pair_index]
         return concept_vector(pos.isel(seed=slice(0, n)), neg.isel(seed=slice(0, n)))
-
-    def _reprompt(self, pair: ConceptPair, seeds: list[int]) -> xr.Dataset:
-        """Pairs (source prompt, target prompt) from the same seed: the re-prompting baseline."""
-        s = self.study
-        both = generate(self.lens, [pair.source_prompt, pair.target_prompt], seeds=seeds,
-                        num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
-                        batch_size=8, progress=False)
-        image = both["image"].isel(branch=0).transpose("prompt", "seed", "y", "x", "rgb").values
-        pairs = np.stack([image[0], image[1]], axis=1)[None]  # (1, seed, branch, y, x, rgb)
-        coords = {"prompt": [pair.source_prompt], "seed": seeds, "branch": ["unsteered", "steered"]}
-        return xr.Dataset({"image": (("prompt", "seed", "branch", "y", "x", "rgb"), pairs)}, coords=coords)
 
     # -- metrics -------------------------------------------------------------------------
 
@@ -164,8 +156,9 @@ class CellRunner:
                          s.step_windows.index(tuple(cell["steps"])), s.alphas.index(cell["alpha"]),
                          s.renormalize.index(cell["renormalize"]), s.blends.index(cell["blend"]),
                          s.vector_seeds.index(cell["vector_seeds"]))
-            else:  # a baseline does not depend on the steering settings: it fills its whole row
-                index = (methods.index(cell["edit"]), cell["pair"])
+            else:  # a baseline does not depend on the steering settings: it fills its row at its blend
+                index = (methods.index(cell["edit"]), cell["pair"], slice(None), slice(None), slice(None), slice(None),
+                         s.blends.index(cell["blend"]))
             for m, est in record.items():
                 status.add(est.get("status", "")) if m == "bg_lpips" else None
                 for suffix, key in (("", "value"), ("_low", "low"), ("_high", "high"), ("_n", "n")):

@@ -27,7 +27,7 @@ from .blend import blend_latents, check_blend
 from .hooks import check_prompts, check_seeds, traced_generate
 from .steer import Steer, steer_tokens
 
-__all__ = ["generate", "scheduler_timesteps"]
+__all__ = ["generate", "reprompt", "scheduler_timesteps"]
 
 
 def generate(
@@ -128,6 +128,50 @@ def generate(
         seeds=json.dumps(seeds),
         steers=json.dumps([st.settings() for st in steers]),
     )
+    return ds
+
+
+def reprompt(
+    lens: Any,
+    source: str,
+    target: str,
+    *,
+    seeds: Sequence[int],
+    num_inference_steps: int = 20,
+    guidance_scale: float = 4.5,
+    blend: float = 0.0,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> xr.Dataset:
+    """The re-prompting baseline as pairs: the `source` and `target` prompts from the same seed.
+
+    Laid out like a `generate` result so the same metrics apply: branch ``"unsteered"`` is the
+    source prompt's image, ``"steered"`` the target prompt's (the counterfactual). Both come from
+    one batched pass, so `blend` treats the target branch as `generate` treats a steered one.
+
+    Returns:
+        Dataset with ``image (prompt, seed, branch, y, x, rgb)``, prompt ``[source]``; attrs name
+        the target prompt.
+    """
+    prompts, seeds = check_prompts([source, target]), check_seeds(seeds)
+    _validate(lens, prompts, seeds, [], num_inference_steps, False, batch_size)
+    blend = check_blend(blend)
+    height, width = lens.pipeline_kwargs["height"], lens.pipeline_kwargs["width"]
+    images = np.zeros((1, len(seeds), 2, height, width, 3), np.float32)
+    per_call = batch_size or 4
+    chunks = [seeds[i : i + per_call] for i in range(0, len(seeds), per_call)]
+    done = 0
+    for chunk in tqdm(chunks, desc="reprompt", unit="batch", disable=not progress):
+        out, _, _ = _run(lens, [source, target] * len(chunk), [s for s in chunk for _ in range(2)], [],
+                         [2 * i + 1 for i in range(len(chunk))], [], [], num_inference_steps, guidance_scale,
+                         False, blend)
+        images[0, done : done + len(chunk)] = out.reshape(len(chunk), 2, height, width, 3)
+        done += len(chunk)
+    coords = {"prompt": [source], "seed": seeds, "branch": ["unsteered", "steered"]}
+    ds = xr.Dataset({"image": (("prompt", "seed", "branch", "y", "x", "rgb"), images)}, coords=coords)
+    ds.attrs.update(lens.provenance())
+    ds.attrs.update(num_inference_steps=num_inference_steps, guidance_scale=float(guidance_scale), blend=blend,
+                    seeds=json.dumps(seeds), edit="reprompt", target_prompt=target)
     return ds
 
 

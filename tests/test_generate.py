@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from dit_lens.generate import generate
+from dit_lens.generate import generate, reprompt
 from dit_lens.steer import Steer
 from reference import blended_plain_call, steered_plain_call
 from test_steer import unit_vector
@@ -135,3 +135,20 @@ def test_bad_blend_is_a_clear_error(tiny_lens, steer):
             generate(tiny_lens, "x", seeds=[0], steer=steer, num_inference_steps=T, blend=bad, progress=False)
     with pytest.raises(ValueError, match="blend needs a steer"):
         generate(tiny_lens, "x", seeds=[0], num_inference_steps=T, blend=0.3, progress=False)
+
+
+def test_reprompt_pairs_are_the_two_plain_calls_and_blend_like_a_steered_branch(tiny_lens):
+    out = reprompt(tiny_lens, "a polyp", "normal cecum", seeds=[0, 7, 8], num_inference_steps=T, batch_size=2,
+                   progress=False)
+    assert list(out["branch"].values) == ["unsteered", "steered"] and list(out["prompt"].values) == ["a polyp"]
+    for seed in (0, 7, 8):
+        for branch, prompt in (("unsteered", "a polyp"), ("steered", "normal cecum")):
+            np.testing.assert_allclose(out["image"].sel(seed=seed, branch=branch).values[0],
+                                       tiny_lens.plain(prompt, seed=seed, num_inference_steps=T), atol=1e-5)
+    blended = reprompt(tiny_lens, "a polyp", "normal cecum", seeds=[0, 7, 8], num_inference_steps=T, blend=0.9,
+                       progress=False)
+    gap = lambda o: np.abs(o["image"].sel(branch="steered").values - o["image"].sel(branch="unsteered").values).mean()  # noqa: E731
+    assert 0 < gap(blended) < gap(out)
+    assert blended.attrs["target_prompt"] == "normal cecum" and blended.attrs["blend"] == 0.9
+    with pytest.raises(ValueError, match="duplicates"):
+        reprompt(tiny_lens, "a polyp", "a polyp", seeds=[0], num_inference_steps=T, progress=False)

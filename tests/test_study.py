@@ -63,14 +63,20 @@ def test_a_step_window_steers_only_those_steps(tiny_lens, tmp_path):
 
 def test_a_blend_axis_blends_its_cells_and_keeps_unblended_cell_names(tiny_lens, tmp_path):
     s = Study("blend", pairs=(ConceptPair("polyps", "normal cecum", contexts=("An image of {}",)),),
-              alphas=(0.0, 3.0), blends=(0.0, 0.9), vector_seeds=(2,), eval_seeds=2, num_inference_steps=4)
+              alphas=(0.0, 3.0), blends=(0.0, 0.9), vector_seeds=(2,), eval_seeds=2, num_inference_steps=4,
+              baselines=("reprompt",))
     assert s.grid_shape()["blend"] == 2
     result = run_study(s, tiny_lens, oracle=BrightnessOracle(), segmenter=red_segmenter, out=tmp_path, progress=False)
     assert list(result["blend"].values) == [0.0, 0.9]
     names = sorted(p.name for p in (tmp_path / "cells").glob("*.json"))
     assert names == ["p0_w0-1_t0-1_a0_r0_b0.9_n2.json", "p0_w0-1_t0-1_a0_r0_n2.json",
-                     "p0_w0-1_t0-1_a3_r0_b0.9_n2.json", "p0_w0-1_t0-1_a3_r0_n2.json"]
-    psnr = result["bg_psnr"].squeeze()
+                     "p0_w0-1_t0-1_a3_r0_b0.9_n2.json", "p0_w0-1_t0-1_a3_r0_n2.json",
+                     "reprompt_p0.json", "reprompt_p0_b0.9.json"]
+    # the baseline is blended too: its row differs between blends and is constant along the steering axes
+    rep = result["bg_psnr"].sel(edit="reprompt").squeeze()
+    assert float(rep.sel(blend=0.9).min()) > float(rep.sel(blend=0.0).max())
+    assert np.allclose(rep.sel(blend=0.9).values, float(rep.sel(blend=0.9, alpha=0.0)))
+    psnr = result["bg_psnr"].sel(edit="medsteer").squeeze()
     assert float(psnr.sel(alpha=0.0).min()) == 100.0  # α 0 stays the unsteered image, blended or not
     assert float(psnr.sel(alpha=3.0, blend=0.9)) > float(psnr.sel(alpha=3.0, blend=0.0))
     with pytest.raises(ValueError, match="Study.blends"):
