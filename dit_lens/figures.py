@@ -87,11 +87,12 @@ def gate_figure(
 
 
 def pairs_figure(out: xr.Dataset, *, max_pairs: int = 8) -> Any:
-    """A grid of pairs: unsteered, steered, and the gate summed over steered steps and layers."""
+    """A grid of pairs: unsteered, steered, the gate summed over steered steps and layers, and with
+    latent blending the blend mask averaged over steps (1: the steered latent kept, 0: the unsteered)."""
     plt = _pyplot()
     cells = [{"prompt": p, "seed": s} for p in out["prompt"].values for s in out["seed"].values][:max_pairs]
-    has_gate = "gate" in out
-    columns = 3 if has_gate else len(out["branch"])
+    has_gate, has_mask = "gate" in out, "blend_mask" in out
+    columns = len(out["branch"]) + has_gate + has_mask
     fig, axes = plt.subplots(len(cells), columns, figsize=(2.1 * columns, 2.1 * len(cells)), squeeze=False)
     gate = _require_gates(out).sum(("step", "layer")) if has_gate else None
     vmax = (float(gate.max()) or 1.0) if has_gate else None
@@ -103,6 +104,9 @@ def pairs_figure(out: xr.Dataset, *, max_pairs: int = 8) -> Any:
         if has_gate:
             axes[i, 2].imshow(gate.sel(cell).values, vmin=0, vmax=vmax, cmap="magma")
             axes[i, 2].set_title("gate, Σ steps & layers", fontsize=7)
+        if has_mask:
+            axes[i, -1].imshow(out["blend_mask"].sel(cell).mean("blend_step").values, vmin=0, vmax=1, cmap="viridis")
+            axes[i, -1].set_title("blend mask, mean over steps", fontsize=7)
         for ax in axes[i]:
             ax.set_axis_off()
     fig.suptitle(_title(out, None), fontsize=8)
@@ -131,4 +135,5 @@ def _title(out: xr.Dataset, cell: dict | None) -> str:
     steers = json.loads(out.attrs.get("steers", "[]"))
     parts = [f"{s.get('name') or 'steer'}: α={s['alpha']:g}, {s['update']} update" for s in steers]
     head = f"{cell['prompt']!r}, seed {cell['seed']} — " if cell else ""
-    return head + ("; ".join(parts) or "unsteered")
+    blend = f"; latent blending τ={out.attrs['blend']:g}" if out.attrs.get("blend") else ""
+    return head + ("; ".join(parts) or "unsteered") + blend

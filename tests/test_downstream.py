@@ -28,6 +28,9 @@ def test_config_validation():
         DownstreamConfig(real_per_class=0)
     with pytest.raises(ValueError, match="train_seeds"):
         DownstreamConfig(train_seeds=())
+    with pytest.raises(ValueError, match="blend must be"):
+        DownstreamConfig(blend=1.2)
+    assert DownstreamConfig(blend=0.3).context()["blend"] == 0.3  # part of the folder key
 
 
 def test_config_refuses_unknown_or_positive_test_negatives():

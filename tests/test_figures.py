@@ -35,6 +35,11 @@ def test_pairs_figure_and_errors(pairs, tmp_path, tiny_lens):
     fig.savefig(tmp_path / "pairs.png")
     with pytest.raises(ValueError, match="seed 9 is not in the result"):
         gate_figure(pairs, seed=9)
+    blended = generate(tiny_lens, ["a polyp"], seeds=[0, 5], steer=Steer(unit_vector(4, 3, 16, seed=0), alpha=3.0),
+                       num_inference_steps=4, record_gates=True, blend=0.9, progress=False)
+    fig = pairs_figure(blended)
+    assert [ax.get_title() for ax in fig.axes][3] == "blend mask, mean over steps" and len(fig.axes) == 2 * 4
+    assert "latent blending τ=0.9" in fig._suptitle.get_text()
     plain = generate(tiny_lens, "x", seeds=[0], num_inference_steps=2, progress=False)
     with pytest.raises(ValueError, match="record_gates=True"):
         gate_figure(plain)
