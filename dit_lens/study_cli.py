@@ -112,6 +112,12 @@ def print_table(result) -> None:
                if m in result]
     flat = result[metrics + [f"{m}_low" for m in metrics] + [f"{m}_high" for m in metrics]].to_dataframe().reset_index()
     dims = [d for d in result["flip_rate"].dims if result.sizes[d] > 1 or d in ("pair", "edit")]
+    if "edit" in flat:  # a baseline's row repeats along the steering axes: print it once
+        steering = [d for d in dims if d not in ("edit", "pair", "blend")]
+        baseline = flat["edit"] != "medsteer"
+        flat = flat[~baseline | ~flat.duplicated(subset=[d for d in flat.columns if d not in steering])].astype(
+            {d: object for d in steering})
+        flat.loc[flat["edit"] != "medsteer", steering] = "·"
     header = "  ".join(f"{d:>16s}" for d in dims) + "  " + "  ".join(f"{m:>22s}" for m in metrics)
     print(header)
     for _, row in flat.iterrows():

@@ -10,7 +10,7 @@ import xarray as xr
 
 from .figures import _pyplot
 
-__all__ = ["study_figure"]
+__all__ = ["study_figure", "tradeoff_figure"]
 
 _SHOWN = ("flip_rate", "confidence_shift", "bg_ssim", "bg_psnr", "dye_detection_rate", "polyp_kept")
 
@@ -18,12 +18,15 @@ _SHOWN = ("flip_rate", "confidence_shift", "bg_ssim", "bg_psnr", "dye_detection_
 def study_figure(result: xr.Dataset) -> Any:
     """Metrics (columns) against the swept axis; one line per combination of the other axes.
 
-    With no swept axis (a table study), a bar per pair and method instead.
+    With no swept axis (a table study), a bar per pair and method instead; with several swept axes,
+    the trade-off each pair's settings make (`tradeoff_figure`).
     """
     plt = _pyplot()
     metrics = [m for m in _SHOWN if m in result and bool(np.isfinite(result[m]).any())]
     dims = list(result["flip_rate"].dims)
     swept = [d for d in dims if result.sizes[d] > 1 and d not in ("pair", "edit")]
+    if len(swept) > 1:
+        return tradeoff_figure(result)
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.3 * len(metrics), 3.0), squeeze=False)
     axes = axes[0]
     if swept:
@@ -62,5 +65,55 @@ def study_figure(result: xr.Dataset) -> Any:
             ax.set_title(m, fontsize=9)
     n = int(result["flip_rate_n"].max())
     fig.suptitle(f"{result.attrs.get('model_source', '')}: n = {n} pairs per cell, 95% bootstrap intervals", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def tradeoff_figure(result: xr.Dataset, *, x: str = "flip_rate", y: str = "bg_ssim", floor: float = 0.9) -> Any:
+    """One panel per pair: every cell as a point (`x`, `y`) with 95% intervals, the floors dashed.
+
+    MedSteer cells are coloured by blend and marked by layer window, labelled with α; baselines are
+    black stars labelled with their blend. A good setting sits in the upper right corner.
+    """
+    plt = _pyplot()
+    pairs = list(result["pair"].values)
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.6 * len(pairs), 4.2), squeeze=False)
+    table = result[[x, f"{x}_low", f"{x}_high", y, f"{y}_low", f"{y}_high"]].to_dataframe().reset_index()
+    table = table[np.isfinite(table[x]) & np.isfinite(table[y])]
+    if "edit" not in table:
+        table["edit"] = "medsteer"
+    blends = sorted(table["blend"].unique()) if "blend" in table else [0.0]
+    colours = dict(zip(blends, plt.cm.viridis(np.linspace(0, 0.85, len(blends)))))
+    windows = list(result["window"].values) if "window" in result.dims else []
+    markers = dict(zip(windows, "osD^v<>p"))
+    for ax, pair in zip(axes[0], pairs):
+        rows = table[table["pair"] == pair]
+        seen = set()
+        for edit, group in rows.groupby("edit"):
+            if edit != "medsteer":
+                group = group.drop_duplicates(subset=["blend", x, y] if "blend" in group else [x, y])
+            for _, r in group.iterrows():
+                blend = float(r.get("blend", 0.0))
+                if edit == "medsteer":
+                    style = dict(color=colours[blend], marker=markers.get(r.get("window"), "o"))
+                    label = f"window {r.get('window', '')}, blend {blend:g}"
+                    text = f"α{r['alpha']:g}" if "alpha" in r else ""
+                else:
+                    style = dict(color="black", marker="*", markersize=11)
+                    label, text = f"{edit}, blend {blend:g}", f"{edit} b{blend:g}"
+                ax.errorbar(r[x], r[y], xerr=[[r[x] - r[f"{x}_low"]], [r[f"{x}_high"] - r[x]]],
+                            yerr=[[r[y] - r[f"{y}_low"]], [r[f"{y}_high"] - r[y]]], linestyle="none", capsize=2,
+                            label=None if label in seen else label, alpha=0.85, **style)
+                seen.add(label)
+                ax.annotate(text, (r[x], r[y]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.axvline(floor, color="grey", linestyle="--", linewidth=0.8)
+        ax.axhline(floor, color="grey", linestyle="--", linewidth=0.8)
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.set_title(str(pair), fontsize=9)
+        ax.legend(fontsize=6, loc="lower left")
+    n = int(result["flip_rate_n"].max())
+    fig.suptitle(f"{result.attrs.get('model_source', '')}: n = {n} pairs per cell, 95% bootstrap intervals; "
+                 f"dashed: {floor:g}", fontsize=8)
     fig.tight_layout()
     return fig

@@ -79,6 +79,12 @@ def test_a_blend_axis_blends_its_cells_and_keeps_unblended_cell_names(tiny_lens,
     psnr = result["bg_psnr"].sel(edit="medsteer").squeeze()
     assert float(psnr.sel(alpha=0.0).min()) == 100.0  # α 0 stays the unsteered image, blended or not
     assert float(psnr.sel(alpha=3.0, blend=0.9)) > float(psnr.sel(alpha=3.0, blend=0.0))
+    # two swept axes: the summary figure is the flip / background trade-off, one panel per pair
+    from dit_lens.study_figures import study_figure
+
+    fig = study_figure(result)
+    assert [(ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) for ax in fig.axes] == [
+        ("flip_rate", "bg_ssim", "polyps → normal cecum")]
     with pytest.raises(ValueError, match="Study.blends"):
         Study("x", pairs=s.pairs, blends=(1.5,))
 
