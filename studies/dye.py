@@ -4,7 +4,9 @@ Reports the dye detection rate after steering (lower is better; paper 0.25 vs Pn
 fraction of steered images whose polyp survives (oracle says polyps and the segmenter still finds a
 lesion).
 
-    python studies/dye.py [--quick] [--alphas 1 2 3] [--step-windows 0:1 0.5:1]
+Swept with and without latent blending (τ 0.3), which keeps the unstained mucosa around the cushion.
+
+    python studies/dye.py [--quick] [--alphas 1 2 3] [--step-windows 0:1 0.5:1] [--blends 0 0.3]
 """
 
 import sys
@@ -17,6 +19,7 @@ STUDY = Study(
     pairs=(ConceptPair("dyed lifted polyps", "polyps"),),
     windows=((0.25, 0.75), (0.0, 1.0)),
     alphas=(1.0, 1.5, 2.0, 2.5, 5.0),
+    blends=(0.0, 0.3),
     vector_seeds=(32,),
     eval_seeds=64,
     baselines=("reprompt",),
