@@ -12,6 +12,8 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from . import metrics as M
+from .explorer import write_explorer
+from .figures import pairs_figure
 from .generate import generate, reprompt
 from .steer import Steer
 from .study import DYE_METRICS, STEER_METRICS, ConceptPair, Study, window_label, window_layers, window_steps
@@ -88,6 +90,25 @@ class CellRunner:
         cos = float((steer.vector * full).sum("channel").mean())
         result["vector_cosine_to_largest"] = {"value": cos, "low": cos, "high": cos, "n": 1}
         return result
+
+    def show(self, pick: dict, *, pairs: int = 8) -> Path:
+        """Generate `pairs` pairs at a picked setting (`pick_settings`) with their gates and write the
+        gate explorer and a pairs figure beside the result: ``best_p<pair>.html`` / ``.png``."""
+        s = self.study
+        index = [p.name for p in s.pairs].index(pick["pair"])
+        cell = {"edit": "medsteer", "pair": index, "alpha": pick.get("alpha", s.alphas[0]),
+                "renormalize": pick.get("renormalize", s.renormalize[0]), "blend": pick.get("blend", s.blends[0]),
+                "vector_seeds": pick.get("vector_seeds", max(s.vector_seeds))}
+        for key, axis in (("window", s.windows), ("steps", s.step_windows)):
+            cell[key] = next((w for w in axis if window_label(w) == pick.get(key)), axis[0])
+        seeds = [s.eval_seed_base + i for i in range(min(pairs, s.eval_seeds))]
+        out = generate(self.lens, s.pairs[index].source_prompt, seeds=seeds, steer=self.steer(cell),
+                       num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+                       record_gates=True, blend=cell["blend"], batch_size=8, progress=False)
+        out.attrs["picked"] = json.dumps(_jsonable(pick))
+        path = write_explorer(out, self.folder / f"best_p{index}.html")
+        pairs_figure(out).savefig(self.folder / f"best_p{index}.png", dpi=110, bbox_inches="tight")
+        return path
 
     def steer(self, cell: dict, **extra: Any) -> Steer:
         pair = self.study.pairs[cell["pair"]]

@@ -30,7 +30,7 @@ from .blend import check_blend
 from .world.procedural import CONTEXTS
 
 __all__ = ["ConceptPair", "ENDOSCOPY_CONTEXTS", "Study", "run_study", "window_layers", "window_steps",
-           "pick_settings", "STEER_METRICS"]
+           "floors", "pick_settings", "STEER_METRICS"]
 
 #: Context phrasings varied across the contrastive prompts of a vector ("{}" is the label): the
 #: phrasings the embedded world was trained with.
@@ -247,6 +247,12 @@ def run_study(
     runner = CellRunner(study, lens, oracle, segmenter, folder, progress=progress)
     runner.run()
     return runner.assemble()
+
+
+def floors(result: xr.Dataset) -> dict[str, float]:
+    """What a setting must reach to count as working: flip rate ≥ 0.9, or for a dye study flip ≥ 0.8
+    with the polyp kept ≥ 0.8."""
+    return {"flip_rate": 0.8, "polyp_kept": 0.8} if "polyp_kept" in result else {"flip_rate": 0.9}
 
 
 def pick_settings(result: xr.Dataset, *, require: dict[str, float] | None = None,

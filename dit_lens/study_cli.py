@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .study import ConceptPair, Study, run_study
+from .study import SETTING_AXES, ConceptPair, Study, floors, pick_settings, run_study
 
 __all__ = ["study_main", "find_study", "print_table", "print_picks"]
 
@@ -99,6 +99,12 @@ def study_main(study: Study, argv: Sequence[str] | None = None, *, report: Calla
     from .study_figures import study_figure
 
     folder = Path(result.attrs["folder"])
+    from .cells import CellRunner
+
+    runner = CellRunner(study, lens, oracle, segmenter, folder, progress=False)
+    for pick in pick_settings(result, require=floors(result)):
+        path = runner.show(pick)
+        print(f"{study.name}: gate explorer of the picked setting for {pick['pair']}: {path}")
     study_figure(result).savefig(folder / f"{study.name}.png", dpi=120, bbox_inches="tight")
     if report is not None:
         report(result, lens, study, folder)
@@ -132,15 +138,11 @@ def print_table(result) -> None:
 
 def print_picks(result) -> None:
     """Per pair, the setting with the best Bg-SSIM among those that flip ≥ 0.9 (dye: also keep the polyp ≥ 0.8)."""
-    from .study import SETTING_AXES, pick_settings
-
     if all(size == 1 for dim, size in result.sizes.items() if dim not in ("pair", "edit")):
         return  # one setting per pair: nothing to pick
-    require = {"flip_rate": 0.9}
-    if "polyp_kept" in result:
-        require = {"flip_rate": 0.8, "polyp_kept": 0.8}
-    floors = " and ".join(f"{m} >= {v:g}" for m, v in require.items())
-    print(f"picked per pair (best Bg-SSIM with {floors}):")
+    require = floors(result)
+    wanted = " and ".join(f"{m} >= {v:g}" for m, v in require.items())
+    print(f"picked per pair (best Bg-SSIM with {wanted}):")
     for pick in pick_settings(result, require=require):
         where = ", ".join(f"{k}={pick[k]}" for k in SETTING_AXES if k in pick)
         shown = "".join(f", {m} {pick[m][0]:.3f}" for m in ("flip_rate", "bg_ssim", "dye_detection_rate", "polyp_kept")

@@ -85,6 +85,12 @@ def test_a_blend_axis_blends_its_cells_and_keeps_unblended_cell_names(tiny_lens,
     fig = study_figure(result)
     assert [(ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) for ax in fig.axes] == [
         ("flip_rate", "bg_ssim", "polyps → normal cecum")]
+    # the picked setting's gate explorer and pairs figure, blending included
+    from dit_lens.cells import CellRunner
+
+    (pick,) = pick_settings(result, require={"flip_rate": 0.0})
+    path = CellRunner(s, tiny_lens, BrightnessOracle(), red_segmenter, tmp_path, progress=False).show(pick)
+    assert path == tmp_path / "best_p0.html" and (tmp_path / "best_p0.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="Study.blends"):
         Study("x", pairs=s.pairs, blends=(1.5,))
 

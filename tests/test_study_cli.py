@@ -46,3 +46,17 @@ def test_every_shipped_study_declares_a_valid_study():
 def test_unknown_study_is_a_clear_error(capsys):
     assert main(["study", "no_such_study"]) == 2
     assert "known studies" in capsys.readouterr().err
+
+
+def test_a_study_runs_end_to_end_and_shows_the_picked_setting(tiny_pipeline, tmp_path, capsys):
+    from dit_lens.study_cli import study_main
+
+    tiny_pipeline.save_pretrained(tmp_path / "model")
+    study = Study("e2e", pairs=(ConceptPair("polyps", "normal cecum", contexts=("An image of {}",)),),
+                  alphas=(0.0, 3.0), vector_seeds=(2,), eval_seeds=2, num_inference_steps=3)
+    assert study_main(study, ["--model", str(tmp_path / "model"), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "picked per pair" in printed and "gate explorer of the picked setting" in printed
+    assert (tmp_path / "out" / "best_p0.html").stat().st_size > 100_000  # plotly.js inlined
+    for name in ("best_p0.png", "e2e.png", "result.zarr"):
+        assert (tmp_path / "out" / name).exists()
