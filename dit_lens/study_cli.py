@@ -116,6 +116,8 @@ def print_table(result) -> None:
     """One line per cell: the grid coordinates and each metric with its 95% interval."""
     metrics = [m for m in ("flip_rate", "confidence_shift", "bg_ssim", "bg_psnr", "dye_detection_rate", "polyp_kept")
                if m in result]
+    if result.sizes.get("vector_seeds", 1) > 1:  # vector stability: the cosine to the largest-seed vector
+        metrics.append("vector_cosine_to_largest")
     flat = result[metrics + [f"{m}_low" for m in metrics] + [f"{m}_high" for m in metrics]].to_dataframe().reset_index()
     dims = [d for d in result["flip_rate"].dims if result.sizes[d] > 1 or d in ("pair", "edit")]
     if "edit" in flat:  # a baseline's row repeats along the steering axes: print it once
