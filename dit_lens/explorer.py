@@ -1,8 +1,9 @@
 """Interactive gate explorer: one self-contained HTML page (plotly.js inlined, works offline).
 
 Controls pick the pair, the denoising step and the layer; the page shows the gate map over the
-unsteered image, and the unsteered and steered images side by side. All gate maps share one colour
-scale, so what grows or shrinks across steps and layers is visible.
+unsteered image, and the unsteered and steered images side by side (with latent blending, also the
+blend mask after the chosen step). All gate maps share one colour scale, so what grows or shrinks
+across steps and layers is visible.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ function show() {{
   Plotly.restyle(gd, {{z: [DATA.images[p][0]]}}, [0]);
   Plotly.restyle(gd, {{z: [DATA.images[p][0]]}}, [2]);
   Plotly.restyle(gd, {{z: [DATA.images[p][1]]}}, [3]);
+  if (DATA.blend) Plotly.restyle(gd, {{z: [DATA.blend[p][DATA.steps[s]]]}}, [4]);
   gd.dataset.shown = JSON.stringify({{pair: p, step: DATA.steps[s], layer: DATA.layers[l]}});
 }}
 for (const id of ["pair", "step", "layer"]) {{
@@ -85,7 +87,11 @@ def write_explorer(out: xr.Dataset, path: str | Path, *, max_pairs: int = 16) ->
     height, width = out.sizes["y"], out.sizes["x"]
     rows, cols = out.sizes["row"], out.sizes["col"]
 
-    fig = make_subplots(rows=1, cols=3, subplot_titles=("gate over unsteered", "unsteered", "steered"))
+    blend = None
+    if "blend_mask" in out:  # (pair, every step, latent_y, latent_x)
+        blend = [np.round(out["blend_mask"].sel(prompt=p, seed=s).values, 3).tolist() for p, s in cells]
+    titles = ("gate over unsteered", "unsteered", "steered") + (("blend mask (1: steered kept)",) if blend else ())
+    fig = make_subplots(rows=1, cols=len(titles), subplot_titles=titles)
     fig.add_trace(go.Image(z=images[0][0]), row=1, col=1)
     fig.add_trace(
         go.Heatmap(
@@ -97,7 +103,12 @@ def write_explorer(out: xr.Dataset, path: str | Path, *, max_pairs: int = 16) ->
     )
     fig.add_trace(go.Image(z=images[0][0]), row=1, col=2)
     fig.add_trace(go.Image(z=images[0][1]), row=1, col=3)
-    fig.update_layout(height=420, width=1100, margin={"t": 40, "b": 10})
+    if blend:
+        first = int(gate["step"].values[0])
+        fig.add_trace(go.Heatmap(z=blend[0][first], zmin=0, zmax=1, colorscale="Viridis", showscale=False,
+                                 name="blend mask"), row=1, col=4)
+        fig.update_yaxes(autorange="reversed", scaleanchor="x4", row=1, col=4)
+    fig.update_layout(height=420, width=1100 + (330 if blend else 0), margin={"t": 40, "b": 10})
     data = {
         "steps": [int(x) for x in gate["step"].values],
         "timesteps": [int(x) for x in gate["timestep"].values] if "timestep" in gate.coords
@@ -105,6 +116,7 @@ def write_explorer(out: xr.Dataset, path: str | Path, *, max_pairs: int = 16) ->
         "layers": [int(x) for x in gate["layer"].values],
         "gates": gates,
         "images": images,
+        "blend": blend,
     }
     plot = fig.to_html(full_html=False, include_plotlyjs=True, div_id="gate-explorer")
     options = "".join(

@@ -88,3 +88,28 @@ def test_explorer_renders_and_step_control_changes_the_map(pairs, tmp_path):
             assert page.locator("#step-label").inner_text().startswith("3 ")
         finally:
             browser.close()
+
+
+@pytest.mark.browser
+def test_explorer_shows_the_blend_mask_of_the_chosen_step(tiny_lens, tmp_path):
+    executable = _chromium()
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    out = generate(tiny_lens, ["a polyp"], seeds=[0], steer=Steer(unit_vector(4, 3, 16, seed=0), alpha=3.0),
+                   num_inference_steps=4, record_gates=True, blend=0.9, progress=False)
+    mask = out["blend_mask"].sel(prompt="a polyp", seed=0)
+    assert not np.allclose(mask.sel(blend_step=0).values, mask.sel(blend_step=3).values, atol=1e-3)
+    path = write_explorer(out, tmp_path / "explorer.html")
+    read_z = "JSON.stringify(document.getElementById('gate-explorer').data[4].z)"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.goto(path.as_uri())
+            page.wait_for_selector("#gate-explorer .main-svg")
+            np.testing.assert_allclose(np.array(json.loads(page.evaluate(read_z))), mask.sel(blend_step=0).values,
+                                       atol=1e-3)
+            page.locator("#step").fill("3")
+            np.testing.assert_allclose(np.array(json.loads(page.evaluate(read_z))), mask.sel(blend_step=3).values,
+                                       atol=1e-3)
+        finally:
+            browser.close()
