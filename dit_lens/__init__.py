@@ -11,10 +11,11 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+source"
 
 from .architectures import PIXART_ALPHA_512, PixArtSpec, build_pixart
+from .blend import blend_latents
 from .capture import CaptureSettings, capture
 from .explorer import write_explorer
 from .figures import gate_figure, pairs_figure
-from .generate import generate
+from .generate import generate, reprompt
 from .lens import Lens, load
 from .sites import FAMILIES, Family
 from .steer import Steer, steer_tokens
@@ -32,6 +33,7 @@ __all__ = [
     "PIXART_ALPHA_512",
     "PixArtSpec",
     "Steer",
+    "blend_latents",
     "build_pixart",
     "capture",
     "concept_vector",
@@ -44,6 +46,7 @@ __all__ = [
     "load_segmenter",
     "load_vector",
     "pairs_figure",
+    "reprompt",
     "save_vector",
     "steer_tokens",
     "write_explorer",

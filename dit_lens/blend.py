@@ -28,6 +28,7 @@ Examples:
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,7 @@ __all__ = ["blend_latents", "check_blend"]
 
 def check_blend(threshold: float) -> float:
     """`threshold` as a float in [0, 1); ValueError otherwise."""
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold):
         raise ValueError(f"blend must be a number in [0, 1) (0 = off), got {threshold!r}")
     if not 0.0 <= threshold < 1.0:
         raise ValueError(f"blend must be in [0, 1) (0 = off; 0.2-0.3 keeps most of the background), got {threshold}")

@@ -39,4 +39,4 @@ def test_a_larger_threshold_keeps_more_of_the_unsteered_latent():
 def test_check_blend_refuses_what_is_not_a_threshold(bad):
     with pytest.raises(ValueError, match=r"blend must be"):
         check_blend(bad)
-    assert check_blend(0) == 0.0 and check_blend(0.25) == 0.25
+    assert check_blend(0) == 0.0 and check_blend(0.25) == 0.25 and check_blend(np.float32(0.5)) == 0.5
