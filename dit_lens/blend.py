@@ -59,8 +59,7 @@ def blend_latents(unsteered: torch.Tensor, steered: torch.Tensor, threshold: flo
     """
     change = (steered - unsteered).abs().sum(1, keepdim=True)  # (pairs, 1, H, W)
     change = F.avg_pool2d(change, 3, stride=1, padding=1, count_include_pad=False)
-    peak = change.amax(dim=(2, 3), keepdim=True)
-    ratio = torch.where(peak > 0, change / torch.where(peak > 0, peak, torch.ones_like(peak)), torch.zeros_like(change))
-    mask = (ratio / threshold).clamp(0.0, 1.0)
+    peak = change.amax(dim=(2, 3), keepdim=True).clamp_min(torch.finfo(change.dtype).tiny)  # no change: ratio 0
+    mask = (change / peak / threshold).clamp(0.0, 1.0)
     blended = torch.where(mask > 0, mask * steered + (1 - mask) * unsteered, unsteered)
     return blended, mask[:, 0]

@@ -96,16 +96,13 @@ class CellRunner:
         gate explorer and a pairs figure beside the result: ``best_p<pair>.html`` / ``.png``."""
         s = self.study
         index = [p.name for p in s.pairs].index(pick["pair"])
-        cell = {"edit": "medsteer", "pair": index, "alpha": pick.get("alpha", s.alphas[0]),
-                "renormalize": pick.get("renormalize", s.renormalize[0]), "blend": pick.get("blend", s.blends[0]),
-                "vector_seeds": pick.get("vector_seeds", max(s.vector_seeds))}
-        for key, axis in (("window", s.windows), ("steps", s.step_windows)):
-            cell[key] = next((w for w in axis if window_label(w) == pick.get(key)), axis[0])
+        cell = {"edit": "medsteer", "pair": index, **{k: pick[k] for k in ("alpha", "renormalize", "blend", "vector_seeds")},
+                "window": next(w for w in s.windows if window_label(w) == pick["window"]),
+                "steps": next(w for w in s.step_windows if window_label(w) == pick["steps"])}
         seeds = [s.eval_seed_base + i for i in range(min(pairs, s.eval_seeds))]
         out = generate(self.lens, s.pairs[index].source_prompt, seeds=seeds, steer=self.steer(cell),
                        num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
                        record_gates=True, blend=cell["blend"], batch_size=8, progress=False)
-        out.attrs["picked"] = json.dumps(_jsonable(pick))
         path = write_explorer(out, self.folder / f"best_p{index}.html")
         pairs_figure(out).savefig(self.folder / f"best_p{index}.png", dpi=110, bbox_inches="tight")
         return path

@@ -203,8 +203,9 @@ def _run(lens, row_prompts, row_seeds, steers, steered_rows, layers, steps, T, g
 
     masks: list[torch.Tensor] = []
 
+    steered = torch.tensor(steered_rows, dtype=torch.long)  # the unsteered twin of row r is row r - 1
+
     def step_end(t: int, latents: torch.Tensor) -> None:  # latents: (rows, C, H, W), edited in place
-        steered = torch.tensor(steered_rows)
         latents[steered], mask = blend_latents(latents[steered - 1], latents[steered], blend)
         masks.append(mask.detach().float().cpu())  # (pairs, H, W)
 

@@ -95,14 +95,15 @@ def study_main(study: Study, argv: Sequence[str] | None = None, *, report: Calla
         print(f"study {study.name}: error: {err}", file=sys.stderr)
         return 2
     print_table(result)
-    print_picks(result)
+    picks = pick_settings(result, require=floors(result))
+    print_picks(result, picks)
     from .study_figures import study_figure
 
     folder = Path(result.attrs["folder"])
     from .cells import CellRunner
 
     runner = CellRunner(study, lens, oracle, segmenter, folder, progress=False)
-    for pick in pick_settings(result, require=floors(result)):
+    for pick in picks:
         path = runner.show(pick)
         print(f"{study.name}: gate explorer of the picked setting for {pick['pair']}: {path}")
     study_figure(result).savefig(folder / f"{study.name}.png", dpi=120, bbox_inches="tight")
@@ -138,14 +139,14 @@ def print_table(result) -> None:
     print(f"n = {int(n)} pairs per cell; Bg-LPIPS: {result.attrs.get('bg_lpips_status') or 'not computed'}")
 
 
-def print_picks(result) -> None:
+def print_picks(result, picks: list[dict] | None = None) -> None:
     """Per pair, the setting with the best Bg-SSIM among those that flip ≥ 0.9 (dye: also keep the polyp ≥ 0.8)."""
     if all(size == 1 for dim, size in result.sizes.items() if dim not in ("pair", "edit")):
         return  # one setting per pair: nothing to pick
     require = floors(result)
     wanted = " and ".join(f"{m} >= {v:g}" for m, v in require.items())
     print(f"picked per pair (best Bg-SSIM with {wanted}):")
-    for pick in pick_settings(result, require=require):
+    for pick in picks if picks is not None else pick_settings(result, require=require):
         where = ", ".join(f"{k}={pick[k]}" for k in SETTING_AXES if k in pick)
         shown = "".join(f", {m} {pick[m][0]:.3f}" for m in ("flip_rate", "bg_ssim", "dye_detection_rate", "polyp_kept")
                         if m in pick)
