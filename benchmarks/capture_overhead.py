@@ -1,4 +1,4 @@
-"""Capture overhead: wall time of `dit_lens.capture` / wall time of the plain pipeline call.
+"""Capture overhead: wall time of `dit_lens.trace.capture` / wall time of the plain pipeline call.
 
 Measured in one run, on the embedded model (when installed) and on the published PixArt-alpha
 transformer shape (28 blocks, width 1152) with random weights at a small resolution. Per model it
@@ -47,8 +47,8 @@ def _time(fn) -> float:
 
 
 def measure(lens, *, steps: int, repeats: int, guidance_scale: float = 4.5) -> dict:
-    from dit_lens.capture import capture
-    from dit_lens.hooks import traced_generate
+    from dit_lens.trace.capture import capture
+    from dit_lens.trace.runner import traced_generate
 
     prompt = "An endoscopic image of a polyp"
     root = Path(tempfile.mkdtemp(prefix="capture-bench-"))
@@ -118,7 +118,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from dit_lens import PIXART_ALPHA_512, build_pixart, load
-    from dit_lens.lens import EMBEDDED_PIPELINE
+    from dit_lens.model.lens import EMBEDDED_PIPELINE
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     print(f"torch {torch.__version__}, device {args.device}, dtype {args.dtype or 'float32'}, "

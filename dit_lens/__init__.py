@@ -10,17 +10,17 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+source"
 
-from .architectures import PIXART_ALPHA_512, PixArtSpec, build_pixart
-from .blend import blend_latents
-from .capture import CaptureSettings, capture
-from .explorer import write_explorer
-from .figures import gate_figure, pairs_figure
-from .generate import generate, reprompt
-from .lens import Lens, load
-from .sites import FAMILIES, Family
-from .steer import Steer, steer_tokens
-from .store import CaptureStoreError
-from .vectors import concept_vector, export_authors, import_authors, load_vector, save_vector
+from .model.builders import PIXART_ALPHA_512, PixArtSpec, build_pixart
+from .interventions.blend import blend_latents
+from .trace.capture import CaptureSettings, capture
+from .views.explorer import write_explorer
+from .views.figures import gate_figure, pairs_figure
+from .interventions.generate import generate, reprompt
+from .model.lens import Lens, load
+from .model.sites import FAMILIES, Family
+from .interventions.steer import Steer, steer_tokens
+from .trace.store import CaptureStoreError
+from .readouts.vectors import concept_vector, export_authors, import_authors, load_vector, save_vector
 from .world import load_oracle, load_segmenter
 
 __all__ = [

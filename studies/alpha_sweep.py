@@ -8,7 +8,7 @@ Paper (layers 8–16 of 28): α = 0.5/1/2/2.5/3 → flip 0.012/0.038/0.513/0.800
 import sys
 
 from dit_lens.study import ConceptPair, Study
-from dit_lens.study_cli import study_main
+from dit_lens.study.cli import study_main
 
 STUDY = Study(
     "alpha_sweep",

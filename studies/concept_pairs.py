@@ -3,7 +3,7 @@
 Each pair is swept over layer windows (where: the first quarter of the depth, which carries the
 concepts in the embedded world, and the whole depth), α, and latent blending (0 = off, the paper's
 method; τ > 0 pulls the steered latent back to the unsteered one where steering changed it little,
-`dit_lens.blend`); the printout ends with the setting picked for each pair (the best Bg-SSIM among
+`dit_lens.interventions.blend`); the printout ends with the setting picked for each pair (the best Bg-SSIM among
 settings that flip at least 0.9).
 
 Paper flips: polyp → normal cecum 0.800, ulcerative colitis → normal cecum 0.925,
@@ -15,7 +15,7 @@ esophagitis → normal z-line 0.950.
 import sys
 
 from dit_lens.study import ConceptPair, Study
-from dit_lens.study_cli import study_main
+from dit_lens.study.cli import study_main
 
 STUDY = Study(
     "concept_pairs",

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from dit_lens.downstream import DownstreamConfig, run_downstream
+from dit_lens.world.downstream import DownstreamConfig, run_downstream
 
 CONFIG = DownstreamConfig()
 QUICK = dict(synthetic_per_class=16, test_per_class=64, train_seeds=(0, 1), detector_steps=120, vector_seeds=8)
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     try:
         cfg = dataclasses.replace(CONFIG, **changes)
         from dit_lens import load
-        from dit_lens.store import cache_root
+        from dit_lens.trace.store import cache_root
 
         lens = load(args.model, lora=args.lora)
         name = f"downstream{'-quick' if args.quick else ''}-{cfg.key(lens)}"

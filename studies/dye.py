@@ -12,7 +12,7 @@ Swept with and without latent blending (τ 0.3), which keeps the unstained mucos
 import sys
 
 from dit_lens.study import ConceptPair, Study
-from dit_lens.study_cli import study_main
+from dit_lens.study.cli import study_main
 
 STUDY = Study(
     "dye",

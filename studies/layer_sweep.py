@@ -8,7 +8,7 @@ Paper (PixArt-alpha, 28 blocks): the middle window 8–16 flips 0.800, windows o
 import sys
 
 from dit_lens.study import ConceptPair, Study
-from dit_lens.study_cli import study_main
+from dit_lens.study.cli import study_main
 
 STUDY = Study(
     "layer_sweep",

@@ -8,7 +8,7 @@ Paper: 30/50/80/100 seeds → flip 0.762/0.800/0.793/0.791.
 import sys
 
 from dit_lens.study import ConceptPair, Study
-from dit_lens.study_cli import study_main
+from dit_lens.study.cli import study_main
 
 STUDY = Study(
     "seed_count",

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dit_lens.architectures import PixArtSpec, build_pixart
+from dit_lens.model.builders import PixArtSpec, build_pixart
 
 
 @pytest.fixture

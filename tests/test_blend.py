@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from dit_lens.blend import blend_latents, check_blend
+from dit_lens.interventions.blend import blend_latents, check_blend
 from reference import blend_reference
 
 

@@ -14,12 +14,12 @@ import xarray as xr
 import zarr
 
 from dit_lens import PixArtSpec, build_pixart, load
-from dit_lens.capture import CaptureSettings, capture
-from dit_lens.store import CaptureStore, CaptureStoreError
+from dit_lens.trace.capture import CaptureSettings, capture
+from dit_lens.trace.store import CaptureStore, CaptureStoreError
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 3
-# Modules of one block, written out by hand (independent of dit_lens.sites).
+# Modules of one block, written out by hand (independent of dit_lens.model.sites).
 RAW_SITES = {
     "attn1": lambda block: block.attn1,
     "attn2": lambda block: block.attn2,
@@ -190,7 +190,7 @@ def test_repeated_capture_is_served_from_the_default_store(tiny_lens, tmp_path, 
 CHILD = """
 import sys
 from dit_lens import PixArtSpec, build_pixart, load
-from dit_lens.capture import capture
+from dit_lens.trace.capture import capture
 lens = load(build_pixart(PixArtSpec(**{spec}), seed=0))
 capture(lens, {prompts}, seeds={seeds}, num_inference_steps={steps}, store=sys.argv[1])
 """
@@ -262,7 +262,7 @@ def test_error_inside_capture_unhooks_and_keeps_finished_cells(tiny_lens, tmp_pa
 MEMORY_CHILD = """
 import resource, tempfile
 from dit_lens import PixArtSpec, build_pixart, load
-from dit_lens.capture import capture
+from dit_lens.trace.capture import capture
 spec = PixArtSpec(num_layers=2, num_heads=4, head_dim=64, sample_size=32)  # C 256, 256 tokens
 lens = load(build_pixart(spec, seed=0))
 root = tempfile.mkdtemp()

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from dit_lens.downstream import DownstreamConfig, f1_score, roc_auc
+from dit_lens.world.downstream import DownstreamConfig, f1_score, roc_auc
 
 
 def test_auc_equals_the_pairwise_definition():
@@ -44,8 +44,8 @@ def test_run_downstream_end_to_end_resumes_and_refuses_another_run(tmp_path):
     import xarray as xr
 
     from dit_lens import load
-    from dit_lens.architectures import PixArtSpec, build_pixart
-    from dit_lens.downstream import run_downstream
+    from dit_lens.model.builders import PixArtSpec, build_pixart
+    from dit_lens.world.downstream import run_downstream
 
     lens = load(build_pixart(PixArtSpec(num_layers=2, num_heads=2, head_dim=8, sample_size=32, patch_size=4), seed=0))
     cfg = DownstreamConfig(real_per_class=3, synthetic_per_class=2, test_per_class=3, train_seeds=(0, 1),

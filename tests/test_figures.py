@@ -5,10 +5,10 @@ import shutil
 import numpy as np
 import pytest
 
-from dit_lens.explorer import write_explorer
-from dit_lens.figures import gate_figure, pairs_figure
-from dit_lens.generate import generate
-from dit_lens.steer import Steer
+from dit_lens.views.explorer import write_explorer
+from dit_lens.views.figures import gate_figure, pairs_figure
+from dit_lens.interventions.generate import generate
+from dit_lens.interventions.steer import Steer
 from test_steer import unit_vector
 
 

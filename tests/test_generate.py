@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from dit_lens.generate import generate, reprompt
-from dit_lens.steer import Steer
+from dit_lens.interventions.generate import generate, reprompt
+from dit_lens.interventions.steer import Steer
 from reference import blended_plain_call, steered_plain_call
 from test_steer import unit_vector
 

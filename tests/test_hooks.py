@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dit_lens.hooks import branch_rows, check_seeds, traced_generate
+from dit_lens.trace.runner import branch_rows, check_seeds, traced_generate
 
 
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from dit_lens import metrics
+from dit_lens.study import metrics
 
 LABELS = ["normal cecum", "polyps", "dyed lifted polyps"]
 

@@ -1,6 +1,6 @@
 import pytest
 
-from dit_lens.sites import FAMILIES, site_module
+from dit_lens.model.sites import FAMILIES, site_module
 
 
 def test_site_paths_resolve_to_the_block_modules(tiny_lens):

@@ -5,7 +5,7 @@ import pytest
 import torch
 import xarray as xr
 
-from dit_lens.steer import Steer, steer_tokens
+from dit_lens.interventions.steer import Steer, steer_tokens
 
 
 def unit_vector(steps=4, layers=3, channels=16, seed=0):

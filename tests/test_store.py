@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from dit_lens.store import CaptureStore, CaptureStoreError, VariableSpec, cache_root, content_key
+from dit_lens.trace.store import CaptureStore, CaptureStoreError, VariableSpec, cache_root, content_key
 
 
 def make(path, identity=None, shape=(2, 3, 4)):

@@ -45,7 +45,7 @@ def test_window_steps_resolve_when_to_steer():
 
 
 def test_a_step_window_steers_only_those_steps(tiny_lens, tmp_path):
-    from dit_lens.cells import CellRunner
+    from dit_lens.study.cells import CellRunner
 
     s = Study("steps", pairs=(ConceptPair("polyps", "normal cecum", contexts=("An image of {}",)),),
               step_windows=((0.0, 1.0), (0.5, 1.0)), alphas=(3.0,), vector_seeds=(2,), eval_seeds=2,
@@ -80,13 +80,13 @@ def test_a_blend_axis_blends_its_cells_and_keeps_unblended_cell_names(tiny_lens,
     assert float(psnr.sel(alpha=0.0).min()) == 100.0  # α 0 stays the unsteered image, blended or not
     assert float(psnr.sel(alpha=3.0, blend=0.9)) > float(psnr.sel(alpha=3.0, blend=0.0))
     # two swept axes: the summary figure is the flip / background trade-off, one panel per pair
-    from dit_lens.study_figures import study_figure
+    from dit_lens.views.study import study_figure
 
     fig = study_figure(result)
     assert [(ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) for ax in fig.axes] == [
         ("flip_rate", "bg_ssim", "polyps → normal cecum")]
     # the picked setting's gate explorer and pairs figure, blending included
-    from dit_lens.cells import CellRunner
+    from dit_lens.study.cells import CellRunner
 
     (pick,) = pick_settings(result, require={"flip_rate": 0.0})
     path = CellRunner(s, tiny_lens, BrightnessOracle(), red_segmenter, tmp_path, progress=False).show(pick)
@@ -150,7 +150,7 @@ def test_run_study_grid_result_and_resume(tiny_lens, study, tmp_path, monkeypatc
     assert json.loads(result.attrs["study"])["alphas"] == [0.0, 3.0]
 
     # a re-run reuses every finished cell: the model is never called
-    import dit_lens.cells as cells
+    import dit_lens.study.cells as cells
 
     real_generate = cells.generate
 

@@ -1,8 +1,8 @@
 import pytest
 
-from dit_lens.cli import main
+from dit_lens.apps.cli import main
 from dit_lens.study import ConceptPair, Study
-from dit_lens.study_cli import declared, find_study, parser
+from dit_lens.study.cli import declared, find_study, parser
 
 STUDY = Study("s", pairs=(ConceptPair("polyps", "normal cecum"),), alphas=(1.0, 2.0),
               quick={"alphas": (3.0,), "eval_seeds": 2})
@@ -49,7 +49,7 @@ def test_unknown_study_is_a_clear_error(capsys):
 
 
 def test_a_study_runs_end_to_end_and_shows_the_picked_setting(tiny_pipeline, tmp_path, capsys):
-    from dit_lens.study_cli import study_main
+    from dit_lens.study.cli import study_main
 
     tiny_pipeline.save_pretrained(tmp_path / "model")
     study = Study("e2e", pairs=(ConceptPair("polyps", "normal cecum", contexts=("An image of {}",)),),

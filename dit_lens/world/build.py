@@ -85,7 +85,7 @@ def build_world(args: argparse.Namespace) -> Path:
     timings["images"] = time.perf_counter() - start
     _log(f"world: rendered {len(labels)} training images ({timings['images']:.0f} s)")
 
-    from ..architectures import build_pixart
+    from ..model.builders import build_pixart
 
     spec = world_spec()
     pipeline = build_pixart(spec, seed=0).to(device)

@@ -120,7 +120,7 @@ def rand(shape, gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
 
 def world_spec():
     """The shipped pipeline's shape: 12 blocks of width 128 over 64 latent tokens, 64 px images."""
-    from ..architectures import PixArtSpec
+    from ..model.builders import PixArtSpec
 
     return PixArtSpec(num_layers=12, num_heads=4, head_dim=32, sample_size=16, patch_size=2,
                       latent_channels=4, vae_channels=(16, 32, 32), text_dim=64, text_layers=2,

@@ -46,7 +46,7 @@ def concept_vector(
 
     Call it either on two captures, ``concept_vector(ds_pos, ds_neg)``, or on a lens with the
     contrastive prompts, ``concept_vector(lens, positive=[...], negative=[...], seeds=[...])``;
-    the second form runs `dit_lens.capture` (reusing its store) and then the first.
+    the second form runs `dit_lens.trace.capture` (reusing its store) and then the first.
 
     Args:
         source: A capture Dataset (``reduce="mean"``) of the prompts with the concept, or a Lens.
@@ -79,7 +79,7 @@ def concept_vector(
                 "concept_vector(lens, ...) needs non-empty positive=[...], negative=[...] and "
                 "seeds=[...]"
             )
-        from .capture import capture
+        from ..trace.capture import capture
 
         settings = dict(
             seeds=list(seeds), num_inference_steps=num_inference_steps,
@@ -127,7 +127,7 @@ def _mean_capture(ds: xr.Dataset, site: str, which: str) -> xr.DataArray:
 
 
 def _provenance(positive: xr.Dataset, negative: xr.Dataset, site: str) -> dict:
-    from . import __version__
+    from .. import __version__
 
     attrs: dict = {"site": site, "dit_lens_version": __version__}
     for which, ds in (("positive", positive), ("negative", negative)):

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .study import SETTING_AXES, ConceptPair, Study, floors, pick_settings, run_study
+from .declaration import SETTING_AXES, ConceptPair, Study, floors, pick_settings, run_study
 
 __all__ = ["study_main", "find_study", "print_table", "print_picks"]
 
@@ -84,8 +84,8 @@ def study_main(study: Study, argv: Sequence[str] | None = None, *, report: Calla
     args = parser(study).parse_args(argv)
     try:
         study = declared(study, args)
-        from .lens import load
-        from .world import load_oracle, load_segmenter
+        from ..model.lens import load
+        from ..world import load_oracle, load_segmenter
 
         lens = load(args.model, lora=args.lora)
         oracle, segmenter = load_oracle(args.oracle), load_segmenter(args.oracle)
@@ -97,7 +97,7 @@ def study_main(study: Study, argv: Sequence[str] | None = None, *, report: Calla
     print_table(result)
     picks = pick_settings(result, require=floors(result))
     print_picks(result, picks)
-    from .study_figures import study_figure
+    from ..views.study import study_figure
 
     folder = Path(result.attrs["folder"])
     from .cells import CellRunner
@@ -156,11 +156,11 @@ def print_picks(result, picks: list[dict] | None = None) -> None:
 
 def find_study(name: str) -> Path:
     """`studies/<name>.py` in the working directory or beside the installed package."""
-    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
         path = root / "studies" / f"{name}.py"
         if path.is_file():
             return path
-    known = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "studies").glob("*.py"))
+    known = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "studies").glob("*.py"))
     raise FileNotFoundError(f"no study named {name!r}; known studies: {known}")
 
 

@@ -5,7 +5,7 @@ the same code path, so what is measured on the embedded model is measured the sa
 weights.
 
 Examples:
-    >>> from dit_lens.architectures import PixArtSpec, build_pixart
+    >>> from dit_lens.model.builders import PixArtSpec, build_pixart
     >>> lens = load(build_pixart(PixArtSpec(num_layers=2)))
     >>> lens.num_layers, lens.width, lens.token_grid
     (2, 16, (4, 4))
@@ -31,7 +31,7 @@ from .sites import Family, family_of
 __all__ = ["Lens", "load", "EMBEDDED_PIPELINE"]
 
 #: Where the shipped embedded world's pipeline lives (built by ``dit-lens world build``).
-EMBEDDED_PIPELINE = Path(__file__).parent / "embedded" / "pipeline"
+EMBEDDED_PIPELINE = Path(__file__).resolve().parents[1] / "embedded" / "pipeline"
 
 
 @dataclass(eq=False)
@@ -129,7 +129,7 @@ class Lens:
 
     def provenance(self) -> dict:
         """What identifies this model in saved results."""
-        from . import __version__
+        from .. import __version__
 
         return {
             "model_source": self.source,

@@ -15,14 +15,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _world(args: argparse.Namespace) -> int:
-    from .world.build import build_world
+    from ..world.build import build_world
 
     build_world(args)
     return 0
 
 
 def _study(args: argparse.Namespace) -> int:
-    from .study_cli import run_study_file
+    from ..study.cli import run_study_file
 
     return run_study_file(args.name, args.rest)
 

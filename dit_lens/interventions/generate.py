@@ -24,7 +24,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from .blend import blend_latents, check_blend
-from .hooks import check_prompts, check_seeds, traced_generate
+from ..trace.runner import check_prompts, check_seeds, traced_generate
 from .steer import Steer, steer_tokens
 
 __all__ = ["generate", "reprompt", "scheduler_timesteps"]
@@ -54,7 +54,7 @@ def generate(
         guidance_scale: Classifier-free guidance scale.
         record_gates: Also return the gate g = max(0, h·v) of every token of the conditional half
             of the steered run, at steered layers and steps.
-        blend: Latent blending threshold τ in [0, 1) (`dit_lens.blend`): after every step the
+        blend: Latent blending threshold τ in [0, 1) (`dit_lens.interventions.blend`): after every step the
             steered latent is pulled back to the unsteered one where steering changed it less
             than τ of its largest change. 0 (the default) turns it off.
         batch_size: Cells per pipeline call (each cell is 1 or 2 images); default 4.

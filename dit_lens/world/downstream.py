@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 import xarray as xr
 
-from . import metrics as M
-from .blend import check_blend
+from ..study import metrics as M
+from ..interventions.blend import check_blend
 
 __all__ = ["DownstreamConfig", "roc_auc", "f1_score", "train_detector", "run_downstream"]
 
@@ -59,7 +59,7 @@ class DownstreamConfig:
             raise ValueError("DownstreamConfig.train_seeds needs at least one seed")
         object.__setattr__(self, "train_seeds", tuple(int(s) for s in self.train_seeds))
         object.__setattr__(self, "test_negatives", tuple(str(x) for x in self.test_negatives))
-        from .world.procedural import LABELS
+        from .procedural import LABELS
 
         unknown = [x for x in (self.source, self.target, *self.test_negatives) if x not in LABELS]
         if unknown:
@@ -108,8 +108,8 @@ def train_detector(images: np.ndarray, labels: np.ndarray, *, seed: int, steps: 
 
     Returns a callable mapping images ``(N, H, W, 3)`` in [0, 1] to p(positive) ``(N,)``.
     """
-    from .world.judges import OracleNet, _as_batch, _fit, augment
-    from .world.train import StageConfig
+    from .judges import OracleNet, _as_batch, _fit, augment
+    from .train import StageConfig
 
     torch.manual_seed(seed)
     net = OracleNet(16, num_classes=2)
@@ -131,11 +131,11 @@ def train_detector(images: np.ndarray, labels: np.ndarray, *, seed: int, steps: 
 
 def run_downstream(cfg: DownstreamConfig, lens: Any, folder: Path, *, progress: bool = True) -> xr.Dataset:
     """Run (or resume) every (arm, seed); returns AUC/F1 per arm with intervals over seeds."""
-    from .generate import generate
-    from .steer import Steer
-    from .study import ENDOSCOPY_CONTEXTS, window_layers
-    from .vectors import concept_vector
-    from .world.procedural import render
+    from ..interventions.generate import generate
+    from ..interventions.steer import Steer
+    from ..study.declaration import ENDOSCOPY_CONTEXTS, window_layers
+    from ..readouts.vectors import concept_vector
+    from .procedural import render
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -219,7 +219,7 @@ def run_downstream(cfg: DownstreamConfig, lens: Any, folder: Path, *, progress: 
 
 def _test_set(cfg: DownstreamConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The shifted-split test set: as many positives as negatives, `test_per_class` per negative label."""
-    from .world.procedural import render
+    from .procedural import render
 
     n, negatives = cfg.test_per_class, cfg.test_negatives
     labels = [cfg.source] * (n * len(negatives)) + [x for x in negatives for _ in range(n)]

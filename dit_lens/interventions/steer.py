@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from .vectors import _check_vector
+from ..readouts.vectors import _check_vector
 
 __all__ = ["Steer", "steer_tokens"]
 

@@ -64,7 +64,7 @@ def write_explorer(out: xr.Dataset, path: str | Path, *, max_pairs: int = 16) ->
     """Write the gate explorer for a `generate` result made with a steer and ``record_gates=True``.
 
     Args:
-        out: The result of `dit_lens.generate`.
+        out: The result of `dit_lens.interventions.generate`.
         path: The HTML file to write (parent folders are created).
         max_pairs: At most this many (prompt, seed) pairs are offered in the page.
 

@@ -83,7 +83,7 @@ def family_of(pipeline: Any) -> Family:
         raise TypeError(
             f"the denoiser of {type(pipeline).__name__} is a {name}, which is not a supported "
             f"cross-attention DiT; supported: {', '.join(FAMILIES)}. Add a `Family` entry to "
-            f"dit_lens.sites.FAMILIES to support it."
+            f"dit_lens.model.sites.FAMILIES to support it."
         )
     family = FAMILIES[name]
     blocks = getattr(denoiser, family.blocks)

@@ -1,6 +1,6 @@
 """Static gate-map figures (matplotlib): where and when the model was steered, beside each pair.
 
-Every function takes the Dataset returned by `dit_lens.generate` (with ``record_gates=True`` for the
+Every function takes the Dataset returned by `dit_lens.interventions.generate` (with ``record_gates=True`` for the
 gate panels) and returns a matplotlib Figure; callers save it (``fig.savefig(path)``).
 """
 

@@ -26,8 +26,8 @@ from typing import Any, Callable
 import numpy as np
 import xarray as xr
 
-from .blend import check_blend
-from .world.procedural import CONTEXTS
+from ..interventions.blend import check_blend
+from ..world.procedural import CONTEXTS
 
 __all__ = ["ConceptPair", "ENDOSCOPY_CONTEXTS", "Study", "run_study", "window_layers", "window_steps",
            "floors", "pick_settings", "STEER_METRICS"]
@@ -100,7 +100,7 @@ class Study:
             axis; ``(0, 1)`` steers every step).
         alphas: Steering strengths (a grid axis).
         renormalize: Update variants: False = paper, True = authors' renormalised (a grid axis).
-        blends: Latent blending thresholds τ (`dit_lens.blend`; 0 = off, the paper's method) (a
+        blends: Latent blending thresholds τ (`dit_lens.interventions.blend`; 0 = off, the paper's method) (a
             grid axis).
         vector_seeds: Numbers of seeds per prompt for the vector (a grid axis); vectors for
             smaller counts use the first seeds of the largest capture.
@@ -241,7 +241,7 @@ def run_study(
     """
     from .cells import CellRunner
 
-    from .store import cache_root
+    from ..trace.store import cache_root
 
     folder = Path(out) if out is not None else cache_root() / "studies" / f"{study.name}-{study.key(lens)}"
     runner = CellRunner(study, lens, oracle, segmenter, folder, progress=progress)

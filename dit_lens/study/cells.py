@@ -12,12 +12,12 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from . import metrics as M
-from .explorer import write_explorer
-from .figures import pairs_figure
-from .generate import generate, reprompt
-from .steer import Steer
-from .study import DYE_METRICS, STEER_METRICS, ConceptPair, Study, window_label, window_layers, window_steps
-from .vectors import concept_vector
+from ..views.explorer import write_explorer
+from ..views.figures import pairs_figure
+from ..interventions.generate import generate, reprompt
+from ..interventions.steer import Steer
+from .declaration import DYE_METRICS, STEER_METRICS, ConceptPair, Study, window_label, window_layers, window_steps
+from ..readouts.vectors import concept_vector
 
 __all__ = ["CellRunner"]
 
@@ -119,7 +119,7 @@ class CellRunner:
     def vector(self, pair_index: int, n: int) -> xr.DataArray:
         s = self.study
         if pair_index not in self._captures:
-            from .capture import capture
+            from ..trace.capture import capture
 
             pair = s.pairs[pair_index]
             settings = dict(seeds=list(range(max(s.vector_seeds))), num_inference_steps=s.num_inference_steps,

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .sites import site_module
+from ..model.sites import site_module
 
 __all__ = [
     "Visit",

@@ -3,7 +3,7 @@
 The run for prompt p and seed s is the plain call ``lens.pipeline(p, generator=lens.generator(s),
 num_inference_steps=T, guidance_scale=g, output_type="np", **lens.pipeline_kwargs)``, executed
 through nnsight; ``step`` is the index of the transformer call in its denoising loop. Results land
-cell by cell (one cell = one (prompt, seed) run) in a Zarr store (`dit_lens.store`), so a killed
+cell by cell (one cell = one (prompt, seed) run) in a Zarr store (`dit_lens.trace.store`), so a killed
 capture resumes where it stopped and a repeated one is read back without running the model.
 
 Examples:
@@ -36,7 +36,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from .hooks import branch_rows, check_prompts, check_seeds, is_int, traced_generate
+from .runner import branch_rows, check_prompts, check_seeds, is_int, traced_generate
 from .store import CaptureStore, VariableSpec, cache_root, content_key
 
 __all__ = ["BRANCHES", "REDUCTIONS", "CaptureSettings", "capture"]
@@ -109,7 +109,7 @@ class CaptureSettings:
         if self.site not in sites:
             raise ValueError(
                 f"unknown site={self.site!r} for {lens.family.name}; pass one of {sorted(sites)} "
-                f"(or add it to the family's site table in dit_lens.sites)"
+                f"(or add it to the family's site table in dit_lens.model.sites)"
             )
         count = lens.num_layers
         layers = tuple(range(count)) if self.layers is None else self.layers
@@ -179,7 +179,7 @@ def capture(
 
     Raises:
         ValueError: a bad argument (the message names it and the fix).
-        dit_lens.store.CaptureStoreError: `store` is corrupt or holds another capture.
+        dit_lens.trace.store.CaptureStoreError: `store` is corrupt or holds another capture.
     """
     prompts = check_prompts(prompts)
     seeds = check_seeds(seeds)
@@ -297,7 +297,7 @@ def _timesteps(lens: Any, steps: int) -> np.ndarray:
 
 def _identity(lens, prompts, seeds, settings) -> dict:
     """What must match for two captures to be the same (hashed into the cache key)."""
-    from . import __version__
+    from .. import __version__
 
     scheduler = lens.pipeline.scheduler
     provenance = lens.provenance()

@@ -15,15 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics as M
-from .blend import check_blend
-from .explorer import write_explorer
-from .figures import gate_figure, pairs_figure
-from .generate import generate
-from .lens import load
-from .steer import Steer
-from .study import ENDOSCOPY_CONTEXTS, window_layers
-from .vectors import concept_vector, save_vector
+from ..study import metrics as M
+from ..interventions.blend import check_blend
+from ..views.explorer import write_explorer
+from ..views.figures import gate_figure, pairs_figure
+from ..interventions.generate import generate
+from ..model.lens import load
+from ..interventions.steer import Steer
+from ..study.declaration import ENDOSCOPY_CONTEXTS, window_layers
+from ..readouts.vectors import concept_vector, save_vector
 
 __all__ = ["add_demo_arguments", "run_demo"]
 
@@ -106,7 +106,7 @@ def _measure(pairs, oracle_source, source_label) -> dict:
             result[key] = None
             result[f"{key}_status"] = "unavailable: no classifier for this model (pass --oracle)"
     else:
-        from .world import load_oracle, load_segmenter
+        from ..world import load_oracle, load_segmenter
 
         oracle, segmenter = load_oracle(oracle_source), load_segmenter(oracle_source)
         probs = M.classify(pairs, oracle)

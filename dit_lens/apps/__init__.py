@@ -1,0 +1,1 @@
+"""Applications on top of the library: the `dit-lens` command line (`cli`) and the demo (`demo`)."""

@@ -1,0 +1,1 @@
+"""Read-outs computed from traced runs: concept vectors (`vectors`)."""

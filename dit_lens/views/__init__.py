@@ -1,0 +1,1 @@
+"""Views: static figures (`figures`, `study`) and the interactive explorer (`explorer`)."""
