@@ -1,21 +1,20 @@
-"""traced_generate and branch_rows: the nnsight plumbing shared by capture and steering."""
+"""traced_generate, Hook and branch_rows: the nnsight loop shared by capture and every intervention."""
 
 import numpy as np
 import pytest
 import torch
 
-from dit_lens.trace.runner import branch_rows, check_seeds, traced_generate
+from dit_lens.trace.runner import Hook, branch_rows, check_seeds, traced_generate
 
 
 
 
 def test_replacing_an_output_matches_a_raw_forward_hook(tiny_lens):
-    def halve(step, index, output):
-        return output * 0.5 if index == 0 else None
+    def halve(step, layer, output):
+        return output * 0.5 if layer == 1 else None
 
-    result = traced_generate(tiny_lens, ["a polyp"], [4], num_inference_steps=3,
-                             guidance_scale=4.5, site="attn2", layers=(1, 2), visit=halve,
-                             output_type="np")
+    result = traced_generate(tiny_lens, ["a polyp"], [4], num_inference_steps=3, guidance_scale=4.5,
+                             hooks=[Hook("attn2", (1, 2), halve)], output_type="np")
     handle = tiny_lens.blocks[1].attn2.register_forward_hook(lambda module, args, out: out * 0.5)
     try:
         reference = tiny_lens.plain("a polyp", seed=4, num_inference_steps=3)
@@ -26,10 +25,25 @@ def test_replacing_an_output_matches_a_raw_forward_hook(tiny_lens):
     assert not np.array_equal(untouched, reference)  # the edit mattered, and was undone
 
 
-def test_layers_must_be_in_execution_order(tiny_lens):
-    with pytest.raises(ValueError, match="strictly ascending"):
+def test_hooks_at_several_sites_run_in_execution_order(tiny_lens):
+    seen = []
+    hooks = [Hook("ff", (2, 0), lambda t, l, out: seen.append((t, l, "ff"))),
+             Hook("attn2", (0, 1), lambda t, l, out: seen.append((t, l, "attn2")), steps=[1]),
+             Hook("attn1.weights", (0,), lambda t, l, out: seen.append((t, l, "attn1.weights")))]
+    traced_generate(tiny_lens, ["a"], [0], num_inference_steps=2, guidance_scale=4.5, hooks=hooks)
+    assert seen == [(0, 0, "attn1.weights"), (0, 0, "ff"), (0, 2, "ff"),
+                    (1, 0, "attn1.weights"), (1, 0, "attn2"), (1, 0, "ff"), (1, 1, "attn2"), (1, 2, "ff")]
+
+
+def test_bad_hooks_are_refused(tiny_lens):
+    with pytest.raises(ValueError, match="unknown site 'attn3'"):
         traced_generate(tiny_lens, ["a"], [0], num_inference_steps=1, guidance_scale=4.5,
-                        site="attn2", layers=(2, 0), visit=lambda *args: None)
+                        hooks=[Hook("attn3", (0,), lambda *args: None)])
+    with pytest.raises(ValueError, match=r"layers \[7\] do not exist"):
+        traced_generate(tiny_lens, ["a"], [0], num_inference_steps=1, guidance_scale=4.5,
+                        hooks=[Hook("attn2", (7,), lambda *args: None)])
+    with pytest.raises(ValueError, match="distinct block indices"):
+        Hook("attn2", (), lambda *args: None)
 
 
 def test_branch_rows_splits_the_guidance_batch():

@@ -73,7 +73,7 @@ def test_steer_checks_fit_with_the_model(tiny_lens):
 def test_steer_is_a_printable_saveable_value(tmp_path):
     steer = Steer(unit_vector(), alpha=2, layers=(2, 1), renormalize=True, name="polyps−normal cecum")
     assert repr(steer) == (
-        "Steer('polyps−normal cecum', alpha=2, layers=[1, 2], steps=all, renormalize=True, "
+        "Steer('polyps−normal cecum', alpha=2, site=attn2, layers=[1, 2], steps=all, renormalize=True, "
         "vector=4 steps × 3 layers × 16 channels)"
     )
     json.dumps(steer.to_dict())

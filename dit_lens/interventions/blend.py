@@ -23,17 +23,23 @@ Examples:
     (True, True, (1, 8, 8))
     >>> bool((blend_latents(u, u.clone(), threshold=0.3)[0] == u).all())
     True
+    >>> Blend(0.3)  # the same, as an intervention for generate(edits=[...])
+    Blend(threshold=0.3)
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["blend_latents", "check_blend"]
+from .base import LatentEdit, register
+
+__all__ = ["Blend", "blend_latents", "check_blend"]
 
 
 def check_blend(threshold: float) -> float:
@@ -63,3 +69,26 @@ def blend_latents(unsteered: torch.Tensor, steered: torch.Tensor, threshold: flo
     mask = (change / peak / threshold).clamp(0.0, 1.0)
     blended = torch.where(mask > 0, mask * steered + (1 - mask) * unsteered, unsteered)
     return blended, mask[:, 0]
+
+
+@register
+@dataclass(frozen=True)
+class Blend(LatentEdit):
+    """Latent blending as an intervention: after every step, `blend_latents` on the edited branch.
+
+    Records the mask m of every step as ``blend_mask``. ``threshold = 0`` is the identity.
+    """
+
+    threshold: float = 0.3
+    record: ClassVar[str | None] = "blend_mask"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "threshold", check_blend(self.threshold))
+
+    @property
+    def is_identity(self) -> bool:
+        return self.threshold == 0.0
+
+    def apply_latents(self, step: int, original: torch.Tensor,
+                      edited: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return blend_latents(original, edited, self.threshold)

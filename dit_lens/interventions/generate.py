@@ -1,8 +1,9 @@
-"""`generate`: counterfactual pairs (unsteered, steered) from the same seed, in one batched pass.
+"""`generate`: counterfactual pairs (original, edited) from the same seed, in one batched pass.
 
-Both branches of a pair share prompt and seed, so they start from the same noise; only the steered
-branch's rows are edited, through the same nnsight-hooked model that `capture` reads. The gate of
-every steered token can be recorded as a heat map over the token grid.
+Both branches of a pair share prompt and seed, so they start from the same noise; only the edited
+branch's rows are changed, by any list of interventions (`dit_lens.interventions.base`: site edits,
+attention-weight edits, latent edits), through the same nnsight-hooked model that `capture` reads.
+What an intervention records (MedSteer's gate, the blend mask) comes back beside the images.
 
 Examples:
     >>> from dit_lens import PixArtSpec, build_pixart, load
@@ -23,9 +24,10 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from .blend import blend_latents, check_blend
-from ..trace.runner import check_prompts, check_seeds, traced_generate
-from .steer import Steer, steer_tokens
+from ..trace.runner import Hook, check_prompts, check_seeds, traced_generate
+from .base import EditContext, Intervention, LatentEdit, SiteEdit
+from .blend import Blend, check_blend
+from .steer import Steer
 
 __all__ = ["generate", "reprompt", "scheduler_timesteps"]
 
@@ -35,6 +37,7 @@ def generate(
     prompts: str | Sequence[str],
     *,
     seeds: Sequence[int],
+    edits: Intervention | Sequence[Intervention] | None = None,
     steer: Steer | Sequence[Steer] | None = None,
     num_inference_steps: int = 20,
     guidance_scale: float = 4.5,
@@ -43,90 +46,82 @@ def generate(
     batch_size: int | None = None,
     progress: bool = True,
 ) -> xr.Dataset:
-    """Generate images for every (prompt, seed), with a steered twin when `steer` is given.
+    """Generate images for every (prompt, seed), with an edited twin when edits are given.
 
     Args:
         lens: From `dit_lens.load`.
         prompts: One prompt or a list.
         seeds: Generator seeds; each (prompt, seed) is one cell.
-        steer: A `Steer`, or several applied in order at each site (e.g. dye and polyp).
+        edits: Interventions applied to the edited branch: site edits in list order at each site,
+            latent edits in list order after each step.
+        steer: Shorthand: `Steer` values put before `edits` (several apply in order at each site).
         num_inference_steps: Denoising steps T.
         guidance_scale: Classifier-free guidance scale.
-        record_gates: Also return the gate g = max(0, h·v) of every token of the conditional half
-            of the steered run, at steered layers and steps.
-        blend: Latent blending threshold τ in [0, 1) (`dit_lens.interventions.blend`): after every step the
-            steered latent is pulled back to the unsteered one where steering changed it less
-            than τ of its largest change. 0 (the default) turns it off.
+        record_gates: Also return what site edits record per token (MedSteer's gate
+            g = max(0, h·v)) on the conditional half of the edited run, at their layers and steps.
+        blend: Shorthand: latent blending with threshold τ in [0, 1) (`Blend`) after `edits`; 0 (the
+            default) turns it off.
         batch_size: Cells per pipeline call (each cell is 1 or 2 images); default 4.
         progress: Show a progress bar over batches.
 
     Returns:
         Dataset with ``image (prompt, seed, branch, y, x, rgb)`` float32 in [0, 1], branch
-        ``["unsteered", "steered"]`` (or ``["unsteered"]``), and with `record_gates`
-        ``gate (prompt, seed, step, layer, row, col)`` (a leading ``steer`` dim when several
-        steers are given); with `blend`, ``blend_mask (prompt, seed, blend_step, latent_y, latent_x)``,
-        the mask m after every step. Attrs hold provenance and every setting.
+        ``["unsteered", "steered"]`` (the original and the edited image; ``["unsteered"]`` without
+        edits), and with `record_gates` ``gate (prompt, seed, step, layer, row, col)`` (a leading
+        ``steer`` dim when several edits record one); with blending, ``blend_mask (prompt, seed,
+        blend_step, latent_y, latent_x)``, the mask m after every step. Attrs hold provenance and
+        every setting (``edits``: each intervention's settings).
     """
     prompts, seeds = check_prompts(prompts), check_seeds(seeds)
-    steers = _as_steers(steer)
-    _validate(lens, prompts, seeds, steers, num_inference_steps, record_gates, batch_size)
-    blend = check_blend(blend)
-    if blend and not steers:
-        raise ValueError("blend needs a steer: it blends the steered branch with the unsteered one")
-    branches = ["unsteered", "steered"] if steers else ["unsteered"]
+    edits = _as_edits(edits, steer, blend)
+    _validate(lens, prompts, seeds, edits, num_inference_steps, record_gates, batch_size)
+    branches = ["unsteered", "steered"] if edits else ["unsteered"]
     cells = [(p, s) for p in range(len(prompts)) for s in range(len(seeds))]
     per_call = batch_size or 4
-    rows, cols = lens.token_grid
-    layers = sorted({l for st in steers for l in st.steered_layers()})
-    steps = sorted({t for st in steers for t in st.steered_steps(num_inference_steps)})
+    plan = _Plan(lens, edits, num_inference_steps, record_gates)
 
     height, width = lens.pipeline_kwargs["height"], lens.pipeline_kwargs["width"]
     images = np.zeros((len(prompts), len(seeds), len(branches), height, width, 3), np.float32)
-    gates = None
-    if record_gates:
-        gates = np.zeros((len(steers), len(prompts), len(seeds), len(steps), len(layers), rows, cols), np.float32)
-    masks = None
+    records: dict[str, np.ndarray] = {}
 
     chunks = [cells[i : i + per_call] for i in range(0, len(cells), per_call)]
     for chunk in tqdm(chunks, desc="generate", unit="batch", disable=not progress):
         row_prompts = [prompts[p] for p, _ in chunk for _ in branches]
         row_seeds = [seeds[s] for _, s in chunk for _ in branches]
-        steered_rows = [i * len(branches) + 1 for i in range(len(chunk))] if steers else []
-        out_images, chunk_gates, chunk_masks = _run(
-            lens, row_prompts, row_seeds, steers, steered_rows, layers, steps,
-            num_inference_steps, guidance_scale, record_gates, blend,
-        )
-        if blend and masks is None:
-            masks = np.zeros((len(prompts), len(seeds), *chunk_masks.shape[1:]), np.float32)
+        edited = [i * len(branches) + 1 for i in range(len(chunk))] if edits else []
+        out_images, chunk_records = plan.run(row_prompts, row_seeds, edited, guidance_scale)
+        for name, values in chunk_records.items():  # values: (edits, pairs, ...)
+            if name not in records:
+                records[name] = np.zeros((values.shape[0], len(prompts), len(seeds), *values.shape[2:]), np.float32)
         for i, (p, s) in enumerate(chunk):
             images[p, s] = out_images[i * len(branches) : (i + 1) * len(branches)]
-            if masks is not None:
-                masks[p, s] = chunk_masks[i]
-            if gates is not None:
-                gates[:, p, s] = chunk_gates[:, i].reshape(len(steers), len(steps), len(layers), rows, cols)
+            for name, values in chunk_records.items():
+                records[name][:, p, s] = values[:, i]
 
-    coords = {"prompt": prompts, "seed": seeds, "branch": branches}
-    data = {"image": (("prompt", "seed", "branch", "y", "x", "rgb"), images)}
-    if gates is not None:
-        gate_dims = ("prompt", "seed", "step", "layer", "row", "col")
+    coords: dict = {"prompt": prompts, "seed": seeds, "branch": branches}
+    data: dict = {"image": (("prompt", "seed", "branch", "y", "x", "rgb"), images)}
+    if "gate" in records:
+        rows, cols = lens.token_grid
+        gates = records["gate"].reshape(*records["gate"].shape[:5], rows, cols)
         timesteps = scheduler_timesteps(lens, num_inference_steps)
-        coords.update(step=steps, layer=layers, timestep=("step", timesteps[steps]))
-        if len(steers) == 1:
-            data["gate"] = (gate_dims, gates[0])
-        else:
-            coords["steer"] = [st.name or f"steer{k}" for k, st in enumerate(steers)]
-            data["gate"] = (("steer",) + gate_dims, gates)
-    if masks is not None:
-        data["blend_mask"] = (("prompt", "seed", "blend_step", "latent_y", "latent_x"), masks)
-        coords["blend_step"] = np.arange(masks.shape[2])
+        coords.update(step=plan.steps, layer=plan.layers, timestep=("step", timesteps[plan.steps]))
+        _add_record(data, coords, "gate", ("prompt", "seed", "step", "layer", "row", "col"), gates,
+                    plan.names(plan.recording("gate")))
+    if "blend_mask" in records:
+        masks = records["blend_mask"]
+        coords["blend_step"] = np.arange(masks.shape[3])
+        _add_record(data, coords, "blend_mask", ("prompt", "seed", "blend_step", "latent_y", "latent_x"), masks,
+                    plan.names(plan.recording("blend_mask")))
     ds = xr.Dataset(data, coords=coords)
     ds.attrs.update(lens.provenance())
+    blends = [e.threshold for e in edits if isinstance(e, Blend)]
     ds.attrs.update(
         num_inference_steps=num_inference_steps,
         guidance_scale=float(guidance_scale),
-        blend=blend,
+        blend=blends[-1] if blends else 0.0,
         seeds=json.dumps(seeds),
-        steers=json.dumps([st.settings() for st in steers]),
+        steers=json.dumps([e.settings() for e in edits if isinstance(e, Steer)]),
+        edits=json.dumps([e.settings() for e in edits]),
     )
     return ds
 
@@ -147,75 +142,134 @@ def reprompt(
 
     Laid out like a `generate` result so the same metrics apply: branch ``"unsteered"`` is the
     source prompt's image, ``"steered"`` the target prompt's (the counterfactual). Both come from
-    one batched pass, so `blend` treats the target branch as `generate` treats a steered one.
+    one batched pass, so `blend` treats the target branch as `generate` treats an edited one.
 
     Returns:
         Dataset with ``image (prompt, seed, branch, y, x, rgb)``, prompt ``[source]``; attrs name
         the target prompt.
     """
     prompts, seeds = check_prompts([source, target]), check_seeds(seeds)
+    edits = _as_edits(None, None, blend)
     _validate(lens, prompts, seeds, [], num_inference_steps, False, batch_size)
-    blend = check_blend(blend)
+    plan = _Plan(lens, edits, num_inference_steps, False)
     height, width = lens.pipeline_kwargs["height"], lens.pipeline_kwargs["width"]
     images = np.zeros((1, len(seeds), 2, height, width, 3), np.float32)
     per_call = batch_size or 4
     chunks = [seeds[i : i + per_call] for i in range(0, len(seeds), per_call)]
     done = 0
     for chunk in tqdm(chunks, desc="reprompt", unit="batch", disable=not progress):
-        out, _, _ = _run(lens, [source, target] * len(chunk), [s for s in chunk for _ in range(2)], [],
-                         [2 * i + 1 for i in range(len(chunk))], [], [], num_inference_steps, guidance_scale,
-                         False, blend)
+        out, _ = plan.run([source, target] * len(chunk), [s for s in chunk for _ in range(2)],
+                          [2 * i + 1 for i in range(len(chunk))], guidance_scale)
         images[0, done : done + len(chunk)] = out.reshape(len(chunk), 2, height, width, 3)
         done += len(chunk)
     coords = {"prompt": [source], "seed": seeds, "branch": ["unsteered", "steered"]}
     ds = xr.Dataset({"image": (("prompt", "seed", "branch", "y", "x", "rgb"), images)}, coords=coords)
     ds.attrs.update(lens.provenance())
-    ds.attrs.update(num_inference_steps=num_inference_steps, guidance_scale=float(guidance_scale), blend=blend,
-                    seeds=json.dumps(seeds), edit="reprompt", target_prompt=target)
+    ds.attrs.update(num_inference_steps=num_inference_steps, guidance_scale=float(guidance_scale),
+                    blend=float(blend), seeds=json.dumps(seeds), edit="reprompt", target_prompt=target,
+                    edits=json.dumps([e.settings() for e in edits]))
     return ds
 
 
-def _run(lens, row_prompts, row_seeds, steers, steered_rows, layers, steps, T, guidance, record, blend):
-    """One pipeline call over the rows; edits `steered_rows`. Returns (images, gates, blend masks)."""
-    n_steered, n_rows = len(steered_rows), len(row_prompts)
-    gates = torch.zeros(len(steers), n_steered, len(steps), len(layers), lens.token_grid[0] * lens.token_grid[1])
-    step_index = {t: i for i, t in enumerate(steps)}
+class _Plan:
+    """How a list of edits runs: one hook per site edit, one step-end pass for latent edits, and
+    where their records go. The runner's half: the edits never see rows they do not edit."""
 
-    def visit(t: int, j: int, h: torch.Tensor) -> torch.Tensor | None:
-        if t not in step_index:
-            return None
-        layer = layers[j]
-        halves = h.shape[0] // n_rows  # 2 with classifier-free guidance: [uncond rows, cond rows]
-        index = torch.tensor([r + k * n_rows for k in range(halves) for r in steered_rows])
-        edited, changed = h[index], False  # (halves * steered, tokens, C)
-        for k, st in enumerate(steers):
-            if layer not in st.steered_layers() or t not in st.steered_steps(T):
-                continue
-            edited, gate = steer_tokens(edited, st.vector_at(t, layer), st.alpha, st.renormalize)
-            changed = True
-            if record:  # the conditional half is the last n_steered rows of `index`
-                gates[k, :, step_index[t], j] = gate[-n_steered:].detach().float().cpu()
-        if not changed:
-            return None
-        new = h.clone()
-        new[index] = edited
-        return new
+    def __init__(self, lens: Any, edits: Sequence[Intervention], T: int, record: bool) -> None:
+        self.lens, self.T = lens, T
+        self.record = record
+        site_edits = [e for e in edits if isinstance(e, SiteEdit)]
+        self.site_edits = [e for e in site_edits if not e.is_identity or (record and e.record)]
+        self.latent_edits = [e for e in edits if isinstance(e, LatentEdit) and not e.is_identity]
+        recorded = [e for e in site_edits if record and e.record]
+        self.layers = sorted({l for e in recorded for l in e.edit_layers(lens)})
+        self.steps = sorted({t for e in recorded for t in e.edit_steps(T)})
+        self._site_recorders = [e for e in site_edits if record and e.record]
+        self._latent_recorders = [e for e in self.latent_edits if e.record]
 
-    masks: list[torch.Tensor] = []
+    def recording(self, name: str) -> list[Intervention]:
+        return [e for e in self._site_recorders + self._latent_recorders if e.record == name]
 
-    steered = torch.tensor(steered_rows, dtype=torch.long)  # the unsteered twin of row r is row r - 1
+    @staticmethod
+    def names(edits: Sequence[Intervention]) -> list[str]:
+        return [getattr(e, "name", "") or f"{type(e).__name__.lower()}{k}" for k, e in enumerate(edits)]
 
-    def step_end(t: int, latents: torch.Tensor) -> None:  # latents: (rows, C, H, W), edited in place
-        latents[steered], mask = blend_latents(latents[steered - 1], latents[steered], blend)
-        masks.append(mask.detach().float().cpu())  # (pairs, H, W)
+    def run(self, row_prompts: list[str], row_seeds: list[int], edited_rows: list[int],
+            guidance_scale: float) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One pipeline call; row ``edited_rows[i]`` is edited, row ``edited_rows[i] - 1`` is its twin.
 
-    result = traced_generate(
-        lens, row_prompts, row_seeds, num_inference_steps=T, guidance_scale=guidance,
-        site=lens.family.cross_attention_site, layers=layers, visit=visit, output_type="np",
-        step_end=step_end if blend else None,
-    )
-    mask_array = torch.stack(masks, dim=1).numpy() if masks else None  # (pairs, steps, H, W)
-    return result.images.astype(np.float32), gates.numpy(), mask_array
+        Returns the images ``(rows, H, W, 3)`` and each record ``(edits, pairs, ...)``.
+        """
+        n_rows, pairs = len(row_prompts), len(edited_rows)
+        edited = torch.tensor(edited_rows, dtype=torch.long)
+        twins = edited - 1
+        guided = guidance_scale > 1
+        step_index = {t: i for i, t in enumerate(self.steps)}
+        layer_index = {l: j for j, l in enumerate(self.layers)}
+        tokens = self.lens.token_grid[0] * self.lens.token_grid[1]
+        gate_edits = self.recording("gate")
+        gates = torch.zeros(len(gate_edits), pairs, len(self.steps), len(self.layers), tokens)
+
+        def hook_for(edit: SiteEdit) -> Hook:
+            halves = _halves(edit.halves, guided)
+            blocks = [("uncond", "cond").index(h) if guided else 0 for h in halves]
+            rows = torch.cat([edited + b * n_rows for b in blocks])
+            twin_rows = torch.cat([twins + b * n_rows for b in blocks])
+            slot = gate_edits.index(edit) if edit in gate_edits else None
+            cond_block = halves.index("cond") if "cond" in halves else len(halves) - 1
+
+            def visit(step: int, layer: int, h: torch.Tensor) -> torch.Tensor | None:
+                ctx = EditContext(step, layer, edit.site, halves, pairs, original=lambda: h[twin_rows])
+                new, recorded = (None, None) if edit.is_identity and slot is None else edit.apply(h[rows], ctx)
+                if edit.is_identity:
+                    new = None  # strength zero: the run stays bit-identical, only the record is kept
+                if slot is not None and recorded is not None:
+                    part = recorded[cond_block * pairs : (cond_block + 1) * pairs]  # (pairs, tokens)
+                    gates[slot, :, step_index[step], layer_index[layer]] = part.detach().float().cpu()
+                if new is None:
+                    return None
+                out = h.clone()
+                out[rows] = new
+                return out
+
+            return Hook(edit.site, tuple(edit.edit_layers(self.lens)), visit, frozenset(edit.edit_steps(self.T)))
+
+        masks: list[list[torch.Tensor]] = [[] for _ in self._latent_recorders]
+
+        def step_end(step: int, latents: torch.Tensor) -> None:  # latents (rows, C, H, W), edited in place
+            for edit in self.latent_edits:
+                latents[edited], recorded = edit.apply_latents(step, latents[twins], latents[edited])
+                if edit in self._latent_recorders and recorded is not None:
+                    masks[self._latent_recorders.index(edit)].append(recorded.detach().float().cpu())
+
+        result = traced_generate(
+            self.lens, row_prompts, row_seeds, num_inference_steps=self.T, guidance_scale=guidance_scale,
+            hooks=[hook_for(e) for e in self.site_edits], output_type="np",
+            step_end=step_end if self.latent_edits and edited_rows else None,
+        )
+        records: dict[str, np.ndarray] = {}
+        if gate_edits:
+            records["gate"] = gates.numpy()
+        if self._latent_recorders and edited_rows:
+            records["blend_mask"] = torch.stack([torch.stack(m, dim=1) for m in masks]).numpy()  # (edits, pairs, steps, H, W)
+        return result.images.astype(np.float32), records
+
+
+def _halves(halves: str, guided: bool) -> tuple[str, ...]:
+    if not guided:
+        if halves == "uncond":
+            raise ValueError("halves='uncond' needs classifier-free guidance (guidance_scale > 1)")
+        return ("cond",)
+    return {"both": ("uncond", "cond"), "cond": ("cond",), "uncond": ("uncond",)}[halves]
+
+
+def _add_record(data: dict, coords: dict, name: str, dims: tuple, values: np.ndarray, labels: list[str]) -> None:
+    if len(labels) == 1:
+        data[name] = (dims, values[0])
+    else:
+        dim = "steer" if name == "gate" else f"{name}_edit"
+        coords[dim] = labels
+        data[name] = ((dim,) + dims, values)
 
 
 def scheduler_timesteps(lens: Any, num_inference_steps: int) -> np.ndarray:
@@ -225,22 +279,28 @@ def scheduler_timesteps(lens: Any, num_inference_steps: int) -> np.ndarray:
     return scheduler.timesteps.cpu().numpy()
 
 
-def _as_steers(steer: Any) -> list[Steer]:
-    if steer is None:
-        return []
-    steers = [steer] if isinstance(steer, Steer) else list(steer)
+def _as_edits(edits: Any, steer: Any, blend: float) -> list[Intervention]:
+    steers = [] if steer is None else [steer] if isinstance(steer, Steer) else list(steer)
     for st in steers:
         if not isinstance(st, Steer):
             raise TypeError(f"steer= takes Steer values (or a list of them), got {type(st).__name__}")
-    return steers
+    given = [] if edits is None else [edits] if isinstance(edits, Intervention) else list(edits)
+    for edit in given:
+        if not isinstance(edit, (SiteEdit, LatentEdit)):
+            raise TypeError(f"edits= takes interventions (Steer, Reweight, Blend, ...), got {type(edit).__name__}")
+    threshold = check_blend(blend)
+    return steers + given + ([Blend(threshold)] if threshold else [])
 
 
-def _validate(lens, prompts, seeds, steers, T, record_gates, batch_size) -> None:
-    if not isinstance(T, int) or T < 1:
+def _validate(lens, prompts, seeds, edits, T, record_gates, batch_size) -> None:
+    if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 1:
         raise ValueError(f"num_inference_steps must be a positive integer, got {T!r}")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if record_gates and not steers:
-        raise ValueError("record_gates=True needs a steer: the gate is the steering's own")
-    for st in steers:
-        st.check(lens, T)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+                                   or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if edits and all(isinstance(e, LatentEdit) for e in edits):
+        raise ValueError("blend needs a steer (or another edit): it blends the edited branch with the original one")
+    if record_gates and not any(isinstance(e, SiteEdit) and e.record for e in edits):
+        raise ValueError("record_gates=True needs a steer (or another site edit that records): the gate is the steering's own")
+    for edit in edits:
+        edit.check(lens, int(T))

@@ -1,7 +1,8 @@
-"""`Steer`: a concept-removal intervention on cross-attention outputs, as a printable value.
+"""`Steer`: a concept-removal intervention (a site edit), as a printable value.
 
-For every image token h of ``transformer_blocks[l].attn2``'s output at a steered layer l and step t
-(both halves of the guidance batch):
+For every image token h of the output of the site the vector was captured at (``attn2``, the
+cross-attention output, for MedSteer) at a steered layer l and step t (both halves of the guidance
+batch by default):
 
     g  = max(0, h · v(l, t))            the per-token gate (dot product, not cosine)
     h' = h − α · g · v(l, t)            the paper's update
@@ -12,7 +13,7 @@ Examples:
     >>> v = xr.DataArray(np.eye(4, dtype=np.float32)[None, None, 0].repeat(3, 1),
     ...                  dims=("step", "layer", "channel"))
     >>> Steer(v, alpha=2.5, layers=[1, 2])
-    Steer(alpha=2.5, layers=[1, 2], steps=all, renormalize=False, vector=1 steps × 3 layers × 4 channels)
+    Steer(alpha=2.5, site=attn2, layers=[1, 2], steps=all, renormalize=False, vector=1 steps × 3 layers × 4 channels)
     >>> h = torch.tensor([[[2.0, 1.0, 0.0, 0.0], [-1.0, 1.0, 0.0, 0.0]]])  # (batch, tokens, C)
     >>> new, gate = steer_tokens(h, torch.tensor([1.0, 0.0, 0.0, 0.0]), alpha=1.0)
     >>> gate.tolist(), new[0, 0].tolist()
@@ -24,15 +25,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
 import xarray as xr
 
 from ..readouts.vectors import _check_vector
+from .base import HALVES, EditContext, SiteEdit, register
 
 __all__ = ["Steer", "steer_tokens"]
 
@@ -56,9 +59,10 @@ def steer_tokens(
     return new, gate
 
 
+@register
 @dataclass(frozen=True, eq=False)
-class Steer:
-    """Remove a concept along a vector at chosen layers and steps.
+class Steer(SiteEdit):
+    """Remove a concept along a vector at chosen layers and steps of the site it was captured at.
 
     Attributes:
         vector: Unit concept vector, dims ``(step, layer, channel)`` (see `concept_vector`).
@@ -69,7 +73,13 @@ class Steer:
         reuse_last_step: Allow runs with more steps than the vector, reusing its last step
             (authors' code); otherwise that is an error.
         name: A label for figures and results (e.g. ``"polyps−normal cecum"``).
+        site: The site to edit; ``None`` takes the site the vector was captured at (its ``site``
+            attr; ``"attn2"`` for vectors that do not say). Naming another site is an error: a
+            direction in one site's space means nothing in another's.
+        halves: Guidance halves to steer: ``"both"`` (the paper), ``"cond"`` or ``"uncond"``.
     """
+
+    record: ClassVar[str | None] = "gate"
 
     vector: xr.DataArray = field(repr=False)
     alpha: float = 2.5
@@ -78,12 +88,27 @@ class Steer:
     renormalize: bool = False
     reuse_last_step: bool = False
     name: str = ""
+    site: str | None = None
+    halves: str = "both"
 
     def __post_init__(self) -> None:
         _check_vector(self.vector)
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real) or not math.isfinite(self.alpha):
             raise ValueError(f"Steer.alpha must be a finite number, got {self.alpha!r}")
         object.__setattr__(self, "alpha", float(self.alpha))
+        captured = str(self.vector.attrs.get("site", "attn2"))
+        if self.site is None:
+            object.__setattr__(self, "site", captured)
+        elif self.site != captured:
+            raise ValueError(
+                f"the vector was captured at site {captured!r} but Steer.site is {self.site!r}; steer the site the "
+                f"vector was computed at (leave site=None), or compute a vector at {self.site!r} with "
+                f"concept_vector(..., site={self.site!r})"
+            )
+        if self.site.endswith(".weights"):
+            raise ValueError(f"Steer edits a site's output, not attention weights; got site {self.site!r}")
+        if self.halves not in HALVES:
+            raise ValueError(f"Steer.halves must be one of {list(HALVES)}, got {self.halves!r}")
         have_layers = [int(x) for x in self.vector["layer"].values]
         for attr, allowed in (("layers", have_layers), ("steps", None)):
             value = getattr(self, attr)
@@ -116,12 +141,29 @@ class Steer:
         steps = range(num_inference_steps) if self.steps is None else self.steps
         return [t for t in steps if t < num_inference_steps]
 
+    def edit_layers(self, lens: Any) -> list[int]:
+        return self.steered_layers()
+
+    def edit_steps(self, num_inference_steps: int) -> list[int]:
+        return self.steered_steps(num_inference_steps)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.alpha == 0.0
+
+    def apply(self, h: torch.Tensor, ctx: EditContext | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gated update on the rows ``h (rows, tokens, C)``; returns them and the gate ``(rows, tokens)``."""
+        return steer_tokens(h, self.vector_at(ctx.step, ctx.layer), self.alpha, self.renormalize)
+
     def check(self, lens: Any, num_inference_steps: int) -> None:
         """Raise a clear error if this steer cannot run on `lens` with T steps."""
+        if self.site not in lens.family.sites:
+            raise ValueError(f"Steer.site {self.site!r} is not a site of {lens.family.name}; "
+                             f"sites: {sorted(lens.family.sites)}")
         channels = int(self.vector.sizes["channel"])
         if channels != lens.width:
             raise ValueError(
-                f"the vector has {channels} channels but the model's cross-attention is "
+                f"the vector has {channels} channels but the model's {self.site} output is "
                 f"{lens.width} wide; compute the vector on this model"
             )
         too_deep = [l for l in self.steered_layers() if l >= lens.num_layers]
@@ -156,7 +198,10 @@ class Steer:
     def settings(self) -> dict:
         """Everything that defines the run except the vector's values (which are digested)."""
         return {
+            "type": "Steer",
             "name": self.name,
+            "site": self.site,
+            "halves": self.halves,
             "alpha": self.alpha,
             "layers": None if self.layers is None else list(self.layers),
             "steps": None if self.steps is None else list(self.steps),
@@ -186,6 +231,8 @@ class Steer:
             renormalize=data.get("renormalize", False),
             reuse_last_step=data.get("reuse_last_step", False),
             name=data.get("name", ""),
+            site=data.get("site"),
+            halves=data.get("halves", "both"),
         )
         if "vector_digest" in data and steer.vector_digest != data["vector_digest"]:
             raise ValueError("the saved steer's vector does not match its digest; the file is corrupt")
@@ -215,8 +262,9 @@ class Steer:
         steps = "all" if self.steps is None else _ranges(self.steps)
         shape = self.vector.shape
         label = f"{self.name!r}, " if self.name else ""
+        halves = "" if self.halves == "both" else f", halves={self.halves}"
         return (
-            f"Steer({label}alpha={self.alpha:g}, layers={layers}, steps={steps}, "
+            f"Steer({label}alpha={self.alpha:g}, site={self.site}{halves}, layers={layers}, steps={steps}, "
             f"renormalize={self.renormalize}, "
             f"vector={shape[0]} steps × {shape[1]} layers × {shape[2]} channels)"
         )

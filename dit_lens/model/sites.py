@@ -11,6 +11,10 @@ Examples:
     'transformer.transformer_blocks.3.attn2'
     >>> family.site_path("block", layer=0)
     'transformer.transformer_blocks.0'
+    >>> family.site_path("attn2.weights", layer=1)  # softmax weights, through dit-lens' processor
+    'transformer.transformer_blocks.1.attn2.processor.weights'
+    >>> family.attention_of("attn2.weights"), family.attention_of("ff")
+    ('attn2', None)
 """
 
 from __future__ import annotations
@@ -33,6 +37,11 @@ class Family:
         sites: Site name -> path of the module *inside one block* whose output is the site
             ("" is the block itself).
         cross_attention_site: The site whose output carries the text conditioning.
+        attention_sites: Sites that are diffusers ``Attention`` modules; each also has a weights
+            site ``"<site>.weights"``, the softmax attention weights ``(rows, heads, queries, keys)``
+            that `dit_lens.trace.attention` exposes while a run reads or edits them.
+        order: Every site in the order a block runs them (nnsight visits sites in execution
+            order; a weights site runs inside its attention module, so before its output).
     """
 
     name: str
@@ -40,6 +49,29 @@ class Family:
     blocks: str
     sites: Mapping[str, str]
     cross_attention_site: str = "attn2"
+    attention_sites: tuple[str, ...] = ()
+    order: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        sites = dict(self.sites)
+        for site in self.attention_sites:
+            inner = sites[site]
+            sites[f"{site}.weights"] = f"{inner}.processor.weights" if inner else "processor.weights"
+        object.__setattr__(self, "sites", MappingProxyType(sites))
+        if set(self.order) != set(sites):
+            raise ValueError(f"Family {self.name}: order must list every site once, got {self.order} for {sorted(sites)}")
+
+    def attention_of(self, site: str) -> str | None:
+        """The attention site whose processor a weights site needs (``None`` for other sites)."""
+        if site.endswith(".weights") and site[: -len(".weights")] in self.attention_sites:
+            return site[: -len(".weights")]
+        return None
+
+    def rank(self, site: str) -> int:
+        """Position of `site` in a block's execution order."""
+        if site not in self.sites:
+            raise ValueError(f"unknown site {site!r} for {self.name}; choose one of {sorted(self.sites)}")
+        return self.order.index(site)
 
     def site_path(self, site: str, layer: int) -> str:
         """Dotted path, from the pipeline, of `site` in block `layer`."""
@@ -57,6 +89,8 @@ _PIXART = Family(
     denoiser="transformer",
     blocks="transformer_blocks",
     sites=MappingProxyType({"attn1": "attn1", "attn2": "attn2", "ff": "ff", "block": ""}),
+    attention_sites=("attn1", "attn2"),
+    order=("attn1.weights", "attn1", "attn2.weights", "attn2", "ff", "block"),
 )
 
 #: Denoiser class name -> layout. PixArt-alpha and PixArt-Sigma share one denoiser class.

@@ -36,7 +36,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from .runner import branch_rows, check_prompts, check_seeds, is_int, traced_generate
+from .runner import Hook, branch_rows, check_prompts, check_seeds, is_int, traced_generate
 from .store import CaptureStore, VariableSpec, cache_root, content_key
 
 __all__ = ["BRANCHES", "REDUCTIONS", "CaptureSettings", "capture"]
@@ -228,23 +228,24 @@ def _run_batch(lens, cells, batch, prompts, seeds, settings) -> None:
     store (a callable, so that a store still being created is waited for only when written to)."""
     size, guided = len(batch), settings.guidance_scale > 1
     steps, layers, branch = settings.num_inference_steps, settings.layers, settings.branch
+    position = {layer: index for index, layer in enumerate(layers)}
     if settings.reduce == "mean":
         extra = (2,) if branch == "both" else ()
         buffer = torch.empty(  # (cells, step, layer[, branch], C)
             (size, steps, len(layers), *extra, lens.width), dtype=torch.float32, device=lens.device
         )
 
-        def visit(step: int, index: int, output: torch.Tensor) -> None:
+        def visit(step: int, layer: int, output: torch.Tensor) -> None:
             token_mean = output.mean(dim=1, dtype=torch.float32)  # (rows, C)
-            buffer[:, step, index] = branch_rows(token_mean, branch, size, guided)
+            buffer[:, step, position[layer]] = branch_rows(token_mean, branch, size, guided)
 
     else:
 
-        def visit(step: int, index: int, output: torch.Tensor) -> None:
+        def visit(step: int, layer: int, output: torch.Tensor) -> None:
             picked = branch_rows(output, branch, size, guided)  # (cells[, branch], tokens, C)
             values = picked.float().cpu().numpy()
             for row, cell in enumerate(batch):
-                cells().write(cell, values[row], at=(step, index))
+                cells().write(cell, values[row], at=(step, position[layer]))
 
     traced_generate(
         lens,
@@ -252,9 +253,7 @@ def _run_batch(lens, cells, batch, prompts, seeds, settings) -> None:
         [seeds[j] for _, j in batch],
         num_inference_steps=steps,
         guidance_scale=settings.guidance_scale,
-        site=settings.site,
-        layers=layers,
-        visit=visit,
+        hooks=[Hook(settings.site, layers, visit)],
     )
     if settings.reduce == "mean":
         values = buffer.cpu().numpy()

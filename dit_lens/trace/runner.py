@@ -1,33 +1,38 @@
-"""nnsight plumbing shared by capture and steering: run the real denoising loop, visit sites.
+"""The one nnsight loop: run the real denoising loop and visit sites through hooks.
 
 `traced_generate` runs the pipeline's own ``__call__`` (through the nnsight ``DiffusionModel`` in
-``lens.model``) for a batch of (prompt, seed) runs and calls a Python function on a site's output at
-every denoising step and every requested layer, in execution order. The function may return a
-tensor to replace the output (steering) or ``None`` to leave it alone (capture). nnsight removes its
-hooks when the trace ends, also when the visit raises. `check_prompts` and `check_seeds` validate
-the (prompt, seed) grid that capture and steering both take.
+``lens.model``) for a batch of (prompt, seed) runs. Each `Hook` names a site, the layers and steps
+where it runs and a function called on the site's output there; the function may return a tensor to
+replace the output (an edit) or ``None`` to leave it alone (a read). Hooks from any number of callers
+run in one pass, visited in execution order (step, layer, then the block's own site order), in the
+order they were given at one site. Weights sites (``"attn2.weights"``) get dit-lens' attention
+processor on exactly the layers they name (`dit_lens.trace.attention`); nnsight removes its hooks and
+the processors are put back when the run ends, also when it raises. `check_prompts` and `check_seeds`
+validate the (prompt, seed) grid that capture and generation both take.
 
 Examples:
     >>> from dit_lens import PixArtSpec, build_pixart, load
     >>> lens = load(build_pixart(PixArtSpec(num_layers=2)))
     >>> shapes = []
-    >>> result = traced_generate(lens, ["a polyp"], [0], num_inference_steps=2, guidance_scale=4.5,
-    ...     site="attn2", layers=(0, 1),
-    ...     visit=lambda step, i, out: shapes.append((step, i, tuple(out.shape))))
-    >>> shapes  # (step, layer index, (2 * batch, tokens, C)): guidance doubles the batch
+    >>> read = Hook("attn2", (0, 1), lambda step, layer, out: shapes.append((step, layer, tuple(out.shape))))
+    >>> result = traced_generate(lens, ["a polyp"], [0], num_inference_steps=2, guidance_scale=4.5, hooks=[read])
+    >>> shapes  # (step, layer, (2 * batch, tokens, C)): guidance doubles the batch
     [(0, 0, (2, 16, 16)), (0, 1, (2, 16, 16)), (1, 0, (2, 16, 16)), (1, 1, (2, 16, 16))]
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 
 from ..model.sites import site_module
+from .attention import exposed_weights
 
 __all__ = [
+    "Hook",
     "Visit",
     "branch_rows",
     "check_prompts",
@@ -36,8 +41,37 @@ __all__ = [
     "traced_generate",
 ]
 
-#: ``visit(step, layer_index, output)`` -> replacement output or None.
+#: ``visit(step, layer, output)`` -> replacement output or None.
 Visit = Callable[[int, int, torch.Tensor], "torch.Tensor | None"]
+
+
+@dataclass(frozen=True)
+class Hook:
+    """Call `visit` on `site`'s output at `layers` and `steps` of a traced run.
+
+    Attributes:
+        site: A site of the model's family (``"attn2"``, ``"attn1"``, ``"ff"``, ``"block"``,
+            ``"attn1.weights"``, ``"attn2.weights"``).
+        layers: Block indices.
+        visit: ``visit(step, layer, output)``; returns a replacement or ``None``.
+        steps: Denoising steps (``None``: every step).
+    """
+
+    site: str
+    layers: tuple[int, ...]
+    visit: Visit
+    steps: frozenset[int] | None = None
+
+    def __post_init__(self) -> None:
+        layers = tuple(int(layer) for layer in self.layers)
+        if not layers or any(layer < 0 for layer in layers) or len(set(layers)) != len(layers):
+            raise ValueError(f"Hook.layers must be distinct block indices >= 0, got {list(self.layers)}")
+        object.__setattr__(self, "layers", layers)
+        if self.steps is not None:
+            object.__setattr__(self, "steps", frozenset(int(t) for t in self.steps))
+
+    def runs_at(self, step: int) -> bool:
+        return self.steps is None or step in self.steps
 
 
 def traced_generate(
@@ -47,9 +81,7 @@ def traced_generate(
     *,
     num_inference_steps: int,
     guidance_scale: float,
-    site: str,
-    layers: Sequence[int],
-    visit: Visit,
+    hooks: Iterable[Hook] = (),
     output_type: str = "latent",
     step_end: Callable[[int, torch.Tensor], None] | None = None,
 ) -> Any:
@@ -63,16 +95,14 @@ def traced_generate(
         lens: A `dit_lens.Lens`.
         prompts: One prompt per run.
         seeds: One seed per run.
-        num_inference_steps: Denoising steps T; `visit` sees steps 0 … T-1.
-        guidance_scale: Classifier-free guidance scale; above 1 the site output holds the
+        num_inference_steps: Denoising steps T; hooks see steps 0 … T-1.
+        guidance_scale: Classifier-free guidance scale; above 1 a site output holds the
             unconditional rows first, then the conditional rows (see `branch_rows`).
-        site: A site of ``lens.family`` (``"attn2"``, ``"attn1"``, ``"ff"``, ``"block"``).
-        layers: Block indices, strictly ascending (nnsight needs execution order).
-        visit: Called as ``visit(step, index into layers, output)``.
+        hooks: What to read or edit, and where.
         output_type: The pipeline's ``output_type``; the default skips the VAE decode, which no
             site depends on.
         step_end: Called as ``step_end(step, latents)`` after each denoising step with the
-            loop's latents ``(runs, C, H, W)``; it may edit them in place (latent blending).
+            loop's latents ``(runs, C, H, W)``; it may edit them in place (latent edits).
 
     Returns:
         The pipeline's output (``.images``), as the plain call returns it.
@@ -81,26 +111,44 @@ def traced_generate(
         raise ValueError(
             f"need one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds"
         )
-    if any(b <= a for a, b in zip(layers, layers[1:])):
-        raise ValueError(f"layers must be strictly ascending (execution order), got {list(layers)}")
-    envoys = [site_module(lens.model, lens.family, site, layer) for layer in layers]
+    hooks = list(hooks)
+    family = lens.family
+    for hook in hooks:
+        family.rank(hook.site)  # a clear error for an unknown site
+        deep = [layer for layer in hook.layers if layer >= lens.num_layers]
+        if deep:
+            raise ValueError(f"layers {deep} do not exist: the model has {lens.num_layers} blocks")
+    points = sorted({(layer, family.rank(h.site), h.site) for h in hooks for layer in h.layers})
+    at_point = {(layer, site): [h for h in hooks if h.site == site and layer in h.layers] for layer, _, site in points}
+    weights = {(family.attention_of(site), layer) for layer, _, site in points if family.attention_of(site)}
     steps = int(num_inference_steps)
     extra = {} if step_end is None else {"callback": lambda step, _t, latents: step_end(int(step), latents)}
-    with lens.model.generate(
-        list(prompts),
-        generator=[lens.generator(seed) for seed in seeds],
-        num_inference_steps=steps,
-        guidance_scale=guidance_scale,
-        output_type=output_type,
-        **extra,
-        **lens.pipeline_kwargs,
-    ) as tracer:
-        for step in tracer.iter[:steps]:  # bounded: code after an unbounded iter never runs
-            for index, envoy in enumerate(envoys):
-                replacement = visit(int(step), index, envoy.output)  # (rows, tokens, C)
-                if replacement is not None:
-                    envoy.output = replacement
-        result = lens.model.output.save()
+    with exposed_weights(lens, weights):
+        envoys = {(layer, site): site_module(lens.model, family, site, layer) for layer, _, site in points}
+        with lens.model.generate(
+            list(prompts),
+            generator=[lens.generator(seed) for seed in seeds],
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            output_type=output_type,
+            **extra,
+            **lens.pipeline_kwargs,
+        ) as tracer:
+            for step in tracer.iter[:steps]:  # bounded: code after an unbounded iter never runs
+                step = int(step)
+                for layer, _, site in points:
+                    active = [h for h in at_point[(layer, site)] if h.runs_at(step)]
+                    if not active:
+                        continue
+                    envoy = envoys[(layer, site)]
+                    output, replaced = envoy.output, False  # (rows, tokens, C); weights (rows, heads, q, k)
+                    for hook in active:
+                        new = hook.visit(step, layer, output)
+                        if new is not None:
+                            output, replaced = new, True
+                    if replaced:
+                        envoy.output = output
+            result = lens.model.output.save()
     return result
 
 

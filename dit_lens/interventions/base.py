@@ -1,0 +1,267 @@
+"""The intervention protocol: what every way of changing a run implements.
+
+An intervention is a frozen, validated value that prints, round-trips through ``to_dict`` /
+``from_dict`` and is saved next to results. It knows only its own edit; the runner
+(`dit_lens.interventions.generate`) knows the batch: which rows are the edited branch, which are
+their unedited twins, which guidance halves there are. Three kinds:
+
+- `SiteEdit` replaces a site's output (``"attn2"``, ``"attn1"``, ``"ff"``, ``"block"``) at its
+  layers, steps and guidance halves, on the edited rows; it may record one value per token (MedSteer's
+  gate). An edit at a weights site (``"attn2.weights"``, ``"attn1.weights"``) sees and replaces the
+  softmax attention weights ``(rows, heads, queries, keys)`` instead: an attention-weight edit.
+- `LatentEdit` acts on the latents after each denoising step, given the edited branch's latents and
+  their unedited twins (latent blending).
+
+A new intervention is one frozen dataclass deriving from one of them, with ``apply``, ``check`` and
+``settings``; registering its class (`register`) lets `from_dict` rebuild it from saved results.
+
+Examples:
+    >>> import torch
+    >>> edit = Reweight(tokens=(1,), scale=2.0, layers=(0,))
+    >>> edit
+    Reweight(site='attn2.weights', tokens=(1,), scale=2.0, layers=(0,), steps=None, halves='both', renormalize=True)
+    >>> w = torch.full((1, 1, 1, 4), 0.25)  # (rows, heads, queries, keys)
+    >>> new, _ = edit.apply(w, None)
+    >>> [round(x, 3) for x in new.flatten().tolist()]
+    [0.2, 0.4, 0.2, 0.2]
+    >>> from_dict(edit.to_dict()) == edit
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+
+__all__ = [
+    "HALVES",
+    "EditContext",
+    "Intervention",
+    "LatentEdit",
+    "Reweight",
+    "SiteEdit",
+    "from_dict",
+    "register",
+]
+
+#: Which halves of the classifier-free-guidance batch a site edit touches.
+HALVES = ("both", "cond", "uncond")
+
+_CLASSES: dict[str, type] = {}
+
+
+def register(cls: type) -> type:
+    """Make `cls` known to `from_dict` under its class name (use as a class decorator)."""
+    _CLASSES[cls.__name__] = cls
+    return cls
+
+
+def from_dict(data: dict) -> "Intervention":
+    """Rebuild an intervention saved with ``to_dict`` (its ``"type"`` names the class)."""
+    kind = data.get("type")
+    if kind not in _CLASSES:
+        raise ValueError(f"unknown intervention type {kind!r}; known: {sorted(_CLASSES)}")
+    return _CLASSES[kind].from_dict(data)
+
+
+@dataclass(frozen=True)
+class EditContext:
+    """What the runner tells a site edit about the rows it is given.
+
+    Attributes:
+        step: Denoising step (index of the transformer call).
+        layer: Block index.
+        site: The site being edited.
+        halves: The guidance halves present in the rows, in row order (``("uncond", "cond")``
+            or ``("cond",)``); each half holds `pairs` rows, one per pair of the batch.
+        pairs: Pairs in the batch.
+        original: Returns the unedited twins of the rows, in the same layout (for edits that copy
+            from the original branch).
+    """
+
+    step: int
+    layer: int
+    site: str
+    halves: tuple[str, ...]
+    pairs: int
+    original: Callable[[], torch.Tensor]
+
+
+class Intervention:
+    """Base of every intervention. Subclasses are frozen dataclasses."""
+
+    #: ``"site"``, ``"weights"`` (a site edit at an attention-weights site) or ``"latent"``.
+    kind: ClassVar[str] = ""
+    #: Name of what the intervention records while it runs (e.g. ``"gate"``), or None.
+    record: ClassVar[str | None] = None
+
+    def check(self, lens: Any, num_inference_steps: int) -> None:
+        """Raise a clear ValueError if this cannot run on `lens` with T steps."""
+
+    def settings(self) -> dict:
+        """Every setting, JSON-serialisable and small (large arrays digested), with ``"type"``."""
+        data = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        return {"type": type(self).__name__, **data}
+
+    def to_dict(self) -> dict:
+        """Everything needed to rebuild the value with `from_dict`."""
+        return self.settings()
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Intervention":
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    @property
+    def is_identity(self) -> bool:
+        """True when the edit leaves every value unchanged (e.g. strength 0); the runner skips it."""
+        return False
+
+
+class SiteEdit(Intervention):
+    """Replaces a site's output on the edited rows. Subclasses define ``site``, ``halves`` and:
+
+    - ``edit_layers(lens)`` and ``edit_steps(T)``: where and when it runs;
+    - ``apply(h, ctx)``: ``h`` holds the edited rows of the chosen halves, ``(rows, tokens, C)`` at an
+      output site or ``(rows, heads, queries, keys)`` at a weights site; returns the new rows (or
+      None to leave them) and, if the class has a `record`, one value per row and token (or None).
+    """
+
+    site: str
+    halves: str
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return "weights" if self.site.endswith(".weights") else "site"
+
+    def edit_layers(self, lens: Any) -> list[int]:
+        raise NotImplementedError
+
+    def edit_steps(self, num_inference_steps: int) -> list[int]:
+        raise NotImplementedError
+
+    def apply(self, h: torch.Tensor, ctx: EditContext | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        raise NotImplementedError
+
+
+class LatentEdit(Intervention):
+    """Acts on the edited branch's latents after each denoising step. Subclasses define
+    ``apply_latents(step, original, edited)`` → (new edited latents, record or None), latents
+    ``(pairs, C, H, W)``."""
+
+    kind: ClassVar[str] = "latent"
+
+    def apply_latents(self, step: int, original: torch.Tensor,
+                      edited: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+
+def check_where(name: str, layers: Any, steps: Any, halves: str) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
+    """Validated ``(layers, steps)`` (sorted unique tuples or None) and halves, for a site edit's fields."""
+    out = []
+    for attr, value in (("layers", layers), ("steps", steps)):
+        if value is None:
+            out.append(None)
+            continue
+        if isinstance(value, numbers.Integral):
+            value = (value,)
+        values = tuple(value)
+        if not values or not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in values):
+            raise ValueError(f"{name}.{attr} must be a non-empty list of integers or None (all), got {value!r}")
+        if min(values) < 0:
+            raise ValueError(f"{name}.{attr} must be >= 0, got {list(values)}")
+        out.append(tuple(sorted({int(x) for x in values})))
+    if halves not in HALVES:
+        raise ValueError(f"{name}.halves must be one of {list(HALVES)}, got {halves!r}")
+    return out[0], out[1]
+
+
+def check_steps_fit(name: str, steps: tuple[int, ...] | None, num_inference_steps: int) -> None:
+    if steps is not None and max(steps) >= num_inference_steps:
+        raise ValueError(f"{name}.steps {list(steps)} go beyond the run's {num_inference_steps} steps")
+
+
+def check_layers_fit(name: str, layers: list[int], lens: Any) -> None:
+    deep = [layer for layer in layers if layer >= lens.num_layers]
+    if deep:
+        raise ValueError(f"{name} layers {deep} do not exist: the model has {lens.num_layers} blocks")
+
+
+@register
+@dataclass(frozen=True)
+class Reweight(SiteEdit):
+    """Scale the attention paid to chosen keys (text tokens at ``attn2.weights``), per head and query.
+
+    ``w'[..., k] = scale · w[..., k]`` for k in `tokens`; with `renormalize` each query's weights are
+    divided by their new sum so they stay a distribution. ``scale = 1`` is the identity (the run is
+    bit-identical to the unedited one). Use `dit_lens.trace.tokens` to find a word's tokens.
+
+    Attributes:
+        site: A weights site, ``"attn2.weights"`` (text keys) or ``"attn1.weights"`` (image keys).
+        tokens: Key indices to scale.
+        scale: Factor (> 0 strengthens, < 1 weakens, 0 removes them).
+        layers: Blocks (``None``: all).
+        steps: Denoising steps (``None``: all).
+        halves: Guidance halves to edit.
+        renormalize: Keep each query's weights summing to 1.
+    """
+
+    site: str = "attn2.weights"
+    tokens: tuple[int, ...] = ()
+    scale: float = 1.0
+    layers: tuple[int, ...] | None = None
+    steps: tuple[int, ...] | None = None
+    halves: str = "both"
+    renormalize: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.site, str) or not self.site.endswith(".weights"):
+            raise ValueError(f"Reweight.site must be an attention-weights site such as 'attn2.weights', got {self.site!r}")
+        tokens = (self.tokens,) if isinstance(self.tokens, numbers.Integral) else tuple(self.tokens)
+        if not tokens or not all(isinstance(t, numbers.Integral) and t >= 0 for t in tokens):
+            raise ValueError(f"Reweight.tokens must be a non-empty list of key indices >= 0, got {self.tokens!r}")
+        object.__setattr__(self, "tokens", tuple(sorted({int(t) for t in tokens})))
+        if isinstance(self.scale, bool) or not isinstance(self.scale, numbers.Real) or not math.isfinite(self.scale) \
+                or self.scale < 0:
+            raise ValueError(f"Reweight.scale must be a finite number >= 0, got {self.scale!r}")
+        object.__setattr__(self, "scale", float(self.scale))
+        layers, steps = check_where("Reweight", self.layers, self.steps, self.halves)
+        object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "steps", steps)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.scale == 1.0
+
+    def edit_layers(self, lens: Any) -> list[int]:
+        return list(range(lens.num_layers)) if self.layers is None else list(self.layers)
+
+    def edit_steps(self, num_inference_steps: int) -> list[int]:
+        return list(range(num_inference_steps)) if self.steps is None else list(self.steps)
+
+    def check(self, lens: Any, num_inference_steps: int) -> None:
+        if lens.family.attention_of(self.site) is None:
+            raise ValueError(f"Reweight.site {self.site!r} is not a weights site of {lens.family.name}")
+        check_layers_fit("Reweight", self.edit_layers(lens), lens)
+        check_steps_fit("Reweight", self.steps, num_inference_steps)
+
+    def apply(self, h: torch.Tensor, ctx: EditContext | None) -> tuple[torch.Tensor, None]:
+        if max(self.tokens) >= h.shape[-1]:
+            raise ValueError(f"Reweight.tokens {list(self.tokens)} reach past the {h.shape[-1]} keys of {self.site}")
+        new = h.clone()
+        index = torch.tensor(self.tokens, device=h.device)
+        new[..., index] = new[..., index] * self.scale  # (rows, heads, queries, keys)
+        if self.renormalize:
+            new = new / new.sum(-1, keepdim=True).clamp_min(torch.finfo(new.dtype).tiny)
+        return new, None
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,156 @@
+"""Attention weights as a site: a processor that computes them explicitly and passes them through a
+named submodule, so the nnsight loop that reads and edits site outputs reads and edits them too.
+
+Fused attention (``scaled_dot_product_attention``) never materialises ``softmax(q·kᵀ·scale + mask)``.
+`WeightsProcessor` computes those weights ``(rows, heads, queries, keys)``, sends them through its
+child module ``weights`` (an identity: what nnsight sees as the site ``"attn2.weights"``) and then:
+
+- when nothing replaced them, returns the fused result, bit-for-bit what diffusers' default
+  processor returns (reading weights never changes an image);
+- when a hook replaced them, recomputes the rows whose weights changed as ``weights · v`` and keeps
+  the fused result for every other row (the untouched branch of a pair stays bit-identical).
+
+`exposed_weights` installs it, through diffusers' own ``set_attn_processor``, on exactly the
+attention modules a run needs, and puts every original processor back when the run ends or raises.
+Modules not named keep their fused processor.
+
+Examples:
+    >>> from dit_lens import PixArtSpec, build_pixart, load
+    >>> lens = load(build_pixart(PixArtSpec(num_layers=2)))
+    >>> with exposed_weights(lens, [("attn2", 1)]):
+    ...     type(lens.blocks[1].attn2.processor).__name__, type(lens.blocks[0].attn2.processor).__name__
+    ('WeightsProcessor', 'AttnProcessor2_0')
+    >>> type(lens.blocks[1].attn2.processor).__name__  # put back
+    'AttnProcessor2_0'
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["AttentionWeights", "WeightsProcessor", "exposed_weights", "processor_key"]
+
+
+class AttentionWeights(torch.nn.Module):
+    """Identity over the softmax weights ``(rows, heads, queries, keys)``: the hookable site."""
+
+    def forward(self, weights: torch.Tensor) -> torch.Tensor:
+        return weights
+
+
+class WeightsProcessor(torch.nn.Module):
+    """A diffusers attention processor whose softmax weights pass through ``self.weights``.
+
+    Mirrors diffusers' default ``AttnProcessor2_0`` step for step (spatial and group norms, the
+    q/k norms, the mask, the output projection, residual and rescaling) so an untouched call returns
+    the same tensor bit-for-bit.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weights = AttentionWeights()
+
+    def forward(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                **_: Any) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        four_d = hidden_states.ndim == 4
+        if four_d:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        batch, keys = context.shape[0], context.shape[1]
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, keys, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        key, value = attn.to_k(context), attn.to_v(context)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        scores = (query @ key.transpose(-1, -2)) * attn.scale  # (rows, heads, queries, keys)
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        probs = scores.softmax(dim=-1).to(value.dtype)
+        seen = self.weights(probs)  # the site: nnsight reads or replaces it here
+
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                             is_causal=False)  # (rows, heads, queries, head_dim)
+        if seen is not probs:
+            if seen.shape != probs.shape:
+                raise ValueError(f"replaced attention weights must keep their shape {tuple(probs.shape)}, "
+                                 f"got {tuple(seen.shape)}")
+            changed = (seen != probs).flatten(1).any(1)  # (rows,)
+            if bool(changed.any()):
+                out = out.clone()
+                out[changed] = seen[changed].to(value.dtype) @ value[changed]
+        hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if four_d:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, **kwargs: Any):
+        # diffusers calls processors positionally as processor(attn, hidden_states, ...)
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+
+
+#: One processor per attention module for the module's lifetime, so the nnsight envoy that mirrors
+#: ``attn.processor.weights`` stays valid across runs.
+_PROCESSORS: "weakref.WeakKeyDictionary[torch.nn.Module, WeightsProcessor]" = weakref.WeakKeyDictionary()
+
+
+def processor_key(lens: Any, site: str, layer: int) -> str:
+    """The key of `site`'s processor in ``denoiser.attn_processors``."""
+    inner = lens.family.sites[site]
+    return f"{lens.family.blocks}.{layer}.{inner}.processor" if inner else f"{lens.family.blocks}.{layer}.processor"
+
+
+@contextmanager
+def exposed_weights(lens: Any, points: Iterable[tuple[str, int]]) -> Iterator[None]:
+    """Install `WeightsProcessor` on the attention modules ``(site, layer)`` for the duration.
+
+    Args:
+        lens: A `dit_lens.Lens`.
+        points: ``(attention site, layer)`` pairs, e.g. ``[("attn2", 3)]``.
+    """
+    points = sorted(set(points))
+    if not points:
+        yield
+        return
+    for site, _ in points:
+        if site not in lens.family.attention_sites:
+            raise ValueError(f"{site!r} is not an attention site of {lens.family.name}; attention weights exist for "
+                             f"{list(lens.family.attention_sites)}")
+    denoiser = lens.denoiser
+    original = dict(denoiser.attn_processors)
+    wanted = dict(original)
+    for site, layer in points:
+        key = processor_key(lens, site, layer)
+        if key not in original:
+            raise ValueError(f"no attention processor {key!r} in {type(denoiser).__name__}")
+        module = getattr(lens.blocks[layer], lens.family.sites[site])
+        wanted[key] = _PROCESSORS.setdefault(module, WeightsProcessor())
+    denoiser.set_attn_processor(wanted)  # diffusers consumes the dict it is given
+    try:
+        yield
+    finally:
+        denoiser.set_attn_processor(dict(original))
