@@ -1,24 +1,23 @@
-"""Capture overhead: wall time of `dit_lens.trace.capture` / wall time of the plain pipeline call.
+"""Capture throughput: `capture` with its defaults / the plain pipeline making the same images.
 
-Measured in one run, on the embedded model (when installed) and on the published PixArt-alpha
-transformer shape (28 blocks, width 1152) with random weights at a small resolution. Per model it
-times, interleaved so that load drifts hit all alike, `repeats` times each:
+The work a user asks for: every block's attn2 token mean at every step for P prompts × S seeds. Both
+sides make the same P × S runs with the same sampler, timed in one process, interleaved so that load
+drifts hit all alike, `repeats` times each:
 
-- ``plain``: the reference call ``lens.plain(prompt, seed=...)`` (``output_type="np"``);
-- ``plain_latent``: the same call with ``output_type="latent"`` (no VAE decode);
-- ``hooked``: the nnsight run that capture makes (every block's attn2 token mean at every step),
-  without the store;
-- ``capture``: ``capture(lens, [prompt], seeds=[seed])`` into a fresh store (every block's attn2
-  token mean at every step, conditional branch), everything included: store creation, the hooked
-  run (which skips the VAE decode, as no site depends on it), writing the store.
+- ``plain``: the stock pipeline making the same P × S images in P calls of S (each call batched over
+  the seeds, one generator per seed), decoded to numpy as a user gets them;
+- ``plain_latent``: the same calls with ``output_type="latent"`` (no VAE decode: capture skips it
+  too, as no site depends on it);
+- ``capture``: ``capture(lens, prompts, seeds=range(S))`` with every default (batching included)
+  into a fresh store: store creation, the hooked runs, writing, the returned dataset.
 
 It prints medians and minima (the least disturbed run, steadier on a shared CPU) and the ratios
-capture / plain (the figure the issue asks for), capture / plain_latent (the same model work on
-both sides: hooking + store cost) and capture / hooked (store cost alone).
+capture / plain (the figure the goal names, ≤ 1.05×) and capture / plain_latent (the same model work
+on both sides: the cost of hooking and storing alone).
 
 Usage:
-    PYTHONPATH=. python benchmarks/capture_overhead.py [--steps 4] [--repeats 3] [--sample-size 16]
-        [--threads 1] [--device cuda] [--dtype float16]
+    python benchmarks/capture_overhead.py [--prompts 2] [--seeds 8] [--steps 20] [--repeats 5]
+        [--pixart] [--sample-size 16] [--device cuda] [--dtype float16] [--threads N]
 """
 
 from __future__ import annotations
@@ -35,6 +34,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # read by tqdm when it is imported
 
 import torch  # noqa: E402
 
+PROMPTS = ("An endoscopic image of polyps", "An endoscopic image of normal cecum", "An endoscopic image of esophagitis",
+           "An endoscopic image of ulcerative colitis")
+
 
 def _time(fn) -> float:
     """Wall seconds of fn(), with the GPU's queued work finished on both sides."""
@@ -46,73 +48,60 @@ def _time(fn) -> float:
     return time.perf_counter() - start
 
 
-def measure(lens, *, steps: int, repeats: int, guidance_scale: float = 4.5) -> dict:
+def measure(lens, *, prompts: list[str], seeds: int, steps: int, repeats: int, guidance_scale: float = 4.5) -> dict:
     from dit_lens.trace.capture import capture
-    from dit_lens.trace.runner import traced_generate
 
-    prompt = "An endoscopic image of a polyp"
     root = Path(tempfile.mkdtemp(prefix="capture-bench-"))
     counter = iter(range(10**6))
 
-    def plain(seed: int) -> None:
-        lens.plain(prompt, seed=seed, num_inference_steps=steps, guidance_scale=guidance_scale)
+    def plain(base: int, output_type: str = "np") -> None:
+        for prompt in prompts:
+            lens.pipeline([prompt] * seeds, generator=[lens.generator(base + s) for s in range(seeds)],
+                          num_inference_steps=steps, guidance_scale=guidance_scale, output_type=output_type,
+                          **lens.pipeline_kwargs)
 
-    def plain_latent(seed: int) -> None:
-        lens.pipeline(prompt, generator=lens.generator(seed), num_inference_steps=steps,
-                      guidance_scale=guidance_scale, output_type="latent", **lens.pipeline_kwargs)
-
-    def captured(seed: int) -> None:
-        capture(lens, [prompt], seeds=[seed], num_inference_steps=steps,
+    def captured(base: int) -> None:
+        capture(lens, prompts, seeds=range(base, base + seeds), num_inference_steps=steps,
                 guidance_scale=guidance_scale, store=root / f"{next(counter)}.zarr")
 
-    def hooked(seed: int) -> None:  # the nnsight run capture makes, without the store
-        shape = (steps, lens.num_layers, 2, lens.width)
-        buffer = torch.empty(shape, device=lens.device)  # (step, layer, rows, C)
-
-        def visit(step: int, index: int, output: torch.Tensor) -> None:
-            buffer[step, index] = output.mean(dim=1, dtype=torch.float32)
-
-        traced_generate(lens, [prompt], [seed], num_inference_steps=steps,
-                        guidance_scale=guidance_scale, site="attn2",
-                        layers=tuple(range(lens.num_layers)), visit=visit)
-
-    runs = {"plain": plain, "plain_latent": plain_latent, "hooked": hooked, "capture": captured}
+    runs = {"plain": plain, "plain_latent": lambda base: plain(base, "latent"), "capture": captured}
     _ = lens.fingerprint  # hashed once per model, outside the timings (cached on the Lens)
     for fn in runs.values():  # warm up every path once
         fn(0)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for repeat in range(repeats):
         for name, fn in runs.items():
-            times[name].append(_time(lambda: fn(repeat + 1)))
-    medians = {name: statistics.median(values) for name, values in times.items()}
-    minima = {name: min(values) for name, values in times.items()}
-    return {"times": times, "medians": medians, "minima": minima}
+            base = 1000 * (repeat + 1)  # fresh seeds every repeat: nothing is read back from a cache
+            times[name].append(_time(lambda: fn(base)))
+    return {"times": times, "medians": {n: statistics.median(v) for n, v in times.items()},
+            "minima": {n: min(v) for n, v in times.items()}}
 
 
-def report(label: str, lens, steps: int, result: dict) -> None:
+def report(label: str, lens, args, result: dict) -> None:
     med, best = result["medians"], result["minima"]
     tokens = lens.token_grid[0] * lens.token_grid[1]
-    print(f"\n== {label}: {lens.num_layers} blocks, width {lens.width}, {tokens} image tokens, "
-          f"{steps} steps, guidance on (batch 2)")
+    print(f"\n== {label}: {lens.num_layers} blocks, width {lens.width}, {tokens} image tokens; "
+          f"{args.prompts} prompts × {args.seeds} seeds, {args.steps} steps, guidance 4.5, n = {args.repeats}")
     for name, values in result["times"].items():
         runs = ", ".join(f"{v:.3f}" for v in values)
         print(f"  {name:<13} median {med[name]:8.3f} s  min {best[name]:8.3f} s  (runs: {runs})")
-    for base in ("plain", "plain_latent", "hooked"):
+    for base in ("plain", "plain_latent"):
         print(f"  ratio capture / {base:<13}: median {med['capture'] / med[base]:.3f}x, "
               f"min {best['capture'] / best[base]:.3f}x")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=4, help="denoising steps per run")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant")
-    parser.add_argument("--sample-size", type=int, default=16,
-                        help="latent side for the PixArt-alpha shape (64 = 512 px)")
+    parser.add_argument("--prompts", type=int, default=2, help=f"prompts (at most {len(PROMPTS)})")
+    parser.add_argument("--seeds", type=int, default=8, help="seeds per prompt")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps per run")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant")
+    parser.add_argument("--pixart", action="store_true", help="also the published PixArt-alpha shape (random weights)")
+    parser.add_argument("--sample-size", type=int, default=16, help="latent side for the PixArt-alpha shape (64 = 512 px)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                        help="weight dtype (default: as built, float32)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (1 is steadier on a shared machine)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--skip-embedded", action="store_true")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,20 +110,18 @@ def main() -> None:
     from dit_lens.model.lens import EMBEDDED_PIPELINE
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    print(f"torch {torch.__version__}, device {args.device}, dtype {args.dtype or 'float32'}, "
-          f"threads {torch.get_num_threads()}")
-    if (EMBEDDED_PIPELINE / "model_index.json").is_file():
+    prompts = list(PROMPTS[: args.prompts])
+    print(f"torch {torch.__version__}, device {args.device}, dtype {args.dtype or 'float32'}, threads {torch.get_num_threads()}")
+    settings = dict(prompts=prompts, seeds=args.seeds, steps=args.steps, repeats=args.repeats)
+    if not args.skip_embedded and (EMBEDDED_PIPELINE / "model_index.json").is_file():
         lens = load("embedded", device=args.device, dtype=dtype)
-        report("embedded", lens, args.steps, measure(lens, steps=args.steps, repeats=args.repeats))
-    else:
-        print(f"\n== embedded: absent ({EMBEDDED_PIPELINE} not built), skipped")
-
-    spec = dataclasses.replace(PIXART_ALPHA_512, sample_size=args.sample_size)
-    lens = load(build_pixart(spec, seed=0), device=args.device, dtype=dtype)
-    params = sum(p.numel() for p in lens.denoiser.parameters()) / 1e6
-    label = (f"PIXART_ALPHA_512 shape, random weights, sample_size {args.sample_size}, "
-             f"{params:.0f} M parameters")
-    report(label, lens, args.steps, measure(lens, steps=args.steps, repeats=args.repeats))
+        report("embedded", lens, args, measure(lens, **settings))
+    if args.pixart:
+        spec = dataclasses.replace(PIXART_ALPHA_512, sample_size=args.sample_size)
+        lens = load(build_pixart(spec, seed=0), device=args.device, dtype=dtype)
+        params = sum(p.numel() for p in lens.denoiser.parameters()) / 1e6
+        report(f"PixArt-alpha shape, random weights, sample_size {args.sample_size}, {params:.0f} M parameters",
+               lens, args, measure(lens, **settings))
 
 
 if __name__ == "__main__":

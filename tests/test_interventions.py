@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dit_lens.interventions.base import Reweight, SiteEdit, from_dict
+from dit_lens.interventions.base import Intervention, Reweight, SiteEdit, from_dict
 from dit_lens.interventions.blend import Blend
 from dit_lens.interventions.generate import generate
 from dit_lens.interventions.steer import Steer, steer_tokens
@@ -23,12 +23,18 @@ def at_site(site, seed=0):
     return vec
 
 
-def test_every_intervention_round_trips_through_json():
-    for edit in (Steer(at_site("ff"), alpha=1.5, layers=[1], halves="cond", name="x"), Blend(0.25),
-                 Reweight(tokens=[3, 1], scale=0.5, layers=[0, 2], steps=[1])):
+def test_every_intervention_round_trips_through_json(tmp_path):
+    for k, edit in enumerate( (Steer(at_site("ff"), alpha=1.5, layers=[1], halves="cond", name="x"), Blend(0.25),
+                 Reweight(tokens=[3, 1], scale=0.5, layers=[0, 2], steps=[1]))):
         data = json.loads(json.dumps(edit.to_dict()))
         back = from_dict(data)
         assert type(back) is type(edit) and back.settings() == edit.settings()
+        path = edit.save(tmp_path / f"{k}.json")
+        assert Intervention.load(path).settings() == type(edit).load(path).settings() == edit.settings()
+        with pytest.raises(FileExistsError):
+            edit.save(path)
+    with pytest.raises(ValueError, match="holds a Blend, not a Steer"):
+        Steer.load(tmp_path / "1.json")
     with pytest.raises(ValueError, match="unknown intervention type 'Nope'"):
         from_dict({"type": "Nope"})
 

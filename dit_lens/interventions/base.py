@@ -31,9 +31,11 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import numbers
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -121,6 +123,33 @@ class Intervention:
     def is_identity(self) -> bool:
         """True when the edit leaves every value unchanged (e.g. strength 0); the runner skips it."""
         return False
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``to_dict`` as JSON; refuses to overwrite an existing file."""
+        path = Path(path)
+        if path.exists():
+            raise FileExistsError(f"{path} exists; choose a new path or delete it first")
+        path.write_text(json.dumps(self.to_dict()))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Intervention":
+        """Read a file written by `save`; ``Intervention.load`` takes any type, ``Steer.load`` a Steer."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no saved intervention at {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not a saved {cls.__name__} (invalid JSON: {err})") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} is not a saved {cls.__name__} (a JSON object was expected)")
+        if "type" not in data and cls is not Intervention:  # written before interventions named their type
+            data = {**data, "type": cls.__name__}
+        value = from_dict(data)
+        if not isinstance(value, cls):
+            raise ValueError(f"{path} holds a {type(value).__name__}, not a {cls.__name__}")
+        return value
 
 
 class SiteEdit(Intervention):

@@ -61,7 +61,7 @@ def generate(
             g = max(0, h·v)) on the conditional half of the edited run, at their layers and steps.
         blend: Shorthand: latent blending with threshold τ in [0, 1) (`Blend`) after `edits`; 0 (the
             default) turns it off.
-        batch_size: Cells per pipeline call (each cell is 1 or 2 images); default 8.
+        batch_size: Cells per pipeline call (each cell is 1 or 2 images); default 4.
         progress: Show a progress bar over batches.
 
     Returns:
@@ -77,7 +77,7 @@ def generate(
     _validate(lens, prompts, seeds, edits, num_inference_steps, record_gates, batch_size)
     branches = ["unsteered", "steered"] if edits else ["unsteered"]
     cells = [(p, s) for p in range(len(prompts)) for s in range(len(seeds))]
-    per_call = batch_size or 8
+    per_call = batch_size or 4
     plan = _Plan(lens, edits, num_inference_steps, record_gates)
 
     height, width = lens.pipeline_kwargs["height"], lens.pipeline_kwargs["width"]
@@ -154,7 +154,7 @@ def reprompt(
     plan = _Plan(lens, edits, num_inference_steps, False)
     height, width = lens.pipeline_kwargs["height"], lens.pipeline_kwargs["width"]
     images = np.zeros((1, len(seeds), 2, height, width, 3), np.float32)
-    per_call = batch_size or 8
+    per_call = batch_size or 4
     chunks = [seeds[i : i + per_call] for i in range(0, len(seeds), per_call)]
     done = 0
     for chunk in tqdm(chunks, desc="reprompt", unit="batch", disable=not progress):

@@ -238,25 +238,6 @@ class Steer(SiteEdit):
             raise ValueError("the saved steer's vector does not match its digest; the file is corrupt")
         return steer
 
-    def save(self, path: str | Path) -> Path:
-        """Write as JSON; refuses to overwrite an existing file."""
-        path = Path(path)
-        if path.exists():
-            raise FileExistsError(f"{path} exists; choose a new path or delete it first")
-        path.write_text(json.dumps(self.to_dict()))
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Steer":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no saved Steer at {path}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not a saved Steer (invalid JSON: {err})") from err
-        return cls.from_dict(data)
-
     def __repr__(self) -> str:
         layers = "all" if self.layers is None else _ranges(self.layers)
         steps = "all" if self.steps is None else _ranges(self.steps)
