@@ -11,21 +11,41 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+source"
 
 from .model.builders import PIXART_ALPHA_512, PixArtSpec, build_pixart
-from .interventions.blend import blend_latents
+from . import methods
+from .interventions.base import EditContext, Intervention, LatentEdit, Reweight, SiteEdit
+from .interventions.base import from_dict as intervention_from_dict
+from .interventions.blend import Blend, blend_latents
 from .trace.capture import CaptureSettings, capture
 from .views.explorer import write_explorer
 from .views.figures import gate_figure, pairs_figure
 from .interventions.generate import generate, reprompt
+from .methods import ConceptPair, Method, MethodContext
 from .model.lens import Lens, load
 from .model.sites import FAMILIES, Family
 from .interventions.steer import Steer, steer_tokens
 from .trace.store import CaptureStoreError
+from .study import Metric, Study, pick_settings, run_study
 from .readouts.vectors import concept_vector, export_authors, import_authors, load_vector, save_vector
 from .world import load_oracle, load_segmenter
 
 __all__ = [
     "__version__",
+    "Blend",
+    "EditContext",
+    "Intervention",
+    "LatentEdit",
+    "Reweight",
+    "SiteEdit",
+    "intervention_from_dict",
     "CaptureSettings",
+    "ConceptPair",
+    "Method",
+    "MethodContext",
+    "Metric",
+    "Study",
+    "methods",
+    "pick_settings",
+    "run_study",
     "CaptureStoreError",
     "FAMILIES",
     "Family",

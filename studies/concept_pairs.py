@@ -14,24 +14,27 @@ esophagitis → normal z-line 0.950.
 
 import sys
 
-from dit_lens.study import ConceptPair, Study
+from dit_lens.study import Study
 from dit_lens.study.cli import study_main
+from dit_lens.world import endoscopy_pair, load_oracle, load_segmenter
+
+BLENDS = (0.0, 0.2, 0.3)
 
 STUDY = Study(
     "concept_pairs",
     pairs=(
-        ConceptPair("polyps", "normal cecum"),
-        ConceptPair("ulcerative colitis", "normal cecum"),
-        ConceptPair("esophagitis", "normal z-line"),
+        endoscopy_pair("polyps", "normal cecum"),
+        endoscopy_pair("ulcerative colitis", "normal cecum"),
+        endoscopy_pair("esophagitis", "normal z-line"),
     ),
-    windows=((0.0, 0.25), (0.0, 1.0)),
-    alphas=(2.0, 3.0, 4.0),
-    blends=(0.0, 0.2, 0.3),
-    vector_seeds=(32,),
+    methods={
+        "medsteer": {"window": ((0.0, 0.25), (0.0, 1.0)), "alpha": (2.0, 3.0, 4.0), "blend": BLENDS,
+                     "vector_seeds": (32,)},
+        "reprompt": {"blend": BLENDS},  # the baseline, blended the same way
+    },
     eval_seeds=64,
-    baselines=("reprompt",),
-    quick={"alphas": (2.0,), "windows": ((0.0, 1.0),), "blends": (0.0, 0.3), "vector_seeds": (8,), "eval_seeds": 8},
+    quick={"alpha": (2.0,), "window": ((0.0, 1.0),), "blend": (0.0, 0.3), "vector_seeds": (8,), "eval_seeds": 8},
 )
 
 if __name__ == "__main__":
-    sys.exit(study_main(STUDY))
+    sys.exit(study_main(STUDY, load_oracle=load_oracle, load_segmenter=load_segmenter))

@@ -11,21 +11,23 @@ Swept with and without latent blending (τ 0.3), which keeps the unstained mucos
 
 import sys
 
-from dit_lens.study import ConceptPair, Study
+from dit_lens.study import Study
 from dit_lens.study.cli import study_main
+from dit_lens.world import DYE_FLOORS, DYE_METRICS, endoscopy_pair, load_oracle, load_segmenter
 
 STUDY = Study(
     "dye",
-    pairs=(ConceptPair("dyed lifted polyps", "polyps"),),
-    windows=((0.25, 0.75), (0.0, 1.0)),
-    alphas=(1.0, 1.5, 2.0, 2.5, 5.0),
-    blends=(0.0, 0.3),
-    vector_seeds=(32,),
+    pairs=(endoscopy_pair("dyed lifted polyps", "polyps"),),
+    methods={
+        "medsteer": {"window": ((0.25, 0.75), (0.0, 1.0)), "alpha": (1.0, 1.5, 2.0, 2.5, 5.0), "blend": (0.0, 0.3),
+                     "vector_seeds": (32,)},
+        "reprompt": {"blend": (0.0, 0.3)},
+    },
     eval_seeds=64,
-    baselines=("reprompt",),
-    dye=True,
-    quick={"alphas": (1.5,), "windows": ((0.0, 1.0),), "vector_seeds": (8,), "eval_seeds": 8},
+    metrics=DYE_METRICS,
+    require=DYE_FLOORS,
+    quick={"alpha": (1.5,), "window": ((0.0, 1.0),), "vector_seeds": (8,), "eval_seeds": 8},
 )
 
 if __name__ == "__main__":
-    sys.exit(study_main(STUDY))
+    sys.exit(study_main(STUDY, load_oracle=load_oracle, load_segmenter=load_segmenter))

@@ -7,18 +7,18 @@ Paper (PixArt-alpha, 28 blocks): the middle window 8–16 flips 0.800, windows o
 
 import sys
 
-from dit_lens.study import ConceptPair, Study
+from dit_lens.study import Study
 from dit_lens.study.cli import study_main
+from dit_lens.world import endoscopy_pair, load_oracle, load_segmenter
 
 STUDY = Study(
     "layer_sweep",
-    pairs=(ConceptPair("polyps", "normal cecum"),),
-    windows=((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0), (0.25, 0.75), (0.0, 1.0)),
-    alphas=(3.0,),
-    vector_seeds=(32,),
+    pairs=(endoscopy_pair("polyps", "normal cecum"),),
+    methods={"medsteer": {"window": ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0), (0.25, 0.75), (0.0, 1.0)),
+                          "alpha": (3.0,), "vector_seeds": (32,)}},
     eval_seeds=64,
     quick={"vector_seeds": (8,), "eval_seeds": 8},
 )
 
 if __name__ == "__main__":
-    sys.exit(study_main(STUDY))
+    sys.exit(study_main(STUDY, load_oracle=load_oracle, load_segmenter=load_segmenter))

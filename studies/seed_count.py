@@ -7,18 +7,17 @@ Paper: 30/50/80/100 seeds → flip 0.762/0.800/0.793/0.791.
 
 import sys
 
-from dit_lens.study import ConceptPair, Study
+from dit_lens.study import Study
 from dit_lens.study.cli import study_main
+from dit_lens.world import endoscopy_pair, load_oracle, load_segmenter
 
 STUDY = Study(
     "seed_count",
-    pairs=(ConceptPair("polyps", "normal cecum"),),
-    windows=((0.0, 1.0),),
-    alphas=(3.0,),
-    vector_seeds=(2, 4, 8, 16, 32, 64),
+    pairs=(endoscopy_pair("polyps", "normal cecum"),),
+    methods={"medsteer": {"window": ((0.0, 1.0),), "alpha": (3.0,), "vector_seeds": (2, 4, 8, 16, 32, 64)}},
     eval_seeds=64,
     quick={"vector_seeds": (2, 4, 8), "eval_seeds": 8},
 )
 
 if __name__ == "__main__":
-    sys.exit(study_main(STUDY))
+    sys.exit(study_main(STUDY, load_oracle=load_oracle, load_segmenter=load_segmenter))

@@ -59,6 +59,15 @@ def test_run_downstream_end_to_end_resumes_and_refuses_another_run(tmp_path):
     assert "6 polyps" in result.attrs["test"] and "ulcerative colitis" in result.attrs["test"]
     cells = sorted(p.name for p in (tmp_path / "cells").iterdir())
     assert len(cells) == 6
+    # each synthetic arm is its registered method's pairs: re-prompting is the reprompt baseline
+    from dit_lens.interventions.generate import reprompt
+
+    synthetic = np.load(tmp_path / "synthetic.npz")
+    direct = reprompt(lens, "An endoscopic image of polyps", "An endoscopic image of normal cecum",
+                      seeds=[20_000, 20_001], num_inference_steps=2, batch_size=8, progress=False)
+    np.testing.assert_array_equal(synthetic["reprompt_steered"], direct["image"].sel(branch="steered").values[0])
+    np.testing.assert_array_equal(synthetic["reprompt_unsteered"], direct["image"].sel(branch="unsteered").values[0])
+    assert not np.array_equal(synthetic["medsteer_steered"], synthetic["medsteer_unsteered"])
     # a re-run reuses every finished cell and the synthetic images
     stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "cells").iterdir()}
     again = run_downstream(cfg, lens, tmp_path, progress=False)
@@ -75,3 +84,13 @@ def test_run_downstream_end_to_end_resumes_and_refuses_another_run(tmp_path):
     with pytest.raises(ValueError, match="another downstream run"):
         run_downstream(DownstreamConfig(**{**cfg.__dict__, "alpha": 1.0}), lens, tmp_path, progress=False)
     assert sorted(p.name for p in (tmp_path / "cells").iterdir()) == cells
+
+
+def test_synthetic_sets_written_before_the_methods_registry_are_read_back(tmp_path):
+    from dit_lens.world.downstream import _read_synthetic
+
+    source, steered, target = (np.full((2, 4, 4, 3), v, np.float32) for v in (0.1, 0.2, 0.3))
+    np.savez_compressed(tmp_path / "synthetic.npz", source=source, steered=steered, target=target)
+    arms = _read_synthetic(tmp_path / "synthetic.npz")
+    assert [float(a[0, 0, 0, 0]) for a in arms["reprompt"]] == pytest.approx([0.1, 0.3])
+    assert [float(a[0, 0, 0, 0]) for a in arms["medsteer"]] == pytest.approx([0.1, 0.2])

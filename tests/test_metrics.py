@@ -48,8 +48,13 @@ def test_flips_confidence_and_dye():
     np.testing.assert_array_equal(metrics.flips(probs, "polyps").values, [[1, 1, 0]])
     drop = metrics.confidence_drop(probs, "polyps").values
     assert drop[0, 0] > 0.99 and abs(drop[0, 2]) < 1e-12
-    np.testing.assert_array_equal(metrics.dyed(probs, branch="steered").values, [[0, 0, 0]])
-    np.testing.assert_array_equal(metrics.dyed(pairs_dataset(blue, blue).pipe(metrics.classify, MeanColourOracle())).values, [[1, 1, 1]])
+    from dit_lens.world.domain import dyed
+
+    np.testing.assert_array_equal(dyed(probs, branch="steered", dye_classes=["dyed lifted polyps"]).values, [[0, 0, 0]])
+    blue_probs = metrics.classify(pairs_dataset(blue, blue), MeanColourOracle())
+    np.testing.assert_array_equal(dyed(blue_probs, dye_classes=["dyed lifted polyps"]).values, [[1, 1, 1]])
+    with pytest.raises(ValueError, match="must be among the classifier's labels"):
+        dyed(blue_probs)  # the world's dye classes include resection margins, which this oracle lacks
     with pytest.raises(ValueError, match="not one of the classifier's labels"):
         metrics.flips(probs, "ulcerative colitis")
 
@@ -118,3 +123,17 @@ def test_lpips_reports_unavailability_instead_of_a_number():
         assert np.isnan(da.values).all()
     else:
         assert np.isfinite(da.values).all()
+
+
+def test_polyp_kept_needs_the_class_and_the_lesion():
+    from dit_lens.world.domain import MIN_LESION_PIXELS, polyp_kept
+
+    red = np.zeros((1, 2, 8, 8, 3))
+    red[..., 0] = 1
+    out = pairs_dataset(red, red)
+    probs = metrics.classify(out, MeanColourOracle())
+    masks = xr.zeros_like(out["image"].isel(rgb=0), dtype=bool)
+    masks[0, 0, 1, :, :] = True  # seed 0's steered image keeps a 64-pixel lesion, seed 1's none
+    assert MIN_LESION_PIXELS <= 64
+    kept = polyp_kept(metrics.Judged(out, probs, masks, "dyed lifted polyps", "polyps"))
+    np.testing.assert_array_equal(kept.values, [[1.0, 0.0]])

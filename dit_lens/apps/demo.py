@@ -22,7 +22,8 @@ from ..views.figures import gate_figure, pairs_figure
 from ..interventions.generate import generate
 from ..model.lens import load
 from ..interventions.steer import Steer
-from ..study.declaration import ENDOSCOPY_CONTEXTS, window_layers
+from ..study.declaration import window_layers
+from ..world.domain import ENDOSCOPY_CONTEXTS
 from ..readouts.vectors import concept_vector, save_vector
 
 __all__ = ["add_demo_arguments", "run_demo"]

@@ -1,20 +1,9 @@
 """Declarative studies: a `Study` value (`declaration`), its cells (`cells`), metrics (`metrics`) and
-command line (`cli`)."""
+command line (`cli`). The methods a study compares come from `dit_lens.methods`."""
 
-from .declaration import (
-    DYE_METRICS,
-    ENDOSCOPY_CONTEXTS,
-    SETTING_AXES,
-    STEER_METRICS,
-    ConceptPair,
-    Study,
-    floors,
-    pick_settings,
-    run_study,
-    window_label,
-    window_layers,
-    window_steps,
-)
+from ..methods import ConceptPair, window_label, window_layers, window_steps
+from .declaration import DEFAULT_FLOORS, Study, floors, pick_settings, run_study
+from .metrics import STANDARD_METRICS, Judged, Metric
 
-__all__ = ["DYE_METRICS", "ENDOSCOPY_CONTEXTS", "SETTING_AXES", "STEER_METRICS", "ConceptPair", "Study", "floors",
+__all__ = ["ConceptPair", "DEFAULT_FLOORS", "Judged", "Metric", "STANDARD_METRICS", "Study", "floors",
            "pick_settings", "run_study", "window_label", "window_layers", "window_steps"]

@@ -1,7 +1,14 @@
-"""The machinery behind `run_study`: one grid cell at a time, kept on disk, assembled at the end."""
+"""The machinery behind `run_study`: one cell (pair × method × setting) at a time, kept on disk,
+assembled at the end.
+
+A cell's file name comes from its method's axes (`dit_lens.methods.Method.cell_name`), e.g.
+``p0_w0-1_t0-1_a3_r0_b0.3_n32.json`` (MedSteer) or ``reprompt_p0_b0.3.json``; a cell that exists is
+never run again.
+"""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -11,18 +18,13 @@ import numpy as np
 import xarray as xr
 from tqdm.auto import tqdm
 
-from . import metrics as M
+from ..methods import MethodContext, Vectors, get
 from ..views.explorer import write_explorer
 from ..views.figures import pairs_figure
-from ..interventions.generate import generate, reprompt
-from ..interventions.steer import Steer
-from .declaration import DYE_METRICS, STEER_METRICS, ConceptPair, Study, window_label, window_layers, window_steps
-from ..readouts.vectors import concept_vector
+from . import metrics as M
+from .declaration import Study, context_of
 
 __all__ = ["CellRunner"]
-
-#: A steered image "keeps the polyp" when the segmenter still finds at least this many pixels.
-MIN_LESION_PIXELS = 16
 
 
 class CellRunner:
@@ -32,106 +34,70 @@ class CellRunner:
                  *, progress: bool = True) -> None:
         self.study, self.lens, self.oracle, self.segmenter = study, lens, oracle, segmenter
         self.folder, self.progress = Path(folder), progress
-        self._captures: dict[int, tuple[xr.Dataset, xr.Dataset]] = {}
         labels = list(getattr(oracle, "labels", []))
         for pair in study.pairs:
             for label in (pair.source, pair.target):
                 if labels and label not in labels:
                     raise ValueError(f"label {label!r} of pair {pair.name!r} is not one of the oracle's labels {labels}")
-        self.metrics = STEER_METRICS + (DYE_METRICS if study.dye else ())
+        self.vectors = Vectors(lens, seeds=study.vector_seeds(), num_inference_steps=study.num_inference_steps,
+                               guidance_scale=study.guidance_scale, batch_size=8) if study.vector_seeds() else None
+
+    def context(self, **changes: Any) -> MethodContext:
+        s = self.study
+        return MethodContext(num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale, batch_size=8,
+                             vectors=self.vectors, **changes)
 
     # -- cells ---------------------------------------------------------------------------
 
     def cells(self) -> list[dict]:
-        s = self.study
-        grid = [
-            {"edit": "medsteer", "pair": p, "window": w, "steps": t, "alpha": a, "renormalize": r, "blend": b,
-             "vector_seeds": n}
-            for p in range(len(s.pairs)) for w in s.windows for t in s.step_windows for a in s.alphas
-            for r in s.renormalize for b in s.blends for n in s.vector_seeds
-        ]
-        # a baseline depends on the pair and on blending (the same latent blending applies to it), not on steering
-        grid += [{"edit": e, "pair": p, "blend": b} for e in s.baselines for p in range(len(s.pairs)) for b in s.blends]
+        """Every cell: ``{"method", "pair" (index), <the method's axes>: value}``."""
+        grid = []
+        for method, sweep in self.study.methods.items():
+            for p in range(len(self.study.pairs)):
+                for values in itertools.product(*sweep.values()):
+                    grid.append({"method": method, "pair": p, **dict(zip(sweep, values))})
         return grid
 
     def path(self, cell: dict) -> Path:
-        blend = f"_b{cell['blend']:g}" if cell["blend"] else ""  # unblended cells keep their names
-        if cell["edit"] != "medsteer":
-            name = f"{cell['edit']}_p{cell['pair']}{blend}"
-        else:
-            w, t = ("-".join(f"{x:g}" for x in cell[axis]) for axis in ("window", "steps"))
-            name = f"p{cell['pair']}_w{w}_t{t}_a{cell['alpha']:g}_r{int(cell['renormalize'])}{blend}_n{cell['vector_seeds']}"
-        return self.folder / "cells" / f"{name}.json"
+        return self.folder / "cells" / f"{get(cell['method']).cell_name(cell['pair'], cell)}.json"
 
     def run(self) -> None:
         self._claim_folder()
-        todo = [c for c in self.cells() if not self.path(c).exists()]
-        done = len(self.cells()) - len(todo)
-        if done:
-            print(f"{self.study.name}: {done} finished cells reused from {self.folder}")
+        cells = self.cells()
+        todo = [c for c in cells if not self.path(c).exists()]
+        if len(cells) > len(todo):
+            print(f"{self.study.name}: {len(cells) - len(todo)} finished cells reused from {self.folder}")
         for cell in tqdm(todo, desc=self.study.name, unit="cell", disable=not self.progress):
-            result = self.run_cell(cell)
-            _write_json_atomic(self.path(cell), {"cell": _jsonable(cell), "metrics": result})
+            _write_json_atomic(self.path(cell), {"cell": _jsonable(cell), "metrics": self.run_cell(cell)})
 
     def run_cell(self, cell: dict) -> dict:
-        s, lens = self.study, self.lens
+        s, method = self.study, get(cell["method"])
         pair = s.pairs[cell["pair"]]
+        settings = {a.name: cell[a.name] for a in method.axes}
         seeds = [s.eval_seed_base + i for i in range(s.eval_seeds)]
-        if cell["edit"] == "reprompt":
-            out = reprompt(lens, pair.source_prompt, pair.target_prompt, seeds=seeds, blend=cell["blend"],
-                           num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale, batch_size=8,
-                           progress=False)
-            return self.measure(out, pair)
-        steer = self.steer(cell)
-        out = generate(lens, pair.source_prompt, seeds=seeds, steer=steer, num_inference_steps=s.num_inference_steps,
-                       guidance_scale=s.guidance_scale, blend=cell["blend"], batch_size=8, progress=False)
-        result = self.measure(out, pair)
-        full = self.vector(cell["pair"], max(s.vector_seeds))
-        cos = float((steer.vector * full).sum("channel").mean())
-        result["vector_cosine_to_largest"] = {"value": cos, "low": cos, "high": cos, "n": 1}
+        result = self.measure(method.run(self.lens, pair, seeds, settings, context=self.context()), pair)
+        if method.extras is not None:
+            for name, value in method.extras(self.lens, pair, settings, context=self.context()).items():
+                result[name] = {"value": value, "low": value, "high": value, "n": 1}
         return result
 
     def show(self, pick: dict, *, pairs: int = 8) -> Path:
-        """Generate `pairs` pairs at a picked setting (`pick_settings`) with their gates and write the
-        gate explorer and a pairs figure beside the result: ``best_p<pair>.html`` / ``.png``."""
-        s = self.study
+        """Generate `pairs` pairs at a picked setting (`pick_settings`) and write a pairs figure beside
+        the result, ``best_<method prefix>p<pair>.png``, and with gates (steering methods) the gate
+        explorer ``.html``. Returns the explorer's path, or the figure's."""
+        s, method = self.study, get(pick.get("method", "medsteer"))
         index = [p.name for p in s.pairs].index(pick["pair"])
-        cell = {"edit": "medsteer", "pair": index, **{k: pick[k] for k in ("alpha", "renormalize", "blend", "vector_seeds")},
-                "window": next(w for w in s.windows if window_label(w) == pick["window"]),
-                "steps": next(w for w in s.step_windows if window_label(w) == pick["steps"])}
+        sweep = s.methods[method.name]
+        settings = {a.name: next(v for v in sweep[a.name] if a.label(v) == pick[a.name]) for a in method.axes}
         seeds = [s.eval_seed_base + i for i in range(min(pairs, s.eval_seeds))]
-        out = generate(self.lens, s.pairs[index].source_prompt, seeds=seeds, steer=self.steer(cell),
-                       num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
-                       record_gates=True, blend=cell["blend"], batch_size=8, progress=False)
-        path = write_explorer(out, self.folder / f"best_p{index}.html")
-        pairs_figure(out).savefig(self.folder / f"best_p{index}.png", dpi=110, bbox_inches="tight")
-        return path
-
-    def steer(self, cell: dict, **extra: Any) -> Steer:
-        pair = self.study.pairs[cell["pair"]]
-        return Steer(
-            self.vector(cell["pair"], cell["vector_seeds"]), alpha=cell["alpha"],
-            layers=window_layers(cell["window"], self.lens.num_layers),
-            steps=window_steps(cell["steps"], self.study.num_inference_steps),
-            renormalize=cell["renormalize"], name=pair.name, **extra,
-        )
-
-    def vector(self, pair_index: int, n: int) -> xr.DataArray:
-        s = self.study
-        if pair_index not in self._captures:
-            from ..trace.capture import capture
-
-            pair = s.pairs[pair_index]
-            settings = dict(seeds=list(range(max(s.vector_seeds))), num_inference_steps=s.num_inference_steps,
-                            guidance_scale=s.guidance_scale, batch_size=8)
-            self._captures[pair_index] = (capture(self.lens, pair.positive(), **settings),
-                                          capture(self.lens, pair.negative(), **settings))
-        pos, neg = self._captures[pair_index]
-        return concept_vector(pos.isel(seed=slice(0, n)), neg.isel(seed=slice(0, n)))
+        out = method.run(self.lens, s.pairs[index], seeds, settings, context=self.context(record_gates=True))
+        stem = self.folder / f"best_{method.cell_prefix}p{index}"
+        pairs_figure(out).savefig(stem.with_suffix(".png"), dpi=110, bbox_inches="tight")
+        return write_explorer(out, stem.with_suffix(".html")) if "gate" in out else stem.with_suffix(".png")
 
     # -- metrics -------------------------------------------------------------------------
 
-    def measure(self, out: xr.Dataset, pair: ConceptPair) -> dict:
+    def measure(self, out: xr.Dataset, pair: Any) -> dict:
         probs = M.classify(out, self.oracle)
         masks = M.segment(out, self.segmenter)
         background = M.background_mask(masks)
@@ -143,11 +109,8 @@ class CellRunner:
             "bg_psnr": M.background_psnr(out, background).clip(max=100.0),
             "bg_lpips": lpips,
         }
-        if self.study.dye:
-            predicted = probs.sel(branch="steered").idxmax("class")
-            lesion = masks.sel(branch="steered").sum(("y", "x")) >= MIN_LESION_PIXELS
-            values["dye_detection_rate"] = M.dyed(probs)
-            values["polyp_kept"] = ((predicted == "polyps") & lesion).astype(float)
+        judged = M.Judged(out, probs, masks, pair.source, pair.target)
+        values.update({m.name: m.fn(judged) for m in self.study.metrics})
         result = {k: M.estimate(v).to_dict() for k, v in values.items()}
         result["bg_lpips"]["status"] = lpips.attrs["status"]
         return result
@@ -155,44 +118,42 @@ class CellRunner:
     # -- results -------------------------------------------------------------------------
 
     def assemble(self) -> xr.Dataset:
+        """The cells as one Dataset ``(method, pair, <axes>)``; a method's cells fill the axes it lacks."""
         s = self.study
-        methods = ["medsteer", *s.baselines]
-        coords = {
-            "edit": methods, "pair": [p.name for p in s.pairs], "window": [window_label(w) for w in s.windows],
-            "steps": [window_label(w) for w in s.step_windows],
-            "alpha": list(s.alphas), "renormalize": list(s.renormalize), "blend": list(s.blends),
-            "vector_seeds": list(s.vector_seeds),
-        }
+        axes = {a.name: a for m in s.methods for a in get(m).axes}
+        coords: dict[str, list] = {"method": list(s.methods), "pair": [p.name for p in s.pairs]}
+        for name in s.axis_names():
+            labels = [axes[name].label(v) for m, sweep in s.methods.items() if name in sweep for v in sweep[name]]
+            coords[name] = list(dict.fromkeys(labels))
         shape = tuple(len(v) for v in coords.values())
-        names = list(self.metrics) + ["vector_cosine_to_largest"]
+        records = {}
+        for cell in self.cells():
+            records[self.path(cell)] = json.loads(self.path(cell).read_text())["metrics"]
+        names = list(dict.fromkeys(m for record in records.values() for m in record))
         arrays = {f"{m}{suffix}": np.full(shape, np.nan) for m in names for suffix in ("", "_low", "_high", "_n")}
         status = set()
         for cell in self.cells():
-            record = json.loads(self.path(cell).read_text())["metrics"]
-            if cell["edit"] == "medsteer":
-                index = (0, cell["pair"], s.windows.index(tuple(cell["window"])),
-                         s.step_windows.index(tuple(cell["steps"])), s.alphas.index(cell["alpha"]),
-                         s.renormalize.index(cell["renormalize"]), s.blends.index(cell["blend"]),
-                         s.vector_seeds.index(cell["vector_seeds"]))
-            else:  # a baseline does not depend on the steering settings: it fills its row at its blend
-                index = (methods.index(cell["edit"]), cell["pair"], slice(None), slice(None), slice(None), slice(None),
-                         s.blends.index(cell["blend"]))
-            for m, est in record.items():
+            index = (coords["method"].index(cell["method"]), cell["pair"],
+                     *(coords[a].index(axes[a].label(cell[a])) if a in cell else slice(None) for a in s.axis_names()))
+            for m, est in records[self.path(cell)].items():
                 status.add(est.get("status", "")) if m == "bg_lpips" else None
                 for suffix, key in (("", "value"), ("_low", "low"), ("_high", "high"), ("_n", "n")):
                     arrays[f"{m}{suffix}"][index] = est[key]
         ds = xr.Dataset({k: (tuple(coords), v) for k, v in arrays.items()}, coords=coords)
-        if not s.baselines:
-            ds = ds.isel(edit=0, drop=True)
         ds.attrs.update(self.lens.provenance())
         ds.attrs.update(
             study=json.dumps(s.to_dict()), folder=str(self.folder),
-            window_layers=json.dumps({window_label(w): window_layers(w, self.lens.num_layers) for w in s.windows}),
-            step_window_steps=json.dumps({window_label(w): window_steps(w, s.num_inference_steps) or "all"
-                                          for w in s.step_windows}),
+            method_axes=json.dumps({m: list(sweep) for m, sweep in s.methods.items()}),
+            metrics=json.dumps(names), require=json.dumps(s.require),
+            extras=json.dumps([m for m in names if m not in (*M.STANDARD_METRICS, *(x.name for x in s.metrics))]),
             eval_seeds=json.dumps([s.eval_seed_base + i for i in range(s.eval_seeds)]),
             bg_lpips_status="; ".join(sorted(x for x in status if x)),
         )
+        for name, axis in axes.items():  # what the values meant on this model and sampler (layer windows → blocks)
+            if axis.resolve is not None:
+                values = dict.fromkeys(v for sweep in s.methods.values() for v in sweep.get(name, ()))
+                ds.attrs[f"{name}_resolved"] = json.dumps(
+                    {str(axis.label(v)): axis.resolve(v, self.lens, s.num_inference_steps) for v in values})
         _replace_zarr(ds, self.folder / "result.zarr")
         return ds
 
@@ -205,13 +166,13 @@ class CellRunner:
         if declaration.exists():
             theirs = json.loads(declaration.read_text())
             try:
-                context = Study.from_dict(theirs["study"]).cell_context()
+                context = context_of(theirs["study"])
             except (KeyError, TypeError, ValueError):
                 context = None
             if theirs.get("metrics_version", 1) != M.METRICS_VERSION:
                 why = f"was measured with metrics version {theirs.get('metrics_version', 1)} (this is {M.METRICS_VERSION})"
             elif context != self.study.cell_context() or theirs.get("model_fingerprint") != self.lens.fingerprint:
-                why = "holds another study or model (pairs, seeds, sampler or weights differ)"
+                why = "holds another study or model (pairs, seeds, sampler, metrics or weights differ)"
             else:
                 why = None
             if why:

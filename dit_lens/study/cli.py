@@ -1,29 +1,28 @@
 """Command line of a study file: ``python studies/<name>.py [--quick] [--alphas 1 2] ...``.
 
-Every flag overrides one field of the study's declaration and is validated by it; ``--quick``
-applies the study's own small-run overrides first. ``dit-lens study <name>`` runs the same file.
+Every flag overrides one field of the study's declaration and is validated by it. The setting flags
+come from the registered methods' axes (`dit_lens.methods.Axis.flag`): ``--alphas 2 3`` sets the
+``alpha`` axis of every declared method that has one, ``--blends 0 0.3`` the blend of MedSteer and
+re-prompting alike, ``--methods medsteer reprompt`` picks the methods. ``--quick`` applies the
+study's own small-run overrides first. ``dit-lens study <name>`` runs the same file.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import runpy
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .declaration import SETTING_AXES, ConceptPair, Study, floors, pick_settings, run_study
+from ..methods import METHODS
+from ..methods.pair import ConceptPair
+from .declaration import Study, floors, method_axes, metric_names, pick_settings, run_study
+from .metrics import STANDARD_METRICS
 
-__all__ = ["study_main", "find_study", "print_table", "print_picks"]
-
-
-def _window(text: str) -> tuple[float, float]:
-    try:
-        start, stop = (float(x) for x in text.split(":"))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"a window is START:STOP fractions (of the depth, or of the steps), e.g. 0.25:0.5; got {text!r}") from err
-    return start, stop
+__all__ = ["study_main", "find_study", "print_table", "print_picks", "parser", "declared"]
 
 
 def _pair(text: str) -> str:
@@ -32,10 +31,9 @@ def _pair(text: str) -> str:
     return text
 
 
-def _bool(text: str) -> bool:
-    if text.lower() not in ("true", "false", "1", "0"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return text.lower() in ("true", "1")
+def _axes() -> dict:
+    """Every registered method's axes by name (a name means one axis across methods)."""
+    return {a.name: a for m in METHODS.values() for a in m.axes}
 
 
 def parser(study: Study) -> argparse.ArgumentParser:
@@ -44,17 +42,14 @@ def parser(study: Study) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="the study's small version (≤ 2 min on CPU)")
     p.add_argument("--model", default="embedded", help="pipeline folder (default: the embedded world)")
     p.add_argument("--lora", default=None, help="peft LoRA adapter folder")
-    p.add_argument("--oracle", default="embedded", help="classifier for the metrics (default: embedded)")
+    p.add_argument("--oracle", default="embedded", help="classifier and segmenter for the metrics (default: embedded)")
     p.add_argument("--out", default=None, help="result folder (default: cache/studies/<name>-<hash>)")
     p.add_argument("--pairs", nargs="+", type=_pair, help="concept pairs 'SOURCE>TARGET'")
-    p.add_argument("--windows", nargs="+", type=_window, help="layer windows START:STOP (fractions)")
-    p.add_argument("--step-windows", nargs="+", type=_window,
-                   help="when to steer: step windows START:STOP (fractions of the steps; 0:1 = all)")
-    p.add_argument("--alphas", nargs="+", type=float, help="steering strengths")
-    p.add_argument("--renormalize", nargs="+", type=_bool, help="update variants (true = authors')")
-    p.add_argument("--blends", nargs="+", type=float,
-                   help="latent blending thresholds in [0, 1) (0 = off: the paper's method)")
-    p.add_argument("--vector-seeds", nargs="+", type=int, help="seeds per prompt for the vector")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS),
+                   help=f"methods to compare (declared: {' '.join(study.methods)})")
+    for axis in _axes().values():
+        p.add_argument(f"--{axis.flag}", nargs="+", type=axis.parse, dest=f"axis_{axis.name}",
+                       help=f"{axis.help} (the {axis.name!r} axis)")
     p.add_argument("--eval-seeds", type=int, help="pairs per cell")
     p.add_argument("--steps", type=int, dest="num_inference_steps", help="denoising steps")
     p.add_argument("--guidance", type=float, dest="guidance_scale", help="guidance scale")
@@ -62,30 +57,42 @@ def parser(study: Study) -> argparse.ArgumentParser:
 
 
 def declared(study: Study, args: argparse.Namespace) -> Study:
+    """`study` with the parsed flags applied (validated by the declaration)."""
     if args.quick:
         study = study.quick_version()
-    changes: dict[str, Any] = {}
-    for field in ("windows", "step_windows", "alphas", "renormalize", "blends", "vector_seeds", "eval_seeds",
-                  "num_inference_steps", "guidance_scale"):
-        value = getattr(args, field)
-        if value is not None:
-            changes[field] = tuple(value) if isinstance(value, list) else value
+    changes: dict[str, Any] = {f: getattr(args, f) for f in ("eval_seeds", "num_inference_steps", "guidance_scale")
+                               if getattr(args, f) is not None}
+    if args.methods:
+        changes["methods"] = {m: study.methods.get(m, {}) for m in args.methods}
     if args.pairs:
         template = study.pairs[0]
         changes["pairs"] = tuple(
             ConceptPair(*(x.strip() for x in text.split(">", 1)), contexts=template.contexts, prompt=template.prompt)
             for text in args.pairs
         )
-    return study.replace(**changes)
+    study = study.replace(**changes)
+    for name in _axes():
+        values = getattr(args, f"axis_{name}")
+        if values is not None:
+            study = study.with_axis(name, values)
+    return study
 
 
-def study_main(study: Study, argv: Sequence[str] | None = None, *, report: Callable | None = None) -> int:
-    """Parse flags, run `study`, print its table, write its figure. Returns an exit status."""
+def study_main(study: Study, argv: Sequence[str] | None = None, *, load_oracle: Callable[[str], Callable],
+               load_segmenter: Callable[[str], Callable], report: Callable | None = None) -> int:
+    """Parse flags, run `study`, print its table and picks, write its figures. Returns an exit status.
+
+    Args:
+        study: The declaration; flags override it.
+        argv: Command-line arguments (default ``sys.argv[1:]``).
+        load_oracle: Loads the classifier named by ``--oracle`` (e.g. `dit_lens.world.load_oracle`).
+        load_segmenter: Loads the lesion segmenter named by ``--oracle``.
+        report: Called as ``report(result, lens, study, folder)`` after the run.
+    """
     args = parser(study).parse_args(argv)
     try:
         study = declared(study, args)
         from ..model.lens import load
-        from ..world import load_oracle, load_segmenter
 
         lens = load(args.model, lora=args.lora)
         oracle, segmenter = load_oracle(args.oracle), load_segmenter(args.oracle)
@@ -95,17 +102,17 @@ def study_main(study: Study, argv: Sequence[str] | None = None, *, report: Calla
         print(f"study {study.name}: error: {err}", file=sys.stderr)
         return 2
     print_table(result)
-    picks = pick_settings(result, require=floors(result))
+    picks = [p for p in pick_settings(result) if _sweeps(result, p["method"])]
     print_picks(result, picks)
     from ..views.study import study_figure
-
-    folder = Path(result.attrs["folder"])
     from .cells import CellRunner
 
+    folder = Path(result.attrs["folder"])
     runner = CellRunner(study, lens, oracle, segmenter, folder, progress=False)
     for pick in picks:
         path = runner.show(pick)
-        print(f"{study.name}: gate explorer of the picked setting for {pick['pair']}: {path}")
+        what = "gate explorer" if path.suffix == ".html" else "pairs figure"
+        print(f"{study.name}: {what} of the picked {pick['method']} setting for {pick['pair']}: {path}")
     study_figure(result).savefig(folder / f"{study.name}.png", dpi=120, bbox_inches="tight")
     if report is not None:
         report(result, lens, study, folder)
@@ -113,45 +120,64 @@ def study_main(study: Study, argv: Sequence[str] | None = None, *, report: Calla
     return 0
 
 
+def _sweeps(result, method: str) -> bool:
+    """Whether `method` has more than one setting per pair in `result` (something to pick)."""
+    return any(result.sizes[a] > 1 for a in method_axes(result)[method])
+
+
 def print_table(result) -> None:
-    """One line per cell: the grid coordinates and each metric with its 95% interval."""
-    metrics = [m for m in ("flip_rate", "confidence_shift", "bg_ssim", "bg_psnr", "dye_detection_rate", "polyp_kept")
-               if m in result]
-    if result.sizes.get("vector_seeds", 1) > 1:  # vector stability: the cosine to the largest-seed vector
-        metrics.append("vector_cosine_to_largest")
+    """One line per cell: the method, pair and swept settings, and each metric with its 95% interval.
+
+    A method's row is printed once, with ``·`` under the axes it does not have.
+    """
+    own = method_axes(result)
+    extras = _extras(result)  # a method's own per-cell values (a vector's stability): shown when they vary
+    metrics = [m for m in metric_names(result) if m != "bg_lpips" and (m not in extras or _varies(result, m))]
+    if "method" not in result.dims:
+        result = result.expand_dims(method=list(own))
     flat = result[metrics + [f"{m}_low" for m in metrics] + [f"{m}_high" for m in metrics]].to_dataframe().reset_index()
-    dims = [d for d in result["flip_rate"].dims if result.sizes[d] > 1 or d in ("pair", "edit")]
-    if "edit" in flat:  # a baseline's row repeats along the steering axes: print it once
-        steering = [d for d in dims if d not in ("edit", "pair", "blend")]
-        baseline = flat["edit"] != "medsteer"
-        flat = flat[~baseline | ~flat.duplicated(subset=[d for d in flat.columns if d not in steering])].astype(
-            {d: object for d in steering})
-        flat.loc[flat["edit"] != "medsteer", steering] = "·"
-    header = "  ".join(f"{d:>16s}" for d in dims) + "  " + "  ".join(f"{m:>22s}" for m in metrics)
-    print(header)
-    for _, row in flat.iterrows():
-        if all(row[m] != row[m] for m in metrics):  # all NaN: not a cell of this study
-            continue
-        cells = "  ".join(f"{str(row[d])[:16]:>16s}" for d in dims)
-        values = "  ".join(f"{row[m]:7.3f} [{row[m + '_low']:6.3f},{row[m + '_high']:6.3f}]" for m in metrics)
-        print(cells + "  " + values)
+    dims = [d for d in result["flip_rate"].dims if result.sizes[d] > 1 or d in ("pair", "method")]
+    rows = []
+    for method, group in flat.groupby("method", sort=False):
+        group = group.drop_duplicates(subset=["pair", *own[method]]).astype({d: object for d in dims})
+        group.loc[:, [d for d in dims if d not in ("method", "pair", *own[method])]] = "·"
+        rows.append(group)
+    print("  ".join(f"{d:>16s}" for d in dims) + "  " + "  ".join(f"{m:>22s}" for m in metrics))
+    for group in rows:
+        for _, row in group.iterrows():
+            if all(row[m] != row[m] for m in metrics):  # all NaN: not a cell of this study
+                continue
+            cells = "  ".join(f"{str(row[d])[:16]:>16s}" for d in dims)
+            values = "  ".join(f"{row[m]:7.3f} [{row[m + '_low']:6.3f},{row[m + '_high']:6.3f}]" for m in metrics)
+            print(cells + "  " + values)
     n = result["flip_rate_n"].max().item()
     print(f"n = {int(n)} pairs per cell; Bg-LPIPS: {result.attrs.get('bg_lpips_status') or 'not computed'}")
 
 
+def _extras(result) -> list[str]:
+    return json.loads(result.attrs.get("extras", "[]"))
+
+
+def _varies(result, name: str) -> bool:
+    values = result[name].values
+    values = values[values == values]
+    return values.size > 0 and bool((values != values.flat[0]).any())
+
+
 def print_picks(result, picks: list[dict] | None = None) -> None:
-    """Per pair, the setting with the best Bg-SSIM among those that flip ≥ 0.9 (dye: also keep the polyp ≥ 0.8)."""
-    if all(size == 1 for dim, size in result.sizes.items() if dim not in ("pair", "edit")):
-        return  # one setting per pair: nothing to pick
-    require = floors(result)
-    wanted = " and ".join(f"{m} >= {v:g}" for m, v in require.items())
-    print(f"picked per pair (best Bg-SSIM with {wanted}):")
-    for pick in picks if picks is not None else pick_settings(result, require=require):
-        where = ", ".join(f"{k}={pick[k]}" for k in SETTING_AXES if k in pick)
-        shown = "".join(f", {m} {pick[m][0]:.3f}" for m in ("flip_rate", "bg_ssim", "dye_detection_rate", "polyp_kept")
-                        if m in pick)
+    """Per pair and method, the setting with the best Bg-SSIM among those that reach the study's floors."""
+    picks = picks if picks is not None else [p for p in pick_settings(result) if _sweeps(result, p["method"])]
+    if not picks:
+        return  # one setting per pair and method: nothing to pick
+    wanted = " and ".join(f"{m} >= {v:g}" for m, v in floors(result).items())
+    print(f"picked per pair and method (best Bg-SSIM with {wanted}):")
+    own, extras = method_axes(result), _extras(result)
+    for pick in picks:
+        where = ", ".join(f"{k}={pick[k]}" for k in own[pick["method"]] if result.sizes[k] > 1)
+        shown = "".join(f", {m} {pick[m][0]:.3f}" for m in metric_names(result)
+                        if m in pick and (m in ("flip_rate", "bg_ssim") or m not in (*STANDARD_METRICS, *extras)))
         note = "" if pick["meets"] else "  (no setting meets the floors: the closest shown)"
-        print(f"  {pick['pair']}: {where}{shown}{note}")
+        print(f"  {pick['pair']}, {pick['method']}: {where}{shown}{note}")
 
 
 def find_study(name: str) -> Path:

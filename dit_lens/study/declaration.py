@@ -1,17 +1,20 @@
-"""Declarative studies: a concept pair, a grid of steering settings, seeds and metrics → a result.
+"""Declarative studies: concept pairs, methods with the settings each sweeps, seeds and metrics → a result.
 
-A `Study` is a frozen value. `run_study` does the rest: captures for the vectors (reusing the capture
-store), one vector per (pair, number of vector seeds), counterfactual pairs for every grid cell,
-metrics with their n and bootstrap intervals, and a labelled `xarray.Dataset` whose dims are the grid
-axes. Finished cells are kept as small JSON files, so a killed study resumes, a re-run reuses them, and
-a widened grid (another α, window or baseline) computes only its new cells.
+A `Study` is a frozen value. ``methods`` maps registered method names (`dit_lens.methods`) to the
+values each of its axes sweeps; axes left out take the method's defaults. `run_study` does the
+rest: captures for the vectors (reusing the capture store), the pairs of every cell (one method at
+one setting for one concept pair), metrics with their n and bootstrap intervals, and a labelled
+`xarray.Dataset` with a ``method`` dim beside every method's axes. Finished cells are kept as small
+JSON files, so a killed study resumes, a re-run reuses them, and a widened grid (another α, window
+or method) computes only its new cells.
 
 Examples:
-    >>> s = Study("demo", pairs=(ConceptPair("polyps", "normal cecum"),), alphas=(1.0, 2.5))
+    >>> pair = ConceptPair("polyps", "normal cecum", contexts=("An image of {}",))
+    >>> s = Study("demo", pairs=(pair,), methods={"medsteer": {"alpha": (1.0, 2.5)}, "reprompt": {}})
     >>> s.grid_shape()
-    {'pair': 1, 'window': 1, 'steps': 1, 'alpha': 2, 'renormalize': 1, 'blend': 1, 'vector_seeds': 1}
-    >>> ConceptPair("polyps", "normal cecum").source_prompt
-    'An endoscopic image of polyps'
+    {'medsteer': {'pair': 1, 'window': 1, 'steps': 1, 'alpha': 2, 'renormalize': 1, 'blend': 1, 'vector_seeds': 1}, 'reprompt': {'pair': 1, 'blend': 1}}
+    >>> s.with_axis("blend", (0.0, 0.3)).methods["reprompt"]
+    {'blend': (0.0, 0.3)}
 """
 
 from __future__ import annotations
@@ -21,180 +24,162 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import xarray as xr
 
-from ..interventions.blend import check_blend
-from ..world.procedural import CONTEXTS
+from ..methods import METHODS, VECTOR_SEEDS, ConceptPair, get, window_label, window_layers, window_steps
+from .metrics import STANDARD_METRICS, Metric
 
-__all__ = ["ConceptPair", "ENDOSCOPY_CONTEXTS", "Study", "run_study", "window_layers", "window_steps",
-           "floors", "pick_settings", "STEER_METRICS"]
+__all__ = ["ConceptPair", "Study", "run_study", "window_layers", "window_steps", "window_label", "floors",
+           "pick_settings", "DEFAULT_FLOORS"]
 
-#: Context phrasings varied across the contrastive prompts of a vector ("{}" is the label): the
-#: phrasings the embedded world was trained with.
-ENDOSCOPY_CONTEXTS = CONTEXTS
-
-#: Metrics computed for every steered cell (and for each baseline).
-STEER_METRICS = ("flip_rate", "confidence_shift", "bg_ssim", "bg_psnr", "bg_lpips")
-DYE_METRICS = ("dye_detection_rate", "polyp_kept")
-#: The steering settings a study sweeps, as result dims (`pair` and `edit` aside).
-SETTING_AXES = ("window", "steps", "alpha", "renormalize", "blend", "vector_seeds")
-
-
-@dataclass(frozen=True)
-class ConceptPair:
-    """Remove `source` so the image reads as `target` (e.g. polyps → normal cecum).
-
-    Attributes:
-        source: Class label of the concept to remove (the prompt that is steered).
-        target: Class label without it (the negative prompts, and the re-prompting baseline).
-        contexts: Prompt templates varied when computing the vector ("{}" is the label).
-        prompt: The template of the generation prompt.
-    """
-
-    source: str
-    target: str
-    contexts: tuple[str, ...] = ENDOSCOPY_CONTEXTS
-    prompt: str = "An endoscopic image of {}"
-
-    def __post_init__(self) -> None:
-        if not self.source or not self.target or self.source == self.target:
-            raise ValueError(f"a ConceptPair needs two different labels, got {self.source!r}, {self.target!r}")
-        object.__setattr__(self, "contexts", tuple(self.contexts))
-        for template in (*self.contexts, self.prompt):
-            if template.count("{}") != 1:
-                raise ValueError(f"prompt template {template!r} must contain exactly one '{{}}'")
-
-    @property
-    def name(self) -> str:
-        return f"{self.source} → {self.target}"
-
-    @property
-    def source_prompt(self) -> str:
-        return self.prompt.format(self.source)
-
-    @property
-    def target_prompt(self) -> str:
-        return self.prompt.format(self.target)
-
-    def positive(self) -> list[str]:
-        return [c.format(self.source) for c in self.contexts]
-
-    def negative(self) -> list[str]:
-        return [c.format(self.target) for c in self.contexts]
+#: What a setting must reach to count as working when a study declares no floors.
+DEFAULT_FLOORS = {"flip_rate": 0.9}
 
 
 @dataclass(frozen=True)
 class Study:
-    """A grid of steering settings over concept pairs, with seeds and what to measure.
+    """Concept pairs × methods × each method's settings, with seeds and what to measure.
 
     Attributes:
         name: Names the result folder.
-        pairs: Concept pairs (a grid axis).
-        windows: Layer windows as fractions of depth ``(start, stop)``; `window_layers` resolves
-            them to blocks ``round(start·L) … round(stop·L) − 1`` (a grid axis).
-        step_windows: When to steer, as fractions of the denoising steps ``(start, stop)``;
-            `window_steps` resolves them to steps ``round(start·T) … round(stop·T) − 1`` (a grid
-            axis; ``(0, 1)`` steers every step).
-        alphas: Steering strengths (a grid axis).
-        renormalize: Update variants: False = paper, True = authors' renormalised (a grid axis).
-        blends: Latent blending thresholds τ (`dit_lens.interventions.blend`; 0 = off, the paper's method) (a
-            grid axis).
-        vector_seeds: Numbers of seeds per prompt for the vector (a grid axis); vectors for
-            smaller counts use the first seeds of the largest capture.
+        pairs: Concept pairs (a result dim).
+        methods: ``{method name: {axis: values}}``; each method sweeps the product of its axes
+            (`dit_lens.methods.get(name).axes`), axes left out take their defaults. Methods that
+            share an axis (``blend``) are compared at its values.
         eval_seeds: Pairs generated per cell (seeds ``eval_seed_base + i``, disjoint from the
             vector seeds ``0 …``).
-        baselines: ``("reprompt",)`` adds the re-prompting baseline for each pair.
-        dye: Also measure dye detection rate and whether the polyp is kept.
-        quick: Field overrides for ``--quick`` runs.
+        eval_seed_base: The first evaluation seed.
+        num_inference_steps: Denoising steps T.
+        guidance_scale: Classifier-free guidance scale.
+        metrics: Extra metrics beside `STANDARD_METRICS` (e.g. `dit_lens.world.domain.DYE_METRICS`).
+        require: What a setting must reach to be picked (`pick_settings`), e.g. ``{"flip_rate": 0.9}``.
+        quick: Overrides for ``--quick`` runs: Study fields, or axis names (set in every declared
+            method that has the axis), e.g. ``{"alpha": (2.0,), "eval_seeds": 8}``.
     """
 
     name: str
     pairs: tuple[ConceptPair, ...]
-    windows: tuple[tuple[float, float], ...] = ((0.0, 1.0),)
-    step_windows: tuple[tuple[float, float], ...] = ((0.0, 1.0),)
-    alphas: tuple[float, ...] = (2.5,)
-    renormalize: tuple[bool, ...] = (False,)
-    blends: tuple[float, ...] = (0.0,)
-    vector_seeds: tuple[int, ...] = (16,)
+    methods: Mapping[str, Mapping[str, Sequence[Any]]] = field(default_factory=lambda: {"medsteer": {}})
     eval_seeds: int = 32
     eval_seed_base: int = 10_000
     num_inference_steps: int = 20
     guidance_scale: float = 4.5
-    baselines: tuple[str, ...] = ()
-    dye: bool = False
+    metrics: tuple[Metric, ...] = ()
+    require: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_FLOORS))
     quick: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
-        tuples = ("pairs", "windows", "step_windows", "alphas", "renormalize", "blends", "vector_seeds", "baselines")
-        for attr in tuples:
-            object.__setattr__(self, attr, tuple(getattr(self, attr)))
-        for attr in ("windows", "step_windows"):
-            object.__setattr__(self, attr, tuple(tuple(float(x) for x in w) for w in getattr(self, attr)))
         if not self.name or "/" in self.name:
             raise ValueError(f"Study.name must be a plain non-empty name, got {self.name!r}")
-        for attr in ("pairs", "windows", "step_windows", "alphas", "renormalize", "blends", "vector_seeds"):
-            if not getattr(self, attr):
-                raise ValueError(f"Study.{attr} must hold at least one value")
-        for attr in ("windows", "step_windows"):
-            for window in getattr(self, attr):
-                if len(window) != 2 or not 0.0 <= window[0] < window[1] <= 1.0:
-                    raise ValueError(f"Study.{attr} entries are fractions (start, stop) with 0 <= start < stop <= 1, "
-                                     f"got {window}")
-        if any(not np.isfinite(a) for a in self.alphas):
-            raise ValueError(f"Study.alphas must be finite, got {self.alphas}")
-        try:
-            object.__setattr__(self, "blends", tuple(check_blend(b) for b in self.blends))
-        except ValueError as err:
-            raise ValueError(f"Study.blends: {err}") from None
-        if any(int(n) < 1 for n in self.vector_seeds) or self.eval_seeds < 1:
-            raise ValueError("Study.vector_seeds and Study.eval_seeds must be >= 1")
-        if self.eval_seed_base < max(self.vector_seeds):
+        object.__setattr__(self, "pairs", tuple(self.pairs))
+        if not self.pairs or not all(isinstance(p, ConceptPair) for p in self.pairs):
+            raise ValueError("Study.pairs must hold at least one ConceptPair")
+        if not isinstance(self.methods, Mapping) or not self.methods:
+            raise ValueError("Study.methods maps method names to their axes, e.g. {'medsteer': {'alpha': [2, 3]}}")
+        methods = {}
+        for name, axes in self.methods.items():
+            if not isinstance(axes, Mapping):
+                raise ValueError(f"Study.methods[{name!r}] maps axis names to values, got {axes!r}")
+            methods[name] = get(name).sweep(axes, f"Study.methods[{name!r}]")
+        object.__setattr__(self, "methods", methods)
+        for axis, values in self.fixed_axes().items():
+            if len(values) > 1:
+                raise ValueError(f"methods {sorted(values)} declare different {axis!r}; it must be the same for all")
+        object.__setattr__(self, "metrics", tuple(self.metrics))
+        if not all(isinstance(m, Metric) for m in self.metrics) or len({m.name for m in self.metrics}) < len(self.metrics):
+            raise ValueError("Study.metrics holds Metric values with distinct names")
+        object.__setattr__(self, "require", {str(k): float(v) for k, v in dict(self.require).items()})
+        measured = set(STANDARD_METRICS) | {m.name for m in self.metrics}
+        if set(self.require) - measured:
+            raise ValueError(f"Study.require names metrics {sorted(set(self.require) - measured)} the study does not "
+                             f"measure; it measures {sorted(measured)}")
+        if self.eval_seeds < 1 or self.num_inference_steps < 1:
+            raise ValueError("Study.eval_seeds and Study.num_inference_steps must be >= 1")
+        if self.eval_seed_base < self.vector_seeds():
             raise ValueError("Study.eval_seed_base must exceed the vector seeds, so they stay disjoint")
-        if set(self.baselines) - {"reprompt"}:
-            raise ValueError(f"unknown baselines {sorted(set(self.baselines) - {'reprompt'})}; known: ['reprompt']")
-        if self.num_inference_steps < 1:
-            raise ValueError("Study.num_inference_steps must be >= 1")
-        unknown = set(self.quick) - {f.name for f in dataclasses.fields(self)}
+        fields = {f.name for f in dataclasses.fields(self)} - {"quick"}
+        axes = _registered_axes()
+        unknown = set(self.quick) - fields - axes
         if unknown:
-            raise ValueError(f"Study.quick overrides unknown fields {sorted(unknown)}")
+            raise ValueError(f"Study.quick overrides unknown fields or axes {sorted(unknown)}; fields: {sorted(fields)}, "
+                             f"axes: {sorted(axes)}")
 
-    def replace(self, **changes: Any) -> "Study":
-        return dataclasses.replace(self, **changes)
+    # -- the grid ------------------------------------------------------------------------
 
-    def quick_version(self) -> "Study":
-        return self.replace(**self.quick, name=f"{self.name}-quick")
+    def axis_names(self) -> list[str]:
+        """Every declared method's axes, in order of first appearance (the result dims after ``pair``)."""
+        names: list[str] = []
+        for method in self.methods:
+            names += [a.name for a in get(method).axes if a.name not in names]
+        return names
+
+    def fixed_axes(self) -> dict[str, dict[str, tuple]]:
+        """``{axis: {values: [methods]}}`` of the axes that are part of the cell context (`Axis.fixed`)."""
+        fixed: dict[str, dict] = {}
+        for method, sweep in self.methods.items():
+            for axis in get(method).axes:
+                if axis.fixed:
+                    fixed.setdefault(axis.name, {}).setdefault(sweep[axis.name], []).append(method)
+        return fixed
+
+    def vector_seeds(self) -> int:
+        """The largest number of vector seeds any method asks for (0 when none needs a vector)."""
+        return max((max(s[VECTOR_SEEDS]) for s in self.methods.values() if VECTOR_SEEDS in s), default=0)
 
     def grid_shape(self) -> dict:
-        return {"pair": len(self.pairs), "window": len(self.windows), "steps": len(self.step_windows),
-                "alpha": len(self.alphas),
-                "renormalize": len(self.renormalize), "blend": len(self.blends), "vector_seeds": len(self.vector_seeds)}
+        return {m: {"pair": len(self.pairs), **{a: len(v) for a, v in sweep.items()}} for m, sweep in self.methods.items()}
+
+    def with_axis(self, axis: str, values: Sequence[Any]) -> "Study":
+        """The study with `axis` set to `values` in every declared method that has it."""
+        if not any(axis in sweep for sweep in self.methods.values()):
+            raise ValueError(f"no declared method has an axis {axis!r}; axes: {self.axis_names()}")
+        return self.replace(methods={m: {**sweep, axis: tuple(values)} if axis in sweep else sweep
+                                     for m, sweep in self.methods.items()})
+
+    def replace(self, **changes: Any) -> "Study":
+        """A copy with fields (or axis names, as `with_axis`) changed."""
+        axes = {k: changes.pop(k) for k in list(changes) if k not in {f.name for f in dataclasses.fields(self)}}
+        study = dataclasses.replace(self, **changes)
+        for axis, values in axes.items():
+            study = study.with_axis(axis, values)
+        return study
+
+    def quick_version(self) -> "Study":
+        """The study with its ``quick`` overrides (axes no declared method has are skipped)."""
+        declared = self.axis_names()
+        changes = {k: v for k, v in self.quick.items() if k in declared or k not in _registered_axes()}
+        return self.replace(**changes, name=f"{self.name}-quick")
+
+    # -- values --------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
-        data.pop("quick")
-        return data
+        return json.loads(json.dumps({
+            "name": self.name, "pairs": [p.to_dict() for p in self.pairs],
+            "methods": {m: {a: list(v) for a, v in sweep.items()} for m, sweep in self.methods.items()},
+            "eval_seeds": self.eval_seeds, "eval_seed_base": self.eval_seed_base,
+            "num_inference_steps": self.num_inference_steps, "guidance_scale": float(self.guidance_scale),
+            "metrics": [m.to_dict() for m in self.metrics], "require": self.require,
+        }))
 
     @classmethod
     def from_dict(cls, data: dict) -> "Study":
         data = dict(data)
-        data["pairs"] = tuple(ConceptPair(**p) for p in data["pairs"])
+        data["pairs"] = tuple(ConceptPair.from_dict(p) for p in data["pairs"])
+        data["metrics"] = tuple(Metric.from_dict(m) for m in data.get("metrics", ()))
         return cls(**data)
 
     def cell_context(self) -> dict:
-        """What gives a cell's numbers their meaning besides its own grid coordinates.
+        """What gives a cell's numbers their meaning besides its own coordinates.
 
         Two declarations with the same context can share a result folder: widening a sweep (more
-        windows, step windows, α or update variants, another baseline) reuses the cells already
-        measured. Everything else — the pairs, seeds, sampler, vector seed counts (the cosine is
-        taken to the largest), dye metrics — must match.
+        windows, α, blends, another method) reuses the cells already measured. Everything else —
+        the pairs, seeds, sampler, fixed axes (vector seed counts: the cosine is taken to the
+        largest), extra metrics — must match.
         """
-        data = self.to_dict()
-        for axis in ("name", "windows", "step_windows", "alphas", "renormalize", "blends", "baselines"):
-            data.pop(axis)
-        return json.loads(json.dumps(data))
+        return context_of(self.to_dict())
 
     def key(self, lens: Any) -> str:
         """Names the default result folder: the study's name and cell context, the model, the metrics."""
@@ -205,22 +190,32 @@ class Study:
         return hashlib.blake2b(blob.encode(), digest_size=6).hexdigest()
 
 
-def window_layers(window: tuple[float, float], num_layers: int) -> list[int]:
-    """Blocks of a fractional window ``round(start·L) … round(stop·L) − 1``; never empty."""
-    start = min(int(round(window[0] * num_layers)), num_layers - 1)
-    stop = max(int(round(window[1] * num_layers)), start + 1)
-    return list(range(start, min(stop, num_layers)))
+def _registered_axes() -> set[str]:
+    return {a.name for m in METHODS.values() for a in m.axes}
 
 
-def window_steps(window: tuple[float, float], num_steps: int) -> list[int] | None:
-    """Denoising steps of a fractional window, like `window_layers`; None for the whole run."""
-    if tuple(window) == (0.0, 1.0):
-        return None
-    return window_layers(window, num_steps)
+#: Declarations written before studies declared methods and metrics kept the dye metrics as a flag;
+#: a context without extra metrics, or with exactly those, is spelled the same way, so the folders
+#: (and the finished cells in them) of unchanged studies keep their names.
+_FLAGGED_METRICS = {(): False, (("dye_detection_rate", 1), ("polyp_kept", 1)): True}
 
 
-def window_label(window: tuple[float, float]) -> str:
-    return f"{window[0]:g}–{window[1]:g}"
+def context_of(declaration: dict) -> dict:
+    """The cell context (`Study.cell_context`) of a saved declaration, including pre-method ones."""
+    context = {k: declaration[k] for k in ("pairs", "eval_seeds", "eval_seed_base", "num_inference_steps",
+                                           "guidance_scale")}
+    if "methods" not in declaration:  # written before methods: the steering settings were top-level fields
+        return json.loads(json.dumps({**context, VECTOR_SEEDS: declaration[VECTOR_SEEDS], "dye": declaration["dye"]}))
+    for method, sweep in declaration["methods"].items():
+        for axis in get(method).axes:
+            if axis.fixed:
+                context[axis.name] = sweep[axis.name]
+    metrics = tuple((m["name"], m["version"]) for m in declaration["metrics"])
+    if metrics in _FLAGGED_METRICS:
+        context["dye"] = _FLAGGED_METRICS[metrics]
+    else:
+        context["metrics"] = [{"name": n, "version": v} for n, v in metrics]
+    return json.loads(json.dumps(context))
 
 
 def run_study(
@@ -234,14 +229,24 @@ def run_study(
 ) -> xr.Dataset:
     """Run every cell of `study` not already finished in `out`, and return the labelled result.
 
-    Returns:
-        Dataset with dims ``(pair, window, steps, alpha, renormalize, blend, vector_seeds)`` (plus ``edit``
-        when baselines are declared); for each metric the variables ``<metric>``, ``<metric>_low``,
-        ``<metric>_high`` and ``<metric>_n``. Attrs: the declaration, provenance, the folder.
-    """
-    from .cells import CellRunner
+    Args:
+        study: The declaration.
+        lens: From `dit_lens.load`.
+        oracle: Classifier: images ``(N, H, W, 3)`` → probabilities ``(N, K)``, with ``.labels``.
+        segmenter: Images → boolean lesion masks ``(N, H, W)``.
+        out: The result folder (default ``cache/studies/<name>-<key>``).
+        progress: Show a progress bar over cells.
 
+    Returns:
+        Dataset with dims ``(method, pair, <every declared method's axes>)``; for each metric the
+        variables ``<metric>``, ``<metric>_low``, ``<metric>_high`` and ``<metric>_n``. A method's
+        cells repeat along the axes it does not have (re-prompting does not depend on α, so its
+        row is the same at every α) and are NaN at values of its own axes it does not sweep.
+        Attrs: the declaration, each method's axes, the measured metrics, the floors, provenance
+        and the folder.
+    """
     from ..trace.store import cache_root
+    from .cells import CellRunner
 
     folder = Path(out) if out is not None else cache_root() / "studies" / f"{study.name}-{study.key(lens)}"
     runner = CellRunner(study, lens, oracle, segmenter, folder, progress=progress)
@@ -250,44 +255,64 @@ def run_study(
 
 
 def floors(result: xr.Dataset) -> dict[str, float]:
-    """What a setting must reach to count as working: flip rate ≥ 0.9, or for a dye study flip ≥ 0.8
-    with the polyp kept ≥ 0.8."""
-    return {"flip_rate": 0.8, "polyp_kept": 0.8} if "polyp_kept" in result else {"flip_rate": 0.9}
+    """What a setting of `result` must reach to count as working: the study's ``require``."""
+    return json.loads(result.attrs["require"]) if "require" in result.attrs else dict(DEFAULT_FLOORS)
 
 
-def pick_settings(result: xr.Dataset, *, require: dict[str, float] | None = None,
-                  maximize: str = "bg_ssim") -> list[dict]:
-    """For each pair, the steered setting a sweep picks: the best background among settings that work.
+def method_axes(result: xr.Dataset) -> dict[str, list[str]]:
+    """Each method's own axes in a study result."""
+    if "method_axes" in result.attrs:
+        return json.loads(result.attrs["method_axes"])
+    methods = [str(m) for m in result["method"].values] if "method" in result.dims else ["medsteer"]
+    own = [d for d in result["flip_rate"].dims if d not in ("method", "pair")]
+    return {m: own for m in methods}
 
-    Among the MedSteer cells whose metrics reach every floor in `require` (default: flip rate ≥ 0.9;
-    a dye study would add ``polyp_kept``), the one with the highest `maximize`; when none reaches
-    them all, the one closest to doing so (highest worst ratio metric / floor), with
-    ``"meets": False``. Returns one dict per pair: the setting's coordinates and every metric as
-    ``[value, low, high]``.
+
+def metric_names(result: xr.Dataset) -> list[str]:
+    """The metrics a study result holds, in order (standard ones, the declared ones, method extras)."""
+    if "metrics" in result.attrs:
+        return json.loads(result.attrs["metrics"])
+    return [v for v in result.data_vars if f"{v}_low" in result]
+
+
+def pick_settings(result: xr.Dataset, *, require: dict[str, float] | None = None, maximize: str = "bg_ssim",
+                  methods: Sequence[str] | None = None) -> list[dict]:
+    """For each pair and method, the setting a sweep picks: the best background among settings that work.
+
+    Among a method's cells whose metrics reach every floor in `require` (default: the study's
+    ``require``, flip rate ≥ 0.9 unless it says otherwise), the one with the highest `maximize`;
+    when none reaches them all, the one closest to doing so (highest worst ratio metric / floor),
+    with ``"meets": False``. Returns one dict per (pair, method), pair by pair: ``method``,
+    ``pair``, the method's own setting coordinates and every metric as ``[value, low, high]``.
     """
-    require = {"flip_rate": 0.9} if require is None else dict(require)
-    steered = result.sel(edit="medsteer") if "edit" in result.dims else result
-    axes = [d for d in SETTING_AXES if d in steered.dims]
+    require = floors(result) if require is None else dict(require)
+    own = method_axes(result)
+    names = metric_names(result)
+    if "method" not in result.dims:
+        result = result.expand_dims(method=list(own))
     picks = []
-    for pair in steered["pair"].values:
-        cells = steered.sel(pair=pair).to_dataframe().reset_index()
-        cells = cells[np.isfinite(cells["flip_rate"])]
-        if cells.empty:
-            continue
-        missing = [m for m in (*require, maximize) if m not in cells]
-        if missing:
-            raise ValueError(f"pick_settings: the result has no metric {missing}; it has {sorted(result.data_vars)}")
-        ok = np.logical_and.reduce([cells[m] >= floor for m, floor in require.items()])
-        if ok.any():
-            row = cells[ok].loc[cells[ok][maximize].idxmax()]
-        else:
-            worst = np.min([cells[m] / floor for m, floor in require.items()], axis=0)
-            row = cells.iloc[int(np.argmax(worst))]
-        pick = {"pair": str(pair), "meets": bool(ok.any()), **{d: _plain(row[d]) for d in axes}}
-        for m in STEER_METRICS + DYE_METRICS:
-            if m in cells:
-                pick[m] = [float(row[m]), float(row[f"{m}_low"]), float(row[f"{m}_high"])]
-        picks.append(pick)
+    for pair in result["pair"].values:
+        for method in methods if methods is not None else list(own):
+            cells = result.sel({"pair": pair, "method": method}).to_dataframe().reset_index()
+            cells = cells[np.isfinite(cells["flip_rate"])]
+            cells = cells.drop_duplicates(subset=own[method]) if own[method] else cells.iloc[:1]  # its own cells
+            if cells.empty:
+                continue
+            missing = [m for m in (*require, maximize) if m not in cells]
+            if missing:
+                raise ValueError(f"pick_settings: the result has no metric {missing}; it has {sorted(result.data_vars)}")
+            ok = np.logical_and.reduce([cells[m] >= floor for m, floor in require.items()])
+            if ok.any():
+                row = cells[ok].loc[cells[ok][maximize].idxmax()]
+            else:
+                worst = np.min([cells[m] / floor for m, floor in require.items()], axis=0)
+                row = cells.iloc[int(np.argmax(worst))]
+            pick = {"method": str(method), "pair": str(pair), "meets": bool(ok.any()),
+                    **{d: _plain(row[d]) for d in own[method]}}
+            for m in names:
+                if m in cells:
+                    pick[m] = [float(row[m]), float(row[f"{m}_low"]), float(row[f"{m}_high"])]
+            picks.append(pick)
     return picks
 
 

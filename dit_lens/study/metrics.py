@@ -1,9 +1,11 @@
-"""Metrics on `generate` results: concept flips, confidence shift, background preservation, dye.
+"""Metrics on pairs Datasets: concept flips, confidence shift, background preservation.
 
 Each metric has a per-pair form (a DataArray over ``(prompt, seed)``) and is summarised with
 `estimate`, which gives the mean, its n and a bootstrap 95% interval. Classifiers and segmenters
 are plain callables with the embedded oracle's call shape: images ``(N, H, W, 3)`` float in [0, 1]
-→ probabilities ``(N, K)`` (with ``.labels``), or → boolean lesion masks ``(N, H, W)``.
+→ probabilities ``(N, K)`` (with ``.labels``), or → boolean lesion masks ``(N, H, W)``. A study
+measures `STANDARD_METRICS` and any extra `Metric` it declares (a function of the `Judged` pairs;
+the endoscopy world's dye metrics are `dit_lens.world.domain.DYE_METRICS`).
 
 Examples:
     >>> import xarray as xr
@@ -14,8 +16,9 @@ Examples:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+import importlib
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 import xarray as xr
@@ -32,7 +35,9 @@ __all__ = [
     "masked_ssim_map",
     "background_psnr",
     "background_lpips",
-    "dyed",
+    "Judged",
+    "Metric",
+    "STANDARD_METRICS",
     "LPIPS_UNAVAILABLE",
     "METRICS_VERSION",
 ]
@@ -40,6 +45,9 @@ __all__ = [
 #: Changes when a metric's definition changes; study results measured under another version are
 #: not reused. 2: `background_ssim` takes each window's statistics over background pixels only.
 METRICS_VERSION = 2
+
+#: What a study measures for every cell of every method, in this order.
+STANDARD_METRICS = ("flip_rate", "confidence_shift", "bg_ssim", "bg_psnr", "bg_lpips")
 
 #: What `background_lpips` reports when no LPIPS weights are on disk (never a stand-in under that name).
 LPIPS_UNAVAILABLE = "unavailable: no LPIPS weights on disk"
@@ -59,6 +67,65 @@ class Estimate:
 
     def __str__(self) -> str:
         return f"{self.value:.3f} [{self.low:.3f}, {self.high:.3f}] (n={self.n})"
+
+
+@dataclass(frozen=True)
+class Judged:
+    """A cell's pairs with what the judges said about them: the input of a `Metric`.
+
+    Attributes:
+        out: The pairs ``image (prompt, seed, branch, y, x, rgb)``.
+        probs: Classifier probabilities ``(prompt, seed, branch, class)`` (`classify`).
+        masks: Lesion masks ``(prompt, seed, branch, y, x)`` (`segment`).
+        source: The label of the concept removed.
+        target: The label the counterfactual should read as.
+    """
+
+    out: xr.Dataset
+    probs: xr.DataArray
+    masks: xr.DataArray
+    source: str
+    target: str
+
+
+@dataclass(frozen=True)
+class Metric:
+    """An extra metric a study declares: per-pair values ``(prompt, seed)`` from the `Judged` pairs.
+
+    Attributes:
+        name: The result variable (with ``_low``, ``_high``, ``_n``).
+        fn: ``fn(judged) → DataArray (prompt, seed)``; a module-level function, so a saved
+            declaration can be loaded back (`from_dict`).
+        version: Bump when the definition changes: the study's folder key changes with it, so cells
+            measured under the old definition are not reused.
+    """
+
+    name: str
+    fn: Callable[[Judged], xr.DataArray] = field(compare=False)
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier() or self.name in STANDARD_METRICS:
+            raise ValueError(f"a Metric name must be an identifier other than {STANDARD_METRICS}, got {self.name!r}")
+        if not callable(self.fn):
+            raise TypeError(f"Metric {self.name!r}: fn must be callable, got {type(self.fn).__name__}")
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "version": self.version,
+                "function": f"{self.fn.__module__}:{getattr(self.fn, '__qualname__', repr(self.fn))}"}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Metric":
+        """Load back, importing the function by its recorded module and name."""
+        module, _, qualname = data["function"].partition(":")
+        try:
+            fn: Any = importlib.import_module(module)
+            for part in qualname.split("."):
+                fn = getattr(fn, part)
+        except (ImportError, AttributeError):
+            raise ValueError(f"metric {data['name']!r}: cannot import its function {data['function']!r}; "
+                             "metrics must be module-level functions to be loaded back") from None
+        return cls(data["name"], fn, int(data.get("version", 1)))
 
 
 def estimate(values: xr.DataArray | np.ndarray, *, resamples: int = 2000, seed: int = 0) -> Estimate:
@@ -215,20 +282,6 @@ def _pairwise(out: xr.Dataset, background: xr.DataArray, fn: Callable, name: str
         for j in range(values.shape[1]):
             values[i, j] = fn(data[i, j, u], data[i, j, s], keep[i, j])
     return xr.DataArray(values, dims=("prompt", "seed"), coords={k: image[k].values for k in ("prompt", "seed")}, name=name)
-
-
-def dyed(probs: xr.DataArray, *, branch: str = "steered", dye_classes: Sequence[str] | None = None) -> xr.DataArray:
-    """1.0 where the `branch` image is still classified as a dyed class ``(prompt, seed)``.
-
-    The dye detection rate is ``estimate(dyed(probs))``. Dyed classes default to every label
-    that contains "dyed".
-    """
-    labels = [str(c) for c in probs["class"].values]
-    dye_classes = list(dye_classes) if dye_classes is not None else [c for c in labels if "dyed" in c]
-    if not dye_classes or not set(dye_classes) <= set(labels):
-        raise ValueError(f"dye classes {dye_classes} must be among the classifier's labels {labels}")
-    predicted = probs.sel(branch=branch).idxmax("class")
-    return predicted.isin(dye_classes).astype(np.float64).rename("dyed")
 
 
 def background_lpips(out: xr.Dataset, background: xr.DataArray, *, net: str = "alex") -> xr.DataArray:

@@ -1,8 +1,14 @@
-"""The summary figure of a study result: each metric against each swept axis, with 95% intervals."""
+"""The summary figure of a study result: each metric against each swept axis, with 95% intervals.
+
+A study result has a ``method`` dim beside each method's axes; a method's cells repeat along the
+axes it does not have (``attrs["method_axes"]``), so it draws as a flat line there, or once in the
+trade-off figure.
+"""
 
 from __future__ import annotations
 
 import itertools
+import json
 from typing import Any
 
 import numpy as np
@@ -12,7 +18,22 @@ from .figures import _pyplot
 
 __all__ = ["study_figure", "tradeoff_figure"]
 
-_SHOWN = ("flip_rate", "confidence_shift", "bg_ssim", "bg_psnr", "dye_detection_rate", "polyp_kept")
+_HIDDEN = ("bg_lpips",)
+
+
+def _metrics(result: xr.Dataset) -> list[str]:
+    """The metrics to draw: every measured one with values, but a method's extras (a vector's stability)."""
+    names = json.loads(result.attrs["metrics"]) if "metrics" in result.attrs else [
+        v for v in result.data_vars if f"{v}_low" in result]
+    hidden = (*_HIDDEN, *json.loads(result.attrs.get("extras", "[]")))
+    return [m for m in names if m not in hidden and bool(np.isfinite(result[m]).any())]
+
+
+def _own_axes(result: xr.Dataset) -> dict[str, list[str]]:
+    if "method_axes" in result.attrs:
+        return json.loads(result.attrs["method_axes"])
+    return {str(m): [d for d in result["flip_rate"].dims if d not in ("method", "pair")]
+            for m in (result["method"].values if "method" in result.dims else ["medsteer"])}
 
 
 def study_figure(result: xr.Dataset) -> Any:
@@ -22,9 +43,9 @@ def study_figure(result: xr.Dataset) -> Any:
     the trade-off each pair's settings make (`tradeoff_figure`).
     """
     plt = _pyplot()
-    metrics = [m for m in _SHOWN if m in result and bool(np.isfinite(result[m]).any())]
+    metrics = _metrics(result)
     dims = list(result["flip_rate"].dims)
-    swept = [d for d in dims if result.sizes[d] > 1 and d not in ("pair", "edit")]
+    swept = [d for d in dims if result.sizes[d] > 1 and d not in ("pair", "method")]
     if len(swept) > 1:
         return tradeoff_figure(result)
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.3 * len(metrics), 3.0), squeeze=False)
@@ -72,16 +93,20 @@ def study_figure(result: xr.Dataset) -> Any:
 def tradeoff_figure(result: xr.Dataset, *, x: str = "flip_rate", y: str = "bg_ssim", floor: float = 0.9) -> Any:
     """One panel per pair: every cell as a point (`x`, `y`) with 95% intervals, the floors dashed.
 
-    MedSteer cells are coloured by blend and marked by layer window, labelled with α; baselines are
-    black stars labelled with their blend. A good setting sits in the upper right corner.
+    Cells of methods with settings besides blending (MedSteer) are coloured by blend, marked by layer
+    window and labelled with α; the others (baselines such as re-prompting) are stars, one colour per
+    method, labelled with their blend. A good setting sits in the upper right corner.
     """
     plt = _pyplot()
     pairs = list(result["pair"].values)
     fig, axes = plt.subplots(1, len(pairs), figsize=(4.6 * len(pairs), 4.2), squeeze=False)
     table = result[[x, f"{x}_low", f"{x}_high", y, f"{y}_low", f"{y}_high"]].to_dataframe().reset_index()
     table = table[np.isfinite(table[x]) & np.isfinite(table[y])]
-    if "edit" not in table:
-        table["edit"] = "medsteer"
+    own = _own_axes(result)
+    if "method" not in table:
+        table["method"] = next(iter(own))
+    stars = dict(zip([m for m in own if not set(own[m]) - {"blend"}],
+                     itertools.cycle(["black", "tab:red", "tab:brown", "tab:pink"])))
     blends = sorted(table["blend"].unique()) if "blend" in table else [0.0]
     colours = dict(zip(blends, plt.cm.viridis(np.linspace(0, 0.85, len(blends)))))
     windows = list(result["window"].values) if "window" in result.dims else []
@@ -89,18 +114,17 @@ def tradeoff_figure(result: xr.Dataset, *, x: str = "flip_rate", y: str = "bg_ss
     for ax, pair in zip(axes[0], pairs):
         rows = table[table["pair"] == pair]
         seen = set()
-        for edit, group in rows.groupby("edit"):
-            if edit != "medsteer":
-                group = group.drop_duplicates(subset=["blend", x, y] if "blend" in group else [x, y])
+        for method, group in rows.groupby("method", sort=False):
+            group = group.drop_duplicates(subset=own[method]) if own[method] else group.iloc[:1]
             for _, r in group.iterrows():
                 blend = float(r.get("blend", 0.0))
-                if edit == "medsteer":
+                if method not in stars:
                     style = dict(color=colours[blend], marker=markers.get(r.get("window"), "o"))
                     label = f"window {r.get('window', '')}, blend {blend:g}"
                     text = f"α{r['alpha']:g}" if "alpha" in r else ""
                 else:
-                    style = dict(color="black", marker="*", markersize=11)
-                    label, text = f"{edit}, blend {blend:g}", f"{edit} b{blend:g}"
+                    style = dict(color=stars[method], marker="*", markersize=11)
+                    label, text = f"{method}, blend {blend:g}", f"{method} b{blend:g}"
                 ax.errorbar(r[x], r[y], xerr=[[r[x] - r[f"{x}_low"]], [r[f"{x}_high"] - r[x]]],
                             yerr=[[r[y] - r[f"{y}_low"]], [r[f"{y}_high"] - r[y]]], linestyle="none", capsize=2,
                             label=None if label in seen else label, alpha=0.85, **style)

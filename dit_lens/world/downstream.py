@@ -7,7 +7,9 @@ which the training negatives — the target class only — never show):
 - ``real``: real images only (``real_per_class`` per class);
 - ``reprompt``: plus K synthetic positives (source prompt) and K negatives (target prompt, same seeds);
 - ``medsteer``: plus K counterfactual pairs (unsteered positive, steered negative, same seed).
-The synthetic sets are quantity-matched. Reports AUC and F1 with bootstrap intervals over seeds, and
+Both synthetic sets are the pairs of the registered methods (`dit_lens.methods`): each arm adds its
+method's K originals as positives and its K counterfactuals as negatives, so the sets are
+quantity-matched. Reports AUC and F1 with bootstrap intervals over seeds, and
 the AUC gain of ``medsteer`` over ``reprompt`` paired by training seed (both arms see the same real
 images, initialisation and batch order for a seed, so the pairing removes the detector's own
 seed-to-seed spread).
@@ -29,9 +31,11 @@ import xarray as xr
 from ..study import metrics as M
 from ..interventions.blend import check_blend
 
-__all__ = ["DownstreamConfig", "roc_auc", "f1_score", "train_detector", "run_downstream"]
+__all__ = ["DownstreamConfig", "roc_auc", "f1_score", "train_detector", "run_downstream", "synthetic_pairs"]
 
 ARMS = ("real", "reprompt", "medsteer")
+#: The first synthetic seed (disjoint from the vector seeds and the real images' seeds).
+SYNTHETIC_SEED_BASE = 20_000
 
 
 @dataclass(frozen=True)
@@ -131,10 +135,6 @@ def train_detector(images: np.ndarray, labels: np.ndarray, *, seed: int, steps: 
 
 def run_downstream(cfg: DownstreamConfig, lens: Any, folder: Path, *, progress: bool = True) -> xr.Dataset:
     """Run (or resume) every (arm, seed); returns AUC/F1 per arm with intervals over seeds."""
-    from ..interventions.generate import generate
-    from ..interventions.steer import Steer
-    from ..study.declaration import ENDOSCOPY_CONTEXTS, window_layers
-    from ..readouts.vectors import concept_vector
     from .procedural import render
 
     folder = Path(folder)
@@ -143,35 +143,18 @@ def run_downstream(cfg: DownstreamConfig, lens: Any, folder: Path, *, progress: 
     k = cfg.synthetic_per_class
     synth_path = folder / "synthetic.npz"
     if synth_path.exists():
-        synthetic = dict(np.load(synth_path))
+        synthetic = _read_synthetic(synth_path)
     else:
-        prompt = f"An endoscopic image of {cfg.source}"
-        seeds = [20_000 + i for i in range(k)]
-        vector = concept_vector(lens, positive=[c.format(cfg.source) for c in ENDOSCOPY_CONTEXTS],
-                                negative=[c.format(cfg.target) for c in ENDOSCOPY_CONTEXTS],
-                                seeds=list(range(cfg.vector_seeds)), num_inference_steps=cfg.num_inference_steps,
-                                guidance_scale=cfg.guidance_scale)
-        steer = Steer(vector, alpha=cfg.alpha, layers=window_layers(cfg.window, lens.num_layers))
-        pairs = generate(lens, prompt, seeds=seeds, steer=steer, num_inference_steps=cfg.num_inference_steps,
-                         guidance_scale=cfg.guidance_scale, blend=cfg.blend, batch_size=8, progress=progress)
-        target = generate(lens, f"An endoscopic image of {cfg.target}", seeds=seeds,
-                          num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                          batch_size=8, progress=progress)
-        synthetic = {
-            "source": pairs["image"].sel(branch="unsteered").values[0],
-            "steered": pairs["image"].sel(branch="steered").values[0],
-            "target": target["image"].sel(branch="unsteered").values[0],
-        }
-        np.savez_compressed(synth_path, **synthetic)
+        synthetic = synthetic_pairs(cfg, lens, progress=progress)
+        np.savez_compressed(synth_path, **{f"{arm}_{branch}": images for arm, pair in synthetic.items()
+                                           for branch, images in zip(("unsteered", "steered"), pair)})
     n_real, n_test = cfg.real_per_class, cfg.test_per_class
     real = render([cfg.source] * n_real + [cfg.target] * n_real, list(range(500, 500 + n_real)) * 2).images
     real_y = np.array([1] * n_real + [0] * n_real)
     test, test_y, test_label = _test_set(cfg)
-    arms = {
-        "real": (real, real_y),
-        "reprompt": (np.concatenate([real, synthetic["source"], synthetic["target"]]), np.concatenate([real_y, [1] * k, [0] * k])),
-        "medsteer": (np.concatenate([real, synthetic["source"], synthetic["steered"]]), np.concatenate([real_y, [1] * k, [0] * k])),
-    }
+    arms = {"real": (real, real_y)}
+    for arm in ARMS[1:]:  # real images, the method's originals (positives) and its counterfactuals (negatives)
+        arms[arm] = (np.concatenate([real, *synthetic[arm]]), np.concatenate([real_y, [1] * k, [0] * k]))
     results: dict = {}
     for arm, (x, y) in arms.items():
         for seed in cfg.train_seeds:
@@ -215,6 +198,38 @@ def run_downstream(cfg: DownstreamConfig, lens: Any, folder: Path, *, progress: 
                     test=f"shifted split: {n_test * len(cfg.test_negatives)} {cfg.source}; {n_test} each of "
                     + ", ".join(cfg.test_negatives))
     return ds
+
+
+def synthetic_pairs(cfg: DownstreamConfig, lens: Any, *, progress: bool = False) -> dict[str, tuple]:
+    """Each synthetic arm's pairs from its registered method: ``{arm: (originals, counterfactuals)}``,
+    images ``(K, H, W, 3)``. MedSteer steers at the config's window, α and blend with the vector from
+    ``vector_seeds`` seeds; re-prompting is unblended."""
+    from ..methods import MethodContext, Vectors, get
+    from .domain import endoscopy_pair
+
+    pair = endoscopy_pair(cfg.source, cfg.target)
+    seeds = [SYNTHETIC_SEED_BASE + i for i in range(cfg.synthetic_per_class)]
+    vectors = Vectors(lens, seeds=cfg.vector_seeds, num_inference_steps=cfg.num_inference_steps,
+                      guidance_scale=cfg.guidance_scale, batch_size=None)
+    context = MethodContext(num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                            batch_size=8, vectors=vectors, progress=progress)
+    settings = {"reprompt": {"blend": 0.0},
+                "medsteer": {"window": cfg.window, "alpha": cfg.alpha, "blend": cfg.blend,
+                             "vector_seeds": cfg.vector_seeds}}
+    synthetic = {}
+    for arm in ARMS[1:]:
+        out = get(arm).run(lens, pair, seeds, settings[arm], context=context)
+        synthetic[arm] = tuple(out["image"].sel(branch=b).values[0] for b in ("unsteered", "steered"))
+    return synthetic
+
+
+def _read_synthetic(path: Path) -> dict[str, tuple]:
+    """The stored synthetic pairs; files written before the methods registry held one shared set of
+    originals (``source``) beside ``steered`` and ``target``."""
+    data = dict(np.load(path))
+    if "source" in data:
+        return {"reprompt": (data["source"], data["target"]), "medsteer": (data["source"], data["steered"])}
+    return {arm: (data[f"{arm}_unsteered"], data[f"{arm}_steered"]) for arm in ARMS[1:]}
 
 
 def _test_set(cfg: DownstreamConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
