@@ -25,11 +25,17 @@ from .model.sites import FAMILIES, Family
 from .interventions.steer import Steer, steer_tokens
 from .trace.store import CaptureStoreError
 from .study import Metric, Study, pick_settings, run_study
+from .readouts.attention_maps import attention_maps
+from .trace.tokens import word_tokens
+from .views.attention import attention_figure
 from .readouts.vectors import concept_vector, export_authors, import_authors, load_vector, save_vector
 from .world import load_oracle, load_segmenter
 
 __all__ = [
     "__version__",
+    "attention_figure",
+    "attention_maps",
+    "word_tokens",
     "Blend",
     "EditContext",
     "Intervention",

@@ -170,11 +170,11 @@ def test_repeated_capture_is_served_from_the_default_store(tiny_lens, tmp_path, 
     calls, handle = count_calls(tiny_lens)
     try:
         first = capture(tiny_lens, ["a polyp"], **args).load()
-        assert len(calls) == 2 * STEPS
+        assert len(calls) == STEPS  # both seeds in one batched call
         again = capture(tiny_lens, ["a polyp"], **args).load()
-        assert len(calls) == 2 * STEPS  # no transformer call the second time
+        assert len(calls) == STEPS  # no transformer call the second time
         other = capture(tiny_lens, ["a polyp"], **{**args, "num_inference_steps": 2})
-        assert len(calls) == 2 * STEPS + 2 * 2  # other settings: another entry, computed
+        assert len(calls) == STEPS + 2  # other settings: another entry, computed
     finally:
         handle.remove()
     xr.testing.assert_identical(first, again)
@@ -192,7 +192,7 @@ import sys
 from dit_lens import PixArtSpec, build_pixart, load
 from dit_lens.trace.capture import capture
 lens = load(build_pixart(PixArtSpec(**{spec}), seed=0))
-capture(lens, {prompts}, seeds={seeds}, num_inference_steps={steps}, store=sys.argv[1])
+capture(lens, {prompts}, seeds={seeds}, num_inference_steps={steps}, store=sys.argv[1], batch_size=1)
 """
 
 
@@ -222,12 +222,12 @@ def test_killed_capture_resumes_with_only_missing_cells(tiny_lens, tiny_spec, tm
 
     calls, handle = count_calls(tiny_lens)
     try:
-        resumed = capture(tiny_lens, prompts, seeds=seeds, num_inference_steps=steps, store=store)
+        resumed = capture(tiny_lens, prompts, seeds=seeds, num_inference_steps=steps, store=store, batch_size=1)
     finally:
         handle.remove()
     assert len(calls) == (len(prompts) * len(seeds) - finished) * steps
     whole = capture(tiny_lens, prompts, seeds=seeds, num_inference_steps=steps,
-                    store=tmp_path / "whole.zarr")
+                    store=tmp_path / "whole.zarr", batch_size=1)
     np.testing.assert_array_equal(resumed.attn2.values, whole.attn2.values)
 
 
@@ -245,7 +245,7 @@ def test_error_inside_capture_unhooks_and_keeps_finished_cells(tiny_lens, tmp_pa
     monkeypatch.setattr(CaptureStore, "write", failing_write)
     with pytest.raises(OSError, match="disk full"):
         capture(tiny_lens, ["a polyp"], seeds=[0, 1, 2], num_inference_steps=STEPS,
-                store=tmp_path / "e.zarr")
+                store=tmp_path / "e.zarr", batch_size=1)
     monkeypatch.undo()
     after = tiny_lens.plain("a polyp", seed=0, num_inference_steps=STEPS)
     np.testing.assert_array_equal(after, reference)
@@ -356,3 +356,44 @@ def test_settings_round_trip_and_validate():
         CaptureSettings(layers=(1, 1))
     with pytest.raises(ValueError, match="layers must be a non-empty list"):
         CaptureSettings(layers=())
+
+
+@pytest.mark.parametrize("site, branch, reduce", [("attn2.weights", "cond", "mean"), ("attn2.weights", "both", "heads"),
+                                                  ("attn1.weights", "uncond", "heads")])
+def test_attention_weights_match_raw_hooks(tiny_lens, tmp_path, site, branch, reduce):
+    from test_attention import raw_weights
+
+    ds = capture(tiny_lens, ["a dyed polyp", "normal"], seeds=[3], num_inference_steps=STEPS, site=site,
+                 branch=branch, reduce=reduce, store=tmp_path / "w.zarr")
+    var = ds[site]
+    keys = 120 if site == "attn2.weights" else 16
+    tail = ["key"] if reduce == "mean" else ["query", "key"]
+    assert var.dims == ("prompt", "seed", "step", "layer") + ("branch",) * (branch == "both") + tuple(tail)
+    assert ds.sizes["key"] == keys and (reduce == "mean" or ds.sizes["query"] == 16)
+    for prompt in ("a dyed polyp", "normal"):
+        raw = raw_weights(tiny_lens, [prompt], [3], STEPS, site=site.split(".")[0])  # (2 rows, heads, q, k)
+        per_branch = {name: np.stack([np.stack([raw[(t, l)][row].mean(0).numpy() for l in range(3)])
+                                      for t in range(STEPS)]) for name, row in (("uncond", 0), ("cond", 1))}
+        want = np.stack([per_branch["cond"], per_branch["uncond"]], axis=2) if branch == "both" else per_branch[branch]
+        if reduce == "mean":
+            want = want.mean(-2)  # over queries
+        np.testing.assert_allclose(var.sel(prompt=prompt, seed=3).values, want, atol=1e-6)
+    assert var.sel(prompt="normal").sum("key").values == pytest.approx(1.0, abs=1e-5)  # a distribution per query
+
+
+def test_weights_reductions_are_validated_and_keep_other_keys(tiny_lens, tmp_path):
+    with pytest.raises(ValueError, match=r"reduce=None at attn2.weights would keep heads × queries × keys.*"
+                                         r"reduce='heads'"):
+        capture(tiny_lens, ["a polyp"], seeds=[0], site="attn2.weights", reduce=None, store=tmp_path / "x.zarr")
+    with pytest.raises(ValueError, match="'heads' applies to weights sites"):
+        capture(tiny_lens, ["a polyp"], seeds=[0], site="attn2", reduce="heads", store=tmp_path / "x.zarr")
+    assert not (tmp_path / "x.zarr").exists()
+    # the identity of an output-site capture is what it was before weights sites existed (no cache invalidation)
+    assert CaptureSettings().to_dict() == {"num_inference_steps": 20, "guidance_scale": 4.5, "layers": None,
+                                           "site": "attn2", "branch": "cond", "reduce": "mean"}
+    weights = capture(tiny_lens, ["a polyp"], seeds=[0], num_inference_steps=2, site="attn2.weights",
+                      store=tmp_path / "w.zarr")
+    assert weights.attrs["capture_site"] == "attn2.weights" and weights.attrs["capture_reduce"] == "mean"
+    with pytest.raises(CaptureStoreError, match="settings.reduce"):  # another reduction is another capture
+        capture(tiny_lens, ["a polyp"], seeds=[0], num_inference_steps=2, site="attn2.weights", reduce="heads",
+                store=tmp_path / "w.zarr")

@@ -113,3 +113,84 @@ def test_explorer_shows_the_blend_mask_of_the_chosen_step(tiny_lens, tmp_path):
                                        atol=1e-3)
         finally:
             browser.close()
+
+
+@pytest.fixture
+def worded(tiny_lens):
+    """Pairs and the attention maps of the same prompts and seeds (maps at steps 0, 1, 3 only)."""
+    from dit_lens.readouts.attention_maps import attention_maps
+
+    steer = Steer(unit_vector(4, 3, 16, seed=0), alpha=3.0, name="test")
+    prompts, seeds = ["a red polyp", "a polyp"], [0, 5]
+    out = generate(tiny_lens, prompts, seeds=seeds, steer=steer, num_inference_steps=4, record_gates=True,
+                   progress=False)
+    maps = attention_maps(tiny_lens, prompts, seeds=seeds, words=["polyp", "a"], num_inference_steps=4,
+                          steps=[0, 1, 3], progress=False)
+    return out, maps
+
+
+def test_attention_figure_shows_each_word_and_a_step_by_layer_grid(worded, tmp_path):
+    from dit_lens.views.attention import attention_figure
+
+    _, maps = worded
+    fig = attention_figure(maps, prompt="a polyp", seed=5, word="a", max_steps=2)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[:3] == ["generated", "polyp", "a"]
+    assert sum(1 for ax in fig.axes if ax.get_ylabel().startswith("step")) == 2
+    assert titles.count("layer 0") == 1 and "layer 2" in titles
+    grid = [ax for ax in fig.axes[3:] if ax.images]
+    assert len(grid) == 2 * 3
+    np.testing.assert_allclose(grid[-1].images[0].get_array(),
+                               maps["attention"].sel(prompt="a polyp", seed=5, word="a", step=3, layer=2).values)
+    fig.savefig(tmp_path / "attention.png")
+    assert (tmp_path / "attention.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="word 'cecum' is not in these maps"):
+        attention_figure(maps, word="cecum")
+
+
+def test_explorer_with_attention_needs_the_same_pairs(worded, pairs, tmp_path):
+    out, maps = worded
+    page = write_explorer(out, tmp_path / "e.html", attention=maps).read_text()
+    assert 'id="word"' in page and ">polyp</option>" in page
+    with pytest.raises(ValueError, match=r"attention maps lack the pairs \[\('normal', 0\)"):
+        write_explorer(pairs, tmp_path / "f.html", attention=maps)
+    plain = write_explorer(out, tmp_path / "g.html").read_text()
+    assert 'id="word"' not in plain
+
+
+@pytest.mark.browser
+def test_explorer_word_selector_follows_step_and_layer(worded, tmp_path):
+    executable = _chromium()
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    out, maps = worded
+    m = maps["attention"].sel(prompt="a polyp", seed=5)
+    assert not np.allclose(m.sel(word="polyp", step=3, layer=1).values, m.sel(word="a", step=3, layer=1).values)
+    path = write_explorer(out, tmp_path / "explorer.html", attention=maps)
+    read = "JSON.stringify(document.getElementById('gate-explorer').data[5].z)"
+    shown = "JSON.parse(document.getElementById('gate-explorer').dataset.shown)"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.goto(path.as_uri())
+            page.wait_for_selector("#gate-explorer .main-svg")
+            page.locator("#pair").select_option("3")  # "a polyp" · seed 5
+            page.locator("#layer").fill("1")
+            page.locator("#step").fill("3")
+            np.testing.assert_allclose(np.array(json.loads(page.evaluate(read))),
+                                       m.sel(word="polyp", step=3, layer=1).values, atol=1e-4)
+            page.locator("#word").select_option("1")
+            np.testing.assert_allclose(np.array(json.loads(page.evaluate(read))),
+                                       m.sel(word="a", step=3, layer=1).values, atol=1e-4)
+            assert page.evaluate(shown) == {"pair": 3, "step": 3, "layer": 1, "word": "a"}
+            page.locator("#step").fill("0")
+            np.testing.assert_allclose(np.array(json.loads(page.evaluate(read))),
+                                       m.sel(word="a", step=0, layer=1).values, atol=1e-4)
+            page.locator("#step").fill("2")  # the maps skip step 2
+            assert np.isnan(np.array(json.loads(page.evaluate(read)), dtype=float)).all()
+            assert page.locator("#word-label").inner_text() == "not recorded at this step and layer"
+            np.testing.assert_allclose(np.array(json.loads(page.evaluate(
+                "JSON.stringify(document.getElementById('gate-explorer').data[1].z)"))),
+                out["gate"].sel(prompt="a polyp", seed=5, step=2, layer=1).values, atol=1e-4)  # the gate still follows
+        finally:
+            browser.close()

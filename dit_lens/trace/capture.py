@@ -17,6 +17,16 @@ Examples:
     (('prompt', 'seed', 'step', 'layer', 'channel'), (2, 2, 3, 2, 16))
     >>> ds.timestep.values.round().tolist()
     [999.0, 666.0, 333.0]
+
+    Attention weights (``site="attn2.weights"``) are kept per text token, averaged over heads and
+    image tokens (``reduce="mean"``), or per image token and text token (``reduce="heads"``):
+
+    >>> w = capture(lens, ["a polyp"], seeds=[0], num_inference_steps=2, site="attn2.weights",
+    ...             store=tempfile.mkdtemp() + "/weights.zarr")
+    >>> w["attn2.weights"].dims, w["attn2.weights"].shape
+    (('prompt', 'seed', 'step', 'layer', 'key'), (1, 1, 2, 2, 120))
+    >>> w["attn2.weights"].sum("key").values.round(4).ravel().tolist()  # each query's weights sum to 1
+    [1.0, 1.0, 1.0, 1.0]
 """
 
 from __future__ import annotations
@@ -38,11 +48,16 @@ from tqdm.auto import tqdm
 
 from .runner import Hook, branch_rows, check_prompts, check_seeds, is_int, traced_generate
 from .store import CaptureStore, VariableSpec, cache_root, content_key
+from .tokens import max_tokens
 
-__all__ = ["BRANCHES", "REDUCTIONS", "CaptureSettings", "capture"]
+__all__ = ["BRANCHES", "DEFAULT_BATCH", "REDUCTIONS", "CaptureSettings", "capture", "timesteps"]
 
 BRANCHES = ("cond", "uncond", "both")
-REDUCTIONS = ("mean", None)
+#: Runs per pipeline call when `capture` is not told otherwise.
+DEFAULT_BATCH = 8
+#: ``"mean"``: over image tokens (and, at a weights site, over heads and image-token queries too);
+#: ``"heads"``: over heads only (weights sites); ``None``: nothing (output sites).
+REDUCTIONS = ("mean", "heads", None)
 
 
 @dataclass(frozen=True)
@@ -55,7 +70,10 @@ class CaptureSettings:
         layers: Block indices, ascending; ``None`` until `resolve` fills in every block.
         site: Site name in the model family's table (``"attn2"`` = cross-attention output).
         branch: ``"cond"``, ``"uncond"`` or ``"both"`` halves of the guidance batch.
-        reduce: ``"mean"`` over image tokens, or ``None`` to keep every token.
+        reduce: ``"mean"`` over image tokens, or ``None`` to keep every token. At a weights site
+            (``"attn2.weights"``): ``"mean"`` over heads and image-token queries (one value per key),
+            or ``"heads"``, the mean over heads (a query × key map); every head, query and key
+            (``None``) is refused there.
     """
 
     num_inference_steps: int = 20
@@ -83,13 +101,25 @@ class CaptureSettings:
                 f"{self.guidance_scale} <= 1 runs no unconditional branch; raise guidance_scale or "
                 f"pass branch='cond'"
             )
-        if self.reduce not in REDUCTIONS:
-            raise ValueError(
-                f"unknown reduce={self.reduce!r}; pass reduce='mean' (mean over image tokens) or "
-                f"reduce=None (every token)"
-            )
         if not isinstance(self.site, str):
             raise ValueError(f"site must be a site name such as 'attn2', got {self.site!r}")
+        if self.site.endswith(".weights"):
+            if self.reduce is None:
+                raise ValueError(
+                    f"reduce=None at {self.site} would keep heads × queries × keys floats for every step and "
+                    f"layer (at PixArt-alpha 1024 px: 16 heads × 4096 × 120 × 4 B = 31 MB per step and layer, "
+                    f"17 GB per run of 20 steps × 28 layers); pass reduce='heads' (mean over heads: queries × "
+                    f"keys), reduce='mean' (one value per key), or read raw weights with a Hook in "
+                    f"dit_lens.trace.runner.traced_generate"
+                )
+            if self.reduce not in ("mean", "heads"):
+                raise ValueError(f"unknown reduce={self.reduce!r} for {self.site}; pass 'mean' (over heads and "
+                                 f"image-token queries, per key) or 'heads' (over heads, per query and key)")
+        elif self.reduce not in ("mean", None):
+            raise ValueError(
+                f"unknown reduce={self.reduce!r} for site {self.site!r}; pass reduce='mean' (mean over image "
+                f"tokens) or reduce=None (every token); 'heads' applies to weights sites such as 'attn2.weights'"
+            )
         if self.layers is not None:
             layers = tuple(self.layers)
             if not layers or not all(is_int(layer) for layer in layers):
@@ -161,21 +191,30 @@ def capture(
         guidance_scale: Classifier-free guidance scale.
         layers: Block indices (default: all).
         site: What to record: ``"attn2"`` (cross-attention output), ``"attn1"``, ``"ff"``,
-            ``"block"`` (block output).
+            ``"block"`` (block output), or the softmax attention weights ``"attn2.weights"``
+            (image-token queries × text-token keys) and ``"attn1.weights"`` (image × image).
         branch: ``"cond"`` or ``"uncond"`` half of the guidance batch, or ``"both"`` (a
             ``branch`` dim with labels ``["cond", "uncond"]``).
         reduce: ``"mean"`` over image tokens, or ``None`` for every token (a ``token`` dim before
-            ``channel``; written to the store step by step, never held in memory).
+            ``channel``; written to the store step by step, never held in memory). At a weights
+            site: ``"mean"`` over heads and queries (a ``key`` dim, one value per text token; a
+            cell of 20 steps × 28 layers × 120 keys is 269 kB) or ``"heads"``, the mean over heads
+            (``query`` and ``key`` dims, written step by step; queries × keys × 4 B per step and
+            layer: 31 kB for the embedded world, 2 MB for PixArt-alpha at 1024 px). Heads are always
+            averaged inside the hook, so memory stays bounded.
         store: Zarr path. Default: a content-addressed entry under ``cache/captures/`` (root
             overridable with ``$DIT_LENS_CACHE``) keyed by the weights, prompts, seeds, settings
             and package version.
-        batch_size: Runs per pipeline call (default 1). Batching is faster on a GPU and changes
+        batch_size: Runs per pipeline call (default `DEFAULT_BATCH`, 8). Batching is faster on a
+            GPU and on a CPU (a call of 8 images costs about a third of 8 single calls here) and changes
             values only by float rounding.
 
     Returns:
         A Dataset backed by the store (``.load()`` it to detach), with variable ``site`` of dims
-        ``("prompt", "seed", "step", "layer"[, "branch"][, "token"], "channel")`` and
-        coordinates prompt, seed, step, timestep (per step), layer; provenance in ``attrs``.
+        ``("prompt", "seed", "step", "layer"[, "branch"][, "token"], "channel")`` (at a weights
+        site ``(..., "key")`` or ``(..., "query", "key")``; key i is text token i, see
+        `dit_lens.trace.tokens`) and coordinates prompt, seed, step, timestep (per step), layer;
+        provenance in ``attrs``.
 
     Raises:
         ValueError: a bad argument (the message names it and the fix).
@@ -194,7 +233,7 @@ def capture(
         reduce=reduce,
     ).resolve(lens)
     if batch_size is None:
-        batch_size = 1
+        batch_size = DEFAULT_BATCH
     if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
 
@@ -205,7 +244,7 @@ def capture(
     attrs = {**_provenance(lens, settings), "capture_key": key}
     total = len(prompts) * len(seeds)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        if path.exists() or settings.reduce is None:  # checked (or needed) before any model work
+        if path.exists() or _streamed(settings):  # checked (or needed) before any model work
             opened = CaptureStore.open(path, template, spec, identity=identity, attrs=attrs)
             missing = opened.missing()
             cells = lambda: opened  # noqa: E731
@@ -217,33 +256,56 @@ def capture(
         with bar:
             for start in range(0, len(missing), int(batch_size)):
                 batch = missing[start : start + int(batch_size)]
-                _run_batch(lens, cells, batch, prompts, seeds, settings)
+                _run_batch(lens, cells, batch, prompts, seeds, settings, spec.shape[2:])
                 cells().mark_done(batch)
                 bar.update(len(batch))
         return cells().dataset()
 
 
-def _run_batch(lens, cells, batch, prompts, seeds, settings) -> None:
+def _streamed(settings: CaptureSettings) -> bool:
+    """Whether values go to the store step by step (large) rather than once per batch (small)."""
+    return settings.reduce != "mean"
+
+
+def _reduction(settings: CaptureSettings):
+    """``reduce(output) -> values`` applied inside the hook, before anything is kept."""
+    weights = settings.site.endswith(".weights")
+    if settings.reduce == "mean" and weights:
+        return lambda w: w.mean(dim=(1, 2), dtype=torch.float32)  # (rows, heads, q, k) -> (rows, k)
+    if settings.reduce == "mean":
+        return lambda h: h.mean(dim=1, dtype=torch.float32)  # (rows, tokens, C) -> (rows, C)
+    if settings.reduce == "heads":
+        return lambda w: w.mean(dim=1, dtype=torch.float32)  # (rows, heads, q, k) -> (rows, q, k)
+    return lambda h: h  # (rows, tokens, C)
+
+
+def _run_batch(lens, cells, batch, prompts, seeds, settings, cell_shape) -> None:
     """Run the cells of `batch` as one pipeline call and write their values to ``cells()``, the
-    store (a callable, so that a store still being created is waited for only when written to)."""
+    store (a callable, so that a store still being created is waited for only when written to).
+    `cell_shape` is one cell's shape in the store: (step, layer[, branch], ...)."""
     size, guided = len(batch), settings.guidance_scale > 1
     steps, layers, branch = settings.num_inference_steps, settings.layers, settings.branch
     position = {layer: index for index, layer in enumerate(layers)}
-    if settings.reduce == "mean":
-        extra = (2,) if branch == "both" else ()
-        buffer = torch.empty(  # (cells, step, layer[, branch], C)
-            (size, steps, len(layers), *extra, lens.width), dtype=torch.float32, device=lens.device
-        )
+    reduce = _reduction(settings)
+    tail = tuple(cell_shape[3 if branch == "both" else 2 :])  # per step and layer: (C,), (k,), (q, k), ...
+
+    def reduced(output: torch.Tensor) -> torch.Tensor:
+        values = branch_rows(reduce(output), branch, size, guided)  # (cells[, branch], ...)
+        if tuple(values.shape[-len(tail) :]) != tail:
+            raise ValueError(f"{settings.site} gives {tuple(values.shape[1:])} per cell, step and layer; the store "
+                             f"expects {tail} (does the pipeline pad prompts to another length?)")
+        return values
+
+    if not _streamed(settings):
+        buffer = torch.empty((size, *cell_shape), dtype=torch.float32, device=lens.device)  # (cells, step, layer, ...)
 
         def visit(step: int, layer: int, output: torch.Tensor) -> None:
-            token_mean = output.mean(dim=1, dtype=torch.float32)  # (rows, C)
-            buffer[:, step, position[layer]] = branch_rows(token_mean, branch, size, guided)
+            buffer[:, step, position[layer]] = reduced(output)
 
     else:
 
         def visit(step: int, layer: int, output: torch.Tensor) -> None:
-            picked = branch_rows(output, branch, size, guided)  # (cells[, branch], tokens, C)
-            values = picked.float().cpu().numpy()
+            values = reduced(output).float().cpu().numpy()  # (cells[, branch], ...)
             for row, cell in enumerate(batch):
                 cells().write(cell, values[row], at=(step, position[layer]))
 
@@ -255,7 +317,7 @@ def _run_batch(lens, cells, batch, prompts, seeds, settings) -> None:
         guidance_scale=settings.guidance_scale,
         hooks=[Hook(settings.site, layers, visit)],
     )
-    if settings.reduce == "mean":
+    if not _streamed(settings):
         values = buffer.cpu().numpy()
         for row, cell in enumerate(batch):
             cells().write(cell, values[row])
@@ -268,7 +330,7 @@ def _layout(lens, prompts, seeds, settings) -> tuple[xr.Dataset, VariableSpec]:
         "prompt": np.array(prompts, dtype=str),
         "seed": np.array(seeds, dtype=np.int64),
         "step": np.arange(steps, dtype=np.int64),
-        "timestep": ("step", _timesteps(lens, steps)),
+        "timestep": ("step", timesteps(lens, steps)),
         "layer": np.array(layers, dtype=np.int64),
     }
     dims = ["prompt", "seed", "step", "layer"]
@@ -277,17 +339,37 @@ def _layout(lens, prompts, seeds, settings) -> tuple[xr.Dataset, VariableSpec]:
     if settings.branch == "both":
         coords["branch"] = np.array(["cond", "uncond"])
         dims, shape, chunks = dims + ["branch"], shape + [2], chunks + [2]
-    if settings.reduce is None:
-        tokens = int(np.prod(lens.token_grid))
-        coords["token"] = np.arange(tokens, dtype=np.int64)
-        dims, shape, chunks = dims + ["token"], shape + [tokens], chunks + [tokens]
-        chunks[2] = chunks[3] = 1  # per token: one chunk per cell, step and layer
-    dims, shape, chunks = dims + ["channel"], shape + [lens.width], chunks + [lens.width]
+    tokens = int(np.prod(lens.token_grid))
+    if settings.site.endswith(".weights"):
+        keys = _key_count(lens, settings.site)
+        tail = {"key": keys} if settings.reduce == "mean" else {"query": tokens, "key": keys}
+        for name, count in tail.items():
+            coords[name] = np.arange(count, dtype=np.int64)
+        dims, shape, chunks = dims + list(tail), shape + list(tail.values()), chunks + list(tail.values())
+    else:
+        if settings.reduce is None:
+            coords["token"] = np.arange(tokens, dtype=np.int64)
+            dims, shape, chunks = dims + ["token"], shape + [tokens], chunks + [tokens]
+        dims, shape, chunks = dims + ["channel"], shape + [lens.width], chunks + [lens.width]
+    if _streamed(settings):
+        chunks[2] = chunks[3] = 1  # one chunk per cell, step and layer
     spec = VariableSpec(settings.site, tuple(dims), tuple(shape), tuple(chunks))
     return xr.Dataset(coords=coords), spec
 
 
-def _timesteps(lens: Any, steps: int) -> np.ndarray:
+def _key_count(lens: Any, site: str) -> int:
+    """Keys of a weights site: the padded text length (cross-attention) or the image tokens."""
+    attention = lens.family.attention_of(site)
+    if attention != lens.family.cross_attention_site:
+        return int(np.prod(lens.token_grid))
+    keys = max_tokens(lens)
+    if keys is None:
+        raise ValueError(f"{type(lens.pipeline).__name__} does not say how many text tokens it keeps "
+                         f"(no max_sequence_length); {site} cannot be laid out")
+    return keys
+
+
+def timesteps(lens: Any, steps: int) -> np.ndarray:
     """The scheduler's timestep at each of the first `steps` transformer calls."""
     scheduler = copy.deepcopy(lens.pipeline.scheduler)
     scheduler.set_timesteps(steps, device="cpu")

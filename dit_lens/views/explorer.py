@@ -3,7 +3,9 @@
 Controls pick the pair, the denoising step and the layer; the page shows the gate map over the
 unsteered image, and the unsteered and steered images side by side (with latent blending, also the
 blend mask after the chosen step). All gate maps share one colour scale, so what grows or shrinks
-across steps and layers is visible.
+across steps and layers is visible. Given attention maps of the same prompts and seeds
+(`dit_lens.readouts.attention_maps`), a word selector beside the gate shows the chosen word's
+cross-attention map over the unsteered image at the same step and layer.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ _PAGE = """<!DOCTYPE html>
    <output id="step-label"></output></label>
  <label>layer <input id="layer" type="range" min="0" max="{max_layer}" value="0">
    <output id="layer-label"></output></label>
-</div>
+{word_control}</div>
 {plot}
 <script>
 const DATA = {data};
@@ -50,26 +52,44 @@ function show() {{
   Plotly.restyle(gd, {{z: [DATA.images[p][0]]}}, [2]);
   Plotly.restyle(gd, {{z: [DATA.images[p][1]]}}, [3]);
   if (DATA.blend) Plotly.restyle(gd, {{z: [DATA.blend[p][DATA.steps[s]]]}}, [4]);
-  gd.dataset.shown = JSON.stringify({{pair: p, step: DATA.steps[s], layer: DATA.layers[l]}});
+  let word = null;
+  if (DATA.attn) {{
+    const w = +document.getElementById("word").value;
+    const z = DATA.attn.maps[p][w][s][l];
+    word = DATA.attn.words[w];
+    Plotly.restyle(gd, {{z: [DATA.images[p][0]]}}, [DATA.attn.trace - 1]);
+    Plotly.restyle(gd, {{z: [z === null ? DATA.attn.empty : z], zmax: [DATA.attn.zmax[w]]}}, [DATA.attn.trace]);
+    document.getElementById("word-label").textContent = z === null ? "not recorded at this step and layer" : "";
+  }}
+  gd.dataset.shown = JSON.stringify({{pair: p, step: DATA.steps[s], layer: DATA.layers[l], word: word}});
 }}
-for (const id of ["pair", "step", "layer"]) {{
-  document.getElementById(id).addEventListener("input", show);
+for (const id of ["pair", "step", "layer", "word"]) {{
+  const control = document.getElementById(id);
+  if (control) control.addEventListener("input", show);
 }}
 show();
 </script></body></html>
 """
 
 
-def write_explorer(out: xr.Dataset, path: str | Path, *, max_pairs: int = 16) -> Path:
+def write_explorer(out: xr.Dataset, path: str | Path, *, max_pairs: int = 16,
+                   attention: xr.Dataset | xr.DataArray | None = None) -> Path:
     """Write the gate explorer for a `generate` result made with a steer and ``record_gates=True``.
 
     Args:
         out: The result of `dit_lens.interventions.generate`.
         path: The HTML file to write (parent folders are created).
         max_pairs: At most this many (prompt, seed) pairs are offered in the page.
+        attention: Optionally, `attention_maps` of the same prompts and seeds (the Dataset or its
+            ``attention`` variable): adds a word selector and the word's map over the unsteered
+            image at the chosen step and layer (one colour scale per word; a step or layer the maps
+            lack shows as not recorded).
 
     Returns:
         The path written.
+
+    Raises:
+        ValueError: `out` has no gates or pairs, or `attention` lacks one of the pairs shown.
     """
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
@@ -90,7 +110,9 @@ def write_explorer(out: xr.Dataset, path: str | Path, *, max_pairs: int = 16) ->
     blend = None
     if "blend_mask" in out:  # (pair, every step, latent_y, latent_x)
         blend = [np.round(out["blend_mask"].sel(prompt=p, seed=s).values, 3).tolist() for p, s in cells]
+    attn = None if attention is None else _attention_data(attention, cells, gate)
     titles = ("gate over unsteered", "unsteered", "steered") + (("blend mask (1: steered kept)",) if blend else ())
+    titles += ("attention to the word, over unsteered",) if attn else ()
     fig = make_subplots(rows=1, cols=len(titles), subplot_titles=titles)
     fig.add_trace(go.Image(z=images[0][0]), row=1, col=1)
     fig.add_trace(
@@ -108,7 +130,20 @@ def write_explorer(out: xr.Dataset, path: str | Path, *, max_pairs: int = 16) ->
         fig.add_trace(go.Heatmap(z=blend[0][first], zmin=0, zmax=1, colorscale="Viridis", showscale=False,
                                  name="blend mask"), row=1, col=4)
         fig.update_yaxes(autorange="reversed", scaleanchor="x4", row=1, col=4)
-    fig.update_layout(height=420, width=1100 + (330 if blend else 0), margin={"t": 40, "b": 10})
+    if attn:
+        column = len(titles)
+        fig.add_trace(go.Image(z=images[0][0]), row=1, col=column)
+        first = attn["maps"][0][0][0][0]
+        fig.add_trace(
+            go.Heatmap(
+                z=attn["empty"] if first is None else first, zmin=0, zmax=attn["zmax"][0], colorscale="Viridis",
+                opacity=0.65, x0=width / cols / 2 - 0.5, dx=width / cols, y0=height / rows / 2 - 0.5,
+                dy=height / rows, colorbar={"title": {"text": "attention"}, "x": 1.1}, name="attention",
+            ),
+            row=1, col=column,
+        )
+        attn["trace"] = len(fig.data) - 1
+    fig.update_layout(height=420, width=1100 + (330 if blend else 0) + (380 if attn else 0), margin={"t": 40, "b": 10})
     data = {
         "steps": [int(x) for x in gate["step"].values],
         "timesteps": [int(x) for x in gate["timestep"].values] if "timestep" in gate.coords
@@ -117,13 +152,20 @@ def write_explorer(out: xr.Dataset, path: str | Path, *, max_pairs: int = 16) ->
         "gates": gates,
         "images": images,
         "blend": blend,
+        "attn": attn,
     }
     plot = fig.to_html(full_html=False, include_plotlyjs=True, div_id="gate-explorer")
     options = "".join(
         f'<option value="{i}">{html.escape(p)} · seed {s}</option>' for i, (p, s) in enumerate(cells)
     )
+    word_control = "" if attn is None else (
+        ' <label>word <select id="word">'
+        + "".join(f'<option value="{k}">{html.escape(w)}</option>' for k, w in enumerate(attn["words"]))
+        + '</select> <output id="word-label"></output></label>\n'
+    )
     page = _PAGE.format(
         title=html.escape(_title(out, None)),
+        word_control=word_control,
         pair_options=options,
         max_step=len(data["steps"]) - 1,
         max_layer=len(data["layers"]) - 1,
@@ -134,6 +176,34 @@ def write_explorer(out: xr.Dataset, path: str | Path, *, max_pairs: int = 16) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
     return path
+
+
+def _attention_data(attention: xr.Dataset | xr.DataArray, cells: list[tuple[str, int]], gate: xr.DataArray) -> dict:
+    """Attention maps per pair, word, gate step and gate layer (None where the maps lack them)."""
+    maps = attention["attention"] if isinstance(attention, xr.Dataset) else attention
+    if set(maps.dims) != {"prompt", "seed", "step", "layer", "word", "row", "col"}:
+        raise ValueError(f"attention= takes the result of attention_maps, dims (prompt, seed, step, layer, word, row, "
+                         f"col); got {maps.dims}")
+    have = {(str(p), int(s)) for p in maps["prompt"].values for s in maps["seed"].values}
+    missing = [cell for cell in cells if cell not in have]
+    if missing:
+        raise ValueError(f"attention maps lack the pairs {missing[:4]}; make them with attention_maps(lens, prompts, "
+                         f"seeds=...) for the same prompts and seeds as the pairs")
+    if (maps.sizes["row"], maps.sizes["col"]) != (gate.sizes["row"], gate.sizes["col"]):
+        raise ValueError("attention maps and gates come from models with different token grids")
+    words = [str(w) for w in maps["word"].values]
+    step_at = {int(t): i for i, t in enumerate(maps["step"].values)}
+    layer_at = {int(l): j for j, l in enumerate(maps["layer"].values)}
+    pairs = []
+    for prompt, seed in cells:
+        values = np.round(maps.sel(prompt=prompt, seed=seed).transpose("word", "step", "layer", "row", "col").values, 4)
+        pairs.append([[[values[w, step_at[t], layer_at[l]].tolist() if t in step_at and l in layer_at else None
+                        for l in gate["layer"].values.tolist()] for t in gate["step"].values.tolist()]
+                      for w in range(len(words))])
+    shown = maps.sel(prompt=sorted({p for p, _ in cells}), seed=sorted({s for _, s in cells}))
+    zmax = [float(shown.sel(word=w).max()) or 1.0 for w in words]
+    empty = [[None] * maps.sizes["col"] for _ in range(maps.sizes["row"])]
+    return {"words": words, "maps": pairs, "zmax": zmax, "empty": empty}
 
 
 def _rgb8(image: np.ndarray) -> list:

@@ -1,0 +1,106 @@
+"""Attention-map figures (matplotlib): where each word looked, over steps and layers.
+
+`attention_figure` takes the Dataset returned by `dit_lens.readouts.attention_maps.attention_maps` and
+returns a matplotlib Figure; callers save it (``fig.savefig(path)``).
+
+Examples:
+    >>> from dit_lens import PixArtSpec, build_pixart, load
+    >>> from dit_lens.readouts.attention_maps import attention_maps
+    >>> lens = load(build_pixart(PixArtSpec(num_layers=2)))
+    >>> maps = attention_maps(lens, ["a red polyp"], seeds=[0], words=["polyp", "red"],
+    ...                       num_inference_steps=2, progress=False)
+    >>> fig = attention_figure(maps, word="red")
+    >>> [ax.get_title() for ax in fig.axes[:3]]
+    ['generated', 'polyp', 'red']
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from .figures import _cell, _pick, _pyplot
+
+__all__ = ["attention_figure"]
+
+
+def attention_figure(
+    maps: xr.Dataset,
+    *,
+    prompt: int | str = 0,
+    seed: int | None = None,
+    word: str | None = None,
+    max_steps: int = 6,
+    max_layers: int = 8,
+) -> Any:
+    """One run's image, each word's map averaged over steps and layers, and one word's maps over
+    steps (rows) × layers (columns).
+
+    The averaged maps each have their own colour scale (words differ in how much attention they
+    draw); the step × layer grid shares one, so brightness compares across steps and layers. Maps are
+    drawn over the image, stretched from the image-token grid to the image.
+
+    Args:
+        maps: A result of `attention_maps`.
+        prompt: The prompt (its index or text).
+        seed: The seed (default: the first).
+        word: The word of the step × layer grid (default: the first).
+        max_steps: At most this many evenly spaced steps in the grid (first and last kept).
+        max_layers: At most this many evenly spaced layers in the grid.
+
+    Returns:
+        The Figure.
+
+    Raises:
+        ValueError: `maps` is not an `attention_maps` result, or names no such prompt, seed or word.
+    """
+    plt = _pyplot()
+    if "attention" not in maps or "image" not in maps:
+        raise ValueError("attention_figure takes the Dataset returned by attention_maps (with 'attention' and 'image')")
+    cell = _cell(maps, prompt, seed)
+    words = [str(w) for w in maps["word"].values]
+    word = words[0] if word is None else word
+    if word not in words:
+        raise ValueError(f"word {word!r} is not in these maps; they have {words}")
+    attention = maps["attention"].sel(cell)  # (step, layer, word, row, col)
+    image = np.clip(maps["image"].sel(cell).values, 0, 1)
+    height, width = image.shape[:2]
+    extent = (-0.5, width - 0.5, height - 0.5, -0.5)  # the token grid stretched over the image
+
+    steps = _pick(list(attention["step"].values), max_steps)
+    layers = _pick(list(attention["layer"].values), max_layers)
+    top = 1 + len(words)
+    columns = max(top, len(layers))
+    fig = plt.figure(figsize=(1.5 * columns + 1.0, 1.6 * (1 + len(steps)) + 0.8))
+    grid = fig.add_gridspec(1 + len(steps), columns, height_ratios=[1.25] + [1] * len(steps))
+    ax = fig.add_subplot(grid[0, 0])
+    ax.imshow(image)
+    ax.set_title("generated", fontsize=8)
+    ax.set_axis_off()
+    mean = attention.mean(("step", "layer"))  # (word, row, col)
+    for k, name in enumerate(words):
+        ax = fig.add_subplot(grid[0, 1 + k])
+        ax.imshow(image)
+        ax.imshow(mean.sel(word=name).values, cmap="magma", alpha=0.65, extent=extent, interpolation="bilinear")
+        ax.set_title(name, fontsize=8, fontweight="bold" if name == word else "normal")
+        ax.set_axis_off()
+    chosen = attention.sel(word=word)
+    vmax = float(chosen.sel(step=steps, layer=layers).max()) or 1.0
+    shown = None
+    for i, step in enumerate(steps):
+        for j, layer in enumerate(layers):
+            ax = fig.add_subplot(grid[1 + i, j])
+            shown = ax.imshow(chosen.sel(step=step, layer=layer).values, vmin=0, vmax=vmax, cmap="magma")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(f"layer {layer}", fontsize=8)
+            if j == 0:
+                ax.set_ylabel(f"step {step}", fontsize=8)
+    if shown is not None:
+        fig.colorbar(shown, ax=fig.axes[top:], fraction=0.02, label=f"attention to {word!r}")
+    fig.suptitle(f"{cell['prompt']!r}, seed {cell['seed']}: cross-attention per word (top: mean over steps and "
+                 f"layers); {word!r} over steps × layers", fontsize=8)
+    return fig
