@@ -83,9 +83,9 @@ class WeightsProcessor(torch.nn.Module):
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        scores = (query @ key.transpose(-1, -2)) * attn.scale  # (rows, heads, queries, keys)
+        scores = (query @ key.transpose(-1, -2)).mul_(attn.scale)  # (rows, heads, queries, keys)
         if attention_mask is not None:
-            scores = scores + attention_mask
+            scores.add_(attention_mask)
         probs = scores.softmax(dim=-1).to(value.dtype)
         seen = self.weights(probs)  # the site: nnsight reads or replaces it here
 
