@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .figures import _cell, _pick, _pyplot
+from .figures import _cell, _pick, _pyplot, step_layer_grid
 
 __all__ = ["attention_figure"]
 
@@ -88,17 +88,7 @@ def attention_figure(
         ax.set_axis_off()
     chosen = attention.sel(word=word)
     vmax = float(chosen.sel(step=steps, layer=layers).max()) or 1.0
-    shown = None
-    for i, step in enumerate(steps):
-        for j, layer in enumerate(layers):
-            ax = fig.add_subplot(grid[1 + i, j])
-            shown = ax.imshow(chosen.sel(step=step, layer=layer).values, vmin=0, vmax=vmax, cmap="magma")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(f"layer {layer}", fontsize=8)
-            if j == 0:
-                ax.set_ylabel(f"step {step}", fontsize=8)
+    shown = step_layer_grid(fig, grid, chosen, steps, layers, row=1, col=0, vmax=vmax)
     if shown is not None:
         fig.colorbar(shown, ax=fig.axes[top:], fraction=0.02, label=f"attention to {word!r}")
     fig.suptitle(f"{cell['prompt']!r}, seed {cell['seed']}: cross-attention per word (top: mean over steps and "

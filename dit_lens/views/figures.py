@@ -42,6 +42,24 @@ def _require_gates(out: xr.Dataset) -> xr.DataArray:
     return gate
 
 
+def step_layer_grid(fig: Any, grid: Any, maps: xr.DataArray, steps: Sequence[int], layers: Sequence[int], *,
+                    row: int, col: int, vmax: float) -> Any:
+    """Draw ``maps.sel(step, layer)`` on the steps × layers block of `grid` whose corner is (row, col),
+    one colour scale; returns the last image drawn (for a colour bar), or None."""
+    image = None
+    for i, step in enumerate(steps):
+        for j, layer in enumerate(layers):
+            ax = fig.add_subplot(grid[row + i, col + j])
+            image = ax.imshow(maps.sel(step=step, layer=layer).values, vmin=0, vmax=vmax, cmap="magma")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(f"layer {layer}", fontsize=8)
+            if j == 0:
+                ax.set_ylabel(f"step {step}", fontsize=8)
+    return image
+
+
 def gate_figure(
     out: xr.Dataset,
     *,
@@ -69,17 +87,7 @@ def gate_figure(
         ax.imshow(np.clip(pair.sel(branch=branch).values, 0, 1))
         ax.set_title(str(branch), fontsize=9)
         ax.set_axis_off()
-    image = None
-    for i, step in enumerate(steps):
-        for j, layer in enumerate(layers):
-            ax = fig.add_subplot(grid[i, 2 + j])
-            image = ax.imshow(g.sel(step=step, layer=layer).values, vmin=0, vmax=vmax, cmap="magma")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(f"layer {layer}", fontsize=8)
-            if j == 0:
-                ax.set_ylabel(f"step {step}", fontsize=8)
+    image = step_layer_grid(fig, grid, g, steps, layers, row=0, col=2, vmax=vmax)
     if image is not None:
         fig.colorbar(image, ax=fig.axes[2:], fraction=0.02, label="gate g = max(0, h·v)")
     fig.suptitle(_title(out, cell), fontsize=9)
