@@ -12,7 +12,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 from .model.builders import PIXART_ALPHA_512, PixArtSpec, build_pixart
 from . import methods
-from .interventions.base import EditContext, Intervention, LatentEdit, Reweight, SiteEdit
+from .interventions.base import EditContext, Intervention, LatentEdit, Reweight, SiteEdit, UnverifiedWarning
 from .interventions.base import from_dict as intervention_from_dict
 from .interventions.blend import Blend, blend_latents
 from .trace.capture import CaptureSettings, capture
@@ -23,12 +23,16 @@ from .methods import ConceptPair, Method, MethodContext
 from .model.lens import Lens, load
 from .model.sites import FAMILIES, Family
 from .interventions.steer import Steer, steer_tokens
-from .trace.store import CaptureStoreError
+from .study.cells import DamagedCellError
+from .trace.locks import BusyError, FolderClaimError
+from .trace.store import CaptureStoreError, DamagedStoreError
 from .study import Metric, Study, pick_settings, run_study
 from .readouts.attention_maps import attention_maps
 from .trace.tokens import word_tokens
+from .validate import NonFiniteError
 from .views.attention import attention_figure
-from .readouts.vectors import concept_vector, export_authors, import_authors, load_vector, save_vector
+from .readouts.vectors import (concept_vector, export_authors, import_authors, load_vector, normalize_vector,
+                               save_vector)
 from .world import load_oracle, load_segmenter
 
 __all__ = [
@@ -43,7 +47,14 @@ __all__ = [
     "Reweight",
     "SiteEdit",
     "intervention_from_dict",
+    "BusyError",
     "CaptureSettings",
+    "DamagedCellError",
+    "DamagedStoreError",
+    "FolderClaimError",
+    "NonFiniteError",
+    "UnverifiedWarning",
+    "normalize_vector",
     "ConceptPair",
     "Method",
     "MethodContext",

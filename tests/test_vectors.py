@@ -73,10 +73,10 @@ def test_authors_format_round_trip(tmp_path):
 
 
 def test_authors_format_with_numpy_blocks_and_bad_files(tmp_path):
-    table = {s: {"blocks": [np.full(3, s + l, np.float32) for l in range(2)]} for s in (1, 0)}
+    table = {s: {"blocks": [np.eye(3, dtype=np.float32)[(s + l) % 3] for l in range(2)]} for s in (1, 0)}
     (tmp_path / "a.pkl").write_bytes(pickle.dumps(table))
     vec = import_authors(tmp_path / "a.pkl")
-    assert vec.shape == (2, 2, 3) and float(vec.values[1, 1, 0]) == 2.0
+    assert vec.shape == (2, 2, 3) and float(vec.values[1, 1, 2]) == 1.0
     (tmp_path / "b.pkl").write_bytes(pickle.dumps({0: [1, 2]}))
     with pytest.raises(ValueError, match="authors' format"):
         import_authors(tmp_path / "b.pkl")

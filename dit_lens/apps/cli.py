@@ -1,9 +1,16 @@
-"""The `dit-lens` command line."""
+"""The `dit-lens` command line.
+
+A user error (a bad value, a missing or damaged pipeline folder, an output or cache folder that is a
+file or cannot be written, a run that diverged) prints one line naming what to fix and exits with
+status 2; ``--debug`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from ..validate import USER_ERRORS
 
 __all__ = ["main"]
 
@@ -29,9 +36,13 @@ def _study(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dit-lens", description=__doc__)
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of an error")
 
-    demo = sub.add_parser("demo", help="counterfactual pairs on the embedded world (or --model)")
+    demo = sub.add_parser("demo", parents=[debug], help="counterfactual pairs on the embedded world (or --model)")
     from .demo import add_demo_arguments
 
     add_demo_arguments(demo)
@@ -44,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
 
     world = sub.add_parser("world", help="the embedded endoscopy world")
     world_sub = world.add_subparsers(dest="world_command", required=True)
-    build = world_sub.add_parser("build", help="rebuild the shipped world from seeded code")
+    build = world_sub.add_parser("build", parents=[debug], help="rebuild the shipped world from seeded code")
     build.add_argument("--out", default=None, help="where to write (default: the package)")
     build.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (checks only)")
     build.add_argument("--device", default="cpu", help="where to train: cpu (default) or cuda")
@@ -56,11 +67,23 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.debug and args.command == "study":
+        args.rest = ["--debug", *args.rest]
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, TypeError) as err:
-        print(f"dit-lens: error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        print(f"dit-lens: error: {error_line(err)} (--debug shows the traceback)", file=sys.stderr)
         return 2
+
+
+def error_line(err: BaseException) -> str:
+    """An error as one line: its message, or for OS errors without one, the kind and the path."""
+    text = " ".join(str(err).split())
+    if isinstance(err, OSError) and err.filename and str(err.filename) not in text:
+        text = f"{text}: {err.filename}"
+    return text or type(err).__name__
 
 
 if __name__ == "__main__":

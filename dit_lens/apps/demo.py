@@ -4,6 +4,11 @@ On the embedded world with no arguments it removes polyps (polyps → normal cec
 checkpoint, ``--model DIR [--lora DIR] --positive ... --negative ...`` runs the same; flip metrics
 then need a classifier that knows the labels (``--oracle``), otherwise they are reported as
 unavailable rather than guessed.
+
+The output folder is only ever written where dit-lens made it: a new or empty ``--out`` folder is
+claimed with a marker file (`MARKER`) listing what the demo wrote; a folder holding anything else is
+refused, and an earlier demo's results are replaced only with ``--overwrite`` (and then only the files
+the marker lists). Every setting is checked before the model is loaded.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ import numpy as np
 
 from ..study import metrics as M
 from ..interventions.blend import check_blend
+from ..readouts.attention_maps import attention_maps
+from ..trace.tokens import word_tokens
+from ..views.attention import attention_figure
 from ..views.explorer import write_explorer
 from ..views.figures import gate_figure, pairs_figure
 from ..interventions.generate import generate
@@ -25,8 +33,15 @@ from ..interventions.steer import Steer
 from ..study.declaration import window_layers
 from ..world.domain import ENDOSCOPY_CONTEXTS
 from ..readouts.vectors import concept_vector, save_vector
+from ..validate import (check_guidance, check_int, check_pipeline_folder, check_real, check_steps, check_window,
+                        check_writable_folder)
 
-__all__ = ["add_demo_arguments", "run_demo"]
+__all__ = ["MARKER", "OUTPUTS", "add_demo_arguments", "claim_output_folder", "run_demo"]
+
+#: Marks a folder the demo made; lists the files it wrote there (the only ones it ever replaces).
+MARKER = ".dit-lens-demo.json"
+#: What the demo writes into its folder.
+OUTPUTS = ("summary.json", "pairs.png", "gates.png", "attention.png", "explorer.html", "vector.zarr")
 
 #: Demo defaults on the embedded world, as picked by the layer and alpha sweeps (README, Results).
 DEFAULT_SOURCE, DEFAULT_TARGET = "polyps", "normal cecum"
@@ -38,7 +53,9 @@ DEFAULT_BLEND = 0.0
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="embedded", help="pipeline folder (default: the embedded world)")
     p.add_argument("--lora", default=None, help="peft LoRA adapter folder to merge into the denoiser")
-    p.add_argument("--out", default="cache/demo", help="output folder (default: cache/demo)")
+    p.add_argument("--out", default="cache/demo",
+                   help="output folder, new or empty or an earlier demo's (default: cache/demo)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier demo's results in --out")
     p.add_argument("--source", default=DEFAULT_SOURCE, help="label of the concept to remove")
     p.add_argument("--target", default=DEFAULT_TARGET, help="label of the counterfactual")
     p.add_argument("--positive", nargs="+", help="prompts with the concept (default: contexts × source)")
@@ -58,12 +75,32 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=4.5, help="classifier-free guidance scale")
 
 
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Every setting, before anything runs (each error names its flag)."""
+    check_real(args.alpha, "--alpha")
+    check_window(args.window, "--window")
+    check_guidance(args.guidance, name="--guidance")
+    check_steps(args.steps, name="--steps")
+    check_int(args.pairs, "--pairs", minimum=1)
+    check_int(args.vector_seeds, "--vector-seeds", minimum=1)
+    try:
+        check_blend(args.blend)
+    except ValueError as err:
+        raise ValueError(f"--blend: {err}") from None
+    if args.model != "embedded":
+        check_pipeline_folder(args.model)
+
+
 def run_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    check_blend(args.blend)
+    _check_arguments(args)
+    from ..trace.store import CACHE_ENV, cache_root
+
+    check_writable_folder(cache_root(), "the cache folder",
+                          f"set {CACHE_ENV} to a writable folder (it holds the captures)")
+    out_dir = claim_output_folder(Path(args.out), overwrite=args.overwrite)
     lens = load(args.model, lora=args.lora)
+    check_steps(args.steps, lens.pipeline.scheduler, name="--steps")
     positive = args.positive or [c.format(args.source) for c in ENDOSCOPY_CONTEXTS]
     negative = args.negative or [c.format(args.target) for c in ENDOSCOPY_CONTEXTS]
     prompt = args.prompt or f"An endoscopic image of {args.source}"
@@ -72,13 +109,20 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"[1/3] concept vector: {len(positive)} positive vs {len(negative)} negative prompts × {args.vector_seeds} seeds")
     vector = concept_vector(lens, positive=positive, negative=negative, seeds=list(range(args.vector_seeds)),
                             num_inference_steps=args.steps, guidance_scale=args.guidance, batch_size=8)
-    layers = window_layers(tuple(args.window), lens.num_layers)
+    layers = window_layers(check_window(args.window, "--window"), lens.num_layers)
     steer = Steer(vector, alpha=args.alpha, layers=layers, renormalize=args.renormalize,
                   name=f"{args.source} → {args.target}")
     seeds = [10_000 + i for i in range(args.pairs)]
     print(f"[2/3] {args.pairs} counterfactual pairs, {steer!r}")
     pairs = generate(lens, prompt, seeds=seeds, steer=steer, num_inference_steps=args.steps,
                      guidance_scale=args.guidance, record_gates=True, blend=args.blend, batch_size=8)
+
+    words = _source_words(lens, prompt, args.source)
+    maps = None
+    if words:
+        print(f"      cross-attention maps of {words} over the unsteered images")
+        maps = attention_maps(lens, prompt, seeds=seeds, words=words, num_inference_steps=args.steps,
+                              guidance_scale=args.guidance, batch_size=8)
 
     print("[3/3] metrics and figures")
     summary = _measure(pairs, oracle_source, args.source)
@@ -93,7 +137,7 @@ def run_demo(args: argparse.Namespace) -> int:
         provenance=lens.provenance(),
         seconds=round(time.perf_counter() - start, 1),
     )
-    _write_outputs(out_dir, pairs, vector, summary)
+    _write_outputs(out_dir, pairs, vector, summary, maps)
     _print_table(summary, out_dir)
     return 0
 
@@ -132,17 +176,75 @@ def _measure(pairs, oracle_source, source_label) -> dict:
     return result
 
 
-def _write_outputs(out_dir: Path, pairs, vector, summary: dict) -> None:
+def claim_output_folder(out_dir: Path, *, overwrite: bool) -> Path:
+    """Make `out_dir` the demo's: new or empty (marked now), or marked by an earlier demo.
+
+    Refuses a file, an unwritable folder, a folder holding anything the demo did not write (also inside
+    ``vector.zarr``), and an earlier demo's results unless `overwrite`. Nothing is deleted here.
+    """
+    fix = "pass --out with a new or empty folder"
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        written = _written(out_dir)
+        if written is None:
+            names = sorted(p.name for p in out_dir.iterdir())
+            raise ValueError(f"--out {out_dir} holds files dit-lens did not write ({', '.join(names[:3])}"
+                             f"{', ...' if len(names) > 3 else ''}); {fix}, nothing was changed")
+        foreign = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*")
+                         if not p.is_dir() and p.name != MARKER and str(p.relative_to(out_dir)) not in written)
+        if foreign:
+            raise ValueError(f"--out {out_dir} holds files the demo did not write ({', '.join(foreign[:3])}"
+                             f"{', ...' if len(foreign) > 3 else ''}); move them away or {fix}; nothing was changed")
+        if written and not overwrite:
+            raise ValueError(f"--out {out_dir} holds an earlier demo's results; pass --overwrite to replace them, "
+                             f"or {fix}")
+    check_writable_folder(out_dir, "--out", fix)
+    if not (out_dir / MARKER).is_file():
+        _mark(out_dir, [])
+    return out_dir
+
+
+def _written(out_dir: Path) -> list[str] | None:
+    """The files an earlier demo wrote in `out_dir` (relative paths), or None for a folder it did not make."""
+    try:
+        record = json.loads((out_dir / MARKER).read_text())
+        return [str(f) for f in record["files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _mark(out_dir: Path, files: list[str]) -> None:
+    from .. import __version__
+
+    (out_dir / MARKER).write_text(json.dumps({"written_by": f"dit-lens {__version__} demo", "files": files}))
+
+
+def _source_words(lens, prompt: str, source: str) -> list[str]:
+    """The source label as words of the generation prompt, or none when the prompt does not contain it."""
+    try:
+        word_tokens(lens, prompt, [source])
+    except ValueError:
+        return []
+    return [source]
+
+
+def _write_outputs(out_dir: Path, pairs, vector, summary: dict, maps=None) -> None:
+    for name in _written(out_dir) or []:  # only what an earlier demo wrote (claim_output_folder checked)
+        (out_dir / name).unlink(missing_ok=True)
+    vector_path = out_dir / "vector.zarr"
+    for folder in sorted((p for p in vector_path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        folder.rmdir()  # empty once its files are gone; a file put there since raises instead
+    if vector_path.is_dir():
+        vector_path.rmdir()
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     pairs_figure(pairs, max_pairs=8).savefig(out_dir / "pairs.png", dpi=110, bbox_inches="tight")
     gate_figure(pairs).savefig(out_dir / "gates.png", dpi=110, bbox_inches="tight")
-    write_explorer(pairs, out_dir / "explorer.html")
-    vector_path = out_dir / "vector.zarr"
-    if vector_path.exists():
-        import shutil
-
-        shutil.rmtree(vector_path)  # the demo folder is the demo's own output: rewritten each run
+    if maps is not None:
+        attention_figure(maps).savefig(out_dir / "attention.png", dpi=110, bbox_inches="tight")
+    write_explorer(pairs, out_dir / "explorer.html", attention=maps)
     save_vector(vector, vector_path)
+    files = [name for name in OUTPUTS[:-1] if (out_dir / name).exists()]
+    files += [str(p.relative_to(out_dir)) for p in vector_path.rglob("*") if p.is_file()]
+    _mark(out_dir, sorted(files))
 
 
 def _print_table(summary: dict, out_dir: Path) -> None:
@@ -161,4 +263,5 @@ def _print_table(summary: dict, out_dir: Path) -> None:
     s = summary["settings"]
     print(f"settings: alpha={s['alpha']} layers={s['layers']} renormalize={s['renormalize']} blend={s['blend']} "
           f"steps={s['num_inference_steps']} guidance={s['guidance_scale']}; {summary['seconds']} s")
-    print(f"wrote {out_dir}/summary.json, pairs.png, gates.png, explorer.html, vector.zarr")
+    written = [name for name in OUTPUTS if (out_dir / name).exists()]
+    print(f"wrote {out_dir}/" + ", ".join(written))

@@ -31,9 +31,11 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -47,8 +49,10 @@ __all__ = [
     "LatentEdit",
     "Reweight",
     "SiteEdit",
+    "UnverifiedWarning",
     "from_dict",
     "register",
+    "settings_digest",
 ]
 
 #: Which halves of the classifier-free-guidance batch a site edit touches.
@@ -69,6 +73,17 @@ def from_dict(data: dict) -> "Intervention":
     if kind not in _CLASSES:
         raise ValueError(f"unknown intervention type {kind!r}; known: {sorted(_CLASSES)}")
     return _CLASSES[kind].from_dict(data)
+
+
+class UnverifiedWarning(UserWarning):
+    """A saved intervention from before dit-lens digested every setting: its settings cannot be verified."""
+
+
+def settings_digest(data: dict) -> str:
+    """Digest of a saved intervention: every key except ``"digest"`` (settings, and a Steer's vector with its
+    coords and attrs), as canonical JSON, so editing any of them is detected on `Intervention.load`."""
+    blob = json.dumps({k: v for k, v in data.items() if k != "digest"}, sort_keys=True)
+    return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -125,16 +140,23 @@ class Intervention:
         return False
 
     def save(self, path: str | Path) -> Path:
-        """Write ``to_dict`` as JSON; refuses to overwrite an existing file."""
+        """Write ``to_dict`` as JSON with a ``"digest"`` over all of it; refuses to overwrite an existing file."""
         path = Path(path)
         if path.exists():
             raise FileExistsError(f"{path} exists; choose a new path or delete it first")
-        path.write_text(json.dumps(self.to_dict()))
+        data = self.to_dict()
+        data["digest"] = settings_digest(data)
+        with path.open("x") as fh:
+            fh.write(json.dumps(data))
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "Intervention":
-        """Read a file written by `save`; ``Intervention.load`` takes any type, ``Steer.load`` a Steer."""
+        """Read a file written by `save`; ``Intervention.load`` takes any type, ``Steer.load`` a Steer.
+
+        A file whose settings (or vector) no longer match its digest was edited or damaged and is
+        refused. Files saved before digests existed still load, with an `UnverifiedWarning`.
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no saved intervention at {path}")
@@ -144,6 +166,19 @@ class Intervention:
             raise ValueError(f"{path} is not a saved {cls.__name__} (invalid JSON: {err})") from err
         if not isinstance(data, dict):
             raise ValueError(f"{path} is not a saved {cls.__name__} (a JSON object was expected)")
+        if "digest" in data:
+            if data["digest"] != settings_digest(data):
+                raise ValueError(
+                    f"{path} does not match its digest: its settings or vector were edited or damaged after it "
+                    f"was saved; save the intervention again rather than editing the file"
+                )
+            data = {k: v for k, v in data.items() if k != "digest"}
+        else:
+            warnings.warn(
+                f"{path} was saved by an older dit-lens without a digest over its settings, so they cannot be "
+                f"verified; check them (print the loaded value) and save it again to protect it",
+                UnverifiedWarning, stacklevel=2,
+            )
         if "type" not in data and cls is not Intervention:  # written before interventions named their type
             data = {**data, "type": cls.__name__}
         value = from_dict(data)

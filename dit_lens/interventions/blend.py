@@ -30,13 +30,13 @@ Examples:
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from ..validate import is_real
 from .base import LatentEdit, register
 
 __all__ = ["Blend", "blend_latents", "check_blend"]
@@ -44,7 +44,7 @@ __all__ = ["Blend", "blend_latents", "check_blend"]
 
 def check_blend(threshold: float) -> float:
     """`threshold` as a float in [0, 1); ValueError otherwise."""
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold):
+    if not is_real(threshold) or not math.isfinite(float(threshold)):
         raise ValueError(f"blend must be a number in [0, 1) (0 = off), got {threshold!r}")
     if not 0.0 <= threshold < 1.0:
         raise ValueError(f"blend must be in [0, 1) (0 = off; 0.2-0.3 keeps most of the background), got {threshold}")

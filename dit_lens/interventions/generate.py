@@ -5,6 +5,10 @@ branch's rows are changed, by any list of interventions (`dit_lens.interventions
 attention-weight edits, latent edits), through the same nnsight-hooked model that `capture` reads.
 What an intervention records (MedSteer's gate, the blend mask) comes back beside the images.
 
+Numbers never come back wrong silently: the latents are checked after every denoising step and the
+images after decoding, and NaN or inf stops the run with a `dit_lens.validate.NonFiniteError` naming
+the step and the edit settings (e.g. a steering strength α too large for the model).
+
 Examples:
     >>> from dit_lens import PixArtSpec, build_pixart, load
     >>> lens = load(build_pixart(PixArtSpec(num_layers=2)))
@@ -24,7 +28,8 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from ..trace.runner import Hook, check_prompts, check_seeds, traced_generate
+from ..trace.runner import Hook, traced_generate
+from ..validate import NonFiniteError, check_guidance, check_int, check_prompts, check_seeds, check_steps
 from .base import EditContext, Intervention, LatentEdit, SiteEdit
 from .blend import Blend, check_blend
 from .steer import Steer
@@ -74,7 +79,8 @@ def generate(
     """
     prompts, seeds = check_prompts(prompts), check_seeds(seeds)
     edits = _as_edits(edits, steer, blend)
-    _validate(lens, prompts, seeds, edits, num_inference_steps, record_gates, batch_size)
+    num_inference_steps, guidance_scale, batch_size = _validate(
+        lens, edits, num_inference_steps, guidance_scale, record_gates, batch_size)
     branches = ["unsteered", "steered"] if edits else ["unsteered"]
     cells = [(p, s) for p in range(len(prompts)) for s in range(len(seeds))]
     per_call = batch_size or 4
@@ -150,7 +156,8 @@ def reprompt(
     """
     prompts, seeds = check_prompts([source, target]), check_seeds(seeds)
     edits = _as_edits(None, None, blend)
-    _validate(lens, prompts, seeds, [], num_inference_steps, False, batch_size)
+    num_inference_steps, guidance_scale, batch_size = _validate(
+        lens, [], num_inference_steps, guidance_scale, False, batch_size)
     plan = _Plan(lens, edits, num_inference_steps, False)
     height, width = lens.pipeline_kwargs["height"], lens.pipeline_kwargs["width"]
     images = np.zeros((1, len(seeds), 2, height, width, 3), np.float32)
@@ -166,7 +173,7 @@ def reprompt(
     ds = xr.Dataset({"image": (("prompt", "seed", "branch", "y", "x", "rgb"), images)}, coords=coords)
     ds.attrs.update(lens.provenance())
     ds.attrs.update(num_inference_steps=num_inference_steps, guidance_scale=float(guidance_scale),
-                    blend=float(blend), seeds=json.dumps(seeds), edit="reprompt", target_prompt=target,
+                    blend=check_blend(blend), seeds=json.dumps(seeds), edit="reprompt", target_prompt=target,
                     edits=json.dumps([e.settings() for e in edits]))
     return ds
 
@@ -177,6 +184,7 @@ class _Plan:
 
     def __init__(self, lens: Any, edits: Sequence[Intervention], T: int, record: bool) -> None:
         self.lens, self.T = lens, T
+        self.edits = list(edits)
         self.record = record
         site_edits = [e for e in edits if isinstance(e, SiteEdit)]
         self.site_edits = [e for e in site_edits if not e.is_identity or (record and e.record)]
@@ -236,23 +244,48 @@ class _Plan:
 
         masks: list[list[torch.Tensor]] = [[] for _ in self._latent_recorders]
 
+        blending = bool(self.latent_edits and edited_rows)
+
         def step_end(step: int, latents: torch.Tensor) -> None:  # latents (rows, C, H, W), edited in place
-            for edit in self.latent_edits:
-                latents[edited], recorded = edit.apply_latents(step, latents[twins], latents[edited])
-                if edit in self._latent_recorders and recorded is not None:
-                    masks[self._latent_recorders.index(edit)].append(recorded.detach().float().cpu())
+            if blending:
+                for edit in self.latent_edits:
+                    latents[edited], recorded = edit.apply_latents(step, latents[twins], latents[edited])
+                    if edit in self._latent_recorders and recorded is not None:
+                        masks[self._latent_recorders.index(edit)].append(recorded.detach().float().cpu())
+            if not bool(torch.isfinite(latents).all()):  # one reduction per step: cheap next to the step
+                self.refuse_non_finite(f"the latents after step {step} of {self.T}", torch.isfinite(
+                    latents.flatten(1)).all(1).cpu().numpy(), edited_rows, guidance_scale)
 
         result = traced_generate(
             self.lens, row_prompts, row_seeds, num_inference_steps=self.T, guidance_scale=guidance_scale,
-            hooks=[hook_for(e) for e in self.site_edits], output_type="np",
-            step_end=step_end if self.latent_edits and edited_rows else None,
+            hooks=[hook_for(e) for e in self.site_edits], output_type="np", step_end=step_end,
         )
+        images = result.images.astype(np.float32)  # (rows, H, W, 3)
+        if not np.isfinite(images).all():
+            self.refuse_non_finite("the decoded images", np.isfinite(images.reshape(n_rows, -1)).all(1),
+                                   edited_rows, guidance_scale)
         records: dict[str, np.ndarray] = {}
         if gate_edits:
             records["gate"] = gates.numpy()
         if self._latent_recorders and edited_rows:
             records["blend_mask"] = torch.stack([torch.stack(m, dim=1) for m in masks]).numpy()  # (edits, pairs, steps, H, W)
-        return result.images.astype(np.float32), records
+        return images, records
+
+    def refuse_non_finite(self, what: str, finite_rows: np.ndarray, edited_rows: list[int],
+                          guidance_scale: float) -> None:
+        """Raise `NonFiniteError` for NaN/inf in `what`, naming the settings that caused it."""
+        bad = [int(i) for i in np.flatnonzero(~finite_rows)]
+        if bad and set(bad) <= set(edited_rows):
+            settings = ", ".join(repr(e) for e in self.edits)
+            raise NonFiniteError(
+                f"{what} hold NaN or inf in the edited branch only: the edits are too strong for this model "
+                f"({settings}); lower the strength (e.g. Steer alpha) and run again. No result was kept."
+            )
+        raise NonFiniteError(
+            f"{what} hold NaN or inf in the unedited run itself (guidance_scale={guidance_scale:g}, "
+            f"{self.T} steps): the model or its settings diverge; check the weights, dtype and guidance_scale. "
+            f"No result was kept."
+        )
 
 
 def _halves(halves: str, guided: bool) -> tuple[str, ...]:
@@ -292,15 +325,16 @@ def _as_edits(edits: Any, steer: Any, blend: float) -> list[Intervention]:
     return steers + given + ([Blend(threshold)] if threshold else [])
 
 
-def _validate(lens, prompts, seeds, edits, T, record_gates, batch_size) -> None:
-    if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 1:
-        raise ValueError(f"num_inference_steps must be a positive integer, got {T!r}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
-                                   or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+def _validate(lens, edits, T, guidance_scale, record_gates, batch_size) -> tuple[int, float, int | None]:
+    """Checked ``(num_inference_steps, guidance_scale, batch_size)`` as plain Python numbers."""
+    T = check_steps(T, lens.pipeline.scheduler)
+    guidance_scale = check_guidance(guidance_scale)
+    if batch_size is not None:
+        batch_size = check_int(batch_size, "batch_size", minimum=1)
     if edits and all(isinstance(e, LatentEdit) for e in edits):
         raise ValueError("blend needs a steer (or another edit): it blends the edited branch with the original one")
     if record_gates and not any(isinstance(e, SiteEdit) and e.record for e in edits):
         raise ValueError("record_gates=True needs a steer (or another site edit that records): the gate is the steering's own")
     for edit in edits:
-        edit.check(lens, int(T))
+        edit.check(lens, T)
+    return T, guidance_scale, batch_size

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
@@ -35,6 +33,7 @@ import torch
 import xarray as xr
 
 from ..readouts.vectors import _check_vector
+from ..validate import check_real
 from .base import HALVES, EditContext, SiteEdit, register
 
 __all__ = ["Steer", "steer_tokens"]
@@ -65,7 +64,8 @@ class Steer(SiteEdit):
     """Remove a concept along a vector at chosen layers and steps of the site it was captured at.
 
     Attributes:
-        vector: Unit concept vector, dims ``(step, layer, channel)`` (see `concept_vector`).
+        vector: Unit concept vector, dims ``(step, layer, channel)`` (see `concept_vector`); a vector
+            whose norm over channels is not 1 is refused (`dit_lens.readouts.vectors.normalize_vector`).
         alpha: Steering strength α (0 leaves the model untouched).
         layers: Blocks to steer (``None``: every layer the vector covers).
         steps: Denoising steps to steer (``None``: all).
@@ -93,9 +93,7 @@ class Steer(SiteEdit):
 
     def __post_init__(self) -> None:
         _check_vector(self.vector)
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real) or not math.isfinite(self.alpha):
-            raise ValueError(f"Steer.alpha must be a finite number, got {self.alpha!r}")
-        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "alpha", check_real(self.alpha, "Steer.alpha"))
         captured = str(self.vector.attrs.get("site", "attn2"))
         if self.site is None:
             object.__setattr__(self, "site", captured)
@@ -193,7 +191,7 @@ class Steer(SiteEdit):
 
     @property
     def vector_digest(self) -> str:
-        return hashlib.blake2b(np.ascontiguousarray(self.vector.values).tobytes(), digest_size=8).hexdigest()
+        return _digest(self.vector.values)
 
     def settings(self) -> dict:
         """Everything that defines the run except the vector's values (which are digested)."""
@@ -213,7 +211,8 @@ class Steer(SiteEdit):
         }
 
     def to_dict(self) -> dict:
-        """Settings plus the vector itself (``xarray.DataArray.to_dict``); JSON-serialisable."""
+        """Settings plus the vector itself (``xarray.DataArray.to_dict``); JSON-serialisable. `save` adds a
+        digest over all of it, so a saved file whose α, layers, steps, update or vector was edited is refused."""
         data = self.settings()
         vector = self.vector.astype(np.float64).to_dict(data="list")
         vector["attrs"] = {k: v for k, v in vector["attrs"].items() if isinstance(v, (str, int, float))}
@@ -223,7 +222,9 @@ class Steer(SiteEdit):
     @classmethod
     def from_dict(cls, data: dict) -> "Steer":
         vector = xr.DataArray.from_dict(data["vector"]).astype(np.float32)
-        steer = cls(
+        if "vector_digest" in data and _digest(vector.values) != data["vector_digest"]:
+            raise ValueError("the saved steer's vector does not match its digest; the file is corrupt")
+        return cls(
             vector,
             alpha=data["alpha"],
             layers=data.get("layers"),
@@ -234,9 +235,6 @@ class Steer(SiteEdit):
             site=data.get("site"),
             halves=data.get("halves", "both"),
         )
-        if "vector_digest" in data and steer.vector_digest != data["vector_digest"]:
-            raise ValueError("the saved steer's vector does not match its digest; the file is corrupt")
-        return steer
 
     def __repr__(self) -> str:
         layers = "all" if self.layers is None else _ranges(self.layers)
@@ -249,6 +247,10 @@ class Steer(SiteEdit):
             f"renormalize={self.renormalize}, "
             f"vector={shape[0]} steps × {shape[1]} layers × {shape[2]} channels)"
         )
+
+
+def _digest(values: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(values).tobytes(), digest_size=8).hexdigest()
 
 
 def _ranges(values: Sequence[int]) -> str:

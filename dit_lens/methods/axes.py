@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from .. import validate
 from ..interventions.blend import check_blend
 
 __all__ = ["Axis", "BLEND", "check_count", "check_flag", "check_real", "check_window", "format_value", "parse_flag",
@@ -116,14 +116,8 @@ def parse_window(text: str) -> tuple[float, float]:
 
 
 def check_window(window: Any) -> tuple[float, float]:
-    """A window ``(start, stop)`` of fractions with 0 <= start < stop <= 1, as floats."""
-    try:
-        start, stop = (float(x) for x in window)
-    except (TypeError, ValueError):
-        raise ValueError(f"a window is a pair of fractions (start, stop), got {window!r}") from None
-    if not 0.0 <= start < stop <= 1.0:
-        raise ValueError(f"a window is fractions (start, stop) with 0 <= start < stop <= 1, got {window!r}")
-    return start, stop
+    """A window ``(start, stop)`` of fractions with 0 <= start < stop <= 1, as floats (`dit_lens.validate`)."""
+    return validate.check_window(window)
 
 
 def window_label(window: tuple[float, float]) -> str:
@@ -146,7 +140,7 @@ def window_steps(window: tuple[float, float], num_steps: int) -> list[int] | Non
 
 def check_real(value: Any) -> float:
     """A finite real number as a float (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    if not validate.is_real(value) or not math.isfinite(float(value)):
         raise ValueError(f"expected a finite number, got {value!r}")
     return float(value)
 
@@ -166,7 +160,7 @@ def parse_flag(text: str) -> bool:
 
 def check_count(value: Any) -> int:
     """A positive integer."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if not validate.is_int(value) or value < 1:
         raise ValueError(f"expected a positive integer, got {value!r}")
     return int(value)
 

@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import xarray as xr
 
+from ..validate import NonFiniteError, check_guidance, check_int, check_steps
 from .axes import Axis
 from .pair import ConceptPair
 
@@ -55,9 +56,7 @@ class Vectors:
 
     def __init__(self, lens: Any, *, seeds: int, num_inference_steps: int = 20, guidance_scale: float = 4.5,
                  batch_size: int | None = 8) -> None:
-        if seeds < 1:
-            raise ValueError(f"Vectors needs at least one seed, got {seeds}")
-        self.lens, self.seeds = lens, int(seeds)
+        self.lens, self.seeds = lens, check_int(seeds, "Vectors seeds", minimum=1)
         self._settings = dict(seeds=list(range(self.seeds)), num_inference_steps=num_inference_steps,
                               guidance_scale=guidance_scale, batch_size=batch_size)
         self._captures: dict[ConceptPair, tuple[xr.Dataset, xr.Dataset]] = {}
@@ -97,6 +96,12 @@ class MethodContext:
     vectors: Vectors | None = field(default=None, compare=False)
     record_gates: bool = False
     progress: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "num_inference_steps", check_steps(self.num_inference_steps))
+        object.__setattr__(self, "guidance_scale", check_guidance(self.guidance_scale))
+        if self.batch_size is not None:
+            object.__setattr__(self, "batch_size", check_int(self.batch_size, "batch_size", minimum=1))
 
 
 @dataclass(frozen=True)
@@ -170,8 +175,17 @@ class Method:
 
     def run(self, lens: Any, pair: ConceptPair, seeds: Sequence[int], settings: Mapping[str, Any] | None = None,
             *, context: MethodContext | None = None) -> xr.Dataset:
-        """The pairs of `pair` for `seeds` at `settings` (checked, defaults filled)."""
-        return self.fn(lens, pair, list(seeds), self.settings(settings), context=context or MethodContext())
+        """The pairs of `pair` for `seeds` at `settings` (checked, defaults filled).
+
+        A run that diverges (NaN or inf latents or images) raises `NonFiniteError` naming this method,
+        the pair and every setting, so a study never records a cell measured on such images.
+        """
+        checked = self.settings(settings)
+        try:
+            return self.fn(lens, pair, list(seeds), checked, context=context or MethodContext())
+        except NonFiniteError as err:
+            where = ", ".join(f"{a.name}={a.label(checked[a.name])}" for a in self.axes)
+            raise NonFiniteError(f"{self.name} on {pair.name!r} at {where}: {err}") from err
 
     def cell_name(self, pair_index: int, settings: Mapping[str, Any]) -> str:
         """The file stem of one cell: prefix, pair index, each axis's key and value."""

@@ -16,7 +16,6 @@ Examples:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -109,23 +108,16 @@ class Lens:
 
     @cached_property
     def fingerprint(self) -> str:
-        """Content hash of the weights (denoiser in full, other modules by strided sample) and scheduler."""
-        digest = hashlib.blake2b(digest_size=16)
-        for name, component in sorted(self.pipeline.components.items()):
-            if not isinstance(component, torch.nn.Module):
-                config = getattr(component, "config", None)  # a scheduler's settings change images
-                settings = {k: v for k, v in dict(config or {}).items() if not k.startswith("_")}
-                described = json.dumps(settings, sort_keys=True, default=str)
-                digest.update(f"{name}:{type(component).__name__}:{described}".encode())
-                continue
-            full = name == self.family.denoiser
-            for key, tensor in component.state_dict().items():
-                flat = tensor.detach().reshape(-1)
-                if not full and flat.numel() > 65536:
-                    flat = flat[:: flat.numel() // 65536]
-                digest.update(f"{name}.{key}{tuple(tensor.shape)}{tensor.dtype}".encode())
-                digest.update(flat.float().cpu().numpy().tobytes())
-        return digest.hexdigest()
+        """Content hash of everything that decides what the pipeline computes.
+
+        Covers every module's weights and buffers in full (a merged LoRA adapter included) and its
+        config, the tokenizer (vocabulary, added and special tokens, lengths, padding and
+        truncation sides), the scheduler's settings and the pipeline's class. See
+        `dit_lens.model.fingerprint`.
+        """
+        from .fingerprint import fingerprint
+
+        return fingerprint(self.pipeline)
 
     def provenance(self) -> dict:
         """What identifies this model in saved results."""
@@ -224,6 +216,9 @@ def _open_pipeline(source: Any) -> tuple[Any, str]:
     pipeline_cls = getattr(diffusers, class_name, None)
     if pipeline_cls is None:
         raise ValueError(f"{index} names pipeline class {class_name!r}, unknown to diffusers")
+    from ..validate import check_pipeline_folder
+
+    check_pipeline_folder(path)  # names the missing or truncated part, before diffusers does
     return pipeline_cls.from_pretrained(path), label
 
 

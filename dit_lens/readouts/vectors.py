@@ -16,15 +16,19 @@ Examples:
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import xarray as xr
 
-__all__ = ["concept_vector", "save_vector", "load_vector", "export_authors", "import_authors"]
+from ..validate import UNIT_NORM_TOLERANCE, check_unit_norm
+
+__all__ = ["concept_vector", "save_vector", "load_vector", "export_authors", "import_authors", "normalize_vector"]
 
 VECTOR_DIMS = ("step", "layer", "channel")
 
@@ -126,6 +130,10 @@ def _mean_capture(ds: xr.Dataset, site: str, which: str) -> xr.DataArray:
     return da.mean(keep).transpose(*VECTOR_DIMS).astype(np.float64)
 
 
+#: Capture settings a vector keeps in its provenance (capture attrs ``capture_<name>``).
+SAMPLER_SETTINGS = ("num_inference_steps", "guidance_scale")
+
+
 def _provenance(positive: xr.Dataset, negative: xr.Dataset, site: str) -> dict:
     from .. import __version__
 
@@ -134,10 +142,28 @@ def _provenance(positive: xr.Dataset, negative: xr.Dataset, site: str) -> dict:
         attrs[f"{which}_prompts"] = json.dumps([str(p) for p in np.atleast_1d(ds.get("prompt", []))])
         if "seed" in ds.coords:
             attrs[f"{which}_seeds"] = json.dumps([int(s) for s in ds["seed"].values])
-    for key in ("model_fingerprint", "model_source", "num_inference_steps", "guidance_scale"):
+    for key in ("model_fingerprint", "model_source"):
         if key in positive.attrs:
             attrs[key] = positive.attrs[key]
+    for key in SAMPLER_SETTINGS:
+        values = [_setting(ds, key) for ds in (positive, negative)]
+        if None not in values and values[0] != values[1]:
+            raise ValueError(
+                f"the positive and negative captures were made with different {key} ({values[0]} and "
+                f"{values[1]}); capture both with the same settings"
+            )
+        if values[0] is not None:
+            attrs[key] = values[0]
     return attrs
+
+
+def _setting(ds: xr.Dataset, key: str) -> Any:
+    """A capture setting from a capture's attrs (``capture_<key>``; bare ``<key>`` in older ones)."""
+    for name in (f"capture_{key}", key):
+        if name in ds.attrs:
+            value = ds.attrs[name]
+            return value.item() if hasattr(value, "item") else value
+    return None
 
 
 def _check_vector(vec: Any) -> xr.DataArray:
@@ -146,7 +172,23 @@ def _check_vector(vec: Any) -> xr.DataArray:
         raise ValueError(f"a concept vector is a DataArray with dims {VECTOR_DIMS}, got {got}")
     if not bool(np.isfinite(vec.values).all()):
         raise ValueError("the concept vector holds NaN or inf values; recompute it")
+    check_unit_norm(vec.values)
     return vec
+
+
+def normalize_vector(vec: xr.DataArray) -> xr.DataArray:
+    """`vec` ``(step, layer, channel)`` scaled to unit L2 norm over channels (attrs kept).
+
+    For vectors from elsewhere that are not unit-norm; `Steer`, `load_vector` and `import_authors`
+    refuse those, since α is only meaningful along a unit direction.
+    """
+    norm = np.sqrt((vec.astype(np.float64) ** 2).sum("channel"))
+    if bool((norm == 0).any()) or not bool(np.isfinite(norm).all()):
+        raise ValueError("the vector has a zero or non-finite norm at some (step, layer); it has no direction there")
+    out = (vec / norm).astype(np.float32)
+    out.attrs = dict(vec.attrs)
+    out.name = vec.name
+    return out
 
 
 def save_vector(vec: xr.DataArray, path: str | Path) -> Path:
@@ -160,7 +202,8 @@ def save_vector(vec: xr.DataArray, path: str | Path) -> Path:
 
 
 def load_vector(path: str | Path) -> xr.DataArray:
-    """Read a vector written by `save_vector`."""
+    """Read a vector written by `save_vector`; a vector that is not unit-norm (within
+    ``UNIT_NORM_TOLERANCE``) or holds NaN is refused."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no concept vector at {path}")
@@ -174,6 +217,7 @@ def export_authors(vec: xr.DataArray, path: str | Path) -> Path:
     """Write the MedSteer authors' format: a pickle of ``{step: {"blocks": [tensor per block]}}``.
 
     Every block of the model must be present in the vector (the authors index blocks by position).
+    Refuses to overwrite an existing file.
     """
     import torch
 
@@ -188,7 +232,9 @@ def export_authors(vec: xr.DataArray, path: str | Path) -> Path:
         for step in vec["step"].values
     }
     path = Path(path)
-    with path.open("wb") as fh:
+    if path.exists():
+        raise FileExistsError(f"{path} exists; choose a new path or delete it first")
+    with path.open("xb") as fh:
         pickle.dump(table, fh)
     return path
 
@@ -196,13 +242,23 @@ def export_authors(vec: xr.DataArray, path: str | Path) -> Path:
 def import_authors(path: str | Path) -> xr.DataArray:
     """Read the authors' pickle format into a ``(step, layer, channel)`` vector.
 
-    Only open pickles you trust: unpickling can run code.
+    The file is read with a restricted unpickler (`SafeUnpickler`) that rebuilds only containers,
+    numbers, strings, numpy arrays and torch tensors; a pickle that names anything else (a function
+    that could run code) is refused with `pickle.UnpicklingError` before anything in it runs.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such vector file: {path}")
     with path.open("rb") as fh:
-        table = pickle.load(fh)
+        try:
+            table = SafeUnpickler(fh).load()
+        except pickle.UnpicklingError as err:
+            raise pickle.UnpicklingError(f"{path}: {err}") from None
+        except (EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError) as err:
+            raise ValueError(f"{path} is not a readable pickle ({type(err).__name__}: {err})") from None
+    if not isinstance(table, dict):
+        raise ValueError(f"{path} is not in the authors' format {{step: {{'blocks': [vector per block]}}}}: "
+                         f"it holds a {type(table).__name__}")
     try:
         steps = sorted(int(s) for s in table)
         rows = [[np.asarray(_numpy(b), dtype=np.float32).reshape(-1) for b in table[s]["blocks"]] for s in _keys(table, steps)]
@@ -219,6 +275,59 @@ def import_authors(path: str | Path) -> xr.DataArray:
         attrs={"imported_from": str(path), "format": "medsteer-authors-pickle"},
     )
     return _check_vector(vec)
+
+
+def _storage_from_bytes(data: bytes) -> Any:
+    """A torch storage pickled inside a tensor, read with torch's weights-only loader (no code runs)."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+
+
+def _allowed() -> dict[tuple[str, str], Any]:
+    """``(module, name)`` → what `SafeUnpickler` builds for it: containers, numpy arrays, torch tensors."""
+    import collections
+    import codecs
+
+    import torch
+
+    table: dict[tuple[str, str], Any] = {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("_codecs", "encode"): codecs.encode,  # numpy's protocol-2 pickles carry raw bytes as latin-1 text
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+        ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
+        ("torch.storage", "_load_from_bytes"): _storage_from_bytes,  # torch's own runs a full unpickler
+    }
+    for core in ("numpy.core", "numpy._core"):  # numpy 1.x and 2.x spellings
+        table[(f"{core}.multiarray", "_reconstruct")] = np.ndarray.__reduce__(np.zeros(0))[0]
+        table[(f"{core}.multiarray", "scalar")] = np.float32(0).__reduce__()[0]
+        table[(f"{core}.numeric", "_frombuffer")] = np.zeros(1).__reduce_ex__(5)[0]  # protocol 5
+    for dtype in ("Float", "Double", "Half", "BFloat16"):
+        table[("torch", f"{dtype}Storage")] = getattr(torch, f"{dtype}Storage")
+    return table
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """An unpickler that builds only what a vector file holds; any other global is refused.
+
+    Plain containers (dict, list, tuple), numbers and strings need no globals; numpy arrays and torch
+    tensors need the few rebuild functions in `_allowed`. A pickle naming anything else, such as
+    ``os.system`` or ``builtins.eval``, raises `pickle.UnpicklingError` before it can run.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = _allowed()
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(
+                f"refused to unpickle {module}.{name}: a vector file holds only containers, numbers, numpy "
+                f"arrays and torch tensors, and anything else could run code; if you trust this file, load it "
+                f"yourself and pass the vector to dit_lens.readouts.vectors.save_vector"
+            )
+        return allowed[(module, name)]
 
 
 def _keys(table: dict, steps: list[int]) -> list:

@@ -4,13 +4,22 @@ assembled at the end.
 A cell's file name comes from its method's axes (`dit_lens.methods.Method.cell_name`), e.g.
 ``p0_w0-1_t0-1_a3_r0_b0.3_n32.json`` (MedSteer) or ``reprompt_p0_b0.3.json``; a cell that exists is
 never run again.
+
+Reliability: the folder must be new, empty, or already a dit-lens study folder (it is marked with
+`dit_lens.trace.locks.MARKER`); anything else is refused untouched. Every cell file carries a
+checksum of its content, checked whenever it is read (a damaged cell is an error naming the file;
+``repair=True`` recomputes just the damaged cells). Any number of processes may run one study folder
+at once: each cell is computed by one of them (a per-cell lock), the others use it, and the result
+is assembled under the folder's lock, so all of them return the same result.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,21 +28,37 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from ..methods import MethodContext, Vectors, get
+from ..trace.locks import claim_folder, exclusive, remove_stale_temporaries, temporary_name, try_exclusive, write_atomic
 from ..views.explorer import write_explorer
 from ..views.figures import pairs_figure
 from . import metrics as M
 from .declaration import Study, context_of
 
-__all__ = ["CellRunner"]
+__all__ = ["CellRunner", "DamagedCellError"]
+
+#: The key under which a cell file keeps the checksum of its content.
+CHECKSUM = "checksum"
+
+
+class DamagedCellError(ValueError):
+    """A finished study cell's file is unreadable or fails its checksum; it was not used."""
 
 
 class CellRunner:
-    """Runs and stores the cells of one study in `folder`."""
+    """Runs and stores the cells of one study in `folder`.
+
+    Args:
+        repair: Recompute finished cells whose files are damaged (instead of refusing them).
+        overwrite: Let a study folder that holds *another* dit-lens study (or cells of older metric
+            definitions) be emptied of its cells and result and reused. Folders dit-lens did not
+            make are refused whatever this says.
+    """
 
     def __init__(self, study: Study, lens: Any, oracle: Callable, segmenter: Callable, folder: Path,
-                 *, progress: bool = True) -> None:
+                 *, progress: bool = True, repair: bool = False, overwrite: bool = False) -> None:
         self.study, self.lens, self.oracle, self.segmenter = study, lens, oracle, segmenter
         self.folder, self.progress = Path(folder), progress
+        self.repair, self.overwrite = bool(repair), bool(overwrite)
         labels = list(getattr(oracle, "labels", []))
         for pair in study.pairs:
             for label in (pair.source, pair.target):
@@ -62,13 +87,45 @@ class CellRunner:
         return self.folder / "cells" / f"{get(cell['method']).cell_name(cell['pair'], cell)}.json"
 
     def run(self) -> None:
-        self._claim_folder()
+        """Run every cell not yet finished (in this or another process), keeping each on disk."""
+        with exclusive(self.folder):
+            self._claim_folder()
         cells = self.cells()
-        todo = [c for c in cells if not self.path(c).exists()]
+        todo = [c for c in cells if not self.finished(c)]
         if len(cells) > len(todo):
             print(f"{self.study.name}: {len(cells) - len(todo)} finished cells reused from {self.folder}")
+        elsewhere = []  # cells another process is running now
         for cell in tqdm(todo, desc=self.study.name, unit="cell", disable=not self.progress):
-            _write_json_atomic(self.path(cell), {"cell": _jsonable(cell), "metrics": self.run_cell(cell)})
+            lock = try_exclusive(self._lock_target(cell))
+            if lock is None:
+                elsewhere.append(cell)
+                continue
+            try:
+                self._run_if_unfinished(cell)
+            finally:
+                lock.release()
+        for cell in elsewhere:  # wait for them; run those whose process gave up
+            with exclusive(self._lock_target(cell)):
+                self._run_if_unfinished(cell)
+
+    def _lock_target(self, cell: dict) -> Path:
+        return self.folder / ".locks" / self.path(cell).name  # lock files kept out of cells/
+
+    def _run_if_unfinished(self, cell: dict) -> None:
+        if not self.finished(cell):
+            _write_cell(self.path(cell), {"cell": _jsonable(cell), "metrics": self.run_cell(cell)})
+
+    def finished(self, cell: dict) -> bool:
+        """Whether `cell` has an intact file. A damaged one is an error, or unfinished with `repair`."""
+        if not self.path(cell).exists():
+            return False
+        try:
+            _read_cell(self.path(cell), cell)
+        except DamagedCellError:
+            if self.repair:
+                return False
+            raise
+        return True
 
     def run_cell(self, cell: dict) -> dict:
         s, method = self.study, get(cell["method"])
@@ -128,7 +185,7 @@ class CellRunner:
         shape = tuple(len(v) for v in coords.values())
         records = {}
         for cell in self.cells():
-            records[self.path(cell)] = json.loads(self.path(cell).read_text())["metrics"]
+            records[self.path(cell)] = _read_cell(self.path(cell), cell)
         names = list(dict.fromkeys(m for record in records.values() for m in record))
         arrays = {f"{m}{suffix}": np.full(shape, np.nan) for m in names for suffix in ("", "_low", "_high", "_n")}
         status = set()
@@ -154,12 +211,14 @@ class CellRunner:
                 values = dict.fromkeys(v for sweep in s.methods.values() for v in sweep.get(name, ()))
                 ds.attrs[f"{name}_resolved"] = json.dumps(
                     {str(axis.label(v)): axis.resolve(v, self.lens, s.num_inference_steps) for v in values})
-        _replace_zarr(ds, self.folder / "result.zarr")
+        with exclusive(self.folder):
+            _replace_zarr(ds, self.folder / "result.zarr")
         return ds
 
     def _claim_folder(self) -> None:
-        """Refuse a folder whose cells mean something else; record this declaration in it."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        """Refuse a folder dit-lens did not make, or whose cells mean something else (unless
+        `overwrite`: then its cells and result are removed); record this declaration in it."""
+        claim_folder(self.folder, "study", recognise="study.json")
         declaration = self.folder / "study.json"
         mine = _jsonable({"study": self.study.to_dict(), "model_fingerprint": self.lens.fingerprint,
                           "metrics_version": M.METRICS_VERSION})
@@ -175,8 +234,12 @@ class CellRunner:
                 why = "holds another study or model (pairs, seeds, sampler, metrics or weights differ)"
             else:
                 why = None
+            if why and not self.overwrite:
+                raise ValueError(f"{self.folder} {why}; pass a new out= folder, or overwrite=True "
+                                 f"(`--overwrite`) to replace its cells and result (nothing was changed)")
             if why:
-                raise ValueError(f"{self.folder} {why}; pass a new out= folder (nothing was changed)")
+                for made in ("cells", "result.zarr"):
+                    shutil.rmtree(self.folder / made, ignore_errors=True)
         _write_json_atomic(declaration, mine)
 
 
@@ -185,20 +248,51 @@ def _jsonable(value: Any) -> Any:
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1).encode())
+
+
+def _checksum(record: dict) -> str:
+    content = json.dumps({k: v for k, v in record.items() if k != CHECKSUM}, sort_keys=True)
+    return "blake2b:" + hashlib.blake2b(content.encode(), digest_size=16).hexdigest()
+
+
+def _write_cell(path: Path, record: dict) -> None:
+    """Write a cell file with the checksum of its content (durably, atomically)."""
+    record = _jsonable(record)
+    _write_json_atomic(path, {**record, CHECKSUM: _checksum(record)})
+
+
+def _read_cell(path: Path, cell: dict) -> dict:
+    """The metrics of a cell file, checked: it parses, matches its checksum and is `cell`'s.
+    Files of earlier versions (no checksum) are checked as far as they can be."""
+    fix = ("it was not used; rerun with repair=True (`--repair`) to recompute just the damaged cells, "
+           "or delete that file")
+    try:
+        record = json.loads(path.read_text())
+        metrics = record["metrics"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise DamagedCellError(f"study cell {path} is unreadable ({type(err).__name__}: {err}); {fix}") from err
+    if CHECKSUM in record and record[CHECKSUM] != _checksum(record):
+        raise DamagedCellError(f"study cell {path} fails its checksum (its content changed after it was "
+                               f"written); {fix}")
+    if record.get("cell") != _jsonable(cell) or not isinstance(metrics, dict):
+        raise DamagedCellError(f"study cell {path} holds {record.get('cell')!r}, not the cell "
+                               f"{_jsonable(cell)!r} its name stands for; {fix}")
+    return metrics
 
 
 def _replace_zarr(ds: xr.Dataset, path: Path) -> None:
-    """Write the assembled result (derived from the cells, so replacing it loses nothing)."""
-    import shutil
+    """Write the assembled result (derived from the cells, so replacing it loses nothing), with a
+    checksum on every chunk; the old result is swapped out only once the new one is complete.
+    Call it holding ``exclusive(folder)``."""
+    from numcodecs import CRC32
 
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    ds.to_zarr(tmp, mode="w", zarr_format=2)  # format 3 warns on string coordinates
+    remove_stale_temporaries(path)
+    tmp, old = temporary_name(path), path.parent / f".{path.name}.{os.getpid()}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    encoding = {name: {"filters": [CRC32()]} for name in ds.variables}
+    ds.to_zarr(tmp, mode="w-", zarr_format=2, encoding=encoding)  # format 3 warns on string coordinates
     if path.exists():
-        shutil.rmtree(path)
+        os.replace(path, old)
     os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)

@@ -4,7 +4,9 @@ Every flag overrides one field of the study's declaration and is validated by it
 come from the registered methods' axes (`dit_lens.methods.Axis.flag`): ``--alphas 2 3`` sets the
 ``alpha`` axis of every declared method that has one, ``--blends 0 0.3`` the blend of MedSteer and
 re-prompting alike, ``--methods medsteer reprompt`` picks the methods. ``--quick`` applies the
-study's own small-run overrides first. ``dit-lens study <name>`` runs the same file.
+study's own small-run overrides first. ``dit-lens study <name>`` runs the same file. A user error
+(a bad flag value, a missing or damaged pipeline folder, an unwritable result or cache folder, a run
+that diverged) prints one line and exits with status 2; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 from ..methods import METHODS
 from ..methods.pair import ConceptPair
+from ..validate import USER_ERRORS, check_pipeline_folder, check_writable_folder
 from .declaration import Study, floors, method_axes, metric_names, pick_settings, run_study
 from .metrics import STANDARD_METRICS
 
@@ -40,10 +43,14 @@ def parser(study: Study) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"study {study.name}", description=f"Run the {study.name!r} study.",
                                 allow_abbrev=False)
     p.add_argument("--quick", action="store_true", help="the study's small version (≤ 2 min on CPU)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     p.add_argument("--model", default="embedded", help="pipeline folder (default: the embedded world)")
     p.add_argument("--lora", default=None, help="peft LoRA adapter folder")
     p.add_argument("--oracle", default="embedded", help="classifier and segmenter for the metrics (default: embedded)")
     p.add_argument("--out", default=None, help="result folder (default: cache/studies/<name>-<hash>)")
+    p.add_argument("--repair", action="store_true", help="recompute damaged cells and capture cells instead of refusing")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the cells and result of another study held in --out (nothing else is touched)")
     p.add_argument("--pairs", nargs="+", type=_pair, help="concept pairs 'SOURCE>TARGET'")
     p.add_argument("--methods", nargs="+", choices=list(METHODS),
                    help=f"methods to compare (declared: {' '.join(study.methods)})")
@@ -91,16 +98,31 @@ def study_main(study: Study, argv: Sequence[str] | None = None, *, load_oracle: 
     """
     args = parser(study).parse_args(argv)
     try:
-        study = declared(study, args)
-        from ..model.lens import load
-
-        lens = load(args.model, lora=args.lora)
-        oracle, segmenter = load_oracle(args.oracle), load_segmenter(args.oracle)
-        start = time.perf_counter()
-        result = run_study(study, lens, oracle=oracle, segmenter=segmenter, out=args.out)
-    except (ValueError, FileNotFoundError, TypeError) as err:
-        print(f"study {study.name}: error: {err}", file=sys.stderr)
+        return _run(study, args, load_oracle, load_segmenter, report)
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        text = " ".join(str(err).split()) or type(err).__name__
+        print(f"study {study.name}: error: {text} (--debug shows the traceback)", file=sys.stderr)
         return 2
+
+
+def _run(study: Study, args: argparse.Namespace, load_oracle: Callable, load_segmenter: Callable,
+         report: Callable | None) -> int:
+    study = declared(study, args)
+    from ..model.lens import load
+    from ..trace.store import CACHE_ENV, cache_root
+
+    if args.model != "embedded":
+        check_pipeline_folder(args.model)
+    check_writable_folder(cache_root(), "the cache folder", f"set {CACHE_ENV} to a writable folder")
+    if args.out is not None:
+        check_writable_folder(args.out, "--out", "pass a writable result folder")
+    lens = load(args.model, lora=args.lora)
+    oracle, segmenter = load_oracle(args.oracle), load_segmenter(args.oracle)
+    start = time.perf_counter()
+    result = run_study(study, lens, oracle=oracle, segmenter=segmenter, out=args.out, repair=args.repair,
+                       overwrite=args.overwrite)
     print_table(result)
     picks = [p for p in pick_settings(result) if _sweeps(result, p["method"])]
     print_picks(result, picks)

@@ -30,6 +30,7 @@ import numpy as np
 import xarray as xr
 
 from ..methods import METHODS, VECTOR_SEEDS, ConceptPair, get, window_label, window_layers, window_steps
+from ..validate import check_guidance, check_int, check_steps
 from .metrics import STANDARD_METRICS, Metric
 
 __all__ = ["ConceptPair", "Study", "run_study", "window_layers", "window_steps", "window_label", "floors",
@@ -96,8 +97,11 @@ class Study:
         if set(self.require) - measured:
             raise ValueError(f"Study.require names metrics {sorted(set(self.require) - measured)} the study does not "
                              f"measure; it measures {sorted(measured)}")
-        if self.eval_seeds < 1 or self.num_inference_steps < 1:
-            raise ValueError("Study.eval_seeds and Study.num_inference_steps must be >= 1")
+        object.__setattr__(self, "eval_seeds", check_int(self.eval_seeds, "Study.eval_seeds", minimum=1))
+        object.__setattr__(self, "eval_seed_base", check_int(self.eval_seed_base, "Study.eval_seed_base", minimum=0))
+        object.__setattr__(self, "num_inference_steps",
+                           check_steps(self.num_inference_steps, name="Study.num_inference_steps"))
+        object.__setattr__(self, "guidance_scale", check_guidance(self.guidance_scale, name="Study.guidance_scale"))
         if self.eval_seed_base < self.vector_seeds():
             raise ValueError("Study.eval_seed_base must exceed the vector seeds, so they stay disjoint")
         fields = {f.name for f in dataclasses.fields(self)} - {"quick"}
@@ -226,6 +230,8 @@ def run_study(
     segmenter: Callable,
     out: str | Path | None = None,
     progress: bool = True,
+    repair: bool = False,
+    overwrite: bool = False,
 ) -> xr.Dataset:
     """Run every cell of `study` not already finished in `out`, and return the labelled result.
 
@@ -236,6 +242,8 @@ def run_study(
         segmenter: Images → boolean lesion masks ``(N, H, W)``.
         out: The result folder (default ``cache/studies/<name>-<key>``).
         progress: Show a progress bar over cells.
+        repair: Recompute cells whose files are damaged (checksum mismatch) instead of refusing.
+        overwrite: Replace the cells and result of another study held in `out` (only those).
 
     Returns:
         Dataset with dims ``(method, pair, <every declared method's axes>)``; for each metric the
@@ -249,7 +257,8 @@ def run_study(
     from .cells import CellRunner
 
     folder = Path(out) if out is not None else cache_root() / "studies" / f"{study.name}-{study.key(lens)}"
-    runner = CellRunner(study, lens, oracle, segmenter, folder, progress=progress)
+    runner = CellRunner(study, lens, oracle, segmenter, folder, progress=progress, repair=repair,
+                        overwrite=overwrite)
     runner.run()
     return runner.assemble()
 

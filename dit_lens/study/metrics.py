@@ -5,7 +5,8 @@ Each metric has a per-pair form (a DataArray over ``(prompt, seed)``) and is sum
 are plain callables with the embedded oracle's call shape: images ``(N, H, W, 3)`` float in [0, 1]
 → probabilities ``(N, K)`` (with ``.labels``), or → boolean lesion masks ``(N, H, W)``. A study
 measures `STANDARD_METRICS` and any extra `Metric` it declares (a function of the `Judged` pairs;
-the endoscopy world's dye metrics are `dit_lens.world.domain.DYE_METRICS`).
+the endoscopy world's dye metrics are `dit_lens.world.domain.DYE_METRICS`). Images holding NaN or inf
+are refused (`dit_lens.validate.NonFiniteError`): no metric is ever computed on them.
 
 Examples:
     >>> import xarray as xr
@@ -22,6 +23,8 @@ from typing import Any, Callable
 
 import numpy as np
 import xarray as xr
+
+from ..validate import check_finite
 
 __all__ = [
     "Estimate",
@@ -148,7 +151,15 @@ def estimate(values: xr.DataArray | np.ndarray, *, resamples: int = 2000, seed: 
 def _images(out: xr.Dataset, branch: str) -> tuple[np.ndarray, tuple]:
     im = out["image"].sel(branch=branch).transpose("prompt", "seed", "y", "x", "rgb")
     shape = im.shape
-    return im.values.reshape(-1, *shape[2:]), shape[:2]
+    values = im.values
+    _refuse_non_finite(values, f"the {branch} images")
+    return values.reshape(-1, *shape[2:]), shape[:2]
+
+
+def _refuse_non_finite(values: np.ndarray, what: str) -> None:
+    """No metric is computed on NaN or inf pixels: they would read as a flip or a NaN score."""
+    check_finite(values, what, "no metric is computed on them; the run that made them diverged (lower the "
+                               "edit strength, e.g. Steer alpha) and generate them again")
 
 
 def classify(out: xr.Dataset, classifier: Callable, *, batch: int = 64) -> xr.DataArray:
@@ -276,6 +287,7 @@ def _pairwise(out: xr.Dataset, background: xr.DataArray, fn: Callable, name: str
     keep = background.transpose("prompt", "seed", "y", "x").values
     values = np.zeros(image.shape[:2])
     data = image.values.astype(np.float64)
+    _refuse_non_finite(data, "the images")
     branches = list(image["branch"].values)
     u, s = branches.index("unsteered"), branches.index("steered")
     for i in range(values.shape[0]):

@@ -47,8 +47,10 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from .runner import Hook, branch_rows, check_prompts, check_seeds, is_int, traced_generate
-from .store import CaptureStore, VariableSpec, cache_root, content_key
+from .locks import exclusive
+from .store import CaptureStore, DamagedStoreError, VariableSpec, cache_root, content_key
 from .tokens import max_tokens
+from ..validate import check_guidance, check_steps
 
 __all__ = ["BRANCHES", "DEFAULT_BATCH", "REDUCTIONS", "CaptureSettings", "capture", "timesteps"]
 
@@ -84,15 +86,8 @@ class CaptureSettings:
     reduce: str | None = "mean"
 
     def __post_init__(self) -> None:
-        steps = self.num_inference_steps
-        if not is_int(steps) or steps < 1:
-            raise ValueError(
-                f"num_inference_steps must be a positive integer, got {steps!r}; pass e.g. "
-                f"num_inference_steps=20"
-            )
-        scale = self.guidance_scale
-        if not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-            raise ValueError(f"guidance_scale must be a finite number, got {self.guidance_scale!r}")
+        steps = check_steps(self.num_inference_steps)
+        object.__setattr__(self, "guidance_scale", check_guidance(self.guidance_scale))
         if self.branch not in BRANCHES:
             raise ValueError(f"unknown branch={self.branch!r}; pass one of {list(BRANCHES)}")
         if self.branch != "cond" and self.guidance_scale <= 1:
@@ -135,6 +130,7 @@ class CaptureSettings:
 
     def resolve(self, lens: Any) -> "CaptureSettings":
         """These settings checked against `lens`, with ``layers=None`` expanded to every block."""
+        check_steps(self.num_inference_steps, lens.pipeline.scheduler)  # what the sampler can run
         sites = lens.family.sites
         if self.site not in sites:
             raise ValueError(
@@ -177,6 +173,7 @@ def capture(
     reduce: str | None = "mean",
     store: str | Path | None = None,
     batch_size: int | None = None,
+    repair: bool = False,
 ) -> xr.Dataset:
     """Record `site`'s output at every requested layer and step, for every prompt × seed.
 
@@ -208,6 +205,12 @@ def capture(
         batch_size: Runs per pipeline call (default `DEFAULT_BATCH`, 8). Batching is faster on a
             GPU and on a CPU (a call of 8 images costs about a third of 8 single calls here) and changes
             values only by float rounding.
+        repair: Recompute the finished cells of `store` that are damaged (a chunk missing, or
+            failing its checksum) instead of refusing them; intact cells are kept.
+
+    Any number of processes may capture into one store at once: one computes (the others wait for
+    it, with a note on stderr) and all return the same values. Every finished cell is checked
+    (checksums, no chunk missing) before anything is served.
 
     Returns:
         A Dataset backed by the store (``.load()`` it to detach), with variable ``site`` of dims
@@ -218,7 +221,9 @@ def capture(
 
     Raises:
         ValueError: a bad argument (the message names it and the fix).
-        dit_lens.trace.store.CaptureStoreError: `store` is corrupt or holds another capture.
+        dit_lens.trace.store.CaptureStoreError: `store` is unreadable or holds another capture.
+        dit_lens.trace.store.DamagedStoreError: finished cells of `store` are missing or damaged
+            (the message names them; ``repair=True`` recomputes them). Nothing was served.
     """
     prompts = check_prompts(prompts)
     seeds = check_seeds(seeds)
@@ -243,9 +248,11 @@ def capture(
     path = Path(store) if store is not None else cache_root() / "captures" / f"{key}.zarr"
     attrs = {**_provenance(lens, settings), "capture_key": key}
     total = len(prompts) * len(seeds)
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    if not isinstance(repair, bool):
+        raise ValueError(f"repair must be True or False, got {repair!r}")
+    with exclusive(path), ThreadPoolExecutor(max_workers=1) as pool:
         if path.exists() or _streamed(settings):  # checked (or needed) before any model work
-            opened = CaptureStore.open(path, template, spec, identity=identity, attrs=attrs)
+            opened = _open_verified(path, template, spec, identity, attrs, prompts, seeds, repair)
             missing = opened.missing()
             cells = lambda: opened  # noqa: E731
         else:  # a new store is made by a worker while the first batch runs (zarr's fixed cost hidden)
@@ -260,6 +267,29 @@ def capture(
                 cells().mark_done(batch)
                 bar.update(len(batch))
         return cells().dataset()
+
+
+def _open_verified(path, template, spec, identity, attrs, prompts, seeds, repair) -> CaptureStore:
+    """Open the store and check its finished cells; with `repair`, mark the damaged ones missing."""
+    try:
+        store = CaptureStore.open(path, template, spec, identity=identity, attrs=attrs)
+    except DamagedStoreError:
+        if not repair:
+            raise
+        CaptureStore.reset_done(path)
+        store = CaptureStore.open(path, template, spec, identity=identity, attrs=attrs)
+    damaged = store.verify()
+    if damaged and repair:
+        store.unmark(damaged)
+    elif damaged:
+        listed = "; ".join(f"prompt {prompts[i]!r} seed {seeds[j]}: {why}" for (i, j), why in list(damaged.items())[:3])
+        more = f" (and {len(damaged) - 3} more)" if len(damaged) > 3 else ""
+        raise DamagedStoreError(
+            f"store {path}: {len(damaged)} finished cell(s) are missing or damaged, so nothing was served "
+            f"from it: {listed}{more}; recompute just those cells with capture(..., repair=True) "
+            f"(`--repair` on the command line)"
+        )
+    return store
 
 
 def _streamed(settings: CaptureSettings) -> bool:

@@ -7,8 +7,9 @@ replace the output (an edit) or ``None`` to leave it alone (a read). Hooks from 
 run in one pass, visited in execution order (step, layer, then the block's own site order), in the
 order they were given at one site. Weights sites (``"attn2.weights"``) get dit-lens' attention
 processor on exactly the layers they name (`dit_lens.trace.attention`); nnsight removes its hooks and
-the processors are put back when the run ends, also when it raises. `check_prompts` and `check_seeds`
-validate the (prompt, seed) grid that capture and generation both take.
+the processors are put back when the run ends, also when it raises. `check_prompts`, `check_seeds` and
+`is_int` (re-exported from `dit_lens.validate`) validate the (prompt, seed) grid that capture and
+generation both take; every run refuses a step count its sampler cannot run and a guidance scale below 1.
 
 Examples:
     >>> from dit_lens import PixArtSpec, build_pixart, load
@@ -25,10 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
-import numpy as np
 import torch
 
 from ..model.sites import site_module
+from ..validate import check_guidance, check_prompts, check_seeds, check_steps, is_int
 from .attention import exposed_weights
 
 __all__ = [
@@ -118,10 +119,11 @@ def traced_generate(
         deep = [layer for layer in hook.layers if layer >= lens.num_layers]
         if deep:
             raise ValueError(f"layers {deep} do not exist: the model has {lens.num_layers} blocks")
+    steps = check_steps(num_inference_steps, lens.pipeline.scheduler)
+    guidance_scale = check_guidance(guidance_scale)
     points = sorted({(layer, family.rank(h.site), h.site) for h in hooks for layer in h.layers})
     at_point = {(layer, site): [h for h in hooks if h.site == site and layer in h.layers] for layer, _, site in points}
     weights = {(family.attention_of(site), layer) for layer, _, site in points if family.attention_of(site)}
-    steps = int(num_inference_steps)
     extra = {} if step_end is None else {"callback": lambda step, _t, latents: step_end(int(step), latents)}
     with exposed_weights(lens, weights):
         envoys = {(layer, site): site_module(lens.model, family, site, layer) for layer, _, site in points}
@@ -177,47 +179,3 @@ def branch_rows(output: torch.Tensor, branch: str, batch: int, guided: bool) -> 
     if branch == "both":
         return torch.stack([cond, uncond], dim=1)  # (batch, 2, ...)
     raise ValueError(f"unknown branch {branch!r}; choose 'cond', 'uncond' or 'both'")
-
-
-def check_prompts(prompts: Any) -> list[str]:
-    """`prompts` as a list of unique strings (one string is one prompt); ValueError otherwise."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    try:
-        prompts = list(prompts)
-    except TypeError:
-        kind = type(prompts).__name__
-        raise ValueError(f"prompts must be a list of strings, got {kind}") from None
-    if not prompts:
-        raise ValueError("prompts is empty; pass at least one prompt, e.g. prompts=['a polyp']")
-    bad = [p for p in prompts if not isinstance(p, str)]
-    if bad:
-        raise ValueError(f"prompts must all be strings; got {bad[:3]!r}")
-    if len(set(prompts)) != len(prompts):
-        raise ValueError("prompts has duplicates; list each prompt once (they label the data)")
-    return prompts
-
-
-def check_seeds(seeds: Any) -> list[int]:
-    """`seeds` as a list of unique ints in [0, 2**63); ValueError otherwise."""
-    if isinstance(seeds, (int, np.integer)):
-        raise ValueError(
-            f"seeds must be a list of integers; pass seeds=range({seeds}) or seeds=[{seeds}]"
-        )
-    try:
-        seeds = list(seeds)
-    except TypeError:
-        raise ValueError(f"seeds must be a list of integers, got {type(seeds).__name__}") from None
-    if not seeds:
-        raise ValueError("seeds is empty; pass at least one seed, e.g. seeds=range(8)")
-    for seed in seeds:
-        if not is_int(seed) or not 0 <= seed < 2**63:
-            raise ValueError(f"seeds must be integers in [0, 2**63), got {seed!r}")
-    if len(set(int(s) for s in seeds)) != len(seeds):
-        raise ValueError("seeds has duplicates; list each seed once (they label the data)")
-    return [int(s) for s in seeds]
-
-
-def is_int(value: Any) -> bool:
-    """An integer (Python or numpy), not a bool."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)

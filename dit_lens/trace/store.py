@@ -1,4 +1,4 @@
-"""Zarr stores for captures: content-addressed, self-describing, resumable, never overwritten.
+"""Zarr stores for captures: content-addressed, self-describing, resumable, verified, never overwritten.
 
 A capture store is a Zarr (format 2) group that plain ``xarray.open_zarr`` opens. Besides the data
 variable (named after the site) it holds ``done`` ``(prompt, seed)``, the cells already complete,
@@ -6,6 +6,17 @@ and in its attrs the provenance of the capture and the *identity* (model fingerp
 seeds, every setting, package version) it was made for. Opening a store for a capture with another
 identity is an error: a store is filled cell by cell, resumed after a crash, and never overwritten
 or deleted by dit-lens.
+
+Integrity: every chunk of every array carries a CRC-32 checksum (numcodecs' ``crc32`` filter, which
+Zarr format 2 applies inside the compressor and checks on every read, also through
+``xarray.open_zarr``). A cell is marked done only after its chunks are on disk (fsynced) and read
+back intact; `CaptureStore.verify` finds done cells whose chunks are missing, damaged or fail their
+checksum, which `dit_lens.capture` refuses to serve (``repair=True`` recomputes just those).
+Stores of the previous format (``dit-lens.capture/1``, no checksums) still open; for them
+`verify` checks that every chunk of a done cell exists and decodes.
+
+Writers: hold `dit_lens.trace.locks.exclusive` on the store path while creating or filling it
+(`dit_lens.capture` does), so any number of processes may capture into one store.
 
 Examples:
     >>> import tempfile, numpy as np, xarray as xr
@@ -17,6 +28,8 @@ Examples:
     [(0, 0), (0, 1)]
     >>> store.write((0, 1), np.array([1.0, 2.0]))
     >>> store.mark_done([(0, 1)])
+    >>> store.verify()
+    {}
     >>> store.missing()
     [(0, 0)]
     >>> xr.open_zarr(path).attn2.values[0, 1].tolist()
@@ -37,11 +50,15 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import xarray as xr
 import zarr
+from numcodecs import CRC32
+
+from .locks import remove_stale_temporaries, temporary_name
 
 __all__ = [
     "CACHE_ENV",
     "CaptureStore",
     "CaptureStoreError",
+    "DamagedStoreError",
     "VariableSpec",
     "cache_root",
     "content_key",
@@ -50,12 +67,23 @@ __all__ = [
 #: Environment variable that overrides where content-addressed entries live.
 CACHE_ENV = "DIT_LENS_CACHE"
 #: Written into every store's attrs; a store without it is not a dit-lens capture.
-STORE_FORMAT = "dit-lens.capture/1"
+STORE_FORMAT = "dit-lens.capture/2"
+#: Earlier formats that still open: ``/1`` is ``/2`` without chunk checksums.
+LEGACY_FORMATS = ("dit-lens.capture/1",)
 _ZARR_FORMAT = 2  # format 3 warns on string coordinates and consolidated metadata (zarr 3.1)
 
 
 class CaptureStoreError(ValueError):
-    """A store path holds something other than the capture asked for (or is unreadable)."""
+    """A store path holds something other than the capture asked for, or is unreadable or damaged."""
+
+
+class DamagedStoreError(CaptureStoreError):
+    """A store holds the capture asked for, but some finished cells (or its ``done`` record) are
+    missing or damaged; ``capture(..., repair=True)`` recomputes them."""
+
+
+def _filters() -> list:
+    return [CRC32()]  # checked on every read; a mismatch raises
 
 
 @dataclass(frozen=True)
@@ -101,15 +129,24 @@ class CaptureStore:
         self.path = path
         self.spec = spec
         group = zarr.open_group(str(path), mode="r+", zarr_format=_ZARR_FORMAT)
-        self._data = group[spec.name]
+        self._data = group[spec.name].with_config({"write_empty_chunks": True})  # all-NaN cells too
         self._done = group["done"]
         try:
             self._done_cells = np.asarray(self._done[...], dtype=bool)
-        except Exception as err:  # a chunk that does not decode
-            raise CaptureStoreError(
-                f"store {path} is corrupt (its 'done' record is unreadable: {err}); pass another "
-                f"`store=` path, or delete this one yourself"
+        except Exception as err:  # a chunk that is missing or does not decode
+            raise DamagedStoreError(
+                f"store {path} is damaged (its 'done' record is unreadable: {type(err).__name__}: "
+                f"{err}); nothing was served from it; recompute with `repair=True` (every cell is "
+                f"checked again), pass another `store=` path, or delete it yourself"
             ) from err
+
+    @classmethod
+    def reset_done(cls, path: str | Path) -> None:
+        """Rewrite an unreadable ``done`` record as all-missing (for a repair: cells whose chunks
+        are intact are recomputed too, since nothing says they were finished)."""
+        group = zarr.open_group(str(path), mode="r+", zarr_format=_ZARR_FORMAT)
+        done = group["done"]
+        done[...] = np.zeros(done.shape, dtype=bool)
 
     @classmethod
     def open(
@@ -136,10 +173,8 @@ class CaptureStore:
         """
         path = Path(path).expanduser()
         identity = _plain(identity)
-        if path.exists():
+        if path.exists() or not _create(path, template, spec, identity, dict(attrs)):
             _check_existing(path, template, spec, identity)
-        else:
-            _create(path, template, spec, identity, dict(attrs))
         return cls(path, spec)
 
     def missing(self) -> list[tuple[int, int]]:
@@ -151,10 +186,72 @@ class CaptureStore:
         self._data[(*cell, *at)] = values
 
     def mark_done(self, cells: Iterable[tuple[int, int]]) -> None:
-        """Record `cells` as complete (call only after their values are written)."""
+        """Record `cells` as complete, once their chunks are flushed to disk and read back intact.
+
+        Raises:
+            CaptureStoreError: a cell's values did not all reach the store, or do not read back.
+        """
+        cells = [(int(i), int(j)) for i, j in cells]
+        damaged = self.verify(cells, done_only=False)
+        for i, j in cells:
+            for key in self._chunk_keys(i, j) if (i, j) not in damaged else ():
+                _fsync(self.path / self.spec.name / key)
+        if damaged:
+            raise CaptureStoreError(
+                f"store {self.path}: cells {sorted(damaged)} were not all written, or do not read "
+                f"back ({next(iter(damaged.values()))}); they were not marked done (write every "
+                f"value of a cell before marking it; is the disk full or failing?)"
+            )
+        _fsync_dir(self.path / self.spec.name)
         for i, j in cells:
             self._done_cells[i, j] = True
         self._done[...] = self._done_cells  # one chunk, written atomically by zarr's LocalStore
+        _fsync(self.path / "done" / ".".join("0" * self._done_cells.ndim))
+
+    def unmark(self, cells: Iterable[tuple[int, int]]) -> None:
+        """Record `cells` as missing again (to recompute them)."""
+        for i, j in cells:
+            self._done_cells[i, j] = False
+        self._done[...] = self._done_cells
+
+    def verify(
+        self, cells: Iterable[tuple[int, int]] | None = None, *, done_only: bool = True
+    ) -> dict[tuple[int, int], str]:
+        """Check done cells (or `cells`): every chunk exists, decodes and passes its checksum.
+
+        Returns:
+            ``{(prompt index, seed index): what is wrong}`` for each damaged cell; empty if none.
+        """
+        if cells is None:
+            cells = [(int(i), int(j)) for i, j in np.argwhere(self._done_cells)]
+        folder = self.path / self.spec.name
+        present = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else set()
+        damaged = {}
+        for i, j in cells:
+            if done_only and not self._done_cells[i, j]:
+                continue
+            keys = self._chunk_keys(i, j)
+            absent = [k for k in keys if k not in present]
+            if absent:
+                damaged[(i, j)] = f"{len(absent)} of {len(keys)} chunks missing (e.g. {folder / absent[0]})"
+                continue
+            try:
+                for block in self._blocks(i, j):
+                    self._data.blocks[block]
+            except Exception as err:  # checksum mismatch, blosc header, truncated file, ...
+                damaged[(i, j)] = f"chunk {folder / self._key(block)} is damaged ({type(err).__name__}: {err})"
+        return damaged
+
+    def _blocks(self, i: int, j: int) -> list[tuple[int, ...]]:
+        grid = self._data.cdata_shape[2:]
+        return [(i, j, *rest) for rest in np.ndindex(*grid)]
+
+    def _key(self, block: tuple[int, ...]) -> str:
+        separator = getattr(self._data.metadata, "dimension_separator", ".") or "."
+        return separator.join(str(int(b)) for b in block)
+
+    def _chunk_keys(self, i: int, j: int) -> list[str]:
+        return [self._key(block) for block in self._blocks(i, j)]
 
     def dataset(self) -> xr.Dataset:
         """The store as a lazily loaded Dataset (without the ``done`` bookkeeping variable)."""
@@ -163,15 +260,19 @@ class CaptureStore:
 
 def _create(
     path: Path, template: xr.Dataset, spec: VariableSpec, identity: dict, attrs: dict
-) -> None:
-    """Build the store beside `path` and move it into place, so `path` is never half-made."""
+) -> bool:
+    """Build the store beside `path` and move it into place, so `path` is never half-made.
+    Returns False if another process put a store at `path` first (then nothing was changed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    remove_stale_temporaries(path)
+    tmp = temporary_name(path)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         skeleton = template.copy()
         skeleton["done"] = (("prompt", "seed"), np.zeros(spec.shape[:2], dtype=bool))
         skeleton["done"].encoding["chunks"] = spec.shape[:2]  # one chunk: atomic updates
+        for name in skeleton.variables:
+            skeleton[name].encoding["filters"] = _filters()
         skeleton.attrs = {**attrs, "dit_lens_store": STORE_FORMAT, "identity": identity}
         skeleton.to_zarr(tmp, mode="w-", zarr_format=_ZARR_FORMAT, consolidated=False)
         group = zarr.open_group(str(tmp), mode="r+", zarr_format=_ZARR_FORMAT)
@@ -181,12 +282,34 @@ def _create(
             chunks=spec.chunks,
             dtype="float32",
             fill_value=np.nan,
+            filters=_filters(),
             attributes={"_ARRAY_DIMENSIONS": list(spec.dims)},
         )
         zarr.consolidate_metadata(str(tmp), zarr_format=_ZARR_FORMAT)
-        os.rename(tmp, path)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if path.exists():  # another process (not holding the lock) made it first
+                return False
+            raise
+        return True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        _fsync(path)
+    except OSError:  # some file systems cannot fsync a directory; the files themselves are synced
+        pass
 
 
 def _check_existing(path: Path, template: xr.Dataset, spec: VariableSpec, identity: dict) -> None:
@@ -198,7 +321,7 @@ def _check_existing(path: Path, template: xr.Dataset, spec: VariableSpec, identi
             f"store {path} exists but is not a readable Zarr store ({type(err).__name__}: {err}); "
             f"{fix}"
         ) from err
-    if found.attrs.get("dit_lens_store") != STORE_FORMAT:
+    if found.attrs.get("dit_lens_store") not in (STORE_FORMAT, *LEGACY_FORMATS):
         raise CaptureStoreError(f"store {path} is not a dit-lens capture store; {fix}")
     stored = found.attrs.get("identity", {})
     if stored != identity:

@@ -30,6 +30,7 @@ import xarray as xr
 
 from ..study import metrics as M
 from ..interventions.blend import check_blend
+from ..trace.locks import claim_folder, exclusive, write_atomic
 
 __all__ = ["DownstreamConfig", "roc_auc", "f1_score", "train_detector", "run_downstream", "synthetic_pairs"]
 
@@ -138,8 +139,9 @@ def run_downstream(cfg: DownstreamConfig, lens: Any, folder: Path, *, progress: 
     from .procedural import render
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    _claim(folder, cfg, lens)
+    with exclusive(folder):
+        claim_folder(folder, "downstream", recognise="downstream.json")  # new, empty or an earlier run's
+        _claim(folder, cfg, lens)
     k = cfg.synthetic_per_class
     synth_path = folder / "synthetic.npz"
     if synth_path.exists():
@@ -252,6 +254,4 @@ def _claim(folder: Path, cfg: DownstreamConfig, lens: Any) -> None:
         theirs_context = {k: v for k, v in theirs.get("config", {}).items() if k != "train_seeds"}
         if theirs_context != cfg.context() or theirs.get("model_fingerprint") != lens.fingerprint:
             raise ValueError(f"{folder} holds another downstream run; pass a new --out folder (nothing was changed)")
-    tmp = declaration.with_suffix(".tmp")
-    tmp.write_text(json.dumps(mine, indent=1))
-    os.replace(tmp, declaration)
+    write_atomic(declaration, json.dumps(mine, indent=1).encode())

@@ -1,0 +1,189 @@
+"""Many processes, one output: locks, atomic files, stale temporaries and folders dit-lens owns.
+
+Every place where dit-lens writes a result that another process may write at the same time (a
+capture store, a study folder, a study cell) takes an exclusive lock first (`exclusive`, an OS file
+lock from the ``filelock`` package: released by the kernel when its holder dies, so a crash never
+leaves a stale lock). A process that finds the lock held waits for it, saying so on stderr, and then
+reads what the other process wrote; with a ``timeout`` it raises `BusyError` instead of waiting
+longer. Files are written beside their destination under a name unique to the writing process and
+renamed into place (`write_atomic`), so a reader never sees half a file; temporaries left by dead
+processes are removed (`remove_stale_temporaries`).
+
+Output folders are claimed (`claim_folder`): dit-lens writes only into a folder it created and
+marked with `MARKER`, an empty one, or one it recognises as its own from an earlier version; a
+folder holding anything else is refused and left untouched.
+
+Examples:
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> with exclusive(folder / "result.zarr"):
+    ...     write_atomic(folder / "cell.json", b"{}")
+    >>> sorted(p.name for p in folder.iterdir())
+    ['.result.zarr.lock', 'cell.json']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+from filelock import FileLock, Timeout
+
+__all__ = ["MARKER", "BusyError", "FolderClaimError", "claim_folder", "exclusive", "lock_path",
+           "remove_stale_temporaries", "temporary_name", "try_exclusive", "write_atomic"]
+
+#: The file dit-lens puts in every output folder it owns (JSON: what kind of folder it is).
+MARKER = ".dit-lens"
+
+
+class BusyError(RuntimeError):
+    """Another process holds the lock on an output for longer than the caller was willing to wait."""
+
+
+class FolderClaimError(ValueError):
+    """An output folder holds something dit-lens did not make (or another run); it was not touched."""
+
+
+def lock_path(target: Path) -> Path:
+    """The lock file of `target`: hidden, beside it (``.NAME.lock``)."""
+    target = Path(target)
+    return target.parent / f".{target.name}.lock"
+
+
+@contextlib.contextmanager
+def exclusive(target: str | Path, *, timeout: float | None = None) -> Iterator[None]:
+    """Hold the exclusive lock on `target` (which need not exist) for the ``with`` body.
+
+    Waits while another process holds it (a note on stderr says so after a moment); raises
+    `BusyError` after `timeout` seconds if given.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_path(target)))
+    try:
+        lock.acquire(timeout=0.5)
+    except Timeout:
+        print(f"dit-lens: {target} is being written by another process; waiting for it to finish "
+              f"(its results are then reused)", file=sys.stderr, flush=True)
+        try:
+            lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout - 0.5))
+        except Timeout:
+            raise BusyError(f"{target} is busy: another dit-lens process has been writing it for over "
+                            f"{timeout:g} s; wait for it to finish and run again (its finished work is "
+                            f"reused), or pass another output path") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def try_exclusive(target: str | Path) -> FileLock | None:
+    """The lock on `target` if it is free now (release it with ``.release()``), else None."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_path(target)))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return None
+    return lock
+
+
+def temporary_name(target: Path) -> Path:
+    """Where this process builds `target` before renaming it into place: ``.NAME.PID.tmp``."""
+    return target.parent / f".{target.name}.{os.getpid()}.tmp"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` durably (flushed to disk) and atomically (a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def remove_stale_temporaries(target: Path) -> list[Path]:
+    """Remove ``.NAME.PID.tmp`` (and ``.NAME.PID.old``) left beside `target` by processes that
+    are gone; returns what was removed. Those of live processes are kept."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.(tmp|old)$")
+    removed = []
+    for entry in target.parent.iterdir():
+        match = pattern.match(entry.name)
+        if match and not _alive(int(match.group(1))):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # a leftover of an earlier process that had this pid (this one is not writing it)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim_folder(folder: Path, kind: str, *, recognise: str | None = None) -> bool:
+    """Make `folder` an output folder of `kind` owned by dit-lens, or refuse it.
+
+    A folder that does not exist is created; an empty one, or one holding only lock files, is
+    taken; one already marked as `kind` is reused. A folder without the marker that holds the file
+    `recognise` (what earlier versions of dit-lens wrote first) is recognised and marked. Anything
+    else is refused. Call it holding ``exclusive(folder)``.
+
+    Returns:
+        Whether the folder was already dit-lens's (False: it was just claimed).
+
+    Raises:
+        FolderClaimError: the folder holds files dit-lens did not make, or another kind of output.
+    """
+    folder = Path(folder)
+    marker = folder / MARKER
+    if folder.exists() and not folder.is_dir():
+        raise FolderClaimError(f"{folder} is a file, not a folder; pass a new folder for the {kind} "
+                               f"output (nothing was changed)")
+    if marker.is_file():
+        try:
+            found = json.loads(marker.read_text()).get("kind")
+        except (json.JSONDecodeError, AttributeError, OSError):
+            found = None
+        if found != kind:
+            raise FolderClaimError(f"{folder} holds a dit-lens {found or 'unknown'} output, not a {kind}; "
+                                   f"pass another folder (nothing was changed)")
+        return True
+    folder.mkdir(parents=True, exist_ok=True)
+    content = [p.name for p in folder.iterdir() if not p.name.endswith(".lock") and p.name != ".locks"]
+    if content and not (recognise is not None and (folder / recognise).is_file()):
+        shown = ", ".join(sorted(content)[:5]) + (", ..." if len(content) > 5 else "")
+        raise FolderClaimError(
+            f"{folder} is not empty and was not made by dit-lens (it holds {shown}); dit-lens writes "
+            f"only into new or empty folders it then marks as its own: pass a new folder "
+            f"(nothing was changed)"
+        )
+    write_atomic(marker, json.dumps({"kind": kind, "made_by": "dit-lens",
+                                     "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode())
+    return bool(content)
