@@ -377,3 +377,18 @@ def test_vectors_keep_the_sampler_settings(tiny_lens, tmp_path, monkeypatch):
     neg = capture(tiny_lens, ["a normal cecum"], seeds=[0], num_inference_steps=3, guidance_scale=4.5)
     with pytest.raises(ValueError, match="different guidance_scale"):
         concept_vector(pos, neg)
+
+
+def test_a_saved_vector_with_a_flipped_byte_is_refused(tmp_path):
+    from test_steer import unit_vector
+
+    from dit_lens.readouts.vectors import load_vector, save_vector
+
+    path = save_vector(unit_vector(), tmp_path / "v.zarr")
+    np.testing.assert_array_equal(load_vector(path).values, unit_vector().values)
+    chunk = next(p for p in (path / "concept_vector").iterdir() if not p.name.startswith("."))
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="v.zarr is damaged"):
+        load_vector(path)

@@ -192,12 +192,19 @@ def normalize_vector(vec: xr.DataArray) -> xr.DataArray:
 
 
 def save_vector(vec: xr.DataArray, path: str | Path) -> Path:
-    """Write a vector (values and provenance) as a Zarr store; refuses to overwrite."""
+    """Write a vector (values and provenance) as a Zarr store; refuses to overwrite.
+
+    Every chunk carries a CRC-32 checksum (numcodecs' ``crc32`` filter), verified by `load_vector`.
+    """
+    from numcodecs import CRC32
+
     vec = _check_vector(vec)
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"{path} exists; choose a new path or delete it first")
-    vec.to_dataset(name="concept_vector").to_zarr(path, mode="w-", zarr_format=2)
+    ds = vec.to_dataset(name="concept_vector")
+    encoding = {name: {"filters": [CRC32()]} for name in ds.variables}
+    ds.to_zarr(path, mode="w-", zarr_format=2, encoding=encoding)
     return path
 
 
@@ -207,10 +214,15 @@ def load_vector(path: str | Path) -> xr.DataArray:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no concept vector at {path}")
-    ds = xr.open_zarr(path)
-    if "concept_vector" not in ds:
-        raise ValueError(f"{path} is not a dit-lens concept vector store")
-    return _check_vector(ds["concept_vector"].load())
+    try:
+        ds = xr.open_zarr(path)
+        if "concept_vector" not in ds:
+            raise ValueError(f"{path} is not a dit-lens concept vector store")
+        vec = ds["concept_vector"].load()
+    except (RuntimeError, OSError, KeyError) as err:  # a checksum mismatch, a damaged or missing chunk
+        raise ValueError(f"the concept vector at {path} is damaged ({type(err).__name__}: {err}); "
+                         f"recompute it with concept_vector and save it again") from err
+    return _check_vector(vec)
 
 
 def export_authors(vec: xr.DataArray, path: str | Path) -> Path:
