@@ -371,3 +371,17 @@ def test_the_assembled_result_carries_checksums(lens, tmp_path):
     run_study(study, lens, oracle=oracle, segmenter=segmenter, out=tmp_path, progress=False)
     array = zarr.open_array(str(tmp_path / "result.zarr" / "flip_rate"), mode="r", zarr_format=2)
     assert [f.codec_id for f in array.filters] == ["crc32"]
+
+
+def test_a_study_refuses_a_damaged_vector_capture_and_repairs_it(lens, tmp_path, monkeypatch):
+    monkeypatch.setenv("DIT_LENS_CACHE", str(tmp_path / "cache"))
+    study, oracle, segmenter = oracle_and_segmenter()
+    clean = run_study(study, lens, oracle=oracle, segmenter=segmenter, out=tmp_path / "a", progress=False)
+    stores = sorted((tmp_path / "cache" / "captures").glob("*.zarr"))
+    assert len(stores) == 2  # the positive and the negative prompts
+    damage(stores[0], "flipped byte")
+    with pytest.raises(DamagedStoreError, match="repair=True"):
+        run_study(study, lens, oracle=oracle, segmenter=segmenter, out=tmp_path / "b", progress=False)
+    repaired = run_study(study, lens, oracle=oracle, segmenter=segmenter, out=tmp_path / "b", progress=False,
+                         repair=True)
+    np.testing.assert_allclose(repaired.flip_rate.values, clean.flip_rate.values)

@@ -52,13 +52,14 @@ class Vectors:
         num_inference_steps: Denoising steps T of the captures.
         guidance_scale: Classifier-free guidance of the captures.
         batch_size: Passed to `capture` (values change only by float rounding).
+        repair: Passed to `capture`: recompute damaged cells of the captures instead of refusing them.
     """
 
     def __init__(self, lens: Any, *, seeds: int, num_inference_steps: int = 20, guidance_scale: float = 4.5,
-                 batch_size: int | None = 8) -> None:
+                 batch_size: int | None = 8, repair: bool = False) -> None:
         self.lens, self.seeds = lens, check_int(seeds, "Vectors seeds", minimum=1)
         self._settings = dict(seeds=list(range(self.seeds)), num_inference_steps=num_inference_steps,
-                              guidance_scale=guidance_scale, batch_size=batch_size)
+                              guidance_scale=guidance_scale, batch_size=batch_size, repair=bool(repair))
         self._captures: dict[ConceptPair, tuple[xr.Dataset, xr.Dataset]] = {}
 
     def __call__(self, pair: ConceptPair, seeds: int | None = None) -> xr.DataArray:

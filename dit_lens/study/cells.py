@@ -64,8 +64,10 @@ class CellRunner:
             for label in (pair.source, pair.target):
                 if labels and label not in labels:
                     raise ValueError(f"label {label!r} of pair {pair.name!r} is not one of the oracle's labels {labels}")
-        self.vectors = Vectors(lens, seeds=study.vector_seeds(), num_inference_steps=study.num_inference_steps,
-                               guidance_scale=study.guidance_scale, batch_size=8) if study.vector_seeds() else None
+        self.vectors = None
+        if study.vector_seeds():
+            self.vectors = Vectors(lens, seeds=study.vector_seeds(), num_inference_steps=study.num_inference_steps,
+                                   guidance_scale=study.guidance_scale, batch_size=8, repair=self.repair)
 
     def context(self, **changes: Any) -> MethodContext:
         s = self.study
