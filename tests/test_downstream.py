@@ -57,7 +57,7 @@ def test_run_downstream_end_to_end_resumes_and_refuses_another_run(tmp_path):
     assert result["auc_per_seed"].shape == (3, 2) and result["auc_by_negative"].shape == (3, 2)
     assert ((result["auc"] >= 0) & (result["auc"] <= 1)).all()
     assert "6 polyps" in result.attrs["test"] and "ulcerative colitis" in result.attrs["test"]
-    cells = sorted(p.name for p in (tmp_path / "cells").iterdir())
+    cells = sorted(p.name for p in (tmp_path / "cells").glob("*.json"))  # beside them: hidden lock files
     assert len(cells) == 6
     # each synthetic arm is its registered method's pairs: re-prompting is the reprompt baseline
     from dit_lens.interventions.generate import reprompt
@@ -80,7 +80,7 @@ def test_run_downstream_end_to_end_resumes_and_refuses_another_run(tmp_path):
     more = run_downstream(DownstreamConfig(**{**cfg.__dict__, "train_seeds": (0, 1, 2)}), lens, tmp_path, progress=False)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cells").iterdir() if p in stamp} == stamp
     assert len(list((tmp_path / "cells").iterdir())) == 9 and more["auc_per_seed"].shape == (3, 3)
-    cells = sorted(p.name for p in (tmp_path / "cells").iterdir())
+    cells = sorted(p.name for p in (tmp_path / "cells").glob("*.json"))
     with pytest.raises(ValueError, match="another downstream run"):
         run_downstream(DownstreamConfig(**{**cfg.__dict__, "alpha": 1.0}), lens, tmp_path, progress=False)
     assert sorted(p.name for p in (tmp_path / "cells").iterdir()) == cells
@@ -94,3 +94,22 @@ def test_synthetic_sets_written_before_the_methods_registry_are_read_back(tmp_pa
     arms = _read_synthetic(tmp_path / "synthetic.npz")
     assert [float(a[0, 0, 0, 0]) for a in arms["reprompt"]] == pytest.approx([0.1, 0.3])
     assert [float(a[0, 0, 0, 0]) for a in arms["medsteer"]] == pytest.approx([0.1, 0.2])
+
+
+def test_downstream_files_are_checked_against_their_digests(tmp_path):
+    import json
+
+    from dit_lens.world.downstream import _read_record, _write_record
+
+    path = tmp_path / "cells" / "medsteer_seed0.json"
+    record = {"auc": 0.9, "f1": 0.8, "auc_by_negative": {"normal cecum": 0.95}}
+    _write_record(path, record)
+    assert _read_record(path) == record
+    data = json.loads(path.read_text())
+    data["record"]["auc"] = 0.99  # an edited number that still parses
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="fails its checksum"):
+        _read_record(path)
+    path.write_text('{"auc": ')
+    with pytest.raises(ValueError, match="unreadable"):
+        _read_record(path)

@@ -17,8 +17,9 @@ seed-to-seed spread).
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -144,12 +145,16 @@ def run_downstream(cfg: DownstreamConfig, lens: Any, folder: Path, *, progress: 
         _claim(folder, cfg, lens)
     k = cfg.synthetic_per_class
     synth_path = folder / "synthetic.npz"
-    if synth_path.exists():
-        synthetic = _read_synthetic(synth_path)
-    else:
-        synthetic = synthetic_pairs(cfg, lens, progress=progress)
-        np.savez_compressed(synth_path, **{f"{arm}_{branch}": images for arm, pair in synthetic.items()
+    with exclusive(folder / ".locks" / synth_path.name):  # made once; others wait, then read it
+        if synth_path.exists():
+            synthetic = _read_synthetic(synth_path)
+        else:
+            synthetic = synthetic_pairs(cfg, lens, progress=progress)
+            buffer = io.BytesIO()
+            np.savez_compressed(buffer, **{f"{arm}_{branch}": images for arm, pair in synthetic.items()
                                            for branch, images in zip(("unsteered", "steered"), pair)})
+            write_atomic(_digest_path(synth_path), _digest(buffer.getvalue()).encode())
+            write_atomic(synth_path, buffer.getvalue())
     n_real, n_test = cfg.real_per_class, cfg.test_per_class
     real = render([cfg.source] * n_real + [cfg.target] * n_real, list(range(500, 500 + n_real)) * 2).images
     real_y = np.array([1] * n_real + [0] * n_real)
@@ -161,20 +166,13 @@ def run_downstream(cfg: DownstreamConfig, lens: Any, folder: Path, *, progress: 
     for arm, (x, y) in arms.items():
         for seed in cfg.train_seeds:
             path = folder / "cells" / f"{arm}_seed{seed}.json"
-            if not path.exists():
-                detector = train_detector(x, y, seed=seed, steps=cfg.detector_steps)
-                scores = detector(test)
-                record = {"auc": roc_auc(scores, test_y), "f1": f1_score(scores, test_y),
-                          "auc_by_negative": {label: roc_auc(scores[(test_y == 1) | (test_label == label)],
-                                                             test_y[(test_y == 1) | (test_label == label)])
-                                              for label in cfg.test_negatives}}
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(record))
-                os.replace(tmp, path)
-                if progress:
-                    print(f"downstream {arm} seed {seed}: AUC {record['auc']:.4f} F1 {record['f1']:.4f}")
-            results[(arm, seed)] = json.loads(path.read_text())
+            with exclusive(folder / ".locks" / path.name):  # one process per cell; the others reuse it
+                if not path.exists():
+                    _write_record(path, _train_and_test(x, y, seed, cfg, test, test_y, test_label))
+                    if progress:
+                        record = _read_record(path)
+                        print(f"downstream {arm} seed {seed}: AUC {record['auc']:.4f} F1 {record['f1']:.4f}")
+            results[(arm, seed)] = _read_record(path)
     data = {}
     for metric in ("auc", "f1"):
         per_seed = np.array([[results[(a, s)][metric] for s in cfg.train_seeds] for a in ARMS])
@@ -225,9 +223,53 @@ def synthetic_pairs(cfg: DownstreamConfig, lens: Any, *, progress: bool = False)
     return synthetic
 
 
+def _train_and_test(x, y, seed: int, cfg: DownstreamConfig, test, test_y, test_label) -> dict:
+    """One (arm, seed) cell: train the detector, score the test set, AUC and F1 (overall and per negative)."""
+    detector = train_detector(x, y, seed=seed, steps=cfg.detector_steps)
+    scores = detector(test)
+    return {"auc": roc_auc(scores, test_y), "f1": f1_score(scores, test_y),
+            "auc_by_negative": {label: roc_auc(scores[(test_y == 1) | (test_label == label)],
+                                               test_y[(test_y == 1) | (test_label == label)])
+                                for label in cfg.test_negatives}}
+
+
+def _digest(data: bytes) -> str:
+    return "blake2b:" + hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _digest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".digest")
+
+
+def _write_record(path: Path, record: dict) -> None:
+    """A cell file with the digest of its content, written atomically."""
+    body = json.dumps(record, sort_keys=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps({"record": record, "digest": _digest(body.encode())}).encode())
+
+
+def _read_record(path: Path) -> dict:
+    """A cell file, checked against its digest; files of earlier versions (no digest) as they are."""
+    fix = "delete that file to recompute the cell"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"downstream cell {path} is unreadable ({type(err).__name__}: {err}); {fix}") from err
+    if "digest" not in data:
+        return data
+    if data["digest"] != _digest(json.dumps(data.get("record"), sort_keys=True).encode()):
+        raise ValueError(f"downstream cell {path} fails its checksum (changed after it was written); {fix}")
+    return data["record"]
+
+
 def _read_synthetic(path: Path) -> dict[str, tuple]:
-    """The stored synthetic pairs; files written before the methods registry held one shared set of
-    originals (``source``) beside ``steered`` and ``target``."""
+    """The stored synthetic pairs, checked against their digest (files of earlier versions have
+    none); files written before the methods registry held one shared set of originals (``source``)
+    beside ``steered`` and ``target``."""
+    digest = _digest_path(path)
+    if digest.exists() and digest.read_text() != _digest(path.read_bytes()):
+        raise ValueError(f"{path} fails its checksum (changed after it was written); delete it and its "
+                         f"{digest.name} to make the synthetic set again")
     data = dict(np.load(path))
     if "source" in data:
         return {"reprompt": (data["source"], data["target"]), "medsteer": (data["source"], data["steered"])}
