@@ -21,25 +21,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # read by tqdm when it is imported
 
 import torch  # noqa: E402
+from timing import interleaved  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 PROMPTS = ("An endoscopic image of polyps", "An endoscopic image of dyed lifted polyps",
            "An endoscopic image of normal cecum", "An endoscopic image of ulcerative colitis")
-
-
-def _time(fn) -> float:
-    """Wall seconds of fn(), with the GPU's queued work finished on both sides."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
 
 
 def measure(lens, *, prompts: list[str], seeds: int, steps: int, repeats: int, words: list[str] | None,
@@ -63,15 +52,7 @@ def measure(lens, *, prompts: list[str], seeds: int, steps: int, repeats: int, w
 
     runs = {"plain": plain, "maps": maps}
     _ = lens.fingerprint  # hashed once per model (provenance), outside the timings
-    for fn in runs.values():  # warm up every path once
-        fn(0)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for repeat in range(repeats):
-        for name, fn in runs.items():
-            base = 1000 * (repeat + 1)
-            times[name].append(_time(lambda: fn(base)))
-    return {"times": times, "medians": {n: statistics.median(v) for n, v in times.items()},
-            "minima": {n: min(v) for n, v in times.items()}}
+    return interleaved(runs, repeats)
 
 
 def main() -> None:

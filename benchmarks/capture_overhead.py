@@ -25,27 +25,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # read by tqdm when it is imported
 
 import torch  # noqa: E402
+from timing import interleaved  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 PROMPTS = ("An endoscopic image of polyps", "An endoscopic image of normal cecum", "An endoscopic image of esophagitis",
            "An endoscopic image of ulcerative colitis")
-
-
-def _time(fn) -> float:
-    """Wall seconds of fn(), with the GPU's queued work finished on both sides."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
 
 
 def measure(lens, *, prompts: list[str], seeds: int, steps: int, repeats: int, guidance_scale: float = 4.5) -> dict:
@@ -66,15 +55,7 @@ def measure(lens, *, prompts: list[str], seeds: int, steps: int, repeats: int, g
 
     runs = {"plain": plain, "plain_latent": lambda base: plain(base, "latent"), "capture": captured}
     _ = lens.fingerprint  # hashed once per model, outside the timings (cached on the Lens)
-    for fn in runs.values():  # warm up every path once
-        fn(0)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for repeat in range(repeats):
-        for name, fn in runs.items():
-            base = 1000 * (repeat + 1)  # fresh seeds every repeat: nothing is read back from a cache
-            times[name].append(_time(lambda: fn(base)))
-    return {"times": times, "medians": {n: statistics.median(v) for n, v in times.items()},
-            "minima": {n: min(v) for n, v in times.items()}}
+    return interleaved(runs, repeats)
 
 
 def report(label: str, lens, args, result: dict) -> None:

@@ -19,7 +19,6 @@ Examples:
 
 from __future__ import annotations
 
-import copy
 import json
 from typing import Any, Sequence
 
@@ -28,7 +27,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from ..trace.runner import Hook, traced_generate
+from ..trace.runner import Hook, scheduler_timesteps, traced_generate
 from ..validate import NonFiniteError, check_guidance, check_int, check_prompts, check_seeds, check_steps
 from .base import EditContext, Intervention, LatentEdit, SiteEdit
 from .blend import Blend, check_blend
@@ -154,7 +153,8 @@ def reprompt(
         Dataset with ``image (prompt, seed, branch, y, x, rgb)``, prompt ``[source]``; attrs name
         the target prompt.
     """
-    prompts, seeds = check_prompts([source, target]), check_seeds(seeds)
+    check_prompts([source, target])  # two different strings
+    seeds = check_seeds(seeds)
     edits = _as_edits(None, None, blend)
     num_inference_steps, guidance_scale, batch_size = _validate(
         lens, [], num_inference_steps, guidance_scale, False, batch_size)
@@ -303,13 +303,6 @@ def _add_record(data: dict, coords: dict, name: str, dims: tuple, values: np.nda
         dim = "steer" if name == "gate" else f"{name}_edit"
         coords[dim] = labels
         data[name] = ((dim,) + dims, values)
-
-
-def scheduler_timesteps(lens: Any, num_inference_steps: int) -> np.ndarray:
-    """The scheduler's timestep values for a run of T steps (one per transformer call)."""
-    scheduler = copy.deepcopy(lens.pipeline.scheduler)
-    scheduler.set_timesteps(num_inference_steps, device="cpu")
-    return scheduler.timesteps.cpu().numpy()
 
 
 def _as_edits(edits: Any, steer: Any, blend: float) -> list[Intervention]:

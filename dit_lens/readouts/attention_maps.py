@@ -32,7 +32,8 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from ..trace.capture import DEFAULT_BATCH, CaptureSettings, timesteps
+from ..trace.capture import DEFAULT_BATCH, CaptureSettings
+from ..trace.runner import scheduler_timesteps
 from ..trace.runner import Hook, check_prompts, check_seeds, is_int, traced_generate
 from ..trace.tokens import prompt_words, word_tokens
 
@@ -118,7 +119,7 @@ def attention_maps(
         "prompt": prompts,
         "seed": seeds,
         "step": steps_kept,
-        "timestep": ("step", timesteps(lens, T)[steps_kept]),
+        "timestep": ("step", scheduler_timesteps(lens, T).astype(np.float64)[steps_kept]),
         "layer": np.array(settings.layers, dtype=np.int64),
         "word": list(words),
         "row": np.arange(rows),

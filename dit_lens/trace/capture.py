@@ -31,13 +31,9 @@ Examples:
 
 from __future__ import annotations
 
-import copy
 import datetime
-import math
-import numbers
 import platform
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -46,119 +42,13 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from .runner import Hook, branch_rows, check_prompts, check_seeds, is_int, traced_generate
+from .runner import Hook, branch_rows, scheduler_timesteps, check_prompts, check_seeds, is_int, traced_generate
 from .locks import exclusive
 from .store import CaptureStore, DamagedStoreError, VariableSpec, cache_root, content_key
 from .tokens import max_tokens
-from ..validate import check_guidance, check_steps
+from .settings import BRANCHES, DEFAULT_BATCH, REDUCTIONS, CaptureSettings
 
-__all__ = ["BRANCHES", "DEFAULT_BATCH", "REDUCTIONS", "CaptureSettings", "capture", "timesteps"]
-
-BRANCHES = ("cond", "uncond", "both")
-#: Runs per pipeline call when `capture` is not told otherwise.
-DEFAULT_BATCH = 8
-#: ``"mean"``: over image tokens (and, at a weights site, over heads and image-token queries too);
-#: ``"heads"``: over heads only (weights sites); ``None``: nothing (output sites).
-REDUCTIONS = ("mean", "heads", None)
-
-
-@dataclass(frozen=True)
-class CaptureSettings:
-    """Everything besides the model, prompts and seeds that decides a capture's values.
-
-    Attributes:
-        num_inference_steps: Denoising steps T (>= 1).
-        guidance_scale: Classifier-free guidance scale g; ``"uncond"``/``"both"`` need g > 1.
-        layers: Block indices, ascending; ``None`` until `resolve` fills in every block.
-        site: Site name in the model family's table (``"attn2"`` = cross-attention output).
-        branch: ``"cond"``, ``"uncond"`` or ``"both"`` halves of the guidance batch.
-        reduce: ``"mean"`` over image tokens, or ``None`` to keep every token. At a weights site
-            (``"attn2.weights"``): ``"mean"`` over heads and image-token queries (one value per key),
-            or ``"heads"``, the mean over heads (a query × key map); every head, query and key
-            (``None``) is refused there.
-    """
-
-    num_inference_steps: int = 20
-    guidance_scale: float = 4.5
-    layers: tuple[int, ...] | None = None
-    site: str = "attn2"
-    branch: str = "cond"
-    reduce: str | None = "mean"
-
-    def __post_init__(self) -> None:
-        steps = check_steps(self.num_inference_steps)
-        object.__setattr__(self, "guidance_scale", check_guidance(self.guidance_scale))
-        if self.branch not in BRANCHES:
-            raise ValueError(f"unknown branch={self.branch!r}; pass one of {list(BRANCHES)}")
-        if self.branch != "cond" and self.guidance_scale <= 1:
-            raise ValueError(
-                f"branch={self.branch!r} needs classifier-free guidance, but guidance_scale="
-                f"{self.guidance_scale} <= 1 runs no unconditional branch; raise guidance_scale or "
-                f"pass branch='cond'"
-            )
-        if not isinstance(self.site, str):
-            raise ValueError(f"site must be a site name such as 'attn2', got {self.site!r}")
-        if self.site.endswith(".weights"):
-            if self.reduce is None:
-                raise ValueError(
-                    f"reduce=None at {self.site} would keep heads × queries × keys floats for every step and "
-                    f"layer (at PixArt-alpha 1024 px: 16 heads × 4096 × 120 × 4 B = 31 MB per step and layer, "
-                    f"17 GB per run of 20 steps × 28 layers); pass reduce='heads' (mean over heads: queries × "
-                    f"keys), reduce='mean' (one value per key), or read raw weights with a Hook in "
-                    f"dit_lens.trace.runner.traced_generate"
-                )
-            if self.reduce not in ("mean", "heads"):
-                raise ValueError(f"unknown reduce={self.reduce!r} for {self.site}; pass 'mean' (over heads and "
-                                 f"image-token queries, per key) or 'heads' (over heads, per query and key)")
-        elif self.reduce not in ("mean", None):
-            raise ValueError(
-                f"unknown reduce={self.reduce!r} for site {self.site!r}; pass reduce='mean' (mean over image "
-                f"tokens) or reduce=None (every token); 'heads' applies to weights sites such as 'attn2.weights'"
-            )
-        if self.layers is not None:
-            layers = tuple(self.layers)
-            if not layers or not all(is_int(layer) for layer in layers):
-                raise ValueError(
-                    f"layers must be a non-empty list of block indices (or None for all), got "
-                    f"{self.layers!r}"
-                )
-            if len(set(layers)) != len(layers):
-                raise ValueError(f"layers has duplicates: {list(layers)}; list each block once")
-            object.__setattr__(self, "layers", tuple(sorted(int(l) for l in layers)))
-        object.__setattr__(self, "num_inference_steps", int(steps))
-        object.__setattr__(self, "guidance_scale", float(self.guidance_scale))
-
-    def resolve(self, lens: Any) -> "CaptureSettings":
-        """These settings checked against `lens`, with ``layers=None`` expanded to every block."""
-        check_steps(self.num_inference_steps, lens.pipeline.scheduler)  # what the sampler can run
-        sites = lens.family.sites
-        if self.site not in sites:
-            raise ValueError(
-                f"unknown site={self.site!r} for {lens.family.name}; pass one of {sorted(sites)} "
-                f"(or add it to the family's site table in dit_lens.model.sites)"
-            )
-        count = lens.num_layers
-        layers = tuple(range(count)) if self.layers is None else self.layers
-        outside = [l for l in layers if not 0 <= l < count]
-        if outside:
-            raise ValueError(
-                f"layers {outside} out of range: this model has {count} blocks; pass indices in "
-                f"0..{count - 1}, or layers=None for all"
-            )
-        return replace(self, layers=layers)
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["layers"] = None if self.layers is None else list(self.layers)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "CaptureSettings":
-        data = dict(data)
-        if data.get("layers") is not None:
-            data["layers"] = tuple(data["layers"])
-        return cls(**data)
-
+__all__ = ["BRANCHES", "DEFAULT_BATCH", "REDUCTIONS", "CaptureSettings", "capture"]
 
 def capture(
     lens: Any,
@@ -360,7 +250,7 @@ def _layout(lens, prompts, seeds, settings) -> tuple[xr.Dataset, VariableSpec]:
         "prompt": np.array(prompts, dtype=str),
         "seed": np.array(seeds, dtype=np.int64),
         "step": np.arange(steps, dtype=np.int64),
-        "timestep": ("step", timesteps(lens, steps)),
+        "timestep": ("step", scheduler_timesteps(lens, steps).astype(np.float64)),
         "layer": np.array(layers, dtype=np.int64),
     }
     dims = ["prompt", "seed", "step", "layer"]
@@ -397,13 +287,6 @@ def _key_count(lens: Any, site: str) -> int:
         raise ValueError(f"{type(lens.pipeline).__name__} does not say how many text tokens it keeps "
                          f"(no max_sequence_length); {site} cannot be laid out")
     return keys
-
-
-def timesteps(lens: Any, steps: int) -> np.ndarray:
-    """The scheduler's timestep at each of the first `steps` transformer calls."""
-    scheduler = copy.deepcopy(lens.pipeline.scheduler)
-    scheduler.set_timesteps(steps, device="cpu")
-    return scheduler.timesteps[:steps].double().numpy()
 
 
 def _identity(lens, prompts, seeds, settings) -> dict:

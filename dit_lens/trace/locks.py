@@ -65,8 +65,7 @@ def exclusive(target: str | Path, *, timeout: float | None = None) -> Iterator[N
     `BusyError` after `timeout` seconds if given.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(lock_path(target)))
+    lock = _file_lock(target)
     try:
         lock.acquire(timeout=0.5)
     except Timeout:
@@ -86,14 +85,17 @@ def exclusive(target: str | Path, *, timeout: float | None = None) -> Iterator[N
 
 def try_exclusive(target: str | Path) -> FileLock | None:
     """The lock on `target` if it is free now (release it with ``.release()``), else None."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(lock_path(target)))
+    lock = _file_lock(Path(target))
     try:
         lock.acquire(timeout=0)
     except Timeout:
         return None
     return lock
+
+
+def _file_lock(target: Path) -> FileLock:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(lock_path(target)))
 
 
 def temporary_name(target: Path) -> Path:

@@ -23,6 +23,7 @@ Examples:
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -39,6 +40,7 @@ __all__ = [
     "check_prompts",
     "check_seeds",
     "is_int",
+    "scheduler_timesteps",
     "traced_generate",
 ]
 
@@ -152,6 +154,13 @@ def traced_generate(
                         envoy.output = output
             result = lens.model.output.save()
     return result
+
+
+def scheduler_timesteps(lens: Any, num_inference_steps: int) -> Any:
+    """The scheduler's timestep value at each transformer call of a run of T steps (numpy, its dtype)."""
+    scheduler = copy.deepcopy(lens.pipeline.scheduler)
+    scheduler.set_timesteps(num_inference_steps, device="cpu")
+    return scheduler.timesteps[:num_inference_steps].cpu().numpy()
 
 
 def branch_rows(output: torch.Tensor, branch: str, batch: int, guided: bool) -> torch.Tensor:
