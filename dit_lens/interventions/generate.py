@@ -189,10 +189,9 @@ class _Plan:
         site_edits = [e for e in edits if isinstance(e, SiteEdit)]
         self.site_edits = [e for e in site_edits if not e.is_identity or (record and e.record)]
         self.latent_edits = [e for e in edits if isinstance(e, LatentEdit) and not e.is_identity]
-        recorded = [e for e in site_edits if record and e.record]
-        self.layers = sorted({l for e in recorded for l in e.edit_layers(lens)})
-        self.steps = sorted({t for e in recorded for t in e.edit_steps(T)})
         self._site_recorders = [e for e in site_edits if record and e.record]
+        self.layers = sorted({l for e in self._site_recorders for l in e.edit_layers(lens)})
+        self.steps = sorted({t for e in self._site_recorders for t in e.edit_steps(T)})
         self._latent_recorders = [e for e in self.latent_edits if e.record]
 
     def recording(self, name: str) -> list[Intervention]:
