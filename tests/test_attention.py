@@ -137,8 +137,8 @@ def test_reweight_matches_a_raw_hook_reference(tiny_lens):
                                    guidance_scale=4.5, output_type="np", **tiny_lens.pipeline_kwargs).images
         reference = reweighted_plain_call(tiny_lens, ["a polyp"] * 2, [seed] * 2, T, polyp, 2.0, (1, 2), rows=[1, 3])
         got = out["image"].sel(prompt="a polyp", seed=seed)
-        np.testing.assert_array_equal(got.sel(branch="unsteered").values, plain[0])  # untouched twin
-        np.testing.assert_allclose(got.sel(branch="steered").values, reference[1], atol=1e-5)
+        np.testing.assert_array_equal(got.sel(branch="original").values, plain[0])  # untouched twin
+        np.testing.assert_allclose(got.sel(branch="edited").values, reference[1], atol=1e-5)
         np.testing.assert_array_equal(reference[0], plain[0])
         assert np.abs(reference[1] - plain[0]).max() > 1e-3  # the edit changed the image
 

@@ -58,7 +58,7 @@ def test_metrics_refuse_non_finite_images():
     images = np.full((1, 2, 2, 8, 8, 3), 0.5, np.float32)
     images[0, 1, 1, 3, 3, 0] = np.nan
     out = xr.Dataset({"image": (("prompt", "seed", "branch", "y", "x", "rgb"), images)},
-                     coords={"prompt": ["p"], "seed": [0, 1], "branch": ["unsteered", "steered"]})
+                     coords={"prompt": ["p"], "seed": [0, 1], "branch": ["original", "edited"]})
     background = xr.DataArray(np.ones((1, 2, 8, 8), bool), dims=("prompt", "seed", "y", "x"))
     classifier = lambda x: np.tile([0.9, 0.1], (len(x), 1))  # noqa: E731 - a plain callable classifier
     classifier_labels = type("C", (), {"labels": ["polyps", "normal"], "__call__": staticmethod(classifier)})()

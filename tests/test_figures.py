@@ -22,7 +22,7 @@ def pairs(tiny_lens):
 def test_gate_figure_lays_out_steps_by_layers(pairs, tmp_path):
     fig = gate_figure(pairs, prompt="normal", seed=5, max_steps=3)
     titles = [ax.get_title() for ax in fig.axes]
-    assert titles[:2] == ["unsteered", "steered"]
+    assert titles[:2] == ["original", "edited"]
     assert titles.count("layer 0") == 1 and "layer 2" in titles
     assert sum(1 for ax in fig.axes[2:] if ax.get_ylabel().startswith("step")) == 3
     fig.savefig(tmp_path / "gates.png")

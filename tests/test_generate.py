@@ -20,11 +20,11 @@ def steer():
 def test_unsteered_branch_is_the_plain_call(tiny_lens, steer):
     out = generate(tiny_lens, ["a polyp", "normal cecum"], seeds=[0, 7], steer=steer,
                    num_inference_steps=T, progress=False)
-    assert list(out["branch"].values) == ["unsteered", "steered"]
+    assert list(out["branch"].values) == ["original", "edited"]
     for prompt in ("a polyp", "normal cecum"):
         for seed in (0, 7):
             plain = tiny_lens.plain(prompt, seed=seed, num_inference_steps=T)
-            got = out["image"].sel(prompt=prompt, seed=seed, branch="unsteered").values
+            got = out["image"].sel(prompt=prompt, seed=seed, branch="original").values
             np.testing.assert_allclose(got, plain, atol=1e-5)
 
 
@@ -35,9 +35,9 @@ def test_steered_branch_and_gates_match_a_raw_hook_reference(tiny_lens, steer):
         image, gates = steered_plain_call(
             tiny_lens, "a polyp", seed, T, 4.5, [(steer.vector.values, 3.0, [1, 2], False)]
         )
-        got = out["image"].sel(prompt="a polyp", seed=seed, branch="steered").values
+        got = out["image"].sel(prompt="a polyp", seed=seed, branch="edited").values
         np.testing.assert_allclose(got, image, atol=1e-4)
-        assert np.abs(got - out["image"].sel(prompt="a polyp", seed=seed, branch="unsteered").values).max() > 1e-3
+        assert np.abs(got - out["image"].sel(prompt="a polyp", seed=seed, branch="original").values).max() > 1e-3
         for (_, t, layer), g in gates.items():
             np.testing.assert_allclose(
                 out["gate"].sel(prompt="a polyp", seed=seed, step=t, layer=layer).values.reshape(-1),
@@ -51,7 +51,7 @@ def test_steered_branch_and_gates_match_a_raw_hook_reference(tiny_lens, steer):
 def test_alpha_zero_is_bit_identical(tiny_lens, steer):
     zero = Steer(steer.vector, alpha=0.0, renormalize=True)
     out = generate(tiny_lens, ["a polyp", "x"], seeds=[0, 1, 2], steer=zero, num_inference_steps=T, progress=False)
-    np.testing.assert_array_equal(out["image"].sel(branch="steered").values, out["image"].sel(branch="unsteered").values)
+    np.testing.assert_array_equal(out["image"].sel(branch="edited").values, out["image"].sel(branch="original").values)
 
 
 def test_renormalized_and_composed_steers_match_reference(tiny_lens):
@@ -63,7 +63,7 @@ def test_renormalized_and_composed_steers_match_reference(tiny_lens):
         tiny_lens, "a polyp", 9, T, 4.5,
         [(a.vector.values, 2.0, [1], True), (b.vector.values, 1.5, [1, 2], False)],
     )
-    np.testing.assert_allclose(out["image"].sel(branch="steered").values[0, 0], image, atol=1e-4)
+    np.testing.assert_allclose(out["image"].sel(branch="edited").values[0, 0], image, atol=1e-4)
     assert list(out["steer"].values) == ["a", "b"]
     np.testing.assert_allclose(
         out["gate"].sel(steer="b", step=2, layer=2).values.reshape(-1), gates[(1, 2, 2)].numpy(), rtol=1e-4, atol=1e-6
@@ -76,7 +76,7 @@ def test_reusing_the_last_step_of_a_short_vector(tiny_lens):
     short = Steer(unit_vector(2, 3, 16, seed=0), alpha=3.0, layers=[1], reuse_last_step=True)
     out = generate(tiny_lens, "a polyp", seeds=[1], steer=short, num_inference_steps=T, progress=False)
     image, _ = steered_plain_call(tiny_lens, "a polyp", 1, T, 4.5, [(short.vector.values, 3.0, [1], False)])
-    np.testing.assert_allclose(out["image"].sel(branch="steered").values[0, 0], image, atol=1e-4)
+    np.testing.assert_allclose(out["image"].sel(branch="edited").values[0, 0], image, atol=1e-4)
 
 
 def test_results_carry_provenance(tiny_lens, steer):
@@ -109,13 +109,13 @@ def test_blend_matches_a_two_call_reference(tiny_lens, steer):
     unblended = generate(tiny_lens, ["a polyp"], seeds=[3, 4], steer=steer, num_inference_steps=T, progress=False)
     for seed in (3, 4):
         image = blended_plain_call(tiny_lens, "a polyp", seed, T, 4.5, (steer.vector.values, 3.0, [1, 2], False), 0.9)
-        got = out["image"].sel(prompt="a polyp", seed=seed, branch="steered").values
+        got = out["image"].sel(prompt="a polyp", seed=seed, branch="edited").values
         np.testing.assert_allclose(got, image, atol=1e-4)
     # blending pulls the steered image toward the unsteered one, which it leaves alone
-    diff = lambda o: np.abs(o["image"].sel(branch="steered").values - o["image"].sel(branch="unsteered").values).mean()  # noqa: E731
+    diff = lambda o: np.abs(o["image"].sel(branch="edited").values - o["image"].sel(branch="original").values).mean()  # noqa: E731
     assert 0 < diff(out) < diff(unblended)
-    np.testing.assert_array_equal(out["image"].sel(branch="unsteered").values,
-                                  unblended["image"].sel(branch="unsteered").values)
+    np.testing.assert_array_equal(out["image"].sel(branch="original").values,
+                                  unblended["image"].sel(branch="original").values)
     mask = out["blend_mask"]
     assert mask.dims == ("prompt", "seed", "blend_step", "latent_y", "latent_x") and mask.sizes["blend_step"] == T
     assert 0 <= float(mask.min()) < 0.9 and float(mask.max()) == 1.0
@@ -125,7 +125,7 @@ def test_blend_matches_a_two_call_reference(tiny_lens, steer):
 def test_blend_with_alpha_zero_is_bit_identical(tiny_lens, steer):
     zero = Steer(steer.vector, alpha=0.0)
     out = generate(tiny_lens, ["a polyp"], seeds=[0, 1], steer=zero, num_inference_steps=T, blend=0.3, progress=False)
-    np.testing.assert_array_equal(out["image"].sel(branch="steered").values, out["image"].sel(branch="unsteered").values)
+    np.testing.assert_array_equal(out["image"].sel(branch="edited").values, out["image"].sel(branch="original").values)
     assert float(out["blend_mask"].max()) == 0.0
 
 
@@ -140,14 +140,14 @@ def test_bad_blend_is_a_clear_error(tiny_lens, steer):
 def test_reprompt_pairs_are_the_two_plain_calls_and_blend_like_a_steered_branch(tiny_lens):
     out = reprompt(tiny_lens, "a polyp", "normal cecum", seeds=[0, 7, 8], num_inference_steps=T, batch_size=2,
                    progress=False)
-    assert list(out["branch"].values) == ["unsteered", "steered"] and list(out["prompt"].values) == ["a polyp"]
+    assert list(out["branch"].values) == ["original", "edited"] and list(out["prompt"].values) == ["a polyp"]
     for seed in (0, 7, 8):
-        for branch, prompt in (("unsteered", "a polyp"), ("steered", "normal cecum")):
+        for branch, prompt in (("original", "a polyp"), ("edited", "normal cecum")):
             np.testing.assert_allclose(out["image"].sel(seed=seed, branch=branch).values[0],
                                        tiny_lens.plain(prompt, seed=seed, num_inference_steps=T), atol=1e-5)
     blended = reprompt(tiny_lens, "a polyp", "normal cecum", seeds=[0, 7, 8], num_inference_steps=T, blend=0.9,
                        progress=False)
-    gap = lambda o: np.abs(o["image"].sel(branch="steered").values - o["image"].sel(branch="unsteered").values).mean()  # noqa: E731
+    gap = lambda o: np.abs(o["image"].sel(branch="edited").values - o["image"].sel(branch="original").values).mean()  # noqa: E731
     assert 0 < gap(blended) < gap(out)
     assert blended.attrs["target_prompt"] == "normal cecum" and blended.attrs["blend"] == 0.9
     with pytest.raises(ValueError, match="duplicates"):

@@ -72,9 +72,9 @@ def test_steering_another_site_matches_a_raw_hook(tiny_lens, site, alpha):
         return steer_tokens(h, v, alpha)[0]
 
     reference = raw_edit_call(tiny_lens, "a polyp", 1, site, [0, 2], fn)
-    got = out["image"].sel(branch="steered").values[0, 0]
+    got = out["image"].sel(branch="edited").values[0, 0]
     np.testing.assert_allclose(got, reference, atol=1e-4)
-    assert np.abs(got - out["image"].sel(branch="unsteered").values[0, 0]).max() > 1e-3
+    assert np.abs(got - out["image"].sel(branch="original").values[0, 0]).max() > 1e-3
 
 
 def test_halves_choose_the_guidance_rows(tiny_lens):
@@ -88,7 +88,7 @@ def test_halves_choose_the_guidance_rows(tiny_lens):
         return new
 
     reference = raw_edit_call(tiny_lens, "a polyp", 4, "attn2", [1, 2], fn)
-    np.testing.assert_allclose(out["image"].sel(branch="steered").values[0, 0], reference, atol=1e-4)
+    np.testing.assert_allclose(out["image"].sel(branch="edited").values[0, 0], reference, atol=1e-4)
     both = generate(tiny_lens, "a polyp", seeds=[4], steer=Steer(steer.vector, alpha=3.0, layers=[1, 2]),
                     num_inference_steps=T, progress=False)
     assert np.abs(both["image"].values - out["image"].values).max() > 1e-4
@@ -116,23 +116,23 @@ def test_a_custom_edit_sees_the_original_rows(tiny_lens):
     steer = Steer(unit_vector(T, 3, 16, seed=0), alpha=3.0, layers=[1, 2])
     steered = generate(tiny_lens, ["a polyp", "b"], seeds=[0, 2], edits=[steer], num_inference_steps=T,
                        progress=False)["image"]
-    assert np.abs(steered.sel(branch="steered").values - steered.sel(branch="unsteered").values).max() > 1e-3
+    assert np.abs(steered.sel(branch="edited").values - steered.sel(branch="original").values).max() > 1e-3
     undone = generate(tiny_lens, ["a polyp", "b"], seeds=[0, 2], edits=[steer, Restore()], num_inference_steps=T,
                       progress=False)["image"]
-    np.testing.assert_array_equal(undone.sel(branch="steered").values, undone.sel(branch="unsteered").values)
+    np.testing.assert_array_equal(undone.sel(branch="edited").values, undone.sel(branch="original").values)
     partly = generate(tiny_lens, ["a polyp"], seeds=[0], edits=[steer, Restore(layers=(2,))], num_inference_steps=T,
                       progress=False)["image"]
-    assert np.abs(partly.sel(branch="steered").values - partly.sel(branch="unsteered").values).max() > 1e-4
+    assert np.abs(partly.sel(branch="edited").values - partly.sel(branch="original").values).max() > 1e-4
 
 
 def test_identity_edits_are_bit_identical_and_bad_edits_refused(tiny_lens):
     out = generate(tiny_lens, "a polyp", seeds=[0, 1], edits=[Reweight(tokens=[2], scale=1.0)],
                    num_inference_steps=T, progress=False)
-    np.testing.assert_array_equal(out["image"].sel(branch="steered").values, out["image"].sel(branch="unsteered").values)
+    np.testing.assert_array_equal(out["image"].sel(branch="edited").values, out["image"].sel(branch="original").values)
     assert json.loads(out.attrs["edits"])[0]["type"] == "Reweight"
     changed = generate(tiny_lens, "a polyp", seeds=[0], edits=[Reweight(tokens=[2, 3], scale=0.0, layers=[1])],
                        num_inference_steps=T, progress=False)
-    assert np.abs(changed["image"].sel(branch="steered").values - changed["image"].sel(branch="unsteered").values).max() > 1e-4
+    assert np.abs(changed["image"].sel(branch="edited").values - changed["image"].sel(branch="original").values).max() > 1e-4
     with pytest.raises(TypeError, match="edits= takes interventions"):
         generate(tiny_lens, "a polyp", seeds=[0], edits=["polyp"], progress=False)
     with pytest.raises(ValueError, match="blend needs a steer"):

@@ -31,7 +31,7 @@ def _reguide(lens, pair, seeds, settings, *, context):
     kwargs = dict(seeds=seeds, num_inference_steps=context.num_inference_steps, progress=False)
     original = generate(lens, pair.source_prompt, guidance_scale=context.guidance_scale, **kwargs)
     other = generate(lens, pair.source_prompt, guidance_scale=settings["scale"], **kwargs)
-    return xr.concat([original, other], "branch").assign_coords(branch=["unsteered", "steered"])
+    return xr.concat([original, other], "branch").assign_coords(branch=["original", "edited"])
 
 
 @pytest.fixture
@@ -47,8 +47,8 @@ def test_the_registry_names_the_built_in_methods_and_refuses_unknown_ones():
     assert [a.name for a in get("medsteer").axes] == ["window", "steps", "alpha", "renormalize", "blend",
                                                       "vector_seeds"]
     assert get("reprompt").axis("blend") is BLEND is get("medsteer").axis("blend")  # one axis, one meaning
-    with pytest.raises(ValueError, match="unknown method 'pnp'; registered: \\['medsteer', 'reprompt'"):
-        get("pnp")
+    with pytest.raises(ValueError, match="unknown method 'sdedit'; registered: \\['medsteer', 'reprompt'"):
+        get("sdedit")
     with pytest.raises(ValueError, match="has no setting \\['beta'\\]"):
         get("medsteer").settings({"beta": 1.0})
     with pytest.raises(ValueError, match="setting 'alpha': expected a finite number"):
@@ -87,8 +87,8 @@ def test_a_registered_method_runs_through_a_study_with_its_own_axes(tiny_lens, r
 
 
 def test_a_study_refuses_unknown_methods_and_axes():
-    with pytest.raises(ValueError, match="unknown method 'pnp'"):
-        Study("x", pairs=(PAIR,), methods={"pnp": {}})
+    with pytest.raises(ValueError, match="unknown method 'sdedit'"):
+        Study("x", pairs=(PAIR,), methods={"sdedit": {}})
     with pytest.raises(ValueError, match="Study.methods\\['reprompt'\\] has no axis \\['alpha'\\]"):
         Study("x", pairs=(PAIR,), methods={"reprompt": {"alpha": (1.0,)}})
     with pytest.raises(ValueError, match="no declared method has an axis 'alpha'"):
@@ -110,7 +110,7 @@ def test_medsteer_equals_a_direct_steered_generate(tiny_lens):
     direct = generate(tiny_lens, "An image of polyps", seeds=[5, 6, 7], steer=steer, num_inference_steps=3,
                       blend=0.3, batch_size=2, progress=False)
     np.testing.assert_array_equal(out["image"].values, direct["image"].values)
-    assert not np.array_equal(out["image"].sel(branch="steered"), out["image"].sel(branch="unsteered"))
+    assert not np.array_equal(out["image"].sel(branch="edited"), out["image"].sel(branch="original"))
     with pytest.raises(ValueError, match="medsteer needs concept vectors"):
         get("medsteer").run(tiny_lens, PAIR, [5], {}, context=MethodContext(num_inference_steps=3))
 
@@ -121,4 +121,4 @@ def test_reprompt_equals_the_reprompt_function(tiny_lens):
     direct = reprompt(tiny_lens, "An image of polyps", "An image of normal cecum", seeds=[5, 6, 7], blend=0.2,
                       num_inference_steps=3, batch_size=2, progress=False)
     np.testing.assert_array_equal(out["image"].values, direct["image"].values)
-    assert list(out["branch"].values) == ["unsteered", "steered"]
+    assert list(out["branch"].values) == ["original", "edited"]

@@ -13,7 +13,7 @@ def pairs_dataset(unsteered, steered):
     p, s = image.shape[:2]
     return xr.Dataset(
         {"image": (("prompt", "seed", "branch", "y", "x", "rgb"), image)},
-        coords={"prompt": [f"p{i}" for i in range(p)], "seed": list(range(s)), "branch": ["unsteered", "steered"]},
+        coords={"prompt": [f"p{i}" for i in range(p)], "seed": list(range(s)), "branch": ["original", "edited"]},
     )
 
 
@@ -50,7 +50,7 @@ def test_flips_confidence_and_dye():
     assert drop[0, 0] > 0.99 and abs(drop[0, 2]) < 1e-12
     from dit_lens.world.domain import dyed
 
-    np.testing.assert_array_equal(dyed(probs, branch="steered", dye_classes=["dyed lifted polyps"]).values, [[0, 0, 0]])
+    np.testing.assert_array_equal(dyed(probs, branch="edited", dye_classes=["dyed lifted polyps"]).values, [[0, 0, 0]])
     blue_probs = metrics.classify(pairs_dataset(blue, blue), MeanColourOracle())
     np.testing.assert_array_equal(dyed(blue_probs, dye_classes=["dyed lifted polyps"]).values, [[1, 1, 1]])
     with pytest.raises(ValueError, match="must be among the classifier's labels"):
@@ -108,7 +108,7 @@ def test_segment_and_shape_errors():
     out = pairs_dataset(np.zeros((1, 2, 8, 8, 3)), np.ones((1, 2, 8, 8, 3)))
     masks = metrics.segment(out, lambda x: x[..., 0] > 0.5)
     assert masks.dims == ("prompt", "seed", "branch", "y", "x")
-    assert not masks.sel(branch="unsteered").any() and masks.sel(branch="steered").all()
+    assert not masks.sel(branch="original").any() and masks.sel(branch="edited").all()
     with pytest.raises(ValueError, match="segmenter returned shape"):
         metrics.segment(out, lambda x: x[:, :4, :4, 0] > 0)
     with pytest.raises(ValueError, match="classifier returned shape"):

@@ -25,7 +25,7 @@ def red_segmenter(images):
 
 def still_source(judged):
     """An extra metric: the counterfactual is still classified as the source."""
-    return (judged.probs.sel(branch="steered").idxmax("class") == judged.source).astype(float)
+    return (judged.probs.sel(branch="edited").idxmax("class") == judged.source).astype(float)
 
 
 PAIR = ConceptPair("polyps", "normal cecum", contexts=("An image of {}", "A photo of {}"))
@@ -136,8 +136,8 @@ def test_study_validates_its_declaration():
         Study("x", pairs=(pair,), methods={"medsteer": {"window": ((0.5, 0.2),)}})
     with pytest.raises(ValueError, match="\\['steps'\\]: a window is fractions"):
         Study("x", pairs=(pair,), methods={"medsteer": {"steps": ((0.0, 1.5),)}})
-    with pytest.raises(ValueError, match="unknown method 'pnp'"):
-        Study("x", pairs=(pair,), methods={"medsteer": {}, "pnp": {}})
+    with pytest.raises(ValueError, match="unknown method 'sdedit'"):
+        Study("x", pairs=(pair,), methods={"medsteer": {}, "sdedit": {}})
     with pytest.raises(ValueError, match="quick overrides unknown fields or axes \\['alphas'\\]"):
         Study("x", pairs=(pair,), quick={"alphas": (1.0,)})
     with pytest.raises(ValueError, match="require names metrics \\['polyp_kept'\\]"):

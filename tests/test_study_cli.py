@@ -29,7 +29,7 @@ def test_the_methods_flag_picks_methods_and_an_axis_needs_a_method_that_has_it()
     with pytest.raises(ValueError, match="no declared method has an axis 'alpha'"):
         declared(STUDY, parser(STUDY).parse_args(["--methods", "reprompt", "--alphas", "2"]))
     with pytest.raises(SystemExit):
-        parser(STUDY).parse_args(["--methods", "pnp"])
+        parser(STUDY).parse_args(["--methods", "sdedit"])
 
 
 def test_quick_applies_the_study_overrides_then_flags():

@@ -160,7 +160,7 @@ def _measure(pairs, oracle_source, source_label) -> dict:
         masks_note = f"outside the union of both images' lesion masks ({oracle_source} segmenter)"
         for key, values in (("flip_rate", M.flips(probs, source_label)),
                             ("confidence_shift", M.confidence_drop(probs, source_label)),
-                            ("unsteered_recognised", 1.0 - M.flips(probs, source_label, branch="unsteered"))):
+                            ("unsteered_recognised", 1.0 - M.flips(probs, source_label, branch="original"))):
             est = M.estimate(values)
             result[key], result[f"{key}_ci95"] = est.value, [est.low, est.high]
     for key, values in (("bg_ssim", M.background_ssim(pairs, background)),

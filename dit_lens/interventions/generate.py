@@ -70,7 +70,7 @@ def generate(
 
     Returns:
         Dataset with ``image (prompt, seed, branch, y, x, rgb)`` float32 in [0, 1], branch
-        ``["unsteered", "steered"]`` (the original and the edited image; ``["unsteered"]`` without
+        ``["original", "edited"]`` (the original and the edited image; ``["original"]`` without
         edits), and with `record_gates` ``gate (prompt, seed, step, layer, row, col)`` (a leading
         ``steer`` dim when several edits record one); with blending, ``blend_mask (prompt, seed,
         blend_step, latent_y, latent_x)``, the mask m after every step. Attrs hold provenance and
@@ -80,7 +80,7 @@ def generate(
     edits = _as_edits(edits, steer, blend)
     num_inference_steps, guidance_scale, batch_size = _validate(
         lens, edits, num_inference_steps, guidance_scale, record_gates, batch_size)
-    branches = ["unsteered", "steered"] if edits else ["unsteered"]
+    branches = ["original", "edited"] if edits else ["original"]
     cells = [(p, s) for p in range(len(prompts)) for s in range(len(seeds))]
     per_call = batch_size or 4
     plan = _Plan(lens, edits, num_inference_steps, record_gates)
@@ -145,8 +145,8 @@ def reprompt(
 ) -> xr.Dataset:
     """The re-prompting baseline as pairs: the `source` and `target` prompts from the same seed.
 
-    Laid out like a `generate` result so the same metrics apply: branch ``"unsteered"`` is the
-    source prompt's image, ``"steered"`` the target prompt's (the counterfactual). Both come from
+    Laid out like a `generate` result so the same metrics apply: branch ``"original"`` is the
+    source prompt's image, ``"edited"`` the target prompt's (the counterfactual). Both come from
     one batched pass, so `blend` treats the target branch as `generate` treats an edited one.
 
     Returns:
@@ -169,7 +169,7 @@ def reprompt(
                           [2 * i + 1 for i in range(len(chunk))], guidance_scale)
         images[0, done : done + len(chunk)] = out.reshape(len(chunk), 2, height, width, 3)
         done += len(chunk)
-    coords = {"prompt": [source], "seed": seeds, "branch": ["unsteered", "steered"]}
+    coords = {"prompt": [source], "seed": seeds, "branch": ["original", "edited"]}
     ds = xr.Dataset({"image": (("prompt", "seed", "branch", "y", "x", "rgb"), images)}, coords=coords)
     ds.attrs.update(lens.provenance())
     ds.attrs.update(num_inference_steps=num_inference_steps, guidance_scale=float(guidance_scale),
@@ -202,10 +202,15 @@ class _Plan:
         return [getattr(e, "name", "") or f"{type(e).__name__.lower()}{k}" for k, e in enumerate(edits)]
 
     def run(self, row_prompts: list[str], row_seeds: list[int], edited_rows: list[int],
-            guidance_scale: float) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+            guidance_scale: float, *, latents: torch.Tensor | None = None, replay: torch.Tensor | None = None,
+            scheduler: Any = None, output_type: str = "np") -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """One pipeline call; row ``edited_rows[i]`` is edited, row ``edited_rows[i] - 1`` is its twin.
 
-        Returns the images ``(rows, H, W, 3)`` and each record ``(edits, pairs, ...)``.
+        `latents` start the rows instead of their seeds' noise; `replay` ``(steps, pairs, C, h, w)``
+        sets the twins' latents after each step (an inverted trajectory replayed on the original
+        branch); `scheduler` replaces the pipeline's for this call. Returns the images
+        ``(rows, H, W, 3)`` (with ``output_type="latent"`` the final latents) and each record
+        ``(edits, pairs, ...)``.
         """
         n_rows, pairs = len(row_prompts), len(edited_rows)
         edited = torch.tensor(edited_rows, dtype=torch.long)
@@ -246,6 +251,8 @@ class _Plan:
         blending = bool(self.latent_edits and edited_rows)
 
         def step_end(step: int, latents: torch.Tensor) -> None:  # latents (rows, C, H, W), edited in place
+            if replay is not None:
+                latents[twins] = replay[step].to(latents.dtype)
             if blending:
                 for edit in self.latent_edits:
                     latents[edited], recorded = edit.apply_latents(step, latents[twins], latents[edited])
@@ -257,9 +264,11 @@ class _Plan:
 
         result = traced_generate(
             self.lens, row_prompts, row_seeds, num_inference_steps=self.T, guidance_scale=guidance_scale,
-            hooks=[hook_for(e) for e in self.site_edits], output_type="np", step_end=step_end,
+            hooks=[hook_for(e) for e in self.site_edits], output_type=output_type, step_end=step_end,
+            latents=latents, scheduler=scheduler,
         )
-        images = result.images.astype(np.float32)  # (rows, H, W, 3)
+        images = result.images  # (rows, H, W, 3), or latents (rows, C, h, w)
+        images = images.float().cpu().numpy() if isinstance(images, torch.Tensor) else images.astype(np.float32)
         if not np.isfinite(images).all():
             self.refuse_non_finite("the decoded images", np.isfinite(images.reshape(n_rows, -1)).all(1),
                                    edited_rows, guidance_scale)

@@ -2,7 +2,7 @@
 
 A `Method` is a name, its setting axes (`dit_lens.methods.axes.Axis`) and a function
 ``run(lens, pair, seeds, settings, *, context)`` returning the pairs Dataset that the metrics read:
-``image (prompt, seed, branch, y, x, rgb)`` with branch ``["unsteered", "steered"]`` (the original
+``image (prompt, seed, branch, y, x, rgb)`` with branch ``["original", "edited"]`` (the original
 and the counterfactual). A new method is one module that calls `register`; studies, the command
 line, cell files and results pick it up from its axes.
 
@@ -10,9 +10,9 @@ What a method needs from outside â€” the sampler settings and concept vectors â€
 `MethodContext`, so methods do not depend on studies.
 
 Examples:
-    >>> sorted(names())[:2]
-    ['medsteer', 'reprompt']
-    >>> [axis.name for axis in get("reprompt").axes]
+    >>> sorted(names())
+    ['hedit', 'medsteer', 'pnp', 'reprompt']
+    >>> [a.name for a in get("reprompt").axes]
     ['blend']
     >>> get("medsteer").settings({"alpha": 3})["alpha"]
     3.0

@@ -198,7 +198,7 @@ def _class_index(probs: xr.DataArray, label: str | int) -> Any:
     return label
 
 
-def flips(probs: xr.DataArray, source: str | int, *, branch: str = "steered") -> xr.DataArray:
+def flips(probs: xr.DataArray, source: str | int, *, branch: str = "edited") -> xr.DataArray:
     """1.0 where the `branch` image is no longer classified as `source`, else 0.0 ``(prompt, seed)``."""
     source = _class_index(probs, source)
     predicted = probs.sel(branch=branch).idxmax("class")
@@ -209,7 +209,7 @@ def confidence_drop(probs: xr.DataArray, source: str | int) -> xr.DataArray:
     """p(source | unsteered) − p(source | steered) per pair ``(prompt, seed)``."""
     source = _class_index(probs, source)
     p = probs.sel({"class": source})
-    return (p.sel(branch="unsteered") - p.sel(branch="steered")).rename("confidence_drop")
+    return (p.sel(branch="original") - p.sel(branch="edited")).rename("confidence_drop")
 
 
 def background_mask(masks: xr.DataArray) -> xr.DataArray:
@@ -289,7 +289,7 @@ def _pairwise(out: xr.Dataset, background: xr.DataArray, fn: Callable, name: str
     data = image.values.astype(np.float64)
     _refuse_non_finite(data, "the images")
     branches = list(image["branch"].values)
-    u, s = branches.index("unsteered"), branches.index("steered")
+    u, s = branches.index("original"), branches.index("edited")
     for i in range(values.shape[0]):
         for j in range(values.shape[1]):
             values[i, j] = fn(data[i, j, u], data[i, j, s], keep[i, j])

@@ -24,6 +24,7 @@ Examples:
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -87,6 +88,8 @@ def traced_generate(
     hooks: Iterable[Hook] = (),
     output_type: str = "latent",
     step_end: Callable[[int, torch.Tensor], None] | None = None,
+    latents: torch.Tensor | None = None,
+    scheduler: Any = None,
 ) -> Any:
     """Run ``lens.pipeline``'s denoising loop for runs ``(prompts[i], seeds[i])`` as one batch.
 
@@ -106,6 +109,10 @@ def traced_generate(
             site depends on.
         step_end: Called as ``step_end(step, latents)`` after each denoising step with the
             loop's latents ``(runs, C, H, W)``; it may edit them in place (latent edits).
+        latents: Initial latents ``(runs, C, H, W)`` instead of the seeds' noise (e.g. an inverted
+            image's); the seeds' generators are still passed for samplers that draw noise.
+        scheduler: A scheduler to run this call with instead of the pipeline's own (put back after
+            the call, also when it raises), e.g. the DDIM sampler of `dit_lens.inversion`.
 
     Returns:
         The pipeline's output (``.images``), as the plain call returns it.
@@ -121,13 +128,17 @@ def traced_generate(
         deep = [layer for layer in hook.layers if layer >= lens.num_layers]
         if deep:
             raise ValueError(f"layers {deep} do not exist: the model has {lens.num_layers} blocks")
-    steps = check_steps(num_inference_steps, lens.pipeline.scheduler)
+    steps = check_steps(num_inference_steps, scheduler or lens.pipeline.scheduler)
     guidance_scale = check_guidance(guidance_scale)
     points = sorted({(layer, family.rank(h.site), h.site) for h in hooks for layer in h.layers})
     at_point = {(layer, site): [h for h in hooks if h.site == site and layer in h.layers] for layer, _, site in points}
     weights = {(family.attention_of(site), layer) for layer, _, site in points if family.attention_of(site)}
-    extra = {} if step_end is None else {"callback": lambda step, _t, latents: step_end(int(step), latents)}
-    with exposed_weights(lens, weights):
+    extra = {} if step_end is None else {"callback": lambda step, _t, lat: step_end(int(step), lat)}
+    if latents is not None:
+        if latents.shape[0] != len(prompts):
+            raise ValueError(f"latents hold {latents.shape[0]} runs for {len(prompts)} prompts")
+        extra["latents"] = latents
+    with exposed_weights(lens, weights), _scheduler(lens, scheduler):
         envoys = {(layer, site): site_module(lens.model, family, site, layer) for layer, _, site in points}
         with lens.model.generate(
             list(prompts),
@@ -154,6 +165,20 @@ def traced_generate(
                         envoy.output = output
             result = lens.model.output.save()
     return result
+
+
+@contextmanager
+def _scheduler(lens: Any, scheduler: Any):
+    """Run the pipeline with `scheduler` (None: its own) and put its own back afterwards."""
+    if scheduler is None:
+        yield
+        return
+    own = lens.pipeline.scheduler
+    lens.pipeline.scheduler = scheduler
+    try:
+        yield
+    finally:
+        lens.pipeline.scheduler = own
 
 
 def scheduler_timesteps(lens: Any, num_inference_steps: int) -> Any:

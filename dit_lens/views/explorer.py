@@ -99,7 +99,7 @@ def write_explorer(out: xr.Dataset, path: str | Path, *, max_pairs: int = 16,
         raise ValueError("the explorer needs pairs: generate with a steer")
     cells = [(str(p), int(s)) for p in out["prompt"].values for s in out["seed"].values][:max_pairs]
     images = [
-        [_rgb8(out["image"].sel(prompt=p, seed=s, branch=b).values) for b in ("unsteered", "steered")]
+        [_rgb8(out["image"].sel(prompt=p, seed=s, branch=b).values) for b in ("original", "edited")]
         for p, s in cells
     ]
     gates = [np.round(gate.sel(prompt=p, seed=s).values, 5).tolist() for p, s in cells]
@@ -111,7 +111,7 @@ def write_explorer(out: xr.Dataset, path: str | Path, *, max_pairs: int = 16,
     if "blend_mask" in out:  # (pair, every step, latent_y, latent_x)
         blend = [np.round(out["blend_mask"].sel(prompt=p, seed=s).values, 3).tolist() for p, s in cells]
     attn = None if attention is None else _attention_data(attention, cells, gate)
-    titles = ("gate over unsteered", "unsteered", "steered") + (("blend mask (1: steered kept)",) if blend else ())
+    titles = ("gate over unsteered", "original", "edited") + (("blend mask (1: steered kept)",) if blend else ())
     titles += ("attention to the word, over unsteered",) if attn else ()
     fig = make_subplots(rows=1, cols=len(titles), subplot_titles=titles)
     fig.add_trace(go.Image(z=images[0][0]), row=1, col=1)

@@ -144,4 +144,4 @@ def _title(out: xr.Dataset, cell: dict | None) -> str:
     parts = [f"{s.get('name') or 'steer'}: α={s['alpha']:g}, {s['update']} update" for s in steers]
     head = f"{cell['prompt']!r}, seed {cell['seed']} — " if cell else ""
     blend = f"; latent blending τ={out.attrs['blend']:g}" if out.attrs.get("blend") else ""
-    return head + ("; ".join(parts) or "unsteered") + blend
+    return head + ("; ".join(parts) or "original") + blend

@@ -42,7 +42,7 @@ def endoscopy_pair(source: str, target: str) -> ConceptPair:
     return ConceptPair(source, target, contexts=ENDOSCOPY_CONTEXTS, prompt=PROMPT_TEMPLATE)
 
 
-def dyed(probs: xr.DataArray, *, branch: str = "steered", dye_classes: Sequence[str] = DYE_CLASSES) -> xr.DataArray:
+def dyed(probs: xr.DataArray, *, branch: str = "edited", dye_classes: Sequence[str] = DYE_CLASSES) -> xr.DataArray:
     """1.0 where the `branch` image is still classified as a dyed class ``(prompt, seed)``.
 
     The dye detection rate is ``estimate(dyed(probs))``.
@@ -62,8 +62,8 @@ def dye_detection_rate(judged: Judged) -> xr.DataArray:
 
 def polyp_kept(judged: Judged) -> xr.DataArray:
     """Per pair: the counterfactual reads as polyps and the segmenter still finds the lesion."""
-    predicted = judged.probs.sel(branch="steered").idxmax("class")
-    lesion = judged.masks.sel(branch="steered").sum(("y", "x")) >= MIN_LESION_PIXELS
+    predicted = judged.probs.sel(branch="edited").idxmax("class")
+    lesion = judged.masks.sel(branch="edited").sum(("y", "x")) >= MIN_LESION_PIXELS
     return ((predicted == "polyps") & lesion).astype(np.float64).rename("polyp_kept")
 
 

@@ -1,0 +1,216 @@
+"""The deterministic sampler that inversion runs backwards, and direct calls of the denoiser.
+
+`ddim_scheduler` makes the DDIM scheduler (η = 0) of a pipeline from its own noise schedule and
+prediction type (ε, v; PixArt-alpha's learned-sigma output is cut to its first half as the pipeline
+does), with ``"leading"`` timestep spacing so that each DDIM step lands exactly on the next step's
+timestep: a step is then invertible up to the one approximation DDIM inversion makes (the model's
+prediction at the current latent stands in for the one at the next). Samplers that cannot be run
+backwards deterministically are refused with the reason (`check_invertible`).
+
+`Denoiser` calls the pipeline's transformer the way the pipeline's own loop does (same prompt
+encoding, micro-conditions and guidance), for the loops the pipeline has no place for: the inversion
+itself and h-Edit's extra evaluations. `check_images`, `encode` and `decode` move images in and out
+of the latent space the way the pipeline does.
+
+Examples:
+    >>> from dit_lens import PixArtSpec, build_pixart, load
+    >>> lens = load(build_pixart(PixArtSpec(num_layers=1)))
+    >>> sampler = ddim_scheduler(lens, 4)
+    >>> sampler.timesteps.tolist()  # each step ends on the next step's timestep
+    [750, 500, 250, 0]
+    >>> check_images(np.zeros((16, 16, 3), np.float32), lens).shape  # one image becomes a batch of one
+    (1, 16, 16, 3)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..validate import check_int
+
+__all__ = ["Denoiser", "check_images", "check_invertible", "ddim_scheduler", "decode", "encode"]
+
+#: Scheduler classes that draw fresh noise at every step: their runs have no deterministic inverse.
+_STOCHASTIC = ("DDPMScheduler", "EulerAncestralDiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+               "DDPMWuerstchenScheduler", "LCMScheduler", "TCDScheduler", "CMStochasticIterativeScheduler")
+
+
+def check_invertible(scheduler: Any) -> None:
+    """Refuse a scheduler whose schedule DDIM inversion cannot run backwards, saying why.
+
+    Any discrete-time (β-schedule) scheduler is accepted as the *source of the noise schedule*: the
+    inversion always runs the deterministic DDIM step on it. Refused: flow-matching schedulers (a
+    rectified flow has no ᾱ schedule; it needs RF-inversion), schedules with zero terminal SNR
+    (ᾱ_T = 0 leaves x̂₀ undefined at the first step), sample clipping or thresholding (not one-to-one),
+    and prediction types other than ε, v and x₀.
+    """
+    name = type(scheduler).__name__
+    config = scheduler.config
+    if "FlowMatch" in name or config.get("use_flow_sigmas"):
+        raise ValueError(f"the pipeline's sampler {name} is a flow-matching sampler: DDIM inversion needs a "
+                         f"discrete ᾱ noise schedule (rectified flows invert with RF-inversion, not supported)")
+    if "beta_start" not in config and config.get("trained_betas") is None:
+        raise ValueError(f"the sampler {name} has no β noise schedule, so there is no DDIM step to invert")
+    if config.get("rescale_betas_zero_snr"):
+        raise ValueError(f"the sampler {name} rescales betas to zero terminal SNR: ᾱ_T = 0 leaves the first DDIM "
+                         f"step's x̂₀ undefined, so the inversion cannot reach it; use a schedule without it")
+    if config.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction", "sample"):
+        raise ValueError(f"prediction type {config.get('prediction_type')!r} of {name} cannot be converted to "
+                         f"a noise prediction; DDIM inversion needs 'epsilon', 'v_prediction' or 'sample'")
+
+
+def ddim_scheduler(lens: Any, num_inference_steps: int, scheduler: Any = None) -> Any:
+    """The deterministic DDIM scheduler (η = 0) over `scheduler`'s noise schedule (default: the
+    pipeline's), set to `num_inference_steps` steps.
+
+    Refuses stochastic samplers given explicitly (``scheduler=DDPMScheduler(...)``): the noise they draw
+    at every step has no inverse.
+    """
+    from diffusers import DDIMScheduler
+
+    T = check_int(num_inference_steps, "num_inference_steps", minimum=1)
+    base = lens.pipeline.scheduler if scheduler is None else scheduler
+    if scheduler is not None and type(scheduler).__name__ in _STOCHASTIC:
+        raise ValueError(f"{type(scheduler).__name__} draws fresh noise at every step, so its runs cannot be "
+                         f"inverted deterministically; invert with the deterministic DDIM sampler (leave scheduler "
+                         f"unset: dit-lens builds it from the pipeline's noise schedule)")
+    check_invertible(base)
+    config = dict(base.config)
+    if T > config["num_train_timesteps"]:
+        raise ValueError(f"num_inference_steps={T} exceeds the schedule's {config['num_train_timesteps']} "
+                         f"training timesteps")
+    ddim = DDIMScheduler.from_config(config, timestep_spacing="leading", steps_offset=0, clip_sample=False,
+                                     thresholding=False, set_alpha_to_one=True,
+                                     prediction_type=config.get("prediction_type", "epsilon"))
+    ddim.set_timesteps(T, device="cpu")
+    return ddim
+
+
+def alpha_bars(ddim: Any) -> torch.Tensor:
+    """ᾱ at every level of a run, float64: ``[ᾱ(t_0), …, ᾱ(t_{T-1}), 1]`` (the last is the clean image)."""
+    cumprod = ddim.alphas_cumprod.double()
+    return torch.cat([cumprod[ddim.timesteps.long()], torch.ones(1, dtype=torch.float64)])
+
+
+def to_epsilon(output: torch.Tensor, latents: torch.Tensor, alpha_bar: float, prediction_type: str) -> torch.Tensor:
+    """The model's prediction as ε̂ (noise), whatever it predicts (ε, v or x₀)."""
+    a, s = alpha_bar ** 0.5, (1 - alpha_bar) ** 0.5
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "v_prediction":
+        return a * output + s * latents
+    return (latents - a * output) / s  # "sample": the model predicts x0
+
+
+def ddim_move(latents: torch.Tensor, eps: torch.Tensor, alpha_from: float, alpha_to: float) -> torch.Tensor:
+    """The deterministic DDIM update from noise level ᾱ_from to ᾱ_to (either direction), given ε̂."""
+    x0 = (latents - (1 - alpha_from) ** 0.5 * eps) / alpha_from ** 0.5
+    return alpha_to ** 0.5 * x0 + (1 - alpha_to) ** 0.5 * eps
+
+
+class Denoiser:
+    """Calls of the pipeline's transformer as its own loop makes them, for loops it has no place for.
+
+    Args:
+        lens: A PixArt-family `dit_lens.Lens`.
+        prompts: The prompts whose embeddings calls use (index them in `eps`).
+    """
+
+    def __init__(self, lens: Any, prompts: Sequence[str]) -> None:
+        pipe = lens.pipeline
+        if not hasattr(pipe, "encode_prompt") or not hasattr(pipe, "transformer"):
+            raise ValueError(f"inversion calls the denoiser directly and knows PixArt pipelines; "
+                             f"{type(pipe).__name__} is not one")
+        self.lens, self.pipe = lens, pipe
+        kwargs = lens.pipeline_kwargs
+        with torch.no_grad():
+            embeds, mask, null, null_mask = pipe.encode_prompt(
+                list(prompts), do_classifier_free_guidance=True, negative_prompt="", device=lens.device,
+                clean_caption=kwargs.get("clean_caption", False),
+                max_sequence_length=kwargs.get("max_sequence_length", 120))
+        self.embeds, self.mask = embeds, mask  # (prompts, text tokens, D), (prompts, text tokens)
+        self.null, self.null_mask = null[:1], null_mask[:1]
+        self.height, self.width = kwargs["height"], kwargs["width"]
+        self.learned_sigma = pipe.transformer.config.out_channels // 2 == pipe.vae.config.latent_channels
+
+    @torch.no_grad()
+    def raw(self, latents: torch.Tensor, timestep: int, which: Sequence[int | None]) -> torch.Tensor:
+        """The transformer's prediction (ε, v or x₀, as trained) for each row of `latents` ``(rows, C, H, W)``
+        under prompt ``which[i]`` (an index into the prompts, or None for the empty prompt)."""
+        embeds = torch.cat([self.null if k is None else self.embeds[k : k + 1] for k in which])
+        mask = torch.cat([self.null_mask if k is None else self.mask[k : k + 1] for k in which])
+        rows = latents.shape[0]
+        added = {"resolution": None, "aspect_ratio": None}
+        if self.pipe.transformer.config.sample_size == 128:  # PixArt's micro-conditions, as its pipeline adds them
+            added = {"resolution": torch.tensor([[self.height, self.width]] * rows, dtype=embeds.dtype),
+                     "aspect_ratio": torch.tensor([[self.height / self.width]] * rows, dtype=embeds.dtype)}
+        t = torch.full((rows,), int(timestep), dtype=torch.long, device=latents.device)
+        out = self.pipe.transformer(latents.to(embeds.dtype), encoder_hidden_states=embeds, encoder_attention_mask=mask,
+                                    timestep=t, added_cond_kwargs=added, return_dict=False)[0]
+        return out.chunk(2, dim=1)[0] if self.learned_sigma else out  # (rows, C, H, W)
+
+
+def check_images(images: Any, lens: Any) -> np.ndarray:
+    """Images as float32 ``(n, H, W, 3)`` in [0, 1] at the model's size; clear errors otherwise.
+
+    Accepts a numpy array, a torch tensor or an xarray DataArray (``(..., y, x, rgb)``), float in [0, 1]
+    or uint8 in 0–255, one image ``(H, W, 3)`` or a batch.
+    """
+    if hasattr(images, "dims") and hasattr(images, "values"):  # an xarray DataArray, e.g. generate()'s image
+        images = images.values
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    if not isinstance(images, np.ndarray):
+        raise TypeError(f"images must be a numpy array, torch tensor or xarray DataArray of shape (n, H, W, 3), "
+                        f"got {type(images).__name__}")
+    height, width = lens.pipeline_kwargs["height"], lens.pipeline_kwargs["width"]
+    if images.ndim == 3 and images.shape[-1] == 3:
+        images = images[None]
+    if images.ndim in (2, 3) or (images.ndim == 4 and images.shape[-1] == 1):
+        raise ValueError(f"images of shape {images.shape} look grayscale: the model takes RGB (n, H, W, 3); "
+                         f"repeat the channel, e.g. np.repeat(gray[..., None], 3, axis=-1)")
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be (n, H, W, 3) or one (H, W, 3), channels last, got shape {images.shape}")
+    if images.shape[0] == 0:
+        raise ValueError("images is an empty batch: give at least one image")
+    if images.shape[1:3] != (height, width):
+        raise ValueError(f"images are {images.shape[1]}×{images.shape[2]} but the model makes {height}×{width}; "
+                         f"resize them (e.g. PIL.Image.resize) before editing")
+    if images.dtype == np.uint8:
+        return images.astype(np.float32) / 255.0
+    if images.dtype.kind != "f":
+        raise ValueError(f"images have dtype {images.dtype}: give float images in [0, 1] or uint8 in 0-255")
+    if not np.isfinite(images).all():
+        raise ValueError("images hold NaN or inf values")
+    low, high = float(images.min()), float(images.max())
+    if low < 0.0 or high > 1.0:
+        hint = " (they look like 0-255 values: divide by 255)" if high > 1.0 and high <= 255.0 and low >= 0.0 else \
+            " (they look like [-1, 1] values: map them with (x + 1) / 2)" if low >= -1.0 else ""
+        raise ValueError(f"float images must lie in [0, 1], got values in [{low:g}, {high:g}]{hint}")
+    return images.astype(np.float32)
+
+
+@torch.no_grad()
+def encode(lens: Any, images: np.ndarray, batch_size: int = 16) -> torch.Tensor:
+    """Latents ``(n, C, h, w)`` of images ``(n, H, W, 3)`` in [0, 1]: the VAE posterior mean times its
+    scaling factor, the latents the pipeline's own decode inverts."""
+    vae = lens.pipeline.vae
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2) * 2 - 1  # (n, 3, H, W) in [-1, 1]
+    x = x.to(device=vae.device, dtype=vae.dtype)
+    means = [vae.encode(x[i : i + batch_size]).latent_dist.mean for i in range(0, len(x), batch_size)]
+    return torch.cat(means) * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def decode(lens: Any, latents: torch.Tensor, batch_size: int = 16) -> np.ndarray:
+    """Images ``(n, H, W, 3)`` float32 in [0, 1] from latents, as the pipeline decodes them."""
+    pipe = lens.pipeline
+    out = []
+    for i in range(0, len(latents), batch_size):
+        chunk = latents[i : i + batch_size].to(device=pipe.vae.device, dtype=pipe.vae.dtype)
+        image = pipe.vae.decode(chunk / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        out.append(pipe.image_processor.postprocess(image, output_type="np"))
+    return np.concatenate(out).astype(np.float32)

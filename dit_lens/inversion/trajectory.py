@@ -1,0 +1,210 @@
+"""`invert`: DDIM inversion of images into the trajectory that regenerates them; `regenerate` runs it forward.
+
+Inversion encodes each image to the pipeline's latents z₀ and runs the deterministic DDIM step
+backwards, level by level, to the starting noise z_T: step i of the sampler maps level i to level
+i + 1 with the prediction ε̂(z_i, t_i); its inverse takes ε̂ at the known latent z_{i+1} instead of the
+unknown z_i, the one approximation DDIM inversion makes. The trajectory keeps every level, labelled
+by the sampler step whose *input* it is (step 0 is z_T, step T the clean latent), with its timestep
+and ᾱ, so an editor can start from any step and replay the source branch level by level.
+
+`regenerate` denoises a trajectory's starting noise through the pipeline's own (nnsight-hooked) loop
+with the same DDIM sampler: with the inversion's prompt and guidance it reconstructs the images, and
+how far the reconstruction lands from the input is the error every inversion-based editor carries.
+
+Examples:
+    >>> from dit_lens import PixArtSpec, build_pixart, load
+    >>> lens = load(build_pixart(PixArtSpec(num_layers=1)))
+    >>> images = np.full((2, 16, 16, 3), 0.5, np.float32)
+    >>> trajectory = invert(lens, images, "a polyp", num_inference_steps=3, progress=False)
+    >>> dict(trajectory["latent"].sizes)
+    {'item': 2, 'step': 4, 'channel': 4, 'latent_y': 8, 'latent_x': 8}
+    >>> trajectory["timestep"].values.tolist()  # the clean level has no timestep: -1
+    [666, 333, 0, -1]
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+from tqdm.auto import tqdm
+
+from ..validate import NonFiniteError, check_guidance, check_int
+from .sampler import Denoiser, alpha_bars, check_images, ddim_move, ddim_scheduler, decode, encode, to_epsilon
+
+__all__ = ["invert", "regenerate", "trajectory_latents"]
+
+
+def invert(
+    lens: Any,
+    images: Any,
+    prompt: str,
+    *,
+    latents: torch.Tensor | None = None,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 1.0,
+    scheduler: Any = None,
+    refine: int = 0,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> xr.Dataset:
+    """DDIM-invert `images` under `prompt` into the trajectory of latents that regenerates them.
+
+    Args:
+        lens: From `dit_lens.load`.
+        images: ``(n, H, W, 3)`` (or one ``(H, W, 3)``) RGB at the model's size, float in [0, 1] or
+            uint8 (`dit_lens.inversion.sampler.check_images`).
+        prompt: The prompt the images are inverted under.
+        latents: Invert these clean latents ``(n, C, h, w)`` (e.g. a run's own, from
+            ``output_type="latent"``) instead of encoding images; pass ``images=None``. The VAE's
+            encode is not the exact inverse of its decode, so this is the way to invert a generated
+            run exactly.
+        num_inference_steps: DDIM steps T.
+        guidance_scale: Classifier-free guidance while inverting; 1 (the default, the usual choice)
+            uses the conditional prediction alone.
+        scheduler: A scheduler whose noise schedule to invert on (default: the pipeline's); stochastic
+            and flow-matching samplers are refused with the reason.
+        refine: Fixed-point iterations per step (0: plain DDIM inversion, as the published editors use
+            it). Each solves z_i = DDIM-inverse(z_{i+1}, ε̂(z_i)) more exactly, at one more model call.
+        batch_size: Images per transformer call.
+        progress: Show a progress bar over batches.
+
+    Returns:
+        Dataset with ``latent (item, step, channel, latent_y, latent_x)`` float32 (step 0: the
+        starting noise z_T; step T: the encoded image z₀), ``input (item, y, x, rgb)`` (the images),
+        coords ``timestep (step)`` (-1 for the clean level) and ``alpha_bar (step)``; attrs hold the
+        prompt, every setting and the model's provenance.
+    """
+    if latents is not None:
+        if images is not None:
+            raise ValueError("give images or latents, not both")
+        z0 = _check_latents(latents, lens)
+        images = decode(lens, z0)
+    else:
+        images = check_images(images, lens)
+        z0 = None
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+    T = check_int(num_inference_steps, "num_inference_steps", minimum=1)
+    guidance = check_guidance(guidance_scale)
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
+    refine = check_int(refine, "refine", minimum=0)
+    ddim = ddim_scheduler(lens, T, scheduler)
+    levels = alpha_bars(ddim)  # (T + 1,)
+    kind = ddim.config.prediction_type
+    denoiser = Denoiser(lens, [prompt])
+    z0 = encode(lens, images) if z0 is None else z0  # (n, C, h, w)
+    out = np.zeros((len(images), T + 1, *z0.shape[1:]), np.float32)
+    chunks = range(0, len(images), batch_size)
+    for start in tqdm(chunks, desc="invert", unit="batch", disable=not progress):
+        z = z0[start : start + batch_size].double()
+        out[start : start + len(z), T] = z.float().numpy()
+        for i in reversed(range(T)):  # level i + 1 -> level i, mirroring sampler step i
+            t = int(ddim.timesteps[i])
+            eps = _epsilon(denoiser, z, t, guidance, float(levels[i]), kind)
+            guess = ddim_move(z, eps, float(levels[i + 1]), float(levels[i]))
+            for _ in range(refine):  # fixed point of z_i = move(z_{i+1}, ε̂(z_i, t_i)): the exact inverse
+                eps = _epsilon(denoiser, guess, t, guidance, float(levels[i]), kind)
+                guess = ddim_move(z, eps, float(levels[i + 1]), float(levels[i]))
+            z = guess
+            if not bool(torch.isfinite(z).all()):
+                raise NonFiniteError(f"the inversion diverged (NaN or inf) at step {i} of {T}; the model or its "
+                                     f"weights produce non-finite predictions")
+            out[start : start + len(z), i] = z.float().numpy()
+    timesteps = np.append(ddim.timesteps.numpy().astype(np.int64), -1)
+    height, width = images.shape[1:3]
+    ds = xr.Dataset(
+        {"latent": (("item", "step", "channel", "latent_y", "latent_x"), out),
+         "input": (("item", "y", "x", "rgb"), images)},
+        coords={"item": np.arange(len(images)), "step": np.arange(T + 1), "timestep": ("step", timesteps),
+                "alpha_bar": ("step", levels.numpy())},
+    )
+    ds.attrs.update(lens.provenance())
+    ds.attrs.update(prompt=prompt, num_inference_steps=T, guidance_scale=guidance, refine=refine,
+                    sampler="DDIM (eta 0, leading)",
+                    prediction_type=kind, image_size=json.dumps([height, width]))
+    return ds
+
+
+def _epsilon(denoiser: Denoiser, z: torch.Tensor, t: int, guidance: float, alpha_bar: float, kind: str) -> torch.Tensor:
+    """ε̂ at latents `z` (float64 in, float64 out) under prompt 0 with guidance."""
+    n = z.shape[0]
+    if guidance == 1.0:
+        raw = denoiser.raw(z.float(), t, [0] * n).double()
+    else:
+        both = denoiser.raw(torch.cat([z, z]).float(), t, [None] * n + [0] * n).double()
+        raw = both[:n] + guidance * (both[n:] - both[:n])
+    return to_epsilon(raw, z, alpha_bar, kind)
+
+
+def _check_latents(latents: Any, lens: Any) -> torch.Tensor:
+    if not isinstance(latents, torch.Tensor):
+        raise TypeError(f"latents must be a torch tensor (n, C, h, w), got {type(latents).__name__}")
+    scale = lens.pipeline.vae_scale_factor
+    shape = (lens.pipeline.vae.config.latent_channels, lens.pipeline_kwargs["height"] // scale,
+             lens.pipeline_kwargs["width"] // scale)
+    if latents.ndim != 4 or tuple(latents.shape[1:]) != shape or latents.shape[0] == 0:
+        raise ValueError(f"latents must be (n, {', '.join(map(str, shape))}) with n >= 1, got {tuple(latents.shape)}")
+    if not bool(torch.isfinite(latents).all()):
+        raise ValueError("latents hold NaN or inf values")
+    return latents.detach().float().cpu()
+
+
+def trajectory_latents(trajectory: xr.Dataset, step: int = 0) -> torch.Tensor:
+    """The trajectory's latents at `step` (default: the starting noise) as a tensor ``(item, C, h, w)``."""
+    if not isinstance(trajectory, xr.Dataset) or "latent" not in trajectory or "alpha_bar" not in trajectory.coords:
+        raise TypeError("expected a trajectory from dit_lens.invert (a Dataset with 'latent' and 'alpha_bar')")
+    return torch.from_numpy(trajectory["latent"].isel(step=step).values.copy())
+
+
+def regenerate(
+    lens: Any,
+    trajectory: xr.Dataset,
+    prompt: str | None = None,
+    *,
+    guidance_scale: float | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> np.ndarray:
+    """Denoise a trajectory's starting noise with its DDIM sampler through the pipeline's loop.
+
+    Args:
+        lens: The lens the trajectory was inverted with.
+        trajectory: From `invert`.
+        prompt: The prompt to denoise under (default: the inversion's, giving the reconstruction).
+        guidance_scale: Classifier-free guidance (default: the inversion's).
+        batch_size: Images per pipeline call.
+        progress: Show a progress bar over batches.
+
+    Returns:
+        Images ``(item, H, W, 3)`` float32 in [0, 1].
+    """
+    from ..interventions.generate import _Plan
+
+    check_trajectory(lens, trajectory)
+    prompt = trajectory.attrs["prompt"] if prompt is None else prompt
+    guidance = check_guidance(trajectory.attrs["guidance_scale"] if guidance_scale is None else guidance_scale)
+    T = int(trajectory.attrs["num_inference_steps"])
+    noise = trajectory_latents(trajectory)
+    plan = _Plan(lens, [], T, False)
+    out = []
+    chunks = range(0, len(noise), check_int(batch_size, "batch_size", minimum=1))
+    for start in tqdm(chunks, desc="regenerate", unit="batch", disable=not progress):
+        chunk = noise[start : start + batch_size]
+        images, _ = plan.run([prompt] * len(chunk), [0] * len(chunk), [], guidance, latents=chunk,
+                             scheduler=ddim_scheduler(lens, T))
+        out.append(images)
+    return np.concatenate(out)
+
+
+def check_trajectory(lens: Any, trajectory: Any) -> None:
+    """Refuse a trajectory that is not from `invert`, or was inverted with another model."""
+    if not isinstance(trajectory, xr.Dataset) or "latent" not in trajectory or "num_inference_steps" not in trajectory.attrs:
+        raise TypeError("expected a trajectory from dit_lens.invert (a Dataset with 'latent' and its settings)")
+    made_by = trajectory.attrs.get("model_fingerprint")
+    if made_by is not None and made_by != lens.provenance().get("model_fingerprint"):
+        raise ValueError("this trajectory was inverted with another model (its model_fingerprint differs from the "
+                         "lens's); invert the images again with this lens")
