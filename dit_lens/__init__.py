@@ -28,6 +28,7 @@ from .trace.locks import BusyError, FolderClaimError
 from .trace.store import CaptureStoreError, DamagedStoreError
 from .study import Metric, Study, pick_settings, run_study
 from .readouts.attention_maps import attention_maps
+from .inversion import edit, invert, regenerate
 from .trace.tokens import word_tokens
 from .validate import NonFiniteError
 from .views.attention import attention_figure
@@ -39,6 +40,9 @@ __all__ = [
     "__version__",
     "attention_figure",
     "attention_maps",
+    "edit",
+    "invert",
+    "regenerate",
     "word_tokens",
     "Blend",
     "EditContext",

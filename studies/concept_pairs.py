@@ -1,4 +1,5 @@
-"""The counterfactual table: three concept pairs, MedSteer vs re-prompting (same seed, target prompt).
+"""The counterfactual table: three concept pairs, MedSteer vs re-prompting (same seed, target prompt) and the
+inversion-based editors PnP and h-Edit (which edit the original image of the same seed).
 
 Each pair is swept over layer windows (where: the first quarter of the depth, which carries the
 concepts in the embedded world, and the whole depth), α, and latent blending (0 = off, the paper's
@@ -7,7 +8,8 @@ method; τ > 0 pulls the steered latent back to the unsteered one where steering
 settings that flip at least 0.9).
 
 Paper flips: polyp → normal cecum 0.800, ulcerative colitis → normal cecum 0.925,
-esophagitis → normal z-line 0.950.
+esophagitis → normal z-line 0.950; on polyps → normal cecum PnP 0.627 and h-Edit 0.714, Bg-SSIM
+PnP 0.851, h-Edit 0.822, MedSteer 0.895.
 
     python studies/concept_pairs.py [--quick] [--alphas 2.5] [--windows 0:0.25] [--blends 0 0.3]
 """
@@ -31,6 +33,8 @@ STUDY = Study(
         "medsteer": {"window": ((0.0, 0.25), (0.0, 1.0)), "alpha": (2.0, 3.0, 4.0), "blend": BLENDS,
                      "vector_seeds": (32,)},
         "reprompt": {"blend": BLENDS},  # the baseline, blended the same way
+        "pnp": {},  # at their defaults (dit_lens.methods.inversion)
+        "hedit": {},
     },
     eval_seeds=64,
     quick={"alpha": (2.0,), "window": ((0.0, 1.0),), "blend": (0.0, 0.3), "vector_seeds": (8,), "eval_seeds": 8},

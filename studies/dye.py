@@ -22,6 +22,8 @@ STUDY = Study(
         "medsteer": {"window": ((0.25, 0.75), (0.0, 1.0)), "alpha": (1.0, 1.5, 2.0, 2.5, 5.0), "blend": (0.0, 0.3),
                      "vector_seeds": (32,)},
         "reprompt": {"blend": (0.0, 0.3)},
+        "pnp": {},  # the inversion-based baselines at their defaults (paper DDR: PnP 0.80, h-Edit 0.90)
+        "hedit": {},
     },
     eval_seeds=64,
     metrics=DYE_METRICS,

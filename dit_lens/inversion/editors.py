@@ -103,6 +103,9 @@ class HEdit:
         iterations: K, editing iterations per step at the new latent.
         skip: Fraction of the first steps left unedited (the run starts from the inverted latent there).
         weight_reconstruction: Pull toward the reconstruction in iterations after the first.
+
+    After skipped steps the run starts from the inverted latent as it is (the published implicit form
+    also applies one editing correction to that latent first; dit-lens does not).
     """
 
     source_guidance: float = 3.0
@@ -193,8 +196,13 @@ def edit(
     else:
         check_trajectory(lens, trajectory)
         if int(trajectory.attrs["num_inference_steps"]) != T or trajectory.sizes["item"] != len(images):
-            raise ValueError(f"the trajectory holds {trajectory.sizes['image']} images over "
+            raise ValueError(f"the trajectory holds {trajectory.sizes['item']} images over "
                              f"{trajectory.attrs['num_inference_steps']} steps; this edit asks {len(images)} over {T}")
+        if trajectory.attrs["prompt"] != source:
+            raise ValueError(f"the trajectory was inverted under {trajectory.attrs['prompt']!r}, not the source prompt "
+                             f"{source!r}; invert under the source prompt or pass source={trajectory.attrs['prompt']!r}")
+        if not np.array_equal(trajectory["input"].values, images):
+            raise ValueError("the trajectory was inverted from other images than the ones given; pass the same images")
     for e in interventions:
         e.check(lens, T)
 

@@ -169,7 +169,13 @@ def check_images(images: Any, lens: Any) -> np.ndarray:
     height, width = lens.pipeline_kwargs["height"], lens.pipeline_kwargs["width"]
     if images.ndim == 3 and images.shape[-1] == 3:
         images = images[None]
-    if images.ndim in (2, 3) or (images.ndim == 4 and images.shape[-1] == 1):
+    if images.ndim in (3, 4) and images.shape[-1] == 4:
+        raise ValueError(f"images of shape {images.shape} have 4 channels (RGBA?): drop the alpha channel, "
+                         f"e.g. images[..., :3]")
+    if images.ndim in (3, 4) and images.shape[-3] == 3 and images.shape[-1] != 3:
+        raise ValueError(f"images of shape {images.shape} look channels-first: the model takes channels last "
+                         f"(n, H, W, 3); transpose them, e.g. np.moveaxis(images, -3, -1)")
+    if images.ndim == 2 or (images.ndim == 3 and images.shape[-1] != 3) or (images.ndim == 4 and images.shape[-1] == 1):
         raise ValueError(f"images of shape {images.shape} look grayscale: the model takes RGB (n, H, W, 3); "
                          f"repeat the channel, e.g. np.repeat(gray[..., None], 3, axis=-1)")
     if images.ndim != 4 or images.shape[-1] != 3:

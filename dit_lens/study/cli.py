@@ -58,6 +58,8 @@ def parser(study: Study) -> argparse.ArgumentParser:
         p.add_argument(f"--{axis.flag}", nargs="+", type=axis.parse, dest=f"axis_{axis.name}",
                        help=f"{axis.help} (the {axis.name!r} axis)")
     p.add_argument("--eval-seeds", type=int, help="pairs per cell")
+    p.add_argument("--eval-seed-base", type=int,
+                   help=f"first evaluation seed (default {study.eval_seed_base}); another base measures on fresh seeds")
     p.add_argument("--steps", type=int, dest="num_inference_steps", help="denoising steps")
     p.add_argument("--guidance", type=float, dest="guidance_scale", help="guidance scale")
     return p
@@ -67,7 +69,8 @@ def declared(study: Study, args: argparse.Namespace) -> Study:
     """`study` with the parsed flags applied (validated by the declaration)."""
     if args.quick:
         study = study.quick_version()
-    changes: dict[str, Any] = {f: getattr(args, f) for f in ("eval_seeds", "num_inference_steps", "guidance_scale")
+    changes: dict[str, Any] = {f: getattr(args, f) for f in ("eval_seeds", "eval_seed_base", "num_inference_steps",
+                                                                 "guidance_scale")
                                if getattr(args, f) is not None}
     if args.methods:
         changes["methods"] = {m: study.methods.get(m, {}) for m in args.methods}
