@@ -116,6 +116,9 @@ class Intervention:
     kind: ClassVar[str] = ""
     #: Name of what the intervention records while it runs (e.g. ``"gate"``), or None.
     record: ClassVar[str | None] = None
+    #: Whether the edit reads the original branch (``ctx.original()``, a latent edit's twins); a run
+    #: whose edits never do may leave the original rows out of the batch.
+    reads_original: ClassVar[bool] = False
 
     def check(self, lens: Any, num_inference_steps: int) -> None:
         """Raise a clear ValueError if this cannot run on `lens` with T steps."""
@@ -219,6 +222,7 @@ class LatentEdit(Intervention):
     ``(pairs, C, H, W)``."""
 
     kind: ClassVar[str] = "latent"
+    reads_original: ClassVar[bool] = True
 
     def apply_latents(self, step: int, original: torch.Tensor,
                       edited: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

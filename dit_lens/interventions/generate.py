@@ -203,8 +203,11 @@ class _Plan:
 
     def run(self, row_prompts: list[str], row_seeds: list[int], edited_rows: list[int],
             guidance_scale: float, *, latents: torch.Tensor | None = None, replay: torch.Tensor | None = None,
-            scheduler: Any = None, output_type: str = "np") -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """One pipeline call; row ``edited_rows[i]`` is edited, row ``edited_rows[i] - 1`` is its twin.
+            scheduler: Any = None, output_type: str = "np",
+            twin_rows: list[int] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One pipeline call; row ``edited_rows[i]`` is edited, row ``edited_rows[i] - 1`` is its twin
+        (or ``twin_rows[i]``; a row that is its own twin leaves the original branch out of the batch, for
+        edits that never read it).
 
         `latents` start the rows instead of their seeds' noise; `replay` ``(steps, pairs, C, h, w)``
         sets the twins' latents after each step (an inverted trajectory replayed on the original
@@ -214,7 +217,7 @@ class _Plan:
         """
         n_rows, pairs = len(row_prompts), len(edited_rows)
         edited = torch.tensor(edited_rows, dtype=torch.long)
-        twins = edited - 1
+        twins = edited - 1 if twin_rows is None else torch.tensor(twin_rows, dtype=torch.long)
         guided = guidance_scale > 1
         step_index = {t: i for i, t in enumerate(self.steps)}
         layer_index = {l: j for j, l in enumerate(self.layers)}

@@ -19,7 +19,7 @@ Examples:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -40,6 +40,8 @@ class Inject(SiteEdit):
         steps: Denoising steps (``None``: all); an empty tuple injects nothing (the identity).
         halves: Guidance halves to inject into; each takes the twin's same half.
     """
+
+    reads_original: ClassVar[bool] = True
 
     site: str = "block"
     layers: tuple[int, ...] | None = None

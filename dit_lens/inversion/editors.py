@@ -234,11 +234,16 @@ def edit(
 def _through_pipeline(lens: Any, latents: torch.Tensor, replay_prompt: str, prompt: str,
                       edits: Sequence[Intervention], guidance: float, T: int) -> torch.Tensor:
     """Rows [source branch, edited branch] per image through the pipeline's hooked loop: both start at the
-    inverted noise; the source branch replays the trajectory; returns the edited rows' final latents."""
+    inverted noise; the source branch replays the trajectory; returns the edited rows' final latents.
+    When no edit reads the source branch (re-prompting, steering), only the edited rows run."""
     n = latents.shape[0]
+    plan = _Plan(lens, list(edits), T, False)
+    if not any(e.reads_original and not e.is_identity for e in edits):  # no source branch needed
+        final, _ = plan.run([prompt] * n, [0] * n, list(range(n)), guidance, latents=latents[:, 0].clone(),
+                            scheduler=ddim_scheduler(lens, T), output_type="latent", twin_rows=list(range(n)))
+        return torch.from_numpy(final)
     start = latents[:, 0].repeat_interleave(2, dim=0)  # (2n, C, h, w)
     replay = latents[:, 1:].transpose(0, 1)  # (T, n, C, h, w): the level after each step
-    plan = _Plan(lens, list(edits), T, False)
     final, _ = plan.run([replay_prompt, prompt] * n, [0] * (2 * n), [2 * i + 1 for i in range(n)], guidance,
                         latents=start, replay=replay, scheduler=ddim_scheduler(lens, T), output_type="latent")
     return torch.from_numpy(final[1::2])

@@ -6,13 +6,22 @@ default the colon's other findings: a polyp detector must not fire on colitis or
 which the training negatives — the target class only — never show):
 - ``real``: real images only (``real_per_class`` per class);
 - ``reprompt``: plus K synthetic positives (source prompt) and K negatives (target prompt, same seeds);
+- ``pnp``: plus K Plug-and-Play pairs (the source prompt's image, and its DDIM inversion edited
+  toward the target prompt with feature and self-attention injection);
+- ``hedit``: plus K h-Edit-D pairs (the same originals, inverted and edited by h-Edit);
 - ``medsteer``: plus K counterfactual pairs (unsteered positive, steered negative, same seed).
-Both synthetic sets are the pairs of the registered methods (`dit_lens.methods`): each arm adds its
+Every synthetic set is the pairs of a registered method (`dit_lens.methods`): each arm adds its
 method's K originals as positives and its K counterfactuals as negatives, so the sets are
-quantity-matched. Reports AUC and F1 with bootstrap intervals over seeds, and
-the AUC gain of ``medsteer`` over ``reprompt`` paired by training seed (both arms see the same real
-images, initialisation and batch order for a seed, so the pairing removes the detector's own
-seed-to-seed spread).
+quantity-matched. PnP and h-Edit run at their registered default settings, with
+``inversion_steps`` DDIM steps. Reports AUC and F1 with bootstrap intervals over seeds, and the AUC
+gain of ``medsteer`` over each of ``reprompt``, ``pnp`` and ``hedit`` paired by training seed (all
+arms see the same real images, initialisation and batch order for a seed, so the pairing removes the
+detector's own seed-to-seed spread).
+
+A result folder's ``synthetic.npz`` holds ``{arm}_unsteered`` and ``{arm}_steered`` per synthetic
+arm. A set stored by an earlier version, with fewer arms (or the older ``source``/``steered``/
+``target`` layout), is completed: the missing arms are made and added beside the stored arrays,
+which are kept as they are.
 """
 
 from __future__ import annotations
@@ -31,11 +40,18 @@ import xarray as xr
 
 from ..study import metrics as M
 from ..interventions.blend import check_blend
+from ..validate import check_int
 from ..trace.locks import claim_folder, exclusive, write_atomic
 
 __all__ = ["DownstreamConfig", "roc_auc", "f1_score", "train_detector", "run_downstream", "synthetic_pairs"]
 
-ARMS = ("real", "reprompt", "medsteer")
+ARMS = ("real", "reprompt", "pnp", "hedit", "medsteer")
+#: The arms MedSteer is compared with, paired by training seed (``auc_gain_medsteer_vs_<arm>``).
+BASELINES = ("reprompt", "pnp", "hedit")
+#: Settings added after results were first stored, with their defaults: at the default they are
+#: left out of `DownstreamConfig.key` (so a folder of an earlier version is found again and
+#: completed), and a folder declared before they existed counts as holding the default.
+LATER_FIELDS = {"inversion_steps": 50}
 #: The first synthetic seed (disjoint from the vector seeds and the real images' seeds).
 SYNTHETIC_SEED_BASE = 20_000
 
@@ -56,6 +72,7 @@ class DownstreamConfig:
     vector_seeds: int = 32
     num_inference_steps: int = 20
     guidance_scale: float = 4.5
+    inversion_steps: int = 50  # PnP and h-Edit: DDIM steps of the inversion and the edit
 
     def __post_init__(self) -> None:
         for name in ("real_per_class", "synthetic_per_class", "test_per_class", "detector_steps", "vector_seeds"):
@@ -63,6 +80,8 @@ class DownstreamConfig:
                 raise ValueError(f"DownstreamConfig.{name} must be >= 1")
         if not self.train_seeds:
             raise ValueError("DownstreamConfig.train_seeds needs at least one seed")
+        object.__setattr__(self, "inversion_steps",
+                           check_int(self.inversion_steps, "DownstreamConfig.inversion_steps", minimum=1))
         object.__setattr__(self, "train_seeds", tuple(int(s) for s in self.train_seeds))
         object.__setattr__(self, "test_negatives", tuple(str(x) for x in self.test_negatives))
         from .procedural import LABELS
@@ -76,7 +95,6 @@ class DownstreamConfig:
         object.__setattr__(self, "window", tuple(float(x) for x in self.window))
         object.__setattr__(self, "blend", check_blend(self.blend))
 
-
     def context(self) -> dict:
         """Every setting but the training seeds: runs that share it share their finished cells."""
         data = json.loads(json.dumps(asdict(self)))
@@ -84,10 +102,15 @@ class DownstreamConfig:
         return data
 
     def key(self, lens: Any) -> str:
-        """Names the default result folder: changes with the settings (not the seed list) or the model."""
-        import hashlib
+        """Names the default result folder: changes with the settings (not the seed list) or the model.
 
-        blob = json.dumps({"config": self.context(), "model": lens.fingerprint}, sort_keys=True)
+        Settings of `LATER_FIELDS` at their default are left out, so the key of a config that an
+        earlier version could express is the key that version gave it."""
+        context = self.context()
+        for name, default in LATER_FIELDS.items():
+            if context[name] == default:
+                del context[name]
+        blob = json.dumps({"config": context, "model": lens.fingerprint}, sort_keys=True)
         return hashlib.blake2b(blob.encode(), digest_size=6).hexdigest()
 
 
@@ -146,15 +169,7 @@ def run_downstream(cfg: DownstreamConfig, lens: Any, folder: Path, *, progress: 
     k = cfg.synthetic_per_class
     synth_path = folder / "synthetic.npz"
     with exclusive(folder / ".locks" / synth_path.name):  # made once; others wait, then read it
-        if synth_path.exists():
-            synthetic = _read_synthetic(synth_path)
-        else:
-            synthetic = synthetic_pairs(cfg, lens, progress=progress)
-            buffer = io.BytesIO()
-            np.savez_compressed(buffer, **{f"{arm}_{branch}": images for arm, pair in synthetic.items()
-                                           for branch, images in zip(("unsteered", "steered"), pair)})
-            write_atomic(_digest_path(synth_path), _digest(buffer.getvalue()).encode())
-            write_atomic(synth_path, buffer.getvalue())
+        synthetic = _synthetic(synth_path, cfg, lens, progress=progress)
     n_real, n_test = cfg.real_per_class, cfg.test_per_class
     real = render([cfg.source] * n_real + [cfg.target] * n_real, list(range(500, 500 + n_real)) * 2).images
     real_y = np.array([1] * n_real + [0] * n_real)
@@ -182,11 +197,11 @@ def run_downstream(cfg: DownstreamConfig, lens: Any, folder: Path, *, progress: 
         data[f"{metric}_high"] = (("arm",), [e.high for e in est])
         data[f"{metric}_per_seed"] = (("arm", "train_seed"), per_seed)
     per_seed_auc = np.array([[results[(a, s)]["auc"] for s in cfg.train_seeds] for a in ARMS])
-    gain = per_seed_auc[ARMS.index("medsteer")] - per_seed_auc[ARMS.index("reprompt")]
-    paired = M.estimate(gain)
-    data["auc_gain_medsteer_vs_reprompt"] = ((), paired.value)
-    data["auc_gain_medsteer_vs_reprompt_low"] = ((), paired.low)
-    data["auc_gain_medsteer_vs_reprompt_high"] = ((), paired.high)
+    for baseline in BASELINES:  # paired by training seed
+        paired = M.estimate(per_seed_auc[ARMS.index("medsteer")] - per_seed_auc[ARMS.index(baseline)])
+        data[f"auc_gain_medsteer_vs_{baseline}"] = ((), paired.value)
+        data[f"auc_gain_medsteer_vs_{baseline}_low"] = ((), paired.low)
+        data[f"auc_gain_medsteer_vs_{baseline}_high"] = ((), paired.high)
     by_negative = np.array([[np.mean([results[(a, s)]["auc_by_negative"][label] for s in cfg.train_seeds])
                              for label in cfg.test_negatives] for a in ARMS])
     data["auc_by_negative"] = (("arm", "negative"), by_negative)
@@ -200,10 +215,13 @@ def run_downstream(cfg: DownstreamConfig, lens: Any, folder: Path, *, progress: 
     return ds
 
 
-def synthetic_pairs(cfg: DownstreamConfig, lens: Any, *, progress: bool = False) -> dict[str, tuple]:
+def synthetic_pairs(cfg: DownstreamConfig, lens: Any, *, arms: tuple[str, ...] | None = None,
+                    progress: bool = False) -> dict[str, tuple]:
     """Each synthetic arm's pairs from its registered method: ``{arm: (originals, counterfactuals)}``,
-    images ``(K, H, W, 3)``. MedSteer steers at the config's window, α and blend with the vector from
-    ``vector_seeds`` seeds; re-prompting is unblended."""
+    images ``(K, H, W, 3)``, for `arms` (default: every synthetic arm). MedSteer steers at the
+    config's window, α and blend with the vector from ``vector_seeds`` seeds; re-prompting is
+    unblended; PnP and h-Edit edit the source prompt's images at their default settings with
+    ``inversion_steps`` DDIM steps."""
     from ..methods import MethodContext, Vectors, get
     from .domain import endoscopy_pair
 
@@ -214,12 +232,17 @@ def synthetic_pairs(cfg: DownstreamConfig, lens: Any, *, progress: bool = False)
     context = MethodContext(num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                             batch_size=8, vectors=vectors, progress=progress)
     settings = {"reprompt": {"blend": 0.0},
+                "pnp": {"inversion_steps": cfg.inversion_steps},
+                "hedit": {"inversion_steps": cfg.inversion_steps},
                 "medsteer": {"window": cfg.window, "alpha": cfg.alpha, "blend": cfg.blend,
                              "vector_seeds": cfg.vector_seeds}}
+    unknown = [a for a in (arms or ()) if a not in ARMS[1:]]
+    if unknown:
+        raise ValueError(f"synthetic_pairs: unknown arms {unknown}; the synthetic arms are {list(ARMS[1:])}")
     synthetic = {}
-    for arm in ARMS[1:]:
+    for arm in [a for a in ARMS[1:] if arms is None or a in arms]:
         out = get(arm).run(lens, pair, seeds, settings[arm], context=context)
-        synthetic[arm] = tuple(out["image"].sel(branch=b).values[0] for b in ("unsteered", "steered"))
+        synthetic[arm] = tuple(out["image"].sel(branch=b).values[0] for b in ("original", "edited"))
     return synthetic
 
 
@@ -263,17 +286,69 @@ def _read_record(path: Path) -> dict:
 
 
 def _read_synthetic(path: Path) -> dict[str, tuple]:
-    """The stored synthetic pairs, checked against their digest (files of earlier versions have
-    none); files written before the methods registry held one shared set of originals (``source``)
-    beside ``steered`` and ``target``."""
+    """The synthetic pairs stored in `path`, ``{arm: (unsteered, steered)}`` for the arms it holds
+    (which may be fewer than `ARMS`: see `_synthetic`), checked against their digest (files of
+    earlier versions have none). Files written before the methods registry held one shared set of
+    originals (``source``) beside ``steered`` and ``target``."""
+    data = _stored_arrays(path)
+    arms = {}
+    for arm in ARMS[1:]:
+        names = [f"{arm}_{branch}" for branch in ("unsteered", "steered")]
+        if any(name in data for name in names):
+            if not all(name in data for name in names):
+                raise ValueError(f"{path} holds {' and '.join(n for n in names if n in data)} without "
+                                 f"{' and '.join(n for n in names if n not in data)}; delete it and its "
+                                 f"{_digest_path(path).name} to make the synthetic set again")
+            arms[arm] = tuple(data[name] for name in names)
+    if "source" in data:  # the layout before the methods registry
+        arms.setdefault("reprompt", (data["source"], data["target"]))
+        arms.setdefault("medsteer", (data["source"], data["steered"]))
+    return arms
+
+
+def _stored_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a stored synthetic set, checked against its digest where it has one."""
     digest = _digest_path(path)
     if digest.exists() and digest.read_text() != _digest(path.read_bytes()):
         raise ValueError(f"{path} fails its checksum (changed after it was written); delete it and its "
                          f"{digest.name} to make the synthetic set again")
-    data = dict(np.load(path))
-    if "source" in data:
-        return {"reprompt": (data["source"], data["target"]), "medsteer": (data["source"], data["steered"])}
-    return {arm: (data[f"{arm}_unsteered"], data[f"{arm}_steered"]) for arm in ARMS[1:]}
+    with np.load(path) as stored:
+        return {name: stored[name] for name in stored.files}
+
+
+def _synthetic(path: Path, cfg: DownstreamConfig, lens: Any, *, progress: bool) -> dict[str, tuple]:
+    """Every synthetic arm's pairs: read from `path`, the arms it lacks made and added to it.
+
+    The caller holds the lock on `path`. A set stored by an earlier version (fewer arms, or the
+    ``source``/``steered``/``target`` layout) is kept array for array; the missing arms' arrays
+    are added beside them, and the file and its digest are rewritten atomically. The old digest
+    is removed first, so a crash in between leaves a complete file without a digest (read as an
+    earlier version's), never a file that fails its checksum.
+    """
+    stored, synthetic = ({}, {}) if not path.exists() else (_stored_arrays(path), _read_synthetic(path))
+    missing = tuple(arm for arm in ARMS[1:] if arm not in synthetic)
+    if missing:
+        if synthetic and progress:
+            print(f"downstream: {path} lacks the arms {', '.join(missing)} (an earlier version's set); "
+                  f"making them and adding them to it")
+        made = synthetic_pairs(cfg, lens, arms=missing, progress=progress)
+        added = {f"{arm}_{branch}": images for arm, pair in made.items()
+                 for branch, images in zip(("unsteered", "steered"), pair)}
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **stored, **added)
+        digest = _digest_path(path)
+        digest.unlink(missing_ok=True)
+        write_atomic(path, buffer.getvalue())
+        write_atomic(digest, _digest(buffer.getvalue()).encode())
+        synthetic.update(made)
+    k = cfg.synthetic_per_class
+    shapes = {arm: [images.shape for images in synthetic[arm]] for arm in ARMS[1:]}
+    every = {shape for pair in shapes.values() for shape in pair}
+    if len(every) != 1 or any(len(shape) != 4 or shape[0] != k or shape[-1] != 3 for shape in every):
+        raise ValueError(f"{path}: the synthetic pairs have shapes {shapes}, not one shape ({k}, H, W, 3) as "
+                         f"synthetic_per_class = {k} needs; delete it and its {_digest_path(path).name} "
+                         f"to make the synthetic set again")
+    return {arm: synthetic[arm] for arm in ARMS[1:]}
 
 
 def _test_set(cfg: DownstreamConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -294,6 +369,8 @@ def _claim(folder: Path, cfg: DownstreamConfig, lens: Any) -> None:
     if declaration.exists():
         theirs = json.loads(declaration.read_text())
         theirs_context = {k: v for k, v in theirs.get("config", {}).items() if k != "train_seeds"}
+        for name, default in LATER_FIELDS.items():  # declared before the setting existed
+            theirs_context.setdefault(name, default)
         if theirs_context != cfg.context() or theirs.get("model_fingerprint") != lens.fingerprint:
             raise ValueError(f"{folder} holds another downstream run; pass a new --out folder (nothing was changed)")
     write_atomic(declaration, json.dumps(mine, indent=1).encode())
