@@ -71,8 +71,15 @@ class PnP:
     Attributes:
         feature_fraction: τ_f, the fraction of the steps (from the start) whose block outputs are injected.
         attention_fraction: τ_A, the same for the self-attention weights.
-        feature_layers: Blocks whose outputs are injected (``None``: all).
+        feature_layers: Blocks whose outputs are injected (``None``: the first half of the depth).
         attention_layers: Blocks whose self-attention weights are injected (``None``: all).
+
+    A DiT block's output *is* the residual stream, so injecting it at blocks a…b is injecting it at b
+    alone, and injecting it at the last block hands the edited branch the source's prediction
+    outright (an exact reconstruction for those steps). Where to inject is therefore a depth; the
+    default, the first half, was measured by a sweep on the embedded world (`studies/concept_pairs.py
+    --methods pnp --feature-windows ...`), since DiT blocks do not map onto the UNet decoder layers
+    PnP was published on.
     """
 
     feature_fraction: float = 0.8
@@ -86,9 +93,10 @@ class PnP:
         object.__setattr__(self, "feature_layers", _layers("PnP.feature_layers", self.feature_layers))
         object.__setattr__(self, "attention_layers", _layers("PnP.attention_layers", self.attention_layers))
 
-    def interventions(self, T: int) -> list[Inject]:
-        """The two injections for a run of T steps (the first ⌊τ·T⌋ steps each)."""
-        return [Inject("block", self.feature_layers, tuple(range(math.floor(self.feature_fraction * T)))),
+    def interventions(self, T: int, num_layers: int) -> list[Inject]:
+        """The two injections for a run of T steps (the first ⌊τ·T⌋ steps each) on a model of `num_layers` blocks."""
+        features = self.feature_layers if self.feature_layers is not None else tuple(range(max(1, num_layers // 2)))
+        return [Inject("block", features, tuple(range(math.floor(self.feature_fraction * T)))),
                 Inject("attn1.weights", self.attention_layers, tuple(range(math.floor(self.attention_fraction * T))))]
 
 
@@ -97,8 +105,10 @@ class HEdit:
     """h-Edit-D (deterministic, implicit form): reconstruction by the inversion residual plus an editing term.
 
     Attributes:
-        source_guidance: ŵ_orig, the guidance of the source prediction in the editing term (its authors:
-            keep it close to the target's guidance, which is `edit`'s ``guidance_scale``).
+        source_guidance: ŵ_orig, the guidance of the source prediction in the editing term (``None``:
+            the target's guidance w_edit, which is `edit`'s ``guidance_scale``; its authors advise keeping
+            the two close, and on the embedded world ŵ_orig = w_edit flipped most: 0.875 vs 0.812 at
+            3.0 and 0.250 at 1.0, polyps → normal cecum, 16 pairs, skip 0.3).
         base_guidance: The guidance of the reconstruction path's source prediction (published: 1).
         iterations: K, editing iterations per step at the new latent.
         skip: Fraction of the first steps left unedited (the run starts from the inverted latent there).
@@ -108,7 +118,7 @@ class HEdit:
     also applies one editing correction to that latent first; dit-lens does not).
     """
 
-    source_guidance: float = 3.0
+    source_guidance: float | None = None
     base_guidance: float = 1.0
     iterations: int = 1
     skip: float = 0.3
@@ -116,7 +126,8 @@ class HEdit:
 
     def __post_init__(self) -> None:
         for name in ("source_guidance", "base_guidance"):
-            object.__setattr__(self, name, check_guidance(getattr(self, name)))
+            if getattr(self, name) is not None or name == "base_guidance":
+                object.__setattr__(self, name, check_guidance(getattr(self, name), name=f"HEdit.{name}"))
         object.__setattr__(self, "iterations", check_int(self.iterations, "HEdit.iterations", minimum=1))
         object.__setattr__(self, "skip", _fraction("HEdit.skip", self.skip))
         w = self.weight_reconstruction
@@ -214,7 +225,7 @@ def edit(
         if method == "hedit":
             edited.append(_hedit(lens, part, source, target, editor, guidance, T))
         else:
-            extra = editor.interventions(T) if method == "pnp" else interventions
+            extra = editor.interventions(T, lens.num_layers) if method == "pnp" else interventions
             prompt = source if method == "medsteer" else target
             edited.append(_through_pipeline(lens, part, trajectory.attrs["prompt"], prompt, extra, guidance, T))
     out_images = decode(lens, torch.cat(edited))
@@ -226,9 +237,19 @@ def edit(
     ds.attrs.update(method=method, source_prompt=source, target_prompt=target or "", num_inference_steps=T,
                     guidance_scale=guidance, inversion_guidance=float(trajectory.attrs["guidance_scale"]),
                     refine=int(trajectory.attrs.get("refine", 0)), sampler=trajectory.attrs["sampler"],
-                    settings=json.dumps(asdict(editor) if editor else {}),
+                    settings=json.dumps(_resolved(editor, guidance)),
                     edits=json.dumps([e.settings() for e in interventions]))
     return ds
+
+
+def _resolved(editor: PnP | HEdit | None, guidance: float) -> dict:
+    """The editor's settings as they ran (h-Edit's ŵ_orig defaults to the edit's guidance)."""
+    if editor is None:
+        return {}
+    settings = asdict(editor)
+    if isinstance(editor, HEdit) and editor.source_guidance is None:
+        settings["source_guidance"] = guidance
+    return settings
 
 
 def _through_pipeline(lens: Any, latents: torch.Tensor, replay_prompt: str, prompt: str,
@@ -260,6 +281,7 @@ def _hedit(lens: Any, latents: torch.Tensor, source: str, target: str, cfg: HEdi
     n = latents.shape[0]
     traj = latents.double()
     first = min(round(cfg.skip * T), T)
+    w_source = w_edit if cfg.source_guidance is None else cfg.source_guidance
     x = traj[:, first].clone()
 
     def guided(z: torch.Tensor, t: int, prompt: int, weight: float, alpha: float) -> torch.Tensor:
@@ -282,7 +304,7 @@ def _hedit(lens: Any, latents: torch.Tensor, source: str, target: str, cfg: HEdi
         for k in range(cfg.iterations):
             raw = denoiser.raw(torch.cat([x, x, x]).float(), t_next, [None] * n + [0] * n + [1] * n).double()
             null, src, tar = (to_epsilon(r, x, a_eval, kind) for r in raw.chunk(3))
-            correction = (null + w_edit * (tar - null)) - (null + cfg.source_guidance * (src - null))
+            correction = (null + w_edit * (tar - null)) - (null + w_source * (src - null))
             rec = x
             if k > 0 and cfg.weight_reconstruction > 0:  # pull back toward the reconstruction (L1 gradient)
                 grad = torch.sign(x - base) / x[0].numel()

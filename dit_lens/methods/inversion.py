@@ -8,9 +8,8 @@ changed, reconstruction error included.
 
 Examples:
     >>> from dit_lens.methods import get
-    >>> get("pnp").cell_name(0, {"feature_window": (0.0, 1.0), "attention_window": (0.0, 1.0),
-    ...                          "feature_fraction": 0.8, "attention_fraction": 0.5, "inversion_steps": 50})
-    'pnp_p0_fw0-1_aw0-1_tf0.8_ta0.5_i50'
+    >>> get("pnp").cell_name(0, get("pnp").settings())
+    'pnp_p0_fw0-0.5_aw0-1_tf0.8_ta0.5_i50'
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ INVERSION_STEPS = Axis("inversion_steps", default=(50,), parse=int, check=check_
                        help="DDIM steps of the inversion and the edit")
 
 PNP_AXES = (
-    Axis("feature_window", default=((0.0, 1.0),), parse=parse_window, check=check_window, key="fw",
+    Axis("feature_window", default=((0.0, 0.5),), parse=parse_window, check=check_window, key="fw",
          label=window_label, flag="feature-windows", resolve=_layers,
          help="PnP: blocks whose outputs are injected, START:STOP (fractions of the depth)"),
     Axis("attention_window", default=((0.0, 1.0),), parse=parse_window, check=check_window, key="aw",
@@ -59,7 +58,7 @@ PNP_AXES = (
 )
 
 HEDIT_AXES = (
-    Axis("source_guidance", default=(3.0,), parse=float, check=check_real, key="sg",
+    Axis("source_guidance", default=(4.5,), parse=float, check=check_real, key="sg",
          help="h-Edit ŵ_orig: guidance of the source prediction in the editing term"),
     Axis("iterations", default=(1,), parse=int, check=check_count, key="k",
          help="h-Edit K: editing iterations per step"),
