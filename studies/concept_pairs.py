@@ -37,7 +37,8 @@ STUDY = Study(
         "hedit": {},
     },
     eval_seeds=64,
-    quick={"alpha": (2.0,), "window": ((0.0, 1.0),), "blend": (0.0, 0.3), "vector_seeds": (8,), "eval_seeds": 8},
+    quick={"alpha": (2.0,), "window": ((0.0, 1.0),), "blend": (0.0, 0.3), "vector_seeds": (8,), "eval_seeds": 8,
+           "inversion_steps": (20,)},
 )
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ STUDY = Study(
     eval_seeds=64,
     metrics=DYE_METRICS,
     require=DYE_FLOORS,
-    quick={"alpha": (1.5,), "window": ((0.0, 1.0),), "vector_seeds": (8,), "eval_seeds": 8},
+    quick={"alpha": (1.5,), "window": ((0.0, 1.0),), "vector_seeds": (8,), "eval_seeds": 8,
+           "inversion_steps": (20,)},
 )
 
 if __name__ == "__main__":
