@@ -38,6 +38,7 @@ __all__ = [
     "UNIT_NORM_TOLERANCE",
     "USER_ERRORS",
     "check_finite",
+    "check_fraction",
     "check_guidance",
     "check_int",
     "check_pipeline_folder",
@@ -89,6 +90,13 @@ def check_real(value: Any, name: str, *, minimum: float | None = None) -> float:
     if not is_real(value) or not math.isfinite(float(value)) or (minimum is not None and value < minimum):
         least = "" if minimum is None else f" >= {minimum:g}"
         raise ValueError(f"{name} must be a finite number{least}, got {value!r}")
+    return float(value)
+
+
+def check_fraction(value: Any, name: str) -> float:
+    """A fraction of the denoising steps: a real number in [0, 1], not a bool."""
+    if not is_real(value) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be a fraction of the steps in [0, 1], got {value!r}")
     return float(value)
 
 

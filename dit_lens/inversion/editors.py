@@ -32,6 +32,7 @@ import json
 import math
 import numbers
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any, Sequence
 
 import numpy as np
@@ -42,17 +43,11 @@ from tqdm.auto import tqdm
 from ..interventions.base import Intervention, SiteEdit
 from ..interventions.generate import _Plan, _as_edits
 from ..interventions.inject import Inject
-from ..validate import NonFiniteError, check_guidance, check_int
+from ..validate import NonFiniteError, check_fraction, check_guidance, check_int, check_real
 from .sampler import Denoiser, alpha_bars, check_images, ddim_move, ddim_scheduler, decode, to_epsilon
 from .trajectory import check_trajectory, invert
 
 __all__ = ["EDITORS", "HEdit", "PnP", "edit"]
-
-
-def _fraction(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
-        raise ValueError(f"{name} must be a fraction of the steps in [0, 1], got {value!r}")
-    return float(value)
 
 
 def _layers(name: str, value: Any) -> tuple[int, ...] | None:
@@ -88,8 +83,8 @@ class PnP:
     attention_layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "feature_fraction", _fraction("PnP.feature_fraction", self.feature_fraction))
-        object.__setattr__(self, "attention_fraction", _fraction("PnP.attention_fraction", self.attention_fraction))
+        object.__setattr__(self, "feature_fraction", check_fraction(self.feature_fraction, "PnP.feature_fraction"))
+        object.__setattr__(self, "attention_fraction", check_fraction(self.attention_fraction, "PnP.attention_fraction"))
         object.__setattr__(self, "feature_layers", _layers("PnP.feature_layers", self.feature_layers))
         object.__setattr__(self, "attention_layers", _layers("PnP.attention_layers", self.attention_layers))
 
@@ -129,11 +124,9 @@ class HEdit:
             if getattr(self, name) is not None or name == "base_guidance":
                 object.__setattr__(self, name, check_guidance(getattr(self, name), name=f"HEdit.{name}"))
         object.__setattr__(self, "iterations", check_int(self.iterations, "HEdit.iterations", minimum=1))
-        object.__setattr__(self, "skip", _fraction("HEdit.skip", self.skip))
-        w = self.weight_reconstruction
-        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w) or w < 0:
-            raise ValueError(f"HEdit.weight_reconstruction must be a finite number >= 0, got {w!r}")
-        object.__setattr__(self, "weight_reconstruction", float(w))
+        object.__setattr__(self, "skip", check_fraction(self.skip, "HEdit.skip"))
+        object.__setattr__(self, "weight_reconstruction",
+                           check_real(self.weight_reconstruction, "HEdit.weight_reconstruction", minimum=0))
 
 
 #: The editors `edit` runs, by name.
@@ -218,16 +211,19 @@ def edit(
         e.check(lens, T)
 
     latents = torch.from_numpy(trajectory["latent"].values.copy())  # (n, T + 1, C, h, w)
+    ddim = ddim_scheduler(lens, T)
+    if method == "hedit":
+        denoiser = Denoiser(lens, [source, target], ddim.config.prediction_type)
+        run = partial(_hedit, denoiser, ddim, cfg=editor, w_edit=guidance, T=T)
+    else:
+        extra = editor.interventions(T, lens.num_layers) if method == "pnp" else interventions
+        plan = _Plan(lens, list(extra), T, False)
+        prompt = source if method == "medsteer" else target
+        run = partial(_through_pipeline, plan, ddim, replay_prompt=trajectory.attrs["prompt"], prompt=prompt,
+                      guidance=guidance)
     chunks = range(0, len(images), batch_size)
-    edited = []
-    for start in tqdm(chunks, desc=f"edit ({method})", unit="batch", disable=not progress):
-        part = latents[start : start + batch_size]
-        if method == "hedit":
-            edited.append(_hedit(lens, part, source, target, editor, guidance, T))
-        else:
-            extra = editor.interventions(T, lens.num_layers) if method == "pnp" else interventions
-            prompt = source if method == "medsteer" else target
-            edited.append(_through_pipeline(lens, part, trajectory.attrs["prompt"], prompt, extra, guidance, T))
+    edited = [run(latents[start : start + batch_size])
+              for start in tqdm(chunks, desc=f"edit ({method})", unit="batch", disable=not progress)]
     out_images = decode(lens, torch.cat(edited))
     if not np.isfinite(out_images).all():
         raise NonFiniteError(f"the edited images hold NaN or inf ({method}, {settings}); no result was kept")
@@ -252,49 +248,41 @@ def _resolved(editor: PnP | HEdit | None, guidance: float) -> dict:
     return settings
 
 
-def _through_pipeline(lens: Any, latents: torch.Tensor, replay_prompt: str, prompt: str,
-                      edits: Sequence[Intervention], guidance: float, T: int) -> torch.Tensor:
+def _through_pipeline(plan: _Plan, ddim: Any, latents: torch.Tensor, replay_prompt: str, prompt: str,
+                      guidance: float) -> torch.Tensor:
     """Rows [source branch, edited branch] per image through the pipeline's hooked loop: both start at the
     inverted noise; the source branch replays the trajectory; returns the edited rows' final latents.
     When no edit reads the source branch (re-prompting, steering), only the edited rows run."""
     n = latents.shape[0]
-    plan = _Plan(lens, list(edits), T, False)
-    if not any(e.reads_original and not e.is_identity for e in edits):  # no source branch needed
+    if not any(e.reads_original and not e.is_identity for e in plan.edits):  # no source branch needed
         final, _ = plan.run([prompt] * n, [0] * n, list(range(n)), guidance, latents=latents[:, 0].clone(),
-                            scheduler=ddim_scheduler(lens, T), output_type="latent", twin_rows=list(range(n)))
+                            scheduler=ddim, output_type="latent", twin_rows=list(range(n)))
         return torch.from_numpy(final)
     start = latents[:, 0].repeat_interleave(2, dim=0)  # (2n, C, h, w)
     replay = latents[:, 1:].transpose(0, 1)  # (T, n, C, h, w): the level after each step
     final, _ = plan.run([replay_prompt, prompt] * n, [0] * (2 * n), [2 * i + 1 for i in range(n)], guidance,
-                        latents=start, replay=replay, scheduler=ddim_scheduler(lens, T), output_type="latent")
+                        latents=start, replay=replay, scheduler=ddim, output_type="latent")
     return torch.from_numpy(final[1::2])
 
 
 @torch.no_grad()
-def _hedit(lens: Any, latents: torch.Tensor, source: str, target: str, cfg: HEdit, w_edit: float, T: int) -> torch.Tensor:
-    """h-Edit-D on one chunk: `latents` ``(n, T + 1, C, h, w)`` is the inverted trajectory."""
-    ddim = ddim_scheduler(lens, T)
+def _hedit(denoiser: Denoiser, ddim: Any, latents: torch.Tensor, cfg: HEdit, w_edit: float, T: int) -> torch.Tensor:
+    """h-Edit-D on one chunk: `latents` ``(n, T + 1, C, h, w)`` is the inverted trajectory; the denoiser's
+    prompts are ``[source, target]``."""
     levels = alpha_bars(ddim).tolist()
     cumprod = ddim.alphas_cumprod.double()
-    kind = ddim.config.prediction_type
-    denoiser = Denoiser(lens, [source, target])
     n = latents.shape[0]
     traj = latents.double()
     first = min(round(cfg.skip * T), T)
     w_source = w_edit if cfg.source_guidance is None else cfg.source_guidance
     x = traj[:, first].clone()
 
-    def guided(z: torch.Tensor, t: int, prompt: int, weight: float, alpha: float) -> torch.Tensor:
-        if weight == 1.0:
-            raw = denoiser.raw(z.float(), t, [prompt] * len(z)).double()
-        else:
-            both = denoiser.raw(torch.cat([z, z]).float(), t, [None] * len(z) + [prompt] * len(z)).double()
-            raw = both[: len(z)] + weight * (both[len(z):] - both[: len(z)])
-        return to_epsilon(raw, z, alpha, kind)
+    def rms(v: torch.Tensor) -> torch.Tensor:
+        return v.pow(2).flatten(1).mean(1).sqrt().view(-1, 1, 1, 1)
 
     for i in range(first, T):
         t, a, a_next = int(ddim.timesteps[i]), levels[i], levels[i + 1]
-        eps = guided(torch.cat([traj[:, i], x]), t, 0, cfg.base_guidance, a)  # source prediction on both paths
+        eps = denoiser.epsilon(torch.cat([traj[:, i], x]), t, 0, cfg.base_guidance, a)  # source prediction on both paths
         residual = traj[:, i + 1] - ddim_move(traj[:, i], eps[:n], a, a_next)  # u_t: what the DDIM step misses
         base = ddim_move(x, eps[n:], a, a_next) + residual
         t_next = int(ddim.timesteps[i + 1]) if i + 1 < T else 0
@@ -303,12 +291,11 @@ def _hedit(lens: Any, latents: torch.Tensor, source: str, target: str, cfg: HEdi
         x = base
         for k in range(cfg.iterations):
             raw = denoiser.raw(torch.cat([x, x, x]).float(), t_next, [None] * n + [0] * n + [1] * n).double()
-            null, src, tar = (to_epsilon(r, x, a_eval, kind) for r in raw.chunk(3))
+            null, src, tar = (to_epsilon(r, x, a_eval, denoiser.prediction_type) for r in raw.chunk(3))
             correction = (null + w_edit * (tar - null)) - (null + w_source * (src - null))
             rec = x
             if k > 0 and cfg.weight_reconstruction > 0:  # pull back toward the reconstruction (L1 gradient)
                 grad = torch.sign(x - base) / x[0].numel()
-                rms = lambda v: v.pow(2).flatten(1).mean(1).sqrt().view(-1, 1, 1, 1)
                 rho = rms(correction) / (rms(grad) + 1e-8) * cfg.weight_reconstruction
                 rec = x - rho * grad
             x = rec + coeff * correction

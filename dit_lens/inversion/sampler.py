@@ -116,10 +116,11 @@ class Denoiser:
 
     Args:
         lens: A PixArt-family `dit_lens.Lens`.
-        prompts: The prompts whose embeddings calls use (index them in `eps`).
+        prompts: The prompts whose embeddings calls use (indices into them pick a row's prompt).
+        prediction_type: What the model predicts (the sampler's ``prediction_type``), for `epsilon`.
     """
 
-    def __init__(self, lens: Any, prompts: Sequence[str]) -> None:
+    def __init__(self, lens: Any, prompts: Sequence[str], prediction_type: str = "epsilon") -> None:
         pipe = lens.pipeline
         if not hasattr(pipe, "encode_prompt") or not hasattr(pipe, "transformer"):
             raise ValueError(f"inversion calls the denoiser directly and knows PixArt pipelines; "
@@ -135,6 +136,7 @@ class Denoiser:
         self.null, self.null_mask = null[:1], null_mask[:1]
         self.height, self.width = kwargs["height"], kwargs["width"]
         self.learned_sigma = pipe.transformer.config.out_channels // 2 == pipe.vae.config.latent_channels
+        self.prediction_type = prediction_type
 
     @torch.no_grad()
     def raw(self, latents: torch.Tensor, timestep: int, which: Sequence[int | None]) -> torch.Tensor:
@@ -151,6 +153,19 @@ class Denoiser:
         out = self.pipe.transformer(latents.to(embeds.dtype), encoder_hidden_states=embeds, encoder_attention_mask=mask,
                                     timestep=t, added_cond_kwargs=added, return_dict=False)[0]
         return out.chunk(2, dim=1)[0] if self.learned_sigma else out  # (rows, C, H, W)
+
+
+    def epsilon(self, latents: torch.Tensor, timestep: int, prompt: int, guidance: float,
+                alpha_bar: float) -> torch.Tensor:
+        """ε̂ (float64) at `latents` under prompt index `prompt` with classifier-free guidance `guidance`
+        (1: the conditional prediction alone), the model taken to be at noise level `alpha_bar`."""
+        n = latents.shape[0]
+        if guidance == 1.0:
+            raw = self.raw(latents.float(), timestep, [prompt] * n).double()
+        else:
+            both = self.raw(torch.cat([latents, latents]).float(), timestep, [None] * n + [prompt] * n).double()
+            raw = both[:n] + guidance * (both[n:] - both[:n])
+        return to_epsilon(raw, latents.double(), alpha_bar, self.prediction_type)
 
 
 def check_images(images: Any, lens: Any) -> np.ndarray:

@@ -33,7 +33,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from ..validate import NonFiniteError, check_guidance, check_int
-from .sampler import Denoiser, alpha_bars, check_images, ddim_move, ddim_scheduler, decode, encode, to_epsilon
+from .sampler import Denoiser, alpha_bars, check_images, ddim_move, ddim_scheduler, decode, encode
 
 __all__ = ["invert", "regenerate", "trajectory_latents"]
 
@@ -95,7 +95,7 @@ def invert(
     ddim = ddim_scheduler(lens, T, scheduler)
     levels = alpha_bars(ddim)  # (T + 1,)
     kind = ddim.config.prediction_type
-    denoiser = Denoiser(lens, [prompt])
+    denoiser = Denoiser(lens, [prompt], kind)
     z0 = encode(lens, images) if z0 is None else z0  # (n, C, h, w)
     out = np.zeros((len(images), T + 1, *z0.shape[1:]), np.float32)
     chunks = range(0, len(images), batch_size)
@@ -104,10 +104,10 @@ def invert(
         out[start : start + len(z), T] = z.float().numpy()
         for i in reversed(range(T)):  # level i + 1 -> level i, mirroring sampler step i
             t = int(ddim.timesteps[i])
-            eps = _epsilon(denoiser, z, t, guidance, float(levels[i]), kind)
+            eps = denoiser.epsilon(z, t, 0, guidance, float(levels[i]))
             guess = ddim_move(z, eps, float(levels[i + 1]), float(levels[i]))
             for _ in range(refine):  # fixed point of z_i = move(z_{i+1}, ε̂(z_i, t_i)): the exact inverse
-                eps = _epsilon(denoiser, guess, t, guidance, float(levels[i]), kind)
+                eps = denoiser.epsilon(guess, t, 0, guidance, float(levels[i]))
                 guess = ddim_move(z, eps, float(levels[i + 1]), float(levels[i]))
             z = guess
             if not bool(torch.isfinite(z).all()):
@@ -127,17 +127,6 @@ def invert(
                     sampler="DDIM (eta 0, leading)",
                     prediction_type=kind, image_size=json.dumps([height, width]))
     return ds
-
-
-def _epsilon(denoiser: Denoiser, z: torch.Tensor, t: int, guidance: float, alpha_bar: float, kind: str) -> torch.Tensor:
-    """ε̂ at latents `z` (float64 in, float64 out) under prompt 0 with guidance."""
-    n = z.shape[0]
-    if guidance == 1.0:
-        raw = denoiser.raw(z.float(), t, [0] * n).double()
-    else:
-        both = denoiser.raw(torch.cat([z, z]).float(), t, [None] * n + [0] * n).double()
-        raw = both[:n] + guidance * (both[n:] - both[:n])
-    return to_epsilon(raw, z, alpha_bar, kind)
 
 
 def _check_latents(latents: Any, lens: Any) -> torch.Tensor:
@@ -189,13 +178,13 @@ def regenerate(
     guidance = check_guidance(trajectory.attrs["guidance_scale"] if guidance_scale is None else guidance_scale)
     T = int(trajectory.attrs["num_inference_steps"])
     noise = trajectory_latents(trajectory)
-    plan = _Plan(lens, [], T, False)
+    plan, ddim = _Plan(lens, [], T, False), ddim_scheduler(lens, T)
     out = []
     chunks = range(0, len(noise), check_int(batch_size, "batch_size", minimum=1))
     for start in tqdm(chunks, desc="regenerate", unit="batch", disable=not progress):
         chunk = noise[start : start + batch_size]
         images, _ = plan.run([prompt] * len(chunk), [0] * len(chunk), [], guidance, latents=chunk,
-                             scheduler=ddim_scheduler(lens, T))
+                             scheduler=ddim)
         out.append(images)
     return np.concatenate(out)
 
@@ -205,6 +194,6 @@ def check_trajectory(lens: Any, trajectory: Any) -> None:
     if not isinstance(trajectory, xr.Dataset) or "latent" not in trajectory or "num_inference_steps" not in trajectory.attrs:
         raise TypeError("expected a trajectory from dit_lens.invert (a Dataset with 'latent' and its settings)")
     made_by = trajectory.attrs.get("model_fingerprint")
-    if made_by is not None and made_by != lens.provenance().get("model_fingerprint"):
+    if made_by is not None and made_by != lens.fingerprint:
         raise ValueError("this trajectory was inverted with another model (its model_fingerprint differs from the "
                          "lens's); invert the images again with this lens")

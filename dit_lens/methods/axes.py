@@ -24,7 +24,7 @@ from .. import validate
 from ..interventions.blend import check_blend
 
 __all__ = ["Axis", "BLEND", "check_count", "check_flag", "check_real", "check_window", "format_value", "parse_flag",
-           "parse_window", "window_label", "window_layers", "window_steps"]
+           "check_fraction", "layer_window", "parse_window", "window_label", "window_layers", "window_steps"]
 
 
 def _same(value: Any) -> Any:
@@ -129,6 +129,17 @@ def window_layers(window: tuple[float, float], num_layers: int) -> list[int]:
     start = min(int(round(window[0] * num_layers)), num_layers - 1)
     stop = max(int(round(window[1] * num_layers)), start + 1)
     return list(range(start, min(stop, num_layers)))
+
+
+def layer_window(name: str, *, default: tuple, key: str, flag: str, help: str) -> Axis:
+    """An axis of layer windows (fractions of the depth), resolved to the model's blocks."""
+    return Axis(name, default=default, parse=parse_window, check=check_window, key=key, label=window_label,
+                flag=flag, resolve=lambda window, lens, _steps: window_layers(window, lens.num_layers), help=help)
+
+
+def check_fraction(value: Any) -> float:
+    """One fraction of the steps in [0, 1] (`dit_lens.validate.check_fraction`)."""
+    return validate.check_fraction(value, "a fraction")
 
 
 def window_steps(window: tuple[float, float], num_steps: int) -> list[int] | None:

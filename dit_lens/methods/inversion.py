@@ -21,22 +21,11 @@ import xarray as xr
 
 from ..interventions.generate import generate
 from ..inversion.editors import edit
-from .axes import Axis, check_count, check_real, check_window, parse_window, window_label, window_layers
+from .axes import Axis, check_count, check_fraction, check_real, layer_window, window_layers
 from .pair import ConceptPair
 from .registry import Method, MethodContext, register
 
 __all__ = ["HEDIT", "INVERSION_STEPS", "PNP", "originals"]
-
-
-def _fraction(value: Any) -> float:
-    value = check_real(value)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"a fraction of the steps must lie in [0, 1], got {value}")
-    return value
-
-
-def _layers(window: tuple, lens: Any, num_inference_steps: int) -> list[int]:
-    return window_layers(window, lens.num_layers)
 
 
 #: DDIM steps of the inversion and the edit (shared by every inversion-based method).
@@ -44,15 +33,13 @@ INVERSION_STEPS = Axis("inversion_steps", default=(50,), parse=int, check=check_
                        help="DDIM steps of the inversion and the edit")
 
 PNP_AXES = (
-    Axis("feature_window", default=((0.0, 0.5),), parse=parse_window, check=check_window, key="fw",
-         label=window_label, flag="feature-windows", resolve=_layers,
-         help="PnP: blocks whose outputs are injected, START:STOP (fractions of the depth)"),
-    Axis("attention_window", default=((0.0, 1.0),), parse=parse_window, check=check_window, key="aw",
-         label=window_label, flag="attention-windows", resolve=_layers,
-         help="PnP: blocks whose self-attention weights are injected, START:STOP"),
-    Axis("feature_fraction", default=(0.8,), parse=float, check=_fraction, key="tf",
+    layer_window("feature_window", default=((0.0, 0.5),), key="fw", flag="feature-windows",
+                 help="PnP: blocks whose outputs are injected, START:STOP (fractions of the depth)"),
+    layer_window("attention_window", default=((0.0, 1.0),), key="aw", flag="attention-windows",
+                 help="PnP: blocks whose self-attention weights are injected, START:STOP"),
+    Axis("feature_fraction", default=(0.8,), parse=float, check=check_fraction, key="tf",
          help="PnP τ_f: fraction of the first steps with feature injection"),
-    Axis("attention_fraction", default=(0.5,), parse=float, check=_fraction, key="ta",
+    Axis("attention_fraction", default=(0.5,), parse=float, check=check_fraction, key="ta",
          help="PnP τ_A: fraction of the first steps with self-attention injection"),
     INVERSION_STEPS,
 )
@@ -62,7 +49,7 @@ HEDIT_AXES = (
          help="h-Edit ŵ_orig: guidance of the source prediction in the editing term"),
     Axis("iterations", default=(1,), parse=int, check=check_count, key="k",
          help="h-Edit K: editing iterations per step"),
-    Axis("skip", default=(0.3,), parse=float, check=_fraction, key="sk",
+    Axis("skip", default=(0.3,), parse=float, check=check_fraction, key="sk",
          help="h-Edit: fraction of the first steps left unedited"),
     INVERSION_STEPS,
 )

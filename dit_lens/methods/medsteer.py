@@ -22,16 +22,12 @@ import xarray as xr
 
 from ..interventions.generate import generate
 from ..interventions.steer import Steer
-from .axes import (BLEND, Axis, check_count, check_flag, check_real, check_window, parse_flag, parse_window,
-                   window_label, window_layers, window_steps)
+from .axes import (BLEND, Axis, check_count, check_flag, check_real, check_window, layer_window, parse_flag,
+                   parse_window, window_label, window_layers, window_steps)
 from .pair import ConceptPair
 from .registry import VECTOR_SEEDS, Method, MethodContext, register
 
 __all__ = ["MEDSTEER", "medsteer_steer"]
-
-
-def _blocks(window: tuple, lens: Any, num_inference_steps: int) -> list[int]:
-    return window_layers(window, lens.num_layers)
 
 
 def _steps(window: tuple, lens: Any, num_inference_steps: int) -> list[int] | str:
@@ -39,8 +35,8 @@ def _steps(window: tuple, lens: Any, num_inference_steps: int) -> list[int] | st
 
 
 AXES = (
-    Axis("window", default=((0.0, 1.0),), parse=parse_window, check=check_window, key="w", label=window_label,
-         flag="windows", resolve=_blocks, help="layer windows START:STOP (fractions of the depth)"),
+    layer_window("window", default=((0.0, 1.0),), key="w", flag="windows",
+                 help="layer windows START:STOP (fractions of the depth)"),
     Axis("steps", default=((0.0, 1.0),), parse=parse_window, check=check_window, key="t", label=window_label,
          flag="step-windows", resolve=_steps,
          help="when to steer: step windows START:STOP (fractions of the steps; 0:1 = all)"),
