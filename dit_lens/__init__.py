@@ -15,6 +15,9 @@ from . import methods
 from .interventions.base import EditContext, Intervention, LatentEdit, Reweight, SiteEdit, UnverifiedWarning
 from .interventions.base import from_dict as intervention_from_dict
 from .interventions.blend import Blend, blend_latents
+from .interventions.inject import Inject
+from .interventions.region import Confine, Region
+from .interventions.regulate import AttentionRegulation, EnergyGuidance, GateSelfAttention, RegionReweight
 from .trace.capture import CaptureSettings, capture
 from .views.explorer import write_explorer
 from .views.figures import gate_figure, pairs_figure
@@ -44,8 +47,15 @@ __all__ = [
     "invert",
     "regenerate",
     "word_tokens",
+    "AttentionRegulation",
     "Blend",
+    "Confine",
     "EditContext",
+    "EnergyGuidance",
+    "GateSelfAttention",
+    "Inject",
+    "Region",
+    "RegionReweight",
     "Intervention",
     "LatentEdit",
     "Reweight",

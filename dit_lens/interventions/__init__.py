@@ -1,16 +1,25 @@
 """Interventions: values that change a run, and `generate`, which applies them in (original, edited)
 pairs.
 
-- `base`: the protocol (`SiteEdit`, `LatentEdit`, `EditContext`), `register` / `from_dict`, and
-  `Reweight`, an attention-weight edit;
-- `steer`: `Steer`, MedSteer's gated removal along a concept vector (a site edit);
+- `base`: the protocol (`SiteEdit`, `LatentEdit`, `Guidance`, `Composite`, `EditContext`),
+  `register` / `from_dict`, and `Reweight`, an attention-weight edit;
+- `steer`: `Steer`, MedSteer's gated removal along a concept vector (a site edit), optionally in a region;
 - `blend`: `Blend`, latent blending (a latent edit);
+- `inject`: `Inject`, copying the original branch's site output (everywhere, or outside a region);
+- `region`: `Region` masks (image or token grid, shared or per seed) and `Confine`, which keeps the
+  original outside a region;
+- `regulate`: `AttentionRegulation`, mask-guided attention regulation, and its modules;
+- `guide`: how a run makes the differentiable denoiser calls a `Guidance` edit needs;
 - `generate`: pairs from one batched pass, and the re-prompting baseline laid out the same way.
 """
 
-from .base import EditContext, Intervention, LatentEdit, Reweight, SiteEdit, from_dict, register
+from .base import Composite, EditContext, Guidance, Intervention, LatentEdit, Reweight, SiteEdit, from_dict, register
 from .blend import Blend
+from .inject import Inject
+from .region import Confine, Region
+from .regulate import AttentionRegulation, EnergyGuidance, GateSelfAttention, RegionReweight
 from .steer import Steer
 
-__all__ = ["Blend", "EditContext", "Intervention", "LatentEdit", "Reweight", "SiteEdit", "Steer", "from_dict",
-           "register"]
+__all__ = ["AttentionRegulation", "Blend", "Composite", "Confine", "EditContext", "EnergyGuidance",
+           "GateSelfAttention", "Guidance", "Inject", "Intervention", "LatentEdit", "Region", "RegionReweight",
+           "Reweight", "SiteEdit", "Steer", "from_dict", "register"]

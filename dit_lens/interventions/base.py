@@ -11,6 +11,12 @@ their unedited twins, which guidance halves there are. Three kinds:
   softmax attention weights ``(rows, heads, queries, keys)`` instead: an attention-weight edit.
 - `LatentEdit` acts on the latents after each denoising step, given the edited branch's latents and
   their unedited twins (latent blending).
+- `Guidance` moves the edited branch's latents before chosen denoising steps along the gradient of
+  an energy of the model's own forward pass at those latents (a latent correction); the runner gives
+  it a differentiable call of the denoiser that the traced run does not see.
+
+A `Composite` is a value made of several of these (attention regulation: gates, reweighting and a
+latent correction); the runner applies its parts, results record the composite as the user gave it.
 
 A new intervention is one frozen dataclass deriving from one of them, with ``apply``, ``check`` and
 ``settings``; registering its class (`register`) lets `from_dict` rebuild it from saved results.
@@ -46,6 +52,8 @@ __all__ = [
     "HALVES",
     "EditContext",
     "Intervention",
+    "Composite",
+    "Guidance",
     "LatentEdit",
     "Reweight",
     "SiteEdit",
@@ -99,6 +107,11 @@ class EditContext:
         pairs: Pairs in the batch.
         original: Returns the unedited twins of the rows, in the same layout (for edits that copy
             from the original branch).
+        seeds: The seed of each pair (empty where rows have no seed, e.g. inverted images); edits with
+            one mask per seed pick theirs by it.
+        prompts: The edited branch's prompt of each pair (edits that name words find their tokens in it).
+        num_inference_steps: Steps T of the run.
+        lens: The `dit_lens.Lens` being run (for its tokenizer and token grid).
     """
 
     step: int
@@ -107,6 +120,10 @@ class EditContext:
     halves: tuple[str, ...]
     pairs: int
     original: Callable[[], torch.Tensor]
+    seeds: tuple[int, ...] = ()
+    prompts: tuple[str, ...] = ()
+    num_inference_steps: int = 0
+    lens: Any = None
 
 
 class Intervention:
@@ -218,15 +235,60 @@ class SiteEdit(Intervention):
 
 class LatentEdit(Intervention):
     """Acts on the edited branch's latents after each denoising step. Subclasses define
-    ``apply_latents(step, original, edited)`` → (new edited latents, record or None), latents
-    ``(pairs, C, H, W)``."""
+    ``apply_latents(step, original, edited, ctx)`` → (new edited latents, record or None), latents
+    ``(pairs, C, H, W)``; ``ctx`` (an `EditContext`, its ``layer`` and ``site`` unused) tells the pairs'
+    seeds and prompts and the run's step count."""
 
     kind: ClassVar[str] = "latent"
     reads_original: ClassVar[bool] = True
 
-    def apply_latents(self, step: int, original: torch.Tensor,
-                      edited: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def apply_latents(self, step: int, original: torch.Tensor, edited: torch.Tensor,
+                      ctx: EditContext | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
+
+
+class Guidance(Intervention):
+    """Moves the edited branch's latents before each of its steps (``guided_steps(T)``) down the gradient
+    of an energy of the denoiser's own forward pass at those latents. Subclasses define ``guided_steps``,
+    ``layers_needed(lens)`` (blocks whose cross-attention weights the energy reads) and
+    ``correct(step, latents, forward, ctx)`` → (new latents, record or None), where
+    ``forward(latents)`` runs the denoiser on the edited rows' conditional prompts with gradients and
+    returns the cross-attention weights ``{layer: (pairs, heads, queries, keys)}``; ``ctx`` tells the
+    pairs' seeds and prompts (its ``layer`` and ``site`` are unused)."""
+
+    kind: ClassVar[str] = "guidance"
+
+    def guided_steps(self, num_inference_steps: int) -> list[int]:
+        raise NotImplementedError
+
+    def layers_needed(self, lens: Any) -> list[int]:
+        raise NotImplementedError
+
+    def correct(self, step: int, latents: torch.Tensor, forward: Callable[[torch.Tensor], dict],
+                ctx: EditContext) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+
+class Composite(Intervention):
+    """A value made of several interventions (``parts()``: site edits, latent edits, guidance), applied
+    together; results record the composite's own settings. Switching a part off leaves it out."""
+
+    kind: ClassVar[str] = "composite"
+
+    def parts(self) -> list[Intervention]:
+        raise NotImplementedError
+
+    @property
+    def is_identity(self) -> bool:
+        return all(part.is_identity for part in self.parts())
+
+    @property
+    def reads_original(self) -> bool:  # type: ignore[override]
+        return any(part.reads_original for part in self.parts())
+
+    def check(self, lens: Any, num_inference_steps: int) -> None:
+        for part in self.parts():
+            part.check(lens, num_inference_steps)
 
 
 def check_where(name: str, layers: Any, steps: Any, halves: str) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:

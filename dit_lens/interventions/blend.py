@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..validate import is_real
-from .base import LatentEdit, register
+from .base import EditContext, LatentEdit, register
 
 __all__ = ["Blend", "blend_latents", "check_blend"]
 
@@ -89,6 +89,6 @@ class Blend(LatentEdit):
     def is_identity(self) -> bool:
         return self.threshold == 0.0
 
-    def apply_latents(self, step: int, original: torch.Tensor,
-                      edited: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def apply_latents(self, step: int, original: torch.Tensor, edited: torch.Tensor,
+                      ctx: EditContext | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return blend_latents(original, edited, self.threshold)

@@ -20,6 +20,7 @@ Examples:
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from typing import Any, Sequence
 
 import numpy as np
@@ -29,8 +30,9 @@ from tqdm.auto import tqdm
 
 from ..trace.runner import Hook, scheduler_timesteps, traced_generate
 from ..validate import NonFiniteError, check_guidance, check_int, check_prompts, check_seeds, check_steps
-from .base import EditContext, Intervention, LatentEdit, SiteEdit
+from .base import Composite, EditContext, Guidance, Intervention, LatentEdit, SiteEdit
 from .blend import Blend, check_blend
+from .guide import GuidePass
 from .steer import Steer
 
 __all__ = ["generate", "reprompt", "scheduler_timesteps"]
@@ -117,6 +119,10 @@ def generate(
         coords["blend_step"] = np.arange(masks.shape[3])
         _add_record(data, coords, "blend_mask", ("prompt", "seed", "blend_step", "latent_y", "latent_x"), masks,
                     plan.names(plan.recording("blend_mask")))
+    if "energy" in records:
+        coords["guided_step"] = plan.guided_steps
+        _add_record(data, coords, "energy", ("prompt", "seed", "guided_step"), records["energy"],
+                    plan.names(plan.guides))
     ds = xr.Dataset(data, coords=coords)
     ds.attrs.update(lens.provenance())
     blends = [e.threshold for e in edits if isinstance(e, Blend)]
@@ -137,6 +143,7 @@ def reprompt(
     target: str,
     *,
     seeds: Sequence[int],
+    edits: Intervention | Sequence[Intervention] | None = None,
     num_inference_steps: int = 20,
     guidance_scale: float = 4.5,
     blend: float = 0.0,
@@ -147,30 +154,39 @@ def reprompt(
 
     Laid out like a `generate` result so the same metrics apply: branch ``"original"`` is the
     source prompt's image, ``"edited"`` the target prompt's (the counterfactual). Both come from
-    one batched pass, so `blend` treats the target branch as `generate` treats an edited one.
+    one batched pass; `edits` act on the target branch as `generate` applies them to an edited one
+    (e.g. `AttentionRegulation` to put the target's pathology in a region, `Confine` to keep the
+    source image outside it), and `blend` too.
 
     Returns:
-        Dataset with ``image (prompt, seed, branch, y, x, rgb)``, prompt ``[source]``; attrs name
-        the target prompt.
+        Dataset with ``image (prompt, seed, branch, y, x, rgb)``, prompt ``[source]`` (and ``energy``
+        when an edit corrects latents); attrs name the target prompt and every edit's settings.
     """
     check_prompts([source, target])  # two different strings
     seeds = check_seeds(seeds)
-    edits = _as_edits(None, None, blend)
+    edits = _as_edits(edits, None, blend)
     num_inference_steps, guidance_scale, batch_size = _validate(
-        lens, [], num_inference_steps, guidance_scale, False, batch_size)
+        lens, edits, num_inference_steps, guidance_scale, False, batch_size, same_prompt_ok=True)
     plan = _Plan(lens, edits, num_inference_steps, False)
     height, width = lens.pipeline_kwargs["height"], lens.pipeline_kwargs["width"]
     images = np.zeros((1, len(seeds), 2, height, width, 3), np.float32)
     per_call = batch_size or 4
     chunks = [seeds[i : i + per_call] for i in range(0, len(seeds), per_call)]
-    done = 0
+    done, energy = 0, []
     for chunk in tqdm(chunks, desc="reprompt", unit="batch", disable=not progress):
-        out, _ = plan.run([source, target] * len(chunk), [s for s in chunk for _ in range(2)],
-                          [2 * i + 1 for i in range(len(chunk))], guidance_scale)
+        out, records = plan.run([source, target] * len(chunk), [s for s in chunk for _ in range(2)],
+                                [2 * i + 1 for i in range(len(chunk))], guidance_scale)
         images[0, done : done + len(chunk)] = out.reshape(len(chunk), 2, height, width, 3)
+        if "energy" in records:
+            energy.append(records["energy"])  # (edits, pairs, guided steps)
         done += len(chunk)
-    coords = {"prompt": [source], "seed": seeds, "branch": ["original", "edited"]}
-    ds = xr.Dataset({"image": (("prompt", "seed", "branch", "y", "x", "rgb"), images)}, coords=coords)
+    coords: dict = {"prompt": [source], "seed": seeds, "branch": ["original", "edited"]}
+    data: dict = {"image": (("prompt", "seed", "branch", "y", "x", "rgb"), images)}
+    if energy:
+        coords["guided_step"] = plan.guided_steps
+        _add_record(data, coords, "energy", ("prompt", "seed", "guided_step"),
+                    np.concatenate(energy, axis=1)[:, None], plan.names(plan.guides))
+    ds = xr.Dataset(data, coords=coords)
     ds.attrs.update(lens.provenance())
     ds.attrs.update(num_inference_steps=num_inference_steps, guidance_scale=float(guidance_scale),
                     blend=check_blend(blend), seeds=json.dumps(seeds), edit="reprompt", target_prompt=target,
@@ -186,13 +202,16 @@ class _Plan:
         self.lens, self.T = lens, T
         self.edits = list(edits)
         self.record = record
-        site_edits = [e for e in edits if isinstance(e, SiteEdit)]
+        parts = [part for e in edits for part in (e.parts() if isinstance(e, Composite) else [e])]
+        site_edits = [e for e in parts if isinstance(e, SiteEdit)]
         self.site_edits = [e for e in site_edits if not e.is_identity or (record and e.record)]
-        self.latent_edits = [e for e in edits if isinstance(e, LatentEdit) and not e.is_identity]
+        self.latent_edits = [e for e in parts if isinstance(e, LatentEdit) and not e.is_identity]
+        self.guides = [e for e in parts if isinstance(e, Guidance) and not e.is_identity]
         self._site_recorders = [e for e in site_edits if record and e.record]
         self.layers = sorted({l for e in self._site_recorders for l in e.edit_layers(lens)})
         self.steps = sorted({t for e in self._site_recorders for t in e.edit_steps(T)})
         self._latent_recorders = [e for e in self.latent_edits if e.record]
+        self.guided_steps = sorted({t for g in self.guides for t in g.guided_steps(T)})
 
     def recording(self, name: str) -> list[Intervention]:
         return [e for e in self._site_recorders + self._latent_recorders if e.record == name]
@@ -203,15 +222,16 @@ class _Plan:
 
     def run(self, row_prompts: list[str], row_seeds: list[int], edited_rows: list[int],
             guidance_scale: float, *, latents: torch.Tensor | None = None, replay: torch.Tensor | None = None,
-            scheduler: Any = None, output_type: str = "np",
-            twin_rows: list[int] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+            scheduler: Any = None, output_type: str = "np", twin_rows: list[int] | None = None,
+            seeded: bool = True) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """One pipeline call; row ``edited_rows[i]`` is edited, row ``edited_rows[i] - 1`` is its twin
         (or ``twin_rows[i]``; a row that is its own twin leaves the original branch out of the batch, for
         edits that never read it).
 
         `latents` start the rows instead of their seeds' noise; `replay` ``(steps, pairs, C, h, w)``
         sets the twins' latents after each step (an inverted trajectory replayed on the original
-        branch); `scheduler` replaces the pipeline's for this call. Returns the images
+        branch); `scheduler` replaces the pipeline's for this call; `seeded=False` says the rows' seeds mean
+        nothing (inverted images), so edits with one mask per seed refuse them. Returns the images
         ``(rows, H, W, 3)`` (with ``output_type="latent"`` the final latents) and each record
         ``(edits, pairs, ...)``.
         """
@@ -224,6 +244,13 @@ class _Plan:
         tokens = self.lens.token_grid[0] * self.lens.token_grid[1]
         gate_edits = self.recording("gate")
         gates = torch.zeros(len(gate_edits), pairs, len(self.steps), len(self.layers), tokens)
+        pair_seeds = tuple(int(row_seeds[r]) for r in edited_rows) if seeded else ()
+        pair_prompts = tuple(row_prompts[r] for r in edited_rows)
+
+        def context(step: int, layer: int = -1, site: str = "", halves: tuple[str, ...] = ("cond",),
+                    original: Any = None) -> EditContext:
+            return EditContext(step, layer, site, halves, pairs, original=original, seeds=pair_seeds,
+                               prompts=pair_prompts, num_inference_steps=self.T, lens=self.lens)
 
         def hook_for(edit: SiteEdit) -> Hook:
             halves = _halves(edit.halves, guided)
@@ -234,7 +261,7 @@ class _Plan:
             cond_block = halves.index("cond") if "cond" in halves else len(halves) - 1
 
             def visit(step: int, layer: int, h: torch.Tensor) -> torch.Tensor | None:
-                ctx = EditContext(step, layer, edit.site, halves, pairs, original=lambda: h[twin_rows])
+                ctx = context(step, layer, edit.site, halves, original=lambda: h[twin_rows])
                 new, recorded = (None, None) if edit.is_identity and slot is None else edit.apply(h[rows], ctx)
                 if edit.is_identity:
                     new = None  # strength zero: the run stays bit-identical, only the record is kept
@@ -250,26 +277,40 @@ class _Plan:
             return Hook(edit.site, tuple(edit.edit_layers(self.lens)), visit, frozenset(edit.edit_steps(self.T)))
 
         masks: list[list[torch.Tensor]] = [[] for _ in self._latent_recorders]
-
+        energies: list[list[torch.Tensor]] = [[] for _ in self.guides]
         blending = bool(self.latent_edits and edited_rows)
+        guide = GuidePass(self.lens, scheduler, pair_prompts, self.T, self.guides) if self.guides and edited_rows else None
+
+        def correct(step: int, latents: torch.Tensor) -> None:  # before step `step`, in place
+            for k, edit in enumerate(self.guides):
+                if step in edit.guided_steps(self.T):
+                    latents[edited], recorded = edit.correct(step, latents[edited], guide.forward(step),
+                                                             context(step))
+                    energies[k].append(recorded.float().cpu())
 
         def step_end(step: int, latents: torch.Tensor) -> None:  # latents (rows, C, H, W), edited in place
             if replay is not None:
                 latents[twins] = replay[step].to(latents.dtype)
             if blending:
                 for edit in self.latent_edits:
-                    latents[edited], recorded = edit.apply_latents(step, latents[twins], latents[edited])
+                    latents[edited], recorded = edit.apply_latents(step, latents[twins], latents[edited], context(step))
                     if edit in self._latent_recorders and recorded is not None:
                         masks[self._latent_recorders.index(edit)].append(recorded.detach().float().cpu())
+            if guide is not None and step + 1 < self.T:
+                correct(step + 1, latents)
             if not bool(torch.isfinite(latents).all()):  # one reduction per step: cheap next to the step
                 self.refuse_non_finite(f"the latents after step {step} of {self.T}", torch.isfinite(
                     latents.flatten(1)).all(1).cpu().numpy(), edited_rows, guidance_scale)
 
-        result = traced_generate(
-            self.lens, row_prompts, row_seeds, num_inference_steps=self.T, guidance_scale=guidance_scale,
-            hooks=[hook_for(e) for e in self.site_edits], output_type=output_type, step_end=step_end,
-            latents=latents, scheduler=scheduler,
-        )
+        with guide.exposed() if guide is not None else nullcontext():
+            if guide is not None and 0 in self.guided_steps:  # the first correction acts on the initial noise
+                latents = guide.initial_noise(row_seeds) if latents is None else latents.clone()
+                correct(0, latents)
+            result = traced_generate(
+                self.lens, row_prompts, row_seeds, num_inference_steps=self.T, guidance_scale=guidance_scale,
+                hooks=[hook_for(e) for e in self.site_edits], output_type=output_type, step_end=step_end,
+                latents=latents, scheduler=scheduler,
+            )
         images = result.images  # (rows, H, W, 3), or latents (rows, C, h, w)
         images = images.float().cpu().numpy() if isinstance(images, torch.Tensor) else images.astype(np.float32)
         if not np.isfinite(images).all():
@@ -280,6 +321,13 @@ class _Plan:
             records["gate"] = gates.numpy()
         if self._latent_recorders and edited_rows:
             records["blend_mask"] = torch.stack([torch.stack(m, dim=1) for m in masks]).numpy()  # (edits, pairs, steps, H, W)
+        if self.guides and edited_rows:
+            steps = self.guided_steps
+            energy = torch.full((len(self.guides), pairs, len(steps)), float("nan"))
+            for k, edit in enumerate(self.guides):
+                for values, step in zip(energies[k], edit.guided_steps(self.T)):
+                    energy[k, :, steps.index(step)] = values
+            records["energy"] = energy.numpy()  # (edits, pairs, guided steps)
         return images, records
 
     def refuse_non_finite(self, what: str, finite_rows: np.ndarray, edited_rows: list[int],
@@ -323,21 +371,26 @@ def _as_edits(edits: Any, steer: Any, blend: float) -> list[Intervention]:
             raise TypeError(f"steer= takes Steer values (or a list of them), got {type(st).__name__}")
     given = [] if edits is None else [edits] if isinstance(edits, Intervention) else list(edits)
     for edit in given:
-        if not isinstance(edit, (SiteEdit, LatentEdit)):
-            raise TypeError(f"edits= takes interventions (Steer, Reweight, Blend, ...), got {type(edit).__name__}")
+        if not isinstance(edit, (SiteEdit, LatentEdit, Guidance, Composite)):
+            raise TypeError(f"edits= takes interventions (Steer, Reweight, AttentionRegulation, Blend, ...), "
+                            f"got {type(edit).__name__}")
     threshold = check_blend(blend)
     return steers + given + ([Blend(threshold)] if threshold else [])
 
 
-def _validate(lens, edits, T, guidance_scale, record_gates, batch_size) -> tuple[int, float, int | None]:
+def _validate(lens, edits, T, guidance_scale, record_gates, batch_size,
+              same_prompt_ok: bool = False) -> tuple[int, float, int | None]:
     """Checked ``(num_inference_steps, guidance_scale, batch_size)`` as plain Python numbers."""
     T = check_steps(T, lens.pipeline.scheduler)
     guidance_scale = check_guidance(guidance_scale)
     if batch_size is not None:
         batch_size = check_int(batch_size, "batch_size", minimum=1)
-    if edits and all(isinstance(e, LatentEdit) for e in edits):
-        raise ValueError("blend needs a steer (or another edit): it blends the edited branch with the original one")
-    if record_gates and not any(isinstance(e, SiteEdit) and e.record for e in edits):
+    if edits and not same_prompt_ok and all(isinstance(e, LatentEdit) for e in edits):
+        raise ValueError("blend needs a steer (or another edit): latent edits alone (blend, Confine) pull the edited "
+                         "branch toward the original one, which is the same run; add a steer or another edit, or "
+                         "change the prompt with reprompt(..., edits=...)")
+    parts = [part for e in edits for part in (e.parts() if isinstance(e, Composite) else [e])]
+    if record_gates and not any(isinstance(e, SiteEdit) and e.record for e in parts):
         raise ValueError("record_gates=True needs a steer (or another site edit that records): the gate is the steering's own")
     for edit in edits:
         edit.check(lens, T)

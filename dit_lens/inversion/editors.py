@@ -256,12 +256,12 @@ def _through_pipeline(plan: _Plan, ddim: Any, latents: torch.Tensor, replay_prom
     n = latents.shape[0]
     if not any(e.reads_original and not e.is_identity for e in plan.edits):  # no source branch needed
         final, _ = plan.run([prompt] * n, [0] * n, list(range(n)), guidance, latents=latents[:, 0].clone(),
-                            scheduler=ddim, output_type="latent", twin_rows=list(range(n)))
+                            scheduler=ddim, output_type="latent", twin_rows=list(range(n)), seeded=False)
         return torch.from_numpy(final)
     start = latents[:, 0].repeat_interleave(2, dim=0)  # (2n, C, h, w)
     replay = latents[:, 1:].transpose(0, 1)  # (T, n, C, h, w): the level after each step
     final, _ = plan.run([replay_prompt, prompt] * n, [0] * (2 * n), [2 * i + 1 for i in range(n)], guidance,
-                        latents=start, replay=replay, scheduler=ddim, output_type="latent")
+                        latents=start, replay=replay, scheduler=ddim, output_type="latent", seeded=False)
     return torch.from_numpy(final[1::2])
 
 

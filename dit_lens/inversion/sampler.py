@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..trace.denoiser import Denoiser as _Denoiser
 from ..validate import check_int
 
 __all__ = ["Denoiser", "check_images", "check_invertible", "ddim_scheduler", "decode", "encode"]
@@ -111,8 +112,8 @@ def ddim_move(latents: torch.Tensor, eps: torch.Tensor, alpha_from: float, alpha
     return alpha_to ** 0.5 * x0 + (1 - alpha_to) ** 0.5 * eps
 
 
-class Denoiser:
-    """Calls of the pipeline's transformer as its own loop makes them, for loops it has no place for.
+class Denoiser(_Denoiser):
+    """`dit_lens.trace.denoiser.Denoiser` with the guided ε that inversion and h-Edit step with.
 
     Args:
         lens: A PixArt-family `dit_lens.Lens`.
@@ -121,39 +122,8 @@ class Denoiser:
     """
 
     def __init__(self, lens: Any, prompts: Sequence[str], prediction_type: str = "epsilon") -> None:
-        pipe = lens.pipeline
-        if not hasattr(pipe, "encode_prompt") or not hasattr(pipe, "transformer"):
-            raise ValueError(f"inversion calls the denoiser directly and knows PixArt pipelines; "
-                             f"{type(pipe).__name__} is not one")
-        self.lens, self.pipe = lens, pipe
-        kwargs = lens.pipeline_kwargs
-        with torch.no_grad():
-            embeds, mask, null, null_mask = pipe.encode_prompt(
-                list(prompts), do_classifier_free_guidance=True, negative_prompt="", device=lens.device,
-                clean_caption=kwargs.get("clean_caption", False),
-                max_sequence_length=kwargs.get("max_sequence_length", 120))
-        self.embeds, self.mask = embeds, mask  # (prompts, text tokens, D), (prompts, text tokens)
-        self.null, self.null_mask = null[:1], null_mask[:1]
-        self.height, self.width = kwargs["height"], kwargs["width"]
-        self.learned_sigma = pipe.transformer.config.out_channels // 2 == pipe.vae.config.latent_channels
+        super().__init__(lens, prompts)
         self.prediction_type = prediction_type
-
-    @torch.no_grad()
-    def raw(self, latents: torch.Tensor, timestep: int, which: Sequence[int | None]) -> torch.Tensor:
-        """The transformer's prediction (ε, v or x₀, as trained) for each row of `latents` ``(rows, C, H, W)``
-        under prompt ``which[i]`` (an index into the prompts, or None for the empty prompt)."""
-        embeds = torch.cat([self.null if k is None else self.embeds[k : k + 1] for k in which])
-        mask = torch.cat([self.null_mask if k is None else self.mask[k : k + 1] for k in which])
-        rows = latents.shape[0]
-        added = {"resolution": None, "aspect_ratio": None}
-        if self.pipe.transformer.config.sample_size == 128:  # PixArt's micro-conditions, as its pipeline adds them
-            added = {"resolution": torch.tensor([[self.height, self.width]] * rows, dtype=embeds.dtype),
-                     "aspect_ratio": torch.tensor([[self.height / self.width]] * rows, dtype=embeds.dtype)}
-        t = torch.full((rows,), int(timestep), dtype=torch.long, device=latents.device)
-        out = self.pipe.transformer(latents.to(embeds.dtype), encoder_hidden_states=embeds, encoder_attention_mask=mask,
-                                    timestep=t, added_cond_kwargs=added, return_dict=False)[0]
-        return out.chunk(2, dim=1)[0] if self.learned_sigma else out  # (rows, C, H, W)
-
 
     def epsilon(self, latents: torch.Tensor, timestep: int, prompt: int, guidance: float,
                 alpha_bar: float) -> torch.Tensor:

@@ -184,7 +184,7 @@ def regenerate(
     for start in tqdm(chunks, desc="regenerate", unit="batch", disable=not progress):
         chunk = noise[start : start + batch_size]
         images, _ = plan.run([prompt] * len(chunk), [0] * len(chunk), [], guidance, latents=chunk,
-                             scheduler=ddim)
+                             scheduler=ddim, seeded=False)
         out.append(images)
     return np.concatenate(out)
 

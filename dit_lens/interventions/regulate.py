@@ -1,0 +1,371 @@
+"""Mask-guided attention regulation: put a pathology where you say while the anatomy stays.
+
+`AttentionRegulation` is four modules, each of which switches off alone (for the ablation). With
+``p`` the partition mask (the anatomy mask, or the region when none is given), ``M`` the anatomy mask
+and ``Ω`` the region blurred by `blur` tokens and divided by its maximum, all at the token grid, and
+every reweighted row divided by its new sum so each query's weights stay a distribution:
+
+1. **Self-attention gating** (``attn1.weights``, every step, both guidance halves):
+   ``S'[i, j] = S[i, j] · (p_i p_j + (1 − p_i)(1 − p_j))``: tokens inside the partition attend only
+   inside it and tokens outside only outside, so structure interacts only within its region.
+2. **Anatomy-word gating** (``attn2.weights``, every step, conditional half): for the tokens k of the
+   anatomy words, ``A'[q, k] = A[q, k] · M(q)``: queries outside the anatomy stop reading them.
+3. **Pathology enhancement** (``attn2.weights``, steps in `enhance_steps`, conditional half): for the
+   tokens k of the pathology words, ``A'[q, k] = A[q, k] · (1 + η Ω(q))``, η = `enhance`.
+4. **Latent correction** (before each step in `energy_steps`, on the edited branch): with ``A`` the
+   cross-attention of the pathology tokens at the current latents z (mean over heads and `layers`,
+   conditional prompt),
+
+       L(z) = 1 − mean_k Σ_q A[q, k] Ω(q) / Σ_q A[q, k]     (how much of their attention falls outside Ω)
+       z ← z − α_i ∇L / rms(∇L),   α_i = α_max (1 − i / n) for the i-th of the n corrected steps
+
+   The gradient comes from one extra forward pass of the denoiser with gradients, on the edited rows
+   only, which the traced run does not see; it reads the model's own (unregulated) attention, so the
+   correction moves the latents until the model itself attends inside the region. Dividing by the
+   gradient's root mean square makes α a step in units of the initial noise's standard deviation on
+   any model (the source design does not say how its gradient is scaled). Its energy before each
+   correction is recorded (``energy`` in results).
+
+The equations are this library's reading of a published design (no reference code exists); the
+defaults are its settings (μ = 0.4 of the run for the early steps, η = 1.5, α_max = 0.05).
+
+Examples:
+    >>> import numpy as np
+    >>> box = np.zeros((64, 64), bool); box[8:32, 8:32] = True
+    >>> reg = AttentionRegulation(region=box, pathology_words=["polyps"])
+    >>> [type(part).__name__ for part in reg.parts()]
+    ['GateSelfAttention', 'RegionReweight', 'EnergyGuidance']
+    >>> [type(p).__name__ for p in AttentionRegulation(region=box, pathology_words=["polyps"], enhance=0).parts()]
+    ['GateSelfAttention', 'EnergyGuidance']
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..trace.tokens import word_tokens
+from ..validate import check_real
+from .base import Composite, EditContext, Guidance, Intervention, SiteEdit, check_layers_fit, check_where, register
+from .region import Region, check_window, window_steps
+
+__all__ = ["AttentionRegulation", "EnergyGuidance", "GateSelfAttention", "RegionReweight", "word_keys"]
+
+_KEYS: dict[tuple, tuple[int, ...]] = {}
+
+
+def word_keys(ctx: EditContext, words: Sequence[str]) -> list[torch.Tensor]:
+    """The text-token indices of `words` in each pair's prompt (``ctx.prompts``), one tensor per pair."""
+    if ctx.lens is None or not ctx.prompts:
+        raise ValueError("edits that name words run only inside generate (which knows each row's prompt)")
+    out = []
+    for prompt in ctx.prompts:
+        key = (id(ctx.lens.pipeline.tokenizer), prompt, tuple(words))
+        if key not in _KEYS:
+            found = word_tokens(ctx.lens, prompt, list(words))
+            missing = [w for w, t in found.items() if not t]
+            if missing:
+                raise ValueError(f"the words {missing} are not in the prompt {prompt!r}; name words of the prompt "
+                                 f"the edited branch is generated with")
+            _KEYS[key] = tuple(sorted({t for toks in found.values() for t in toks}))
+        out.append(torch.tensor(_KEYS[key], dtype=torch.long))
+    return out
+
+
+def _renormalize(w: torch.Tensor) -> torch.Tensor:
+    return w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+
+
+def _check_words(words: Any, name: str) -> tuple[str, ...]:
+    words = (words,) if isinstance(words, str) else tuple(words)
+    if not all(isinstance(w, str) and w.strip() for w in words):
+        raise ValueError(f"{name} must be a list of words of the prompt, got {words!r}")
+    return words
+
+
+class _Masked:
+    """Settings and round trips for values whose masks are `Region` fields (masks digested in settings,
+    kept whole in ``to_dict``)."""
+
+    def settings(self) -> dict:
+        data: dict = {"type": type(self).__name__}
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            data[f.name] = value.settings() if isinstance(value, Region) else list(value) \
+                if isinstance(value, tuple) else value
+        return data
+
+    def to_dict(self) -> dict:
+        data = self.settings()
+        for f in fields(self):  # type: ignore[arg-type]
+            if isinstance(getattr(self, f.name), Region):
+                data[f.name] = getattr(self, f.name).to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Any:
+        values = {f.name: data[f.name] for f in fields(cls) if f.name in data}  # type: ignore[arg-type]
+        for name, value in values.items():
+            if isinstance(value, dict) and "mask" in value:
+                values[name] = Region.from_dict(value)
+        return cls(**values)
+
+
+def _steps_of(window: tuple[float, float], T: int) -> list[int]:
+    return window_steps(window, T)
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class RegionReweight(_Masked, SiteEdit):
+    """Scale the cross-attention that queries pay to words by where the queries are.
+
+    ``A'[q, k] = A[q, k] · (outside + (inside − outside) · m(q))`` for the tokens k of `words`, then each
+    query's weights are renormalised; ``m`` is the region at the token grid (blurred by `blur` tokens
+    and max-normalised when `blur` > 0). ``inside = outside = 1`` is the identity.
+    """
+
+    words: tuple[str, ...] = ()
+    region: Any = None
+    inside: float = 1.0
+    outside: float = 1.0
+    blur: float = 0.0
+    window: tuple[float, float] = (0.0, 1.0)
+    layers: tuple[int, ...] | None = None
+    halves: str = "cond"
+    site: str = "attn2.weights"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "words", _check_words(self.words, "RegionReweight.words"))
+        if not self.words:
+            raise ValueError("RegionReweight.words is empty; name the words whose attention to reweight")
+        object.__setattr__(self, "region", Region.of(self.region, "RegionReweight.region"))
+        for attr in ("inside", "outside", "blur"):
+            value = check_real(getattr(self, attr), f"RegionReweight.{attr}")
+            if value < 0:
+                raise ValueError(f"RegionReweight.{attr} must be >= 0, got {value}")
+            object.__setattr__(self, attr, value)
+        object.__setattr__(self, "window", check_window(self.window, "RegionReweight.window"))
+        layers, _ = check_where("RegionReweight", self.layers, None, self.halves)
+        object.__setattr__(self, "layers", layers)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.inside == 1.0 and self.outside == 1.0
+
+    def edit_layers(self, lens: Any) -> list[int]:
+        return list(range(lens.num_layers)) if self.layers is None else list(self.layers)
+
+    def edit_steps(self, num_inference_steps: int) -> list[int]:
+        return _steps_of(self.window, num_inference_steps)
+
+    def check(self, lens: Any, num_inference_steps: int) -> None:
+        self.region.check(lens, "RegionReweight.region")
+        check_layers_fit("RegionReweight", self.edit_layers(lens), lens)
+
+    def apply(self, h: torch.Tensor, ctx: EditContext | None) -> tuple[torch.Tensor, None]:
+        if ctx is None:
+            raise ValueError("RegionReweight runs only inside generate")
+        grid = tuple(ctx.lens.token_grid)
+        m = (self.region.focus(grid, ctx.seeds or [0] * ctx.pairs, self.blur) if self.blur > 0
+             else self.region.tokens(grid, ctx.seeds or [0] * ctx.pairs))  # (pairs, queries)
+        factor = torch.ones(ctx.pairs, h.shape[-2], h.shape[-1], dtype=h.dtype)  # (pairs, queries, keys)
+        for i, keys in enumerate(word_keys(ctx, self.words)):
+            factor[i][:, keys] = (self.outside + (self.inside - self.outside) * m[i]).to(h.dtype)[:, None]
+        factor = factor.repeat(len(ctx.halves), 1, 1).to(h.device)  # rows = halves × pairs
+        return _renormalize(h * factor[:, None]), None
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class GateSelfAttention(_Masked, SiteEdit):
+    """Self-attention only within a partition: ``S'[i, j] = S[i, j] · (p_i p_j + (1 − p_i)(1 − p_j))``,
+    rows renormalised, ``p`` the partition mask at the token grid."""
+
+    partition: Any = None
+    window: tuple[float, float] = (0.0, 1.0)
+    layers: tuple[int, ...] | None = None
+    halves: str = "both"
+    site: str = "attn1.weights"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "partition", Region.of(self.partition, "GateSelfAttention.partition"))
+        object.__setattr__(self, "window", check_window(self.window, "GateSelfAttention.window"))
+        layers, _ = check_where("GateSelfAttention", self.layers, None, self.halves)
+        object.__setattr__(self, "layers", layers)
+
+    def edit_layers(self, lens: Any) -> list[int]:
+        return list(range(lens.num_layers)) if self.layers is None else list(self.layers)
+
+    def edit_steps(self, num_inference_steps: int) -> list[int]:
+        return _steps_of(self.window, num_inference_steps)
+
+    def check(self, lens: Any, num_inference_steps: int) -> None:
+        self.partition.check(lens, "GateSelfAttention.partition")
+        check_layers_fit("GateSelfAttention", self.edit_layers(lens), lens)
+
+    def apply(self, h: torch.Tensor, ctx: EditContext | None) -> tuple[torch.Tensor, None]:
+        if ctx is None:
+            raise ValueError("GateSelfAttention runs only inside generate")
+        p = self.partition.tokens(tuple(ctx.lens.token_grid), ctx.seeds or [0] * ctx.pairs).to(h)  # (pairs, tokens)
+        same = p[:, :, None] * p[:, None, :] + (1 - p)[:, :, None] * (1 - p)[:, None, :]  # (pairs, q, k)
+        return _renormalize(h * same.repeat(len(ctx.halves), 1, 1)[:, None]), None
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class EnergyGuidance(_Masked, Guidance):
+    """The latent correction: descend L = 1 − mean_k (attention mass of word k inside Ω) before each
+    step in `window` (see the module docstring). ``step = 0`` is the identity."""
+
+    record = "energy"
+    words: tuple[str, ...] = ()
+    region: Any = None
+    step: float = 0.05
+    window: tuple[float, float] = (0.0, 0.4)
+    layers: tuple[int, ...] | None = None
+    blur: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "words", _check_words(self.words, "EnergyGuidance.words"))
+        if not self.words:
+            raise ValueError("EnergyGuidance.words is empty; name the pathology words whose attention to concentrate")
+        object.__setattr__(self, "region", Region.of(self.region, "EnergyGuidance.region"))
+        for attr in ("step", "blur"):
+            value = check_real(getattr(self, attr), f"EnergyGuidance.{attr}")
+            if value < 0:
+                raise ValueError(f"EnergyGuidance.{attr} must be >= 0, got {value}")
+            object.__setattr__(self, attr, value)
+        object.__setattr__(self, "window", check_window(self.window, "EnergyGuidance.window"))
+        layers, _ = check_where("EnergyGuidance", self.layers, None, "both")
+        object.__setattr__(self, "layers", layers)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.step == 0.0
+
+    def guided_steps(self, num_inference_steps: int) -> list[int]:
+        return _steps_of(self.window, num_inference_steps)
+
+    def layers_needed(self, lens: Any) -> list[int]:
+        return list(range(lens.num_layers)) if self.layers is None else list(self.layers)
+
+    def check(self, lens: Any, num_inference_steps: int) -> None:
+        self.region.check(lens, "EnergyGuidance.region")
+        check_layers_fit("EnergyGuidance", self.layers_needed(lens), lens)
+
+    def energy(self, maps: dict[int, torch.Tensor], ctx: EditContext) -> torch.Tensor:
+        """L per pair ``(pairs,)`` from cross-attention weights ``{layer: (pairs, heads, queries, keys)}``."""
+        omega = self.region.focus(tuple(ctx.lens.token_grid), ctx.seeds or [0] * ctx.pairs, self.blur)
+        mean = torch.stack([maps[layer] for layer in sorted(maps)]).mean(dim=(0, 2))  # (pairs, queries, keys)
+        out = []
+        for i, keys in enumerate(word_keys(ctx, self.words)):
+            a = mean[i][:, keys]  # (queries, words' tokens)
+            inside = (a * omega[i].to(a)[:, None]).sum(0) / a.sum(0).clamp_min(torch.finfo(a.dtype).tiny)
+            out.append(1 - inside.mean())
+        return torch.stack(out)
+
+    def correct(self, step: int, latents: torch.Tensor, forward: Callable[[torch.Tensor], dict],
+                ctx: EditContext) -> tuple[torch.Tensor, torch.Tensor]:
+        steps = self.guided_steps(ctx.num_inference_steps)
+        size = self.step * (1 - steps.index(step) / len(steps))
+        z = latents.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            energy = self.energy(forward(z), ctx)
+            (grad,) = torch.autograd.grad(energy.sum(), z)
+        rms = grad.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(torch.finfo(grad.dtype).tiny)
+        return (latents - size * grad / rms).to(latents.dtype), energy.detach()
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class AttentionRegulation(_Masked, Composite):
+    """Mask-guided attention regulation (see the module docstring for the equations).
+
+    Attributes:
+        region: Where the pathology goes / the edit acts (any mask `Region.of` takes: image or
+            token-grid size, one mask or one per seed).
+        anatomy_mask: The anatomy's mask (same forms); partitions self-attention and gates the anatomy
+            words. ``None``: the region partitions self-attention and anatomy words are not gated.
+        anatomy_words: Words of the prompt naming the anatomy.
+        pathology_words: Words of the prompt naming the pathology (enhanced, and concentrated by the
+            latent correction).
+        gate_self_attention: Module 1 on/off.
+        gate_anatomy_words: Module 2 on/off (needs `anatomy_words` and `anatomy_mask`).
+        enhance: η of module 3 (0: off).
+        enhance_steps: ``(start, end)`` fractions of the run where module 3 acts.
+        energy_step: α_max of module 4 (0: off).
+        energy_steps: ``(start, end)`` fractions of the run where module 4 corrects the latents.
+        layers: Blocks whose attention is regulated and read by the energy (``None``: all).
+        blur: Gaussian blur of Ω, in tokens.
+    """
+
+    region: Any = None
+    anatomy_mask: Any = None
+    anatomy_words: tuple[str, ...] = ()
+    pathology_words: tuple[str, ...] = ()
+    gate_self_attention: bool = True
+    gate_anatomy_words: bool = True
+    enhance: float = 1.5
+    enhance_steps: tuple[float, float] = (0.0, 0.4)
+    energy_step: float = 0.05
+    energy_steps: tuple[float, float] = (0.0, 0.4)
+    layers: tuple[int, ...] | None = None
+    blur: float = 1.0
+
+    def __post_init__(self) -> None:
+        for attr in ("region", "anatomy_mask"):
+            value = getattr(self, attr)
+            object.__setattr__(self, attr, None if value is None else Region.of(value, f"AttentionRegulation.{attr}"))
+        for attr in ("anatomy_words", "pathology_words"):
+            object.__setattr__(self, attr, _check_words(getattr(self, attr), f"AttentionRegulation.{attr}"))
+        for attr in ("gate_self_attention", "gate_anatomy_words"):
+            if not isinstance(getattr(self, attr), bool):
+                raise ValueError(f"AttentionRegulation.{attr} must be True or False, got {getattr(self, attr)!r}")
+        for attr in ("enhance", "energy_step", "blur"):
+            value = check_real(getattr(self, attr), f"AttentionRegulation.{attr}")
+            if value < 0:
+                raise ValueError(f"AttentionRegulation.{attr} must be >= 0 (0 turns it off), got {value}")
+            object.__setattr__(self, attr, value)
+        for attr in ("enhance_steps", "energy_steps"):
+            object.__setattr__(self, attr, check_window(getattr(self, attr), f"AttentionRegulation.{attr}"))
+        layers, _ = check_where("AttentionRegulation", self.layers, None, "both")
+        object.__setattr__(self, "layers", layers)
+        if (self.enhance > 0 or self.energy_step > 0) and (self.region is None or not self.pathology_words):
+            raise ValueError("pathology enhancement (enhance > 0) and the latent correction (energy_step > 0) need a "
+                             "region and pathology_words; give both, or set enhance=0 and energy_step=0")
+        if self.gate_self_attention and self.anatomy_mask is None and self.region is None:
+            raise ValueError("gate_self_attention needs an anatomy_mask or a region to partition the image by")
+        if self.gate_anatomy_words and self.anatomy_words and self.anatomy_mask is None:
+            raise ValueError("anatomy_words are gated by the anatomy_mask; give one, or gate_anatomy_words=False")
+
+    def parts(self) -> list[Intervention]:
+        out: list[Intervention] = []
+        if self.gate_self_attention:
+            out.append(GateSelfAttention(self.anatomy_mask or self.region, layers=self.layers))
+        if self.gate_anatomy_words and self.anatomy_words:
+            out.append(RegionReweight(self.anatomy_words, self.anatomy_mask, inside=1.0, outside=0.0, layers=self.layers))
+        if self.enhance > 0:
+            out.append(RegionReweight(self.pathology_words, self.region, inside=1 + self.enhance, outside=1.0,
+                                      blur=self.blur, window=self.enhance_steps, layers=self.layers))
+        if self.energy_step > 0:
+            out.append(EnergyGuidance(self.pathology_words, self.region, step=self.energy_step,
+                                      window=self.energy_steps, layers=self.layers, blur=self.blur))
+        return out
+
+    def without(self, *modules: str) -> "AttentionRegulation":
+        """This regulation with modules switched off: ``"self"``, ``"anatomy"``, ``"enhance"``, ``"energy"``."""
+        off = {"self": {"gate_self_attention": False}, "anatomy": {"gate_anatomy_words": False},
+               "enhance": {"enhance": 0.0}, "energy": {"energy_step": 0.0}}
+        unknown = [m for m in modules if m not in off]
+        if unknown:
+            raise ValueError(f"unknown modules {unknown}; choose from {list(off)}")
+        return replace(self, **{k: v for m in modules for k, v in off[m].items()})
+
+    def check(self, lens: Any, num_inference_steps: int) -> None:
+        for attr in ("region", "anatomy_mask"):
+            if getattr(self, attr) is not None:
+                getattr(self, attr).check(lens, f"AttentionRegulation.{attr}")
+        super().check(lens, num_inference_steps)
