@@ -281,3 +281,22 @@ def test_regulation_values_round_trip_and_switch_modules_off(tmp_path):
 def test_bad_regulation_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AttentionRegulation(**kwargs)
+
+
+def test_a_steer_with_a_region_leaves_tokens_outside_untouched(tiny_lens):
+    from test_steer import unit_vector
+    from dit_lens.interventions.steer import Steer
+
+    vec = unit_vector(T, 3, 16, seed=1)
+    h = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(0))  # (rows = 2 halves × 1 pair, tokens, C)
+    ctx = EditContext(0, 1, "attn2", ("uncond", "cond"), 1, original=None, seeds=(0,), lens=tiny_lens)
+    inside = Region.of(corner()).tokens((4, 4), [0])[0].bool()
+    new, gate = Steer(vec, alpha=3.0, region=corner()).apply(h, ctx)
+    everywhere, full_gate = Steer(vec, alpha=3.0).apply(h, ctx)
+    assert torch.equal(new[:, ~inside], h[:, ~inside]) and torch.equal(new[:, inside], everywhere[:, inside])
+    assert gate[:, ~inside].eq(0).all() and torch.equal(gate[:, inside], full_gate[:, inside])
+    steer = Steer(vec, alpha=3.0, region=corner(), name="x")
+    back = from_dict(json.loads(json.dumps(steer.to_dict())))
+    assert back.settings() == steer.settings() and "region" not in Steer(vec).settings()
+    out = generate(tiny_lens, PROMPT, seeds=[0], steer=steer, num_inference_steps=T, record_gates=True, progress=False)
+    assert float(out.gate.values[..., 2:, :].max()) == 0.0 and float(out.gate.values[..., :2, :2].max()) > 0

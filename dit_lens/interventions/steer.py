@@ -8,6 +8,9 @@ batch by default):
     h' = h − α · g · v(l, t)            the paper's update
     h' ← ‖h‖ · h' / ‖h'‖                with ``renormalize=True`` (the authors' public code)
 
+With a `region`, the update of each token is scaled by its share m in the region (h' = h − α·m·g·v):
+tokens outside are left bit-for-bit unchanged, and the recorded gate is m·g, what was applied.
+
 Examples:
     >>> import numpy as np, xarray as xr
     >>> v = xr.DataArray(np.eye(4, dtype=np.float32)[None, None, 0].repeat(3, 1),
@@ -33,21 +36,26 @@ import xarray as xr
 from ..readouts.vectors import _check_vector
 from ..validate import check_real
 from .base import HALVES, EditContext, SiteEdit, register
+from .region import Region
 
 __all__ = ["Steer", "steer_tokens"]
 
 
 def steer_tokens(
-    h: torch.Tensor, v: torch.Tensor, alpha: float, renormalize: bool = False
+    h: torch.Tensor, v: torch.Tensor, alpha: float, renormalize: bool = False, weight: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply the gated update to tokens ``h (..., tokens, C)`` along unit ``v (C,)``.
 
+    `weight` ``(..., tokens)`` in [0, 1] scales each token's update (a region); None: 1 everywhere.
+
     Returns:
-        The edited tokens (same shape) and the gate ``g (..., tokens)``. Tokens with g = 0 are
-        returned bit-for-bit unchanged; ``alpha = 0`` returns ``h`` bit-for-bit.
+        The edited tokens (same shape) and the gate ``g (..., tokens)`` (times `weight`). Tokens with
+        g = 0 are returned bit-for-bit unchanged; ``alpha = 0`` returns ``h`` bit-for-bit.
     """
     v = v.to(device=h.device, dtype=h.dtype)
     gate = torch.relu(h @ v)  # (..., tokens)
+    if weight is not None:
+        gate = gate * weight.to(gate)
     new = h - alpha * gate.unsqueeze(-1) * v  # (..., tokens, C)
     if renormalize:
         norm_h = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
@@ -75,6 +83,8 @@ class Steer(SiteEdit):
             attr; ``"attn2"`` for vectors that do not say). Naming another site is an error: a
             direction in one site's space means nothing in another's.
         halves: Guidance halves to steer: ``"both"`` (the paper), ``"cond"`` or ``"uncond"``.
+        region: Steer only inside this region (any mask `dit_lens.interventions.region.Region.of`
+            takes: image or token-grid size, one mask or one per seed); ``None``: everywhere.
     """
 
     record: ClassVar[str | None] = "gate"
@@ -88,9 +98,12 @@ class Steer(SiteEdit):
     name: str = ""
     site: str | None = None
     halves: str = "both"
+    region: Any = None
 
     def __post_init__(self) -> None:
         _check_vector(self.vector)
+        if self.region is not None:
+            object.__setattr__(self, "region", Region.of(self.region, "Steer.region"))
         object.__setattr__(self, "alpha", check_real(self.alpha, "Steer.alpha"))
         captured = str(self.vector.attrs.get("site", "attn2"))
         if self.site is None:
@@ -149,7 +162,13 @@ class Steer(SiteEdit):
 
     def apply(self, h: torch.Tensor, ctx: EditContext | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The gated update on the rows ``h (rows, tokens, C)``; returns them and the gate ``(rows, tokens)``."""
-        return steer_tokens(h, self.vector_at(ctx.step, ctx.layer), self.alpha, self.renormalize)
+        weight = None
+        if self.region is not None:
+            if ctx is None or ctx.lens is None:
+                raise ValueError("a Steer with a region runs only inside generate (which knows the token grid)")
+            m = self.region.tokens(tuple(ctx.lens.token_grid), ctx.seeds or [0] * ctx.pairs)  # (pairs, tokens)
+            weight = m.repeat(len(ctx.halves), 1).to(h.device)
+        return steer_tokens(h, self.vector_at(ctx.step, ctx.layer), self.alpha, self.renormalize, weight)
 
     def check(self, lens: Any, num_inference_steps: int) -> None:
         """Raise a clear error if this steer cannot run on `lens` with T steps."""
@@ -177,6 +196,8 @@ class Steer(SiteEdit):
             raise ValueError(
                 f"Steer.steps {list(self.steps)} go beyond the run's {num_inference_steps} steps"
             )
+        if self.region is not None:
+            self.region.check(lens, "Steer.region")
 
     def vector_at(self, step: int, layer: int) -> torch.Tensor:
         """v(layer, step) as a tensor ``(C,)``; past the vector's last step, its last step."""
@@ -206,6 +227,7 @@ class Steer(SiteEdit):
             "update": "authors (renormalized)" if self.renormalize else "paper",
             "vector_shape": [int(n) for n in self.vector.shape],
             "vector_digest": self.vector_digest,
+            **({} if self.region is None else {"region": self.region.settings()}),
         }
 
     def to_dict(self) -> dict:
@@ -215,6 +237,8 @@ class Steer(SiteEdit):
         vector = self.vector.astype(np.float64).to_dict(data="list")
         vector["attrs"] = {k: v for k, v in vector["attrs"].items() if isinstance(v, (str, int, float))}
         data["vector"] = vector
+        if self.region is not None:
+            data["region"] = self.region.to_dict()
         return data
 
     @classmethod
@@ -232,6 +256,7 @@ class Steer(SiteEdit):
             name=data.get("name", ""),
             site=data.get("site"),
             halves=data.get("halves", "both"),
+            region=None if data.get("region") is None else Region.from_dict(data["region"]),
         )
 
     def __repr__(self) -> str:
@@ -240,6 +265,7 @@ class Steer(SiteEdit):
         shape = self.vector.shape
         label = f"{self.name!r}, " if self.name else ""
         halves = "" if self.halves == "both" else f", halves={self.halves}"
+        halves += "" if self.region is None else f", region={self.region!r}"
         return (
             f"Steer({label}alpha={self.alpha:g}, site={self.site}{halves}, layers={layers}, steps={steps}, "
             f"renormalize={self.renormalize}, "
