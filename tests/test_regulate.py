@@ -11,10 +11,9 @@ import xarray as xr
 
 from dit_lens.interventions.base import EditContext, Intervention, from_dict
 from dit_lens.interventions.generate import generate, reprompt
-from dit_lens.interventions.inject import Inject
 from dit_lens.interventions.region import Confine, Region
 from dit_lens.interventions.regulate import (AttentionRegulation, EnergyGuidance, GateSelfAttention,
-                                             RegionReweight)
+                                             RegionMix, RegionReweight)
 from dit_lens.trace.runner import Hook, traced_generate
 from dit_lens.trace.tokens import word_tokens
 
@@ -103,7 +102,7 @@ def test_a_word_not_in_the_prompt_is_refused(tiny_lens):
 def test_regulation_with_every_module_off_is_bit_identical(tiny_lens):
     plain = generate(tiny_lens, PROMPT, seeds=[0, 1], num_inference_steps=T, progress=False)
     reg = AttentionRegulation(region=corner(), pathology_words=["polyp"], gate_self_attention=False,
-                              enhance=0, energy_step=0)
+                              enhance=0, energy_step=0, condition_outside=False, contrast=0)
     assert reg.is_identity and reg.parts() == []
     out = generate(tiny_lens, PROMPT, seeds=[0, 1], edits=[reg], num_inference_steps=T, progress=False)
     assert np.array_equal(out.image.sel(branch="edited").values, plain.image.sel(branch="original").values)
@@ -228,16 +227,20 @@ def test_confine_keeps_the_original_outside_the_region(tiny_lens):
     assert not np.allclose(edited[:, :4, :4], original[:, :4, :4])
 
 
-def test_inject_with_a_region_keeps_the_edited_branch_inside(tiny_lens):
+def test_region_mix_conditions_outside_and_amplifies_inside(tiny_lens):
     h = torch.ones(2, 16, 8)  # (rows = 2 halves × 1 pair, tokens, C)
     twin = torch.zeros(2, 16, 8)
-    ctx = EditContext(0, 0, "attn2", ("uncond", "cond"), 1, original=lambda: twin, seeds=(0,), lens=None)
-    ctx = EditContext(**{**ctx.__dict__, "lens": type("L", (), {"token_grid": (4, 4)})()})
-    new, _ = Inject("attn2", region=corner()).apply(h, ctx)
+    ctx = EditContext(0, 0, "attn2", ("uncond", "cond"), 1, original=lambda: twin, seeds=(0,),
+                      num_inference_steps=T, lens=tiny_lens)
     inside = Region.of(corner()).tokens((4, 4), [0])[0].bool()
+    new, _ = RegionMix(corner(), outside=0.0, contrast=2.0, window=(0, 0.5)).apply(h, ctx)
+    assert new[:, inside].eq(3).all() and new[:, ~inside].eq(0).all()
+    late = EditContext(**{**ctx.__dict__, "step": 2})  # past the contrast window
+    new, _ = RegionMix(corner(), outside=0.0, contrast=2.0, window=(0, 0.5)).apply(h, late)
     assert new[:, inside].eq(1).all() and new[:, ~inside].eq(0).all()
+    assert RegionMix(corner(), outside=1.0, contrast=0.0).is_identity
     with pytest.raises(ValueError, match="output sites"):
-        Inject("attn1.weights", region=corner())
+        RegionMix(corner(), site="attn1.weights")
 
 
 def test_per_seed_regions_match_running_each_seed_alone(tiny_lens):
@@ -253,8 +256,8 @@ def test_regulation_values_round_trip_and_switch_modules_off(tmp_path):
     per_seed = xr.DataArray(np.stack([corner(), ~corner()]), dims=("seed", "y", "x"), coords={"seed": [0, 1]})
     values = [
         AttentionRegulation(region=per_seed, anatomy_mask=~corner(), anatomy_words=["colon"],
-                            pathology_words=["polyp"], enhance=2.0, enhance_steps=(0, 0.3)),
-        Confine(corner(), steps=(0, 0.5)), Inject("attn2", region=corner()), EnergyGuidance(["polyp"], corner()),
+                            pathology_words=["polyp"], enhance=2.0, enhance_steps=(0, 0.3), keep_outside=0.5),
+        Confine(corner(), steps=(0, 0.5)), RegionMix(corner(), contrast=1.0), EnergyGuidance(["polyp"], corner()),
     ]
     for k, value in enumerate(values):
         back = from_dict(json.loads(json.dumps(value.to_dict())))
@@ -262,20 +265,24 @@ def test_regulation_values_round_trip_and_switch_modules_off(tmp_path):
         assert Intervention.load(value.save(tmp_path / f"{k}.json")).settings() == value.settings()
     reg = values[0]
     assert [type(p).__name__ for p in reg.parts()] == ["GateSelfAttention", "RegionReweight", "RegionReweight",
-                                                       "EnergyGuidance"]
-    assert [type(p).__name__ for p in reg.without("self", "energy").parts()] == ["RegionReweight", "RegionReweight"]
+                                                       "EnergyGuidance", "RegionMix", "Confine"]
+    assert [type(p).__name__ for p in reg.without("self", "energy", "outside", "contrast", "keep").parts()] == [
+        "RegionReweight", "RegionReweight"]
     assert reg.without("anatomy").parts()[1].words == ("polyp",)
     with pytest.raises(ValueError, match="unknown modules"):
         reg.without("everything")
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"pathology_words": ["polyp"]}, "need a region and pathology_words"),
+    ({"pathology_words": ["polyp"]}, "act by region"),
+    ({"pathology_words": ["polyp"], "condition_outside": False, "contrast": 0}, "need a region and pathology_words"),
     ({"region": corner()}, "need a region and pathology_words"),
     ({"region": corner(), "pathology_words": ["polyp"], "enhance": -1}, "must be >= 0"),
     ({"region": corner(), "pathology_words": ["polyp"], "energy_steps": (0.5, 0.2)}, "0 <= start < end <= 1"),
     ({"region": corner(), "pathology_words": ["polyp"], "anatomy_words": ["colon"]}, "gated by the anatomy_mask"),
-    ({"enhance": 0, "energy_step": 0}, "needs an anatomy_mask or a region"),
+    ({"enhance": 0, "energy_step": 0, "condition_outside": False, "contrast": 0}, "needs an anatomy_mask or a region"),
+    ({"enhance": 0, "energy_step": 0}, "act by region"),
+    ({"region": corner(), "pathology_words": ["polyp"], "keep_outside": 2}, "fraction of the run"),
     ({"region": corner(), "pathology_words": ["polyp"], "gate_self_attention": "yes"}, "True or False"),
 ])
 def test_bad_regulation_settings_are_refused(kwargs, match):

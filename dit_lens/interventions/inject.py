@@ -5,10 +5,6 @@ self-attention weights (which carry what the published method injects as queries
 softmax(q·kᵀ) is all the edited branch takes from them). On a weights site the edited branch keeps
 its own values, so it attends the way the original did while saying what its own prompt says.
 
-With a `region`, only the tokens *outside* it are injected (``h' = m·h + (1 − m)·h_original``, m the
-region's share of each token): at the cross-attention output of a re-prompted pair this is regional
-prompting, the edited branch hearing its own prompt inside the region and the original's outside.
-
 Examples:
     >>> import torch
     >>> from dit_lens.interventions.base import EditContext
@@ -28,13 +24,12 @@ from typing import Any, ClassVar
 import torch
 
 from .base import EditContext, SiteEdit, check_layers_fit, check_steps_fit, check_where, register
-from .region import Region
 
 __all__ = ["Inject"]
 
 
 @register
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True)
 class Inject(SiteEdit):
     """Replace the edited rows' `site` output with their unedited twins' at `layers` and `steps`.
 
@@ -44,8 +39,6 @@ class Inject(SiteEdit):
         layers: Blocks (``None``: all).
         steps: Denoising steps (``None``: all); an empty tuple injects nothing (the identity).
         halves: Guidance halves to inject into; each takes the twin's same half.
-        region: Inject only outside this region (any mask `dit_lens.interventions.region.Region.of`
-            takes; an output site, not a weights site); ``None``: everywhere.
     """
 
     reads_original: ClassVar[bool] = True
@@ -54,15 +47,10 @@ class Inject(SiteEdit):
     layers: tuple[int, ...] | None = None
     steps: tuple[int, ...] | None = None
     halves: str = "both"
-    region: Any = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.site, str) or not self.site:
             raise ValueError(f"Inject.site must be a site name such as 'block' or 'attn1.weights', got {self.site!r}")
-        if self.region is not None:
-            if self.site.endswith(".weights"):
-                raise ValueError(f"Inject.region works at output sites (one value per image token), not {self.site!r}")
-            object.__setattr__(self, "region", Region.of(self.region, "Inject.region"))
         empty = self.steps is not None and len(tuple(self.steps)) == 0
         layers, steps = check_where("Inject", self.layers, None if empty else self.steps, self.halves)
         object.__setattr__(self, "layers", layers)
@@ -82,31 +70,8 @@ class Inject(SiteEdit):
         lens.family.rank(self.site)  # a clear error for an unknown site
         check_layers_fit("Inject", self.edit_layers(lens), lens)
         check_steps_fit("Inject", self.steps or None, num_inference_steps)
-        if self.region is not None:
-            self.region.check(lens, "Inject.region")
 
     def apply(self, h: torch.Tensor, ctx: EditContext | None) -> tuple[torch.Tensor, None]:
         if ctx is None:
             raise ValueError("Inject copies from the original branch and runs only inside generate/edit")
-        if self.region is None:
-            return ctx.original(), None
-        m = self.region.tokens(tuple(ctx.lens.token_grid), ctx.seeds or [0] * ctx.pairs).to(h)  # (pairs, tokens)
-        m = m.repeat(len(ctx.halves), 1)[:, :, None]  # (rows, tokens, 1)
-        return m * h + (1 - m) * ctx.original(), None
-
-    def settings(self) -> dict:
-        data = super().settings()
-        data["region"] = None if self.region is None else self.region.settings()
-        return data
-
-    def to_dict(self) -> dict:
-        data = self.settings()
-        if self.region is not None:
-            data["region"] = self.region.to_dict()
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "Inject":
-        region = data.get("region")
-        values = {k: v for k, v in data.items() if k in ("site", "layers", "steps", "halves")}
-        return cls(**values, region=None if region is None else Region.from_dict(region))
+        return ctx.original(), None

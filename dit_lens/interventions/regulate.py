@@ -1,9 +1,11 @@
 """Mask-guided attention regulation: put a pathology where you say while the anatomy stays.
 
-`AttentionRegulation` is four modules, each of which switches off alone (for the ablation). With
-``p`` the partition mask (the anatomy mask, or the region when none is given), ``M`` the anatomy mask
-and ``Ω`` the region blurred by `blur` tokens and divided by its maximum, all at the token grid, and
-every reweighted row divided by its new sum so each query's weights stay a distribution:
+`AttentionRegulation` is a set of modules, each of which switches off alone (for the ablation). With
+``p`` the partition mask (the anatomy mask, or the region when none is given), ``M`` the anatomy mask,
+``m`` the region and ``Ω`` the region blurred by `blur` tokens and divided by its maximum, all at the
+token grid, and every reweighted row divided by its new sum so each query's weights stay a
+distribution. The first four are the published design (its equations are this library's reading; no
+reference code exists):
 
 1. **Self-attention gating** (``attn1.weights``, every step, both guidance halves):
    ``S'[i, j] = S[i, j] · (p_i p_j + (1 − p_i)(1 − p_j))``: tokens inside the partition attend only
@@ -26,32 +28,44 @@ every reweighted row divided by its new sum so each query's weights stay a distr
    any model (the source design does not say how its gradient is scaled). Its energy before each
    correction is recorded (``energy`` in results).
 
-The equations are this library's reading of a published design (no reference code exists); the
-defaults are its settings (μ = 0.4 of the run for the early steps, η = 1.5, α_max = 0.05).
+Modules 1–4 act on single words' tokens. A text encoder that mixes context into every token (T5, and
+the embedded world's byte-level encoder) spreads a word's meaning over the whole prompt, so gating or
+boosting the word's own tokens moves little; three region modules act on what the whole prompt says:
+
+5. **Conditioning outside** (`condition_outside`, ``attn2`` output, every step): outside the region the
+   edited branch's cross-attention output is the original branch's, ``h' = h_o + m (h − h_o)``: in a
+   re-prompted pair, the edited branch hears its own prompt only inside the region.
+6. **Contrast** (`contrast` c, ``attn2`` output, steps in `enhance_steps`): inside the region what the
+   edited prompt changes is amplified, ``h' = h_o + m (1 + c)(h − h_o)``.
+7. **Keeping the original outside** (`keep_outside`, latents, the first fraction of the steps): `Confine`.
+
+Defaults: μ = 0.4 of the run for the early steps, η = 1.5 and α_max = 0.05 (the published settings),
+conditioning outside on, contrast 2 and keeping off (measured on the embedded world: README).
+Modules 5–7 need the original branch of the pair, which `generate` and `reprompt` run beside it.
 
 Examples:
     >>> import numpy as np
     >>> box = np.zeros((64, 64), bool); box[8:32, 8:32] = True
     >>> reg = AttentionRegulation(region=box, pathology_words=["polyps"])
     >>> [type(part).__name__ for part in reg.parts()]
-    ['GateSelfAttention', 'RegionReweight', 'EnergyGuidance']
-    >>> [type(p).__name__ for p in AttentionRegulation(region=box, pathology_words=["polyps"], enhance=0).parts()]
-    ['GateSelfAttention', 'EnergyGuidance']
+    ['GateSelfAttention', 'RegionReweight', 'EnergyGuidance', 'RegionMix']
+    >>> [type(p).__name__ for p in reg.without("self", "enhance", "energy").parts()]
+    ['RegionMix']
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
 from ..trace.tokens import word_tokens
 from ..validate import check_real
 from .base import Composite, EditContext, Guidance, Intervention, SiteEdit, check_layers_fit, check_where, register
-from .region import Region, check_window, window_steps
+from .region import Confine, Region, check_window, window_steps
 
-__all__ = ["AttentionRegulation", "EnergyGuidance", "GateSelfAttention", "RegionReweight", "word_keys"]
+__all__ = ["AttentionRegulation", "EnergyGuidance", "GateSelfAttention", "RegionMix", "RegionReweight", "word_keys"]
 
 _KEYS: dict[tuple, tuple[int, ...]] = {}
 
@@ -180,6 +194,68 @@ class RegionReweight(_Masked, SiteEdit):
 
 @register
 @dataclass(frozen=True, eq=False)
+class RegionMix(_Masked, SiteEdit):
+    """Mix the edited branch's site output with the original branch's by region:
+
+        h' = h_o + w(q) · (h − h_o),   w = outside · (1 − m) + m · (1 + contrast · [step in `window`])
+
+    with ``h_o`` the original branch's output and m the region's share of each token. At the
+    cross-attention output of a re-prompted pair, ``outside = 0`` is regional prompting (outside the
+    region the edited branch hears the original's prompt) and ``contrast > 0`` amplifies, inside it,
+    what the edited prompt changes. ``outside = 1, contrast = 0`` is the identity.
+    """
+
+    reads_original: ClassVar[bool] = True
+    region: Any = None
+    outside: float = 0.0
+    contrast: float = 0.0
+    window: tuple[float, float] = (0.0, 1.0)
+    layers: tuple[int, ...] | None = None
+    halves: str = "both"
+    site: str = "attn2"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "region", Region.of(self.region, "RegionMix.region"))
+        for attr in ("outside", "contrast"):
+            value = check_real(getattr(self, attr), f"RegionMix.{attr}")
+            if value < 0:
+                raise ValueError(f"RegionMix.{attr} must be >= 0, got {value}")
+            object.__setattr__(self, attr, value)
+        if not isinstance(self.site, str) or self.site.endswith(".weights"):
+            raise ValueError(f"RegionMix works at output sites (one value per image token), not {self.site!r}")
+        object.__setattr__(self, "window", check_window(self.window, "RegionMix.window"))
+        layers, _ = check_where("RegionMix", self.layers, None, self.halves)
+        object.__setattr__(self, "layers", layers)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.outside == 1.0 and self.contrast == 0.0
+
+    def edit_layers(self, lens: Any) -> list[int]:
+        return list(range(lens.num_layers)) if self.layers is None else list(self.layers)
+
+    def edit_steps(self, num_inference_steps: int) -> list[int]:
+        if self.outside != 1.0:
+            return list(range(num_inference_steps))
+        return _steps_of(self.window, num_inference_steps)
+
+    def check(self, lens: Any, num_inference_steps: int) -> None:
+        lens.family.rank(self.site)
+        self.region.check(lens, "RegionMix.region")
+        check_layers_fit("RegionMix", self.edit_layers(lens), lens)
+
+    def apply(self, h: torch.Tensor, ctx: EditContext | None) -> tuple[torch.Tensor, None]:
+        if ctx is None or ctx.lens is None:
+            raise ValueError("RegionMix reads the original branch and runs only inside generate or reprompt")
+        m = self.region.tokens(tuple(ctx.lens.token_grid), ctx.seeds or [0] * ctx.pairs).to(h)  # (pairs, tokens)
+        gain = 1 + self.contrast if ctx.step in _steps_of(self.window, ctx.num_inference_steps) else 1.0
+        w = (self.outside * (1 - m) + m * gain).repeat(len(ctx.halves), 1)[:, :, None]  # (rows, tokens, 1)
+        original = ctx.original()
+        return original + w * (h - original), None
+
+
+@register
+@dataclass(frozen=True, eq=False)
 class GateSelfAttention(_Masked, SiteEdit):
     """Self-attention only within a partition: ``S'[i, j] = S[i, j] · (p_i p_j + (1 − p_i)(1 − p_j))``,
     rows renormalised, ``p`` the partition mask at the token grid."""
@@ -298,6 +374,9 @@ class AttentionRegulation(_Masked, Composite):
         enhance_steps: ``(start, end)`` fractions of the run where module 3 acts.
         energy_step: α_max of module 4 (0: off).
         energy_steps: ``(start, end)`` fractions of the run where module 4 corrects the latents.
+        condition_outside: Module 5 on/off.
+        contrast: c of module 6 (0: off).
+        keep_outside: Module 7: the fraction of the run during which the original is kept outside (0: off).
         layers: Blocks whose attention is regulated and read by the energy (``None``: all).
         blur: Gaussian blur of Ω, in tokens.
     """
@@ -312,6 +391,9 @@ class AttentionRegulation(_Masked, Composite):
     enhance_steps: tuple[float, float] = (0.0, 0.4)
     energy_step: float = 0.05
     energy_steps: tuple[float, float] = (0.0, 0.4)
+    condition_outside: bool = True
+    contrast: float = 2.0
+    keep_outside: float = 0.0
     layers: tuple[int, ...] | None = None
     blur: float = 1.0
 
@@ -321,10 +403,10 @@ class AttentionRegulation(_Masked, Composite):
             object.__setattr__(self, attr, None if value is None else Region.of(value, f"AttentionRegulation.{attr}"))
         for attr in ("anatomy_words", "pathology_words"):
             object.__setattr__(self, attr, _check_words(getattr(self, attr), f"AttentionRegulation.{attr}"))
-        for attr in ("gate_self_attention", "gate_anatomy_words"):
+        for attr in ("gate_self_attention", "gate_anatomy_words", "condition_outside"):
             if not isinstance(getattr(self, attr), bool):
                 raise ValueError(f"AttentionRegulation.{attr} must be True or False, got {getattr(self, attr)!r}")
-        for attr in ("enhance", "energy_step", "blur"):
+        for attr in ("enhance", "energy_step", "blur", "contrast", "keep_outside"):
             value = check_real(getattr(self, attr), f"AttentionRegulation.{attr}")
             if value < 0:
                 raise ValueError(f"AttentionRegulation.{attr} must be >= 0 (0 turns it off), got {value}")
@@ -333,6 +415,11 @@ class AttentionRegulation(_Masked, Composite):
             object.__setattr__(self, attr, check_window(getattr(self, attr), f"AttentionRegulation.{attr}"))
         layers, _ = check_where("AttentionRegulation", self.layers, None, "both")
         object.__setattr__(self, "layers", layers)
+        if self.keep_outside > 1:
+            raise ValueError(f"AttentionRegulation.keep_outside is a fraction of the run in [0, 1], got {self.keep_outside}")
+        if (self.condition_outside or self.contrast > 0 or self.keep_outside > 0) and self.region is None:
+            raise ValueError("condition_outside, contrast and keep_outside act by region; give a region, or switch "
+                             "them off (condition_outside=False, contrast=0, keep_outside=0)")
         if (self.enhance > 0 or self.energy_step > 0) and (self.region is None or not self.pathology_words):
             raise ValueError("pathology enhancement (enhance > 0) and the latent correction (energy_step > 0) need a "
                              "region and pathology_words; give both, or set enhance=0 and energy_step=0")
@@ -353,12 +440,19 @@ class AttentionRegulation(_Masked, Composite):
         if self.energy_step > 0:
             out.append(EnergyGuidance(self.pathology_words, self.region, step=self.energy_step,
                                       window=self.energy_steps, layers=self.layers, blur=self.blur))
+        if self.condition_outside or self.contrast > 0:
+            out.append(RegionMix(self.region, outside=0.0 if self.condition_outside else 1.0, contrast=self.contrast,
+                                 window=self.enhance_steps, layers=self.layers))
+        if self.keep_outside > 0:
+            out.append(Confine(self.region, steps=(0.0, self.keep_outside)))
         return out
 
     def without(self, *modules: str) -> "AttentionRegulation":
-        """This regulation with modules switched off: ``"self"``, ``"anatomy"``, ``"enhance"``, ``"energy"``."""
+        """This regulation with modules switched off: ``"self"``, ``"anatomy"``, ``"enhance"``, ``"energy"``,
+        ``"outside"`` (conditioning outside the region), ``"contrast"``, ``"keep"`` (keeping the original outside)."""
         off = {"self": {"gate_self_attention": False}, "anatomy": {"gate_anatomy_words": False},
-               "enhance": {"enhance": 0.0}, "energy": {"energy_step": 0.0}}
+               "enhance": {"enhance": 0.0}, "energy": {"energy_step": 0.0}, "outside": {"condition_outside": False},
+               "contrast": {"contrast": 0.0}, "keep": {"keep_outside": 0.0}}
         unknown = [m for m in modules if m not in off]
         if unknown:
             raise ValueError(f"unknown modules {unknown}; choose from {list(off)}")

@@ -89,6 +89,8 @@ class MethodContext:
         vectors: Concept vectors, for methods with a ``vector_seeds`` axis.
         record_gates: Ask steering methods for their gate maps (others ignore it).
         progress: Show progress bars.
+        segmenter: The lesion segmenter (images ``(N, H, W, 3)`` → masks ``(N, H, W)``), for methods that
+            localise an edit to the lesion.
     """
 
     num_inference_steps: int = 20
@@ -97,6 +99,7 @@ class MethodContext:
     vectors: Vectors | None = field(default=None, compare=False)
     record_gates: bool = False
     progress: bool = False
+    segmenter: Callable | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "num_inference_steps", check_steps(self.num_inference_steps))

@@ -40,6 +40,11 @@ __all__ = [
     "background_lpips",
     "Judged",
     "Metric",
+    "REGION_METRICS",
+    "lesion_inside",
+    "region_dice",
+    "outside_ssim",
+    "target_read",
     "STANDARD_METRICS",
     "LPIPS_UNAVAILABLE",
     "METRICS_VERSION",
@@ -326,3 +331,43 @@ def background_lpips(out: xr.Dataset, background: xr.DataArray, *, net: str = "a
     da = _pairwise(out, background, one, "bg_lpips")
     da.attrs["status"] = f"lpips {net}"
     return da
+
+
+# -- edits confined to a region: the result holds ``region (prompt, seed, y, x)`` --------------------------------
+
+def _region(judged: Judged) -> xr.DataArray:
+    if "region" not in judged.out:
+        raise ValueError("this metric needs the region each pair was edited in (a 'region' variable (prompt, seed, y, "
+                         "x) in the result, as region-confined methods return)")
+    return judged.out["region"].astype(bool).transpose("prompt", "seed", "y", "x")
+
+
+def target_read(judged: Judged) -> xr.DataArray:
+    """Per pair: the counterfactual is classified as the target (the pathology asked for)."""
+    predicted = judged.probs.sel(branch="edited").idxmax("class")
+    return (predicted == judged.target).astype(np.float64).rename("target_read")
+
+
+def lesion_inside(judged: Judged) -> xr.DataArray:
+    """Per pair: the share of the counterfactual's lesion pixels (segmenter) inside the region; 0 without a lesion."""
+    lesion = judged.masks.sel(branch="edited").transpose("prompt", "seed", "y", "x")
+    inside = (lesion & _region(judged)).sum(("y", "x"))
+    return (inside / lesion.sum(("y", "x")).clip(min=1)).astype(np.float64).rename("lesion_inside")
+
+
+def region_dice(judged: Judged) -> xr.DataArray:
+    """Per pair: Dice between the counterfactual's lesion mask and the region."""
+    lesion = judged.masks.sel(branch="edited").transpose("prompt", "seed", "y", "x")
+    region = _region(judged)
+    both = (lesion & region).sum(("y", "x"))
+    return (2 * both / (lesion.sum(("y", "x")) + region.sum(("y", "x")))).astype(np.float64).rename("region_dice")
+
+
+def outside_ssim(judged: Judged) -> xr.DataArray:
+    """Per pair: SSIM between original and counterfactual over the pixels outside the region (masked windows)."""
+    return background_ssim(judged.out, ~_region(judged)).rename("outside_ssim")
+
+
+#: What a study of region-confined edits measures beside the standard metrics.
+REGION_METRICS = (Metric("target_read", target_read), Metric("lesion_inside", lesion_inside),
+                  Metric("region_dice", region_dice), Metric("outside_ssim", outside_ssim))
