@@ -1,5 +1,6 @@
 """The counterfactual table: three concept pairs, MedSteer vs re-prompting (same seed, target prompt) and the
-inversion-based editors PnP and h-Edit (which edit the original image of the same seed).
+inversion-based editors PnP and h-Edit (which edit the original image of the same seed), and localised
+MedSteer (steered only inside the segmented lesion or the gate map's region, the original kept outside).
 
 Each pair is swept over layer windows (where: the first quarter of the depth, which carries the
 concepts in the embedded world, and the whole depth), α, and latent blending (0 = off, the paper's
@@ -32,12 +33,15 @@ STUDY = Study(
     methods={
         "medsteer": {"window": ((0.0, 0.25), (0.0, 1.0)), "alpha": (2.0, 3.0, 4.0), "blend": BLENDS,
                      "vector_seeds": (32,)},
+        "medsteer_local": {"window": ((0.0, 0.25), (0.0, 1.0)), "alpha": (2.0, 3.0, 4.0), "region": ("lesion", "gate"),
+                           "vector_seeds": (32,)},  # steered inside the lesion (or gate) region, original kept outside
         "reprompt": {"blend": BLENDS},  # the baseline, blended the same way
         "pnp": {},  # at their defaults (dit_lens.methods.inversion)
         "hedit": {},
     },
     eval_seeds=64,
     quick={"alpha": (2.0,), "window": ((0.0, 1.0),), "blend": (0.0, 0.3), "vector_seeds": (8,), "eval_seeds": 8,
+           "region": ("lesion",),
            "inversion_steps": (20,)},
 )
 

@@ -21,6 +21,8 @@ STUDY = Study(
     methods={
         "medsteer": {"window": ((0.25, 0.75), (0.0, 1.0)), "alpha": (1.0, 1.5, 2.0, 2.5, 5.0), "blend": (0.0, 0.3),
                      "vector_seeds": (32,)},
+        "medsteer_local": {"window": ((0.0, 1.0),), "alpha": (1.5, 2.0), "region": ("lesion", "gate"),
+                           "vector_seeds": (32,)},  # steered inside the segmented lesion (or gate region) only
         "reprompt": {"blend": (0.0, 0.3)},
         "pnp": {},  # the inversion-based baselines at their defaults (paper DDR: PnP 0.80, h-Edit 0.90)
         "hedit": {},
@@ -28,7 +30,7 @@ STUDY = Study(
     eval_seeds=64,
     metrics=DYE_METRICS,
     require=DYE_FLOORS,
-    quick={"alpha": (1.5,), "window": ((0.0, 1.0),), "vector_seeds": (8,), "eval_seeds": 8,
+    quick={"alpha": (1.5,), "window": ((0.0, 1.0),), "vector_seeds": (8,), "eval_seeds": 8, "region": ("lesion",),
            "inversion_steps": (20,)},
 )
 

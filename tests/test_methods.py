@@ -43,11 +43,11 @@ def reguide():
 
 
 def test_the_registry_names_the_built_in_methods_and_refuses_unknown_ones():
-    assert names()[:2] == ["medsteer", "reprompt"]
+    assert names()[:4] == ["medsteer", "medsteer_local", "regulate", "reprompt"]
     assert [a.name for a in get("medsteer").axes] == ["window", "steps", "alpha", "renormalize", "blend",
                                                       "vector_seeds"]
     assert get("reprompt").axis("blend") is BLEND is get("medsteer").axis("blend")  # one axis, one meaning
-    with pytest.raises(ValueError, match="unknown method 'sdedit'; registered: \\['medsteer', 'reprompt'"):
+    with pytest.raises(ValueError, match="unknown method 'sdedit'; registered: \\['medsteer', 'medsteer_local', 'regulate', 'reprompt'"):
         get("sdedit")
     with pytest.raises(ValueError, match="has no setting \\['beta'\\]"):
         get("medsteer").settings({"beta": 1.0})

@@ -106,7 +106,7 @@ def test_regulation_with_every_module_off_is_bit_identical(tiny_lens):
     assert reg.is_identity and reg.parts() == []
     out = generate(tiny_lens, PROMPT, seeds=[0, 1], edits=[reg], num_inference_steps=T, progress=False)
     assert np.array_equal(out.image.sel(branch="edited").values, plain.image.sel(branch="original").values)
-    on = generate(tiny_lens, PROMPT, seeds=[0, 1], edits=[reg.__class__(region=corner(), pathology_words=["polyp"])],
+    on = generate(tiny_lens, PROMPT, seeds=[0, 1], edits=[AttentionRegulation.published(corner(), pathology_words=["polyp"])],
                   num_inference_steps=T, progress=False)
     assert np.array_equal(on.image.sel(branch="original").values, plain.image.sel(branch="original").values)
     assert not np.allclose(on.image.sel(branch="edited").values, plain.image.sel(branch="original").values)
@@ -245,10 +245,10 @@ def test_region_mix_conditions_outside_and_amplifies_inside(tiny_lens):
 
 def test_per_seed_regions_match_running_each_seed_alone(tiny_lens):
     masks = xr.DataArray(np.stack([corner(), ~corner()]), dims=("seed", "y", "x"), coords={"seed": [0, 1]})
-    reg = AttentionRegulation(region=masks, pathology_words=["polyp"], energy_step=0.1)
+    reg = AttentionRegulation(region=masks, pathology_words=["polyp"], energy_step=0.1, gate_self_attention=True)
     both = generate(tiny_lens, PROMPT, seeds=[0, 1], edits=[reg], num_inference_steps=T, progress=False)
     alone = generate(tiny_lens, PROMPT, seeds=[1], edits=[AttentionRegulation(region=~corner(), pathology_words=[
-        "polyp"], energy_step=0.1)], num_inference_steps=T, progress=False)
+        "polyp"], energy_step=0.1, gate_self_attention=True)], num_inference_steps=T, progress=False)
     assert np.allclose(both.image.sel(seed=1).values, alone.image.sel(seed=1).values, atol=1e-4)
 
 
@@ -256,7 +256,8 @@ def test_regulation_values_round_trip_and_switch_modules_off(tmp_path):
     per_seed = xr.DataArray(np.stack([corner(), ~corner()]), dims=("seed", "y", "x"), coords={"seed": [0, 1]})
     values = [
         AttentionRegulation(region=per_seed, anatomy_mask=~corner(), anatomy_words=["colon"],
-                            pathology_words=["polyp"], enhance=2.0, enhance_steps=(0, 0.3), keep_outside=0.5),
+                            pathology_words=["polyp"], enhance=2.0, enhance_steps=(0, 0.3), keep_outside=0.5,
+                            gate_self_attention=True, energy_step=0.05),
         Confine(corner(), steps=(0, 0.5)), RegionMix(corner(), contrast=1.0), EnergyGuidance(["polyp"], corner()),
     ]
     for k, value in enumerate(values):
@@ -280,7 +281,8 @@ def test_regulation_values_round_trip_and_switch_modules_off(tmp_path):
     ({"region": corner(), "pathology_words": ["polyp"], "enhance": -1}, "must be >= 0"),
     ({"region": corner(), "pathology_words": ["polyp"], "energy_steps": (0.5, 0.2)}, "0 <= start < end <= 1"),
     ({"region": corner(), "pathology_words": ["polyp"], "anatomy_words": ["colon"]}, "gated by the anatomy_mask"),
-    ({"enhance": 0, "energy_step": 0, "condition_outside": False, "contrast": 0}, "needs an anatomy_mask or a region"),
+    ({"enhance": 0, "condition_outside": False, "contrast": 0, "gate_self_attention": True},
+     "needs an anatomy_mask or a region"),
     ({"enhance": 0, "energy_step": 0}, "act by region"),
     ({"region": corner(), "pathology_words": ["polyp"], "keep_outside": 2}, "fraction of the run"),
     ({"region": corner(), "pathology_words": ["polyp"], "gate_self_attention": "yes"}, "True or False"),

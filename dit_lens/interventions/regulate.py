@@ -39,18 +39,21 @@ boosting the word's own tokens moves little; three region modules act on what th
    edited prompt changes is amplified, ``h' = h_o + m (1 + c)(h − h_o)``.
 7. **Keeping the original outside** (`keep_outside`, latents, the first fraction of the steps): `Confine`.
 
-Defaults: μ = 0.4 of the run for the early steps, η = 1.5 and α_max = 0.05 (the published settings),
-conditioning outside on, contrast 2 and keeping off (measured on the embedded world: README).
-Modules 5–7 need the original branch of the pair, which `generate` and `reprompt` run beside it.
+Defaults are what placed lesions best on the embedded world (README): conditioning outside, contrast 2
+and enhancement η = 1.5 in the first μ = 0.4 of the run; self-attention gating and the latent correction
+off (on that world each lowered how often the lesion appears at all); anatomy words gated when given.
+`AttentionRegulation.published` is modules 1–4 alone at the published settings (μ = 0.4, η = 1.5,
+α_max = 0.05). Modules 5–7 need the original branch of the pair, which `generate` and `reprompt` run
+beside it.
 
 Examples:
     >>> import numpy as np
     >>> box = np.zeros((64, 64), bool); box[8:32, 8:32] = True
     >>> reg = AttentionRegulation(region=box, pathology_words=["polyps"])
     >>> [type(part).__name__ for part in reg.parts()]
-    ['GateSelfAttention', 'RegionReweight', 'EnergyGuidance', 'RegionMix']
-    >>> [type(p).__name__ for p in reg.without("self", "enhance", "energy").parts()]
-    ['RegionMix']
+    ['RegionReweight', 'RegionMix']
+    >>> [type(p).__name__ for p in AttentionRegulation.published(box, pathology_words=["polyps"]).parts()]
+    ['GateSelfAttention', 'RegionReweight', 'EnergyGuidance']
 """
 
 from __future__ import annotations
@@ -385,11 +388,11 @@ class AttentionRegulation(_Masked, Composite):
     anatomy_mask: Any = None
     anatomy_words: tuple[str, ...] = ()
     pathology_words: tuple[str, ...] = ()
-    gate_self_attention: bool = True
+    gate_self_attention: bool = False
     gate_anatomy_words: bool = True
     enhance: float = 1.5
     enhance_steps: tuple[float, float] = (0.0, 0.4)
-    energy_step: float = 0.05
+    energy_step: float = 0.0
     energy_steps: tuple[float, float] = (0.0, 0.4)
     condition_outside: bool = True
     contrast: float = 2.0
@@ -446,6 +449,16 @@ class AttentionRegulation(_Masked, Composite):
         if self.keep_outside > 0:
             out.append(Confine(self.region, steps=(0.0, self.keep_outside)))
         return out
+
+    @classmethod
+    def published(cls, region: Any, *, anatomy_mask: Any = None, anatomy_words: Sequence[str] = (),
+                  pathology_words: Sequence[str] = (), **changes: Any) -> "AttentionRegulation":
+        """Modules 1–4 alone at the published settings: self-attention gating, anatomy-word gating, η = 1.5
+        and α_max = 0.05 in the first 0.4 of the run; no region modules."""
+        settings = dict(gate_self_attention=True, enhance=1.5, enhance_steps=(0.0, 0.4), energy_step=0.05,
+                        energy_steps=(0.0, 0.4), condition_outside=False, contrast=0.0, keep_outside=0.0)
+        return cls(region=region, anatomy_mask=anatomy_mask, anatomy_words=tuple(anatomy_words),
+                   pathology_words=tuple(pathology_words), **{**settings, **changes})
 
     def without(self, *modules: str) -> "AttentionRegulation":
         """This regulation with modules switched off: ``"self"``, ``"anatomy"``, ``"enhance"``, ``"energy"``,
