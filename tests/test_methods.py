@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -122,3 +124,54 @@ def test_reprompt_equals_the_reprompt_function(tiny_lens):
                       num_inference_steps=3, batch_size=2, progress=False)
     np.testing.assert_array_equal(out["image"].values, direct["image"].values)
     assert list(out["branch"].values) == ["original", "edited"]
+
+
+def test_localised_medsteer_steers_inside_the_segmented_lesion_and_keeps_the_rest(tiny_lens):
+    from dit_lens.interventions.region import Confine
+    from dit_lens.methods.local import grow_masks
+
+    context = MethodContext(num_inference_steps=3, guidance_scale=4.5, batch_size=2, segmenter=red_segmenter,
+                            vectors=Vectors(tiny_lens, seeds=3, num_inference_steps=3, guidance_scale=4.5))
+    settings = {"window": (0.0, 1.0), "steps": (0.0, 1.0), "alpha": 3.0, "vector_seeds": 2, "region": "lesion",
+                "grow": 1, "confine": 1.0}
+    out = get("medsteer_local").run(tiny_lens, PAIR, [5, 6], settings, context=context)
+    plain = generate(tiny_lens, "An image of polyps", seeds=[5, 6], num_inference_steps=3, progress=False)
+    masks = grow_masks(red_segmenter(plain["image"].sel(branch="original").isel(prompt=0).values), 1)
+    found = masks.reshape(2, -1).any(1)
+    assert found.all() and not masks.all()  # a region smaller than the image for each seed
+    masks[~found] = True
+    np.testing.assert_array_equal(out["region"].isel(prompt=0).values, masks)
+    region = xr.DataArray(masks, dims=("seed", "y", "x"), coords={"seed": [5, 6]})
+    from dit_lens.methods.medsteer import medsteer_steer
+
+    base = medsteer_steer(tiny_lens, PAIR, {**settings, "renormalize": False}, context)
+    direct = generate(tiny_lens, "An image of polyps", seeds=[5, 6], num_inference_steps=3, batch_size=2,
+                      steer=Steer(base.vector, alpha=3.0, layers=base.layers, steps=base.steps, name=base.name,
+                                  region=region), edits=[Confine(region)], progress=False)
+    np.testing.assert_array_equal(out["image"].values, direct["image"].values)
+    assert json.loads(out.attrs["unlocalised_seeds"]) == [s for s, f in zip([5, 6], found) if not f]
+    with pytest.raises(ValueError, match="needs a lesion segmenter"):
+        get("medsteer_local").run(tiny_lens, PAIR, [5], settings, context=MethodContext(
+            num_inference_steps=3, vectors=context.vectors))
+
+
+def test_regulate_inserts_with_each_seed_s_own_region_and_none_is_plain_reprompting(tiny_lens):
+    from dit_lens.methods.insert import placed_region
+
+    context = MethodContext(num_inference_steps=3, guidance_scale=4.5, batch_size=2)
+    plain = get("regulate").run(tiny_lens, PAIR, [5, 6], {"modules": "none"}, context=context)
+    direct = reprompt(tiny_lens, "An image of polyps", "An image of normal cecum", seeds=[5, 6],
+                      num_inference_steps=3, batch_size=2, progress=False)
+    np.testing.assert_array_equal(plain["image"].values, direct["image"].values)
+    for place in ("box", "blob"):
+        region = plain if place == "box" else get("regulate").run(tiny_lens, PAIR, [5, 6], {"modules": "none",
+                                                                                           "place": place}, context=context)
+        for seed in (5, 6):
+            np.testing.assert_array_equal(region["region"].sel(seed=seed).isel(prompt=0).values,
+                                          placed_region(seed, place, (16, 16)))
+    out = get("regulate").run(tiny_lens, PAIR, [5, 6], {"modules": "default"}, context=context)
+    np.testing.assert_array_equal(out["image"].sel(branch="original").values,
+                                  plain["image"].sel(branch="original").values)
+    assert not np.allclose(out["image"].sel(branch="edited").values, plain["image"].sel(branch="edited").values)
+    with pytest.raises(ValueError, match="expected one of"):
+        get("regulate").run(tiny_lens, PAIR, [5], {"modules": "everything"}, context=context)
