@@ -37,7 +37,7 @@ from .validate import NonFiniteError
 from .views.attention import attention_figure
 from .readouts.vectors import (concept_vector, export_authors, import_authors, load_vector, normalize_vector,
                                save_vector)
-from .world import load_oracle, load_segmenter
+from .world import load_anatomy_segmenter, load_oracle, load_segmenter
 
 __all__ = [
     "__version__",
@@ -93,6 +93,7 @@ __all__ = [
     "generate",
     "import_authors",
     "load",
+    "load_anatomy_segmenter",
     "load_oracle",
     "load_segmenter",
     "load_vector",

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import dit_lens
-from dit_lens.world import LABELS, load_oracle, load_segmenter, render
-from dit_lens.world.judges import EMBEDDED_JUDGES, Oracle, OracleNet, save_judge, train_segmenter
-from dit_lens.world.build import BUILD_STAGES, recipe
+from dit_lens.world import LABELS, load_anatomy_segmenter, load_oracle, load_segmenter, render
+from dit_lens.world.judges import (EMBEDDED_JUDGES, Oracle, OracleNet, Segmenter, SegmenterNet, save_judge,
+                                   train_segmenter)
+from dit_lens.world.build import BUILD_STAGES, build_anatomy_segmenter, finetune_transformer, recipe
 from dit_lens.world.train import StageConfig, fit, train_transformer
 
 shipped = pytest.mark.skipif(not (EMBEDDED_JUDGES / "world.json").is_file(), reason="embedded world not built")
@@ -158,6 +159,73 @@ def test_segmenter_learns_lesions_quickly():
     assert dice > 0.6
 
 
+def test_anatomy_segmenter_round_trips_and_refuses_bad_input_and_the_wrong_kind(tmp_path):
+    torch.manual_seed(0)
+    anatomy, lesion = Segmenter(SegmenterNet(width=4), "anatomy"), Segmenter(SegmenterNet(width=4))
+    save_judge(anatomy, tmp_path / "a")
+    save_judge(lesion, tmp_path / "l")
+    loaded = load_anatomy_segmenter(tmp_path / "a")
+    images = render(["normal z-line", "normal pylorus"], [0, 1]).images
+    assert loaded.target == "anatomy" and np.array_equal(loaded(images), anatomy(images))
+    assert loaded(images).shape == (2, 64, 64) and loaded(images).dtype == bool
+    with pytest.raises(ValueError, match=r"the anatomy segmenter takes images of shape \(N, H, W, 3\)"):
+        loaded(images[0])
+    with pytest.raises(ValueError, match=r"the anatomy segmenter takes images in \[0, 1\]"):
+        loaded(images * 255)
+    with pytest.raises(ValueError, match="holds a lesion segmenter, not an anatomy segmenter"):
+        load_anatomy_segmenter(tmp_path / "l")
+    with pytest.raises(ValueError, match=r"holds an anatomy segmenter, not a lesion segmenter.*load_anatomy_segmenter"):
+        load_segmenter(tmp_path / "a")
+    save_judge(Oracle(OracleNet(width=4)), tmp_path / "o")
+    with pytest.raises(ValueError, match="not a segmenter"):
+        load_anatomy_segmenter(tmp_path / "o")
+    with pytest.raises(FileNotFoundError, match="no anatomy segmenter"):
+        load_anatomy_segmenter(tmp_path / "missing")
+    with pytest.raises(ValueError, match="target must be one of"):
+        Segmenter(SegmenterNet(width=4), "organ")
+    with pytest.raises(ValueError, match="one \\(H, W\\) mask per image"):
+        train_segmenter(images, np.zeros((3, 64, 64), bool), StageConfig(steps=1, batch_size=2, lr=1e-3),
+                        target="anatomy", log=lambda _: None)
+
+
+def test_anatomy_stage_trains_alone_on_a_built_world(tmp_path, tiny_pipeline):
+    tiny_pipeline.vae.save_pretrained(tmp_path / "pipeline" / "vae")
+    record = {"stages": {"images_per_class": 2}, "seconds": {"total": 1.0}}
+    (tmp_path / "world.json").write_text(json.dumps(record))
+    folder = build_anatomy_segmenter(tmp_path, overrides=["anatomy.steps=2", "anatomy.batch_size=4"])
+    assert folder == tmp_path / "anatomy"
+    assert json.loads((folder / "judge.json").read_text())["target"] == "anatomy"
+    assert load_anatomy_segmenter(folder)(render(["polyps"], [0]).images).shape == (1, 64, 64)
+    written = json.loads((tmp_path / "world.json").read_text())
+    assert written["stages"]["anatomy"]["steps"] == 2 and written["seconds"]["total"] == 1.0
+    assert written["seconds"]["anatomy"] > 0 and "anatomy_built_on" in written
+    assert not (tmp_path / "oracle").exists() and not (tmp_path / "segmenter").exists()
+    with pytest.raises(FileNotFoundError, match="no built world"):
+        build_anatomy_segmenter(tmp_path / "nothing")
+
+
+def test_finetune_continues_the_transformer_into_a_new_world(tmp_path, tiny_pipeline):
+    from diffusers import PixArtTransformer2DModel
+
+    world = tmp_path / "world"
+    tiny_pipeline.save_pretrained(world / "pipeline")
+    save_judge(Oracle(OracleNet(width=4)), world / "oracle")
+    (world / "world.json").write_text(json.dumps({"stages": {"images_per_class": 1, "train_text_encoder": False}}))
+    cfg = StageConfig(steps=1, batch_size=4, lr=1e-2, warmup=1, seed=0)
+    with pytest.raises(ValueError, match="class_weights"):
+        finetune_transformer(world, tmp_path / "bad", cfg, class_weights={"normal cecum": 0})
+    with pytest.raises(FileExistsError, match="new world"):
+        finetune_transformer(world, world, cfg)
+    out = finetune_transformer(world, tmp_path / "tuned", cfg, class_weights={"normal cecum": 2})
+    before = PixArtTransformer2DModel.from_pretrained(world / "pipeline" / "transformer").state_dict()
+    after = PixArtTransformer2DModel.from_pretrained(out / "pipeline" / "transformer").state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert np.allclose(load_oracle(out / "oracle")(render(["polyps"], [0]).images),
+                       load_oracle(world / "oracle")(render(["polyps"], [0]).images))
+    record = json.loads((out / "world.json").read_text())["finetune"]
+    assert record["class_weights"] == {"normal cecum": 2} and record["stage"]["steps"] == 1
+
+
 @shipped
 def test_shipped_world_loads_and_is_deterministic():
     lens = dit_lens.load("embedded")
@@ -184,3 +252,13 @@ def test_shipped_judges_recognise_held_out_images():
 def test_shipped_files_fit_the_budget():
     size = sum(f.stat().st_size for f in EMBEDDED_JUDGES.rglob("*") if f.is_file())
     assert size <= 40 * 2**20
+
+
+@shipped
+def test_shipped_anatomy_segmenter_finds_landmarks_on_fresh_images():
+    s = render(list(LABELS) * 6, [300_000 + i for i in range(6) for _ in LABELS])  # seeds no stage trained on
+    masks = load_anatomy_segmenter("embedded")(s.images)
+    inter, total = (masks & s.anatomy).sum((1, 2)), masks.sum((1, 2)) + s.anatomy.sum((1, 2))
+    dice = 2 * inter / total  # (N,): every class has a landmark, so no image has an empty truth
+    assert dice.mean() > 0.85
+    assert min(dice[np.array(s.labels) == label].mean() for label in LABELS) > 0.75

@@ -1,7 +1,9 @@
 """`dit-lens world build`: rebuild the embedded world from seeded code.
 
 Writes ``pipeline/`` (a `PixArtAlphaPipeline` saved with ``save_pretrained``), ``oracle/``,
-``segmenter/`` and ``world.json`` (every setting, the time each stage took and the machine it ran on).
+``segmenter/``, ``anatomy/`` and ``world.json`` (every setting, the time each stage took and the machine
+it ran on). `build_anatomy_segmenter` (``python -m dit_lens.world.build anatomy [WORLD_DIR]``) trains
+only the anatomy segmenter of a built world, from its own VAE.
 ``--device cuda`` trains on a GPU (same recipe, same random draws; float results differ by rounding);
 ``--set transformer.steps=3000`` changes one setting of the recipe and is recorded in world.json.
 """
@@ -12,17 +14,19 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .judges import EMBEDDED_JUDGES, save_judge, train_oracle, train_segmenter
+from .judges import EMBEDDED_JUDGES, Segmenter, save_judge, train_oracle, train_segmenter
 from .procedural import CONTEXTS, LABELS, render
 from .train import StageConfig, train_transformer, train_vae, world_spec
 
-__all__ = ["build_world", "recipe", "BUILD_STAGES"]
+__all__ = ["build_world", "build_anatomy_segmenter", "finetune_transformer", "train_anatomy_stage", "recipe",
+           "BUILD_STAGES", "FINETUNE"]
 
 #: Stage settings of the shipped build (training images per class, whether the text encoder trains
 #: with the transformer, then each network's optimiser).
@@ -33,7 +37,11 @@ BUILD_STAGES = {
     "transformer": StageConfig(steps=4000, batch_size=64, lr=1e-3, warmup=100, seed=2, ema=0.995),
     "oracle": StageConfig(steps=500, batch_size=64, lr=2e-3, warmup=50, seed=3),
     "segmenter": StageConfig(steps=500, batch_size=32, lr=2e-3, warmup=50, seed=4),
+    "anatomy": StageConfig(steps=500, batch_size=32, lr=2e-3, warmup=50, seed=5),
 }
+#: `finetune_transformer`'s default: continues the shipped transformer at a tenth of the build's peak
+#: learning rate, with a slower EMA.
+FINETUNE = StageConfig(steps=500, batch_size=64, lr=1e-4, warmup=20, seed=6, ema=0.999)
 
 
 def _log(message: str) -> None:
@@ -94,18 +102,11 @@ def build_world(args: argparse.Namespace) -> Path:
     train_vae(pipeline.vae, data.images, stages["vae"], log=_log)
     timings["vae"] = time.perf_counter() - t
 
-    with torch.no_grad():
-        x = (torch.from_numpy(data.images).permute(0, 3, 1, 2) * 2 - 1).to(device)  # (N, 3, H, W)
-        posts = [pipeline.vae.encode(x[i : i + 256]).latent_dist for i in range(0, len(x), 256)]
-        mean, std = torch.cat([p.mean for p in posts]), torch.cat([p.std for p in posts])
-        recon = torch.cat([pipeline.vae.decode(mean[i : i + 256]).sample for i in range(0, len(x), 256)])
-        recon = ((recon.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
+    mean, std, recon = _reconstruct(pipeline.vae, data.images)
     recon_psnr = float(np.mean(-10 * np.log10(((recon - data.images) ** 2).mean((1, 2, 3)))))
     _log(f"world: VAE reconstruction PSNR {recon_psnr:.2f} dB")
 
-    captions = [c.format(label) for label in LABELS for c in CONTEXTS]
-    caption_ids = torch.tensor([[LABELS.index(label) * len(CONTEXTS) + k for k in range(len(CONTEXTS))]
-                                for label in labels])
+    captions, caption_ids = _captions(labels)
     t = time.perf_counter()
     train_transformer(pipeline, mean, std, caption_ids, captions, stages["transformer"],
                       train_text_encoder=stages["train_text_encoder"], log=_log)
@@ -120,11 +121,15 @@ def build_world(args: argparse.Namespace) -> Path:
     segmenter = train_segmenter(judge_images, np.concatenate([data.lesion, data.lesion]), stages["segmenter"],
                                 device=device, log=_log)
     timings["segmenter"] = time.perf_counter() - t
+    t = time.perf_counter()
+    anatomy = train_anatomy_stage(data.images, recon, data.anatomy, stages["anatomy"], device=device)
+    timings["anatomy"] = time.perf_counter() - t
 
     out.mkdir(parents=True, exist_ok=True)
     pipeline.to("cpu").save_pretrained(out / "pipeline")
     save_judge(oracle, out / "oracle")
     save_judge(segmenter, out / "segmenter")
+    save_judge(anatomy, out / "anatomy")
     timings["total"] = time.perf_counter() - start
     from .. import __version__
 
@@ -141,9 +146,128 @@ def build_world(args: argparse.Namespace) -> Path:
     return out
 
 
+def _reconstruct(vae, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Posterior mean and std ``(N, 4, h, w)`` of `images` ``(N, H, W, 3)`` and their reconstructions
+    from the mean (same shape as `images`), on the VAE's device."""
+    with torch.no_grad():
+        x = (torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1).to(vae.device)  # (N, 3, H, W)
+        posts = [vae.encode(x[i : i + 256]).latent_dist for i in range(0, len(x), 256)]
+        mean, std = torch.cat([p.mean for p in posts]), torch.cat([p.std for p in posts])
+        recon = torch.cat([vae.decode(mean[i : i + 256]).sample for i in range(0, len(x), 256)])
+        recon = ((recon.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, 3)
+    return mean, std, recon
+
+
+def train_anatomy_stage(images: np.ndarray, recon: np.ndarray, anatomy: np.ndarray, cfg: StageConfig, *,
+                        device: torch.device | str = "cpu") -> Segmenter:
+    """The anatomy segmenter, trained as the lesion one: on procedural `images` and their VAE
+    reconstructions `recon` ``(N, H, W, 3)``, with the landmark masks `anatomy` ``(N, H, W)``."""
+    return train_segmenter(np.concatenate([images, recon]), np.concatenate([anatomy, anatomy]), cfg,
+                           target="anatomy", device=device, log=_log)
+
+
+def build_anatomy_segmenter(world_dir: str | Path = EMBEDDED_JUDGES, *, overrides: list[str] | None = None,
+                            device: str = "cpu") -> Path:
+    """Train only the anatomy segmenter of the world built in `world_dir` (its pipeline's VAE makes
+    the reconstructions), write ``anatomy/`` there and record the stage in ``world.json``.
+
+    The training images are the world's (seeds ``0 … images_per_class − 1``); `overrides` are
+    `recipe` overrides, e.g. ``["anatomy.steps=800"]``. Returns the judge's folder.
+    """
+    from diffusers import AutoencoderKL
+
+    world_dir = Path(world_dir)
+    record_path = world_dir / "world.json"
+    if not (world_dir / "pipeline" / "vae").is_dir() or not record_path.is_file():
+        raise FileNotFoundError(f"no built world at {world_dir} (needs pipeline/vae and world.json); "
+                                "build one with `dit-lens world build`")
+    record = json.loads(record_path.read_text())
+    stages = recipe([f"images_per_class={record['stages']['images_per_class']}"] + list(overrides or []))
+    start = time.perf_counter()
+    n = stages["images_per_class"]
+    data = render([label for label in LABELS for _ in range(n)], [i for _ in LABELS for i in range(n)])
+    vae = AutoencoderKL.from_pretrained(world_dir / "pipeline" / "vae").to(device).eval()
+    _, _, recon = _reconstruct(vae, data.images)
+    _log(f"world: rendered and reconstructed {len(data.images)} training images "
+         f"({time.perf_counter() - start:.0f} s)")
+    anatomy = train_anatomy_stage(data.images, recon, data.anatomy, stages["anatomy"], device=device)
+    save_judge(anatomy, world_dir / "anatomy")
+    record["stages"]["anatomy"] = stages["anatomy"].to_dict()
+    record["seconds"]["anatomy"] = round(time.perf_counter() - start, 1)
+    record["anatomy_built_on"] = _machine(torch.device(device))
+    record_path.write_text(json.dumps(record, indent=1))
+    _log(f"world: wrote {world_dir / 'anatomy'} in {record['seconds']['anatomy'] / 60:.1f} min")
+    return world_dir / "anatomy"
+
+
+def _captions(labels: list[str]) -> tuple[list[str], torch.Tensor]:
+    """Every caption of the world, and per image the indices ``(N, len(CONTEXTS))`` of its label's."""
+    captions = [c.format(label) for label in LABELS for c in CONTEXTS]
+    ids = torch.tensor([[LABELS.index(label) * len(CONTEXTS) + k for k in range(len(CONTEXTS))] for label in labels])
+    return captions, ids
+
+
+def finetune_transformer(world_dir: str | Path, out: str | Path, cfg: StageConfig = FINETUNE, *,
+                         class_weights: dict[str, int] | None = None, device: str = "cpu") -> Path:
+    """Continue training the transformer of the world in `world_dir` with `train_transformer`'s data and
+    loss (its text encoder trains along if the build's did), and write a whole world to `out`.
+
+    Args:
+        world_dir: A built world (``pipeline/``, the judges and ``world.json``); it is not modified.
+        out: A new folder: the fine-tuned ``pipeline/``, the judges copied, ``world.json`` with a
+            ``"finetune"`` entry. Compare with ``benchmarks/world_quality.py --world OUT``.
+        cfg: The fine-tune's optimiser settings.
+        class_weights: Label → how many times its training images are repeated (default 1), to train
+            more on classes the oracle confuses, e.g. ``{"normal cecum": 3}``.
+        device: Where to train.
+
+    Returns:
+        `out`.
+    """
+    from diffusers import PixArtAlphaPipeline
+
+    world_dir, out = Path(world_dir), Path(out)
+    if out.resolve() == world_dir.resolve() or out.exists():
+        raise FileExistsError(f"finetune_transformer writes a new world; {out} exists (or is `world_dir`), "
+                              "pick a new folder")
+    record = json.loads((world_dir / "world.json").read_text())
+    weights = dict(class_weights or {})
+    for label, k in weights.items():
+        if label not in LABELS or not isinstance(k, int) or k < 1:
+            raise ValueError(f"class_weights takes labels of {LABELS} to ints >= 1, got {label!r}: {k!r}")
+    start = time.perf_counter()
+    n = record["stages"]["images_per_class"]
+    labels = [label for label in LABELS for _ in range(n * weights.get(label, 1))]
+    seeds = [i for label in LABELS for _ in range(weights.get(label, 1)) for i in range(n)]
+    pipeline = PixArtAlphaPipeline.from_pretrained(world_dir / "pipeline").to(device)
+    mean, std, _ = _reconstruct(pipeline.vae, render(labels, seeds).images)
+    captions, caption_ids = _captions(labels)
+    _log(f"world: encoded {len(labels)} training images ({time.perf_counter() - start:.0f} s)")
+    train_transformer(pipeline, mean, std, caption_ids, captions, cfg,
+                      train_text_encoder=record["stages"]["train_text_encoder"], log=_log)
+    out.mkdir(parents=True)
+    pipeline.to("cpu").save_pretrained(out / "pipeline")
+    for judge in ("oracle", "segmenter", "anatomy"):
+        if (world_dir / judge).is_dir():
+            shutil.copytree(world_dir / judge, out / judge)
+    record["finetune"] = {"from": str(world_dir), "stage": cfg.to_dict(), "class_weights": weights,
+                          "seconds": round(time.perf_counter() - start, 1), "built_on": _machine(torch.device(device))}
+    (out / "world.json").write_text(json.dumps(record, indent=1))
+    _log(f"world: wrote {out} in {record['finetune']['seconds'] / 60:.1f} min")
+    return out
+
+
 def _machine(device: torch.device) -> str:
     """Where the weights were trained, for world.json."""
     cpu = f"{platform.machine()} CPU, {os.cpu_count()} cores"
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} GPU ({cpu}), torch {torch.__version__}"
     return f"{cpu}, torch {torch.__version__}"
+
+
+if __name__ == "__main__":  # python -m dit_lens.world.build anatomy [WORLD_DIR]
+    import sys
+
+    if len(sys.argv) not in (2, 3) or sys.argv[1] != "anatomy":
+        sys.exit("usage: python -m dit_lens.world.build anatomy [WORLD_DIR]  (the whole world: dit-lens world build)")
+    build_anatomy_segmenter(sys.argv[2] if len(sys.argv) == 3 else EMBEDDED_JUDGES)

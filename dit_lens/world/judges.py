@@ -1,9 +1,10 @@
-"""The world's judges: an 8-class oracle classifier and a lesion segmenter, small CNNs.
+"""The world's judges: an 8-class oracle classifier and two segmenters (lesion, anatomy), small CNNs.
 
-Both take images ``(N, H, W, 3)`` float in [0, 1], the call shape every metric uses, so a user's
-own classifier or segmenter plugs in the same way. They are trained with photometric and
-geometric augmentation (and on VAE reconstructions) so they judge generated images, not only the
-procedural ones.
+All take images ``(N, H, W, 3)`` float in [0, 1], the call shape every metric uses, so a user's
+own classifier or segmenter plugs in the same way. The lesion segmenter finds pathology pixels, the
+anatomy segmenter the class's anatomical landmark (lumen, pyloric ring or z-line: `Samples.anatomy`).
+They are trained with photometric and geometric augmentation (and on VAE reconstructions) so they
+judge generated images, not only the procedural ones.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from .train import StageConfig, rand, randn
 from .train import fit as _fit
 
 __all__ = ["Oracle", "Segmenter", "OracleNet", "SegmenterNet", "augment", "load_oracle", "load_segmenter",
-           "train_oracle", "train_segmenter", "EMBEDDED_JUDGES"]
+           "load_anatomy_segmenter", "train_oracle", "train_segmenter", "EMBEDDED_JUDGES", "SEGMENTER_TARGETS"]
 
 #: Where the shipped judges live (written by ``dit-lens world build``).
 EMBEDDED_JUDGES = Path(__file__).resolve().parent.parent / "embedded"
+#: What a segmenter can find, and the folder of the shipped one under `EMBEDDED_JUDGES`.
+SEGMENTER_TARGETS = {"lesion": "segmenter", "anatomy": "anatomy"}
 
 
 def _conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -48,7 +51,7 @@ class OracleNet(nn.Module):
 
 
 class SegmenterNet(nn.Module):
-    """Images ``(N, 3, H, W)`` in [-1, 1] → lesion logits ``(N, H, W)`` (a two-level U-Net)."""
+    """Images ``(N, 3, H, W)`` in [-1, 1] → mask logits ``(N, H, W)`` (a two-level U-Net)."""
 
     def __init__(self, width: int = 16):
         super().__init__()
@@ -114,14 +117,16 @@ class Oracle:
 
 
 class Segmenter:
-    """The lesion segmenter: ``segmenter(images) -> bool masks (N, H, W)``."""
+    """A segmenter: ``segmenter(images) -> bool masks (N, H, W)`` of its `target` ("lesion" or "anatomy")."""
 
-    def __init__(self, net: SegmenterNet):
-        self.net = net.eval()
+    def __init__(self, net: SegmenterNet, target: str = "lesion"):
+        if target not in SEGMENTER_TARGETS:
+            raise ValueError(f"a segmenter's target must be one of {list(SEGMENTER_TARGETS)}, got {target!r}")
+        self.net, self.target = net.eval(), target
 
     @torch.no_grad()
     def __call__(self, images) -> np.ndarray:
-        x = _as_batch(images, "the segmenter")
+        x = _as_batch(images, "the segmenter" if self.target == "lesion" else f"the {self.target} segmenter")
         return np.concatenate([(self.net(x[i : i + 256]) > 0).numpy() for i in range(0, len(x), 256)]
                               or [np.zeros((0,) + tuple(x.shape[2:]), bool)])
 
@@ -135,9 +140,14 @@ def train_oracle(images: np.ndarray, labels: np.ndarray, cfg: StageConfig, *, de
     return Oracle(trained.cpu())
 
 
-def train_segmenter(images: np.ndarray, masks: np.ndarray, cfg: StageConfig, *, device="cpu",
-                    log=print) -> Segmenter:
-    """Train the segmenter on `device`; the returned judge runs on the CPU."""
+def train_segmenter(images: np.ndarray, masks: np.ndarray, cfg: StageConfig, *, target: str = "lesion",
+                    device="cpu", log=print) -> Segmenter:
+    """Train a segmenter of `target` masks ``(N, H, W)`` on `device`; the returned judge runs on the CPU."""
+    if target not in SEGMENTER_TARGETS:
+        raise ValueError(f"train_segmenter: target must be one of {list(SEGMENTER_TARGETS)}, got {target!r}")
+    if np.shape(masks) != np.shape(images)[:3]:
+        raise ValueError(f"train_segmenter needs one (H, W) mask per image, got images {np.shape(images)} "
+                         f"and masks {np.shape(masks)}")
     net = SegmenterNet().to(device)
     x = _as_batch(images, "train_segmenter").to(device)
     m = torch.as_tensor(masks, dtype=torch.float32, device=device)
@@ -149,7 +159,8 @@ def train_segmenter(images: np.ndarray, masks: np.ndarray, cfg: StageConfig, *, 
         dice = 1 - (2 * (p * mb).sum() + 1) / (p.sum() + mb.sum() + 1)
         return F.binary_cross_entropy_with_logits(logits, mb) + dice
 
-    return Segmenter(_fit(net, cfg, loss, len(x), log=log, name="segmenter").cpu())
+    name = "segmenter" if target == "lesion" else f"{target} segmenter"
+    return Segmenter(_fit(net, cfg, loss, len(x), log=log, name=name).cpu(), target)
 
 
 def save_judge(judge: Oracle | Segmenter, folder: Path) -> None:
@@ -158,23 +169,40 @@ def save_judge(judge: Oracle | Segmenter, folder: Path) -> None:
     meta = {"kind": kind, "config": judge.net.config}
     if kind == "oracle":
         meta["labels"] = list(judge.labels)
+    else:
+        meta["target"] = judge.target
     (folder / "judge.json").write_text(json.dumps(meta, indent=1))
     torch.save(judge.net.state_dict(), folder / "weights.pt")
 
 
-def _load(source: str | Path, kind: str):
-    folder = EMBEDDED_JUDGES / kind if str(source) == "embedded" else Path(source).expanduser()
+def _a(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+
+def _load(source: str | Path, kind: str, target: str = "lesion"):
+    name = kind if kind == "oracle" else SEGMENTER_TARGETS[target]
+    what = kind if kind == "oracle" or target == "lesion" else f"{target} segmenter"
+    folder = EMBEDDED_JUDGES / name if str(source) == "embedded" else Path(source).expanduser()
     meta_path = folder / "judge.json"
     if not meta_path.is_file():
         hint = "build it with `dit-lens world build`" if str(source) == "embedded" else \
             "pass 'embedded' or a folder written by dit_lens.world.judges.save_judge"
-        raise FileNotFoundError(f"no {kind} at {folder} (no judge.json); {hint}")
+        if str(source) == "embedded" and target == "anatomy":
+            hint += " (or only this judge: `python -m dit_lens.world.build anatomy`)"
+        raise FileNotFoundError(f"no {what} at {folder} (no judge.json); {hint}")
     meta = json.loads(meta_path.read_text())
     if meta.get("kind") != kind:
         raise ValueError(f"{folder} holds a {meta.get('kind')!r}, not a {kind}")
+    held = meta.get("target", "lesion")  # folders written before anatomy segmenters existed hold lesion ones
+    if kind == "segmenter" and held != target:
+        if held not in SEGMENTER_TARGETS:
+            raise ValueError(f"{folder} holds a segmenter of unknown target {held!r}; "
+                             f"expected one of {list(SEGMENTER_TARGETS)}")
+        loader = "load_segmenter" if held == "lesion" else f"load_{held}_segmenter"
+        raise ValueError(f"{folder} holds {_a(held)} segmenter, not {_a(target)} segmenter; load it with {loader}()")
     net = (OracleNet if kind == "oracle" else SegmenterNet)(**meta["config"])
     net.load_state_dict(torch.load(folder / "weights.pt", weights_only=True))
-    return Oracle(net, meta["labels"]) if kind == "oracle" else Segmenter(net)
+    return Oracle(net, meta["labels"]) if kind == "oracle" else Segmenter(net, target)
 
 
 def load_oracle(source: str | Path = "embedded") -> Oracle:
@@ -185,3 +213,16 @@ def load_oracle(source: str | Path = "embedded") -> Oracle:
 def load_segmenter(source: str | Path = "embedded") -> Segmenter:
     """The lesion segmenter: ``"embedded"`` or a folder saved by `save_judge`."""
     return _load(source, "segmenter")
+
+
+def load_anatomy_segmenter(source: str | Path = "embedded") -> Segmenter:
+    """The anatomy segmenter (lumen, pyloric ring or z-line, as `Samples.anatomy`): ``"embedded"`` or a
+    folder saved by `save_judge`.
+
+    Examples:
+        >>> from dit_lens.world import render
+        >>> masks = load_anatomy_segmenter()(render(["normal z-line"], [100_000]).images)
+        >>> masks.shape, masks.dtype
+        ((1, 64, 64), dtype('bool'))
+    """
+    return _load(source, "segmenter", "anatomy")
