@@ -275,3 +275,39 @@ def test_folders_written_before_methods_keep_their_key_and_cells(tiny_lens, tmp_
     monkeypatch.setattr(medsteer, "generate", boom)
     monkeypatch.setattr(reprompt, "reprompt", boom)
     run_study(s, tiny_lens, oracle=BrightnessOracle(), segmenter=red_segmenter, out=tmp_path, progress=False)
+
+
+def test_cells_are_never_reused_across_judges(tiny_lens, study, tmp_path):
+    """A folder records which oracle and segmenter measured it; other judges (or a folder from before
+    judges were recorded) are refused, and nothing is changed."""
+    small = study.replace(methods={"medsteer": {"alpha": (0.0,), "vector_seeds": (2,)}})
+    run_study(small, tiny_lens, oracle=BrightnessOracle(), segmenter=red_segmenter, out=tmp_path / "s", progress=False)
+    declaration = tmp_path / "s" / "study.json"
+    recorded = json.loads(declaration.read_text())["judges"]
+    assert recorded["segmenter"].endswith("red_segmenter") and recorded["oracle"].endswith("BrightnessOracle")
+    before = sorted(p.name for p in (tmp_path / "s" / "cells").iterdir())
+
+    class Retrained(BrightnessOracle):
+        fingerprint = "another set of weights"
+
+    with pytest.raises(ValueError, match="measured with another oracle"):
+        run_study(small, tiny_lens, oracle=Retrained(), segmenter=red_segmenter, out=tmp_path / "s", progress=False)
+    old = json.loads(declaration.read_text())
+    old.pop("judges")  # as written before judges were recorded
+    declaration.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="before dit-lens recorded its judges"):
+        run_study(small, tiny_lens, oracle=BrightnessOracle(), segmenter=red_segmenter, out=tmp_path / "s",
+                  progress=False)
+    assert sorted(p.name for p in (tmp_path / "s" / "cells").iterdir()) == before
+
+
+def test_the_embedded_judges_fingerprint_their_weights():
+    import torch
+
+    from dit_lens.world import load_oracle, load_segmenter
+
+    oracle, segmenter = load_oracle(), load_segmenter()
+    assert oracle.fingerprint == load_oracle().fingerprint != segmenter.fingerprint
+    with torch.no_grad():
+        next(oracle.net.parameters()).add_(1e-3)
+    assert oracle.fingerprint != load_oracle().fingerprint

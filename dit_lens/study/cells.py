@@ -222,8 +222,9 @@ class CellRunner:
         `overwrite`: then its cells and result are removed); record this declaration in it."""
         claim_folder(self.folder, "study", recognise="study.json")
         declaration = self.folder / "study.json"
+        judges = {"oracle": judge_fingerprint(self.oracle), "segmenter": judge_fingerprint(self.segmenter)}
         mine = _jsonable({"study": self.study.to_dict(), "model_fingerprint": self.lens.fingerprint,
-                          "metrics_version": M.METRICS_VERSION})
+                          "metrics_version": M.METRICS_VERSION, "judges": judges})
         if declaration.exists():
             theirs = json.loads(declaration.read_text())
             try:
@@ -234,6 +235,12 @@ class CellRunner:
                 why = f"was measured with metrics version {theirs.get('metrics_version', 1)} (this is {M.METRICS_VERSION})"
             elif context != self.study.cell_context() or theirs.get("model_fingerprint") != self.lens.fingerprint:
                 why = "holds another study or model (pairs, seeds, sampler, metrics or weights differ)"
+            elif "judges" not in theirs:
+                why = ("was measured before dit-lens recorded its judges (the oracle and segmenter behind every "
+                       "metric), so its cells cannot be trusted to match these")
+            elif theirs["judges"] != judges:
+                changed = sorted(k for k in judges if theirs["judges"].get(k) != judges[k])
+                why = f"was measured with another {' and '.join(changed)}"
             else:
                 why = None
             if why and not self.overwrite:
@@ -243,6 +250,17 @@ class CellRunner:
                 for made in ("cells", "result.zarr"):
                     shutil.rmtree(self.folder / made, ignore_errors=True)
         _write_json_atomic(declaration, mine)
+
+
+def judge_fingerprint(judge: Any) -> str:
+    """What names a judge in a study folder: its own ``fingerprint`` (the embedded judges digest their
+    weights), else its type's or function's qualified name (a user's judge without a fingerprint is
+    recognised by name only: give it a ``fingerprint`` attribute when its behaviour can change)."""
+    own = getattr(judge, "fingerprint", None)
+    if isinstance(own, str) and own:
+        return own
+    kind = judge if callable(judge) and hasattr(judge, "__qualname__") else type(judge)
+    return f"{getattr(kind, '__module__', '?')}.{getattr(kind, '__qualname__', repr(kind))}"
 
 
 def _jsonable(value: Any) -> Any:

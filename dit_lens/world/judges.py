@@ -9,6 +9,7 @@ judge generated images, not only the procedural ones.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -103,11 +104,27 @@ def augment(x: torch.Tensor, gen: torch.Generator, masks: torch.Tensor | None = 
     return x if masks is None else (x, masks)
 
 
+def _fingerprint(net: nn.Module, *extra: str) -> str:
+    """Digest of a judge's weights (and what else defines it): two judges that judge alike share it."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(net.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    for item in extra:
+        digest.update(item.encode())
+    return digest.hexdigest()
+
+
 class Oracle:
     """The 8-class classifier: ``oracle(images) -> probabilities (N, 8)`` in the order of `labels`."""
 
     def __init__(self, net: OracleNet, labels=LABELS):
         self.net, self.labels = net.eval(), tuple(labels)
+
+    @property
+    def fingerprint(self) -> str:
+        """Digest of the weights and labels; studies record it so cells are never reused across judges."""
+        return _fingerprint(self.net, "oracle", *self.labels)
 
     @torch.no_grad()
     def __call__(self, images) -> np.ndarray:
@@ -123,6 +140,11 @@ class Segmenter:
         if target not in SEGMENTER_TARGETS:
             raise ValueError(f"a segmenter's target must be one of {list(SEGMENTER_TARGETS)}, got {target!r}")
         self.net, self.target = net.eval(), target
+
+    @property
+    def fingerprint(self) -> str:
+        """Digest of the weights and target; studies record it so cells are never reused across judges."""
+        return _fingerprint(self.net, "segmenter", self.target)
 
     @torch.no_grad()
     def __call__(self, images) -> np.ndarray:
