@@ -262,3 +262,18 @@ def test_shipped_anatomy_segmenter_finds_landmarks_on_fresh_images():
     dice = 2 * inter / total  # (N,): every class has a landmark, so no image has an empty truth
     assert dice.mean() > 0.85
     assert min(dice[np.array(s.labels) == label].mean() for label in LABELS) > 0.75
+
+
+def test_lumen_tint_touches_only_dark_pixels_of_half_the_batch():
+    import torch
+
+    from dit_lens.world.judges import tint_lumen
+
+    x = torch.full((64, 3, 8, 8), 0.6) * 2 - 1  # bright everywhere (in [-1, 1])
+    x[:, :, :2, :2] = -1.0  # a black lumen in one corner
+    out = tint_lumen(x, torch.Generator().manual_seed(0))
+    assert torch.equal(out[:, :, 2:], x[:, :, 2:]) and torch.equal(out[:, :, :, 2:], x[:, :, :, 2:])
+    tinted = (out[:, 0, :2, :2] > -1.0).flatten(1).any(1)  # red raised in the lumen
+    assert 16 < int(tinted.sum()) < 48
+    again = tint_lumen(x, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)

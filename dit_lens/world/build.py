@@ -2,8 +2,8 @@
 
 Writes ``pipeline/`` (a `PixArtAlphaPipeline` saved with ``save_pretrained``), ``oracle/``,
 ``segmenter/``, ``anatomy/`` and ``world.json`` (every setting, the time each stage took and the machine
-it ran on). `build_anatomy_segmenter` (``python -m dit_lens.world.build anatomy [WORLD_DIR]``) trains
-only the anatomy segmenter of a built world, from its own VAE.
+it ran on). `build_judge` (``python -m dit_lens.world.build oracle|anatomy [WORLD_DIR]``) retrains one judge of a
+built world, from its own VAE.
 ``--device cuda`` trains on a GPU (same recipe, same random draws; float results differ by rounding);
 ``--set transformer.steps=3000`` changes one setting of the recipe and is recorded in world.json.
 """
@@ -25,7 +25,7 @@ from .judges import EMBEDDED_JUDGES, Segmenter, save_judge, train_oracle, train_
 from .procedural import CONTEXTS, LABELS, render
 from .train import StageConfig, train_transformer, train_vae, world_spec
 
-__all__ = ["build_world", "build_anatomy_segmenter", "finetune_transformer", "train_anatomy_stage", "recipe",
+__all__ = ["build_world", "build_judge", "build_anatomy_segmenter", "finetune_transformer", "train_anatomy_stage", "recipe",
            "BUILD_STAGES", "FINETUNE"]
 
 #: Stage settings of the shipped build (training images per class, whether the text encoder trains
@@ -35,7 +35,7 @@ BUILD_STAGES = {
     "train_text_encoder": True,
     "vae": StageConfig(steps=600, batch_size=16, lr=1e-3, warmup=50, seed=1),
     "transformer": StageConfig(steps=4000, batch_size=64, lr=1e-3, warmup=100, seed=2, ema=0.995),
-    "oracle": StageConfig(steps=500, batch_size=64, lr=2e-3, warmup=50, seed=3),
+    "oracle": StageConfig(steps=1500, batch_size=64, lr=2e-3, warmup=50, seed=3),
     "segmenter": StageConfig(steps=500, batch_size=32, lr=2e-3, warmup=50, seed=4),
     "anatomy": StageConfig(steps=500, batch_size=32, lr=2e-3, warmup=50, seed=5),
 }
@@ -166,16 +166,17 @@ def train_anatomy_stage(images: np.ndarray, recon: np.ndarray, anatomy: np.ndarr
                            target="anatomy", device=device, log=_log)
 
 
-def build_anatomy_segmenter(world_dir: str | Path = EMBEDDED_JUDGES, *, overrides: list[str] | None = None,
-                            device: str = "cpu") -> Path:
-    """Train only the anatomy segmenter of the world built in `world_dir` (its pipeline's VAE makes
-    the reconstructions), write ``anatomy/`` there and record the stage in ``world.json``.
-
-    The training images are the world's (seeds ``0 … images_per_class − 1``); `overrides` are
-    `recipe` overrides, e.g. ``["anatomy.steps=800"]``. Returns the judge's folder.
+def build_judge(judge: str, world_dir: str | Path = EMBEDDED_JUDGES, *, overrides: list[str] | None = None,
+                device: str = "cpu") -> Path:
+    """Retrain one judge (``"oracle"`` or ``"anatomy"``) of the world built in `world_dir` from its own
+    training images (seeds ``0 … images_per_class − 1``) and its pipeline's VAE reconstructions, write it
+    there and record the stage in ``world.json``. `overrides` are `recipe` overrides, e.g.
+    ``["oracle.steps=800"]``. Returns the judge's folder.
     """
     from diffusers import AutoencoderKL
 
+    if judge not in ("oracle", "anatomy"):
+        raise ValueError(f"judge must be 'oracle' or 'anatomy', got {judge!r}")
     world_dir = Path(world_dir)
     record_path = world_dir / "world.json"
     if not (world_dir / "pipeline" / "vae").is_dir() or not record_path.is_file():
@@ -185,19 +186,31 @@ def build_anatomy_segmenter(world_dir: str | Path = EMBEDDED_JUDGES, *, override
     stages = recipe([f"images_per_class={record['stages']['images_per_class']}"] + list(overrides or []))
     start = time.perf_counter()
     n = stages["images_per_class"]
-    data = render([label for label in LABELS for _ in range(n)], [i for _ in LABELS for i in range(n)])
+    labels = [label for label in LABELS for _ in range(n)]
+    data = render(labels, [i for _ in LABELS for i in range(n)])
     vae = AutoencoderKL.from_pretrained(world_dir / "pipeline" / "vae").to(device).eval()
     _, _, recon = _reconstruct(vae, data.images)
     _log(f"world: rendered and reconstructed {len(data.images)} training images "
          f"({time.perf_counter() - start:.0f} s)")
-    anatomy = train_anatomy_stage(data.images, recon, data.anatomy, stages["anatomy"], device=device)
-    save_judge(anatomy, world_dir / "anatomy")
-    record["stages"]["anatomy"] = stages["anatomy"].to_dict()
-    record["seconds"]["anatomy"] = round(time.perf_counter() - start, 1)
-    record["anatomy_built_on"] = _machine(torch.device(device))
+    if judge == "anatomy":
+        made = train_anatomy_stage(data.images, recon, data.anatomy, stages["anatomy"], device=device)
+    else:
+        y = np.array([LABELS.index(label) for label in labels])
+        made = train_oracle(np.concatenate([data.images, recon]), np.concatenate([y, y]), stages["oracle"],
+                            device=device, log=_log)
+    save_judge(made, world_dir / judge)
+    record["stages"][judge] = stages[judge].to_dict()
+    record["seconds"][judge] = round(time.perf_counter() - start, 1)
+    record[f"{judge}_built_on"] = _machine(torch.device(device))
     record_path.write_text(json.dumps(record, indent=1))
-    _log(f"world: wrote {world_dir / 'anatomy'} in {record['seconds']['anatomy'] / 60:.1f} min")
-    return world_dir / "anatomy"
+    _log(f"world: wrote {world_dir / judge} in {record['seconds'][judge] / 60:.1f} min")
+    return world_dir / judge
+
+
+def build_anatomy_segmenter(world_dir: str | Path = EMBEDDED_JUDGES, *, overrides: list[str] | None = None,
+                            device: str = "cpu") -> Path:
+    """`build_judge` for the anatomy segmenter."""
+    return build_judge("anatomy", world_dir, overrides=overrides, device=device)
 
 
 def _captions(labels: list[str]) -> tuple[list[str], torch.Tensor]:
@@ -265,9 +278,10 @@ def _machine(device: torch.device) -> str:
     return f"{cpu}, torch {torch.__version__}"
 
 
-if __name__ == "__main__":  # python -m dit_lens.world.build anatomy [WORLD_DIR]
+if __name__ == "__main__":  # python -m dit_lens.world.build oracle|anatomy [WORLD_DIR]
     import sys
 
-    if len(sys.argv) not in (2, 3) or sys.argv[1] != "anatomy":
-        sys.exit("usage: python -m dit_lens.world.build anatomy [WORLD_DIR]  (the whole world: dit-lens world build)")
-    build_anatomy_segmenter(sys.argv[2] if len(sys.argv) == 3 else EMBEDDED_JUDGES)
+    if len(sys.argv) not in (2, 3) or sys.argv[1] not in ("oracle", "anatomy"):
+        sys.exit("usage: python -m dit_lens.world.build oracle|anatomy [WORLD_DIR]  (the whole world: dit-lens world "
+                 "build)")
+    build_judge(sys.argv[1], sys.argv[2] if len(sys.argv) == 3 else EMBEDDED_JUDGES)

@@ -4,7 +4,8 @@ All take images ``(N, H, W, 3)`` float in [0, 1], the call shape every metric us
 own classifier or segmenter plugs in the same way. The lesion segmenter finds pathology pixels, the
 anatomy segmenter the class's anatomical landmark (lumen, pyloric ring or z-line: `Samples.anatomy`).
 They are trained with photometric and geometric augmentation (and on VAE reconstructions) so they
-judge generated images, not only the procedural ones.
+judge generated images, not only the procedural ones; the oracle also sees tinted lumens
+(`tint_lumen`), as the generator draws them at high guidance.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .procedural import LABELS
 from .train import StageConfig, rand, randn
 from .train import fit as _fit
 
-__all__ = ["Oracle", "Segmenter", "OracleNet", "SegmenterNet", "augment", "load_oracle", "load_segmenter",
+__all__ = ["Oracle", "Segmenter", "OracleNet", "SegmenterNet", "augment", "tint_lumen", "load_oracle", "load_segmenter",
            "load_anatomy_segmenter", "train_oracle", "train_segmenter", "EMBEDDED_JUDGES", "SEGMENTER_TARGETS"]
 
 #: Where the shipped judges live (written by ``dit-lens world build``).
@@ -104,6 +105,22 @@ def augment(x: torch.Tensor, gen: torch.Generator, masks: torch.Tensor | None = 
     return x if masks is None else (x, masks)
 
 
+def tint_lumen(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Half the batch (in [-1, 1]): the dark pixels (the lumen) get a random, mostly red tint.
+
+    The generator draws the cecum's lumen redder and larger as guidance grows (4.5 and above); an
+    oracle that never saw a tinted lumen reads it as a polyp. Training through this makes lumen colour
+    carry no class, so the oracle judges the lesion, not the lumen.
+    """
+    img = (x + 1) / 2
+    n = len(img)
+    dark = ((0.35 - img.mean(1, keepdim=True)) / 0.35).clamp(0, 1)  # (n, 1, H, W): 1 at black, 0 from 0.35
+    tint = torch.stack([0.35 * rand((n,), gen, img), 0.06 * rand((n,), gen, img) - 0.03,
+                        0.06 * rand((n,), gen, img) - 0.03], 1)[..., None, None]  # (n, 3, 1, 1)
+    on = (rand((n, 1, 1, 1), gen, img) < 0.5).to(img.dtype)
+    return (img + on * dark * tint).clamp(0, 1) * 2 - 1
+
+
 def _fingerprint(net: nn.Module, *extra: str) -> str:
     """Digest of a judge's weights (and what else defines it): two judges that judge alike share it."""
     digest = hashlib.blake2b(digest_size=16)
@@ -157,8 +174,8 @@ def train_oracle(images: np.ndarray, labels: np.ndarray, cfg: StageConfig, *, de
     """Train the oracle on `device`; the returned judge runs on the CPU."""
     net = OracleNet().to(device)
     x, y = _as_batch(images, "train_oracle").to(device), torch.as_tensor(labels, dtype=torch.long, device=device)
-    trained = _fit(net, cfg, lambda idx, gen: F.cross_entropy(net(augment(x[idx], gen)), y[idx]), len(x),
-                   log=log, name="oracle")
+    trained = _fit(net, cfg, lambda idx, gen: F.cross_entropy(net(augment(tint_lumen(x[idx], gen), gen)), y[idx]),
+                   len(x), log=log, name="oracle")
     return Oracle(trained.cpu())
 
 
