@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "as_array",
+    "check_nonnegative",
     "NonFiniteError",
     "UNIT_NORM_TOLERANCE",
     "USER_ERRORS",
@@ -190,6 +192,23 @@ def check_guidance(value: Any, *, name: str = "guidance_scale") -> float:
             f"pass e.g. {name}=4.5"
         )
     return float(value)
+
+
+def check_nonnegative(value: Any, name: str) -> float:
+    """A finite real number >= 0 as a float (`check_real`); ValueError naming `name` otherwise."""
+    value = check_real(value, name)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def as_array(value: Any) -> Any:
+    """An xarray DataArray's or a torch tensor's values as a numpy array; anything else as given."""
+    if hasattr(value, "dims") and hasattr(value, "values"):
+        value = value.values
+    if hasattr(value, "detach") and hasattr(value, "cpu"):
+        value = value.detach().cpu().numpy()
+    return value
 
 
 def check_window(window: Any, name: str = "a window") -> tuple[float, float]:

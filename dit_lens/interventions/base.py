@@ -60,6 +60,7 @@ __all__ = [
     "UnverifiedWarning",
     "from_dict",
     "register",
+    "flatten",
     "settings_digest",
 ]
 
@@ -289,6 +290,11 @@ class Composite(Intervention):
     def check(self, lens: Any, num_inference_steps: int) -> None:
         for part in self.parts():
             part.check(lens, num_inference_steps)
+
+
+def flatten(edits: Any) -> list[Intervention]:
+    """The interventions a run applies: each `Composite` replaced by its parts, in order."""
+    return [part for e in edits for part in (e.parts() if isinstance(e, Composite) else [e])]
 
 
 def check_where(name: str, layers: Any, steps: Any, halves: str) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:

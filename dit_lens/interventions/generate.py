@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..trace.runner import Hook, scheduler_timesteps, traced_generate
 from ..validate import NonFiniteError, check_guidance, check_int, check_prompts, check_seeds, check_steps
-from .base import Composite, EditContext, Guidance, Intervention, LatentEdit, SiteEdit
+from .base import Composite, EditContext, Guidance, Intervention, LatentEdit, SiteEdit, flatten
 from .blend import Blend, check_blend
 from .guide import GuidePass
 from .steer import Steer
@@ -202,7 +202,7 @@ class _Plan:
         self.lens, self.T = lens, T
         self.edits = list(edits)
         self.record = record
-        parts = [part for e in edits for part in (e.parts() if isinstance(e, Composite) else [e])]
+        parts = flatten(edits)
         site_edits = [e for e in parts if isinstance(e, SiteEdit)]
         self.site_edits = [e for e in site_edits if not e.is_identity or (record and e.record)]
         self.latent_edits = [e for e in parts if isinstance(e, LatentEdit) and not e.is_identity]
@@ -389,7 +389,7 @@ def _validate(lens, edits, T, guidance_scale, record_gates, batch_size,
         raise ValueError("blend needs a steer (or another edit): latent edits alone (blend, Confine) pull the edited "
                          "branch toward the original one, which is the same run; add a steer or another edit, or "
                          "change the prompt with reprompt(..., edits=...)")
-    parts = [part for e in edits for part in (e.parts() if isinstance(e, Composite) else [e])]
+    parts = flatten(edits)
     if record_gates and not any(isinstance(e, SiteEdit) and e.record for e in parts):
         raise ValueError("record_gates=True needs a steer (or another site edit that records): the gate is the steering's own")
     for edit in edits:

@@ -1,4 +1,6 @@
-"""How a run applies `Guidance` edits: differentiable calls of the denoiser that the traced run does not see.
+"""Latent corrections: `EnergyGuidance` (attention regulation's module 4, `dit_lens.interventions.regulate`)
+and how a run applies any `Guidance` edit, through differentiable calls of the denoiser that the traced
+run does not see.
 
 A latent correction needs the model's attention at the latents it is about to denoise, with gradients
 back to those latents. `GuidePass` makes that call for the edited rows (their conditional prompts, the
@@ -11,18 +13,22 @@ latents), and nothing else of the run leaves inference mode.
 
 from __future__ import annotations
 
-import copy
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..trace.attention import exposed_weights
+from ..trace.tokens import check_words, word_keys
+from ..validate import check_nonnegative
 from ..trace.denoiser import Denoiser
-from .base import Guidance
+from ..trace.runner import scheduler_timesteps
+from .base import EditContext, Guidance, check_layers_fit, check_where, register
+from .region import MaskedValue, Region, check_window, window_steps
 
-__all__ = ["GuidePass"]
+__all__ = ["EnergyGuidance", "GuidePass"]
 
 
 class GuidePass:
@@ -38,13 +44,12 @@ class GuidePass:
 
     def __init__(self, lens: Any, scheduler: Any, prompts: Sequence[str], num_inference_steps: int,
                  guides: Sequence[Guidance]) -> None:
-        scheduler = copy.deepcopy(scheduler or lens.pipeline.scheduler)
+        scheduler = scheduler or lens.pipeline.scheduler
         if float(getattr(scheduler, "init_noise_sigma", 1.0)) != 1.0:
             raise ValueError(f"the latent correction runs on samplers whose latents are the model's input as they "
                              f"are; {type(scheduler).__name__} scales them (init_noise_sigma "
                              f"{float(scheduler.init_noise_sigma):g}); use a DDIM or DPM-Solver scheduler")
-        scheduler.set_timesteps(num_inference_steps, device="cpu")
-        self.timesteps = scheduler.timesteps[:num_inference_steps].tolist()
+        self.timesteps = scheduler_timesteps(lens, num_inference_steps, scheduler).tolist()
         self.lens = lens
         self.denoiser = Denoiser(lens, prompts)
         self.layers = sorted({layer for g in guides for layer in g.layers_needed(lens)})
@@ -83,3 +88,65 @@ class GuidePass:
                  self.lens.pipeline_kwargs["width"] // pipe.vae_scale_factor)
         return randn_tensor(shape, generator=[self.lens.generator(s) for s in seeds], device=self.lens.device,
                             dtype=self.denoiser.embeds.dtype)
+
+
+@register
+@dataclass(frozen=True, eq=False)
+class EnergyGuidance(MaskedValue, Guidance):
+    """The latent correction: descend L = 1 − mean_k (attention mass of word k inside Ω) before each
+    step in `window` (see the module docstring). ``step = 0`` is the identity."""
+
+    record = "energy"
+    words: tuple[str, ...] = ()
+    region: Any = None
+    step: float = 0.05
+    window: tuple[float, float] = (0.0, 0.4)
+    layers: tuple[int, ...] | None = None
+    blur: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "words", check_words(self.words, "EnergyGuidance.words"))
+        if not self.words:
+            raise ValueError("EnergyGuidance.words is empty; name the pathology words whose attention to concentrate")
+        object.__setattr__(self, "region", Region.of(self.region, "EnergyGuidance.region"))
+        for attr in ("step", "blur"):
+            object.__setattr__(self, attr, check_nonnegative(getattr(self, attr), f"EnergyGuidance.{attr}"))
+        object.__setattr__(self, "window", check_window(self.window, "EnergyGuidance.window"))
+        layers, _ = check_where("EnergyGuidance", self.layers, None, "both")
+        object.__setattr__(self, "layers", layers)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.step == 0.0
+
+    def guided_steps(self, num_inference_steps: int) -> list[int]:
+        return window_steps(self.window, num_inference_steps)
+
+    def layers_needed(self, lens: Any) -> list[int]:
+        return list(range(lens.num_layers)) if self.layers is None else list(self.layers)
+
+    def check(self, lens: Any, num_inference_steps: int) -> None:
+        self.region.check(lens, "EnergyGuidance.region")
+        check_layers_fit("EnergyGuidance", self.layers_needed(lens), lens)
+
+    def energy(self, maps: dict[int, torch.Tensor], ctx: EditContext) -> torch.Tensor:
+        """L per pair ``(pairs,)`` from cross-attention weights ``{layer: (pairs, heads, queries, keys)}``."""
+        omega = self.region.focus(tuple(ctx.lens.token_grid), ctx.seeds, self.blur, ctx.pairs)
+        mean = torch.stack([maps[layer] for layer in sorted(maps)]).mean(dim=(0, 2))  # (pairs, queries, keys)
+        out = []
+        for i, keys in enumerate(word_keys(ctx.lens, ctx.prompts, self.words)):
+            a = mean[i][:, keys]  # (queries, words' tokens)
+            inside = (a * omega[i].to(a)[:, None]).sum(0) / a.sum(0).clamp_min(torch.finfo(a.dtype).tiny)
+            out.append(1 - inside.mean())
+        return torch.stack(out)
+
+    def correct(self, step: int, latents: torch.Tensor, forward: Callable[[torch.Tensor], dict],
+                ctx: EditContext) -> tuple[torch.Tensor, torch.Tensor]:
+        steps = self.guided_steps(ctx.num_inference_steps)
+        size = self.step * (1 - steps.index(step) / len(steps))
+        z = latents.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            energy = self.energy(forward(z), ctx)
+            (grad,) = torch.autograd.grad(energy.sum(), z)
+        rms = grad.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(torch.finfo(grad.dtype).tiny)
+        return (latents - size * grad / rms).to(latents.dtype), energy.detach()

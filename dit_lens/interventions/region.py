@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
@@ -34,9 +34,10 @@ import torch
 import torch.nn.functional as F
 import xarray as xr
 
+from ..validate import as_array
 from .base import EditContext, LatentEdit, register
 
-__all__ = ["Confine", "Region", "as_region", "window_steps"]
+__all__ = ["Confine", "MaskedValue", "Region", "as_region", "window_steps"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,9 +60,7 @@ class Region:
                 seeds = tuple(int(s) for s in value["seed"].values)
                 if len(set(seeds)) != len(seeds):
                     raise ValueError(f"{name} has repeated seeds {list(seeds)}; give one mask per seed")
-            value = value.values
-        if isinstance(value, torch.Tensor):
-            value = value.detach().cpu().numpy()
+        value = as_array(value)
         if not isinstance(value, np.ndarray):
             raise TypeError(f"{name} must be a mask (numpy array, torch tensor or xarray DataArray), "
                             f"got {type(value).__name__}")
@@ -87,9 +86,9 @@ class Region:
         return cls(mask, seeds)
 
     # -- reading it at a resolution --------------------------------------------------------------
-    def _select(self, seeds: Sequence[int]) -> np.ndarray:
+    def _select(self, seeds: Sequence[int], pairs: int | None) -> np.ndarray:
         if self.seeds is None:
-            return np.repeat(self.mask, max(len(seeds), 1), axis=0)
+            return np.repeat(self.mask, len(seeds) if pairs is None else pairs, axis=0)
         if not seeds:
             raise ValueError("this region holds one mask per seed, but the images being edited have no seeds "
                              "(inverted images); give one mask for every image")
@@ -99,24 +98,25 @@ class Region:
                              f"give a mask for every seed")
         return self.mask[[self.seeds.index(int(s)) for s in seeds]]
 
-    def resampled(self, shape: tuple[int, int], seeds: Sequence[int]) -> torch.Tensor:
-        """The masks of `seeds` at `shape` by area averaging ``(pairs, h, w)``."""
-        mask = torch.from_numpy(self._select(seeds).copy())[:, None]  # (pairs, 1, h, w)
+    def resampled(self, shape: tuple[int, int], seeds: Sequence[int], pairs: int | None = None) -> torch.Tensor:
+        """The masks of `seeds` at `shape` by area averaging ``(pairs, h, w)``; a shared mask is repeated for
+        `pairs` rows (default: one per seed), so rows without seeds (inverted images) can use it."""
+        mask = torch.from_numpy(self._select(seeds, pairs).copy())[:, None]  # (pairs, 1, h, w)
         if tuple(mask.shape[-2:]) == tuple(shape):
             return mask[:, 0]
         return F.adaptive_avg_pool2d(mask, tuple(shape))[:, 0]
 
-    def tokens(self, grid: tuple[int, int], seeds: Sequence[int]) -> torch.Tensor:
+    def tokens(self, grid: tuple[int, int], seeds: Sequence[int], pairs: int | None = None) -> torch.Tensor:
         """Share of each image token inside the region ``(pairs, tokens)``, tokens in row-major order."""
-        return self.resampled(grid, seeds).flatten(1)
+        return self.resampled(grid, seeds, pairs).flatten(1)
 
-    def latents(self, shape: tuple[int, int], seeds: Sequence[int]) -> torch.Tensor:
+    def latents(self, shape: tuple[int, int], seeds: Sequence[int], pairs: int | None = None) -> torch.Tensor:
         """The region at the latent grid ``(pairs, 1, h, w)``."""
-        return self.resampled(shape, seeds)[:, None]
+        return self.resampled(shape, seeds, pairs)[:, None]
 
-    def focus(self, grid: tuple[int, int], seeds: Sequence[int], blur: float) -> torch.Tensor:
+    def focus(self, grid: tuple[int, int], seeds: Sequence[int], blur: float, pairs: int | None = None) -> torch.Tensor:
         """Ω: the token mask blurred by a Gaussian of `blur` tokens and divided by its maximum ``(pairs, tokens)``."""
-        mask = self.resampled(grid, seeds)[:, None]  # (pairs, 1, rows, cols)
+        mask = self.resampled(grid, seeds, pairs)[:, None]  # (pairs, 1, rows, cols)
         if blur > 0:
             radius = max(1, math.ceil(3 * blur))
             x = torch.arange(-radius, radius + 1, dtype=torch.float32)
@@ -187,6 +187,34 @@ def check_window(window: Any, name: str) -> tuple[float, float]:
     return start, end
 
 
+class MaskedValue:
+    """Settings and round trips for values whose masks are `Region` fields (masks digested in settings,
+    kept whole in ``to_dict``)."""
+
+    def settings(self) -> dict:
+        data: dict = {"type": type(self).__name__}
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            data[f.name] = value.settings() if isinstance(value, Region) else list(value) \
+                if isinstance(value, tuple) else value
+        return data
+
+    def to_dict(self) -> dict:
+        data = self.settings()
+        for f in fields(self):  # type: ignore[arg-type]
+            if isinstance(getattr(self, f.name), Region):
+                data[f.name] = getattr(self, f.name).to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Any:
+        values = {f.name: data[f.name] for f in fields(cls) if f.name in data}  # type: ignore[arg-type]
+        for name, value in values.items():
+            if isinstance(value, dict) and "mask" in value:
+                values[name] = Region.from_dict(value)
+        return cls(**values)
+
+
 @register
 @dataclass(frozen=True, eq=False)
 class Confine(LatentEdit):
@@ -220,7 +248,7 @@ class Confine(LatentEdit):
                       ctx: EditContext | None = None) -> tuple[torch.Tensor, None]:
         if ctx is None or step not in window_steps(self.steps, ctx.num_inference_steps):
             return edited, None
-        m = self.region.latents(tuple(edited.shape[-2:]), ctx.seeds or [0] * len(edited)).to(edited)
+        m = self.region.latents(tuple(edited.shape[-2:]), ctx.seeds, len(edited)).to(edited)
         return torch.where(m >= 1, edited, m * edited + (1 - m) * original), None
 
     def settings(self) -> dict:

@@ -58,85 +58,26 @@ Examples:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
-from typing import Any, Callable, ClassVar, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar, Sequence
 
 import torch
 
-from ..trace.tokens import word_tokens
-from ..validate import check_real
-from .base import Composite, EditContext, Guidance, Intervention, SiteEdit, check_layers_fit, check_where, register
-from .region import Confine, Region, check_window, window_steps
+from ..trace.tokens import check_words, word_keys
+from ..validate import check_nonnegative
+from .base import Composite, EditContext, Intervention, SiteEdit, check_layers_fit, check_where, register
+from .guide import EnergyGuidance
+from .region import Confine, MaskedValue, Region, check_window, window_steps
 
-__all__ = ["AttentionRegulation", "EnergyGuidance", "GateSelfAttention", "RegionMix", "RegionReweight", "word_keys"]
-
-_KEYS: dict[tuple, tuple[int, ...]] = {}
-
-
-def word_keys(ctx: EditContext, words: Sequence[str]) -> list[torch.Tensor]:
-    """The text-token indices of `words` in each pair's prompt (``ctx.prompts``), one tensor per pair."""
-    if ctx.lens is None or not ctx.prompts:
-        raise ValueError("edits that name words run only inside generate (which knows each row's prompt)")
-    out = []
-    for prompt in ctx.prompts:
-        key = (id(ctx.lens.pipeline.tokenizer), prompt, tuple(words))
-        if key not in _KEYS:
-            found = word_tokens(ctx.lens, prompt, list(words))
-            missing = [w for w, t in found.items() if not t]
-            if missing:
-                raise ValueError(f"the words {missing} are not in the prompt {prompt!r}; name words of the prompt "
-                                 f"the edited branch is generated with")
-            _KEYS[key] = tuple(sorted({t for toks in found.values() for t in toks}))
-        out.append(torch.tensor(_KEYS[key], dtype=torch.long))
-    return out
-
+__all__ = ["AttentionRegulation", "EnergyGuidance", "GateSelfAttention", "RegionMix", "RegionReweight"]
 
 def _renormalize(w: torch.Tensor) -> torch.Tensor:
     return w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
 
 
-def _check_words(words: Any, name: str) -> tuple[str, ...]:
-    words = (words,) if isinstance(words, str) else tuple(words)
-    if not all(isinstance(w, str) and w.strip() for w in words):
-        raise ValueError(f"{name} must be a list of words of the prompt, got {words!r}")
-    return words
-
-
-class _Masked:
-    """Settings and round trips for values whose masks are `Region` fields (masks digested in settings,
-    kept whole in ``to_dict``)."""
-
-    def settings(self) -> dict:
-        data: dict = {"type": type(self).__name__}
-        for f in fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            data[f.name] = value.settings() if isinstance(value, Region) else list(value) \
-                if isinstance(value, tuple) else value
-        return data
-
-    def to_dict(self) -> dict:
-        data = self.settings()
-        for f in fields(self):  # type: ignore[arg-type]
-            if isinstance(getattr(self, f.name), Region):
-                data[f.name] = getattr(self, f.name).to_dict()
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Any:
-        values = {f.name: data[f.name] for f in fields(cls) if f.name in data}  # type: ignore[arg-type]
-        for name, value in values.items():
-            if isinstance(value, dict) and "mask" in value:
-                values[name] = Region.from_dict(value)
-        return cls(**values)
-
-
-def _steps_of(window: tuple[float, float], T: int) -> list[int]:
-    return window_steps(window, T)
-
-
 @register
 @dataclass(frozen=True, eq=False)
-class RegionReweight(_Masked, SiteEdit):
+class RegionReweight(MaskedValue, SiteEdit):
     """Scale the cross-attention that queries pay to words by where the queries are.
 
     ``A'[q, k] = A[q, k] · (outside + (inside − outside) · m(q))`` for the tokens k of `words`, then each
@@ -155,15 +96,12 @@ class RegionReweight(_Masked, SiteEdit):
     site: str = "attn2.weights"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "words", _check_words(self.words, "RegionReweight.words"))
+        object.__setattr__(self, "words", check_words(self.words, "RegionReweight.words"))
         if not self.words:
             raise ValueError("RegionReweight.words is empty; name the words whose attention to reweight")
         object.__setattr__(self, "region", Region.of(self.region, "RegionReweight.region"))
         for attr in ("inside", "outside", "blur"):
-            value = check_real(getattr(self, attr), f"RegionReweight.{attr}")
-            if value < 0:
-                raise ValueError(f"RegionReweight.{attr} must be >= 0, got {value}")
-            object.__setattr__(self, attr, value)
+            object.__setattr__(self, attr, check_nonnegative(getattr(self, attr), f"RegionReweight.{attr}"))
         object.__setattr__(self, "window", check_window(self.window, "RegionReweight.window"))
         layers, _ = check_where("RegionReweight", self.layers, None, self.halves)
         object.__setattr__(self, "layers", layers)
@@ -176,7 +114,7 @@ class RegionReweight(_Masked, SiteEdit):
         return list(range(lens.num_layers)) if self.layers is None else list(self.layers)
 
     def edit_steps(self, num_inference_steps: int) -> list[int]:
-        return _steps_of(self.window, num_inference_steps)
+        return window_steps(self.window, num_inference_steps)
 
     def check(self, lens: Any, num_inference_steps: int) -> None:
         self.region.check(lens, "RegionReweight.region")
@@ -186,10 +124,10 @@ class RegionReweight(_Masked, SiteEdit):
         if ctx is None:
             raise ValueError("RegionReweight runs only inside generate")
         grid = tuple(ctx.lens.token_grid)
-        m = (self.region.focus(grid, ctx.seeds or [0] * ctx.pairs, self.blur) if self.blur > 0
-             else self.region.tokens(grid, ctx.seeds or [0] * ctx.pairs))  # (pairs, queries)
+        m = (self.region.focus(grid, ctx.seeds, self.blur, ctx.pairs) if self.blur > 0
+             else self.region.tokens(grid, ctx.seeds, ctx.pairs))  # (pairs, queries)
         factor = torch.ones(ctx.pairs, h.shape[-2], h.shape[-1], dtype=h.dtype)  # (pairs, queries, keys)
-        for i, keys in enumerate(word_keys(ctx, self.words)):
+        for i, keys in enumerate(word_keys(ctx.lens, ctx.prompts, self.words)):
             factor[i][:, keys] = (self.outside + (self.inside - self.outside) * m[i]).to(h.dtype)[:, None]
         factor = factor.repeat(len(ctx.halves), 1, 1).to(h.device)  # rows = halves × pairs
         return _renormalize(h * factor[:, None]), None
@@ -197,7 +135,7 @@ class RegionReweight(_Masked, SiteEdit):
 
 @register
 @dataclass(frozen=True, eq=False)
-class RegionMix(_Masked, SiteEdit):
+class RegionMix(MaskedValue, SiteEdit):
     """Mix the edited branch's site output with the original branch's by region:
 
         h' = h_o + w(q) · (h − h_o),   w = outside · (1 − m) + m · (1 + contrast · [step in `window`])
@@ -220,10 +158,7 @@ class RegionMix(_Masked, SiteEdit):
     def __post_init__(self) -> None:
         object.__setattr__(self, "region", Region.of(self.region, "RegionMix.region"))
         for attr in ("outside", "contrast"):
-            value = check_real(getattr(self, attr), f"RegionMix.{attr}")
-            if value < 0:
-                raise ValueError(f"RegionMix.{attr} must be >= 0, got {value}")
-            object.__setattr__(self, attr, value)
+            object.__setattr__(self, attr, check_nonnegative(getattr(self, attr), f"RegionMix.{attr}"))
         if not isinstance(self.site, str) or self.site.endswith(".weights"):
             raise ValueError(f"RegionMix works at output sites (one value per image token), not {self.site!r}")
         object.__setattr__(self, "window", check_window(self.window, "RegionMix.window"))
@@ -240,7 +175,7 @@ class RegionMix(_Masked, SiteEdit):
     def edit_steps(self, num_inference_steps: int) -> list[int]:
         if self.outside != 1.0:
             return list(range(num_inference_steps))
-        return _steps_of(self.window, num_inference_steps)
+        return window_steps(self.window, num_inference_steps)
 
     def check(self, lens: Any, num_inference_steps: int) -> None:
         lens.family.rank(self.site)
@@ -250,8 +185,8 @@ class RegionMix(_Masked, SiteEdit):
     def apply(self, h: torch.Tensor, ctx: EditContext | None) -> tuple[torch.Tensor, None]:
         if ctx is None or ctx.lens is None:
             raise ValueError("RegionMix reads the original branch and runs only inside generate or reprompt")
-        m = self.region.tokens(tuple(ctx.lens.token_grid), ctx.seeds or [0] * ctx.pairs).to(h)  # (pairs, tokens)
-        gain = 1 + self.contrast if ctx.step in _steps_of(self.window, ctx.num_inference_steps) else 1.0
+        m = self.region.tokens(tuple(ctx.lens.token_grid), ctx.seeds, ctx.pairs).to(h)  # (pairs, tokens)
+        gain = 1 + self.contrast if ctx.step in window_steps(self.window, ctx.num_inference_steps) else 1.0
         w = (self.outside * (1 - m) + m * gain).repeat(len(ctx.halves), 1)[:, :, None]  # (rows, tokens, 1)
         original = ctx.original()
         return original + w * (h - original), None
@@ -259,7 +194,7 @@ class RegionMix(_Masked, SiteEdit):
 
 @register
 @dataclass(frozen=True, eq=False)
-class GateSelfAttention(_Masked, SiteEdit):
+class GateSelfAttention(MaskedValue, SiteEdit):
     """Self-attention only within a partition: ``S'[i, j] = S[i, j] · (p_i p_j + (1 − p_i)(1 − p_j))``,
     rows renormalised, ``p`` the partition mask at the token grid."""
 
@@ -279,7 +214,7 @@ class GateSelfAttention(_Masked, SiteEdit):
         return list(range(lens.num_layers)) if self.layers is None else list(self.layers)
 
     def edit_steps(self, num_inference_steps: int) -> list[int]:
-        return _steps_of(self.window, num_inference_steps)
+        return window_steps(self.window, num_inference_steps)
 
     def check(self, lens: Any, num_inference_steps: int) -> None:
         self.partition.check(lens, "GateSelfAttention.partition")
@@ -288,79 +223,14 @@ class GateSelfAttention(_Masked, SiteEdit):
     def apply(self, h: torch.Tensor, ctx: EditContext | None) -> tuple[torch.Tensor, None]:
         if ctx is None:
             raise ValueError("GateSelfAttention runs only inside generate")
-        p = self.partition.tokens(tuple(ctx.lens.token_grid), ctx.seeds or [0] * ctx.pairs).to(h)  # (pairs, tokens)
+        p = self.partition.tokens(tuple(ctx.lens.token_grid), ctx.seeds, ctx.pairs).to(h)  # (pairs, tokens)
         same = p[:, :, None] * p[:, None, :] + (1 - p)[:, :, None] * (1 - p)[:, None, :]  # (pairs, q, k)
         return _renormalize(h * same.repeat(len(ctx.halves), 1, 1)[:, None]), None
 
 
 @register
 @dataclass(frozen=True, eq=False)
-class EnergyGuidance(_Masked, Guidance):
-    """The latent correction: descend L = 1 − mean_k (attention mass of word k inside Ω) before each
-    step in `window` (see the module docstring). ``step = 0`` is the identity."""
-
-    record = "energy"
-    words: tuple[str, ...] = ()
-    region: Any = None
-    step: float = 0.05
-    window: tuple[float, float] = (0.0, 0.4)
-    layers: tuple[int, ...] | None = None
-    blur: float = 1.0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "words", _check_words(self.words, "EnergyGuidance.words"))
-        if not self.words:
-            raise ValueError("EnergyGuidance.words is empty; name the pathology words whose attention to concentrate")
-        object.__setattr__(self, "region", Region.of(self.region, "EnergyGuidance.region"))
-        for attr in ("step", "blur"):
-            value = check_real(getattr(self, attr), f"EnergyGuidance.{attr}")
-            if value < 0:
-                raise ValueError(f"EnergyGuidance.{attr} must be >= 0, got {value}")
-            object.__setattr__(self, attr, value)
-        object.__setattr__(self, "window", check_window(self.window, "EnergyGuidance.window"))
-        layers, _ = check_where("EnergyGuidance", self.layers, None, "both")
-        object.__setattr__(self, "layers", layers)
-
-    @property
-    def is_identity(self) -> bool:
-        return self.step == 0.0
-
-    def guided_steps(self, num_inference_steps: int) -> list[int]:
-        return _steps_of(self.window, num_inference_steps)
-
-    def layers_needed(self, lens: Any) -> list[int]:
-        return list(range(lens.num_layers)) if self.layers is None else list(self.layers)
-
-    def check(self, lens: Any, num_inference_steps: int) -> None:
-        self.region.check(lens, "EnergyGuidance.region")
-        check_layers_fit("EnergyGuidance", self.layers_needed(lens), lens)
-
-    def energy(self, maps: dict[int, torch.Tensor], ctx: EditContext) -> torch.Tensor:
-        """L per pair ``(pairs,)`` from cross-attention weights ``{layer: (pairs, heads, queries, keys)}``."""
-        omega = self.region.focus(tuple(ctx.lens.token_grid), ctx.seeds or [0] * ctx.pairs, self.blur)
-        mean = torch.stack([maps[layer] for layer in sorted(maps)]).mean(dim=(0, 2))  # (pairs, queries, keys)
-        out = []
-        for i, keys in enumerate(word_keys(ctx, self.words)):
-            a = mean[i][:, keys]  # (queries, words' tokens)
-            inside = (a * omega[i].to(a)[:, None]).sum(0) / a.sum(0).clamp_min(torch.finfo(a.dtype).tiny)
-            out.append(1 - inside.mean())
-        return torch.stack(out)
-
-    def correct(self, step: int, latents: torch.Tensor, forward: Callable[[torch.Tensor], dict],
-                ctx: EditContext) -> tuple[torch.Tensor, torch.Tensor]:
-        steps = self.guided_steps(ctx.num_inference_steps)
-        size = self.step * (1 - steps.index(step) / len(steps))
-        z = latents.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            energy = self.energy(forward(z), ctx)
-            (grad,) = torch.autograd.grad(energy.sum(), z)
-        rms = grad.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(torch.finfo(grad.dtype).tiny)
-        return (latents - size * grad / rms).to(latents.dtype), energy.detach()
-
-
-@register
-@dataclass(frozen=True, eq=False)
-class AttentionRegulation(_Masked, Composite):
+class AttentionRegulation(MaskedValue, Composite):
     """Mask-guided attention regulation (see the module docstring for the equations).
 
     Attributes:
@@ -405,15 +275,12 @@ class AttentionRegulation(_Masked, Composite):
             value = getattr(self, attr)
             object.__setattr__(self, attr, None if value is None else Region.of(value, f"AttentionRegulation.{attr}"))
         for attr in ("anatomy_words", "pathology_words"):
-            object.__setattr__(self, attr, _check_words(getattr(self, attr), f"AttentionRegulation.{attr}"))
+            object.__setattr__(self, attr, check_words(getattr(self, attr), f"AttentionRegulation.{attr}"))
         for attr in ("gate_self_attention", "gate_anatomy_words", "condition_outside"):
             if not isinstance(getattr(self, attr), bool):
                 raise ValueError(f"AttentionRegulation.{attr} must be True or False, got {getattr(self, attr)!r}")
         for attr in ("enhance", "energy_step", "blur", "contrast", "keep_outside"):
-            value = check_real(getattr(self, attr), f"AttentionRegulation.{attr}")
-            if value < 0:
-                raise ValueError(f"AttentionRegulation.{attr} must be >= 0 (0 turns it off), got {value}")
-            object.__setattr__(self, attr, value)
+            object.__setattr__(self, attr, check_nonnegative(getattr(self, attr), f"AttentionRegulation.{attr}"))
         for attr in ("enhance_steps", "energy_steps"):
             object.__setattr__(self, attr, check_window(getattr(self, attr), f"AttentionRegulation.{attr}"))
         layers, _ = check_where("AttentionRegulation", self.layers, None, "both")

@@ -166,7 +166,7 @@ class Steer(SiteEdit):
         if self.region is not None:
             if ctx is None or ctx.lens is None:
                 raise ValueError("a Steer with a region runs only inside generate (which knows the token grid)")
-            m = self.region.tokens(tuple(ctx.lens.token_grid), ctx.seeds or [0] * ctx.pairs)  # (pairs, tokens)
+            m = self.region.tokens(tuple(ctx.lens.token_grid), ctx.seeds, ctx.pairs)  # (pairs, tokens)
             weight = m.repeat(len(ctx.halves), 1).to(h.device)
         return steer_tokens(h, self.vector_at(ctx.step, ctx.layer), self.alpha, self.renormalize, weight)
 

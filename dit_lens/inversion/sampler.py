@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..trace.denoiser import Denoiser as _Denoiser
-from ..validate import check_int
+from ..validate import as_array, check_int
 
 __all__ = ["Denoiser", "check_images", "check_invertible", "ddim_scheduler", "decode", "encode"]
 
@@ -144,10 +144,7 @@ def check_images(images: Any, lens: Any) -> np.ndarray:
     Accepts a numpy array, a torch tensor or an xarray DataArray (``(..., y, x, rgb)``), float in [0, 1]
     or uint8 in 0–255, one image ``(H, W, 3)`` or a batch.
     """
-    if hasattr(images, "dims") and hasattr(images, "values"):  # an xarray DataArray, e.g. generate()'s image
-        images = images.values
-    if isinstance(images, torch.Tensor):
-        images = images.detach().cpu().numpy()
+    images = as_array(images)  # an xarray DataArray (e.g. generate()'s image) or a tensor
     if not isinstance(images, np.ndarray):
         raise TypeError(f"images must be a numpy array, torch tensor or xarray DataArray of shape (n, H, W, 3), "
                         f"got {type(images).__name__}")

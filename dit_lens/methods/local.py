@@ -24,6 +24,7 @@ Examples:
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -32,7 +33,6 @@ from scipy import ndimage
 
 from ..interventions.generate import generate
 from ..interventions.region import Confine
-from ..interventions.steer import Steer
 from .axes import Axis, check_fraction
 from .medsteer import AXES as MEDSTEER_AXES
 from .medsteer import medsteer_steer
@@ -88,7 +88,7 @@ def gate_region(gate: xr.DataArray, image_size: tuple[int, int], share: float = 
     return np.kron(tokens, np.ones((image_size[0] // rows, image_size[1] // cols), bool)).astype(bool)
 
 
-def _regions(lens: Any, pair: ConceptPair, seeds: Sequence[int], settings: dict, steer: Steer,
+def _regions(lens: Any, pair: ConceptPair, seeds: Sequence[int], settings: dict, steer: Any,
              context: MethodContext) -> np.ndarray:
     size = (lens.pipeline_kwargs["height"], lens.pipeline_kwargs["width"])
     common = dict(num_inference_steps=context.num_inference_steps, guidance_scale=context.guidance_scale,
@@ -113,18 +113,13 @@ def _run(lens: Any, pair: ConceptPair, seeds: Sequence[int], settings: dict, *, 
     masks[~found] = True  # nothing found: steered everywhere, as plain MedSteer
     region = xr.DataArray(masks, dims=("seed", "y", "x"), coords={"seed": list(seeds)})
     edits = [Confine(region, steps=(0.0, settings["confine"]))] if settings["confine"] > 0 else []
-    out = generate(lens, pair.source_prompt, seeds=seeds, steer=Steer(**{**_steer_fields(steer), "region": region}),
+    out = generate(lens, pair.source_prompt, seeds=seeds, steer=replace(steer, region=region),
                    edits=edits, num_inference_steps=context.num_inference_steps,
                    guidance_scale=context.guidance_scale, record_gates=context.record_gates,
                    batch_size=context.batch_size, progress=context.progress)
     out["region"] = region.expand_dims(prompt=out["prompt"].values)
     out.attrs["unlocalised_seeds"] = json.dumps([int(s) for s, f in zip(seeds, found) if not f])
     return out
-
-
-def _steer_fields(steer: Steer) -> dict:
-    return {name: getattr(steer, name) for name in ("vector", "alpha", "layers", "steps", "renormalize",
-                                                    "reuse_last_step", "name", "site", "halves")}
 
 
 LOCAL = register(Method("medsteer_local", AXES, _run,

@@ -181,9 +181,10 @@ def _scheduler(lens: Any, scheduler: Any):
         lens.pipeline.scheduler = own
 
 
-def scheduler_timesteps(lens: Any, num_inference_steps: int) -> Any:
-    """The scheduler's timestep value at each transformer call of a run of T steps (numpy, its dtype)."""
-    scheduler = copy.deepcopy(lens.pipeline.scheduler)
+def scheduler_timesteps(lens: Any, num_inference_steps: int, scheduler: Any = None) -> Any:
+    """The timestep value at each transformer call of a run of T steps (numpy, its dtype), of `scheduler`
+    (None: the pipeline's own)."""
+    scheduler = copy.deepcopy(scheduler or lens.pipeline.scheduler)
     scheduler.set_timesteps(num_inference_steps, device="cpu")
     return scheduler.timesteps[:num_inference_steps].cpu().numpy()
 

@@ -31,7 +31,7 @@ import inspect
 import re
 from typing import Any, Sequence
 
-__all__ = ["find_words", "prompt_text", "prompt_words", "token_spans", "word_tokens"]
+__all__ = ["check_words", "find_words", "prompt_text", "prompt_words", "token_spans", "word_keys", "word_tokens"]
 
 
 def prompt_text(lens: Any, prompt: str) -> str:
@@ -171,3 +171,30 @@ def prompt_words(lens: Any, prompt: str) -> list[str]:
     hyphenated words kept whole), each once, in order."""
     words = re.findall(r"\w+(?:-\w+)*", prompt_text(lens, prompt))
     return list(dict.fromkeys(words))
+
+
+def check_words(words: Any, name: str) -> tuple[str, ...]:
+    """`words` (one word or a list) as a tuple of non-empty strings; ValueError naming `name` otherwise."""
+    words = (words,) if isinstance(words, str) else tuple(words)
+    if not all(isinstance(w, str) and w.strip() for w in words):
+        raise ValueError(f"{name} must be a list of words of the prompt, got {words!r}")
+    return words
+
+
+_KEYS: dict[tuple, tuple[int, ...]] = {}
+
+
+def word_keys(lens: Any, prompts: Sequence[str], words: Sequence[str]) -> list[Any]:
+    """The key indices of all `words` in each prompt (a LongTensor per prompt), for edits that act on
+    them at every layer and step: looked up once per (tokenizer, prompt, words), then cached."""
+    import torch
+
+    if lens is None or not prompts:
+        raise ValueError("edits that name words run only inside generate (which knows each row's prompt)")
+    out = []
+    for prompt in prompts:
+        key = (id(lens.pipeline.tokenizer), prompt, tuple(words))
+        if key not in _KEYS:  # word_tokens refuses a word the prompt lacks
+            _KEYS[key] = tuple(sorted({t for found in word_tokens(lens, prompt, list(words)).values() for t in found}))
+        out.append(torch.tensor(_KEYS[key], dtype=torch.long))
+    return out
