@@ -4,7 +4,8 @@ re-prompting from the same seed, with the ablation table (each module off in tur
 
 Regions are boxes or blobs at varied places, one per seed (`dit_lens.methods.insert.placed_region`).
 Measured: the oracle reads the pathology (``target_read``); the share of the segmenter's lesion pixels
-inside the region (``lesion_inside``) and the lesion's Dice with the region (``region_dice``); SSIM
+inside the region (``lesion_inside``; ``inserted_inside`` counts only the pixels the edit added, so a
+false lesion the segmenter finds on the original does not count against it) and the lesion's Dice with the region (``region_dice``); SSIM
 outside the region (``outside_ssim``). Goal: target_read ≥ 0.9, lesion_inside ≥ 0.9, outside_ssim ≥ 0.9.
 
     python studies/insert_lesion.py [--quick] [--eval-seed-base 40000] [--places box blob] [--modules default none]

@@ -137,3 +137,41 @@ def test_polyp_kept_needs_the_class_and_the_lesion():
     assert MIN_LESION_PIXELS <= 64
     kept = polyp_kept(metrics.Judged(out, probs, masks, "dyed lifted polyps", "polyps"))
     np.testing.assert_array_equal(kept.values, [[1.0, 0.0]])
+
+
+def _region_judged(original_mask, edited_mask, region, edited_probs):
+    """One pair (8×8 images) with given lesion masks, a region and the counterfactual's probabilities."""
+    rng = np.random.default_rng(1)
+    a = rng.uniform(size=(1, 1, 8, 8, 3))
+    b = a.copy()
+    b[0, 0][edited_mask & ~original_mask] = 0.9  # the counterfactual differs only where a lesion was added
+    out = pairs_dataset(a, b)
+    out["region"] = (("prompt", "seed", "y", "x"), region[None, None])
+    masks = xr.DataArray(np.stack([original_mask, edited_mask])[None, None], dims=("prompt", "seed", "branch", "y", "x"),
+                         coords={"prompt": out["prompt"].values, "seed": out["seed"].values,
+                                 "branch": ["original", "edited"]})
+    probs = xr.DataArray(np.stack([[1.0, 0.0, 0.0], edited_probs])[None, None],
+                         dims=("prompt", "seed", "branch", "class"),
+                         coords={"prompt": out["prompt"].values, "seed": out["seed"].values,
+                                 "branch": ["original", "edited"], "class": LABELS})
+    return metrics.Judged(out, probs, masks, "normal cecum", "polyps")
+
+
+def test_region_metrics_by_hand():
+    region = np.zeros((8, 8), bool); region[:4, :4] = True          # 16 pixels
+    before = np.zeros((8, 8), bool); before[6:, 6:] = True           # a false lesion on the original: 4 pixels
+    after = before.copy(); after[1:3, 1:4] = True; after[5, 0] = True  # 6 inserted inside, 1 outside
+    judged = _region_judged(before, after, region, [0.2, 0.7, 0.1])
+    value = lambda fn: float(fn(judged).values.item())  # noqa: E731
+    assert value(metrics.target_read) == 1.0
+    assert value(metrics.lesion_inside) == pytest.approx(6 / 11)       # the original's false lesion counts against it
+    assert value(metrics.inserted_inside) == pytest.approx(6 / 7)      # only what the edit added
+    assert value(metrics.region_dice) == pytest.approx(2 * 6 / (11 + 16))
+    assert value(metrics.outside_ssim) < 1.0                          # the pixel inserted outside
+    untouched = _region_judged(before, before, region, [0.9, 0.05, 0.05])
+    assert float(metrics.target_read(untouched).values.item()) == 0.0
+    assert float(metrics.inserted_inside(untouched).values.item()) == 0.0  # nothing inserted
+    assert float(metrics.outside_ssim(untouched).values.item()) == pytest.approx(1.0)
+    del judged.out["region"]
+    with pytest.raises(ValueError, match="needs the region"):
+        metrics.inserted_inside(judged)

@@ -42,6 +42,7 @@ __all__ = [
     "Metric",
     "REGION_METRICS",
     "lesion_inside",
+    "inserted_inside",
     "region_dice",
     "outside_ssim",
     "target_read",
@@ -355,6 +356,20 @@ def lesion_inside(judged: Judged) -> xr.DataArray:
     return (inside / lesion.sum(("y", "x")).clip(min=1)).astype(np.float64).rename("lesion_inside")
 
 
+def inserted_inside(judged: Judged) -> xr.DataArray:
+    """Per pair: the share of the *inserted* lesion pixels inside the region; 0 when nothing was inserted.
+
+    Inserted pixels are those the segmenter marks in the counterfactual but not in the original. When the
+    original already shows something the segmenter calls a lesion (a false positive on a normal image, or a
+    lesion that was there before), `lesion_inside` counts it against the edit wherever it lies; this counts
+    only what the edit added.
+    """
+    masks = judged.masks.transpose("prompt", "seed", "branch", "y", "x")
+    new = masks.sel(branch="edited") & ~masks.sel(branch="original")
+    inside = (new & _region(judged)).sum(("y", "x"))
+    return (inside / new.sum(("y", "x")).clip(min=1)).astype(np.float64).rename("inserted_inside")
+
+
 def region_dice(judged: Judged) -> xr.DataArray:
     """Per pair: Dice between the counterfactual's lesion mask and the region."""
     lesion = judged.masks.sel(branch="edited").transpose("prompt", "seed", "y", "x")
@@ -370,4 +385,5 @@ def outside_ssim(judged: Judged) -> xr.DataArray:
 
 #: What a study of region-confined edits measures beside the standard metrics.
 REGION_METRICS = (Metric("target_read", target_read), Metric("lesion_inside", lesion_inside),
+                  Metric("inserted_inside", inserted_inside),
                   Metric("region_dice", region_dice), Metric("outside_ssim", outside_ssim))
