@@ -15,6 +15,7 @@ from . import methods
 from .interventions.base import EditContext, Intervention, LatentEdit, Reweight, SiteEdit, UnverifiedWarning
 from .interventions.base import from_dict as intervention_from_dict
 from .interventions.blend import Blend, blend_latents
+from .interventions.drift import LatentDrift
 from .interventions.inject import Inject
 from .interventions.region import Confine, Region
 from .interventions.regulate import AttentionRegulation, EnergyGuidance, GateSelfAttention, RegionReweight
@@ -57,6 +58,7 @@ __all__ = [
     "Region",
     "RegionReweight",
     "Intervention",
+    "LatentDrift",
     "LatentEdit",
     "Reweight",
     "SiteEdit",

@@ -5,6 +5,7 @@ pairs.
   `register` / `from_dict`, and `Reweight`, an attention-weight edit;
 - `steer`: `Steer`, MedSteer's gated removal along a concept vector (a site edit), optionally in a region;
 - `blend`: `Blend`, latent blending (a latent edit);
+- `drift`: `LatentDrift`, latent drifting: a constant δ added to every reverse step and to z_T;
 - `inject`: `Inject`, copying the original branch's site output (everywhere, or outside a region);
 - `region`: `Region` masks (image or token grid, shared or per seed) and `Confine`, which keeps the
   original outside a region;
@@ -15,11 +16,12 @@ pairs.
 
 from .base import Composite, EditContext, Guidance, Intervention, LatentEdit, Reweight, SiteEdit, from_dict, register
 from .blend import Blend
+from .drift import LatentDrift
 from .inject import Inject
 from .region import Confine, Region
 from .regulate import AttentionRegulation, EnergyGuidance, GateSelfAttention, RegionReweight
 from .steer import Steer
 
 __all__ = ["AttentionRegulation", "Blend", "Composite", "Confine", "EditContext", "EnergyGuidance",
-           "GateSelfAttention", "Guidance", "Inject", "Intervention", "LatentEdit", "Region", "RegionReweight",
-           "Reweight", "SiteEdit", "Steer", "from_dict", "register"]
+           "GateSelfAttention", "Guidance", "Inject", "Intervention", "LatentDrift", "LatentEdit", "Region",
+           "RegionReweight", "Reweight", "SiteEdit", "Steer", "from_dict", "register"]

@@ -238,10 +238,21 @@ class LatentEdit(Intervention):
     """Acts on the edited branch's latents after each denoising step. Subclasses define
     ``apply_latents(step, original, edited, ctx)`` → (new edited latents, record or None), latents
     ``(pairs, C, H, W)``; ``ctx`` (an `EditContext`, its ``layer`` and ``site`` unused) tells the pairs'
-    seeds and prompts and the run's step count."""
+    seeds and prompts and the run's step count. An edit that also moves the initial latents z_T
+    (latent drifting) says so with `changes_initial` and defines ``apply_initial``."""
 
     kind: ClassVar[str] = "latent"
     reads_original: ClassVar[bool] = True
+
+    @property
+    def changes_initial(self) -> bool:
+        """Whether `apply_initial` changes the initial latents; the runner calls it only then."""
+        return False
+
+    def apply_initial(self, latents: torch.Tensor, ctx: EditContext | None = None) -> torch.Tensor:
+        """The edited rows' initial latents z_T ``(pairs, C, H, W)``, as handed to the pipeline (before the
+        sampler scales them by its ``init_noise_sigma``); the identity by default."""
+        return latents
 
     def apply_latents(self, step: int, original: torch.Tensor, edited: torch.Tensor,
                       ctx: EditContext | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:

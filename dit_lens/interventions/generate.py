@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import xarray as xr
+from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from ..trace.runner import Hook, scheduler_timesteps, traced_generate
@@ -302,6 +303,11 @@ class _Plan:
                 self.refuse_non_finite(f"the latents after step {step} of {self.T}", torch.isfinite(
                     latents.flatten(1)).all(1).cpu().numpy(), edited_rows, guidance_scale)
 
+        starting = [e for e in self.latent_edits if e.changes_initial] if edited_rows else []
+        if starting:  # edits of z_T (latent drifting): only then are the seeds' noises drawn here
+            latents = _initial_noise(self.lens, row_seeds) if latents is None else latents.clone()
+            for edit in starting:
+                latents[edited] = edit.apply_initial(latents[edited], context(0))
         with guide.exposed() if guide is not None else nullcontext():
             if guide is not None and 0 in self.guided_steps:  # the first correction acts on the initial noise
                 latents = guide.initial_noise(row_seeds) if latents is None else latents.clone()
@@ -347,6 +353,15 @@ class _Plan:
         )
 
 
+def _initial_noise(lens: Any, seeds: Sequence[int]) -> torch.Tensor:
+    """Each row's initial noise ``(rows, C, h, w)``, drawn from its seed's generator as the pipeline draws it."""
+    pipe = lens.pipeline
+    shape = (len(seeds), pipe.transformer.config.in_channels, lens.pipeline_kwargs["height"] // pipe.vae_scale_factor,
+             lens.pipeline_kwargs["width"] // pipe.vae_scale_factor)
+    dtype = (pipe.text_encoder if pipe.text_encoder is not None else pipe.transformer).dtype  # as prepare_latents
+    return randn_tensor(shape, generator=[lens.generator(s) for s in seeds], device=lens.device, dtype=dtype)
+
+
 def _halves(halves: str, guided: bool) -> tuple[str, ...]:
     if not guided:
         if halves == "uncond":
@@ -385,7 +400,7 @@ def _validate(lens, edits, T, guidance_scale, record_gates, batch_size,
     guidance_scale = check_guidance(guidance_scale)
     if batch_size is not None:
         batch_size = check_int(batch_size, "batch_size", minimum=1)
-    if edits and not same_prompt_ok and all(isinstance(e, LatentEdit) for e in edits):
+    if edits and not same_prompt_ok and all(isinstance(e, LatentEdit) and e.reads_original for e in edits):
         raise ValueError("blend needs a steer (or another edit): latent edits alone (blend, Confine) pull the edited "
                          "branch toward the original one, which is the same run; add a steer or another edit, or "
                          "change the prompt with reprompt(..., edits=...)")
