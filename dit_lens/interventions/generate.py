@@ -26,10 +26,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import xarray as xr
-from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from ..trace.runner import Hook, scheduler_timesteps, traced_generate
+from ..trace.runner import Hook, initial_noise, scheduler_timesteps, traced_generate
 from ..validate import NonFiniteError, check_guidance, check_int, check_prompts, check_seeds, check_steps
 from .base import Composite, EditContext, Guidance, Intervention, LatentEdit, SiteEdit, flatten
 from .blend import Blend, check_blend
@@ -305,7 +304,7 @@ class _Plan:
 
         starting = [e for e in self.latent_edits if e.changes_initial] if edited_rows else []
         if starting:  # edits of z_T (latent drifting): only then are the seeds' noises drawn here
-            latents = _initial_noise(self.lens, row_seeds) if latents is None else latents.clone()
+            latents = initial_noise(self.lens, row_seeds) if latents is None else latents.clone()
             for edit in starting:
                 latents[edited] = edit.apply_initial(latents[edited], context(0))
         with guide.exposed() if guide is not None else nullcontext():
@@ -351,15 +350,6 @@ class _Plan:
             f"{self.T} steps): the model or its settings diverge; check the weights, dtype and guidance_scale. "
             f"No result was kept."
         )
-
-
-def _initial_noise(lens: Any, seeds: Sequence[int]) -> torch.Tensor:
-    """Each row's initial noise ``(rows, C, h, w)``, drawn from its seed's generator as the pipeline draws it."""
-    pipe = lens.pipeline
-    shape = (len(seeds), pipe.transformer.config.in_channels, lens.pipeline_kwargs["height"] // pipe.vae_scale_factor,
-             lens.pipeline_kwargs["width"] // pipe.vae_scale_factor)
-    dtype = (pipe.text_encoder if pipe.text_encoder is not None else pipe.transformer).dtype  # as prepare_latents
-    return randn_tensor(shape, generator=[lens.generator(s) for s in seeds], device=lens.device, dtype=dtype)
 
 
 def _halves(halves: str, guided: bool) -> tuple[str, ...]:

@@ -18,13 +18,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
 from ..trace.attention import exposed_weights
 from ..trace.tokens import check_words, word_keys
 from ..validate import check_nonnegative
 from ..trace.denoiser import Denoiser
-from ..trace.runner import scheduler_timesteps
+from ..trace.runner import initial_noise, scheduler_timesteps
 from .base import EditContext, Guidance, check_layers_fit, check_where, register
 from .region import MaskedValue, Region, check_window, window_steps
 
@@ -82,12 +81,7 @@ class GuidePass:
 
     def initial_noise(self, seeds: Sequence[int]) -> torch.Tensor:
         """Each row's initial noise, drawn from its seed's generator exactly as the pipeline draws it."""
-        pipe = self.lens.pipeline
-        shape = (len(seeds), pipe.transformer.config.in_channels,
-                 self.lens.pipeline_kwargs["height"] // pipe.vae_scale_factor,
-                 self.lens.pipeline_kwargs["width"] // pipe.vae_scale_factor)
-        return randn_tensor(shape, generator=[self.lens.generator(s) for s in seeds], device=self.lens.device,
-                            dtype=self.denoiser.embeds.dtype)
+        return initial_noise(self.lens, seeds, dtype=self.denoiser.embeds.dtype)
 
 
 @register

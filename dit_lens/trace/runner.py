@@ -29,12 +29,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from ..model.sites import site_module
 from ..validate import check_guidance, check_prompts, check_seeds, check_steps, is_int
 from .attention import exposed_weights
 
 __all__ = [
+    "initial_noise",
     "Hook",
     "Visit",
     "branch_rows",
@@ -214,3 +216,14 @@ def branch_rows(output: torch.Tensor, branch: str, batch: int, guided: bool) -> 
     if branch == "both":
         return torch.stack([cond, uncond], dim=1)  # (batch, 2, ...)
     raise ValueError(f"unknown branch {branch!r}; choose 'cond', 'uncond' or 'both'")
+
+
+def initial_noise(lens: Any, seeds: Sequence[int], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Each row's initial noise ``(rows, C, h, w)``, drawn from its seed's generator exactly as the pipeline's
+    ``prepare_latents`` draws it (in the prompt embeddings' dtype unless `dtype` is given)."""
+    pipe = lens.pipeline
+    shape = (len(seeds), pipe.transformer.config.in_channels, lens.pipeline_kwargs["height"] // pipe.vae_scale_factor,
+             lens.pipeline_kwargs["width"] // pipe.vae_scale_factor)
+    if dtype is None:
+        dtype = (pipe.text_encoder if pipe.text_encoder is not None else pipe.transformer).dtype
+    return randn_tensor(shape, generator=[lens.generator(s) for s in seeds], device=lens.device, dtype=dtype)
