@@ -246,12 +246,11 @@ class LatentEdit(Intervention):
 
     @property
     def changes_initial(self) -> bool:
-        """Whether `apply_initial` changes the initial latents; the runner calls it only then."""
+        """Whether `apply_initial` changes z_T (the runner calls it only then)."""
         return False
 
     def apply_initial(self, latents: torch.Tensor, ctx: EditContext | None = None) -> torch.Tensor:
-        """The edited rows' initial latents z_T ``(pairs, C, H, W)``, as handed to the pipeline (before the
-        sampler scales them by its ``init_noise_sigma``); the identity by default."""
+        """The edited rows' z_T ``(pairs, C, H, W)`` before the sampler's ``init_noise_sigma``; identity by default."""
         return latents
 
     def apply_latents(self, step: int, original: torch.Tensor, edited: torch.Tensor,
