@@ -198,12 +198,13 @@ def test_the_correction_pass_is_invisible_to_the_traced_run(tiny_lens):
 def test_the_correction_lowers_the_energy_it_descends(tiny_lens):
     guide = EnergyGuidance(["polyp"], corner(), step=0.05, window=(0, 1))
     from dit_lens.interventions.guide import GuidePass
+    from dit_lens.trace.runner import initial_noise
 
     pass_ = GuidePass(tiny_lens, None, [PROMPT] * 2, T, [guide])
     ctx = EditContext(0, -1, "", ("cond",), 2, original=None, seeds=(0, 1), prompts=(PROMPT,) * 2,
                       num_inference_steps=T, lens=tiny_lens)
     with pass_.exposed():
-        z = pass_.initial_noise([0, 1])
+        z = initial_noise(tiny_lens, [0, 1])
         new, before = guide.correct(0, z, pass_.forward(0), ctx)
         after = guide.energy(pass_.forward(0)(new), ctx)
     assert (after < before).all()

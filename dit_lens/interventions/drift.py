@@ -20,7 +20,8 @@ Examples:
     >>> per_channel = LatentDrift((0.0, 0.5, 0.0, -0.5))
     >>> per_channel.apply_latents(0, z, z)[0][0, :, 0, 0].tolist()
     [0.0, 0.5, 0.0, -0.5]
-    >>> from_dict(per_channel.to_dict()) == per_channel
+    >>> from dit_lens import intervention_from_dict
+    >>> intervention_from_dict(per_channel.to_dict()) == per_channel
     True
 """
 
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 from ..validate import is_real
-from .base import EditContext, LatentEdit, from_dict, register  # noqa: F401 - from_dict for the example
+from .base import EditContext, LatentEdit, register
 from .region import check_window, window_steps
 
 __all__ = ["LatentDrift"]

@@ -303,13 +303,13 @@ class _Plan:
                     latents.flatten(1)).all(1).cpu().numpy(), edited_rows, guidance_scale)
 
         starting = [e for e in self.latent_edits if e.changes_initial] if edited_rows else []
-        if starting:  # edits of z_T (latent drifting): only then are the seeds' noises drawn here
+        guide_first = guide is not None and 0 in self.guided_steps  # the first correction acts on z_T
+        if starting or guide_first:  # z_T is edited: only then are the seeds' noises drawn here
             latents = initial_noise(self.lens, row_seeds) if latents is None else latents.clone()
-            for edit in starting:
-                latents[edited] = edit.apply_initial(latents[edited], context(0))
+        for edit in starting:  # latent drifting
+            latents[edited] = edit.apply_initial(latents[edited], context(0))
         with guide.exposed() if guide is not None else nullcontext():
-            if guide is not None and 0 in self.guided_steps:  # the first correction acts on the initial noise
-                latents = guide.initial_noise(row_seeds) if latents is None else latents.clone()
+            if guide_first:
                 correct(0, latents)
             result = traced_generate(
                 self.lens, row_prompts, row_seeds, num_inference_steps=self.T, guidance_scale=guidance_scale,

@@ -23,7 +23,7 @@ from ..trace.attention import exposed_weights
 from ..trace.tokens import check_words, word_keys
 from ..validate import check_nonnegative
 from ..trace.denoiser import Denoiser
-from ..trace.runner import initial_noise, scheduler_timesteps
+from ..trace.runner import scheduler_timesteps
 from .base import EditContext, Guidance, check_layers_fit, check_where, register
 from .region import MaskedValue, Region, check_window, window_steps
 
@@ -78,10 +78,6 @@ class GuidePass:
                 handle = module.register_forward_hook(lambda _m, _i, out, layer=layer: seen.__setitem__(layer, out))
                 stack.callback(handle.remove)
             yield
-
-    def initial_noise(self, seeds: Sequence[int]) -> torch.Tensor:
-        """Each row's initial noise, drawn from its seed's generator exactly as the pipeline draws it."""
-        return initial_noise(self.lens, seeds, dtype=self.denoiser.embeds.dtype)
 
 
 @register
