@@ -38,6 +38,7 @@ from .validate import NonFiniteError
 from .views.attention import attention_figure
 from .readouts.vectors import (concept_vector, export_authors, import_authors, load_vector, normalize_vector,
                                save_vector)
+from .training import FinetuneConfig, TrainingImages, finetune, read_image_folder, write_image_folder
 from .world import load_anatomy_segmenter, load_oracle, load_segmenter
 
 __all__ = [
@@ -91,6 +92,11 @@ __all__ = [
     "capture",
     "concept_vector",
     "export_authors",
+    "finetune",
+    "FinetuneConfig",
+    "TrainingImages",
+    "read_image_folder",
+    "write_image_folder",
     "gate_figure",
     "generate",
     "import_authors",

@@ -149,6 +149,14 @@ def test_localised_medsteer_steers_inside_the_segmented_lesion_and_keeps_the_res
                       steer=Steer(base.vector, alpha=3.0, layers=base.layers, steps=base.steps, name=base.name,
                                   region=region), edits=[Confine(region)], progress=False)
     np.testing.assert_array_equal(out["image"].values, direct["image"].values)
+    # steer_in="image": every token steered, the latents still confined to the region
+    everywhere = get("medsteer_local").run(tiny_lens, PAIR, [5, 6], {**settings, "steer_in": "image"}, context=context)
+    direct = generate(tiny_lens, "An image of polyps", seeds=[5, 6], num_inference_steps=3, batch_size=2,
+                      steer=base, edits=[Confine(region)], progress=False)
+    np.testing.assert_array_equal(everywhere["image"].values, direct["image"].values)
+    assert not np.array_equal(everywhere["image"].values, out["image"].values)
+    with pytest.raises(ValueError, match="expected one of \\['region', 'image'\\]"):
+        get("medsteer_local").settings({"steer_in": "outside"})
     assert json.loads(out.attrs["unlocalised_seeds"]) == [s for s, f in zip([5, 6], found) if not f]
     with pytest.raises(ValueError, match="needs a lesion segmenter"):
         get("medsteer_local").run(tiny_lens, PAIR, [5], settings, context=MethodContext(

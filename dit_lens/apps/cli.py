@@ -28,6 +28,18 @@ def _world(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from .finetune import run_finetune
+
+    return run_finetune(args)
+
+
+def _world_data(args: argparse.Namespace) -> int:
+    from .finetune import run_world_data
+
+    return run_world_data(args)
+
+
 def _study(args: argparse.Namespace) -> int:
     from ..study.cli import run_study_file
 
@@ -53,6 +65,13 @@ def parser() -> argparse.ArgumentParser:
     study.add_argument("rest", nargs=argparse.REMAINDER, help="the study's own flags, e.g. --quick")
     study.set_defaults(func=_study)
 
+    from .finetune import add_finetune_arguments, add_world_data_arguments
+
+    finetune = sub.add_parser("finetune", parents=[debug], help="fine-tune the denoiser (LoRA or full, optional "
+                                                                "Latent Drifting) on an imagefolder")
+    add_finetune_arguments(finetune)
+    finetune.set_defaults(func=_finetune)
+
     world = sub.add_parser("world", help="the embedded endoscopy world")
     world_sub = world.add_subparsers(dest="world_command", required=True)
     build = world_sub.add_parser("build", parents=[debug], help="rebuild the shipped world from seeded code")
@@ -62,6 +81,9 @@ def parser() -> argparse.ArgumentParser:
     build.add_argument("--set", nargs="+", default=None, metavar="STAGE.FIELD=VALUE",
                        help="change the recipe, e.g. transformer.steps=3000 train_text_encoder=true")
     build.set_defaults(func=_world)
+    data = world_sub.add_parser("data", parents=[debug], help="write a split of the world as an imagefolder")
+    add_world_data_arguments(data)
+    data.set_defaults(func=_world_data)
     return p
 
 

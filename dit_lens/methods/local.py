@@ -7,9 +7,11 @@ The region of each seed comes from (setting ``region``):
   g = max(0, h·v) at the steered layers and steps, and the region is where its mean over them reaches
   half its maximum (`GATE_SHARE`), at the token grid.
 
-Either is grown by ``grow`` pixels. The pair is then made by one `generate` call: the `Steer` with that
-region (tokens outside are not steered) and, for the first ``confine`` fraction of the steps, `Confine`
-(the edited branch's latents outside the region reset to the original's after each step; 0 = off).
+Either is grown by ``grow`` pixels. The pair is then made by one `generate` call: the `Steer` — on the
+region's tokens only (``steer_in="region"``) or on every token (``steer_in="image"``: what the
+region changes still hears the steered context) — and, for the first ``confine`` fraction of the
+steps, `Confine` (the edited branch's latents outside the region reset to the original's after each
+step; 0 = off).
 A seed whose original image has no lesion (or no open gate) has nothing to confine to and is steered
 everywhere, as plain MedSteer; results count them (attr ``unlocalised_seeds``). Results hold the
 region of every seed, ``region (prompt, seed, y, x)``.
@@ -17,8 +19,8 @@ region of every seed, ``region (prompt, seed, y, x)``.
 Examples:
     >>> from dit_lens.methods import get
     >>> get("medsteer_local").cell_name(0, {"window": (0.0, 0.25), "steps": (0.0, 1.0), "alpha": 3.0,
-    ...     "vector_seeds": 32, "region": "lesion", "grow": 4, "confine": 1.0})
-    'medsteer_local_p0_w0-0.25_t0-1_a3_n32_rlesion_g4_c1'
+    ...     "vector_seeds": 32, "region": "lesion", "grow": 4, "confine": 1.0, "steer_in": "image"})
+    'medsteer_local_p0_w0-0.25_t0-1_a3_n32_rlesion_g4_c1_simage'
 """
 
 from __future__ import annotations
@@ -44,11 +46,18 @@ __all__ = ["GATE_SHARE", "LOCAL", "gate_region", "grow_masks"]
 #: A token is in the gate region where the mean gate reaches this share of the image's largest.
 GATE_SHARE = 0.5
 SOURCES = ("lesion", "gate")
+STEER_IN = ("region", "image")
 
 
 def _check_source(value: Any) -> str:
     if value not in SOURCES:
         raise ValueError(f"expected one of {list(SOURCES)}, got {value!r}")
+    return str(value)
+
+
+def _check_steer_in(value: Any) -> str:
+    if value not in STEER_IN:
+        raise ValueError(f"expected one of {list(STEER_IN)} (steer the region's tokens, or every token), got {value!r}")
     return str(value)
 
 
@@ -67,6 +76,9 @@ AXES = (
          help="pixels to grow each region by"),
     Axis("confine", default=(1.0,), parse=float, check=check_fraction, key="c", flag="confine",
          help="fraction of the steps during which the original is kept outside the region (0 = off)"),
+    Axis("steer_in", default=("region",), parse=str, check=_check_steer_in, key="s", flag="steer-in",
+         help="which tokens are steered: region (only the region's) or image (every token; the latents "
+              "are still confined to the region)"),
 )
 
 
@@ -113,7 +125,8 @@ def _run(lens: Any, pair: ConceptPair, seeds: Sequence[int], settings: dict, *, 
     masks[~found] = True  # nothing found: steered everywhere, as plain MedSteer
     region = xr.DataArray(masks, dims=("seed", "y", "x"), coords={"seed": list(seeds)})
     edits = [Confine(region, steps=(0.0, settings["confine"]))] if settings["confine"] > 0 else []
-    out = generate(lens, pair.source_prompt, seeds=seeds, steer=replace(steer, region=region),
+    steer = replace(steer, region=region) if settings["steer_in"] == "region" else steer
+    out = generate(lens, pair.source_prompt, seeds=seeds, steer=steer,
                    edits=edits, num_inference_steps=context.num_inference_steps,
                    guidance_scale=context.guidance_scale, record_gates=context.record_gates,
                    batch_size=context.batch_size, progress=context.progress)

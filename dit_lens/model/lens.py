@@ -17,10 +17,12 @@ Examples:
 from __future__ import annotations
 
 import json
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -148,8 +150,9 @@ def load(
         source: ``"embedded"`` (the shipped endoscopy world), a local diffusers pipeline folder
             (one with ``model_index.json``; PixArt-alpha and PixArt-Sigma are supported), or an
             already built diffusers pipeline.
-        lora: A peft LoRA adapter folder (``adapter_config.json`` + weights) trained on the
-            denoiser; it is merged into the denoiser's weights.
+        lora: An adapter folder merged into the weights: a peft LoRA of the denoiser
+            (``adapter_config.json`` + weights; with a text encoder LoRA in ``text_encoder/``), or a
+            full fine-tune written by `dit_lens.finetune` (``transformer/``).
         device: Where to run (default: where the pipeline already is, CPU for folders).
         dtype: Weight dtype (default: as stored).
 
@@ -223,20 +226,50 @@ def _open_pipeline(source: Any) -> tuple[Any, str]:
 
 
 def _merge_lora(pipeline: Any, family: Family, path: Path) -> Path:
+    """Merge an adapter folder into `pipeline`: a peft LoRA of the denoiser (with one of the text encoder
+    in ``text_encoder/``, as `dit_lens.finetune` writes), or the full weights of a full fine-tune
+    (``<denoiser>/`` and optionally ``text_encoder/`` holding ``save_pretrained`` folders)."""
     if not path.exists():
         raise FileNotFoundError(f"no such LoRA adapter folder: {path}")
+    full = path / family.denoiser
+    if not (path / "adapter_config.json").is_file() and (full / "config.json").is_file():
+        _replace(pipeline, family.denoiser, full)
+        if (path / "text_encoder" / "config.json").is_file():
+            _replace(pipeline, "text_encoder", path / "text_encoder")
+        return path
     if not (path / "adapter_config.json").is_file():
         raise ValueError(
-            f"{path} is not a peft adapter folder (no adapter_config.json); save one with "
-            f"`peft_model.save_pretrained(...)`"
+            f"{path} is not a peft adapter folder (no adapter_config.json) nor a full fine-tune (no "
+            f"{family.denoiser}/config.json); save one with `peft_model.save_pretrained(...)` or `dit_lens.finetune`"
         )
     from peft import PeftModel
 
-    denoiser = getattr(pipeline, family.denoiser)
-    merged = PeftModel.from_pretrained(denoiser, str(path)).merge_and_unload()
-    setattr(pipeline, family.denoiser, merged)
-    pipeline.register_modules(**{family.denoiser: merged})
+    for name, folder in ((family.denoiser, path), ("text_encoder", path / "text_encoder")):
+        if name == "text_encoder" and not (folder / "adapter_config.json").is_file():
+            continue
+        with peft_quietly():
+            merged = PeftModel.from_pretrained(getattr(pipeline, name), str(folder)).merge_and_unload()
+        setattr(pipeline, name, merged)
+        pipeline.register_modules(**{name: merged})
     return path
+
+
+@contextmanager
+def peft_quietly() -> Iterator[None]:
+    """Silence the deprecation warning peft triggers in transformers when it wraps a text encoder
+    (third-party noise, not a behaviour of dit-lens)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def _replace(pipeline: Any, name: str, folder: Path) -> None:
+    """Swap the pipeline component `name` for the same class loaded from `folder`, on its device and dtype."""
+    old = getattr(pipeline, name)
+    first = next(old.parameters())
+    new = type(old).from_pretrained(folder).to(device=first.device, dtype=first.dtype)
+    setattr(pipeline, name, new)
+    pipeline.register_modules(**{name: new})
 
 
 def _pipeline_kwargs(pipeline: Any, family: Family) -> dict:

@@ -19,7 +19,7 @@ Examples:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
@@ -42,6 +42,9 @@ class Family:
             that `dit_lens.trace.attention` exposes while a run reads or edits them.
         order: Every site in the order a block runs them (nnsight visits sites in execution
             order; a weights site runs inside its attention module, so before its output).
+        adapter_targets: Fine-tuning scheme -> the peft ``target_modules`` regex (matched against
+            module names inside the denoiser) of the layers a LoRA of that scheme adapts
+            (`dit_lens.finetune`).
     """
 
     name: str
@@ -51,6 +54,7 @@ class Family:
     cross_attention_site: str = "attn2"
     attention_sites: tuple[str, ...] = ()
     order: tuple[str, ...] = ()
+    adapter_targets: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         sites = dict(self.sites)
@@ -91,6 +95,12 @@ _PIXART = Family(
     sites=MappingProxyType({"attn1": "attn1", "attn2": "attn2", "ff": "ff", "block": ""}),
     attention_sites=("attn1", "attn2"),
     order=("attn1.weights", "attn1", "attn2.weights", "attn2", "ff", "block"),
+    adapter_targets=MappingProxyType({
+        # attention, feed-forward and projection layers of every block, the caption projection and the output
+        "lora": r".*\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|.*\.ff\.net\.(0\.proj|2)|proj_out|"
+                r"caption_projection\.linear_[12]",
+        "attn2": r".*\.attn2\.(to_q|to_k|to_v|to_out\.0)",  # cross-attention only
+    }),
 )
 
 #: Denoiser class name -> layout. PixArt-alpha and PixArt-Sigma share one denoiser class.

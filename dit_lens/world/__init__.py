@@ -6,6 +6,7 @@ and the endoscopy domain (`domain`: prompt templates, dye classes and metrics) t
 Nothing is loaded at import time.
 """
 
+from .data import world_split, write_world_split
 from .judges import load_anatomy_segmenter, load_oracle, load_segmenter
 from .procedural import CONTEXTS, LABELS, Samples, caption, render
 from .domain import (DYE_CLASSES, DYE_FLOORS, DYE_METRICS, ENDOSCOPY_CONTEXTS, MIN_LESION_PIXELS, PROMPT_TEMPLATE,
@@ -13,4 +14,4 @@ from .domain import (DYE_CLASSES, DYE_FLOORS, DYE_METRICS, ENDOSCOPY_CONTEXTS, M
 
 __all__ = ["CONTEXTS", "DYE_CLASSES", "DYE_FLOORS", "DYE_METRICS", "ENDOSCOPY_CONTEXTS", "LABELS", "MIN_LESION_PIXELS",
            "PROMPT_TEMPLATE", "Samples", "caption", "endoscopy_pair", "load_anatomy_segmenter", "load_oracle",
-           "load_segmenter", "render"]
+           "load_segmenter", "render", "world_split", "write_world_split"]

@@ -1,0 +1,413 @@
+"""Fine-tune a lens's denoiser on captioned images: LoRA (peft) or full, with optional Latent Drifting.
+
+`finetune` trains a copy of the lens's transformer (the lens itself is not changed) with the
+denoising loss of its own scheduler (ε-, v- or sample-prediction, read from the scheduler config;
+PixArt's learned-variance channels are dropped), and writes to `out`:
+
+- ``method="lora"``: a peft LoRA adapter on the attention, feed-forward and projection layers of the
+  denoiser (`Family.adapter_targets`), ``save_pretrained`` into `out`; ``"attn2"``: LoRA on the
+  cross-attention only; ``"full"``: every weight of the denoiser, ``out/transformer``.
+- with ``text_encoder=True``: a LoRA on the text encoder's q, k, v, o, wi, wo as well
+  (``out/text_encoder``; fully trained for ``"full"``).
+- ``finetune.json``: every setting, the data digest, the base model, δ, the loss curve and the time.
+
+`dit_lens.load(source, lora=out)` loads any of them.
+
+**Latent Drifting at training time.** Seed 004 drifts the forward process during fine-tuning but does
+not write the training form down. dit-lens drifts the noise: the model is trained on
+x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·(ε + δ) with the target taken from the drifted noise ε' = ε + δ (ε' itself
+for ε-prediction, v = √ᾱ_t·ε' − √(1 − ᾱ_t)·x_0 for v-prediction). At t = T the marginal is N(δ, I),
+the drifted z_T of `dit_lens.LatentDrift`; δ = 0 is the plain loss, bit for bit.
+
+**Determinism and resuming.** Every random draw (batch order, latent samples, caption dropout, noise,
+timesteps) comes from one CPU generator seeded by `seed`, and the modules train in eval mode (no
+dropout), so a run is bit-for-bit repeatable on CPU. Every ``checkpoint_every`` steps the trainable
+weights, the optimiser and the generator are saved to ``out/checkpoint.pt``; calling `finetune` again
+with the same settings and data resumes there and ends with the same weights as an unbroken run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..model.lens import peft_quietly
+from ..validate import is_real
+from .data import TrainingImages, read_image_folder
+
+__all__ = ["FinetuneConfig", "finetune", "drifted_training_pair", "read_record", "METHODS", "TEXT_ENCODER_TARGETS"]
+
+METHODS = ("lora", "attn2", "full")
+#: The text encoder layers a LoRA adapts (T5: attention q, k, v, o and feed-forward wi, wo).
+TEXT_ENCODER_TARGETS = r".*\.(q|k|v|o|wi|wi_0|wi_1|wo)"
+RECORD, CHECKPOINT = "finetune.json", "checkpoint.pt"
+DEFAULT_LR = {"lora": 1e-3, "attn2": 1e-3, "full": 1e-4}
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """The settings of one fine-tune (all recorded in ``finetune.json``).
+
+    Attributes:
+        method: ``"lora"`` (LoRA on every block), ``"attn2"`` (LoRA on cross-attention) or ``"full"``.
+        rank: LoRA rank r (``lora_alpha`` = r, so the update's scale does not change with r).
+        steps: Optimiser steps.
+        lr: AdamW learning rate after `warmup` linear steps (None: 1e-3 for LoRA, 1e-4 for full).
+        batch_size: Images per step.
+        drift: Latent Drifting δ of the forward process (0 = off).
+        text_encoder: Also adapt the text encoder.
+        seed: Seeds the LoRA initialisation and every random draw of training.
+        caption_dropout: Share of captions replaced by the empty prompt, so guidance keeps working.
+        warmup: Linear warm-up steps.
+        checkpoint_every: Steps between checkpoints.
+        mixed_precision: ``None``, ``"bf16"`` or ``"fp16"`` (autocast of the forward pass; fp16 with a
+            gradient scaler, on CUDA only).
+    """
+
+    method: str = "lora"
+    rank: int = 8
+    steps: int = 600
+    lr: float | None = None
+    batch_size: int = 8
+    drift: float = 0.0
+    text_encoder: bool = False
+    seed: int = 0
+    caption_dropout: float = 0.1
+    warmup: int = 20
+    checkpoint_every: int = 100
+    mixed_precision: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
+        for name, low in (("rank", 1), ("steps", 1), ("batch_size", 1), ("warmup", 0), ("checkpoint_every", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise ValueError(f"seed must be a whole number >= 0, got {self.seed!r}")
+        lr = DEFAULT_LR[self.method] if self.lr is None else self.lr
+        if not is_real(lr) or not math.isfinite(float(lr)) or float(lr) <= 0:
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        object.__setattr__(self, "lr", float(lr))
+        if not is_real(self.drift) or not math.isfinite(float(self.drift)):
+            raise ValueError(f"drift must be a finite number such as 0.05, got {self.drift!r}")
+        object.__setattr__(self, "drift", float(self.drift))
+        if not is_real(self.caption_dropout) or not 0 <= float(self.caption_dropout) < 1:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout!r}")
+        object.__setattr__(self, "caption_dropout", float(self.caption_dropout))
+        if not isinstance(self.text_encoder, (bool, np.bool_)):
+            raise ValueError(f"text_encoder must be True or False, got {self.text_encoder!r}")
+        object.__setattr__(self, "text_encoder", bool(self.text_encoder))
+        if self.mixed_precision not in (None, "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be None, 'bf16' or 'fp16', got {self.mixed_precision!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_record(folder: str | Path) -> dict:
+    """The ``finetune.json`` of a fine-tune's folder."""
+    path = Path(folder) / RECORD
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} holds no {RECORD}: it is not a finished dit-lens fine-tune")
+    return json.loads(path.read_text())
+
+
+def finetune(lens: Any, data: TrainingImages | str | Path, out: str | Path, *, method: str = "lora", rank: int = 8,
+             steps: int = 600, lr: float | None = None, batch_size: int = 8, drift: float = 0.0,
+             text_encoder: bool = False, seed: int = 0, caption_dropout: float = 0.1, warmup: int = 20,
+             checkpoint_every: int = 100, device: str | None = None, mixed_precision: str | None = None,
+             progress: bool = True) -> Path:
+    """Fine-tune the denoiser of `lens` on `data` and write the adapter (or weights) to `out`.
+
+    Args:
+        lens: From `dit_lens.load`; it is not modified (a copy of its denoiser trains).
+        data: `TrainingImages`, or an ``imagefolder`` folder (``metadata.jsonl`` with ``file_name`` and
+            ``text``), resized to the lens's image size.
+        out: The folder to write; it must be new or empty, or hold an unfinished run of the same
+            settings and data (which is resumed) or a finished one (returned as it is).
+        device: Where to train (default: the lens's device).
+        progress: Show a progress bar with the loss.
+        method, rank, steps, lr, batch_size, drift, text_encoder, seed, caption_dropout, warmup,
+        checkpoint_every, mixed_precision: As `FinetuneConfig`.
+
+    Returns:
+        `out`, to pass as ``dit_lens.load(..., lora=out)``.
+
+    Raises:
+        FileExistsError: `out` holds anything else, or a run with other settings or data.
+    """
+    cfg = FinetuneConfig(method=method, rank=rank, steps=steps, lr=lr, batch_size=batch_size, drift=drift,
+                         text_encoder=text_encoder, seed=seed, caption_dropout=caption_dropout, warmup=warmup,
+                         checkpoint_every=checkpoint_every, mixed_precision=mixed_precision)
+    side = int(lens.pipeline_kwargs["height"])
+    if not isinstance(data, TrainingImages):
+        data = read_image_folder(data, size=side)
+    if data.images.shape[1:3] != (side, side):
+        raise ValueError(f"the training images are {data.images.shape[1]}x{data.images.shape[2]} px but the model "
+                         f"makes {side}x{side}; read them with read_image_folder(path, size={side})")
+    out = Path(out)
+    identity = {"config": cfg.to_dict(), "data": data.digest, "base": _base(lens)}
+    state = _claim(out, identity)
+    if state == "finished":
+        return out
+    dev = torch.device(device) if device is not None else lens.pipeline.transformer.device
+    if cfg.mixed_precision == "fp16" and dev.type != "cuda":
+        raise ValueError("mixed_precision='fp16' needs a CUDA device; use 'bf16' (or None) on CPU")
+    start = time.perf_counter()
+    trainer = _Trainer(lens, data, cfg, dev)
+    trainer.run(out, identity, progress=progress)
+    trainer.save(out)
+    record = {**identity, "data": data.summary(), "drift": cfg.drift, "steps_done": cfg.steps,
+              "train_seconds": round(trainer.elapsed, 1), "seconds_this_call": round(time.perf_counter() - start, 1),
+              "device": str(dev), "torch": torch.__version__, "losses": trainer.curve(),
+              "load": f"dit_lens.load({identity['base']['source']!r}, lora={str(out)!r})",
+              "sample_with": f"dit_lens.LatentDrift({cfg.drift})" if cfg.drift else None}
+    (out / (RECORD + ".tmp")).write_text(json.dumps(record, indent=1))
+    os.replace(out / (RECORD + ".tmp"), out / RECORD)  # the record last: it marks the run finished
+    (out / CHECKPOINT).unlink(missing_ok=True)
+    return out
+
+
+def _base(lens: Any) -> dict:
+    """The base model a fine-tune starts from (a resumed run must start from the same one)."""
+    prov = lens.provenance()
+    return {"source": str(lens.source), "fingerprint": prov["model_fingerprint"], "lora": prov["lora"],
+            "dit_lens": prov["dit_lens_version"]}
+
+
+def _claim(out: Path, identity: dict) -> str:
+    """``"new"``, ``"resume"`` or ``"finished"``; refuses a folder holding anything else."""
+    if (out / RECORD).is_file():
+        record = json.loads((out / RECORD).read_text())
+        if {k: record.get(k) for k in ("config", "base")} == {k: identity[k] for k in ("config", "base")} and \
+                record.get("data", {}).get("digest") == identity["data"]:
+            return "finished"
+        raise FileExistsError(f"{out} holds a finished fine-tune with other settings or data; pick a new folder")
+    if (out / CHECKPOINT).is_file():
+        meta = torch.load(out / CHECKPOINT, weights_only=False, map_location="cpu")["identity"]
+        if meta != identity:
+            raise FileExistsError(f"{out} holds an unfinished fine-tune with other settings or data; resume it with "
+                                  f"those settings, or pick a new folder")
+        return "resume"
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty folder; fine-tune into a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    return "new"
+
+
+class _Trainer:
+    """The trainable copies, the encoded data and the loop."""
+
+    def __init__(self, lens: Any, data: TrainingImages, cfg: FinetuneConfig, device: torch.device) -> None:
+        from diffusers import DDPMScheduler
+
+        self.cfg, self.device, self.lens = cfg, device, lens
+        pipe, family = lens.pipeline, lens.family
+        torch.manual_seed(cfg.seed)  # the LoRA A matrices are drawn from the global generator
+        self.transformer = copy.deepcopy(getattr(pipe, family.denoiser)).to(device)
+        self.text_encoder = copy.deepcopy(pipe.text_encoder).to(device) if cfg.text_encoder else pipe.text_encoder
+        self.transformer, self.text_encoder = self._adapt(self.transformer, self.text_encoder, family)
+        self.params = {f"transformer.{n}": p for n, p in self.transformer.named_parameters() if p.requires_grad}
+        if cfg.text_encoder:
+            self.params.update({f"text_encoder.{n}": p for n, p in self.text_encoder.named_parameters()
+                                if p.requires_grad})
+        self.opt = torch.optim.AdamW(list(self.params.values()), lr=cfg.lr,
+                                     weight_decay=1e-2 if cfg.method == "full" else 0.0)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None
+        self.noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.channels = int(self.transformer.config.in_channels)
+        self.scale = float(pipe.vae.config.scaling_factor)
+        self.mean, self.std = _encode_images(pipe.vae, data.images, device)  # (N, C, h, w) each
+        self.table = [""] + sorted(set(data.texts))  # row 0: the empty prompt, for caption dropout
+        self.text_of = torch.tensor([self.table.index(t) for t in data.texts])  # (N,)
+        self.tokens = _tokenize(pipe.tokenizer, self.table, device)
+        self.frozen_text = None if cfg.text_encoder else self._encode_text(torch.arange(len(self.table)))
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.step, self.losses, self.elapsed = 0, [], 0.0
+        self.extra = _added_conditions(self.transformer, self.mean.shape[-1] * pipe.vae_scale_factor)
+
+    def _adapt(self, transformer: Any, text_encoder: Any, family: Any) -> tuple[Any, Any]:
+        from peft import LoraConfig, get_peft_model
+
+        cfg = self.cfg
+        transformer.eval().requires_grad_(cfg.method == "full")
+        text_encoder.eval().requires_grad_(cfg.text_encoder and cfg.method == "full")
+        if cfg.method == "full":
+            return transformer, text_encoder
+        targets = family.adapter_targets.get(cfg.method)
+        if targets is None:
+            raise ValueError(f"{family.name} has no {cfg.method!r} adapter targets; add them to its Family")
+        lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.rank, target_modules=targets, lora_dropout=0.0)
+        transformer = get_peft_model(transformer, lora)
+        if cfg.text_encoder:
+            with peft_quietly():
+                text_encoder = get_peft_model(text_encoder, LoraConfig(
+                    r=cfg.rank, lora_alpha=cfg.rank, target_modules=TEXT_ENCODER_TARGETS, lora_dropout=0.0))
+        return transformer.eval(), text_encoder.eval()
+
+    def _encode_text(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = self.tokens[0][rows], self.tokens[1][rows]
+        where = next(self.text_encoder.parameters()).device  # frozen: the lens's own encoder, wherever it is
+        with nullcontext() if self.cfg.text_encoder else torch.no_grad():
+            hidden = self.text_encoder(ids.to(where), attention_mask=mask.to(where))[0]  # (b, seq, D)
+        return hidden.to(self.device), mask  # (b, seq, D), (b, seq)
+
+    def _draw(self, shape: tuple, kind: str = "normal") -> torch.Tensor:
+        draw = torch.randn if kind == "normal" else torch.rand
+        return draw(shape, generator=self.gen).to(self.device)
+
+    def loss(self) -> torch.Tensor:
+        cfg, n = self.cfg, len(self.mean)
+        idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=self.gen)
+        b = len(idx)
+        x0 = (self.mean[idx] + self.std[idx] * self._draw(self.mean[idx].shape)) * self.scale
+        text = torch.where(self._draw((b,), "uniform").cpu() < cfg.caption_dropout, 0, self.text_of[idx])
+        eps = self._draw(x0.shape)
+        t = torch.randint(0, self.noise_sched.config.num_train_timesteps, (b,), generator=self.gen).to(self.device)
+        noisy, target = drifted_training_pair(self.noise_sched, x0, eps, t, cfg.drift)
+        if self.frozen_text is not None:
+            hidden, mask = self.frozen_text[0][text], self.frozen_text[1][text]
+        else:
+            hidden, mask = self._encode_text(text)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+        with torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext():
+            pred = self.transformer(noisy, encoder_hidden_states=hidden, encoder_attention_mask=mask, timestep=t,
+                                    added_cond_kwargs=self.extra(b)).sample[:, : self.channels]
+        return F.mse_loss(pred.float(), target)
+
+    def run(self, out: Path, identity: dict, *, progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        if (out / CHECKPOINT).is_file():
+            self._restore(out / CHECKPOINT)
+        params = list(self.params.values())
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"finetune {cfg.method}", unit="step", disable=not progress)
+        clock, running = time.perf_counter(), None
+        while self.step < cfg.steps:
+            for group in self.opt.param_groups:
+                group["lr"] = cfg.lr * min(1.0, (self.step + 1) / max(1, cfg.warmup))
+            loss = self.loss()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the loss is {loss.item()} at step {self.step}: lower lr (now {cfg.lr}) "
+                                         f"or turn mixed precision off; the last checkpoint in {out} is kept")
+            self.opt.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.opt)
+            else:
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            self.scaler.step(self.opt) if self.scaler is not None else self.opt.step()
+            if self.scaler is not None:
+                self.scaler.update()
+            self.step += 1
+            self.losses.append(float(loss.item()))
+            running = self.losses[-1] if running is None else 0.95 * running + 0.05 * self.losses[-1]
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.4f}")
+            if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                self.elapsed += time.perf_counter() - clock
+                clock = time.perf_counter()
+                self._checkpoint(out / CHECKPOINT, identity)
+        bar.close()
+        self.elapsed += time.perf_counter() - clock
+
+    def _checkpoint(self, path: Path, identity: dict) -> None:
+        state = {"identity": identity, "step": self.step, "losses": self.losses, "seconds": self.elapsed,
+                 "params": {k: p.detach().cpu() for k, p in self.params.items()},
+                 "optimizer": self.opt.state_dict(), "generator": self.gen.get_state()}
+        torch.save(state, path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)  # never a half-written checkpoint
+
+    def _restore(self, path: Path) -> None:
+        state = torch.load(path, weights_only=False, map_location="cpu")
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(state["params"][k])
+        self.opt.load_state_dict(state["optimizer"])
+        self.gen.set_state(state["generator"])
+        self.step, self.losses, self.elapsed = state["step"], list(state["losses"]), state["seconds"]
+
+    def curve(self, points: int = 50) -> list[list[float]]:
+        """The loss averaged over `points` equal stretches of the run: ``[[last step, mean loss], ...]``."""
+        losses = np.asarray(self.losses)
+        edges = np.linspace(0, len(losses), min(points, len(losses)) + 1).astype(int)
+        return [[int(b), round(float(losses[a:b].mean()), 6)] for a, b in zip(edges[:-1], edges[1:])]
+
+    def save(self, out: Path) -> None:
+        if self.cfg.method == "full":
+            self.transformer.to("cpu").save_pretrained(out / "transformer")
+            if self.cfg.text_encoder:
+                self.text_encoder.to("cpu").save_pretrained(out / "text_encoder")
+            return
+        self.transformer.save_pretrained(out)
+        if self.cfg.text_encoder:
+            self.text_encoder.save_pretrained(out / "text_encoder")
+
+
+def drifted_training_pair(scheduler: Any, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
+                          drift: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model input x_t and the regression target of one training batch under Latent Drifting.
+
+    The noise is drifted, ε' = ε + δ: x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε', and the target is ε' (ε-prediction),
+    v = √ᾱ_t·ε' − √(1 − ᾱ_t)·x_0 (v-prediction) or x_0 (sample prediction), as `scheduler`'s
+    ``prediction_type`` says. δ = 0 is the plain denoising loss.
+    """
+    noise = eps + drift if drift else eps
+    noisy = scheduler.add_noise(x0, noise, t)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noisy, noise
+    if kind == "v_prediction":
+        return noisy, scheduler.get_velocity(x0, noise, t)
+    if kind == "sample":
+        return noisy, x0
+    raise ValueError(f"cannot fine-tune a scheduler with prediction_type {kind!r}; expected epsilon, "
+                     "v_prediction or sample")
+
+
+def _encode_images(vae: Any, images: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior's mean and std ``(N, C, h, w)`` of `images` ``(N, H, W, 3)`` in [0, 1]."""
+    means, stds = [], []
+    with torch.no_grad():
+        for i in range(0, len(images), 64):
+            x = torch.from_numpy(np.ascontiguousarray(images[i : i + 64])).permute(0, 3, 1, 2) * 2 - 1  # (b, 3, H, W)
+            post = vae.encode(x.to(device=vae.device, dtype=vae.dtype)).latent_dist
+            means.append(post.mean.float().to(device))
+            stds.append(post.std.float().to(device))
+    return torch.cat(means), torch.cat(stds)
+
+
+def _tokenize(tokenizer: Any, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and masks ``(K, L)`` as the PixArt pipeline makes them, padded to the longest text (the
+    masked padding changes no embedding of a real token) and at most 120 tokens."""
+    length = min(120, max(len(tokenizer(t).input_ids) for t in texts))
+    tokens = tokenizer(texts, padding="max_length", max_length=length, truncation=True, add_special_tokens=True,
+                       return_tensors="pt")
+    return tokens.input_ids.to(device), tokens.attention_mask.to(device)
+
+
+def _added_conditions(transformer: Any, side: int) -> Callable[[int], dict]:
+    """``added_cond_kwargs`` for a batch: resolution and aspect ratio where the denoiser uses them
+    (PixArt-alpha 1024 px), as its pipeline passes them; None otherwise."""
+    base = transformer.get_base_model() if hasattr(transformer, "get_base_model") else transformer
+    if not getattr(base, "use_additional_conditions", False):
+        return lambda b: {"resolution": None, "aspect_ratio": None}
+    device = next(base.parameters()).device
+    return lambda b: {"resolution": torch.tensor([[side, side]], dtype=torch.float32, device=device).repeat(b, 1),
+                      "aspect_ratio": torch.tensor([[1.0]], dtype=torch.float32, device=device).repeat(b, 1)}
