@@ -17,6 +17,7 @@ from .interventions.base import from_dict as intervention_from_dict
 from .interventions.blend import Blend, blend_latents
 from .interventions.drift import LatentDrift
 from .interventions.inject import Inject
+from .interventions.noise import OptimizedNoise, class_probability, optimize_noise
 from .interventions.region import Confine, Region
 from .interventions.regulate import AttentionRegulation, EnergyGuidance, GateSelfAttention, RegionReweight
 from .trace.capture import CaptureSettings, capture
@@ -56,6 +57,9 @@ __all__ = [
     "EnergyGuidance",
     "GateSelfAttention",
     "Inject",
+    "OptimizedNoise",
+    "class_probability",
+    "optimize_noise",
     "Region",
     "RegionReweight",
     "Intervention",

@@ -56,6 +56,10 @@ def test_window_and_initial_choose_where_it_drifts(tiny_lens):
     late = images(tiny_lens, 0.3, seeds=(2,), steps=(0.5, 1.0), initial=False)  # steps 2/3 only
     reference = drifted_plain_call(tiny_lens, 2, 0.3, steps=[2], initial=False)
     np.testing.assert_allclose(late.sel(seed=2, branch="edited").values, reference, atol=1e-5, rtol=0)
+    start_only = images(tiny_lens, 0.3, seeds=(2,), steps=None)  # z_T only: a drift-trained model's sampling
+    reference = drifted_plain_call(tiny_lens, 2, 0.3, steps=[])
+    np.testing.assert_allclose(start_only.sel(seed=2, branch="edited").values, reference, atol=1e-5, rtol=0)
+    assert LatentDrift.from_dict(LatentDrift(0.3, steps=None).to_dict()) == LatentDrift(0.3, steps=None)
 
 
 def test_the_original_branch_is_unchanged_by_any_drift(tiny_lens):

@@ -11,7 +11,8 @@ from dit_lens import LatentDrift, generate, load
 from dit_lens.apps.cli import main
 from dit_lens.model.builders import build_pixart
 from dit_lens.training import TrainingImages, finetune, read_image_folder, read_record, write_image_folder
-from dit_lens.training.finetune import _Trainer, drifted_training_pair
+from dit_lens.training.finetune import _Trainer
+from dit_lens.training.inputs import drifted_training_pair
 
 FAST = dict(steps=6, batch_size=4, lr=1e-2, warmup=1, checkpoint_every=3, progress=False)
 

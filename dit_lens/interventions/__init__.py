@@ -9,6 +9,8 @@ pairs.
 - `inject`: `Inject`, copying the original branch's site output (everywhere, or outside a region);
 - `region`: `Region` masks (image or token grid, shared or per seed) and `Confine`, which keeps the
   original outside a region;
+- `noise`: `optimize_noise`, initial-noise optimisation for an objective of the generated image
+  (`class_probability`), and `OptimizedNoise`, the latent edit that starts the edited branch from it;
 - `regulate`: `AttentionRegulation`, mask-guided attention regulation, and its modules;
 - `guide`: how a run makes the differentiable denoiser calls a `Guidance` edit needs;
 - `generate`: pairs from one batched pass, and the re-prompting baseline laid out the same way.
@@ -18,10 +20,11 @@ from .base import Composite, EditContext, Guidance, Intervention, LatentEdit, Re
 from .blend import Blend
 from .drift import LatentDrift
 from .inject import Inject
+from .noise import ClassProbability, OptimizedNoise, class_probability, optimize_noise
 from .region import Confine, Region
 from .regulate import AttentionRegulation, EnergyGuidance, GateSelfAttention, RegionReweight
 from .steer import Steer
 
-__all__ = ["AttentionRegulation", "Blend", "Composite", "Confine", "EditContext", "EnergyGuidance",
+__all__ = ["AttentionRegulation", "Blend", "ClassProbability", "OptimizedNoise", "class_probability", "optimize_noise", "Composite", "Confine", "EditContext", "EnergyGuidance",
            "GateSelfAttention", "Guidance", "Inject", "Intervention", "LatentDrift", "LatentEdit", "Region",
            "RegionReweight", "Reweight", "SiteEdit", "Steer", "from_dict", "register"]

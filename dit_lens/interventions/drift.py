@@ -6,7 +6,10 @@ drift δ to the mean of each reverse transition, and starts them from drifted no
     z_T = ε + δ,        z_{t-1} ← step(z_t) + δ   after every denoising step,
 
 so the edited branch of a pair drifts while its original twin is the plain run. δ is one number for
-every channel or, as in the unofficial implementation, one number per latent channel.
+every channel or, as in the unofficial implementation, one number per latent channel. ``steps=None``
+drifts z_T only: the sampling that matches a model fine-tuned with drift by `dit_lens.finetune`, whose
+forward process has the drifted marginal N(√ᾱ_t·x_0 + √(1 − ᾱ_t)·δ, (1 − ᾱ_t)·I) at every t, which the plain
+sampler then follows.
 
 Examples:
     >>> import torch
@@ -68,7 +71,7 @@ class LatentDrift(LatentEdit):
 
     Attributes:
         delta: δ, one number for every channel or a tuple with one per latent channel.
-        steps: ``(start, end)`` fractions of the run after whose steps δ is added.
+        steps: ``(start, end)`` fractions of the run after whose steps δ is added; None: after none.
         initial: Also drift the initial noise, z_T = ε + δ (as handed to the pipeline, before the sampler
             scales it by ``init_noise_sigma``, which is 1 for DPM-Solver and DDIM).
     """
@@ -76,12 +79,13 @@ class LatentDrift(LatentEdit):
     record: ClassVar[str | None] = None
     reads_original: ClassVar[bool] = False
     delta: float | tuple[float, ...] = 0.0
-    steps: tuple[float, float] = (0.0, 1.0)
+    steps: tuple[float, float] | None = (0.0, 1.0)
     initial: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "delta", _check_delta(self.delta))
-        object.__setattr__(self, "steps", check_window(self.steps, "LatentDrift.steps"))
+        if self.steps is not None:
+            object.__setattr__(self, "steps", check_window(self.steps, "LatentDrift.steps"))
         if not isinstance(self.initial, (bool, np.bool_)):
             raise ValueError(f"LatentDrift.initial must be True (drift z_T too) or False, got {self.initial!r}")
         object.__setattr__(self, "initial", bool(self.initial))
@@ -117,6 +121,6 @@ class LatentDrift(LatentEdit):
 
     def apply_latents(self, step: int, original: torch.Tensor, edited: torch.Tensor,
                       ctx: EditContext | None = None) -> tuple[torch.Tensor, None]:
-        if ctx is not None and step not in window_steps(self.steps, ctx.num_inference_steps):
+        if self.steps is None or (ctx is not None and step not in window_steps(self.steps, ctx.num_inference_steps)):
             return edited, None
         return self._drift(edited), None

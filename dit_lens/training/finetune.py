@@ -36,7 +36,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,8 +45,9 @@ import torch.nn.functional as F
 from ..model.lens import peft_quietly
 from ..validate import is_real
 from .data import TrainingImages, read_image_folder
+from .inputs import added_conditions, drifted_training_pair, encode_images, tokenize
 
-__all__ = ["FinetuneConfig", "finetune", "drifted_training_pair", "read_record", "METHODS", "TEXT_ENCODER_TARGETS"]
+__all__ = ["FinetuneConfig", "finetune", "read_record", "METHODS", "TEXT_ENCODER_TARGETS"]
 
 METHODS = ("lora", "attn2", "full")
 #: The text encoder layers a LoRA adapts (T5: attention q, k, v, o and feed-forward wi, wo).
@@ -231,14 +232,14 @@ class _Trainer:
         self.noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
         self.channels = int(self.transformer.config.in_channels)
         self.scale = float(pipe.vae.config.scaling_factor)
-        self.mean, self.std = _encode_images(pipe.vae, data.images, device)  # (N, C, h, w) each
+        self.mean, self.std = encode_images(pipe.vae, data.images, device)  # (N, C, h, w) each
         self.table = [""] + sorted(set(data.texts))  # row 0: the empty prompt, for caption dropout
         self.text_of = torch.tensor([self.table.index(t) for t in data.texts])  # (N,)
-        self.tokens = _tokenize(pipe.tokenizer, self.table, device)
+        self.tokens = tokenize(pipe.tokenizer, self.table, device)
         self.frozen_text = None if cfg.text_encoder else self._encode_text(torch.arange(len(self.table)))
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step, self.losses, self.elapsed = 0, [], 0.0
-        self.extra = _added_conditions(self.transformer, self.mean.shape[-1] * pipe.vae_scale_factor)
+        self.extra = added_conditions(self.transformer, self.mean.shape[-1] * pipe.vae_scale_factor)
 
     def _adapt(self, transformer: Any, text_encoder: Any, family: Any) -> tuple[Any, Any]:
         from peft import LoraConfig, get_peft_model
@@ -358,56 +359,3 @@ class _Trainer:
         self.transformer.save_pretrained(out)
         if self.cfg.text_encoder:
             self.text_encoder.save_pretrained(out / "text_encoder")
-
-
-def drifted_training_pair(scheduler: Any, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
-                          drift: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model input x_t and the regression target of one training batch under Latent Drifting.
-
-    The noise is drifted, ε' = ε + δ: x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε', and the target is ε' (ε-prediction),
-    v = √ᾱ_t·ε' − √(1 − ᾱ_t)·x_0 (v-prediction) or x_0 (sample prediction), as `scheduler`'s
-    ``prediction_type`` says. δ = 0 is the plain denoising loss.
-    """
-    noise = eps + drift if drift else eps
-    noisy = scheduler.add_noise(x0, noise, t)
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noisy, noise
-    if kind == "v_prediction":
-        return noisy, scheduler.get_velocity(x0, noise, t)
-    if kind == "sample":
-        return noisy, x0
-    raise ValueError(f"cannot fine-tune a scheduler with prediction_type {kind!r}; expected epsilon, "
-                     "v_prediction or sample")
-
-
-def _encode_images(vae: Any, images: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The VAE posterior's mean and std ``(N, C, h, w)`` of `images` ``(N, H, W, 3)`` in [0, 1]."""
-    means, stds = [], []
-    with torch.no_grad():
-        for i in range(0, len(images), 64):
-            x = torch.from_numpy(np.ascontiguousarray(images[i : i + 64])).permute(0, 3, 1, 2) * 2 - 1  # (b, 3, H, W)
-            post = vae.encode(x.to(device=vae.device, dtype=vae.dtype)).latent_dist
-            means.append(post.mean.float().to(device))
-            stds.append(post.std.float().to(device))
-    return torch.cat(means), torch.cat(stds)
-
-
-def _tokenize(tokenizer: Any, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and masks ``(K, L)`` as the PixArt pipeline makes them, padded to the longest text (the
-    masked padding changes no embedding of a real token) and at most 120 tokens."""
-    length = min(120, max(len(tokenizer(t).input_ids) for t in texts))
-    tokens = tokenizer(texts, padding="max_length", max_length=length, truncation=True, add_special_tokens=True,
-                       return_tensors="pt")
-    return tokens.input_ids.to(device), tokens.attention_mask.to(device)
-
-
-def _added_conditions(transformer: Any, side: int) -> Callable[[int], dict]:
-    """``added_cond_kwargs`` for a batch: resolution and aspect ratio where the denoiser uses them
-    (PixArt-alpha 1024 px), as its pipeline passes them; None otherwise."""
-    base = transformer.get_base_model() if hasattr(transformer, "get_base_model") else transformer
-    if not getattr(base, "use_additional_conditions", False):
-        return lambda b: {"resolution": None, "aspect_ratio": None}
-    device = next(base.parameters()).device
-    return lambda b: {"resolution": torch.tensor([[side, side]], dtype=torch.float32, device=device).repeat(b, 1),
-                      "aspect_ratio": torch.tensor([[1.0]], dtype=torch.float32, device=device).repeat(b, 1)}

@@ -149,6 +149,15 @@ class Oracle:
         return np.concatenate([torch.softmax(self.net(x[i : i + 256]), 1).numpy() for i in range(0, len(x), 256)]
                               or [np.zeros((0, len(self.labels)), np.float32)])
 
+    @torch.no_grad()
+    def features(self, images) -> np.ndarray:
+        """The penultimate features ``(N, 4·width)`` of `images` ``(N, H, W, 3)`` in [0, 1]: the pooled
+        activations the class head reads, for distances between image sets (`frechet_distance`)."""
+        x = _as_batch(images, "the oracle")
+        width = self.net.head.in_features
+        return np.concatenate([self.net.body(x[i : i + 256]).mean((2, 3)).numpy() for i in range(0, len(x), 256)]
+                              or [np.zeros((0, width), np.float32)])
+
 
 class Segmenter:
     """A segmenter: ``segmenter(images) -> bool masks (N, H, W)`` of its `target` ("lesion" or "anatomy")."""
