@@ -4,7 +4,7 @@ oracle's features it is measured on."""
 import numpy as np
 import pytest
 
-from dit_lens.study.distribution import frechet_distance, frechet_estimate, frechet_from_moments
+from dit_lens.study.distribution import frechet_difference, frechet_distance, frechet_estimate, frechet_from_moments
 
 
 def test_the_distance_of_diagonal_gaussians_is_the_closed_form():
@@ -30,6 +30,16 @@ def test_the_interval_covers_the_value_and_shrinks_with_more_samples():
     e_small, e_large = frechet_estimate(small, ref, resamples=100), frechet_estimate(large, ref, resamples=100)
     assert e_small.low <= e_small.value <= e_small.high and e_small.n == 50
     assert e_large.high - e_large.low < e_small.high - e_small.low
+
+
+def test_the_difference_finds_the_closer_set_and_straddles_zero_for_twins():
+    rng = np.random.default_rng(2)
+    ref = rng.normal(size=(300, 4))
+    near, far = rng.normal(size=(300, 4)) + 0.2, rng.normal(size=(300, 4)) + 0.8
+    closer = frechet_difference(near, far, ref, resamples=100)
+    assert closer.value < 0 and closer.high < 0  # beyond its interval
+    twins = frechet_difference(rng.normal(size=(300, 4)) + 0.5, rng.normal(size=(300, 4)) + 0.5, ref, resamples=100)
+    assert twins.low < 0 < twins.high
 
 
 def test_bad_feature_sets_are_refused():

@@ -61,7 +61,7 @@ def test_every_shipped_study_declares_a_valid_study():
         assert all(p.contexts == ENDOSCOPY_CONTEXTS for p in study.pairs)
         quick = study.quick_version()
         assert quick.eval_seeds <= 8 and quick.vector_seeds() <= 8
-    assert "downstream" in str(find_study("downstream"))
+    assert "downstream" in str(find_study("downstream")) and "drift" in str(find_study("drift"))
 
 
 def test_unknown_study_is_a_clear_error(capsys):
