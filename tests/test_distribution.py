@@ -30,6 +30,9 @@ def test_the_interval_covers_the_value_and_shrinks_with_more_samples():
     e_small, e_large = frechet_estimate(small, ref, resamples=100), frechet_estimate(large, ref, resamples=100)
     assert e_small.low <= e_small.value <= e_small.high and e_small.n == 50
     assert e_large.high - e_large.low < e_small.high - e_small.low
+    # two samples of one distribution: the resampling inflation is larger than the distance itself
+    twin = frechet_estimate(rng.normal(size=(128, 32)), rng.normal(size=(512, 32)), resamples=100)
+    assert twin.low <= twin.value <= twin.high
 
 
 def test_the_difference_finds_the_closer_set_and_straddles_zero_for_twins():

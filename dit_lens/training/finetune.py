@@ -218,10 +218,13 @@ class _Trainer:
 
         self.cfg, self.device, self.lens = cfg, device, lens
         pipe, family = lens.pipeline, lens.family
-        torch.manual_seed(cfg.seed)  # the LoRA A matrices are drawn from the global generator
-        self.transformer = copy.deepcopy(getattr(pipe, family.denoiser)).to(device)
-        self.text_encoder = copy.deepcopy(pipe.text_encoder).to(device) if cfg.text_encoder else pipe.text_encoder
-        self.transformer, self.text_encoder = self._adapt(self.transformer, self.text_encoder, family)
+        transformer = copy.deepcopy(getattr(pipe, family.denoiser)).to("cpu")
+        text_encoder = copy.deepcopy(pipe.text_encoder).to("cpu") if cfg.text_encoder else pipe.text_encoder
+        with torch.random.fork_rng(devices=[]):  # peft draws the LoRA A matrices from the global CPU generator
+            torch.manual_seed(cfg.seed)
+            transformer, text_encoder = self._adapt(transformer, text_encoder, family)
+        self.transformer = transformer.to(device)
+        self.text_encoder = text_encoder.to(device) if cfg.text_encoder else text_encoder
         self.params = {f"transformer.{n}": p for n, p in self.transformer.named_parameters() if p.requires_grad}
         if cfg.text_encoder:
             self.params.update({f"text_encoder.{n}": p for n, p in self.text_encoder.named_parameters()

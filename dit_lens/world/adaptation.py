@@ -107,18 +107,24 @@ def _generated(lens: Any, cfg: AdaptationConfig, delta: float, form: str, seeds:
 
 
 def _measure(oracle: Any, images: np.ndarray, reference: np.ndarray, per_class: int) -> tuple[dict, np.ndarray]:
+    """Agreement (overall and per class) and the oracle features of `images` (the distance is taken from
+    the features when results are assembled, `_with_distance`)."""
     probs, features = oracle(images), oracle.features(images)
     labels = np.repeat(np.arange(len(LABELS)), per_class)
     agree = probs.argmax(1) == labels
-    return ({"frechet": frechet_estimate(features, reference).to_dict(),
-             "agreement": estimate(agree.astype(float)).to_dict(),
+    return ({"agreement": estimate(agree.astype(float)).to_dict(),
              "per_class": {label: float(agree[labels == i].mean()) for i, label in enumerate(LABELS)}}, features)
 
 
-def _cell(path: Path, compute) -> dict:
-    """The cell at `path` (JSON, with its image features beside it in ``.npy``), computed if missing."""
+def _with_distance(cell: dict, path: Path, reference: np.ndarray) -> dict:
+    return {**cell, "frechet": frechet_estimate(_features(path), reference).to_dict()}
+
+
+def _cell(path: Path, reference: np.ndarray, compute) -> dict:
+    """The cell at `path` (JSON, with its image features beside it in ``.npy``), computed if missing, with
+    its distance to `reference`."""
     if path.is_file() and path.with_suffix(".npy").is_file():
-        return json.loads(path.read_text())
+        return _with_distance(json.loads(path.read_text()), path, reference)
     start = time.perf_counter()
     result, features = compute()
     result["seconds"] = round(time.perf_counter() - start, 1)
@@ -126,7 +132,7 @@ def _cell(path: Path, compute) -> dict:
     np.save(path.with_suffix(".npy"), features.astype(np.float32))
     path.with_suffix(".tmp").write_text(json.dumps(result, indent=1))
     path.with_suffix(".tmp").replace(path)
-    return result
+    return _with_distance(result, path, reference)
 
 
 def _features(path: Path) -> np.ndarray:
@@ -158,18 +164,18 @@ def run_adaptation(cfg: AdaptationConfig, folder: str | Path, *, source: str = "
     sweep_seeds = [cfg.sweep_seed_base + i for i in range(cfg.sweep_seeds)]
     confirm_seeds = [cfg.confirm_seed_base + i for i in range(cfg.confirm_seeds)]
 
-    def floor(n: int, base: int, reference: np.ndarray) -> dict:
+    def floor(n: int, base: int, reference: np.ndarray) -> tuple[dict, np.ndarray]:
         images, _ = _real(cfg, base, n)
         return _measure(oracle, images, reference, n)
 
     result: dict = {"settings": cfg.to_dict(), "floor": {
-        "sweep": _cell(folder / "cells" / "floor_sweep.json", lambda: floor(cfg.sweep_seeds, 700_000, sweep_ref)),
-        "confirm": _cell(folder / "cells" / "floor_confirm.json",
+        "sweep": _cell(folder / "cells" / "floor_sweep.json", sweep_ref, lambda: floor(cfg.sweep_seeds, 700_000, sweep_ref)),
+        "confirm": _cell(folder / "cells" / "floor_confirm.json", confirm_ref,
                          lambda: floor(cfg.confirm_seeds, 800_000, confirm_ref))}}
     base = load(source)
-    result["base"] = {"sweep": _cell(folder / "cells" / "base_sweep.json", lambda: _measure(
+    result["base"] = {"sweep": _cell(folder / "cells" / "base_sweep.json", sweep_ref, lambda: _measure(
         oracle, _generated(base, cfg, 0.0, "every", sweep_seeds), sweep_ref, cfg.sweep_seeds)),
-        "confirm": _cell(folder / "cells" / "base_confirm.json", lambda: _measure(
+        "confirm": _cell(folder / "cells" / "base_confirm.json", confirm_ref, lambda: _measure(
             oracle, _generated(base, cfg, 0.0, "every", confirm_seeds), confirm_ref, cfg.confirm_seeds))}
     data = world_split("shifted", per_class=cfg.per_class, seed_base=cfg.train_seed_base, counts=cfg.counts)
     result["adapters"], confirmed = [], {}
@@ -187,7 +193,7 @@ def run_adaptation(cfg: AdaptationConfig, folder: str | Path, *, source: str = "
                 for delta in cfg.deltas:
                     if delta == 0 and form != cfg.forms[0]:
                         continue  # delta = 0 is the same run in every form
-                    cell = _cell(folder / "cells" / f"{name}_{form}_{delta:g}.json", lambda: _measure(
+                    cell = _cell(folder / "cells" / f"{name}_{form}_{delta:g}.json", sweep_ref, lambda: _measure(
                         oracle, _generated(lens, cfg, delta, form, sweep_seeds), sweep_ref, cfg.sweep_seeds))
                     sweep.append({"form": form, "delta": delta, **cell})
                     log(f"  {form} delta {delta:+g}: Frechet {cell['frechet']['value']:.2f}, "
@@ -195,7 +201,7 @@ def run_adaptation(cfg: AdaptationConfig, folder: str | Path, *, source: str = "
             best = min(sweep, key=lambda c: c["frechet"]["value"])
             picks = {"picked": (best["form"], best["delta"]), "no_drift": (cfg.forms[0], 0.0)}
             paths = {k: cells / f"{name}_confirm_{form}_{delta:g}.json" for k, (form, delta) in picks.items()}
-            confirm = {k: _cell(paths[k], lambda fd=picks[k]: _measure(
+            confirm = {k: _cell(paths[k], confirm_ref, lambda fd=picks[k]: _measure(
                 oracle, _generated(lens, cfg, fd[1], fd[0], confirm_seeds), confirm_ref, cfg.confirm_seeds))
                 for k in picks}
             entry = {"name": name, "scheme": scheme, "train_drift": train_drift, "train_seconds": train_seconds,
