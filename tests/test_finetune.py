@@ -175,9 +175,11 @@ def test_the_command_line_fine_tunes_a_pipeline_folder(tiny_pipeline, data, tmp_
     tiny_pipeline.save_pretrained(tmp_path / "model")
     write_image_folder(tmp_path / "data", data.images, data.texts)
     args = ["finetune", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "data"), "--out",
-            str(tmp_path / "adapter"), "--steps", "2", "--batch-size", "2", "--drift", "0.1", "--quiet"]
+            str(tmp_path / "adapter"), "--steps", "2", "--batch-size", "2", "--drift", "0.1", "--quiet",
+            "--validation", str(tmp_path / "data"), "--validate-every", "1"]
     assert main(args) == 0
-    assert "LatentDrift(0.1)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "LatentDrift(0.1)" in printed and "held-out loss" in printed
     assert read_record(tmp_path / "adapter")["config"]["steps"] == 2
     assert main(["finetune", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "nowhere"), "--out",
                  str(tmp_path / "b"), "--quiet"]) == 2
@@ -192,3 +194,19 @@ def test_the_world_writes_its_shifted_split_as_training_data(tmp_path):
     assert len(rows) == 2 * len(LABELS) - 1
     assert sum(r["text"] == "An endoscopic image of esophagitis" for r in rows) == 1
     assert main(["world", "data", "--out", str(tmp_path / "w2"), "--count", "esophagitis"]) == 2
+
+
+def test_validation_records_the_held_out_loss_and_changes_no_weight(tiny_lens, data, tmp_path):
+    from safetensors.torch import load_file
+
+    held = TrainingImages.from_arrays(data.images[::-1].copy(), data.texts[::-1], "held out")
+    plain = finetune(tiny_lens, data, tmp_path / "plain", **FAST)
+    watched = finetune(tiny_lens, data, tmp_path / "watched", validation=held, validate_every=2, **FAST)
+    curve = read_record(watched)["validation"]
+    assert [step for step, _ in curve] == [0, 2, 4, 6] and all(np.isfinite(v) for _, v in curve)
+    assert read_record(plain)["validation"] == []
+    a, b = load_file(plain / "adapter_model.safetensors"), load_file(watched / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # its draws are its own: training is unchanged
+    assert len({v for _, v in curve}) > 1  # the held-out loss moves as the adapter trains
+    with pytest.raises(FileExistsError, match="other settings or data"):  # other validation data: another run
+        finetune(tiny_lens, data, watched, validation=data, validate_every=2, **FAST)

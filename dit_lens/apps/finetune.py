@@ -24,6 +24,7 @@ _HELP = {
     "text_encoder": "also adapt the text encoder", "seed": "seeds the initialisation and every draw",
     "caption_dropout": "share of captions dropped for guidance", "warmup": "linear warm-up steps",
     "checkpoint_every": "steps between checkpoints (a killed run resumes from the last)",
+    "validate_every": "steps between held-out loss measurements (with --validation)",
     "mixed_precision": "bf16 or fp16 (fp16 on CUDA only)",
 }
 
@@ -31,6 +32,7 @@ _HELP = {
 def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="imagefolder: images + metadata.jsonl (file_name, text)")
     p.add_argument("--out", required=True, help="the adapter folder to write (new, or a run to resume)")
+    p.add_argument("--validation", default=None, help="held-out imagefolder: its loss is recorded as training goes")
     p.add_argument("--model", default="embedded", help="pipeline folder to fine-tune (default: the embedded world)")
     p.add_argument("--lora", default=None, help="an adapter merged into the model before fine-tuning")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
@@ -44,7 +46,8 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
         elif f.name == "mixed_precision":
             p.add_argument(flag, default=None, choices=("bf16", "fp16"), help=_HELP[f.name])
         else:
-            kind = int if f.name in ("rank", "steps", "batch_size", "seed", "warmup", "checkpoint_every") else float
+            kind = int if f.name in ("rank", "steps", "batch_size", "seed", "warmup", "checkpoint_every",
+                                     "validate_every") else float
             default = "" if f.default is None else f" (default: {f.default})"
             p.add_argument(flag, type=kind, default=f.default, help=_HELP[f.name] + default)
 
@@ -55,10 +58,15 @@ def run_finetune(args: argparse.Namespace) -> int:
 
     lens = load(args.model, lora=args.lora, device=args.device)
     settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)}
-    out = finetune(lens, args.data, args.out, device=args.device, progress=not args.quiet, **settings)
+    out = finetune(lens, args.data, args.out, validation=args.validation, device=args.device,
+                   progress=not args.quiet, **settings)
     record = read_record(out)
     print(f"wrote {out} ({record['steps_done']} steps, {record['train_seconds']:.0f} s of training, "
           f"data {record['data']['digest'][:12]}, {record['data']['images']} images)")
+    if record["validation"]:
+        best = min(record["validation"], key=lambda v: v[1])
+        print(f"held-out loss {record['validation'][0][1]:.4f} at the start, {record['validation'][-1][1]:.4f} at the "
+              f"end, lowest {best[1]:.4f} at step {best[0]}")
     print(f"use it: {record['load']}" + (f", sampling with {record['sample_with']}" if record["sample_with"] else ""))
     return 0
 

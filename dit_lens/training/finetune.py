@@ -72,6 +72,7 @@ class FinetuneConfig:
         caption_dropout: Share of captions replaced by the empty prompt, so guidance keeps working.
         warmup: Linear warm-up steps.
         checkpoint_every: Steps between checkpoints.
+        validate_every: Steps between measurements of the loss on the validation images, when given.
         mixed_precision: ``None``, ``"bf16"`` or ``"fp16"`` (autocast of the forward pass; fp16 with a
             gradient scaler, on CUDA only).
     """
@@ -87,12 +88,14 @@ class FinetuneConfig:
     caption_dropout: float = 0.1
     warmup: int = 20
     checkpoint_every: int = 100
+    validate_every: int = 50
     mixed_precision: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {list(METHODS)}, got {self.method!r}")
-        for name, low in (("rank", 1), ("steps", 1), ("batch_size", 1), ("warmup", 0), ("checkpoint_every", 1)):
+        for name, low in (("rank", 1), ("steps", 1), ("batch_size", 1), ("warmup", 0), ("checkpoint_every", 1),
+                          ("validate_every", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")
@@ -130,7 +133,8 @@ def read_record(folder: str | Path) -> dict:
 def finetune(lens: Any, data: TrainingImages | str | Path, out: str | Path, *, method: str = "lora", rank: int = 8,
              steps: int = 600, lr: float | None = None, batch_size: int = 8, drift: float = 0.0,
              text_encoder: bool = False, seed: int = 0, caption_dropout: float = 0.1, warmup: int = 20,
-             checkpoint_every: int = 100, device: str | None = None, mixed_precision: str | None = None,
+             checkpoint_every: int = 100, validation: TrainingImages | str | Path | None = None,
+             validate_every: int = 50, device: str | None = None, mixed_precision: str | None = None,
              progress: bool = True) -> Path:
     """Fine-tune the denoiser of `lens` on `data` and write the adapter (or weights) to `out`.
 
@@ -140,10 +144,13 @@ def finetune(lens: Any, data: TrainingImages | str | Path, out: str | Path, *, m
             ``text``), resized to the lens's image size.
         out: The folder to write; it must be new or empty, or hold an unfinished run of the same
             settings and data (which is resumed) or a finished one (returned as it is).
+        validation: Held-out images (as `data`): their loss, on the same draws of noise and timesteps
+            each time, is measured before training and every `validate_every` steps and recorded
+            (``finetune.json``: ``validation``), to see where training starts to overfit.
         device: Where to train (default: the lens's device).
         progress: Show a progress bar with the loss.
         method, rank, steps, lr, batch_size, drift, text_encoder, seed, caption_dropout, warmup,
-        checkpoint_every, mixed_precision: As `FinetuneConfig`.
+        checkpoint_every, validate_every, mixed_precision: As `FinetuneConfig`.
 
     Returns:
         `out`, to pass as ``dit_lens.load(..., lora=out)``.
@@ -153,15 +160,14 @@ def finetune(lens: Any, data: TrainingImages | str | Path, out: str | Path, *, m
     """
     cfg = FinetuneConfig(method=method, rank=rank, steps=steps, lr=lr, batch_size=batch_size, drift=drift,
                          text_encoder=text_encoder, seed=seed, caption_dropout=caption_dropout, warmup=warmup,
-                         checkpoint_every=checkpoint_every, mixed_precision=mixed_precision)
+                         checkpoint_every=checkpoint_every, validate_every=validate_every,
+                         mixed_precision=mixed_precision)
     side = int(lens.pipeline_kwargs["height"])
-    if not isinstance(data, TrainingImages):
-        data = read_image_folder(data, size=side)
-    if data.images.shape[1:3] != (side, side):
-        raise ValueError(f"the training images are {data.images.shape[1]}x{data.images.shape[2]} px but the model "
-                         f"makes {side}x{side}; read them with read_image_folder(path, size={side})")
+    data = _images(data, side, "training")
+    validation = None if validation is None else _images(validation, side, "validation")
     out = Path(out)
-    identity = {"config": cfg.to_dict(), "data": data.digest, "base": _base(lens)}
+    identity = {"config": cfg.to_dict(), "data": data.digest, "base": _base(lens),
+                "validation": validation.digest if validation is not None else None}
     state = _claim(out, identity)
     if state == "finished":
         return out
@@ -169,18 +175,29 @@ def finetune(lens: Any, data: TrainingImages | str | Path, out: str | Path, *, m
     if cfg.mixed_precision == "fp16" and dev.type != "cuda":
         raise ValueError("mixed_precision='fp16' needs a CUDA device; use 'bf16' (or None) on CPU")
     start = time.perf_counter()
-    trainer = _Trainer(lens, data, cfg, dev)
+    trainer = _Trainer(lens, data, cfg, dev, validation=validation)
     trainer.run(out, identity, progress=progress)
     trainer.save(out)
-    record = {**identity, "data": data.summary(), "drift": cfg.drift, "steps_done": cfg.steps,
+    record = {**{k: v for k, v in identity.items() if k != "validation"}, "validation_data": identity["validation"],
+              "data": data.summary(), "drift": cfg.drift, "steps_done": cfg.steps,
               "train_seconds": round(trainer.elapsed, 1), "seconds_this_call": round(time.perf_counter() - start, 1),
               "device": str(dev), "torch": torch.__version__, "losses": trainer.curve(),
+              "validation": trainer.validation_curve,
               "load": f"dit_lens.load({identity['base']['source']!r}, lora={str(out)!r})",
               "sample_with": f"dit_lens.LatentDrift({cfg.drift})" if cfg.drift else None}
     (out / (RECORD + ".tmp")).write_text(json.dumps(record, indent=1))
     os.replace(out / (RECORD + ".tmp"), out / RECORD)  # the record last: it marks the run finished
     (out / CHECKPOINT).unlink(missing_ok=True)
     return out
+
+
+def _images(data: TrainingImages | str | Path, side: int, what: str) -> TrainingImages:
+    if not isinstance(data, TrainingImages):
+        data = read_image_folder(data, size=side)
+    if data.images.shape[1:3] != (side, side):
+        raise ValueError(f"the {what} images are {data.images.shape[1]}x{data.images.shape[2]} px but the model "
+                         f"makes {side}x{side}; read them with read_image_folder(path, size={side})")
+    return data
 
 
 def _base(lens: Any) -> dict:
@@ -194,7 +211,8 @@ def _claim(out: Path, identity: dict) -> str:
     """``"new"``, ``"resume"`` or ``"finished"``; refuses a folder holding anything else."""
     if (out / RECORD).is_file():
         record = json.loads((out / RECORD).read_text())
-        if {k: record.get(k) for k in ("config", "base")} == {k: identity[k] for k in ("config", "base")} and \
+        if {k: record.get(k) for k in ("config", "base", "validation_data")} == \
+                {"config": identity["config"], "base": identity["base"], "validation_data": identity["validation"]} and \
                 record.get("data", {}).get("digest") == identity["data"]:
             return "finished"
         raise FileExistsError(f"{out} holds a finished fine-tune with other settings or data; pick a new folder")
@@ -213,7 +231,8 @@ def _claim(out: Path, identity: dict) -> str:
 class _Trainer:
     """The trainable copies, the encoded data and the loop."""
 
-    def __init__(self, lens: Any, data: TrainingImages, cfg: FinetuneConfig, device: torch.device) -> None:
+    def __init__(self, lens: Any, data: TrainingImages, cfg: FinetuneConfig, device: torch.device, *,
+                 validation: TrainingImages | None = None) -> None:
         from diffusers import DDPMScheduler
 
         self.cfg, self.device, self.lens = cfg, device, lens
@@ -235,14 +254,21 @@ class _Trainer:
         self.noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
         self.channels = int(self.transformer.config.in_channels)
         self.scale = float(pipe.vae.config.scaling_factor)
-        self.mean, self.std = encode_images(pipe.vae, data.images, device)  # (N, C, h, w) each
-        self.table = [""] + sorted(set(data.texts))  # row 0: the empty prompt, for caption dropout
-        self.text_of = torch.tensor([self.table.index(t) for t in data.texts])  # (N,)
+        texts = set(data.texts) | (set(validation.texts) if validation is not None else set())
+        self.table = [""] + sorted(texts)  # row 0: the empty prompt, for caption dropout
+        self.train_set = self._set(pipe, data)
+        self.validation_set = self._set(pipe, validation) if validation is not None else None
+        self.validation_curve: list[list[float]] = []
         self.tokens = tokenize(pipe.tokenizer, self.table, device)
         self.frozen_text = None if cfg.text_encoder else self._encode_text(torch.arange(len(self.table)))
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step, self.losses, self.elapsed = 0, [], 0.0
-        self.extra = added_conditions(self.transformer, self.mean.shape[-1] * pipe.vae_scale_factor)
+        self.extra = added_conditions(self.transformer, self.train_set[0].shape[-1] * pipe.vae_scale_factor)
+
+    def _set(self, pipe: Any, data: TrainingImages) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Posterior mean and std ``(N, C, h, w)`` of the images, and each one's caption row ``(N,)``."""
+        mean, std = encode_images(pipe.vae, data.images, self.device)
+        return mean, std, torch.tensor([self.table.index(t) for t in data.texts])
 
     def _adapt(self, transformer: Any, text_encoder: Any, family: Any) -> tuple[Any, Any]:
         from peft import LoraConfig, get_peft_model
@@ -270,18 +296,33 @@ class _Trainer:
             hidden = self.text_encoder(ids.to(where), attention_mask=mask.to(where))[0]  # (b, seq, D)
         return hidden.to(self.device), mask  # (b, seq, D), (b, seq)
 
-    def _draw(self, shape: tuple, kind: str = "normal") -> torch.Tensor:
+    def _draw(self, shape: tuple, kind: str = "normal", *, gen: torch.Generator) -> torch.Tensor:
         draw = torch.randn if kind == "normal" else torch.rand
-        return draw(shape, generator=self.gen).to(self.device)
+        return draw(shape, generator=gen).to(self.device)
 
-    def loss(self) -> torch.Tensor:
-        cfg, n = self.cfg, len(self.mean)
-        idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=self.gen)
+    def validate(self, batches: int = 16) -> None:
+        """Record the mean loss on the validation images at this step: the same draws every time (a
+        generator seeded anew), captions kept, no gradients."""
+        if self.validation_set is None:
+            return
+        gen = torch.Generator().manual_seed(self.cfg.seed + 1)
+        with torch.no_grad():
+            value = sum(float(self.loss(self.validation_set, gen, dropout=0.0)) for _ in range(batches)) / batches
+        self.validation_curve.append([self.step, round(value, 6)])
+
+    def loss(self, images: tuple | None = None, gen: torch.Generator | None = None,
+             dropout: float | None = None) -> torch.Tensor:
+        """The loss of one batch drawn from `images` (default: the training set) with `gen`."""
+        cfg = self.cfg
+        mean, std, text_of = images if images is not None else self.train_set
+        gen = gen if gen is not None else self.gen
+        idx = torch.randint(0, len(mean), (min(cfg.batch_size, len(mean)),), generator=gen)
         b = len(idx)
-        x0 = (self.mean[idx] + self.std[idx] * self._draw(self.mean[idx].shape)) * self.scale
-        text = torch.where(self._draw((b,), "uniform").cpu() < cfg.caption_dropout, 0, self.text_of[idx])
-        eps = self._draw(x0.shape)
-        t = torch.randint(0, self.noise_sched.config.num_train_timesteps, (b,), generator=self.gen).to(self.device)
+        x0 = (mean[idx] + std[idx] * self._draw(mean[idx].shape, gen=gen)) * self.scale
+        dropout = cfg.caption_dropout if dropout is None else dropout
+        text = torch.where(self._draw((b,), "uniform", gen=gen).cpu() < dropout, 0, text_of[idx])
+        eps = self._draw(x0.shape, gen=gen)
+        t = torch.randint(0, self.noise_sched.config.num_train_timesteps, (b,), generator=gen).to(self.device)
         noisy, target = drifted_training_pair(self.noise_sched, x0, eps, t, cfg.drift)
         if self.frozen_text is not None:
             hidden, mask = self.frozen_text[0][text], self.frozen_text[1][text]
@@ -302,6 +343,8 @@ class _Trainer:
         params = list(self.params.values())
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"finetune {cfg.method}", unit="step", disable=not progress)
         clock, running = time.perf_counter(), None
+        if self.step == 0:
+            self.validate()
         while self.step < cfg.steps:
             for group in self.opt.param_groups:
                 group["lr"] = cfg.lr * min(1.0, (self.step + 1) / max(1, cfg.warmup))
@@ -323,7 +366,10 @@ class _Trainer:
             self.losses.append(float(loss.item()))
             running = self.losses[-1] if running is None else 0.95 * running + 0.05 * self.losses[-1]
             bar.update(1)
-            bar.set_postfix(loss=f"{running:.4f}")
+            if self.step % cfg.validate_every == 0 or self.step == cfg.steps:
+                self.validate()
+            bar.set_postfix(loss=f"{running:.4f}", **({"held_out": f"{self.validation_curve[-1][1]:.4f}"}
+                                                       if self.validation_curve else {}))
             if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                 self.elapsed += time.perf_counter() - clock
                 clock = time.perf_counter()
@@ -333,6 +379,7 @@ class _Trainer:
 
     def _checkpoint(self, path: Path, identity: dict) -> None:
         state = {"identity": identity, "step": self.step, "losses": self.losses, "seconds": self.elapsed,
+                 "validation": self.validation_curve,
                  "params": {k: p.detach().cpu() for k, p in self.params.items()},
                  "optimizer": self.opt.state_dict(), "generator": self.gen.get_state()}
         torch.save(state, path.with_suffix(".tmp"))
@@ -346,6 +393,7 @@ class _Trainer:
         self.opt.load_state_dict(state["optimizer"])
         self.gen.set_state(state["generator"])
         self.step, self.losses, self.elapsed = state["step"], list(state["losses"]), state["seconds"]
+        self.validation_curve = [list(v) for v in state["validation"]]
 
     def curve(self, points: int = 50) -> list[list[float]]:
         """The loss averaged over `points` equal stretches of the run: ``[[last step, mean loss], ...]``."""
