@@ -44,7 +44,8 @@ import torch.nn.functional as F
 
 from ..model.lens import peft_quietly
 from ..validate import is_real
-from .data import TrainingImages, read_image_folder
+from .data import TrainingImages
+from .folder import RECORD, CHECKPOINT, base_model, claim_folder, read_record, training_images
 from .inputs import added_conditions, drifted_training_pair, encode_images, tokenize
 
 __all__ = ["FinetuneConfig", "finetune", "read_record", "METHODS", "TEXT_ENCODER_TARGETS"]
@@ -52,7 +53,6 @@ __all__ = ["FinetuneConfig", "finetune", "read_record", "METHODS", "TEXT_ENCODER
 METHODS = ("lora", "attn2", "full")
 #: The text encoder layers a LoRA adapts (T5: attention q, k, v, o and feed-forward wi, wo).
 TEXT_ENCODER_TARGETS = r".*\.(q|k|v|o|wi|wi_0|wi_1|wo)"
-RECORD, CHECKPOINT = "finetune.json", "checkpoint.pt"
 DEFAULT_LR = {"lora": 1e-3, "attn2": 1e-3, "full": 1e-4}
 
 
@@ -122,14 +122,6 @@ class FinetuneConfig:
         return asdict(self)
 
 
-def read_record(folder: str | Path) -> dict:
-    """The ``finetune.json`` of a fine-tune's folder."""
-    path = Path(folder) / RECORD
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder} holds no {RECORD}: it is not a finished dit-lens fine-tune")
-    return json.loads(path.read_text())
-
-
 def finetune(lens: Any, data: TrainingImages | str | Path, out: str | Path, *, method: str = "lora", rank: int = 8,
              steps: int = 600, lr: float | None = None, batch_size: int = 8, drift: float = 0.0,
              text_encoder: bool = False, seed: int = 0, caption_dropout: float = 0.1, warmup: int = 20,
@@ -163,12 +155,12 @@ def finetune(lens: Any, data: TrainingImages | str | Path, out: str | Path, *, m
                          checkpoint_every=checkpoint_every, validate_every=validate_every,
                          mixed_precision=mixed_precision)
     side = int(lens.pipeline_kwargs["height"])
-    data = _images(data, side, "training")
-    validation = None if validation is None else _images(validation, side, "validation")
+    data = training_images(data, side, "training")
+    validation = None if validation is None else training_images(validation, side, "validation")
     out = Path(out)
-    identity = {"config": cfg.to_dict(), "data": data.digest, "base": _base(lens),
+    identity = {"config": cfg.to_dict(), "data": data.digest, "base": base_model(lens),
                 "validation": validation.digest if validation is not None else None}
-    state = _claim(out, identity)
+    state = claim_folder(out, identity)
     if state == "finished":
         return out
     dev = torch.device(device) if device is not None else lens.pipeline.transformer.device
@@ -189,43 +181,6 @@ def finetune(lens: Any, data: TrainingImages | str | Path, out: str | Path, *, m
     os.replace(out / (RECORD + ".tmp"), out / RECORD)  # the record last: it marks the run finished
     (out / CHECKPOINT).unlink(missing_ok=True)
     return out
-
-
-def _images(data: TrainingImages | str | Path, side: int, what: str) -> TrainingImages:
-    if not isinstance(data, TrainingImages):
-        data = read_image_folder(data, size=side)
-    if data.images.shape[1:3] != (side, side):
-        raise ValueError(f"the {what} images are {data.images.shape[1]}x{data.images.shape[2]} px but the model "
-                         f"makes {side}x{side}; read them with read_image_folder(path, size={side})")
-    return data
-
-
-def _base(lens: Any) -> dict:
-    """The base model a fine-tune starts from (a resumed run must start from the same one)."""
-    prov = lens.provenance()
-    return {"source": str(lens.source), "fingerprint": prov["model_fingerprint"], "lora": prov["lora"],
-            "dit_lens": prov["dit_lens_version"]}
-
-
-def _claim(out: Path, identity: dict) -> str:
-    """``"new"``, ``"resume"`` or ``"finished"``; refuses a folder holding anything else."""
-    if (out / RECORD).is_file():
-        record = json.loads((out / RECORD).read_text())
-        if {k: record.get(k) for k in ("config", "base", "validation_data")} == \
-                {"config": identity["config"], "base": identity["base"], "validation_data": identity["validation"]} and \
-                record.get("data", {}).get("digest") == identity["data"]:
-            return "finished"
-        raise FileExistsError(f"{out} holds a finished fine-tune with other settings or data; pick a new folder")
-    if (out / CHECKPOINT).is_file():
-        meta = torch.load(out / CHECKPOINT, weights_only=False, map_location="cpu")["identity"]
-        if meta != identity:
-            raise FileExistsError(f"{out} holds an unfinished fine-tune with other settings or data; resume it with "
-                                  f"those settings, or pick a new folder")
-        return "resume"
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not an empty folder; fine-tune into a new folder")
-    out.mkdir(parents=True, exist_ok=True)
-    return "new"
 
 
 class _Trainer:
