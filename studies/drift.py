@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from dit_lens.world.adaptation import FORMS, AdaptationConfig, run_adaptation
+from dit_lens.world.data import parse_counts
 
 QUICK = dict(schemes=("lora",), train_drifts=(0.0, 0.1), deltas=(0.0, 0.1), steps=40, sweep_seeds=2,
              confirm_seeds=2, held_out=8, per_class=4)
@@ -45,12 +46,10 @@ def parse(argv=None) -> tuple[AdaptationConfig, Path, bool]:
         given = getattr(args, f.name, None)
         if given is not None:
             values[f.name] = tuple(given) if isinstance(given, list) else given
-    counts = {}
-    for item in args.count:
-        label, sep, n = item.rpartition("=")
-        if not sep or not n.isdigit():
-            p.error(f"--count takes LABEL=N such as esophagitis=3, got {item!r}")
-        counts[label] = int(n)
+    try:
+        counts = parse_counts(args.count)
+    except ValueError as err:
+        p.error(str(err))
     cfg = AdaptationConfig(**values, counts=counts)
     digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
     return cfg, Path(args.out or Path("cache") / "studies" / f"drift-{digest}"), args.quick

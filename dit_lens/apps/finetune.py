@@ -81,14 +81,9 @@ def add_world_data_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_world_data(args: argparse.Namespace) -> int:
-    from ..world.data import write_world_split
+    from ..world.data import parse_counts, write_world_split
 
-    counts = {}
-    for item in args.count:
-        label, sep, n = item.rpartition("=")
-        if not sep or not n.isdigit():
-            raise ValueError(f"--count takes LABEL=N such as esophagitis=3, got {item!r}")
-        counts[label] = int(n)
+    counts = parse_counts(args.count)
     out = write_world_split(args.out, split=args.split, per_class=args.per_class, seed_base=args.seed_base,
                             counts=counts)
     meta = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]

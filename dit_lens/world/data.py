@@ -18,7 +18,18 @@ from typing import Mapping, Sequence
 from ..training.data import TrainingImages, write_image_folder
 from .procedural import LABELS, SPLITS, caption, render
 
-__all__ = ["world_split", "write_world_split"]
+__all__ = ["parse_counts", "world_split", "write_world_split"]
+
+
+def parse_counts(items: Sequence[str]) -> dict[str, int]:
+    """``["esophagitis=3", ...]`` (a ``--count`` flag) as ``{"esophagitis": 3}``."""
+    counts = {}
+    for item in items:
+        label, sep, n = str(item).rpartition("=")
+        if not sep or not n.isdigit():
+            raise ValueError(f"--count takes LABEL=N such as esophagitis=3, got {item!r}")
+        counts[label] = int(n)
+    return counts
 
 
 def world_split(split: str = "shifted", *, per_class: int = 20, seed_base: int = 0,
