@@ -17,7 +17,7 @@ from .interventions.base import from_dict as intervention_from_dict
 from .interventions.blend import Blend, blend_latents
 from .interventions.drift import LatentDrift
 from .interventions.inject import Inject
-from .interventions.noise import OptimizedNoise, class_probability, optimize_noise
+from .interventions.noise import OptimizedNoise, attention_concentration, class_probability, optimize_noise
 from .interventions.region import Confine, Region
 from .interventions.regulate import AttentionRegulation, EnergyGuidance, GateSelfAttention, RegionReweight
 from .trace.capture import CaptureSettings, capture
@@ -58,6 +58,7 @@ __all__ = [
     "GateSelfAttention",
     "Inject",
     "OptimizedNoise",
+    "attention_concentration",
     "class_probability",
     "optimize_noise",
     "Region",

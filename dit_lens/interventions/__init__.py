@@ -10,7 +10,8 @@ pairs.
 - `region`: `Region` masks (image or token grid, shared or per seed) and `Confine`, which keeps the
   original outside a region;
 - `noise`: `optimize_noise`, initial-noise optimisation for an objective of the generated image
-  (`class_probability`), and `OptimizedNoise`, the latent edit that starts the edited branch from it;
+  (`class_probability`) or of the prompted words' attention (`attention_concentration`, both in
+  `noise_objectives`), and `OptimizedNoise`, the latent edit that starts the edited branch from it;
 - `regulate`: `AttentionRegulation`, mask-guided attention regulation, and its modules;
 - `guide`: how a run makes the differentiable denoiser calls a `Guidance` edit needs;
 - `generate`: pairs from one batched pass, and the re-prompting baseline laid out the same way.
@@ -20,11 +21,13 @@ from .base import Composite, EditContext, Guidance, Intervention, LatentEdit, Re
 from .blend import Blend
 from .drift import LatentDrift
 from .inject import Inject
-from .noise import ClassProbability, OptimizedNoise, class_probability, optimize_noise
+from .noise import (AttentionConcentration, ClassProbability, OptimizedNoise, attention_concentration,
+                    class_probability, optimize_noise)
 from .region import Confine, Region
 from .regulate import AttentionRegulation, EnergyGuidance, GateSelfAttention, RegionReweight
 from .steer import Steer
 
-__all__ = ["AttentionRegulation", "Blend", "ClassProbability", "OptimizedNoise", "class_probability", "optimize_noise", "Composite", "Confine", "EditContext", "EnergyGuidance",
-           "GateSelfAttention", "Guidance", "Inject", "Intervention", "LatentDrift", "LatentEdit", "Region",
-           "RegionReweight", "Reweight", "SiteEdit", "Steer", "from_dict", "register"]
+__all__ = ["AttentionConcentration", "AttentionRegulation", "Blend", "ClassProbability", "Composite", "Confine",
+           "EditContext", "EnergyGuidance", "GateSelfAttention", "Guidance", "Inject", "Intervention", "LatentDrift",
+           "LatentEdit", "OptimizedNoise", "Region", "RegionReweight", "Reweight", "SiteEdit", "Steer",
+           "attention_concentration", "class_probability", "from_dict", "optimize_noise", "register"]

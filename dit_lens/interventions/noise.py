@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import copy
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -53,54 +53,21 @@ import torch
 import torch.utils.checkpoint
 from tqdm.auto import tqdm
 
+from ..trace.attention import exposed_weights
 from ..trace.denoiser import Denoiser
 from ..trace.runner import initial_noise
 from ..validate import NonFiniteError, check_guidance, check_int, check_seeds, check_steps, is_real
+from ..trace.tokens import word_tokens
 from .noise_edit import OptimizedNoise
+from .noise_objectives import (AttentionConcentration, ClassProbability, attention_concentration,
+                               class_probability, frozen)
 
-__all__ = ["ClassProbability", "OptimizedNoise", "class_probability", "optimize_noise"]
+__all__ = ["AttentionConcentration", "ClassProbability", "OptimizedNoise", "attention_concentration",
+           "class_probability", "optimize_noise"]
 
 #: An objective: images ``(N, 3, H, W)`` float in [0, 1] (as `generate` returns them) -> scores ``(N,)``
 #: to maximise, differentiable in torch.
 Objective = Callable[[torch.Tensor], torch.Tensor]
-
-
-@dataclass(frozen=True, eq=False)
-class ClassProbability:
-    """The judge's log-probability (or probability) of `label` for each image: an objective to maximise.
-
-    Log-probability by default: its gradient does not vanish where the probability is near 0, which is
-    where a seed needs it. Images ``(N, 3, H, W)`` in [0, 1] are read as ``Oracle.__call__`` reads them.
-    """
-
-    oracle: Any
-    label: str
-    log: bool = True
-
-    def __post_init__(self) -> None:
-        if not isinstance(getattr(self.oracle, "net", None), torch.nn.Module) or not hasattr(self.oracle, "labels"):
-            raise ValueError(f"class_probability needs a judge with a torch module .net and .labels, such as "
-                             f"dit_lens.load_oracle(); got {type(self.oracle).__name__}")
-        if self.label not in tuple(self.oracle.labels):
-            raise ValueError(f"{self.label!r} is not a class of the oracle; choose one of {list(self.oracle.labels)}")
-        if not isinstance(self.log, bool):
-            raise ValueError(f"class_probability log must be True (log-probability) or False, got {self.log!r}")
-
-    @property
-    def name(self) -> str:
-        judge = getattr(self.oracle, "fingerprint", "")[:12]
-        return f"class_probability({self.label!r}, log={self.log}{f', oracle={judge}' if judge else ''})"
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        with _frozen([self.oracle.net]):  # eval mode, and no graph through the judge's own weights
-            logits = self.oracle.net(images * 2 - 1)  # (N, classes); the oracle reads [-1, 1]
-        scores = torch.log_softmax(logits, dim=1)[:, list(self.oracle.labels).index(self.label)]
-        return scores if self.log else scores.exp()
-
-
-def class_probability(oracle: Any, label: str, *, log: bool = True) -> ClassProbability:
-    """An objective: `oracle`'s log-probability of `label` (its probability with ``log=False``)."""
-    return ClassProbability(oracle, label, log)
 
 
 def optimize_noise(
@@ -127,7 +94,9 @@ def optimize_noise(
         prompt: The prompt the images are generated from.
         seeds: Seeds whose noise ε (`dit_lens.trace.runner.initial_noise`) to start from.
         objective: Images ``(N, 3, H, W)`` float in [0, 1] -> ``(N,)`` scores to maximise, in torch
-            (e.g. `class_probability`); any callable.
+            (e.g. `class_probability`; any callable), or an attention objective
+            (`attention_concentration`), for which the differentiable run stops after the last step it
+            reads (`dit_lens.interventions.noise_objectives`).
         iterations: Gradient steps per seed (0: only measure the objective at ε).
         lr: Angle in radians each step rotates the noise by (0 leaves it).
         max_angle: Largest angle in radians between z and ε (None: no trust region).
@@ -148,9 +117,12 @@ def optimize_noise(
     if not isinstance(prompt, str) or not prompt:
         raise ValueError(f"optimize_noise takes one prompt (a non-empty string), got {prompt!r}")
     seeds = check_seeds(seeds)
-    if not callable(objective):
+    reads = getattr(objective, "reads", "images")
+    if reads not in ("images", "attention") or (reads == "images" and not callable(objective)) or \
+            (reads == "attention" and not callable(getattr(objective, "score", None))):
         raise ValueError(f"objective must be a callable images (N, 3, H, W) in [0, 1] -> scores (N,), such as "
-                         f"class_probability(dit_lens.load_oracle(), 'polyps'); got {type(objective).__name__}")
+                         f"class_probability(dit_lens.load_oracle(), 'polyps'), or an attention objective such as "
+                         f"attention_concentration('polyps'); got {type(objective).__name__}")
     iterations = check_int(iterations, "iterations", minimum=0)
     lr = _angle(lr, "lr", allow_zero=True)
     max_angle = None if max_angle is None else _angle(max_angle, "max_angle")
@@ -169,9 +141,9 @@ def optimize_noise(
     chunks = [seeds[i : i + per_call] for i in range(0, len(seeds), per_call)]
     found: list[dict[str, torch.Tensor]] = []
     modules = [m for m in lens.pipeline.components.values() if isinstance(m, torch.nn.Module)]
-    with _frozen(modules), tqdm(total=len(chunks) * iterations, desc="optimize_noise", unit="it",
-                                      disable=not progress) as bar:
-        sampler = _Sampler(lens, prompt, steps, guidance_scale, checkpoint)
+    with frozen(modules), _reading(lens, objective), tqdm(total=len(chunks) * iterations, desc="optimize_noise",
+                                                         unit="it", disable=not progress) as bar:
+        sampler = _Sampler(lens, prompt, steps, guidance_scale, checkpoint, objective)
         for chunk in chunks:
             found.append(_optimise(sampler, chunk, objective, iterations, lr, max_angle, target, bar))
     part = {k: torch.cat([f[k] for f in found]) for k in found[0]}
@@ -228,7 +200,7 @@ def _evaluate(sampler: "_Sampler", z: torch.Tensor, seeds: list[int], objective:
     """The objective at noise ``z (m, C, h, w)`` as float64 ``(m,)`` on the CPU, and its gradient ``(m, C, h, w)``."""
     z = z.detach().clone().requires_grad_(with_grad)
     with torch.set_grad_enabled(with_grad):
-        score = objective(sampler.images(z, seeds))
+        score = sampler.score(z, seeds)
         if not isinstance(score, torch.Tensor) or tuple(score.shape) != (len(seeds),):
             got = tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
             raise ValueError(f"the objective must return a torch tensor with one score per image, shape "
@@ -273,18 +245,40 @@ def _rotate(z: torch.Tensor, grad: torch.Tensor, eps: torch.Tensor, lr: float,
 
 
 class _Sampler:
-    """The pipeline's denoising loop and decode in plain torch, differentiable in the initial noise."""
+    """The pipeline's denoising loop and decode in plain torch, differentiable in the initial noise; for an
+    attention objective, the loop up to the last step it reads, with the words' cross-attention weights."""
 
-    def __init__(self, lens: Any, prompt: str, steps: int, guidance_scale: float, recompute: bool) -> None:
+    def __init__(self, lens: Any, prompt: str, steps: int, guidance_scale: float, recompute: bool,
+                 objective: Any) -> None:
         pipe = lens.pipeline
         if not hasattr(pipe, "vae") or not hasattr(pipe, "prepare_extra_step_kwargs"):
             raise ValueError(f"optimize_noise needs a PixArt pipeline; {type(pipe).__name__} is not one")
         self.lens, self.pipe, self.steps, self.guidance_scale = lens, pipe, steps, guidance_scale
-        self.recompute = recompute
+        self.recompute, self.objective = recompute, objective
         self.denoiser = Denoiser(lens, [prompt])
+        self.attention = getattr(objective, "reads", "images") == "attention"
+        if self.attention:  # which steps, layers and key tokens the objective reads
+            self.read, self.layers = objective.read_steps(steps), objective.read_layers(lens)
+            found = word_tokens(lens, prompt, list(objective.words))  # refuses a word the prompt lacks
+            self.keys = [torch.tensor(found[word], dtype=torch.long) for word in objective.words]
+
+    def score(self, z: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        """The objective of the runs from noise ``z (m, C, h, w)``."""
+        if not self.attention:
+            return self.objective(self.images(z, seeds))
+        seen: list[torch.Tensor] = []
+        self._loop(z, seeds, seen)
+        weights = torch.stack(seen, 1)  # (m, read steps · layers, queries, words)
+        return self.objective.score(weights, seeds=seeds, grid=tuple(self.lens.token_grid))
 
     def images(self, z: torch.Tensor, seeds: list[int]) -> torch.Tensor:
         """Images ``(m, 3, H, W)`` in [0, 1] generated from noise ``z (m, C, h, w)``, as `generate` makes them."""
+        latents = self._loop(z, seeds, None)
+        decoded = self.pipe.vae.decode(latents / self.pipe.vae.config.scaling_factor, return_dict=False)[0]
+        return (decoded / 2 + 0.5).clamp(0, 1)  # (m, 3, H, W), the image processor's postprocess
+
+    def _loop(self, z: torch.Tensor, seeds: list[int], seen: list[torch.Tensor] | None) -> torch.Tensor:
+        """The final latents; with `seen`, the read steps' weights appended to it and the loop stopped there."""
         scheduler = copy.deepcopy(self.pipe.scheduler)
         scheduler.set_timesteps(self.steps, device=z.device)
         if hasattr(scheduler, "set_begin_index"):
@@ -292,10 +286,15 @@ class _Sampler:
         extra = self.pipe.prepare_extra_step_kwargs([self.lens.generator(s) for s in seeds], 0.0)
         m, guided = z.shape[0], self.guidance_scale > 1
         latents = z * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
+        for i, t in enumerate(scheduler.timesteps):
             model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
             which = [None] * m + [0] * m if guided else [0] * m  # the empty prompt first, as the pipeline does
-            if self.recompute and torch.is_grad_enabled():
+            if seen is not None and i in self.read:  # not recomputed: the weights are kept with their graph
+                with self._hooks(seen, m if guided else 0):
+                    pred = self.denoiser.call(model_input, int(t), which)
+                if i == self.read[-1]:
+                    return latents  # nothing later is read
+            elif self.recompute and torch.is_grad_enabled():
                 pred = torch.utils.checkpoint.checkpoint(self.denoiser.call, model_input, int(t), which,
                                                          use_reentrant=False)
             else:
@@ -305,24 +304,35 @@ class _Sampler:
                 pred = uncond + self.guidance_scale * (cond - uncond)
             out = scheduler.step(pred, t, latents, **extra, return_dict=False)
             latents = out[1] if self.steps == 1 else out[0]  # PixArt takes the denoised sample at one step
-        decoded = self.pipe.vae.decode(latents / self.pipe.vae.config.scaling_factor, return_dict=False)[0]
-        return (decoded / 2 + 0.5).clamp(0, 1)  # (m, 3, H, W), the image processor's postprocess
+        return latents
+
+    @contextmanager
+    def _hooks(self, seen: list[torch.Tensor], first: int) -> Iterator[None]:
+        """Forward hooks on the read layers' weights site that keep each word's map from the conditional
+        rows: weights averaged over heads, summed over the word's tokens, ``(m, queries, words)``."""
+        keys = [k.to(self.lens.device) for k in self.keys]
+
+        def keep(_module: Any, _inputs: Any, weights: torch.Tensor) -> None:  # (rows, heads, queries, keys)
+            heads = weights[first:].mean(1)  # (m, queries, keys)
+            seen.append(torch.stack([heads[..., k].sum(-1) for k in keys], -1))
+
+        site = self.lens.family.cross_attention_site
+        handles = [getattr(self.lens.blocks[layer], site).processor.weights.register_forward_hook(keep)
+                   for layer in self.layers]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
-@contextmanager
-def _frozen(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
-    """`modules` in eval mode with ``requires_grad=False`` inside; every submodule's mode and every flag put back."""
-    modes = [(m, m.training) for module in modules for m in module.modules()]
-    flags = [(p, p.requires_grad) for module in modules for p in module.parameters()]
-    try:
-        for module in modules:
-            module.eval().requires_grad_(False)
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-        for p, flag in flags:
-            p.requires_grad_(flag)
+def _reading(lens: Any, objective: Any):
+    """The context an objective needs for the whole optimisation: dit-lens' attention processor on the
+    layers an attention objective reads (kept through the backward passes; put back after)."""
+    if getattr(objective, "reads", "images") != "attention":
+        return nullcontext()
+    site = lens.family.cross_attention_site
+    return exposed_weights(lens, [(site, layer) for layer in objective.read_layers(lens)])
 
 
 def _angle(value: Any, name: str, allow_zero: bool = False) -> float:
