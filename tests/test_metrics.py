@@ -175,3 +175,15 @@ def test_region_metrics_by_hand():
     del judged.out["region"]
     with pytest.raises(ValueError, match="needs the region"):
         metrics.inserted_inside(judged)
+
+
+def test_proportion_has_a_wilson_interval_that_stays_informative_at_the_ends():
+    from dit_lens.study.metrics import proportion
+
+    all_hit = proportion(np.ones(64, bool))
+    assert (all_hit.value, all_hit.high, all_hit.n) == (1.0, 1.0, 64)
+    assert all_hit.low == pytest.approx(64 / (64 + 1.959964 ** 2), abs=1e-6)  # Wilson at n of n: n / (n + z²)
+    some = proportion([1, 0, 1, 1, float("nan")])
+    assert some.n == 4 and some.value == 0.75 and some.low == pytest.approx(0.3006, abs=1e-4)
+    with pytest.raises(ValueError, match="takes hits"):
+        proportion([0.5, 1.0])
