@@ -4,7 +4,11 @@ drift δ ∈ [−0.2, 0.2] by the Fréchet distance on the oracle's features, as
 measured again on fresh seeds against a second held-out set (`dit_lens.world.adaptation`).
 
     python studies/drift.py [--quick] [--schemes lora] [--train-drifts 0 0.1] [--deltas -0.1 0 0.1]
-        [--forms every initial] [--count esophagitis=3] [--out DIR]
+        [--forms every initial] [--count esophagitis=3] [--out DIR] [--downstream]
+
+With --downstream, a polyp detector is also trained on the shifted split's 20 real images per class plus
+64 per class from the shipped model and from each adapter without and with its picked drift
+(`dit_lens.world.adaptation_downstream`), and tested on held-out shifted images.
 
 Paper (brain MR, SD 1.4, basic fine-tuning): FID 92.1 → 49.7 with drift; best δ 0.05–0.1.
 """
@@ -16,18 +20,21 @@ import json
 import sys
 from pathlib import Path
 
+from dit_lens.interventions.drift import LatentDrift
 from dit_lens.world.adaptation import FORMS, AdaptationConfig, run_adaptation
+from dit_lens.world.adaptation_downstream import AdaptedDownstreamConfig, run_adapted_downstream
 from dit_lens.world.data import parse_counts
 
 QUICK = dict(schemes=("lora",), train_drifts=(0.0, 0.1), deltas=(0.0, 0.1), steps=40, sweep_seeds=2,
              confirm_seeds=2, held_out=8, per_class=4)
 
 
-def parse(argv=None) -> tuple[AdaptationConfig, Path, bool]:
+def parse(argv=None) -> tuple[AdaptationConfig, Path, bool, bool]:
     p = argparse.ArgumentParser(prog="drift", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the small version (a few minutes on CPU)")
     p.add_argument("--out", default=None, help="result folder (default: cache/studies/drift-<hash>)")
     p.add_argument("--count", nargs="+", default=(), metavar="LABEL=N", help="fewer training images of a class")
+    p.add_argument("--downstream", action="store_true", help="also the detector trained on real + generated images")
     for f in dataclasses.fields(AdaptationConfig):
         if f.name == "counts":
             continue
@@ -52,7 +59,7 @@ def parse(argv=None) -> tuple[AdaptationConfig, Path, bool]:
         p.error(str(err))
     cfg = AdaptationConfig(**values, counts=counts)
     digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
-    return cfg, Path(args.out or Path("cache") / "studies" / f"drift-{digest}"), args.quick
+    return cfg, Path(args.out or Path("cache") / "studies" / f"drift-{digest}"), args.quick, args.downstream
 
 
 def report(result: dict) -> None:
@@ -75,10 +82,38 @@ def report(result: dict) -> None:
         print(f"  {name} (as picked) minus plain fine-tuning without drift: {f(diff)} (< 0: drift is closer)")
 
 
+def downstream(result: dict, out: Path, quick: bool) -> dict:
+    """The detector test over the shipped model and each adapter without and with its picked drift."""
+    from dit_lens import load
+
+    cfg = AdaptedDownstreamConfig(**(dict(synthetic_per_class=8, train_seeds=(0, 1), test_per_class=32,
+                                          detector_steps=60) if quick else {}))
+    generators = {"shipped": (load("embedded"), 0.0)}
+    for a in result["adapters"]:
+        lens = load("embedded", lora=out / "adapters" / a["name"])
+        name = a["name"].replace(".", "_")
+        generators[name] = (lens, 0.0)
+        pick = a["picked"]
+        if pick["delta"] != 0:
+            generators[f"{name}_picked"] = (lens, LatentDrift(pick["delta"], steps=(0.0, 1.0) if pick["form"] == "every" else None))
+    found = run_adapted_downstream(generators, cfg, out / "downstream")
+    f = lambda e: f"{e['value']:.3f} [{e['low']:.3f}, {e['high']:.3f}]"
+    n = len(cfg.train_seeds)
+    print(f"Polyp detector on held-out shifted images, AUC over {n} training seeds (real: {cfg.real_per_class} per "
+          f"class; + {cfg.synthetic_per_class} generated per class):")
+    for arm, e in found["arms"].items():
+        gains = "".join(f", minus {k[9:]} {f(e[k])}" for k in ("gain_vs_real", "gain_vs_shipped") if k in e)
+        print(f"  {arm}: {f(e['auc'])}{gains}")
+    return found
+
+
 def main(argv=None) -> int:
-    cfg, out, _ = parse(argv)
+    cfg, out, quick, detector = parse(argv)
     print(f"drift: results in {out}")
-    report(run_adaptation(cfg, out))
+    result = run_adaptation(cfg, out)
+    report(result)
+    if detector:
+        downstream(result, out, quick)
     return 0
 
 
