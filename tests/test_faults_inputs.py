@@ -77,7 +77,7 @@ def test_a_method_names_the_cell_setting_of_a_diverging_run(tiny_lens):
             return vec
 
     context = MethodContext(num_inference_steps=2, vectors=Vecs())
-    with pytest.raises(NonFiniteError, match=r"medsteer on 'polyps → normal cecum' at window=0–1, .*alpha=1e\+30"):
+    with pytest.raises(NonFiniteError, match=r"medsteer on 'polyps -> normal cecum' at window=0-1, .*alpha=1e\+30"):
         get("medsteer").run(tiny_lens, pair, [0], {"alpha": 1e30, "vector_seeds": 1}, context=context)
 
 

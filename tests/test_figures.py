@@ -31,15 +31,23 @@ def test_gate_figure_lays_out_steps_by_layers(pairs, tmp_path):
 
 def test_pairs_figure_and_errors(pairs, tmp_path, tiny_lens):
     fig = pairs_figure(pairs)
-    assert len(fig.axes) == 4 * 3
+    assert len(fig.axes) == 4 * 3 + 1  # 4 pairs × (original, edited, gate), and the gate's colour bar
+    assert fig.axes[-1].get_ylabel() == "gate"
+    height, width = pairs["image"].shape[-3:-1]
+    for ax in fig.axes[:-1]:  # every panel in the image's pixels, the gate stretched over them
+        assert [im.get_extent() for im in ax.get_images()][-1] == [0, width, height, 0]
     fig.savefig(tmp_path / "pairs.png")
+    judged = pairs_figure(pairs, judge=lambda images: np.tile([0.2, 0.8], (len(images), 1)))
+    assert judged.axes[0].get_title() == "original · seed 0\n1 0.80"
     with pytest.raises(ValueError, match="seed 9 is not in the result"):
         gate_figure(pairs, seed=9)
     blended = generate(tiny_lens, ["a polyp"], seeds=[0, 5], steer=Steer(unit_vector(4, 3, 16, seed=0), alpha=3.0),
                        num_inference_steps=4, record_gates=True, blend=0.9, progress=False)
     fig = pairs_figure(blended)
-    assert [ax.get_title() for ax in fig.axes][3] == "blend mask, mean over steps" and len(fig.axes) == 2 * 4
-    assert "latent blending τ=0.9" in fig._suptitle.get_text()
+    assert [ax.get_title() for ax in fig.axes][3] == "blend mask over edited\n(1: edited kept)"
+    assert len(fig.axes) == 2 * 4 + 2  # and two colour bars
+    assert "Blend: threshold=0.9" in fig._suptitle.get_text()
+    assert "MedSteer: α=3 at attn2, all layers, all steps, paper update" in fig._suptitle.get_text()
     plain = generate(tiny_lens, "x", seeds=[0], num_inference_steps=2, progress=False)
     with pytest.raises(ValueError, match="record_gates=True"):
         gate_figure(plain)

@@ -59,6 +59,18 @@ def test_flips_confidence_and_dye():
         metrics.flips(probs, "ulcerative colitis")
 
 
+def test_target_rate_counts_only_the_class_asked_for():
+    red, green, blue = (np.zeros((1, 1, 4, 4, 3)) for _ in range(3))
+    red[..., 0], green[..., 1], blue[..., 2] = 1, 1, 1
+    steered = np.concatenate([green, blue, red], axis=1)  # -> normal, -> dyed (a flip, not the target), unchanged
+    probs = metrics.classify(pairs_dataset(np.concatenate([red] * 3, axis=1), steered), MeanColourOracle())
+    np.testing.assert_array_equal(metrics.flips(probs, "polyps").values, [[1, 1, 0]])
+    np.testing.assert_array_equal(metrics.target_rate(probs, "normal cecum").values, [[1, 0, 0]])
+    np.testing.assert_array_equal(metrics.target_rate(probs, "polyps", branch="original").values, [[1, 1, 1]])
+    with pytest.raises(ValueError, match="not one of the classifier's labels"):
+        metrics.target_rate(probs, "esophagitis")
+
+
 def test_background_metrics_ignore_the_lesion():
     rng = np.random.default_rng(1)
     base = rng.uniform(size=(1, 2, 32, 32, 3))

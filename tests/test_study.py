@@ -67,10 +67,10 @@ def test_a_step_window_steers_only_those_steps(tiny_lens, tmp_path):
     late = [c for c in runner.cells() if c["steps"] == (0.5, 1.0)][0]
     assert medsteer_steer(tiny_lens, ONE, late, runner.context()).steps == (2, 3)
     result = run_study(s, tiny_lens, oracle=BrightnessOracle(), segmenter=red_segmenter, out=tmp_path, progress=False)
-    assert list(result["steps"].values) == ["0–1", "0.5–1"]
+    assert list(result["steps"].values) == ["0-1", "0.5-1"]
     ssim = result["bg_ssim"].squeeze()
     assert np.isfinite(ssim).all() and not np.allclose(ssim.values[0], ssim.values[1])
-    assert json.loads(result.attrs["steps_resolved"]) == {"0–1": "all", "0.5–1": [2, 3]}
+    assert json.loads(result.attrs["steps_resolved"]) == {"0-1": "all", "0.5-1": [2, 3]}
 
 
 def test_a_blend_axis_blends_its_cells_and_keeps_unblended_cell_names(tiny_lens, tmp_path):
@@ -96,7 +96,7 @@ def test_a_blend_axis_blends_its_cells_and_keeps_unblended_cell_names(tiny_lens,
 
     fig = study_figure(result)
     assert [(ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) for ax in fig.axes] == [
-        ("flip_rate", "bg_ssim", "polyps → normal cecum")]
+        ("flip_rate", "bg_ssim", "polyps -> normal cecum")]
     # the picked setting's gate explorer and pairs figure, blending included
     from dit_lens.study.cells import CellRunner
 
@@ -165,6 +165,8 @@ def test_run_study_grid_result_and_resume(tiny_lens, study, tmp_path, monkeypatc
     zero = steered.sel(alpha=0.0)
     assert float(zero["flip_rate"].max()) == 0.0 and float(zero["bg_ssim"].min()) == pytest.approx(1.0)
     assert int(result["flip_rate_n"].max()) == 3
+    # with a two-class judge, read as the target is exactly no longer read as the source
+    np.testing.assert_array_equal(result["target_rate"].values, result["flip_rate"].values)
     assert float(steered["vector_cosine_to_largest"].sel(vector_seeds=3).min()) == pytest.approx(1.0, abs=1e-5)
     # the baseline fills its row whatever the steering settings
     rep = result.sel({"method": "reprompt"})["bg_ssim"].values

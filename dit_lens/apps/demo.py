@@ -26,6 +26,7 @@ from ..readouts.attention_maps import attention_maps
 from ..trace.tokens import word_tokens
 from ..views.attention import attention_figure
 from ..views.explorer import write_explorer
+from ..views.describe import describe_result
 from ..views.figures import gate_figure, pairs_figure
 from ..interventions.generate import generate
 from ..model.lens import load
@@ -56,11 +57,16 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="cache/demo",
                    help="output folder, new or empty or an earlier demo's (default: cache/demo)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo's results in --out")
-    p.add_argument("--source", default=DEFAULT_SOURCE, help="label of the concept to remove")
-    p.add_argument("--target", default=DEFAULT_TARGET, help="label of the counterfactual")
-    p.add_argument("--positive", nargs="+", help="prompts with the concept (default: contexts × source)")
-    p.add_argument("--negative", nargs="+", help="prompts without it (default: contexts × target)")
-    p.add_argument("--prompt", default=None, help="generation prompt (default: 'An endoscopic image of SOURCE')")
+    p.add_argument("--source", default=None,
+                   help=f"class of the concept to remove (default: the classifier's class named in every --positive "
+                        f"prompt, or {DEFAULT_SOURCE!r} without --positive)")
+    p.add_argument("--target", default=None,
+                   help=f"class of the counterfactual (default: the class named in every --negative prompt, or "
+                        f"{DEFAULT_TARGET!r} without --negative)")
+    p.add_argument("--positive", nargs="+", help="prompts with the concept (default: the world's phrasings of SOURCE)")
+    p.add_argument("--negative", nargs="+", help="prompts without it (default: the world's phrasings of TARGET)")
+    p.add_argument("--prompt", default=None,
+                   help="generation prompt (default: the first --positive prompt, or 'An endoscopic image of SOURCE')")
     p.add_argument("--oracle", default=None, help="classifier/segmenter ('embedded' is the default for the embedded model)")
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="steering strength")
     p.add_argument("--window", type=float, nargs=2, default=DEFAULT_WINDOW, metavar=("START", "STOP"),
@@ -101,23 +107,25 @@ def run_demo(args: argparse.Namespace) -> int:
     out_dir = claim_output_folder(Path(args.out), overwrite=args.overwrite)
     lens = load(args.model, lora=args.lora)
     check_steps(args.steps, lens.pipeline.scheduler, name="--steps")
-    positive = args.positive or [c.format(args.source) for c in ENDOSCOPY_CONTEXTS]
-    negative = args.negative or [c.format(args.target) for c in ENDOSCOPY_CONTEXTS]
-    prompt = args.prompt or f"An endoscopic image of {args.source}"
     oracle_source = args.oracle or ("embedded" if args.model == "embedded" else None)
+    labels = _oracle_labels(oracle_source)
+    concept = resolve_concept(args.source, args.target, args.positive, args.negative, args.prompt, labels)
+    positive, negative, prompt = concept["positive"], concept["negative"], concept["prompt"]
+    print(f"concept: {concept['name']} (source class: {concept['source'] or 'none named'}; target class: "
+          f"{concept['target'] or 'none named'}); generating from {prompt!r}")
 
     print(f"[1/3] concept vector: {len(positive)} positive vs {len(negative)} negative prompts × {args.vector_seeds} seeds")
     vector = concept_vector(lens, positive=positive, negative=negative, seeds=list(range(args.vector_seeds)),
                             num_inference_steps=args.steps, guidance_scale=args.guidance, batch_size=8)
     layers = window_layers(check_window(args.window, "--window"), lens.num_layers)
     steer = Steer(vector, alpha=args.alpha, layers=layers, renormalize=args.renormalize,
-                  name=f"{args.source} → {args.target}")
+                  name=concept["name"])
     seeds = [10_000 + i for i in range(args.pairs)]
     print(f"[2/3] {args.pairs} counterfactual pairs, {steer!r}")
     pairs = generate(lens, prompt, seeds=seeds, steer=steer, num_inference_steps=args.steps,
                      guidance_scale=args.guidance, record_gates=True, blend=args.blend, batch_size=8)
 
-    words = _source_words(lens, prompt, args.source)
+    words = _source_words(lens, prompt, concept["source"])
     maps = None
     if words:
         print(f"      cross-attention maps of {words} over the unsteered images")
@@ -125,54 +133,120 @@ def run_demo(args: argparse.Namespace) -> int:
                               guidance_scale=args.guidance, batch_size=8)
 
     print("[3/3] metrics and figures")
-    summary = _measure(pairs, oracle_source, args.source)
+    summary = _measure(pairs, oracle_source, concept["source"], concept["target"])
     summary.update(
         n_pairs=args.pairs,
         settings={"alpha": args.alpha, "layers": layers, "window": list(args.window),
                   "renormalize": args.renormalize, "blend": args.blend, "num_inference_steps": args.steps,
                   "guidance_scale": args.guidance, "seeds": seeds,
                   "vector_seeds": list(range(args.vector_seeds)), "prompt": prompt,
-                  "positive": positive, "negative": negative},
+                  "positive": positive, "negative": negative, "source": concept["source"],
+                  "target": concept["target"]},
         steer=steer.settings(),
+        steer_description=describe_result(pairs),
         provenance=lens.provenance(),
         seconds=round(time.perf_counter() - start, 1),
     )
-    _write_outputs(out_dir, pairs, vector, summary, maps)
+    judge = None
+    if oracle_source is not None:
+        from ..world import load_oracle
+
+        judge = load_oracle(oracle_source)
+    _write_outputs(out_dir, pairs, vector, summary, maps, judge)
     _print_table(summary, out_dir)
     return 0
 
 
-def _measure(pairs, oracle_source, source_label) -> dict:
+def _oracle_labels(oracle_source: str | None) -> tuple[str, ...]:
+    if oracle_source is None:
+        return ()
+    from ..world import load_oracle
+
+    return tuple(load_oracle(oracle_source).labels)
+
+
+def resolve_concept(source: str | None, target: str | None, positive: list[str] | None, negative: list[str] | None,
+                    prompt: str | None, labels: tuple[str, ...]) -> dict:
+    """The demo's concept from its flags: prompts, generation prompt, source and target classes, and name.
+
+    A class not given is the classifier's class named in every prompt of its side (the longest one:
+    "dyed lifted polyps", not "polyps"), or the world default when that side's prompts are not given
+    either; None when no class fits (flip and target rates are then reported as unavailable). The
+    generation prompt is the first positive prompt; the name says what was steered, from the classes
+    when both are known and from the prompts otherwise."""
+    def named(prompts: list[str]) -> str | None:
+        found = [label for label in labels if all(_names(p, label) for p in prompts)]
+        return max(found, key=len) if found else None
+
+    if source is not None and labels and source not in labels:
+        raise ValueError(f"--source {source!r} is not a class of the classifier; choose one of {list(labels)}")
+    if target is not None and labels and target not in labels:
+        raise ValueError(f"--target {target!r} is not a class of the classifier; choose one of {list(labels)}")
+    source = source or (named(positive) if positive else DEFAULT_SOURCE)
+    target = target or (named(negative) if negative else DEFAULT_TARGET)
+    positive = positive or [c.format(source) for c in ENDOSCOPY_CONTEXTS]
+    negative = negative or [c.format(target) for c in ENDOSCOPY_CONTEXTS]
+    if source and target:
+        name = f"{source} -> {target}"
+    else:
+        more = lambda xs: f" (+{len(xs) - 1} more)" if len(xs) > 1 else ""  # noqa: E731
+        name = f"'{positive[0]}'{more(positive)} -> '{negative[0]}'{more(negative)}"
+    return {"positive": list(positive), "negative": list(negative), "prompt": prompt or positive[0],
+            "source": source, "target": target, "name": name}
+
+
+def _names(prompt: str, label: str) -> bool:
+    import re
+
+    return re.search(rf"(?<![\w-]){re.escape(label.lower())}(?![\w-])", prompt.lower()) is not None
+
+
+def _measure(pairs, oracle_source, source_label, target_label) -> dict:
     result: dict = {}
     if oracle_source is None:
-        masks_note = "no segmenter: background = whole image"
+        masks_note = "no segmenter: whole image"
         background = ~M.segment(pairs, lambda x: np.zeros(x.shape[:3], bool)).any("branch")
-        for key in ("flip_rate", "confidence_shift"):
+        for key in ("flip_rate", "target_rate", "confidence_shift"):
             result[key] = None
             result[f"{key}_status"] = "unavailable: no classifier for this model (pass --oracle)"
     else:
         from ..world import load_oracle, load_segmenter
+        from ..world.domain import DYE_CLASSES, dye_detection_rate, polyp_kept
 
         oracle, segmenter = load_oracle(oracle_source), load_segmenter(oracle_source)
         probs = M.classify(pairs, oracle)
         masks = M.segment(pairs, segmenter)
         background = M.background_mask(masks)
         masks_note = f"outside the union of both images' lesion masks ({oracle_source} segmenter)"
-        for key, values in (("flip_rate", M.flips(probs, source_label)),
-                            ("confidence_shift", M.confidence_drop(probs, source_label)),
-                            ("unsteered_recognised", 1.0 - M.flips(probs, source_label, branch="original"))):
-            est = M.estimate(values)
+        judged = M.Judged(pairs, probs, masks, source_label, target_label)
+        rates = {"flip_rate": (source_label, lambda: M.flips(probs, source_label)),
+                 "target_rate": (target_label, lambda: M.target_rate(probs, target_label)),
+                 "confidence_shift": (source_label, lambda: M.confidence_drop(probs, source_label)),
+                 "unsteered_recognised": (source_label, lambda: 1.0 - M.flips(probs, source_label, branch="original"))}
+        if source_label in DYE_CLASSES and target_label == "polyps":  # removing dye must keep the polyp
+            rates["dye_detection_rate"] = (source_label, lambda: dye_detection_rate(judged))
+            rates["polyp_kept"] = (source_label, lambda: polyp_kept(judged))
+        for key, (label, values) in rates.items():
+            if label is None:
+                side = "--source" if label is source_label else "--target"
+                result[key], result[f"{key}_status"] = None, f"unavailable: no class named; pass {side}"
+                continue
+            est = M.estimate(values())
             result[key], result[f"{key}_ci95"] = est.value, [est.low, est.high]
-    for key, values in (("bg_ssim", M.background_ssim(pairs, background)),
-                        ("bg_psnr", M.background_psnr(pairs, background).clip(max=100.0))):
+    ssim = "bg_ssim" if oracle_source is not None else "whole_image_ssim"
+    psnr = "bg_psnr" if oracle_source is not None else "whole_image_psnr"
+    for key, values in ((ssim, M.background_ssim(pairs, background)),
+                        (psnr, M.background_psnr(pairs, background).clip(max=100.0))):
         est = M.estimate(values)
         result[key], result[f"{key}_ci95"] = est.value, [est.low, est.high]
     lpips = M.background_lpips(pairs, background)
-    result["bg_lpips"] = None if lpips.attrs["status"].startswith("unavailable") else M.estimate(lpips).value
-    result["bg_lpips_status"] = lpips.attrs["status"]
+    lp = "bg_lpips" if oracle_source is not None else "whole_image_lpips"
+    result[lp] = None if lpips.attrs["status"].startswith("unavailable") else M.estimate(lpips).value
+    result[f"{lp}_status"] = lpips.attrs["status"]
     result["background"] = masks_note
     result["metrics_version"] = M.METRICS_VERSION
-    result["bg_ssim_definition"] = "7x7 SSIM, window statistics over background pixels only, averaged over them"
+    result[f"{ssim}_definition"] = ("7x7 SSIM, window statistics over background pixels only, averaged over them"
+                                    if oracle_source is not None else "7x7 SSIM over the whole image")
     return result
 
 
@@ -227,7 +301,7 @@ def _source_words(lens, prompt: str, source: str) -> list[str]:
     return [source]
 
 
-def _write_outputs(out_dir: Path, pairs, vector, summary: dict, maps=None) -> None:
+def _write_outputs(out_dir: Path, pairs, vector, summary: dict, maps=None, judge=None) -> None:
     for name in _written(out_dir) or []:  # only what an earlier demo wrote (claim_output_folder checked)
         (out_dir / name).unlink(missing_ok=True)
     vector_path = out_dir / "vector.zarr"
@@ -236,7 +310,7 @@ def _write_outputs(out_dir: Path, pairs, vector, summary: dict, maps=None) -> No
     if vector_path.is_dir():
         vector_path.rmdir()
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    pairs_figure(pairs, max_pairs=8).savefig(out_dir / "pairs.png", dpi=110, bbox_inches="tight")
+    pairs_figure(pairs, max_pairs=8, judge=judge).savefig(out_dir / "pairs.png", dpi=110, bbox_inches="tight")
     gate_figure(pairs).savefig(out_dir / "gates.png", dpi=110, bbox_inches="tight")
     if maps is not None:
         attention_figure(maps).savefig(out_dir / "attention.png", dpi=110, bbox_inches="tight")
@@ -255,13 +329,15 @@ def _print_table(summary: dict, out_dir: Path) -> None:
         low, high = summary.get(f"{key}_ci95", [value, value])
         return f"{value:.3f}  [{low:.3f}, {high:.3f}]"
 
-    print(f"\n{'metric':22s} value  [95% CI]   (n = {summary['n_pairs']} pairs)")
-    for key in ("flip_rate", "confidence_shift", "unsteered_recognised", "bg_ssim", "bg_psnr"):
+    print(f"\n{summary['steer']['name']}: {summary['steer_description']}")
+    print(f"{'metric':22s} value  [95% CI]   (n = {summary['n_pairs']} pairs)")
+    for key in ("flip_rate", "target_rate", "dye_detection_rate", "polyp_kept", "confidence_shift",
+                "unsteered_recognised", "bg_ssim", "bg_psnr", "whole_image_ssim", "whole_image_psnr"):
         if key in summary:
             print(f"{key:22s} {fmt(key)}")
-    print(f"{'bg_lpips':22s} {summary['bg_lpips_status']}")
-    s = summary["settings"]
-    print(f"settings: alpha={s['alpha']} layers={s['layers']} renormalize={s['renormalize']} blend={s['blend']} "
-          f"steps={s['num_inference_steps']} guidance={s['guidance_scale']}; {summary['seconds']} s")
+    for key in ("bg_lpips", "whole_image_lpips"):
+        if f"{key}_status" in summary:
+            print(f"{key:22s} {summary[f'{key}_status']}")
+    print(f"{summary['seconds']} s")
     written = [name for name in OUTPUTS if (out_dir / name).exists()]
     print(f"wrote {out_dir}/" + ", ".join(written))

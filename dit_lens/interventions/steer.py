@@ -26,6 +26,7 @@ Examples:
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
@@ -227,8 +228,20 @@ class Steer(SiteEdit):
             "update": "authors (renormalized)" if self.renormalize else "paper",
             "vector_shape": [int(n) for n in self.vector.shape],
             "vector_digest": self.vector_digest,
+            **({} if not self.vector_source else {"vector_source": self.vector_source}),
             **({} if self.region is None else {"region": self.region.settings()}),
         }
+
+    @property
+    def vector_source(self) -> dict:
+        """Where the vector came from, as `dit_lens.concept_vector` recorded it: the positive and negative
+        prompts and seeds (empty for a vector made elsewhere)."""
+        found = {}
+        for key in ("positive_prompts", "positive_seeds", "negative_prompts", "negative_seeds"):
+            value = self.vector.attrs.get(key)
+            if value is not None:
+                found[key] = json.loads(value) if isinstance(value, str) else list(value)
+        return found
 
     def to_dict(self) -> dict:
         """Settings plus the vector itself (``xarray.DataArray.to_dict``); JSON-serialisable. `save` adds a

@@ -10,7 +10,7 @@ Examples:
     (0.3, '_b0.3', '')
     >>> window = parse_window("0:0.25")
     >>> window, window_label(window), window_layers(window, 12)
-    ((0.0, 0.25), '0–0.25', [0, 1, 2])
+    ((0.0, 0.25), '0-0.25', [0, 1, 2])
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class Axis:
             `argparse.ArgumentTypeError` or `ValueError` on a bad value.
         check: Validates and normalises one value (raises `ValueError` saying what was expected).
         key: Prefix of the value in cell file names (``"a"`` → ``_a3``).
-        label: The value as a result coordinate (a window ``(0, 0.25)`` → ``"0–0.25"``).
+        label: The value as a result coordinate (a window ``(0, 0.25)`` → ``"0-0.25"``).
         flag: The command-line flag without dashes (default: the name, ``_`` → ``-``).
         omit: A value left out of cell file names (blend 0: cells named before the axis existed).
         resolve: Optional ``resolve(value, lens, num_inference_steps)`` → what the value means on
@@ -121,7 +121,7 @@ def check_window(window: Any) -> tuple[float, float]:
 
 
 def window_label(window: tuple[float, float]) -> str:
-    return f"{window[0]:g}–{window[1]:g}"
+    return f"{window[0]:g}-{window[1]:g}"  # ASCII: sel(window="0-0.25")
 
 
 def window_layers(window: tuple[float, float], num_layers: int) -> list[int]:

@@ -46,7 +46,7 @@ class ConceptPair:
 
     @property
     def name(self) -> str:
-        return f"{self.source} → {self.target}"
+        return f"{self.source} -> {self.target}"  # ASCII: a coordinate value users type in sel()
 
     @property
     def source_prompt(self) -> str:

@@ -163,6 +163,7 @@ class CellRunner:
         lpips = M.background_lpips(out, background)
         values = {
             "flip_rate": M.flips(probs, pair.source),
+            "target_rate": M.target_rate(probs, pair.target),
             "confidence_shift": M.confidence_drop(probs, pair.source),
             "bg_ssim": M.background_ssim(out, background),
             "bg_psnr": M.background_psnr(out, background).clip(max=100.0),

@@ -167,14 +167,14 @@ def print_table(result) -> None:
         group = group.drop_duplicates(subset=["pair", *own[method]]).astype({d: object for d in dims})
         group.loc[:, [d for d in dims if d not in ("method", "pair", *own[method])]] = "·"
         rows.append(group)
-    print("  ".join(f"{d:>16s}" for d in dims) + "  " + "  ".join(f"{m:>22s}" for m in metrics))
-    for group in rows:
-        for _, row in group.iterrows():
-            if all(row[m] != row[m] for m in metrics):  # all NaN: not a cell of this study
-                continue
-            cells = "  ".join(f"{str(row[d])[:16]:>16s}" for d in dims)
-            values = "  ".join(f"{row[m]:7.3f} [{row[m + '_low']:6.3f},{row[m + '_high']:6.3f}]" for m in metrics)
-            print(cells + "  " + values)
+    shown = [row for group in rows for _, row in group.iterrows()
+             if not all(row[m] != row[m] for m in metrics)]  # all NaN: not a cell of this study
+    width = {d: max([len(d), *(len(str(row[d])) for row in shown)]) for d in dims}  # names never cut
+    print("  ".join(f"{d:>{width[d]}s}" for d in dims) + "  " + "  ".join(f"{m:>22s}" for m in metrics))
+    for row in shown:
+        cells = "  ".join(f"{str(row[d]):>{width[d]}s}" for d in dims)
+        values = "  ".join(f"{row[m]:7.3f} [{row[m + '_low']:6.3f},{row[m + '_high']:6.3f}]" for m in metrics)
+        print(cells + "  " + values)
     n = result["flip_rate_n"].max().item()
     print(f"n = {int(n)} pairs per cell; Bg-LPIPS: {result.attrs.get('bg_lpips_status') or 'not computed'}")
 
@@ -195,12 +195,13 @@ def print_picks(result, picks: list[dict] | None = None) -> None:
     if not picks:
         return  # one setting per pair and method: nothing to pick
     wanted = " and ".join(f"{m} >= {v:g}" for m, v in floors(result).items())
+    picked_shown = ("flip_rate", "target_rate", "bg_ssim")
     print(f"picked per pair and method (best Bg-SSIM with {wanted}):")
     own, extras = method_axes(result), _extras(result)
     for pick in picks:
         where = ", ".join(f"{k}={pick[k]}" for k in own[pick["method"]] if result.sizes[k] > 1)
         shown = "".join(f", {m} {pick[m][0]:.3f}" for m in metric_names(result)
-                        if m in pick and (m in ("flip_rate", "bg_ssim") or m not in (*STANDARD_METRICS, *extras)))
+                        if m in pick and (m in picked_shown or m not in (*STANDARD_METRICS, *extras)))
         note = "" if pick["meets"] else "  (no setting meets the floors: the closest shown)"
         print(f"  {pick['pair']}, {pick['method']}: {where}{shown}{note}")
 

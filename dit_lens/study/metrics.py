@@ -33,6 +33,7 @@ __all__ = [
     "classify",
     "segment",
     "flips",
+    "target_rate",
     "confidence_drop",
     "background_mask",
     "background_ssim",
@@ -54,10 +55,11 @@ __all__ = [
 
 #: Changes when a metric's definition changes; study results measured under another version are
 #: not reused. 2: `background_ssim` takes each window's statistics over background pixels only.
-METRICS_VERSION = 2
+#: 3: `target_rate` (the counterfactual is read as the target class) is measured beside the flip rate.
+METRICS_VERSION = 3
 
 #: What a study measures for every cell of every method, in this order.
-STANDARD_METRICS = ("flip_rate", "confidence_shift", "bg_ssim", "bg_psnr", "bg_lpips")
+STANDARD_METRICS = ("flip_rate", "target_rate", "confidence_shift", "bg_ssim", "bg_psnr", "bg_lpips")
 
 #: What `background_lpips` reports when no LPIPS weights are on disk (never a stand-in under that name).
 LPIPS_UNAVAILABLE = "unavailable: no LPIPS weights on disk"
@@ -226,6 +228,16 @@ def flips(probs: xr.DataArray, source: str | int, *, branch: str = "edited") -> 
     source = _class_index(probs, source)
     predicted = probs.sel(branch=branch).idxmax("class")
     return (predicted != source).astype(np.float64).rename("flip")
+
+
+def target_rate(probs: xr.DataArray, target: str | int, *, branch: str = "edited") -> xr.DataArray:
+    """1.0 where the `branch` image is classified as `target`, else 0.0 ``(prompt, seed)``.
+
+    The flip rate counts images that are no longer the source class, whatever they became (a
+    destroyed polyp read as normal cecum, colitis read as polyps); this counts only the class asked for."""
+    target = _class_index(probs, target)
+    predicted = probs.sel(branch=branch).idxmax("class")
+    return (predicted == target).astype(np.float64).rename("target_rate")
 
 
 def confidence_drop(probs: xr.DataArray, source: str | int) -> xr.DataArray:

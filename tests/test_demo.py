@@ -1,0 +1,46 @@
+"""The demo names what it steered from the prompts it was given, generates from them, and reports the
+target rate beside the flip rate (and the dye metrics for a dye removal)."""
+
+import json
+
+import pytest
+
+from dit_lens.apps.cli import main
+from dit_lens.apps.demo import resolve_concept
+from dit_lens.world.procedural import LABELS
+
+
+def test_custom_prompts_name_the_concept_and_the_generation_prompt():
+    c = resolve_concept(None, None, ["An endoscopic image of dyed lifted polyps"], ["An endoscopic image of polyps"],
+                        None, LABELS)
+    assert (c["source"], c["target"]) == ("dyed lifted polyps", "polyps")  # the longest class named, not "polyps"
+    assert c["name"] == "dyed lifted polyps -> polyps" and c["prompt"] == "An endoscopic image of dyed lifted polyps"
+    c = resolve_concept(None, None, ["a photo of a cat"], ["a photo of a dog", "a dog"], None, LABELS)
+    assert (c["source"], c["target"]) == (None, None)
+    assert c["name"] == "'a photo of a cat' -> 'a photo of a dog' (+1 more)" and c["prompt"] == "a photo of a cat"
+    c = resolve_concept(None, None, None, None, None, LABELS)
+    assert c["name"] == "polyps -> normal cecum" and c["prompt"] == "An endoscopic image of polyps"
+    assert len(c["positive"]) > 1 and all("polyps" in p for p in c["positive"])
+    c = resolve_concept("esophagitis", None, None, None, "my prompt", LABELS)
+    assert c["target"] == "normal cecum" and c["prompt"] == "my prompt" and "esophagitis" in c["positive"][0]
+    with pytest.raises(ValueError, match="'ulcers' is not a class of the classifier"):
+        resolve_concept("ulcers", None, None, None, None, LABELS)
+    c = resolve_concept(None, None, ["a photo of a cat"], None, None, ())  # no classifier: no class is inferred
+    assert (c["source"], c["target"]) == (None, "normal cecum")
+
+
+def test_a_dye_demo_reports_target_rate_and_dye_metrics(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = main(["demo", "--positive", "An endoscopic image of dyed lifted polyps", "--negative",
+                 "An endoscopic image of polyps", "--steps", "2", "--pairs", "2", "--vector-seeds", "1",
+                 "--out", str(out)])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steer"]["name"] == "dyed lifted polyps -> polyps"
+    assert summary["settings"]["prompt"] == "An endoscopic image of dyed lifted polyps"
+    for key in ("flip_rate", "target_rate", "dye_detection_rate", "polyp_kept"):
+        assert 0 <= summary[key] <= 1 and len(summary[f"{key}_ci95"]) == 2
+    assert summary["steer"]["vector_source"]["positive_prompts"] == ["An endoscopic image of dyed lifted polyps"]
+    assert "MedSteer 'dyed lifted polyps -> polyps'" in summary["steer_description"]
+    printed = capsys.readouterr().out
+    assert "target_rate" in printed and "polyp_kept" in printed and "α=3 at attn2, layers 0-11, all steps" in printed
