@@ -44,3 +44,11 @@ def test_a_dye_demo_reports_target_rate_and_dye_metrics(tmp_path, capsys):
     assert "MedSteer 'dyed lifted polyps -> polyps'" in summary["steer_description"]
     printed = capsys.readouterr().out
     assert "target_rate" in printed and "polyp_kept" in printed and "α=3 at attn2, layers 0-11, all steps" in printed
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "steering strength (default: 3.0)" in text and "(default: 0.0 1.0)" in text
+    assert "(default: None)" not in text and "off, the paper's method) (default: 0.0)" in text

@@ -46,6 +46,19 @@ def _study(args: argparse.Namespace) -> int:
     return run_study_file(args.name, args.rest)
 
 
+class ShowDefaults(argparse.RawDescriptionHelpFormatter):
+    """``--help`` shows each flag's default, unless it has none or its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default is None or default is False or default == argparse.SUPPRESS or \
+                not action.option_strings:
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {shown})"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dit-lens", description=__doc__)
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -54,34 +67,35 @@ def parser() -> argparse.ArgumentParser:
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show the traceback of an error")
 
-    demo = sub.add_parser("demo", parents=[debug], help="counterfactual pairs on the embedded world (or --model)")
+    demo = sub.add_parser("demo", parents=[debug], formatter_class=ShowDefaults, help="counterfactual pairs on the embedded world (or --model)")
     from .demo import add_demo_arguments
 
     add_demo_arguments(demo)
     demo.set_defaults(func=_demo)
 
     study = sub.add_parser("study", help="run studies/<name>.py (flags go to the study)")
-    study.add_argument("name", help="layer_sweep, alpha_sweep, seed_count, concept_pairs, dye, downstream")
+    study.add_argument("name", help="a file of studies/: layer_sweep, alpha_sweep, seed_count, concept_pairs, dye, "
+                                           "insert_lesion, downstream, drift, long_tail")
     study.add_argument("rest", nargs=argparse.REMAINDER, help="the study's own flags, e.g. --quick")
     study.set_defaults(func=_study)
 
     from .finetune import add_finetune_arguments, add_world_data_arguments
 
-    finetune = sub.add_parser("finetune", parents=[debug], help="fine-tune the denoiser (LoRA or full, optional "
+    finetune = sub.add_parser("finetune", parents=[debug], formatter_class=ShowDefaults, help="fine-tune the denoiser (LoRA or full, optional "
                                                                 "Latent Drifting) on an imagefolder")
     add_finetune_arguments(finetune)
     finetune.set_defaults(func=_finetune)
 
     world = sub.add_parser("world", help="the embedded endoscopy world")
     world_sub = world.add_subparsers(dest="world_command", required=True)
-    build = world_sub.add_parser("build", parents=[debug], help="rebuild the shipped world from seeded code")
+    build = world_sub.add_parser("build", parents=[debug], formatter_class=ShowDefaults, help="rebuild the shipped world from seeded code")
     build.add_argument("--out", default=None, help="where to write (default: the package)")
     build.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (checks only)")
     build.add_argument("--device", default="cpu", help="where to train: cpu (default) or cuda")
     build.add_argument("--set", nargs="+", default=None, metavar="STAGE.FIELD=VALUE",
                        help="change the recipe, e.g. transformer.steps=3000 train_text_encoder=true")
     build.set_defaults(func=_world)
-    data = world_sub.add_parser("data", parents=[debug], help="write a split of the world as an imagefolder")
+    data = world_sub.add_parser("data", parents=[debug], formatter_class=ShowDefaults, help="write a split of the world as an imagefolder")
     add_world_data_arguments(data)
     data.set_defaults(func=_world_data)
     return p
