@@ -132,9 +132,29 @@ def test_lpips_reports_unavailability_instead_of_a_number():
     bg = xr.DataArray(np.ones((1, 2, 8, 8), bool), dims=("prompt", "seed", "y", "x"))
     da = metrics.background_lpips(out, bg)
     if da.attrs["status"].startswith("unavailable"):
-        assert np.isnan(da.values).all()
+        assert np.isnan(da.values).all() and da.attrs["status"] == metrics.lpips_unavailable("alex")
     else:
         assert np.isfinite(da.values).all()
+
+
+def test_lpips_says_which_file_enables_it(tmp_path, monkeypatch):
+    import importlib.util
+
+    import torch
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lpips" else real(name, *a))
+    which = "lpips package is" if real("torchvision") is not None else "lpips and torchvision packages are"
+    assert metrics.lpips_unavailable() == f"unavailable: the {which} not installed (pip install lpips torchvision)"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())  # both packages "installed"
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    reason = metrics.lpips_unavailable("vgg")
+    assert reason.startswith(metrics.LPIPS_UNAVAILABLE) and str(tmp_path / "checkpoints" / "vgg16-397923af.pth") in reason
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "vgg16-397923af.pth").write_bytes(b"")
+    assert metrics.lpips_unavailable("vgg") is None
+    with pytest.raises(ValueError, match="must be one of"):
+        metrics.lpips_unavailable("resnet")
 
 
 def test_polyp_kept_needs_the_class_and_the_lesion():

@@ -18,6 +18,7 @@ Examples:
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -50,6 +51,8 @@ __all__ = [
     "target_read",
     "STANDARD_METRICS",
     "LPIPS_UNAVAILABLE",
+    "LPIPS_BACKBONES",
+    "lpips_unavailable",
     "METRICS_VERSION",
 ]
 
@@ -331,23 +334,54 @@ def _pairwise(out: xr.Dataset, background: xr.DataArray, fn: Callable, name: str
     return xr.DataArray(values, dims=("prompt", "seed"), coords={k: image[k].values for k in ("prompt", "seed")}, name=name)
 
 
+#: The torchvision backbone weights each LPIPS net loads (the ``lpips`` package ships only its linear
+#: layers); they must already be in ``$TORCH_HOME/hub/checkpoints/`` (``torch.hub.get_dir()``).
+LPIPS_BACKBONES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth",
+                   "squeeze": "squeezenet1_1-b8a52dc0.pth"}
+
+
+def lpips_unavailable(net: str = "alex") -> str | None:
+    """Why LPIPS with `net` cannot run here (a text starting with "unavailable"), or None when it can.
+
+    Nothing is downloaded: the packages and the backbone file must be on this machine already."""
+    from importlib.util import find_spec
+
+    if net not in LPIPS_BACKBONES:
+        raise ValueError(f"LPIPS net must be one of {list(LPIPS_BACKBONES)}, got {net!r}")
+    missing = [m for m in ("lpips", "torchvision") if find_spec(m) is None]
+    if missing:
+        return (f"unavailable: the {' and '.join(missing)} package{'s are' if len(missing) > 1 else ' is'} not "
+                f"installed (pip install lpips torchvision)")
+    import torch
+
+    weights = Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONES[net]
+    if not weights.is_file():
+        return f"{LPIPS_UNAVAILABLE}: {weights} (torchvision's {net} backbone) is missing; copy it there to enable LPIPS"
+    return None
+
+
 def background_lpips(out: xr.Dataset, background: xr.DataArray, *, net: str = "alex") -> xr.DataArray:
     """Spatial LPIPS between the pair averaged over background pixels ``(prompt, seed)``.
 
-    Needs the ``lpips`` package and its backbone weights already on disk (torch hub cache). When
-    they are not available, returns NaN everywhere with ``attrs["status"]`` saying why; callers
-    must report that status, never a substitute number under the LPIPS name.
+    Needs the ``lpips`` and ``torchvision`` packages and the backbone's weights already on disk
+    (`lpips_unavailable` names the file). When they are not available, returns NaN everywhere with
+    ``attrs["status"]`` saying why; callers must report that status, never a substitute number under
+    the LPIPS name.
     """
     cells = {k: out[k].values for k in ("prompt", "seed")}
-    try:
-        import lpips  # noqa: F401  (optional)
-        import torch
+    reason = lpips_unavailable(net)
+    if reason is None:
+        try:
+            import lpips
+            import torch
 
-        model = lpips.LPIPS(net=net, spatial=True, verbose=False).eval()
-    except Exception as err:  # missing package, no torchvision, weights not on disk
+            model = lpips.LPIPS(net=net, spatial=True, verbose=False).eval()
+        except Exception as err:  # a damaged weights file, an incompatible torchvision
+            reason = f"unavailable: LPIPS failed to load ({type(err).__name__}: {err})"
+    if reason is not None:
         empty = np.full((len(cells["prompt"]), len(cells["seed"])), np.nan)
         da = xr.DataArray(empty, dims=("prompt", "seed"), coords=cells, name="bg_lpips")
-        da.attrs["status"] = f"{LPIPS_UNAVAILABLE} ({type(err).__name__}: {err})"
+        da.attrs["status"] = reason
         return da
 
     def one(a: np.ndarray, b: np.ndarray, keep: np.ndarray) -> float:
