@@ -219,3 +219,18 @@ def test_proportion_has_a_wilson_interval_that_stays_informative_at_the_ends():
     assert some.n == 4 and some.value == 0.75 and some.low == pytest.approx(0.3006, abs=1e-4)
     with pytest.raises(ValueError, match="takes hits"):
         proportion([0.5, 1.0])
+
+
+def test_as_pairs_lays_out_your_arrays_for_every_metric():
+    a, b = np.zeros((3, 8, 8, 3)), np.ones((3, 8, 8, 3))
+    out = metrics.as_pairs(a, b, seeds=[7, 8, 9])
+    np.testing.assert_array_equal(out["image"].sel(seed=8, branch="edited").values[0], b[1])
+    np.testing.assert_array_equal(out["image"].sel(seed=8, branch="original").values[0], a[1])
+    probs = metrics.classify(out, MeanColourOracle())
+    assert probs.dims == ("prompt", "seed", "branch", "class") and list(probs["seed"].values) == [7, 8, 9]
+    with pytest.raises(ValueError, match="same shape"):
+        metrics.as_pairs(a, b[:2])
+    with pytest.raises(ValueError, match="divide 0-255 images by 255"):
+        metrics.as_pairs(a * 255 + 1, b)
+    with pytest.raises(ValueError, match="one distinct seed per pair"):
+        metrics.as_pairs(a, b, seeds=[1, 1, 2])

@@ -30,6 +30,7 @@ from ..validate import check_finite
 __all__ = [
     "Estimate",
     "estimate",
+    "as_pairs",
     "proportion",
     "classify",
     "segment",
@@ -174,6 +175,40 @@ def proportion(hits: xr.DataArray | np.ndarray) -> Estimate:
     k = int(x.sum())
     ci = binomtest(k, int(x.size)).proportion_ci(confidence_level=0.95, method="wilson")
     return Estimate(k / x.size, float(ci.low), float(ci.high), int(x.size))
+
+
+def as_pairs(original: Any, edited: Any, *, prompt: str = "your images", seeds: Any = None) -> xr.Dataset:
+    """Your own pairs laid out as `dit_lens.generate` lays them out, so every metric here reads them.
+
+    Args:
+        original, edited: Images ``(N, H, W, 3)`` float in [0, 1] (or one image ``(H, W, 3)``), pair i
+            being ``original[i]`` and ``edited[i]``.
+        prompt: The ``prompt`` coordinate (one for all pairs).
+        seeds: The ``seed`` coordinate, one per pair (default 0 … N − 1).
+
+    Returns:
+        ``image (prompt, seed, branch, y, x, rgb)`` with branches ``original`` and ``edited``.
+
+    Examples:
+        >>> import numpy as np
+        >>> out = as_pairs(np.zeros((2, 8, 8, 3)), np.ones((2, 8, 8, 3)))
+        >>> dict(out["image"].sizes)
+        {'prompt': 1, 'seed': 2, 'branch': 2, 'y': 8, 'x': 8, 'rgb': 3}
+    """
+    a, b = np.asarray(original, dtype=np.float32), np.asarray(edited, dtype=np.float32)
+    a, b = (a[None] if a.ndim == 3 else a), (b[None] if b.ndim == 3 else b)
+    if a.ndim != 4 or a.shape[-1] != 3 or a.shape != b.shape:
+        raise ValueError(f"as_pairs takes two image arrays of the same shape (N, H, W, 3), floats in [0, 1]; "
+                         f"got {np.asarray(original).shape} and {np.asarray(edited).shape}")
+    _refuse_non_finite(np.stack([a, b]), "the images")
+    if a.min() < 0 or a.max() > 1 or b.min() < 0 or b.max() > 1:
+        raise ValueError("as_pairs takes images in [0, 1]; divide 0-255 images by 255")
+    seeds = list(range(len(a))) if seeds is None else [int(x) for x in seeds]
+    if len(seeds) != len(a) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"as_pairs needs one distinct seed per pair ({len(a)}), got {seeds}")
+    image = np.stack([a, b], axis=1)[None]  # (1, N, 2, H, W, 3)
+    return xr.Dataset({"image": (("prompt", "seed", "branch", "y", "x", "rgb"), image)},
+                      coords={"prompt": [prompt], "seed": seeds, "branch": ["original", "edited"]})
 
 
 def _images(out: xr.Dataset, branch: str) -> tuple[np.ndarray, tuple]:
