@@ -231,6 +231,6 @@ def test_as_pairs_lays_out_your_arrays_for_every_metric():
     with pytest.raises(ValueError, match="same shape"):
         metrics.as_pairs(a, b[:2])
     with pytest.raises(ValueError, match="divide 0-255 images by 255"):
-        metrics.as_pairs(a * 255 + 1, b)
+        metrics.as_pairs(a + 255, b)
     with pytest.raises(ValueError, match="one distinct seed per pair"):
         metrics.as_pairs(a, b, seeds=[1, 1, 2])
