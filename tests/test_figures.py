@@ -202,3 +202,45 @@ def test_explorer_word_selector_follows_step_and_layer(worded, tmp_path):
                 out["gate"].sel(prompt="a polyp", seed=5, step=2, layer=1).values, atol=1e-4)  # the gate still follows
         finally:
             browser.close()
+
+
+@pytest.mark.browser
+def test_explorer_summary_and_verdicts_follow_the_chosen_pair(pairs, tmp_path):
+    executable = _chromium()
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+
+    class Judge:  # reads the mean red: a real (if simple) verdict that differs between images
+        labels = ["dark", "bright"]
+
+        def __call__(self, images):
+            p = np.clip(images[..., 0].mean(axis=(1, 2)), 0, 1)
+            return np.stack([1 - p, p], axis=1)
+
+    path = write_explorer(pairs, tmp_path / "explorer.html", judge=Judge())
+    mass = pairs["gate"].sel(prompt="a polyp").sum(("row", "col"))  # (seed, step, layer)
+    seeds = [int(s) for s in pairs["seed"].values]
+    assert not np.allclose(mass.sel(seed=seeds[0]).values, mass.sel(seed=seeds[1]).values)
+    read_mass = "JSON.stringify(document.getElementById('gate-summary').data[0].z)"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(path.as_uri())
+            page.wait_for_selector("#gate-summary .main-svg")
+            for i, seed in enumerate(seeds[:2]):
+                page.select_option("#pair", str(i))
+                np.testing.assert_allclose(np.array(json.loads(page.evaluate(read_mass))),
+                                           mass.sel(seed=seed).transpose("step", "layer").values, atol=1e-3)
+                image = pairs["image"].sel(prompt="a polyp", seed=seed)
+                want = Judge()(image.sel(branch=["original", "edited"]).values)
+                text = page.locator("#verdict").inner_text()
+                assert f"({want[0].max():.2f})" in text and f"({want[1].max():.2f})" in text
+            page.locator("#layer").fill("1")
+            page.locator("#step").fill("2")
+            marker = page.evaluate("JSON.stringify([document.getElementById('gate-summary').data[1].x, "
+                                   "document.getElementById('gate-summary').data[1].y])")
+            assert json.loads(marker) == [[1], [2]]
+            page.screenshot(path=str(tmp_path / "explorer.png"), full_page=True)
+            assert (tmp_path / "explorer.png").stat().st_size > 10_000
+        finally:
+            browser.close()

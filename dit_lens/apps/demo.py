@@ -314,7 +314,7 @@ def _write_outputs(out_dir: Path, pairs, vector, summary: dict, maps=None, judge
     gate_figure(pairs).savefig(out_dir / "gates.png", dpi=110, bbox_inches="tight")
     if maps is not None:
         attention_figure(maps).savefig(out_dir / "attention.png", dpi=110, bbox_inches="tight")
-    write_explorer(pairs, out_dir / "explorer.html", attention=maps)
+    write_explorer(pairs, out_dir / "explorer.html", attention=maps, judge=judge)
     save_vector(vector, vector_path)
     files = [name for name in OUTPUTS[:-1] if (out_dir / name).exists()]
     files += [str(p.relative_to(out_dir)) for p in vector_path.rglob("*") if p.is_file()]

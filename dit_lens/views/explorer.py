@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -36,10 +37,14 @@ _PAGE = """<!DOCTYPE html>
  <label>layer <input id="layer" type="range" min="0" max="{max_layer}" value="0">
    <output id="layer-label"></output></label>
 {word_control}</div>
+<p id="verdict">{verdict_note}</p>
 {plot}
+<h4>Where and when the edit acted (this pair): gate mass, summed over the image, per step × layer{summary_note}</h4>
+{summary}
 <script>
 const DATA = {data};
 const gd = document.getElementById("gate-explorer");
+const sd = document.getElementById("gate-summary");
 function show() {{
   const p = +document.getElementById("pair").value;
   const s = +document.getElementById("step").value;
@@ -61,6 +66,13 @@ function show() {{
     Plotly.restyle(gd, {{z: [z === null ? DATA.attn.empty : z], zmax: [DATA.attn.zmax[w]]}}, [DATA.attn.trace]);
     document.getElementById("word-label").textContent = z === null ? "not recorded at this step and layer" : "";
   }}
+  Plotly.restyle(sd, {{z: [DATA.mass[p]]}}, [0]);
+  Plotly.restyle(sd, {{x: [[DATA.layers[l]]], y: [[DATA.steps[s]]]}}, [1]);
+  if (DATA.summary_attn) {{
+    Plotly.restyle(sd, {{z: [DATA.images[p][0]]}}, [2]);
+    Plotly.restyle(sd, {{z: [DATA.summary_attn[p]]}}, [3]);
+  }}
+  if (DATA.verdicts) document.getElementById("verdict").textContent = DATA.verdicts[p];
   gd.dataset.shown = JSON.stringify({{pair: p, step: DATA.steps[s], layer: DATA.layers[l], word: word}});
 }}
 for (const id of ["pair", "step", "layer", "word"]) {{
@@ -73,7 +85,7 @@ show();
 
 
 def write_explorer(out: xr.Dataset, path: str | Path, *, max_pairs: int = 16,
-                   attention: xr.Dataset | xr.DataArray | None = None) -> Path:
+                   attention: xr.Dataset | xr.DataArray | None = None, judge: Any = None) -> Path:
     """Write the gate explorer for a `generate` result made with a steer and ``record_gates=True``.
 
     Args:
@@ -83,7 +95,10 @@ def write_explorer(out: xr.Dataset, path: str | Path, *, max_pairs: int = 16,
         attention: Optionally, `attention_maps` of the same prompts and seeds (the Dataset or its
             ``attention`` variable): adds a word selector and the word's map over the unsteered
             image at the chosen step and layer (one colour scale per word; a step or layer the maps
-            lack shows as not recorded).
+            lack shows as not recorded). The summary beside the gate mass then shows the first word's
+            map averaged over every recorded step and layer.
+        judge: Optionally a classifier (e.g. `dit_lens.load_oracle()`): each pair's verdict, the class
+            and probability of the original and of the counterfactual, is shown above the plots.
 
     Returns:
         The path written.
@@ -111,8 +126,8 @@ def write_explorer(out: xr.Dataset, path: str | Path, *, max_pairs: int = 16,
     if "blend_mask" in out:  # (pair, every step, latent_y, latent_x)
         blend = [np.round(out["blend_mask"].sel(prompt=p, seed=s).values, 3).tolist() for p, s in cells]
     attn = None if attention is None else _attention_data(attention, cells, gate)
-    titles = ("gate over unsteered", "original", "edited") + (("blend mask (1: steered kept)",) if blend else ())
-    titles += ("attention to the word, over unsteered",) if attn else ()
+    titles = ("gate over original", "original", "edited") + (("blend mask (1: steered kept)",) if blend else ())
+    titles += ("attention to the word, over original",) if attn else ()
     fig = make_subplots(rows=1, cols=len(titles), subplot_titles=titles)
     fig.add_trace(go.Image(z=images[0][0]), row=1, col=1)
     fig.add_trace(
@@ -163,8 +178,14 @@ def write_explorer(out: xr.Dataset, path: str | Path, *, max_pairs: int = 16,
         + "".join(f'<option value="{k}">{html.escape(w)}</option>' for k, w in enumerate(attn["words"]))
         + '</select> <output id="word-label"></output></label>\n'
     )
+    summary, data["mass"], data["summary_attn"] = _summary(out, gate, cells, attention, images[0][0])
+    data["verdicts"] = None if judge is None else _verdict_lines(out, cells, judge)
     page = _PAGE.format(
         title=html.escape(_title(out, None)),
+        verdict_note="" if judge is not None else "(no judge given: no verdicts)",
+        summary=summary,
+        summary_note="; beside it, the word's attention over the original, mean over steps and layers"
+        if data["summary_attn"] is not None else "",
         word_control=word_control,
         pair_options=options,
         max_step=len(data["steps"]) - 1,
@@ -208,3 +229,50 @@ def _attention_data(attention: xr.Dataset | xr.DataArray, cells: list[tuple[str,
 
 def _rgb8(image: np.ndarray) -> list:
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8).tolist()
+
+
+def _summary(out: xr.Dataset, gate: xr.DataArray, cells: list[tuple[str, int]],
+             attention: xr.Dataset | xr.DataArray | None, first_image: list) -> tuple[str, list, list | None]:
+    """The summary plot (gate mass per step × layer, the current step and layer marked, and the first
+    word's mean attention map), its per-pair gate masses and mean maps."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    mass = gate.sum(("row", "col"))  # (prompt, seed, step, layer)
+    masses = [np.round(mass.sel(prompt=p, seed=s).transpose("step", "layer").values, 4).tolist() for p, s in cells]
+    steps, layers = [int(x) for x in gate["step"].values], [int(x) for x in gate["layer"].values]
+    maps = None
+    if attention is not None:
+        a = attention["attention"] if isinstance(attention, xr.Dataset) else attention
+        word = str(a["word"].values[0])
+        maps = [np.round(a.sel(prompt=p, seed=s, word=word).mean(("step", "layer")).values, 4).tolist() for p, s in cells]
+    titles = ("gate mass (Σ over image tokens)",) + ((f"attention to {word!r}, mean over steps and layers",) if maps else ())
+    fig = make_subplots(rows=1, cols=len(titles), subplot_titles=titles)
+    fig.add_trace(go.Heatmap(z=masses[0], x=layers, y=steps, colorscale="Magma", zmin=0,
+                             zmax=float(mass.max()) or 1.0, colorbar={"title": {"text": "gate mass"}, "x": 0.45 if maps else 1.0},
+                             hovertemplate="step %{y}, layer %{x}: %{z}<extra></extra>", name="gate mass"), row=1, col=1)
+    fig.add_trace(go.Scatter(x=[layers[0]], y=[steps[0]], mode="markers", name="shown above",
+                             marker={"symbol": "square-open", "size": 14, "color": "cyan", "line": {"width": 2}}),
+                  row=1, col=1)
+    fig.update_xaxes(title_text="layer", dtick=1, row=1, col=1)
+    fig.update_yaxes(title_text="step", dtick=1, autorange="reversed", row=1, col=1)
+    if maps:  # over the original image, in its pixels (as the panels above)
+        height, width = out.sizes["y"], out.sizes["x"]
+        rows, cols = gate.sizes["row"], gate.sizes["col"]
+        fig.add_trace(go.Image(z=first_image), row=1, col=2)
+        fig.add_trace(go.Heatmap(z=maps[0], colorscale="Viridis", zmin=0, opacity=0.65, name="attention",
+                                 x0=width / cols / 2 - 0.5, dx=width / cols, y0=height / rows / 2 - 0.5,
+                                 dy=height / rows, colorbar={"title": {"text": "attention"}}), row=1, col=2)
+    fig.update_layout(height=360, width=1000 if maps else 560, margin={"t": 40, "b": 10}, showlegend=False)
+    return fig.to_html(full_html=False, include_plotlyjs=False, div_id="gate-summary"), masses, maps
+
+
+def _verdict_lines(out: xr.Dataset, cells: list[tuple[str, int]], judge: Any) -> list[str]:
+    labels = list(getattr(judge, "labels", []))
+    lines = []
+    for prompt, seed in cells:
+        probs = np.asarray(judge(out["image"].sel(prompt=prompt, seed=seed, branch=["original", "edited"]).values))
+        read = [(labels[int(p.argmax())] if labels else str(int(p.argmax())), float(p.max())) for p in probs]
+        lines.append(f"verdict: original read as {read[0][0]} ({read[0][1]:.2f}); counterfactual read as "
+                     f"{read[1][0]} ({read[1][1]:.2f})")
+    return lines
