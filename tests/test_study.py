@@ -313,3 +313,24 @@ def test_the_embedded_judges_fingerprint_their_weights():
     with torch.no_grad():
         next(oracle.net.parameters()).add_(1e-3)
     assert oracle.fingerprint != load_oracle().fingerprint
+
+
+def test_the_tradeoff_figure_names_every_swept_setting_but_alpha():
+    from dit_lens.views.study import tradeoff_figure
+
+    rng = np.random.default_rng(0)
+    dims = ("method", "pair", "alpha", "renormalize")
+    data = {}
+    for m in ("flip_rate", "bg_ssim"):
+        v = rng.uniform(0.5, 1.0, (1, 1, 2, 2))
+        data.update({m: (dims, v), f"{m}_low": (dims, v - 0.01), f"{m}_high": (dims, v + 0.01)})
+    result = xr.Dataset(data, coords={"method": ["medsteer"], "pair": ["polyps -> normal cecum"], "alpha": [1.0, 3.0],
+                                      "renormalize": [False, True]})
+    result.attrs["method_axes"] = json.dumps({"medsteer": ["alpha", "renormalize"]})
+    result["flip_rate_n"] = xr.full_like(result["flip_rate"], 8)
+    fig = tradeoff_figure(result)
+    (ax,) = fig.axes
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels == ["renormalize False", "renormalize True"]  # the two updates are told apart
+    colours = {tuple(line.get_color()) for line in ax.get_lines() if not isinstance(line.get_color(), str)}
+    assert len(colours) == 2  # one per update (the grey dashed lines are the floors)

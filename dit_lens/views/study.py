@@ -93,8 +93,9 @@ def study_figure(result: xr.Dataset) -> Any:
 def tradeoff_figure(result: xr.Dataset, *, x: str = "flip_rate", y: str = "bg_ssim", floor: float = 0.9) -> Any:
     """One panel per pair: every cell as a point (`x`, `y`) with 95% intervals, the floors dashed.
 
-    Cells of methods with settings besides blending (MedSteer) are coloured by blend, marked by layer
-    window and labelled with α; the others (baselines such as re-prompting) are stars, one colour per
+    Cells of methods with settings besides blending (MedSteer) get one colour (and legend entry) per
+    combination of their swept settings other than α (window, steps, update, blend ...), a marker per
+    layer window, and are labelled with α; the others (baselines such as re-prompting) are stars, one colour per
     method, labelled with their blend. A good setting sits in the upper right corner.
     """
     plt = _pyplot()
@@ -107,8 +108,10 @@ def tradeoff_figure(result: xr.Dataset, *, x: str = "flip_rate", y: str = "bg_ss
         table["method"] = next(iter(own))
     stars = dict(zip([m for m in own if not set(own[m]) - {"blend"}],
                      itertools.cycle(["black", "tab:red", "tab:brown", "tab:pink"])))
-    blends = sorted(table["blend"].unique()) if "blend" in table else [0.0]
-    colours = dict(zip(blends, plt.cm.viridis(np.linspace(0, 0.85, len(blends)))))
+    varying = {m: [a for a in own[m] if a != "alpha" and a in result.dims and result.sizes[a] > 1] for m in own}
+    keys = list(dict.fromkeys(tuple((a, r[a]) for a in varying[r["method"]]) for _, r in table.iterrows()
+                              if r["method"] not in stars))
+    colours = dict(zip(keys, itertools.cycle(plt.cm.tab10(np.arange(10)))))
     windows = list(result["window"].values) if "window" in result.dims else []
     markers = dict(zip(windows, "osD^v<>p"))
     for ax, pair in zip(axes[0], pairs):
@@ -118,9 +121,10 @@ def tradeoff_figure(result: xr.Dataset, *, x: str = "flip_rate", y: str = "bg_ss
             group = group.drop_duplicates(subset=own[method]) if own[method] else group.iloc[:1]
             for _, r in group.iterrows():
                 blend = float(r.get("blend", 0.0))
-                if method not in stars:
-                    style = dict(color=colours[blend], marker=markers.get(r.get("window"), "o"))
-                    label = f"window {r.get('window', '')}, blend {blend:g}"
+                if method not in stars:  # one colour per combination of the swept settings but α (every one named)
+                    key = tuple((a, r[a]) for a in varying[method])
+                    style = dict(color=colours[key], marker=markers.get(r.get("window"), "o"))
+                    label = ", ".join(f"{a} {_plain(v)}" for a, v in key) or method
                     text = f"α{r['alpha']:g}" if "alpha" in r else ""
                 else:
                     style = dict(color=stars[method], marker="*", markersize=11)
@@ -141,3 +145,7 @@ def tradeoff_figure(result: xr.Dataset, *, x: str = "flip_rate", y: str = "bg_ss
                  f"dashed: {floor:g}", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def _plain(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
