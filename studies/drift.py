@@ -29,12 +29,15 @@ QUICK = dict(schemes=("lora",), train_drifts=(0.0, 0.1), deltas=(0.0, 0.1), step
              confirm_seeds=2, held_out=8, per_class=4)
 
 
-def parse(argv=None) -> tuple[AdaptationConfig, Path, bool, bool]:
+def parse(argv=None) -> tuple[AdaptationConfig, Path, bool, dict | None]:
     p = argparse.ArgumentParser(prog="drift", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the small version (a few minutes on CPU)")
     p.add_argument("--out", default=None, help="result folder (default: cache/studies/drift-<hash>)")
     p.add_argument("--count", nargs="+", default=(), metavar="LABEL=N", help="fewer training images of a class")
     p.add_argument("--downstream", action="store_true", help="also the detector trained on real + generated images")
+    p.add_argument("--downstream-seeds", type=int, default=8, help="detector training seeds (default: 8)")
+    p.add_argument("--downstream-adapters", nargs="+", default=None, metavar="NAME",
+                   help="adapters whose images augment the detector, e.g. lora_d0 (default: all)")
     for f in dataclasses.fields(AdaptationConfig):
         if f.name == "counts":
             continue
@@ -59,7 +62,8 @@ def parse(argv=None) -> tuple[AdaptationConfig, Path, bool, bool]:
         p.error(str(err))
     cfg = AdaptationConfig(**values, counts=counts)
     digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
-    return cfg, Path(args.out or Path("cache") / "studies" / f"drift-{digest}"), args.quick, args.downstream
+    detector = {"seeds": args.downstream_seeds, "adapters": args.downstream_adapters} if args.downstream else None
+    return cfg, Path(args.out or Path("cache") / "studies" / f"drift-{digest}"), args.quick, detector
 
 
 def report(result: dict) -> None:
@@ -82,14 +86,20 @@ def report(result: dict) -> None:
         print(f"  {name} (as picked) minus plain fine-tuning without drift: {f(diff)} (< 0: drift is closer)")
 
 
-def downstream(result: dict, out: Path, quick: bool) -> dict:
+def downstream(result: dict, out: Path, quick: bool, seeds: int = 8, adapters: list[str] | None = None) -> dict:
     """The detector test over the shipped model and each adapter without and with its picked drift."""
     from dit_lens import load
 
     cfg = AdaptedDownstreamConfig(**(dict(synthetic_per_class=8, train_seeds=(0, 1), test_per_class=32,
-                                          detector_steps=60) if quick else {}))
+                                          detector_steps=60) if quick else {"train_seeds": tuple(range(seeds))}))
+    known = [a["name"] for a in result["adapters"]]
+    if adapters is not None and set(adapters) - set(known):
+        raise SystemExit(f"drift: --downstream-adapters {sorted(set(adapters) - set(known))} are not adapters of "
+                         f"this study; it has {known}")
     generators = {"shipped": (load("embedded"), 0.0)}
     for a in result["adapters"]:
+        if adapters is not None and a["name"] not in adapters:
+            continue
         lens = load("embedded", lora=out / "adapters" / a["name"])
         name = a["name"].replace(".", "_")
         generators[name] = (lens, 0.0)
@@ -112,8 +122,8 @@ def main(argv=None) -> int:
     print(f"drift: results in {out}")
     result = run_adaptation(cfg, out)
     report(result)
-    if detector:
-        downstream(result, out, quick)
+    if detector is not None:
+        downstream(result, out, quick, detector["seeds"], detector["adapters"])
     return 0
 
 

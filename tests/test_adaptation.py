@@ -40,7 +40,8 @@ def test_the_drift_study_reads_its_flags_into_the_config():
 
     parse = runpy.run_path(str(find_study("drift")))["parse"]
     cfg, out, quick, detector = parse(["--quick", "--count", "esophagitis=3", "--deltas", "0", "0.1", "--forms", "initial"])
-    assert quick and not detector and parse(["--downstream"])[3] and cfg.schemes == ("lora",) and cfg.deltas == (0.0, 0.1) and cfg.forms == ("initial",)
+    assert quick and detector is None and parse(["--downstream", "--downstream-seeds", "4"])[3] == {
+        "seeds": 4, "adapters": None} and cfg.schemes == ("lora",) and cfg.deltas == (0.0, 0.1) and cfg.forms == ("initial",)
     assert cfg.counts == {"esophagitis": 3} and out.parent.name == "studies" and out.name.startswith("drift-")
     assert parse([])[0] == AdaptationConfig()  # no flags: the declared defaults
     with pytest.raises(SystemExit):
