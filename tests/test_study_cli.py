@@ -96,3 +96,16 @@ def test_a_study_runs_end_to_end_and_shows_the_picked_setting(tiny_pipeline, tmp
     assert (tmp_path / "out" / "best_p0.html").stat().st_size > 100_000  # plotly.js inlined
     for name in ("best_p0.png", "e2e.png", "result.zarr"):
         assert (tmp_path / "out" / name).exists()
+
+
+def test_require_sets_the_floors_and_help_shows_the_declared_values(capsys):
+    s = declared(STUDY, parser(STUDY).parse_args(["--require", "flip_rate=0.8", "target_rate=0.9"]))
+    assert s.require == {"flip_rate": 0.8, "target_rate": 0.9}
+    with pytest.raises(SystemExit):
+        parser(STUDY).parse_args(["--require", "target_rate"])
+    with pytest.raises(ValueError, match="names metrics"):
+        declared(STUDY, parser(STUDY).parse_args(["--require", "polyp_kept=0.9"]))
+    with pytest.raises(SystemExit):
+        parser(STUDY).parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"(declared: {STUDY.eval_seeds})" in text and "declared: flip_rate=0.9" in text

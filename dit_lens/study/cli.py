@@ -54,15 +54,30 @@ def parser(study: Study) -> argparse.ArgumentParser:
     p.add_argument("--pairs", nargs="+", type=_pair, help="concept pairs 'SOURCE>TARGET'")
     p.add_argument("--methods", nargs="+", choices=list(METHODS),
                    help=f"methods to compare (declared: {' '.join(study.methods)})")
+    p.add_argument("--require", nargs="+", type=_floor, metavar="METRIC=FLOOR",
+                   help=f"what a picked setting must reach (declared: "
+                        f"{' '.join(f'{k}={v:g}' for k, v in study.require.items())}), e.g. target_rate=0.9")
     for axis in _axes().values():
+        swept = {m: sweep[axis.name] for m, sweep in study.methods.items() if axis.name in sweep}
+        shown = "; ".join(f"{m}: {' '.join(str(axis.label(v)) for v in values)}" for m, values in swept.items())
         p.add_argument(f"--{axis.flag}", nargs="+", type=axis.parse, dest=f"axis_{axis.name}",
-                       help=f"{axis.help} (the {axis.name!r} axis)")
-    p.add_argument("--eval-seeds", type=int, help="pairs per cell")
+                       help=f"{axis.help} (the {axis.name!r} axis; declared: {shown or 'the method default'})")
+    p.add_argument("--eval-seeds", type=int, help=f"pairs per cell (declared: {study.eval_seeds})")
     p.add_argument("--eval-seed-base", type=int,
                    help=f"first evaluation seed (default {study.eval_seed_base}); another base measures on fresh seeds")
-    p.add_argument("--steps", type=int, dest="num_inference_steps", help="denoising steps")
-    p.add_argument("--guidance", type=float, dest="guidance_scale", help="guidance scale")
+    p.add_argument("--steps", type=int, dest="num_inference_steps",
+                   help=f"denoising steps (declared: {study.num_inference_steps})")
+    p.add_argument("--guidance", type=float, dest="guidance_scale",
+                   help=f"guidance scale (declared: {study.guidance_scale:g})")
     return p
+
+
+def _floor(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        return name.strip(), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a floor is METRIC=VALUE, e.g. target_rate=0.9; got {text!r}") from None
 
 
 def declared(study: Study, args: argparse.Namespace) -> Study:
@@ -74,6 +89,8 @@ def declared(study: Study, args: argparse.Namespace) -> Study:
                                if getattr(args, f) is not None}
     if args.methods:
         changes["methods"] = {m: study.methods.get(m, {}) for m in args.methods}
+    if getattr(args, "require", None):
+        changes["require"] = dict(args.require)
     if args.pairs:
         template = study.pairs[0]
         changes["pairs"] = tuple(
