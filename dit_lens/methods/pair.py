@@ -6,7 +6,7 @@ embedded world's are `dit_lens.world.domain.ENDOSCOPY_CONTEXTS`).
 Examples:
     >>> pair = ConceptPair("polyps", "normal cecum", contexts=("An image of {}", "A photo of {}"))
     >>> pair.name, pair.source_prompt, pair.negative()
-    ('polyps → normal cecum', 'An image of polyps', ['An image of normal cecum', 'A photo of normal cecum'])
+    ('polyps -> normal cecum', 'An image of polyps', ['An image of normal cecum', 'A photo of normal cecum'])
 """
 
 from __future__ import annotations
