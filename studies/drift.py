@@ -112,7 +112,7 @@ def downstream(result: dict, out: Path, quick: bool, seeds: int = 8, adapters: l
     print(f"Polyp detector on held-out shifted images, AUC over {n} training seeds (real: {cfg.real_per_class} per "
           f"class; + {cfg.synthetic_per_class} generated per class):")
     for arm, e in found["arms"].items():
-        gains = "".join(f", minus {k[9:]} {f(e[k])}" for k in ("gain_vs_real", "gain_vs_shipped") if k in e)
+        gains = "".join(f", minus {k[8:]} {f(e[k])}" for k in ("gain_vs_real", "gain_vs_shipped") if k in e)
         print(f"  {arm}: {f(e['auc'])}{gains}")
     return found
 
