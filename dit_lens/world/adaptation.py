@@ -33,6 +33,7 @@ from ..study.distribution import frechet_difference, frechet_estimate
 from ..study.metrics import estimate
 from ..training.finetune import finetune
 from .data import world_split
+from .folders import claim_settings
 from .judges import load_oracle
 from .procedural import LABELS, caption, render
 
@@ -149,13 +150,7 @@ def run_adaptation(cfg: AdaptationConfig, folder: str | Path, *, source: str = "
     """
     from ..model.lens import load
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    claim = folder / "adaptation.json"
-    settings = json.loads(json.dumps(cfg.to_dict()))  # as stored: tuples are lists
-    if claim.is_file() and json.loads(claim.read_text()) != settings:
-        raise FileExistsError(f"{folder} holds an adaptation study with other settings; pick a new folder")
-    claim.write_text(json.dumps(cfg.to_dict(), indent=1))
+    folder = claim_settings(folder, "adaptation.json", cfg.to_dict(), "an adaptation study")
     oracle = load_oracle()
     log = print if progress else (lambda *a: None)
     sweep_ref, _ = _real(cfg, cfg.held_out_base, cfg.held_out)

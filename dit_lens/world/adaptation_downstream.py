@@ -25,6 +25,7 @@ from ..interventions.drift import LatentDrift
 from ..interventions.generate import generate
 from ..study.metrics import estimate
 from .downstream import DownstreamConfig, _test_set, _train_and_test
+from .folders import cached_json, claim_settings
 from .procedural import caption, render
 
 __all__ = ["AdaptedDownstreamConfig", "run_adapted_downstream"]
@@ -101,12 +102,8 @@ def run_adapted_downstream(generators: dict[str, tuple[Any, float | LatentDrift]
     bad = [name for name in generators if not name.isidentifier() or name == "real"]
     if bad:
         raise ValueError(f"generator arm names must be identifiers other than 'real', got {bad}")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    claim, settings = folder / "adapted_downstream.json", json.loads(json.dumps(cfg.to_dict()))
-    if claim.is_file() and json.loads(claim.read_text()) != settings:
-        raise FileExistsError(f"{folder} holds a downstream test with other settings; pick a new folder")
-    claim.write_text(json.dumps(settings, indent=1))
+    folder = claim_settings(folder, "adapted_downstream.json", cfg.to_dict(), "a downstream test")
+    settings = json.loads(json.dumps(cfg.to_dict()))
     log = print if progress else (lambda *a: None)
     n = cfg.real_per_class
     real = render([cfg.source] * n + [cfg.target] * n, list(range(n)) * 2, split="shifted").images
@@ -127,13 +124,9 @@ def run_adapted_downstream(generators: dict[str, tuple[Any, float | LatentDrift]
     for arm, (x, y, _) in arms.items():
         per_seed[arm] = []
         for seed in cfg.train_seeds:
-            path = folder / "cells" / f"{arm}_seed{seed}.json"
-            if not path.is_file():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.with_suffix(".tmp").write_text(json.dumps(
-                    _train_and_test(x, y, seed, cfg.downstream(), test, test_y, test_label)))
-                path.with_suffix(".tmp").replace(path)
-            per_seed[arm].append(json.loads(path.read_text()))
+            per_seed[arm].append(cached_json(folder / "cells" / f"{arm}_seed{seed}.json", lambda x=x, y=y, seed=seed:
+                                             _train_and_test(x, y, seed, cfg.downstream(), test, test_y, test_label),
+                                             timed=False))
         log(f"adapted downstream {arm}: AUC {np.mean([c['auc'] for c in per_seed[arm]]):.3f}")
     auc = {arm: np.array([c["auc"] for c in cells]) for arm, cells in per_seed.items()}
     result: dict = {"settings": settings, "arms": {}}

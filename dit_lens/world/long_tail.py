@@ -33,6 +33,7 @@ from ..interventions.noise import attention_concentration, class_probability, op
 from ..study.metrics import estimate, proportion
 from ..training.finetune import finetune
 from .data import world_split
+from .folders import cached_json, claim_settings
 from .judges import load_oracle
 from .procedural import LABELS, caption
 
@@ -99,18 +100,6 @@ def _read(oracle: Any, images: np.ndarray, label: str) -> np.ndarray:
     return oracle(images).argmax(1) == list(oracle.labels).index(label)  # (seeds,) bool
 
 
-def _cached(path: Path, compute) -> dict:
-    if path.is_file():
-        return json.loads(path.read_text())
-    start = time.perf_counter()
-    result = compute()
-    result["seconds"] = round(time.perf_counter() - start, 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".tmp").write_text(json.dumps(result, indent=1))
-    path.with_suffix(".tmp").replace(path)
-    return result
-
-
 def run_long_tail(cfg: LongTailConfig, folder: str | Path, *, source: str = "embedded", progress: bool = True) -> dict:
     """Fine-tune the long-tail LoRA, then measure every (guidance scale, objective) cell.
 
@@ -119,12 +108,8 @@ def run_long_tail(cfg: LongTailConfig, folder: str | Path, *, source: str = "emb
     """
     from ..model.lens import load
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    claim, settings = folder / "long_tail.json", json.loads(json.dumps(cfg.to_dict()))
-    if claim.is_file() and json.loads(claim.read_text()) != settings:
-        raise FileExistsError(f"{folder} holds a long-tail study with other settings; pick a new folder")
-    claim.write_text(json.dumps(settings, indent=1))
+    folder = claim_settings(folder, "long_tail.json", cfg.to_dict(), "a long-tail study")
+    settings = json.loads(json.dumps(cfg.to_dict()))
     log = print if progress else (lambda *a: None)
     oracle, base = load_oracle(), load(source)
     data = world_split("shifted", per_class=cfg.per_class, counts={cfg.label: cfg.count})
@@ -142,7 +127,7 @@ def run_long_tail(cfg: LongTailConfig, folder: str | Path, *, source: str = "emb
                            progress=False)
             return {"read": _read(oracle, out["image"].sel(prompt=prompt, branch="original").values, cfg.label).tolist()}
 
-        base_cell = _cached(folder / "cells" / f"shipped_g{g:g}.json", shipped)
+        base_cell = cached_json(folder / "cells" / f"shipped_g{g:g}.json", shipped)
         for name in cfg.objectives:
             def cell(g=g, name=name) -> dict:
                 objective, target = _objective(name, cfg, oracle)
@@ -162,7 +147,7 @@ def run_long_tail(cfg: LongTailConfig, folder: str | Path, *, source: str = "emb
                         "objective_after": report["after"].values.tolist(),
                         **{k: report[k].values.tolist() for k in ("cosine", "norm_ratio", "ks_pvalue", "best_iteration")}}
 
-            measured = _cached(folder / "cells" / f"{name}_g{g:g}.json", cell)
+            measured = cached_json(folder / "cells" / f"{name}_g{g:g}.json", cell)
             before, after = np.array(measured["before"]), np.array(measured["after"])
             moved = np.array(measured["best_iteration"]) > 0
             entry = {"guidance_scale": g, "objective": name, "shipped": proportion(base_cell["read"]).to_dict(),
