@@ -18,7 +18,6 @@ Examples:
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -369,119 +368,9 @@ def _pairwise(out: xr.Dataset, background: xr.DataArray, fn: Callable, name: str
     return xr.DataArray(values, dims=("prompt", "seed"), coords={k: image[k].values for k in ("prompt", "seed")}, name=name)
 
 
-#: The torchvision backbone weights each LPIPS net loads (the ``lpips`` package ships only its linear
-#: layers); they must already be in ``$TORCH_HOME/hub/checkpoints/`` (``torch.hub.get_dir()``).
-LPIPS_BACKBONES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth",
-                   "squeeze": "squeezenet1_1-b8a52dc0.pth"}
+# LPIPS lives in `lpips_metric` (optional packages and weights); re-exported here.
+from .lpips_metric import LPIPS_BACKBONES, background_lpips, lpips_unavailable  # noqa: E402
 
-
-def lpips_unavailable(net: str = "alex") -> str | None:
-    """Why LPIPS with `net` cannot run here (a text starting with "unavailable"), or None when it can.
-
-    Nothing is downloaded: the packages and the backbone file must be on this machine already."""
-    from importlib.util import find_spec
-
-    if net not in LPIPS_BACKBONES:
-        raise ValueError(f"LPIPS net must be one of {list(LPIPS_BACKBONES)}, got {net!r}")
-    missing = [m for m in ("lpips", "torchvision") if find_spec(m) is None]
-    if missing:
-        return (f"unavailable: the {' and '.join(missing)} package{'s are' if len(missing) > 1 else ' is'} not "
-                f"installed (pip install lpips torchvision)")
-    import torch
-
-    weights = Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONES[net]
-    if not weights.is_file():
-        return f"{LPIPS_UNAVAILABLE}: {weights} (torchvision's {net} backbone) is missing; copy it there to enable LPIPS"
-    return None
-
-
-def background_lpips(out: xr.Dataset, background: xr.DataArray, *, net: str = "alex") -> xr.DataArray:
-    """Spatial LPIPS between the pair averaged over background pixels ``(prompt, seed)``.
-
-    Needs the ``lpips`` and ``torchvision`` packages and the backbone's weights already on disk
-    (`lpips_unavailable` names the file). When they are not available, returns NaN everywhere with
-    ``attrs["status"]`` saying why; callers must report that status, never a substitute number under
-    the LPIPS name.
-    """
-    cells = {k: out[k].values for k in ("prompt", "seed")}
-    reason = lpips_unavailable(net)
-    if reason is None:
-        try:
-            import lpips
-            import torch
-
-            model = lpips.LPIPS(net=net, spatial=True, verbose=False).eval()
-        except Exception as err:  # a damaged weights file, an incompatible torchvision
-            reason = f"unavailable: LPIPS failed to load ({type(err).__name__}: {err})"
-    if reason is not None:
-        empty = np.full((len(cells["prompt"]), len(cells["seed"])), np.nan)
-        da = xr.DataArray(empty, dims=("prompt", "seed"), coords=cells, name="bg_lpips")
-        da.attrs["status"] = reason
-        return da
-
-    def one(a: np.ndarray, b: np.ndarray, keep: np.ndarray) -> float:
-        if not keep.any():
-            return float("nan")
-        to = lambda x: torch.from_numpy(x).permute(2, 0, 1)[None].float() * 2 - 1  # noqa: E731
-        with torch.no_grad():
-            dist = model(to(a), to(b))[0, 0].numpy()  # (H, W)
-        return float(dist[keep].mean())
-
-    da = _pairwise(out, background, one, "bg_lpips")
-    da.attrs["status"] = f"lpips {net}"
-    return da
-
-
-# -- edits confined to a region: the result holds ``region (prompt, seed, y, x)`` --------------------------------
-
-def _region(judged: Judged) -> xr.DataArray:
-    if "region" not in judged.out:
-        raise ValueError("this metric needs the region each pair was edited in (a 'region' variable (prompt, seed, y, "
-                         "x) in the result, as region-confined methods return)")
-    return judged.out["region"].astype(bool).transpose("prompt", "seed", "y", "x")
-
-
-def target_read(judged: Judged) -> xr.DataArray:
-    """Per pair: the counterfactual is classified as the target (the pathology asked for)."""
-    predicted = judged.probs.sel(branch="edited").idxmax("class")
-    return (predicted == judged.target).astype(np.float64).rename("target_read")
-
-
-def lesion_inside(judged: Judged) -> xr.DataArray:
-    """Per pair: the share of the counterfactual's lesion pixels (segmenter) inside the region; 0 without a lesion."""
-    lesion = judged.masks.sel(branch="edited").transpose("prompt", "seed", "y", "x")
-    inside = (lesion & _region(judged)).sum(("y", "x"))
-    return (inside / lesion.sum(("y", "x")).clip(min=1)).astype(np.float64).rename("lesion_inside")
-
-
-def inserted_inside(judged: Judged) -> xr.DataArray:
-    """Per pair: the share of the *inserted* lesion pixels inside the region; 0 when nothing was inserted.
-
-    Inserted pixels are those the segmenter marks in the counterfactual but not in the original. When the
-    original already shows something the segmenter calls a lesion (a false positive on a normal image, or a
-    lesion that was there before), `lesion_inside` counts it against the edit wherever it lies; this counts
-    only what the edit added.
-    """
-    masks = judged.masks.transpose("prompt", "seed", "branch", "y", "x")
-    new = masks.sel(branch="edited") & ~masks.sel(branch="original")
-    inside = (new & _region(judged)).sum(("y", "x"))
-    return (inside / new.sum(("y", "x")).clip(min=1)).astype(np.float64).rename("inserted_inside")
-
-
-def region_dice(judged: Judged) -> xr.DataArray:
-    """Per pair: Dice between the counterfactual's lesion mask and the region."""
-    lesion = judged.masks.sel(branch="edited").transpose("prompt", "seed", "y", "x")
-    region = _region(judged)
-    both = (lesion & region).sum(("y", "x"))
-    return (2 * both / (lesion.sum(("y", "x")) + region.sum(("y", "x")))).astype(np.float64).rename("region_dice")
-
-
-def outside_ssim(judged: Judged) -> xr.DataArray:
-    """Per pair: SSIM between original and counterfactual over the pixels outside the region (masked windows)."""
-    return background_ssim(judged.out, ~_region(judged)).rename("outside_ssim")
-
-
-#: What a study of region-confined edits measures beside the standard metrics.
-REGION_METRICS = (Metric("target_read", target_read), Metric("lesion_inside", lesion_inside),
-                  Metric("inserted_inside", inserted_inside),
-                  Metric("region_dice", region_dice), Metric("outside_ssim", outside_ssim))
+# Region metrics live in `region_metrics` (they read the Judged pairs this module defines); re-exported here.
+from .region_metrics import (REGION_METRICS, inserted_inside, lesion_inside, outside_ssim,  # noqa: E402
+                             region_dice, target_read)
