@@ -1,7 +1,6 @@
 """attention_maps (dit_lens.readouts.attention_maps) and the word -> token mapping (dit_lens.trace.tokens)."""
 
 import io
-import json
 
 import numpy as np
 import pytest
@@ -23,7 +22,7 @@ def test_maps_are_head_means_summed_over_each_words_tokens(tiny_lens):
     assert attention.dims == ("prompt", "seed", "step", "layer", "word", "row", "col")
     assert attention.shape == (2, 2, T, 3, 2, 4, 4)
     assert maps.n_tokens.values.tolist() == [[5, 3], [5, 3]]
-    assert json.loads(maps.attrs["word_tokens"])["a polyp, red and raised"] == {"polyp": [2, 3, 4, 5, 6],
+    assert maps.attrs["word_tokens"]["a polyp, red and raised"] == {"polyp": [2, 3, 4, 5, 6],
                                                                                "red": [9, 10, 11]}
     for p, prompt in enumerate(prompts):
         tokens = {"polyp": [6, 7, 8, 9, 10], "red": [2, 3, 4]} if p == 0 else {"polyp": [2, 3, 4, 5, 6],

@@ -357,7 +357,7 @@ def test_edit_results_name_method_prompts_settings_and_model(tiny_lens, images):
     assert attrs["num_inference_steps"] == 3 and attrs["guidance_scale"] == 3.5
     assert attrs["inversion_guidance"] == 1.5 and attrs["refine"] == 1
     assert attrs["sampler"] == "DDIM (eta 0, leading)"
-    assert json.loads(attrs["settings"]) == {"feature_fraction": 0.4, "attention_fraction": 0.5,
+    assert attrs["settings"] == {"feature_fraction": 0.4, "attention_fraction": 0.5,
                                              "feature_layers": [2], "attention_layers": None}
     assert attrs["model_fingerprint"] == tiny_lens.provenance()["model_fingerprint"]
     json.dumps(dict(attrs))  # plain values: the result saves as it is
@@ -367,7 +367,7 @@ def test_edit_results_name_method_prompts_settings_and_model(tiny_lens, images):
     h = edit(tiny_lens, images, source=SOURCE, target=TARGET, method="hedit", num_inference_steps=3,
              iterations=2, progress=False)
     assert h.attrs["method"] == "hedit"
-    assert json.loads(h.attrs["settings"]) == {"source_guidance": 4.5, "base_guidance": 1.0, "iterations": 2,
+    assert h.attrs["settings"] == {"source_guidance": 4.5, "base_guidance": 1.0, "iterations": 2,
                                                "skip": 0.3, "weight_reconstruction": 0.1}
     trajectory = invert(tiny_lens, images, SOURCE, num_inference_steps=3, guidance_scale=2.0, refine=1, progress=False)
     assert {k: trajectory.attrs[k] for k in ("prompt", "num_inference_steps", "guidance_scale", "refine")} == \

@@ -70,7 +70,7 @@ def test_a_step_window_steers_only_those_steps(tiny_lens, tmp_path):
     assert list(result["steps"].values) == ["0-1", "0.5-1"]
     ssim = result["bg_ssim"].squeeze()
     assert np.isfinite(ssim).all() and not np.allclose(ssim.values[0], ssim.values[1])
-    assert json.loads(result.attrs["steps_resolved"]) == {"0-1": "all", "0.5-1": [2, 3]}
+    assert result.attrs["steps_resolved"] == {"0-1": "all", "0.5-1": [2, 3]}
 
 
 def test_a_blend_axis_blends_its_cells_and_keeps_unblended_cell_names(tiny_lens, tmp_path):
@@ -171,9 +171,13 @@ def test_run_study_grid_result_and_resume(tiny_lens, study, tmp_path, monkeypatc
     # the baseline fills its row whatever the steering settings
     rep = result.sel({"method": "reprompt"})["bg_ssim"].values
     assert np.isfinite(rep).all() and np.allclose(rep, rep.flat[0])
-    assert xr.open_zarr(tmp_path / "s" / "result.zarr")["flip_rate"].shape == result["flip_rate"].shape
-    assert json.loads(result.attrs["study"])["methods"]["medsteer"]["alpha"] == [0.0, 3.0]
-    assert json.loads(result.attrs["method_axes"])["reprompt"] == ["blend"]
+    stored = xr.open_zarr(tmp_path / "s" / "result.zarr")
+    assert stored["flip_rate"].shape == result["flip_rate"].shape
+    # attrs are typed and read back from the store as they were written (numbers stay numbers)
+    assert stored.attrs == result.attrs and result.attrs["eval_seeds"] == [10_000, 10_001, 10_002]
+    assert result.attrs["require"]["flip_rate"] == pytest.approx(0.9)
+    assert result.attrs["study"]["methods"]["medsteer"]["alpha"] == [0.0, 3.0]
+    assert result.attrs["method_axes"]["reprompt"] == ["blend"]
 
     # a re-run reuses every finished cell: the model is never called
     import dit_lens.methods.medsteer as medsteer
@@ -248,7 +252,7 @@ def test_declared_metrics_and_floors_are_measured_and_picked_with(tiny_lens, tmp
     np.testing.assert_allclose(kept.values, 1.0 - flips.values)  # the oracle's two classes
     assert int(result["still_source_n"].max()) == 2
     (pick,) = pick_settings(result)
-    assert "still_source" in pick and json.loads(result.attrs["require"]) == {"flip_rate": 0.0, "still_source": 0.0}
+    assert "still_source" in pick and result.attrs["require"] == {"flip_rate": 0.0, "still_source": 0.0}
 
 
 def test_folders_written_before_methods_keep_their_key_and_cells(tiny_lens, tmp_path, monkeypatch):

@@ -19,7 +19,6 @@ Examples:
 
 from __future__ import annotations
 
-import json
 from contextlib import nullcontext
 from typing import Any, Sequence
 
@@ -28,6 +27,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
+from ..trace.attrs import typed
 from ..trace.runner import Hook, initial_noise, scheduler_timesteps, traced_generate
 from ..validate import NonFiniteError, check_guidance, check_int, check_prompts, check_seeds, check_steps
 from .base import Composite, EditContext, Guidance, Intervention, LatentEdit, SiteEdit, flatten
@@ -130,9 +130,9 @@ def generate(
         num_inference_steps=num_inference_steps,
         guidance_scale=float(guidance_scale),
         blend=blends[-1] if blends else 0.0,
-        seeds=json.dumps(seeds),
-        steers=json.dumps([e.settings() for e in edits if isinstance(e, Steer)]),
-        edits=json.dumps([e.settings() for e in edits]),
+        seeds=typed(seeds),
+        steers=typed([e.settings() for e in edits if isinstance(e, Steer)]),
+        edits=typed([e.settings() for e in edits]),
     )
     return ds
 
@@ -189,8 +189,8 @@ def reprompt(
     ds = xr.Dataset(data, coords=coords)
     ds.attrs.update(lens.provenance())
     ds.attrs.update(num_inference_steps=num_inference_steps, guidance_scale=float(guidance_scale),
-                    blend=check_blend(blend), seeds=json.dumps(seeds), edit="reprompt", target_prompt=target,
-                    edits=json.dumps([e.settings() for e in edits]))
+                    blend=check_blend(blend), seeds=typed(seeds), edit="reprompt", target_prompt=target,
+                    edits=typed([e.settings() for e in edits]))
     return ds
 
 

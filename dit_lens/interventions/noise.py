@@ -46,7 +46,6 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import torch

@@ -37,7 +37,7 @@ import torch
 from ..trace.tokens import check_words
 from ..validate import check_nonnegative
 from .base import check_where
-from .region import Region, as_region, check_window, window_steps
+from .region import as_region, check_window, window_steps
 
 __all__ = ["AttentionConcentration", "ClassProbability", "attention_concentration", "class_probability", "frozen"]
 

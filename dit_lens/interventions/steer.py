@@ -26,7 +26,6 @@ Examples:
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
@@ -35,6 +34,7 @@ import torch
 import xarray as xr
 
 from ..readouts.vectors import _check_vector
+from ..trace.attrs import read, typed
 from ..validate import check_real
 from .base import HALVES, EditContext, SiteEdit, register
 from .region import Region
@@ -240,7 +240,7 @@ class Steer(SiteEdit):
         for key in ("positive_prompts", "positive_seeds", "negative_prompts", "negative_seeds"):
             value = self.vector.attrs.get(key)
             if value is not None:
-                found[key] = json.loads(value) if isinstance(value, str) else list(value)
+                found[key] = list(read(self.vector.attrs, key))
         return found
 
     def to_dict(self) -> dict:
@@ -248,7 +248,7 @@ class Steer(SiteEdit):
         digest over all of it, so a saved file whose α, layers, steps, update or vector was edited is refused."""
         data = self.settings()
         vector = self.vector.astype(np.float64).to_dict(data="list")
-        vector["attrs"] = {k: v for k, v in vector["attrs"].items() if isinstance(v, (str, int, float))}
+        vector["attrs"] = typed(vector["attrs"])
         data["vector"] = vector
         if self.region is not None:
             data["region"] = self.region.to_dict()

@@ -28,7 +28,6 @@ Examples:
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 from dataclasses import asdict, dataclass
@@ -43,6 +42,7 @@ from tqdm.auto import tqdm
 from ..interventions.base import Intervention, SiteEdit
 from ..interventions.generate import _Plan, _as_edits
 from ..interventions.inject import Inject
+from ..trace.attrs import typed
 from ..validate import NonFiniteError, check_fraction, check_guidance, check_int, check_real
 from .sampler import Denoiser, alpha_bars, check_images, ddim_move, ddim_scheduler, decode, to_epsilon
 from .trajectory import check_trajectory, invert
@@ -233,8 +233,8 @@ def edit(
     ds.attrs.update(method=method, source_prompt=source, target_prompt=target or "", num_inference_steps=T,
                     guidance_scale=guidance, inversion_guidance=float(trajectory.attrs["guidance_scale"]),
                     refine=int(trajectory.attrs.get("refine", 0)), sampler=trajectory.attrs["sampler"],
-                    settings=json.dumps(_resolved(editor, guidance)),
-                    edits=json.dumps([e.settings() for e in interventions]))
+                    settings=typed(_resolved(editor, guidance)),
+                    edits=typed([e.settings() for e in interventions]))
     return ds
 
 

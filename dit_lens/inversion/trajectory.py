@@ -24,7 +24,6 @@ Examples:
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
@@ -125,7 +124,7 @@ def invert(
     ds.attrs.update(lens.provenance())
     ds.attrs.update(prompt=prompt, num_inference_steps=T, guidance_scale=guidance, refine=refine,
                     sampler="DDIM (eta 0, leading)",
-                    prediction_type=kind, image_size=json.dumps([height, width]))
+                    prediction_type=kind, image_size=[int(height), int(width)])
     return ds
 
 

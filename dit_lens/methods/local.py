@@ -25,7 +25,6 @@ Examples:
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from typing import Any, Sequence
 
@@ -131,7 +130,7 @@ def _run(lens: Any, pair: ConceptPair, seeds: Sequence[int], settings: dict, *, 
                    guidance_scale=context.guidance_scale, record_gates=context.record_gates,
                    batch_size=context.batch_size, progress=context.progress)
     out["region"] = region.expand_dims(prompt=out["prompt"].values)
-    out.attrs["unlocalised_seeds"] = json.dumps([int(s) for s, f in zip(seeds, found) if not f])
+    out.attrs["unlocalised_seeds"] = [int(s) for s, f in zip(seeds, found) if not f]
     return out
 
 

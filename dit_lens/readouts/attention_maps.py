@@ -24,7 +24,6 @@ Examples:
 
 from __future__ import annotations
 
-import json
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -32,6 +31,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
+from ..trace.attrs import typed
 from ..trace.capture import DEFAULT_BATCH, CaptureSettings
 from ..trace.runner import scheduler_timesteps
 from ..trace.runner import Hook, check_prompts, check_seeds, is_int, traced_generate
@@ -142,10 +142,10 @@ def attention_maps(
         site=settings.site,
         num_inference_steps=T,
         guidance_scale=settings.guidance_scale,
-        seeds=json.dumps(seeds),
+        seeds=typed(seeds),
         batch_size=int(batch_size),
         token_grid=[rows, cols],
-        word_tokens=json.dumps({prompt: {w: list(t[w]) for w in words} for prompt, t in zip(prompts, tokens)}),
+        word_tokens=typed({prompt: {w: list(t[w]) for w in words} for prompt, t in zip(prompts, tokens)}),
     )
     return ds
 

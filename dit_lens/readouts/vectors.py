@@ -17,7 +17,6 @@ Examples:
 from __future__ import annotations
 
 import io
-import json
 import pickle
 import warnings
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import xarray as xr
 
-from ..validate import UNIT_NORM_TOLERANCE, check_unit_norm
+from ..validate import check_unit_norm
 
 __all__ = ["concept_vector", "save_vector", "load_vector", "export_authors", "import_authors", "normalize_vector"]
 
@@ -139,9 +138,9 @@ def _provenance(positive: xr.Dataset, negative: xr.Dataset, site: str) -> dict:
 
     attrs: dict = {"site": site, "dit_lens_version": __version__}
     for which, ds in (("positive", positive), ("negative", negative)):
-        attrs[f"{which}_prompts"] = json.dumps([str(p) for p in np.atleast_1d(ds.get("prompt", []))])
+        attrs[f"{which}_prompts"] = [str(p) for p in np.atleast_1d(ds.get("prompt", []))]
         if "seed" in ds.coords:
-            attrs[f"{which}_seeds"] = json.dumps([int(s) for s in ds["seed"].values])
+            attrs[f"{which}_seeds"] = [int(s) for s in ds["seed"].values]
     for key in ("model_fingerprint", "model_source"):
         if key in positive.attrs:
             attrs[key] = positive.attrs[key]

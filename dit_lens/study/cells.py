@@ -28,6 +28,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from ..methods import MethodContext, Vectors, get
+from ..trace.attrs import typed
 from ..trace.locks import claim_folder, exclusive, remove_stale_temporaries, temporary_name, try_exclusive, write_atomic
 from ..views.explorer import write_explorer
 from ..views.figures import pairs_figure
@@ -202,17 +203,17 @@ class CellRunner:
         ds = xr.Dataset({k: (tuple(coords), v) for k, v in arrays.items()}, coords=coords)
         ds.attrs.update(self.lens.provenance())
         ds.attrs.update(
-            study=json.dumps(s.to_dict()), folder=str(self.folder),
-            method_axes=json.dumps({m: list(sweep) for m, sweep in s.methods.items()}),
-            metrics=json.dumps(names), require=json.dumps(s.require),
-            extras=json.dumps([m for m in names if m not in (*M.STANDARD_METRICS, *(x.name for x in s.metrics))]),
-            eval_seeds=json.dumps([s.eval_seed_base + i for i in range(s.eval_seeds)]),
+            study=typed(s.to_dict()), folder=str(self.folder),
+            method_axes=typed({m: list(sweep) for m, sweep in s.methods.items()}),
+            metrics=typed(names), require=typed(s.require),
+            extras=typed([m for m in names if m not in (*M.STANDARD_METRICS, *(x.name for x in s.metrics))]),
+            eval_seeds=[s.eval_seed_base + i for i in range(s.eval_seeds)],
             bg_lpips_status="; ".join(sorted(x for x in status if x)),
         )
         for name, axis in axes.items():  # what the values meant on this model and sampler (layer windows → blocks)
             if axis.resolve is not None:
                 values = dict.fromkeys(v for sweep in s.methods.values() for v in sweep.get(name, ()))
-                ds.attrs[f"{name}_resolved"] = json.dumps(
+                ds.attrs[f"{name}_resolved"] = typed(
                     {str(axis.label(v)): axis.resolve(v, self.lens, s.num_inference_steps) for v in values})
         with exclusive(self.folder):
             _replace_zarr(ds, self.folder / "result.zarr")

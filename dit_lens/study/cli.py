@@ -12,7 +12,6 @@ that diverged) prints one line and exits with status 2; ``--debug`` shows the tr
 from __future__ import annotations
 
 import argparse
-import json
 import runpy
 import sys
 import time
@@ -21,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 from ..methods import METHODS
 from ..methods.pair import ConceptPair
+from ..trace.attrs import read
 from ..validate import USER_ERRORS, check_pipeline_folder, check_writable_folder
 from .declaration import Study, floors, method_axes, metric_names, pick_settings, run_study
 from .metrics import STANDARD_METRICS
@@ -197,7 +197,7 @@ def print_table(result) -> None:
 
 
 def _extras(result) -> list[str]:
-    return json.loads(result.attrs.get("extras", "[]"))
+    return read(result.attrs, "extras", [])
 
 
 def _varies(result, name: str) -> bool:

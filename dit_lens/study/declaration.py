@@ -30,6 +30,7 @@ import numpy as np
 import xarray as xr
 
 from ..methods import METHODS, VECTOR_SEEDS, ConceptPair, get, window_label, window_layers, window_steps
+from ..trace.attrs import read
 from ..validate import check_guidance, check_int, check_steps
 from .metrics import STANDARD_METRICS, Metric
 
@@ -265,13 +266,13 @@ def run_study(
 
 def floors(result: xr.Dataset) -> dict[str, float]:
     """What a setting of `result` must reach to count as working: the study's ``require``."""
-    return json.loads(result.attrs["require"]) if "require" in result.attrs else dict(DEFAULT_FLOORS)
+    return read(result.attrs, "require") if "require" in result.attrs else dict(DEFAULT_FLOORS)
 
 
 def method_axes(result: xr.Dataset) -> dict[str, list[str]]:
     """Each method's own axes in a study result."""
     if "method_axes" in result.attrs:
-        return json.loads(result.attrs["method_axes"])
+        return read(result.attrs, "method_axes")
     methods = [str(m) for m in result["method"].values] if "method" in result.dims else ["medsteer"]
     own = [d for d in result["flip_rate"].dims if d not in ("method", "pair")]
     return {m: own for m in methods}
@@ -280,7 +281,7 @@ def method_axes(result: xr.Dataset) -> dict[str, list[str]]:
 def metric_names(result: xr.Dataset) -> list[str]:
     """The metrics a study result holds, in order (standard ones, the declared ones, method extras)."""
     if "metrics" in result.attrs:
-        return json.loads(result.attrs["metrics"])
+        return read(result.attrs, "metrics")
     return [v for v in result.data_vars if f"{v}_low" in result]
 
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -52,6 +51,7 @@ import xarray as xr
 import zarr
 from numcodecs import CRC32
 
+from .attrs import typed
 from .locks import remove_stale_temporaries, temporary_name
 
 __all__ = [
@@ -172,7 +172,7 @@ class CaptureStore:
                 a capture with another identity. The store is left untouched.
         """
         path = Path(path).expanduser()
-        identity = _plain(identity)
+        identity = typed(identity)
         if path.exists() or not _create(path, template, spec, identity, dict(attrs)):
             _check_existing(path, template, spec, identity)
         return cls(path, spec)
@@ -349,21 +349,6 @@ def _check_existing(path: Path, template: xr.Dataset, spec: VariableSpec, identi
             problems.append(f"coordinate {name!r} differs")
     if problems:
         raise CaptureStoreError(f"store {path} is corrupt ({'; '.join(problems)}); {fix}")
-
-
-def _plain(value: Any) -> Any:
-    """`value` as it reads back from JSON attrs (tuples -> lists, non-finite floats -> str)."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, np.generic):
-        return _plain(value.item())
-    return str(value)
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:

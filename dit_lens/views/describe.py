@@ -22,6 +22,8 @@ from typing import Any, Sequence
 
 import xarray as xr
 
+from ..trace.attrs import read
+
 __all__ = ["describe_edit", "describe_result", "span"]
 
 _HIDDEN = {"type", "record", "reads_original", "name", "vector_shape", "vector_digest", "model_fingerprint"}
@@ -76,9 +78,9 @@ def describe_edit(settings: dict) -> str:
 
 def describe_result(out: xr.Dataset) -> str:
     """Every edit of a `generate` result and its sampler, in words (``"no edit"`` for a plain run)."""
-    edits = json.loads(out.attrs.get("edits", "[]"))
+    edits = read(out.attrs, "edits", [])
     if not edits and out.attrs.get("steers"):
-        edits = json.loads(out.attrs["steers"])
+        edits = read(out.attrs, "steers")
     words = "; ".join(describe_edit(e) for e in edits) or "no edit"
     extra = []
     if out.attrs.get("target_prompt"):

@@ -8,12 +8,12 @@ trade-off figure.
 from __future__ import annotations
 
 import itertools
-import json
 from typing import Any
 
 import numpy as np
 import xarray as xr
 
+from ..trace.attrs import read
 from .figures import _pyplot
 
 __all__ = ["study_figure", "tradeoff_figure"]
@@ -23,15 +23,15 @@ _HIDDEN = ("bg_lpips",)
 
 def _metrics(result: xr.Dataset) -> list[str]:
     """The metrics to draw: every measured one with values, but a method's extras (a vector's stability)."""
-    names = json.loads(result.attrs["metrics"]) if "metrics" in result.attrs else [
+    names = read(result.attrs, "metrics") if "metrics" in result.attrs else [
         v for v in result.data_vars if f"{v}_low" in result]
-    hidden = (*_HIDDEN, *json.loads(result.attrs.get("extras", "[]")))
+    hidden = (*_HIDDEN, *read(result.attrs, "extras", []))
     return [m for m in names if m not in hidden and bool(np.isfinite(result[m]).any())]
 
 
 def _own_axes(result: xr.Dataset) -> dict[str, list[str]]:
     if "method_axes" in result.attrs:
-        return json.loads(result.attrs["method_axes"])
+        return read(result.attrs, "method_axes")
     return {str(m): [d for d in result["flip_rate"].dims if d not in ("method", "pair")]
             for m in (result["method"].values if "method" in result.dims else ["medsteer"])}
 

@@ -40,6 +40,7 @@ import xarray as xr
 
 from ..study import metrics as M
 from ..interventions.blend import check_blend
+from ..trace.attrs import typed
 from ..validate import check_int
 from ..trace.locks import claim_folder, exclusive, write_atomic
 
@@ -208,7 +209,7 @@ def run_downstream(cfg: DownstreamConfig, lens: Any, folder: Path, *, progress: 
     ds = xr.Dataset(data, coords={"arm": list(ARMS), "train_seed": list(cfg.train_seeds),
                                   "negative": list(cfg.test_negatives)})
     ds.attrs.update(lens.provenance())
-    ds.attrs.update(config=json.dumps(asdict(cfg)), folder=str(folder),
+    ds.attrs.update(config=typed(asdict(cfg)), folder=str(folder),
                     synthetic_per_class=k, real_per_class=n_real,
                     test=f"shifted split: {n_test * len(cfg.test_negatives)} {cfg.source}; {n_test} each of "
                     + ", ".join(cfg.test_negatives))
