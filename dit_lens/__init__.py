@@ -12,7 +12,8 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 from .model.builders import PIXART_ALPHA_512, PixArtSpec, build_pixart
 from . import methods
-from .interventions.base import EditContext, Intervention, LatentEdit, Reweight, SiteEdit, UnverifiedWarning
+from .interventions.base import EditContext, Intervention, LatentEdit, SiteEdit, UnverifiedWarning
+from .interventions.reweight import Reweight
 from .interventions.base import from_dict as intervention_from_dict
 from .interventions.blend import Blend, blend_latents
 from .interventions.drift import LatentDrift

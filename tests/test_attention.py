@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from dit_lens.interventions.base import Reweight
+from dit_lens.interventions.reweight import Reweight
 from dit_lens.interventions.generate import generate
 from dit_lens.trace.attention import WeightsProcessor
 from dit_lens.trace.runner import Hook, traced_generate

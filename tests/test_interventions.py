@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from dit_lens.interventions.base import Intervention, Reweight, SiteEdit, from_dict
+from dit_lens.interventions.base import Intervention, SiteEdit, from_dict
+from dit_lens.interventions.reweight import Reweight
 from dit_lens.interventions.blend import Blend
 from dit_lens.interventions.generate import generate
 from dit_lens.interventions.steer import Steer, steer_tokens

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dit_lens
-from dit_lens.interventions.generate import _Plan
+from dit_lens.interventions.plan import Plan
 from dit_lens.interventions.inject import Inject
 from dit_lens.inversion import HEdit, PnP, check_images, ddim_scheduler, edit, invert, regenerate
 from dit_lens.inversion.sampler import Denoiser, decode, encode
@@ -169,7 +169,7 @@ def test_injecting_the_last_block_makes_the_edited_branch_the_original(tiny_lens
     last = tiny_lens.num_layers - 1
 
     def gap(edits):
-        images, _ = _Plan(tiny_lens, edits, T, False).run([SOURCE, TARGET] * 2, [3, 3, 4, 4], [1, 3], guidance)
+        images, _ = Plan(tiny_lens, edits, T, False).run([SOURCE, TARGET] * 2, [3, 3, 4, 4], [1, 3], guidance)
         return max(np.abs(images[1] - images[0]).max(), np.abs(images[3] - images[2]).max())
 
     assert gap([]) > 1e-3

@@ -171,9 +171,9 @@ def test_the_correction_pass_is_invisible_to_the_traced_run(tiny_lens):
     """Hooks of the same run see every step once, with the whole batch, while corrections run between steps."""
     seen = []
     guide = EnergyGuidance(["polyp"], corner(), step=0.2, window=(0, 1))
-    from dit_lens.interventions.generate import _Plan
+    from dit_lens.interventions.plan import Plan
 
-    plan = _Plan(tiny_lens, [guide], T, False)
+    plan = Plan(tiny_lens, [guide], T, False)
     read = Hook("attn2", (0, 2), lambda step, layer, out: seen.append((step, layer, out.shape[0])))
     original = traced_generate.__globals__["traced_generate"]
     calls = []
@@ -183,12 +183,12 @@ def test_the_correction_pass_is_invisible_to_the_traced_run(tiny_lens):
         calls.append(1)
         return original(*args, **kwargs)
 
-    import dit_lens.interventions.generate as gen_module
-    gen_module.traced_generate = spy
+    import dit_lens.interventions.plan as plan_module
+    plan_module.traced_generate = spy
     try:
         _, records = plan.run([PROMPT, PROMPT], [0, 0], [1], 4.5)
     finally:
-        gen_module.traced_generate = original
+        plan_module.traced_generate = original
     assert calls == [1]
     assert seen == [(t, layer, 4) for t in range(T) for layer in (0, 2)]  # 2 rows × 2 guidance halves
     energy = records["energy"][0, 0]
@@ -219,10 +219,10 @@ def test_confine_keeps_the_original_outside_the_region(tiny_lens):
     assert new[0, :, :4, :4].eq(1).all() and new[0, :, 4:].eq(0).all() and new[0, :, :, 4:].eq(0).all()
     late, _ = Confine(mask, steps=(0.5, 1.0)).apply_latents(0, orig, edited, ctx)
     assert late.eq(1).all()  # outside its window it leaves the latents alone
-    from dit_lens.interventions.generate import _Plan
+    from dit_lens.interventions.plan import Plan
 
     src, tgt = "a normal colon", "a polyp in the colon"  # a re-prompted pair: the target kept inside only
-    final, _ = _Plan(tiny_lens, [Confine(mask)], T, False).run([src, tgt], [0, 0], [1], 4.5, output_type="latent")
+    final, _ = Plan(tiny_lens, [Confine(mask)], T, False).run([src, tgt], [0, 0], [1], 4.5, output_type="latent")
     original, edited = final  # (C, h, w) latents at the end of the run
     assert np.array_equal(edited[:, 4:], original[:, 4:]) and np.array_equal(edited[:, :, 4:], original[:, :, 4:])
     assert not np.allclose(edited[:, :4, :4], original[:, :4, :4])

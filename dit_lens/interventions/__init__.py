@@ -2,7 +2,8 @@
 pairs.
 
 - `base`: the protocol (`SiteEdit`, `LatentEdit`, `Guidance`, `Composite`, `EditContext`),
-  `register` / `from_dict`, and `Reweight`, an attention-weight edit;
+  `register` / `from_dict`;
+- `reweight`: `Reweight`, an attention-weight edit (the smallest site edit);
 - `steer`: `Steer`, MedSteer's gated removal along a concept vector (a site edit), optionally in a region;
 - `blend`: `Blend`, latent blending (a latent edit);
 - `drift`: `LatentDrift`, latent drifting: a constant δ added to every reverse step and to z_T;
@@ -14,16 +15,18 @@ pairs.
   `noise_objectives`), and `OptimizedNoise`, the latent edit that starts the edited branch from it;
 - `regulate`: `AttentionRegulation`, mask-guided attention regulation, and its modules;
 - `guide`: how a run makes the differentiable denoiser calls a `Guidance` edit needs;
+- `plan`: `Plan`, the runner: a list of edits as hooks, a step-end pass and corrections in one pipeline call;
 - `generate`: pairs from one batched pass, and the re-prompting baseline laid out the same way.
 """
 
-from .base import Composite, EditContext, Guidance, Intervention, LatentEdit, Reweight, SiteEdit, from_dict, register
+from .base import Composite, EditContext, Guidance, Intervention, LatentEdit, SiteEdit, from_dict, register
 from .blend import Blend
 from .drift import LatentDrift
 from .inject import Inject
 from .noise import (AttentionConcentration, ClassProbability, OptimizedNoise, attention_concentration,
                     class_probability, optimize_noise)
 from .region import Confine, Region
+from .reweight import Reweight
 from .regulate import AttentionRegulation, EnergyGuidance, GateSelfAttention, RegionReweight
 from .steer import Steer
 

@@ -19,20 +19,18 @@ Examples:
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
 from ..trace.attrs import typed
-from ..trace.runner import Hook, initial_noise, scheduler_timesteps, traced_generate
-from ..validate import NonFiniteError, check_guidance, check_int, check_prompts, check_seeds, check_steps
-from .base import Composite, EditContext, Guidance, Intervention, LatentEdit, SiteEdit, flatten
+from ..trace.runner import scheduler_timesteps
+from ..validate import check_guidance, check_int, check_prompts, check_seeds, check_steps
+from .base import Intervention, LatentEdit, SiteEdit, flatten
 from .blend import Blend, check_blend
-from .guide import GuidePass
+from .plan import Plan, as_edits
 from .steer import Steer
 
 __all__ = ["generate", "reprompt", "scheduler_timesteps"]
@@ -79,13 +77,13 @@ def generate(
         every setting (``edits``: each intervention's settings).
     """
     prompts, seeds = check_prompts(prompts), check_seeds(seeds)
-    edits = _as_edits(edits, steer, blend)
+    edits = as_edits(edits, steer, blend)
     num_inference_steps, guidance_scale, batch_size = _validate(
         lens, edits, num_inference_steps, guidance_scale, record_gates, batch_size)
     branches = ["original", "edited"] if edits else ["original"]
     cells = [(p, s) for p in range(len(prompts)) for s in range(len(seeds))]
     per_call = batch_size or 4
-    plan = _Plan(lens, edits, num_inference_steps, record_gates)
+    plan = Plan(lens, edits, num_inference_steps, record_gates)
 
     height, width = lens.pipeline_kwargs["height"], lens.pipeline_kwargs["width"]
     images = np.zeros((len(prompts), len(seeds), len(branches), height, width, 3), np.float32)
@@ -164,10 +162,10 @@ def reprompt(
     """
     check_prompts([source, target])  # two different strings
     seeds = check_seeds(seeds)
-    edits = _as_edits(edits, None, blend)
+    edits = as_edits(edits, None, blend)
     num_inference_steps, guidance_scale, batch_size = _validate(
         lens, edits, num_inference_steps, guidance_scale, False, batch_size, same_prompt_ok=True)
-    plan = _Plan(lens, edits, num_inference_steps, False)
+    plan = Plan(lens, edits, num_inference_steps, False)
     height, width = lens.pipeline_kwargs["height"], lens.pipeline_kwargs["width"]
     images = np.zeros((1, len(seeds), 2, height, width, 3), np.float32)
     per_call = batch_size or 4
@@ -194,172 +192,6 @@ def reprompt(
     return ds
 
 
-class _Plan:
-    """How a list of edits runs: one hook per site edit, one step-end pass for latent edits, and
-    where their records go. The runner's half: the edits never see rows they do not edit."""
-
-    def __init__(self, lens: Any, edits: Sequence[Intervention], T: int, record: bool) -> None:
-        self.lens, self.T = lens, T
-        self.edits = list(edits)
-        self.record = record
-        parts = flatten(edits)
-        site_edits = [e for e in parts if isinstance(e, SiteEdit)]
-        self.site_edits = [e for e in site_edits if not e.is_identity or (record and e.record)]
-        self.latent_edits = [e for e in parts if isinstance(e, LatentEdit) and not e.is_identity]
-        self.guides = [e for e in parts if isinstance(e, Guidance) and not e.is_identity]
-        self._site_recorders = [e for e in site_edits if record and e.record]
-        self.layers = sorted({l for e in self._site_recorders for l in e.edit_layers(lens)})
-        self.steps = sorted({t for e in self._site_recorders for t in e.edit_steps(T)})
-        self._latent_recorders = [e for e in self.latent_edits if e.record]
-        self.guided_steps = sorted({t for g in self.guides for t in g.guided_steps(T)})
-
-    def recording(self, name: str) -> list[Intervention]:
-        return [e for e in self._site_recorders + self._latent_recorders if e.record == name]
-
-    @staticmethod
-    def names(edits: Sequence[Intervention]) -> list[str]:
-        return [getattr(e, "name", "") or f"{type(e).__name__.lower()}{k}" for k, e in enumerate(edits)]
-
-    def run(self, row_prompts: list[str], row_seeds: list[int], edited_rows: list[int],
-            guidance_scale: float, *, latents: torch.Tensor | None = None, replay: torch.Tensor | None = None,
-            scheduler: Any = None, output_type: str = "np", twin_rows: list[int] | None = None,
-            seeded: bool = True) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """One pipeline call; row ``edited_rows[i]`` is edited, row ``edited_rows[i] - 1`` is its twin
-        (or ``twin_rows[i]``; a row that is its own twin leaves the original branch out of the batch, for
-        edits that never read it).
-
-        `latents` start the rows instead of their seeds' noise; `replay` ``(steps, pairs, C, h, w)``
-        sets the twins' latents after each step (an inverted trajectory replayed on the original
-        branch); `scheduler` replaces the pipeline's for this call; `seeded=False` says the rows' seeds mean
-        nothing (inverted images), so edits with one mask per seed refuse them. Returns the images
-        ``(rows, H, W, 3)`` (with ``output_type="latent"`` the final latents) and each record
-        ``(edits, pairs, ...)``.
-        """
-        n_rows, pairs = len(row_prompts), len(edited_rows)
-        edited = torch.tensor(edited_rows, dtype=torch.long)
-        twins = edited - 1 if twin_rows is None else torch.tensor(twin_rows, dtype=torch.long)
-        guided = guidance_scale > 1
-        step_index = {t: i for i, t in enumerate(self.steps)}
-        layer_index = {l: j for j, l in enumerate(self.layers)}
-        tokens = self.lens.token_grid[0] * self.lens.token_grid[1]
-        gate_edits = self.recording("gate")
-        gates = torch.zeros(len(gate_edits), pairs, len(self.steps), len(self.layers), tokens)
-        pair_seeds = tuple(int(row_seeds[r]) for r in edited_rows) if seeded else ()
-        pair_prompts = tuple(row_prompts[r] for r in edited_rows)
-
-        def context(step: int, layer: int = -1, site: str = "", halves: tuple[str, ...] = ("cond",),
-                    original: Any = None) -> EditContext:
-            return EditContext(step, layer, site, halves, pairs, original=original, seeds=pair_seeds,
-                               prompts=pair_prompts, num_inference_steps=self.T, lens=self.lens)
-
-        def hook_for(edit: SiteEdit) -> Hook:
-            halves = _halves(edit.halves, guided)
-            blocks = [("uncond", "cond").index(h) if guided else 0 for h in halves]
-            rows = torch.cat([edited + b * n_rows for b in blocks])
-            twin_rows = torch.cat([twins + b * n_rows for b in blocks])
-            slot = gate_edits.index(edit) if edit in gate_edits else None
-            cond_block = halves.index("cond") if "cond" in halves else len(halves) - 1
-
-            def visit(step: int, layer: int, h: torch.Tensor) -> torch.Tensor | None:
-                ctx = context(step, layer, edit.site, halves, original=lambda: h[twin_rows])
-                new, recorded = (None, None) if edit.is_identity and slot is None else edit.apply(h[rows], ctx)
-                if edit.is_identity:
-                    new = None  # strength zero: the run stays bit-identical, only the record is kept
-                if slot is not None and recorded is not None:
-                    part = recorded[cond_block * pairs : (cond_block + 1) * pairs]  # (pairs, tokens)
-                    gates[slot, :, step_index[step], layer_index[layer]] = part.detach().float().cpu()
-                if new is None:
-                    return None
-                out = h.clone()
-                out[rows] = new
-                return out
-
-            return Hook(edit.site, tuple(edit.edit_layers(self.lens)), visit, frozenset(edit.edit_steps(self.T)))
-
-        masks: list[list[torch.Tensor]] = [[] for _ in self._latent_recorders]
-        energies: list[list[torch.Tensor]] = [[] for _ in self.guides]
-        blending = bool(self.latent_edits and edited_rows)
-        guide = GuidePass(self.lens, scheduler, pair_prompts, self.T, self.guides) if self.guides and edited_rows else None
-
-        def correct(step: int, latents: torch.Tensor) -> None:  # before step `step`, in place
-            for k, edit in enumerate(self.guides):
-                if step in edit.guided_steps(self.T):
-                    latents[edited], recorded = edit.correct(step, latents[edited], guide.forward(step),
-                                                             context(step))
-                    energies[k].append(recorded.float().cpu())
-
-        def step_end(step: int, latents: torch.Tensor) -> None:  # latents (rows, C, H, W), edited in place
-            if replay is not None:
-                latents[twins] = replay[step].to(latents.dtype)
-            if blending:
-                for edit in self.latent_edits:
-                    latents[edited], recorded = edit.apply_latents(step, latents[twins], latents[edited], context(step))
-                    if edit in self._latent_recorders and recorded is not None:
-                        masks[self._latent_recorders.index(edit)].append(recorded.detach().float().cpu())
-            if guide is not None and step + 1 < self.T:
-                correct(step + 1, latents)
-            if not bool(torch.isfinite(latents).all()):  # one reduction per step: cheap next to the step
-                self.refuse_non_finite(f"the latents after step {step} of {self.T}", torch.isfinite(
-                    latents.flatten(1)).all(1).cpu().numpy(), edited_rows, guidance_scale)
-
-        starting = [e for e in self.latent_edits if e.changes_initial] if edited_rows else []
-        guide_first = guide is not None and 0 in self.guided_steps  # the first correction acts on z_T
-        if starting or guide_first:  # z_T is edited: only then are the seeds' noises drawn here
-            latents = initial_noise(self.lens, row_seeds) if latents is None else latents.clone()
-        for edit in starting:  # latent drifting
-            latents[edited] = edit.apply_initial(latents[edited], context(0))
-        with guide.exposed() if guide is not None else nullcontext():
-            if guide_first:
-                correct(0, latents)
-            result = traced_generate(
-                self.lens, row_prompts, row_seeds, num_inference_steps=self.T, guidance_scale=guidance_scale,
-                hooks=[hook_for(e) for e in self.site_edits], output_type=output_type, step_end=step_end,
-                latents=latents, scheduler=scheduler,
-            )
-        images = result.images  # (rows, H, W, 3), or latents (rows, C, h, w)
-        images = images.float().cpu().numpy() if isinstance(images, torch.Tensor) else images.astype(np.float32)
-        if not np.isfinite(images).all():
-            self.refuse_non_finite("the decoded images", np.isfinite(images.reshape(n_rows, -1)).all(1),
-                                   edited_rows, guidance_scale)
-        records: dict[str, np.ndarray] = {}
-        if gate_edits:
-            records["gate"] = gates.numpy()
-        if self._latent_recorders and edited_rows:
-            records["blend_mask"] = torch.stack([torch.stack(m, dim=1) for m in masks]).numpy()  # (edits, pairs, steps, H, W)
-        if self.guides and edited_rows:
-            steps = self.guided_steps
-            energy = torch.full((len(self.guides), pairs, len(steps)), float("nan"))
-            for k, edit in enumerate(self.guides):
-                for values, step in zip(energies[k], edit.guided_steps(self.T)):
-                    energy[k, :, steps.index(step)] = values
-            records["energy"] = energy.numpy()  # (edits, pairs, guided steps)
-        return images, records
-
-    def refuse_non_finite(self, what: str, finite_rows: np.ndarray, edited_rows: list[int],
-                          guidance_scale: float) -> None:
-        """Raise `NonFiniteError` for NaN/inf in `what`, naming the settings that caused it."""
-        bad = [int(i) for i in np.flatnonzero(~finite_rows)]
-        if bad and set(bad) <= set(edited_rows):
-            settings = ", ".join(repr(e) for e in self.edits)
-            raise NonFiniteError(
-                f"{what} hold NaN or inf in the edited branch only: the edits are too strong for this model "
-                f"({settings}); lower the strength (e.g. Steer alpha) and run again. No result was kept."
-            )
-        raise NonFiniteError(
-            f"{what} hold NaN or inf in the unedited run itself (guidance_scale={guidance_scale:g}, "
-            f"{self.T} steps): the model or its settings diverge; check the weights, dtype and guidance_scale. "
-            f"No result was kept."
-        )
-
-
-def _halves(halves: str, guided: bool) -> tuple[str, ...]:
-    if not guided:
-        if halves == "uncond":
-            raise ValueError("halves='uncond' needs classifier-free guidance (guidance_scale > 1)")
-        return ("cond",)
-    return {"both": ("uncond", "cond"), "cond": ("cond",), "uncond": ("uncond",)}[halves]
-
-
 def _add_record(data: dict, coords: dict, name: str, dims: tuple, values: np.ndarray, labels: list[str]) -> None:
     if len(labels) == 1:
         data[name] = (dims, values[0])
@@ -367,20 +199,6 @@ def _add_record(data: dict, coords: dict, name: str, dims: tuple, values: np.nda
         dim = "steer" if name == "gate" else f"{name}_edit"
         coords[dim] = labels
         data[name] = ((dim,) + dims, values)
-
-
-def _as_edits(edits: Any, steer: Any, blend: float) -> list[Intervention]:
-    steers = [] if steer is None else [steer] if isinstance(steer, Steer) else list(steer)
-    for st in steers:
-        if not isinstance(st, Steer):
-            raise TypeError(f"steer= takes Steer values (or a list of them), got {type(st).__name__}")
-    given = [] if edits is None else [edits] if isinstance(edits, Intervention) else list(edits)
-    for edit in given:
-        if not isinstance(edit, (SiteEdit, LatentEdit, Guidance, Composite)):
-            raise TypeError(f"edits= takes interventions (Steer, Reweight, AttentionRegulation, Blend, ...), "
-                            f"got {type(edit).__name__}")
-    threshold = check_blend(blend)
-    return steers + given + ([Blend(threshold)] if threshold else [])
 
 
 def _validate(lens, edits, T, guidance_scale, record_gates, batch_size,

@@ -40,7 +40,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from ..interventions.base import Intervention, SiteEdit
-from ..interventions.generate import _Plan, _as_edits
+from ..interventions.plan import Plan, as_edits
 from ..interventions.inject import Inject
 from ..trace.attrs import typed
 from ..validate import NonFiniteError, check_fraction, check_guidance, check_int, check_real
@@ -185,7 +185,7 @@ def edit(
     T = check_int(num_inference_steps, "num_inference_steps", minimum=1)
     guidance = check_guidance(guidance_scale)
     batch_size = check_int(batch_size, "batch_size", minimum=1)
-    interventions = _as_edits(edits, steer, 0.0)
+    interventions = as_edits(edits, steer, 0.0)
     if method == "medsteer" and not any(isinstance(e, SiteEdit) for e in interventions):
         raise ValueError("method 'medsteer' needs steer=Steer(...) (or site edits in edits=)")
     if method in ("pnp", "hedit") and interventions:
@@ -217,7 +217,7 @@ def edit(
         run = partial(_hedit, denoiser, ddim, cfg=editor, w_edit=guidance, T=T)
     else:
         extra = editor.interventions(T, lens.num_layers) if method == "pnp" else interventions
-        plan = _Plan(lens, list(extra), T, False)
+        plan = Plan(lens, list(extra), T, False)
         prompt = source if method == "medsteer" else target
         run = partial(_through_pipeline, plan, ddim, replay_prompt=trajectory.attrs["prompt"], prompt=prompt,
                       guidance=guidance)
@@ -248,7 +248,7 @@ def _resolved(editor: PnP | HEdit | None, guidance: float) -> dict:
     return settings
 
 
-def _through_pipeline(plan: _Plan, ddim: Any, latents: torch.Tensor, replay_prompt: str, prompt: str,
+def _through_pipeline(plan: Plan, ddim: Any, latents: torch.Tensor, replay_prompt: str, prompt: str,
                       guidance: float) -> torch.Tensor:
     """Rows [source branch, edited branch] per image through the pipeline's hooked loop: both start at the
     inverted noise; the source branch replays the trajectory; returns the edited rows' final latents.

@@ -170,14 +170,14 @@ def regenerate(
     Returns:
         Images ``(item, H, W, 3)`` float32 in [0, 1].
     """
-    from ..interventions.generate import _Plan
+    from ..interventions.plan import Plan
 
     check_trajectory(lens, trajectory)
     prompt = trajectory.attrs["prompt"] if prompt is None else prompt
     guidance = check_guidance(trajectory.attrs["guidance_scale"] if guidance_scale is None else guidance_scale)
     T = int(trajectory.attrs["num_inference_steps"])
     noise = trajectory_latents(trajectory)
-    plan, ddim = _Plan(lens, [], T, False), ddim_scheduler(lens, T)
+    plan, ddim = Plan(lens, [], T, False), ddim_scheduler(lens, T)
     out = []
     chunks = range(0, len(noise), check_int(batch_size, "batch_size", minimum=1))
     for start in tqdm(chunks, desc="regenerate", unit="batch", disable=not progress):
