@@ -25,6 +25,7 @@ import numpy as np
 import xarray as xr
 from tqdm.auto import tqdm
 
+from ..scale.executors import as_executor
 from ..trace.attrs import typed
 from ..trace.runner import scheduler_timesteps
 from ..validate import check_guidance, check_int, check_prompts, check_seeds, check_steps
@@ -49,6 +50,7 @@ def generate(
     blend: float = 0.0,
     batch_size: int | None = None,
     progress: bool = True,
+    executor: Any = None,
 ) -> xr.Dataset:
     """Generate images for every (prompt, seed), with an edited twin when edits are given.
 
@@ -67,6 +69,8 @@ def generate(
             default) turns it off.
         batch_size: Cells per pipeline call (each cell is 1 or 2 images); default 4.
         progress: Show a progress bar over batches.
+        executor: Where the batches run: ``None`` (this process) or ``"ray"`` / a
+            `dit_lens.scale.RayExecutor` (spread over Ray workers; the same images).
 
     Returns:
         Dataset with ``image (prompt, seed, branch, y, x, rgb)`` float32 in [0, 1], branch
@@ -90,11 +94,13 @@ def generate(
     records: dict[str, np.ndarray] = {}
 
     chunks = [cells[i : i + per_call] for i in range(0, len(cells), per_call)]
-    for chunk in tqdm(chunks, desc="generate", unit="batch", disable=not progress):
-        row_prompts = [prompts[p] for p, _ in chunk for _ in branches]
-        row_seeds = [seeds[s] for _, s in chunk for _ in branches]
-        edited = [i * len(branches) + 1 for i in range(len(chunk))] if edits else []
-        out_images, chunk_records = plan.run(row_prompts, row_seeds, edited, guidance_scale)
+    runs = [([prompts[p] for p, _ in chunk for _ in branches], [seeds[s] for _, s in chunk for _ in branches],
+             [i * len(branches) + 1 for i in range(len(chunk))] if edits else []) for chunk in chunks]
+    shared = (edits, num_inference_steps, record_gates, guidance_scale)
+    done = as_executor(executor).map(lens, _run_batch, runs, shared=shared)
+    for k, (out_images, chunk_records) in tqdm(done, desc="generate", unit="batch", total=len(runs),
+                                                disable=not progress):
+        chunk = chunks[k]
         for name, values in chunk_records.items():  # values: (edits, pairs, ...)
             if name not in records:
                 records[name] = np.zeros((values.shape[0], len(prompts), len(seeds), *values.shape[2:]), np.float32)
@@ -147,6 +153,7 @@ def reprompt(
     blend: float = 0.0,
     batch_size: int | None = None,
     progress: bool = True,
+    executor: Any = None,
 ) -> xr.Dataset:
     """The re-prompting baseline as pairs: the `source` and `target` prompts from the same seed.
 
@@ -154,7 +161,7 @@ def reprompt(
     source prompt's image, ``"edited"`` the target prompt's (the counterfactual). Both come from
     one batched pass; `edits` act on the target branch as `generate` applies them to an edited one
     (e.g. `AttentionRegulation` to put the target's pathology in a region, `Confine` to keep the
-    source image outside it), and `blend` too.
+    source image outside it), and `blend` too. `executor` spreads the batches as `generate`'s does.
 
     Returns:
         Dataset with ``image (prompt, seed, branch, y, x, rgb)``, prompt ``[source]`` (and ``energy``
@@ -169,15 +176,17 @@ def reprompt(
     height, width = lens.pipeline_kwargs["height"], lens.pipeline_kwargs["width"]
     images = np.zeros((1, len(seeds), 2, height, width, 3), np.float32)
     per_call = batch_size or 4
-    chunks = [seeds[i : i + per_call] for i in range(0, len(seeds), per_call)]
-    done, energy = 0, []
-    for chunk in tqdm(chunks, desc="reprompt", unit="batch", disable=not progress):
-        out, records = plan.run([source, target] * len(chunk), [s for s in chunk for _ in range(2)],
-                                [2 * i + 1 for i in range(len(chunk))], guidance_scale)
-        images[0, done : done + len(chunk)] = out.reshape(len(chunk), 2, height, width, 3)
+    starts = list(range(0, len(seeds), per_call))
+    runs = [([source, target] * len(chunk), [s for s in chunk for _ in range(2)], [2 * i + 1 for i in range(len(chunk))])
+            for chunk in (seeds[i : i + per_call] for i in starts)]
+    energies: dict[int, np.ndarray] = {}
+    done = as_executor(executor).map(lens, _run_batch, runs, shared=(edits, num_inference_steps, False, guidance_scale))
+    for k, (out, records) in tqdm(done, desc="reprompt", unit="batch", total=len(runs), disable=not progress):
+        n = len(runs[k][2])
+        images[0, starts[k] : starts[k] + n] = out.reshape(n, 2, height, width, 3)
         if "energy" in records:
-            energy.append(records["energy"])  # (edits, pairs, guided steps)
-        done += len(chunk)
+            energies[k] = records["energy"]  # (edits, pairs, guided steps)
+    energy = [energies[k] for k in sorted(energies)]
     coords: dict = {"prompt": [source], "seed": seeds, "branch": ["original", "edited"]}
     data: dict = {"image": (("prompt", "seed", "branch", "y", "x", "rgb"), images)}
     if energy:
@@ -190,6 +199,12 @@ def reprompt(
                     blend=check_blend(blend), seeds=typed(seeds), edit="reprompt", target_prompt=target,
                     edits=typed([e.settings() for e in edits]))
     return ds
+
+
+def _run_batch(lens: Any, shared: tuple, run: tuple) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One pipeline call of `generate` (in this process or on a worker): images and records."""
+    edits, num_inference_steps, record_gates, guidance_scale = shared
+    return Plan(lens, edits, num_inference_steps, record_gates).run(*run, guidance_scale)
 
 
 def _add_record(data: dict, coords: dict, name: str, dims: tuple, values: np.ndarray, labels: list[str]) -> None:

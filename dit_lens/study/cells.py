@@ -28,6 +28,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from ..methods import MethodContext, Vectors, get
+from ..scale.executors import LocalExecutor, as_executor
 from ..trace.attrs import typed
 from ..trace.locks import claim_folder, exclusive, remove_stale_temporaries, temporary_name, try_exclusive, write_atomic
 from ..views.explorer import write_explorer
@@ -89,14 +90,22 @@ class CellRunner:
     def path(self, cell: dict) -> Path:
         return self.folder / "cells" / f"{get(cell['method']).cell_name(cell['pair'], cell)}.json"
 
-    def run(self) -> None:
-        """Run every cell not yet finished (in this or another process), keeping each on disk."""
+    def run(self, executor: Any = None) -> None:
+        """Run every cell not yet finished (in this or another process), keeping each on disk; with a
+        `dit_lens.scale.RayExecutor`, as Ray tasks on workers that each load the model once."""
+        runner = as_executor(executor)
         with exclusive(self.folder):
             self._claim_folder()
         cells = self.cells()
         todo = [c for c in cells if not self.finished(c)]
         if len(cells) > len(todo):
             print(f"{self.study.name}: {len(cells) - len(todo)} finished cells reused from {self.folder}")
+        if not isinstance(runner, LocalExecutor):
+            job = (self.study, self.oracle, self.segmenter, str(self.folder), self.repair)
+            for _ in tqdm(runner.map(self.lens, _run_on_worker, todo, shared=job), total=len(todo),
+                          desc=self.study.name, unit="cell", disable=not self.progress):
+                pass
+            return
         elsewhere = []  # cells another process is running now
         for cell in tqdm(todo, desc=self.study.name, unit="cell", disable=not self.progress):
             lock = try_exclusive(self._lock_target(cell))
@@ -301,6 +310,22 @@ def _read_cell(path: Path, cell: dict) -> dict:
         raise DamagedCellError(f"study cell {path} holds {record.get('cell')!r}, not the cell "
                                f"{_jsonable(cell)!r} its name stands for; {fix}")
     return metrics
+
+
+#: A worker's runner per (model, folder): built on its first cell, reused for the rest.
+_WORKER_RUNNERS: dict[tuple[int, str], CellRunner] = {}
+
+
+def _run_on_worker(lens: Any, job: tuple, cell: dict) -> None:
+    """One cell on a Ray worker, under the same per-cell lock as in-process runs (the folder was
+    claimed by the caller)."""
+    study, oracle, segmenter, folder, repair = job
+    key = (id(lens), folder)
+    if key not in _WORKER_RUNNERS or _WORKER_RUNNERS[key].study != study:
+        _WORKER_RUNNERS[key] = CellRunner(study, lens, oracle, segmenter, Path(folder), progress=False, repair=repair)
+    runner = _WORKER_RUNNERS[key]
+    with exclusive(runner._lock_target(cell)):
+        runner._run_if_unfinished(cell)
 
 
 def _replace_zarr(ds: xr.Dataset, path: Path) -> None:

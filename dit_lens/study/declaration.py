@@ -233,6 +233,7 @@ def run_study(
     progress: bool = True,
     repair: bool = False,
     overwrite: bool = False,
+    executor: Any = None,
 ) -> xr.Dataset:
     """Run every cell of `study` not already finished in `out`, and return the labelled result.
 
@@ -245,6 +246,9 @@ def run_study(
         progress: Show a progress bar over cells.
         repair: Recompute cells whose files are damaged (checksum mismatch) instead of refusing.
         overwrite: Replace the cells and result of another study held in `out` (only those).
+        executor: Where the cells run: ``None`` (this process) or ``"ray"`` / a
+            `dit_lens.scale.RayExecutor` (Ray tasks on workers that each load the model once; the
+            same cells, values and folder).
 
     Returns:
         Dataset with dims ``(method, pair, <every declared method's axes>)``; for each metric the
@@ -260,7 +264,7 @@ def run_study(
     folder = Path(out) if out is not None else cache_root() / "studies" / f"{study.name}-{study.key(lens)}"
     runner = CellRunner(study, lens, oracle, segmenter, folder, progress=progress, repair=repair,
                         overwrite=overwrite)
-    runner.run()
+    runner.run(executor)
     return runner.assemble()
 
 

@@ -42,6 +42,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
+from ..scale.executors import LocalExecutor, as_executor
 from .runner import Hook, branch_rows, scheduler_timesteps, check_prompts, check_seeds, is_int, traced_generate
 from .locks import exclusive
 from .store import CaptureStore, DamagedStoreError, VariableSpec, cache_root, content_key
@@ -64,6 +65,7 @@ def capture(
     store: str | Path | None = None,
     batch_size: int | None = None,
     repair: bool = False,
+    executor: Any = None,
 ) -> xr.Dataset:
     """Record `site`'s output at every requested layer and step, for every prompt × seed.
 
@@ -97,6 +99,9 @@ def capture(
             values only by float rounding.
         repair: Recompute the finished cells of `store` that are damaged (a chunk missing, or
             failing its checksum) instead of refusing them; intact cells are kept.
+        executor: Where the batches run: ``None`` (this process) or ``"ray"`` / a
+            `dit_lens.scale.RayExecutor`: Ray workers write their cells into the one store at once,
+            and this process marks each cell done once its chunks read back intact. The same values.
 
     Any number of processes may capture into one store at once: one computes (the others wait for
     it, with a note on stderr) and all return the same values. Every finished cell is checked
@@ -149,14 +154,32 @@ def capture(
             making = pool.submit(CaptureStore.open, path, template, spec, identity=identity, attrs=attrs)
             missing = [(i, j) for i in range(len(prompts)) for j in range(len(seeds))]
             cells = making.result
+        batches = [missing[start : start + int(batch_size)] for start in range(0, len(missing), int(batch_size))]
+        runner = as_executor(executor)
+        if isinstance(runner, LocalExecutor):
+            shared: Any = (cells, prompts, seeds, settings, spec.shape[2:])
+        else:  # workers write their cells' chunks into the store; only this process marks cells done
+            cells()
+            shared = (str(path), spec, prompts, seeds, settings)
         bar = tqdm(total=total, initial=total - len(missing), unit="cell", desc=f"capture {site}")
         with bar:
-            for start in range(0, len(missing), int(batch_size)):
-                batch = missing[start : start + int(batch_size)]
-                _run_batch(lens, cells, batch, prompts, seeds, settings, spec.shape[2:])
-                cells().mark_done(batch)
-                bar.update(len(batch))
+            for k, _ in runner.map(lens, _fill if isinstance(runner, LocalExecutor) else _fill_store, batches,
+                                   shared=shared):
+                cells().mark_done(batches[k])
+                bar.update(len(batches[k]))
         return cells().dataset()
+
+
+def _fill(lens: Any, shared: tuple, batch: list) -> None:
+    cells, prompts, seeds, settings, cell_shape = shared
+    _run_batch(lens, cells, batch, prompts, seeds, settings, cell_shape)
+
+
+def _fill_store(lens: Any, shared: tuple, batch: list) -> None:
+    """A worker's half of a capture: run `batch` and write its cells into the store at the path."""
+    path, spec, prompts, seeds, settings = shared
+    store = CaptureStore(Path(path), spec)
+    _run_batch(lens, lambda: store, batch, prompts, seeds, settings, spec.shape[2:])
 
 
 def _open_verified(path, template, spec, identity, attrs, prompts, seeds, repair) -> CaptureStore:
