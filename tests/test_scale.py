@@ -1,0 +1,89 @@
+"""Ray executors: the same images, capture values and study cells as one process, from workers that
+share one store and one study folder; a worker that dies has its item run again."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from dit_lens import capture, generate
+from dit_lens.scale import LocalExecutor, RayExecutor, as_executor
+from dit_lens.scale.executors import WorkerLostError
+from dit_lens.study import Study, run_study
+
+import test_study
+from test_study import ONE, BrightnessOracle, red_segmenter
+
+ray = pytest.importorskip("ray")
+for _module in (test_study, sys.modules[__name__]):  # tests are not importable on workers: send them by value
+    ray.cloudpickle.register_pickle_by_value(_module)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield RayExecutor(workers=2)
+    ray.shutdown()
+
+
+def test_generate_on_two_workers_matches_one_process(tiny_lens, cluster):
+    kwargs = dict(seeds=range(5), num_inference_steps=3, batch_size=2, progress=False)
+    here = generate(tiny_lens, ["a polyp", "a cecum"], **kwargs)
+    there = generate(tiny_lens, ["a polyp", "a cecum"], executor=cluster, **kwargs)
+    np.testing.assert_array_equal(here.image.values, there.image.values)
+    assert here.attrs == there.attrs
+
+
+def test_two_workers_fill_one_capture_store(tiny_lens, cluster, tmp_path):
+    kwargs = dict(seeds=range(4), num_inference_steps=3, batch_size=2)
+    here = capture(tiny_lens, ["a polyp", "a cecum"], store=tmp_path / "here.zarr", **kwargs)
+    there = capture(tiny_lens, ["a polyp", "a cecum"], store=tmp_path / "there.zarr", executor=cluster, **kwargs)
+    np.testing.assert_array_equal(here.attn2.values, there.attn2.values)
+    assert bool(xr.open_zarr(tmp_path / "there.zarr")["done"].all())
+    again = capture(tiny_lens, ["a polyp", "a cecum"], store=tmp_path / "there.zarr", **kwargs)  # read back
+    np.testing.assert_array_equal(again.attn2.values, here.attn2.values)
+
+
+def test_a_study_on_two_workers_gives_the_same_cells_and_result(tiny_lens, cluster, tmp_path):
+    s = Study("scale", pairs=(ONE,), methods={"medsteer": {"alpha": (0.0, 3.0), "vector_seeds": (2,)}, "reprompt": {}},
+              eval_seeds=2, num_inference_steps=3)
+    judges = dict(oracle=BrightnessOracle(), segmenter=red_segmenter, progress=False)
+    here = run_study(s, tiny_lens, out=tmp_path / "here", **judges)
+    there = run_study(s, tiny_lens, out=tmp_path / "there", executor=cluster, **judges)
+    for name in here.data_vars:
+        np.testing.assert_array_equal(here[name].values, there[name].values, err_msg=name)
+    cells = sorted(p.name for p in (tmp_path / "there" / "cells").iterdir())
+    assert cells == sorted(p.name for p in (tmp_path / "here" / "cells").iterdir()) and len(cells) == 3
+
+
+def _dies_once(lens, marker, item):
+    if item == 1 and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)  # the worker process dies in the middle of its item
+    return item * 10
+
+
+def _always_dies(lens, shared, item):
+    os._exit(1)
+
+
+def test_a_worker_that_dies_has_its_item_run_again(tiny_lens, cluster, tmp_path):
+    done = dict(cluster.map(tiny_lens, _dies_once, [0, 1, 2], shared=str(tmp_path / "died")))
+    assert done == {0: 0, 1: 10, 2: 20} and (tmp_path / "died").exists()
+    with pytest.raises(WorkerLostError, match="died 1 times"):
+        list(RayExecutor(workers=1, max_retries=0).map(tiny_lens, _always_dies, [0]))
+
+
+def test_an_item_that_fails_raises_its_own_error(tiny_lens, cluster):
+    with pytest.raises(ValueError, match="steps"):
+        generate(tiny_lens, ["a polyp"], seeds=[0], num_inference_steps=0, executor=cluster, progress=False)
+
+
+def test_bad_executors_are_refused_with_what_to_pass():
+    assert isinstance(as_executor(None), LocalExecutor) and isinstance(as_executor("ray"), RayExecutor)
+    with pytest.raises(ValueError, match="executor must be None, 'local', 'ray'"):
+        as_executor("dask")
+    with pytest.raises(ValueError, match="workers must be a positive integer"):
+        RayExecutor(workers=0)
