@@ -15,7 +15,7 @@ import xarray as xr
 import zarr
 
 from dit_lens import PixArtSpec, build_pixart, capture, load
-from dit_lens.study import ConceptPair, Study, run_study
+from dit_lens.study import Study, run_study
 from dit_lens.study.cells import CellRunner, DamagedCellError
 from dit_lens.trace.locks import MARKER, BusyError, FolderClaimError, exclusive, lock_path
 from dit_lens.trace.store import CaptureStore, DamagedStoreError, VariableSpec

@@ -3,7 +3,6 @@ optimize_noise match the oracle on the plain runs, cells are kept and reused, an
 
 import json
 
-import numpy as np
 import pytest
 
 from dit_lens import generate, load, load_oracle

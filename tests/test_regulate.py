@@ -10,7 +10,7 @@ import torch
 import xarray as xr
 
 from dit_lens.interventions.base import EditContext, Intervention, from_dict
-from dit_lens.interventions.generate import generate, reprompt
+from dit_lens.interventions.generate import generate
 from dit_lens.interventions.region import Confine, Region
 from dit_lens.interventions.regulate import (AttentionRegulation, EnergyGuidance, GateSelfAttention,
                                              RegionMix, RegionReweight)

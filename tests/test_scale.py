@@ -87,3 +87,34 @@ def test_bad_executors_are_refused_with_what_to_pass():
         as_executor("dask")
     with pytest.raises(ValueError, match="workers must be a positive integer"):
         RayExecutor(workers=0)
+
+
+def _cache_and_progress(lens, shared, item):
+    from dit_lens.trace.store import cache_root
+
+    return str(cache_root()), os.environ.get("TQDM_DISABLE")
+
+
+def test_workers_use_the_callers_cache_and_show_no_bars_of_their_own(tiny_lens, cluster, tmp_path, monkeypatch):
+    monkeypatch.setenv("DIT_LENS_CACHE", str(tmp_path / "cache"))  # set after Ray started its workers' parent
+    [(_, (root, quiet))] = list(cluster.map(tiny_lens, _cache_and_progress, [0]))
+    assert root == str((tmp_path / "cache").resolve()) and quiet == "1"
+
+
+def test_the_study_command_line_runs_on_ray_workers(tiny_pipeline, cluster, tmp_path, capsys):
+    from dit_lens.study.cli import executor, parser, study_main
+
+    s = Study("cli-scale", pairs=(ONE,), methods={"medsteer": {"alpha": (0.0, 3.0), "vector_seeds": (2,)}},
+              eval_seeds=2, num_inference_steps=3)
+    made = executor(parser(s).parse_args(["--executor", "ray", "--workers", "3", "--gpus-per-worker", "1"]))
+    assert made == RayExecutor(workers=3, num_gpus=1.0) and executor(parser(s).parse_args([])) is None
+    loaders = dict(load_oracle=lambda name: BrightnessOracle(), load_segmenter=lambda name: red_segmenter)
+    assert study_main(s, ["--workers", "2", "--out", str(tmp_path / "no")], **loaders) == 2
+    assert "--workers only apply with --executor ray" in capsys.readouterr().err and not (tmp_path / "no").exists()
+    tiny_pipeline.save_pretrained(tmp_path / "model")
+    runs = {}
+    for name, flags in (("local", []), ("ray", ["--executor", "ray", "--workers", "2"])):
+        assert study_main(s, ["--model", str(tmp_path / "model"), "--out", str(tmp_path / name), *flags], **loaders) == 0
+        runs[name] = xr.open_zarr(tmp_path / name / "result.zarr").load()
+    for metric in runs["local"].data_vars:
+        np.testing.assert_array_equal(runs["local"][metric].values, runs["ray"][metric].values, err_msg=metric)

@@ -97,7 +97,8 @@ class RayExecutor:
                              f"on the CPU and compute other values; pass RayExecutor(num_gpus=1)")
         source = _source(lens, "cuda" if self.num_gpus else "cpu")
         worker = ray.remote(_Worker).options(num_cpus=self.num_cpus, num_gpus=self.num_gpus,
-                                             max_restarts=self.max_retries, max_task_retries=self.max_retries)
+                                             max_restarts=self.max_retries, max_task_retries=self.max_retries,
+                                             runtime_env={"env_vars": _worker_env()})
         actors = [worker.remote(source, lens.fingerprint, max(1, int(self.num_cpus)))
                   for _ in range(min(self.worker_count(), len(items)))]
         try:
@@ -183,6 +184,14 @@ def _source(lens: Any, device: str) -> dict:
     if lens.lora is not None:
         source["lora_folder"] = str(Path(lens.lora).expanduser().resolve())
     return source
+
+
+def _worker_env() -> dict:
+    """Workers use the caller's cache (even one set after Ray started) and show no progress bars of
+    their own: the caller's bar counts their items."""
+    from ..trace.store import CACHE_ENV, cache_root
+
+    return {CACHE_ENV: str(cache_root().expanduser().resolve()), "TQDM_DISABLE": "1"}
 
 
 def _open(source: dict) -> Any:

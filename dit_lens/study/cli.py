@@ -12,6 +12,7 @@ that diverged) prints one line and exits with status 2; ``--debug`` shows the tr
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import runpy
 import sys
 import time
@@ -20,12 +21,13 @@ from typing import Any, Callable, Sequence
 
 from ..methods import METHODS
 from ..methods.pair import ConceptPair
+from ..scale.executors import WorkerLostError
 from ..trace.attrs import read
 from ..validate import USER_ERRORS, check_pipeline_folder, check_writable_folder
 from .declaration import Study, floors, method_axes, metric_names, pick_settings, run_study
 from .metrics import STANDARD_METRICS
 
-__all__ = ["study_main", "find_study", "print_table", "print_picks", "parser", "declared"]
+__all__ = ["study_main", "find_study", "print_table", "print_picks", "parser", "declared", "executor"]
 
 
 def _pair(text: str) -> str:
@@ -69,7 +71,36 @@ def parser(study: Study) -> argparse.ArgumentParser:
                    help=f"denoising steps (declared: {study.num_inference_steps})")
     p.add_argument("--guidance", type=float, dest="guidance_scale",
                    help=f"guidance scale (declared: {study.guidance_scale:g})")
+    scale = p.add_argument_group("scale out (pip install 'dit-lens[ray]')")
+    scale.add_argument("--executor", choices=("local", "ray"), default="local",
+                       help="where the cells run: this process, or Ray workers that each load the model once "
+                            "(default: local)")
+    scale.add_argument("--workers", type=int, default=None,
+                       help="Ray workers (default: as many as the cluster's CPUs, or GPUs, allow)")
+    scale.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per Ray worker; 1 on a GPU cluster (default: 0)")
+    scale.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs (torch threads) per Ray worker (default: 1)")
+    scale.add_argument("--ray-address", default=None,
+                       help="the Ray cluster to join, e.g. auto or ray://head:10001 (default: $RAY_ADDRESS or a new "
+                            "local one); its workers need the model, cache and --out folders at the same paths")
     return p
+
+
+def executor(args: argparse.Namespace) -> Any:
+    """The executor the scale-out flags name (``None``: this process)."""
+    flags = {"--workers": args.workers, "--cpus-per-worker": args.cpus_per_worker,
+             "--gpus-per-worker": args.gpus_per_worker, "--ray-address": args.ray_address}
+    if args.executor == "local":
+        given = [flag for flag, value in flags.items() if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply with --executor ray")
+        return None
+    if importlib.util.find_spec("ray") is None:
+        raise ImportError("--executor ray needs Ray, an optional extra: pip install 'dit-lens[ray]'")
+    from ..scale import RayExecutor
+
+    return RayExecutor(workers=args.workers, address=args.ray_address,
+                       num_cpus=1.0 if args.cpus_per_worker is None else args.cpus_per_worker,
+                       num_gpus=0.0 if args.gpus_per_worker is None else args.gpus_per_worker)
 
 
 def _floor(text: str) -> tuple[str, float]:
@@ -119,7 +150,7 @@ def study_main(study: Study, argv: Sequence[str] | None = None, *, load_oracle: 
     args = parser(study).parse_args(argv)
     try:
         return _run(study, args, load_oracle, load_segmenter, report)
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, ImportError, WorkerLostError) as err:
         if args.debug:
             raise
         text = " ".join(str(err).split()) or type(err).__name__
@@ -130,6 +161,7 @@ def study_main(study: Study, argv: Sequence[str] | None = None, *, load_oracle: 
 def _run(study: Study, args: argparse.Namespace, load_oracle: Callable, load_segmenter: Callable,
          report: Callable | None) -> int:
     study = declared(study, args)
+    runner = executor(args)  # a bad flag, or Ray missing, is said before anything is loaded or made
     from ..model.lens import load
     from ..trace.store import CACHE_ENV, cache_root
 
@@ -142,7 +174,7 @@ def _run(study: Study, args: argparse.Namespace, load_oracle: Callable, load_seg
     oracle, segmenter = load_oracle(args.oracle), load_segmenter(args.oracle)
     start = time.perf_counter()
     result = run_study(study, lens, oracle=oracle, segmenter=segmenter, out=args.out, repair=args.repair,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, executor=runner)
     print_table(result)
     picks = [p for p in pick_settings(result) if _sweeps(result, p["method"])]
     print_picks(result, picks)
