@@ -76,6 +76,14 @@ def test_a_worker_that_dies_has_its_item_run_again(tiny_lens, cluster, tmp_path)
         list(RayExecutor(workers=1, max_retries=0).map(tiny_lens, _always_dies, [0]))
 
 
+def test_more_workers_than_the_cluster_holds_are_refused_not_waited_for(tiny_lens, cluster):
+    with pytest.raises(ValueError, match=r"needs 3 CPUs \(3 workers × 1\), but the Ray cluster has 2"):
+        list(RayExecutor(workers=3).map(tiny_lens, _pid, range(3)))
+    with pytest.raises(ValueError, match=r"needs 1 GPUs \(1 workers × 1\), but the Ray cluster has 0"):
+        list(RayExecutor(workers=1, num_gpus=1).map(tiny_lens, _pid, range(1)))
+    assert len(dict(RayExecutor(workers=3).map(tiny_lens, _pid, range(2)))) == 2  # two items: two workers fit
+
+
 def test_an_item_that_fails_raises_its_own_error(tiny_lens, cluster):
     with pytest.raises(ValueError, match="steps"):
         generate(tiny_lens, ["a polyp"], seeds=[0], num_inference_steps=0, executor=cluster, progress=False)
@@ -96,9 +104,32 @@ def _cache_and_progress(lens, shared, item):
 
 
 def test_workers_use_the_callers_cache_and_show_no_bars_of_their_own(tiny_lens, cluster, tmp_path, monkeypatch):
-    monkeypatch.setenv("DIT_LENS_CACHE", str(tmp_path / "cache"))  # set after Ray started its workers' parent
-    [(_, (root, quiet))] = list(cluster.map(tiny_lens, _cache_and_progress, [0]))
-    assert root == str((tmp_path / "cache").resolve()) and quiet == "1"
+    for name in ("cache", "other"):  # set after Ray started, and changed between calls on the same workers
+        monkeypatch.setenv("DIT_LENS_CACHE", str(tmp_path / name))
+        [(_, (root, quiet))] = list(cluster.map(tiny_lens, _cache_and_progress, [0]))
+        assert root == str((tmp_path / name).resolve()) and quiet == "1"
+
+
+def _pid(lens, shared, item):
+    return os.getpid(), lens.fingerprint
+
+
+def test_workers_are_kept_between_calls_until_closed_or_the_model_changes(tiny_lens, tiny_spec, cluster):
+    from dit_lens import load
+    from dit_lens.model.builders import build_pixart
+
+    first = set(dict(cluster.map(tiny_lens, _pid, range(4))).values())
+    again = set(dict(RayExecutor(workers=2).map(tiny_lens, _pid, range(4))).values())  # an equal executor
+    assert again == first and len(first) == 2
+    other = load(build_pixart(tiny_spec, seed=1))  # another model: other weights
+    moved = set(dict(cluster.map(other, _pid, range(4))).values())
+    assert {fp for _, fp in moved} == {other.fingerprint} and not {pid for pid, _ in moved} & {pid for pid, _ in first}
+    cluster.close()
+    fresh = set(dict(cluster.map(tiny_lens, _pid, range(4))).values())
+    assert not {pid for pid, _ in fresh} & {pid for pid, _ in moved}
+    alone = set(dict(RayExecutor(workers=1).map(tiny_lens, _pid, range(2))).values())  # another executor: it ends
+    after = set(dict(cluster.map(tiny_lens, _pid, range(4))).values())  # the kept ones, which hold the cores
+    assert len(alone) == 1 and not {pid for pid, _ in after} & {pid for pid, _ in fresh | alone}
 
 
 def test_the_study_command_line_runs_on_ray_workers(tiny_pipeline, cluster, tmp_path, capsys):

@@ -9,7 +9,9 @@ which worker ran what, or in which order.
 
 A Ray worker loads the model once (from the folder the lens came from, or from a copy of an
 in-memory pipeline put into the object store) and refuses to run if its weights' fingerprint differs
-from the caller's. A worker that dies (killed, out of memory, its node lost) is restarted and its
+from the caller's. Workers stay up between calls: a second study, capture or generation with an equal
+executor and the same model starts none (`RayExecutor.close`, another model, or the end of the Ray
+session ends them). A worker that dies (killed, out of memory, its node lost) is restarted and its
 item run again, up to `RayExecutor.max_retries` times; items already finished are kept by the caller
 (cells on disk), so a run that still fails resumes where it stopped.
 
@@ -33,6 +35,10 @@ from typing import Any, Callable, Iterator, Sequence
 __all__ = ["LocalExecutor", "RayExecutor", "WorkerLostError", "as_executor"]
 
 Task = Callable[[Any, Any, Any], Any]
+
+#: The workers each `RayExecutor` keeps between calls:
+#: ``{executor: {"key": model and session, "source": how workers open it, "actors": [...]}}``.
+_POOLS: dict["RayExecutor", dict] = {}
 
 
 class WorkerLostError(RuntimeError):
@@ -64,6 +70,11 @@ class RayExecutor:
             local one. Workers on other machines need the model folder, the cache and the result
             folder at the same paths (a shared file system).
         max_retries: Times a worker that died is restarted and its item run again.
+
+    Equal executors share their workers: ``RayExecutor(workers=2)`` made twice, or ``"ray"`` given
+    twice, reuse the workers of the first call while the model and the Ray session are the same. One
+    executor's workers are kept at a time: a call with another executor ends them first (they hold the
+    cores and a copy of the model each).
     """
 
     workers: int | None = None
@@ -95,21 +106,17 @@ class RayExecutor:
         if lens.device.type != "cpu" and self.num_gpus == 0:
             raise ValueError(f"the model is on {lens.device}, but RayExecutor has num_gpus=0, so its workers would run "
                              f"on the CPU and compute other values; pass RayExecutor(num_gpus=1)")
-        source = _source(lens, "cuda" if self.num_gpus else "cpu")
-        worker = ray.remote(_Worker).options(num_cpus=self.num_cpus, num_gpus=self.num_gpus,
-                                             max_restarts=self.max_retries, max_task_retries=self.max_retries,
-                                             runtime_env={"env_vars": _worker_env()})
-        actors = [worker.remote(source, lens.fingerprint, max(1, int(self.num_cpus)))
-                  for _ in range(min(self.worker_count(), len(items)))]
+        count = min(self.worker_count(), len(items))
+        self._check_fits(ray, count)
+        actors = self._workers(ray, lens, count)
+        shared_ref, env = ray.put(shared), _worker_env()
+        queue, pending = list(enumerate(items)), {}
+
+        def submit(actor: Any) -> None:
+            index, item = queue.pop(0)
+            pending[actor.run.remote(fn, shared_ref, item, env)] = (index, actor)
+
         try:
-            _ready(ray, actors)
-            shared_ref = ray.put(shared)
-            queue, pending = list(enumerate(items)), {}
-
-            def submit(actor: Any) -> None:
-                index, item = queue.pop(0)
-                pending[actor.run.remote(fn, shared_ref, item)] = (index, actor)
-
             for actor in actors:
                 if queue:
                     submit(actor)
@@ -119,9 +126,55 @@ class RayExecutor:
                 yield index, _get(ray, ref, index, self.max_retries)
                 if queue:
                     submit(actor)
-        finally:
-            for actor in actors:
-                ray.kill(actor)
+        except BaseException:  # a failed item, a lost worker, or the caller stopped early: no stale workers
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """End the workers this executor keeps (they hold a copy of the model each); the next `map`
+        starts new ones. Ending the Ray session ends them too."""
+        pool = _POOLS.pop(self, None)
+        if pool is not None and _ray().is_initialized():
+            for actor in pool["actors"]:
+                _ray().kill(actor)
+
+    def _workers(self, ray: Any, lens: Any, count: int) -> list:
+        """`count` workers holding `lens`'s model: those kept from an earlier `map` with the same model
+        in this Ray session, and new ones for the rest."""
+        device = "cuda" if self.num_gpus else "cpu"
+        key = (lens.fingerprint, lens.source, lens.lora, device, str(lens.denoiser.dtype),
+               ray.get_runtime_context().get_job_id())
+        pool = _POOLS.get(self)
+        if pool is not None and pool["key"] != key:  # another model, or another Ray session
+            self.close()
+            pool = None
+        if pool is None:
+            for other in list(_POOLS):  # one executor's workers at a time: they hold the cores and a model each
+                other.close()
+            pool = _POOLS[self] = {"key": key, "actors": []}
+        if len(pool["actors"]) < count:
+            # kept with the pool: a restarted worker opens its pipeline copy from the object store again
+            source = pool.setdefault("source", _source(lens, device))
+            worker = ray.remote(_Worker).options(num_cpus=self.num_cpus, num_gpus=self.num_gpus,
+                                                 max_restarts=self.max_retries, max_task_retries=self.max_retries,
+                                                 runtime_env={"env_vars": {"TQDM_DISABLE": "1"}})
+            pool["actors"] += [worker.remote(source, lens.fingerprint, max(1, int(self.num_cpus)))
+                               for _ in range(count - len(pool["actors"]))]
+        try:
+            _ready(ray, pool["actors"][:count])
+        except BaseException:
+            self.close()
+            raise
+        return pool["actors"][:count]
+
+    def _check_fits(self, ray: Any, count: int) -> None:
+        """Refuse workers the cluster cannot hold all at once (Ray would wait for them forever)."""
+        total = ray.cluster_resources()
+        for name, each in (("CPU", self.num_cpus), ("GPU", self.num_gpus)):
+            if each and count * each > total.get(name, 0) + 1e-9:
+                raise ValueError(f"RayExecutor needs {count * each:g} {name}s ({count} workers × {each:g}), but the Ray "
+                                 f"cluster has {total.get(name, 0):g}; pass fewer workers (or workers=None: as many as "
+                                 f"fit) or less num_{name.lower()}s, or add nodes to the cluster")
 
     def worker_count(self) -> int:
         """The workers this executor starts (at most one per item)."""
@@ -170,7 +223,10 @@ class _Worker:
     def ready(self) -> bool:
         return True
 
-    def run(self, fn: Task, shared: Any, item: Any) -> Any:
+    def run(self, fn: Task, shared: Any, item: Any, env: dict) -> Any:
+        import os
+
+        os.environ.update(env)
         return fn(self.lens, shared, item)
 
 
@@ -187,11 +243,11 @@ def _source(lens: Any, device: str) -> dict:
 
 
 def _worker_env() -> dict:
-    """Workers use the caller's cache (even one set after Ray started) and show no progress bars of
-    their own: the caller's bar counts their items."""
+    """What an item runs with on a worker: the caller's cache, as it is at this call. (Workers show no
+    progress bars of their own: the caller's bar counts their items.)"""
     from ..trace.store import CACHE_ENV, cache_root
 
-    return {CACHE_ENV: str(cache_root().expanduser().resolve()), "TQDM_DISABLE": "1"}
+    return {CACHE_ENV: str(cache_root().expanduser().resolve())}
 
 
 def _open(source: dict) -> Any:

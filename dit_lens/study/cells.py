@@ -312,18 +312,22 @@ def _read_cell(path: Path, cell: dict) -> dict:
     return metrics
 
 
-#: A worker's runner per (model, folder): built on its first cell, reused for the rest.
-_WORKER_RUNNERS: dict[tuple[int, str], CellRunner] = {}
+#: A worker's runner for the study it runs now, built on its first cell and reused for the rest
+#: (one at a time: workers are kept between studies, and a runner holds its concept vectors).
+_WORKER_RUNNER: dict[tuple, CellRunner] = {}
 
 
 def _run_on_worker(lens: Any, job: tuple, cell: dict) -> None:
     """One cell on a Ray worker, under the same per-cell lock as in-process runs (the folder was
     claimed by the caller)."""
     study, oracle, segmenter, folder, repair = job
-    key = (id(lens), folder)
-    if key not in _WORKER_RUNNERS or _WORKER_RUNNERS[key].study != study:
-        _WORKER_RUNNERS[key] = CellRunner(study, lens, oracle, segmenter, Path(folder), progress=False, repair=repair)
-    runner = _WORKER_RUNNERS[key]
+    key = (id(lens), folder, repair)
+    runner = _WORKER_RUNNER.get(key)
+    if runner is None or runner.study != study:
+        _WORKER_RUNNER.clear()
+        runner = _WORKER_RUNNER[key] = CellRunner(study, lens, oracle, segmenter, Path(folder), progress=False,
+                                                  repair=repair)
+    runner.oracle, runner.segmenter = oracle, segmenter  # this call's, not an earlier study's
     with exclusive(runner._lock_target(cell)):
         runner._run_if_unfinished(cell)
 
