@@ -58,7 +58,8 @@ class Vectors:
     def __init__(self, lens: Any, *, seeds: int, num_inference_steps: int = 20, guidance_scale: float = 4.5,
                  batch_size: int | None = 8, repair: bool = False) -> None:
         self.lens, self.seeds = lens, check_int(seeds, "Vectors seeds", minimum=1)
-        self._settings = dict(seeds=list(range(self.seeds)), num_inference_steps=num_inference_steps,
+        #: What each capture of a pair is run with (`dit_lens.capture`'s keyword arguments).
+        self.settings = dict(seeds=list(range(self.seeds)), num_inference_steps=num_inference_steps,
                               guidance_scale=guidance_scale, batch_size=batch_size, repair=bool(repair))
         self._captures: dict[ConceptPair, tuple[xr.Dataset, xr.Dataset]] = {}
 
@@ -72,8 +73,8 @@ class Vectors:
             raise ValueError(f"a vector from {n} seeds needs 1 to {self.seeds} (the captured seeds); "
                              f"make Vectors(seeds={n}) to capture more")
         if pair not in self._captures:
-            self._captures[pair] = (capture(self.lens, pair.positive(), **self._settings),
-                                    capture(self.lens, pair.negative(), **self._settings))
+            self._captures[pair] = (capture(self.lens, pair.positive(), **self.settings),
+                                    capture(self.lens, pair.negative(), **self.settings))
         pos, neg = self._captures[pair]
         return concept_vector(pos.isel(seed=slice(0, n)), neg.isel(seed=slice(0, n)))
 

@@ -28,6 +28,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from ..methods import MethodContext, Vectors, get
+from ..methods.registry import VECTOR_SEEDS
 from ..scale.executors import LocalExecutor, as_executor
 from ..trace.attrs import typed
 from ..trace.locks import claim_folder, exclusive, remove_stale_temporaries, temporary_name, try_exclusive, write_atomic
@@ -101,6 +102,7 @@ class CellRunner:
         if len(cells) > len(todo):
             print(f"{self.study.name}: {len(cells) - len(todo)} finished cells reused from {self.folder}")
         if not isinstance(runner, LocalExecutor):
+            self._capture_vectors_on(runner, todo)
             job = (self.study, self.oracle, self.segmenter, str(self.folder), self.repair)
             for _ in tqdm(runner.map(self.lens, _run_on_worker, todo, shared=job), total=len(todo),
                           desc=self.study.name, unit="cell", disable=not self.progress):
@@ -119,6 +121,18 @@ class CellRunner:
         for cell in elsewhere:  # wait for them; run those whose process gave up
             with exclusive(self._lock_target(cell)):
                 self._run_if_unfinished(cell)
+
+    def _capture_vectors_on(self, runner: Any, todo: list[dict]) -> None:
+        """Capture the prompts of the concept vectors `todo` needs as one item each, spread over the
+        workers (each with all its threads), before any cell runs: otherwise the first cells of a pair
+        wait on one worker computing its vector. The cells then read them from the capture store."""
+        pairs = sorted({cell["pair"] for cell in todo if VECTOR_SEEDS in cell})
+        if self.vectors is None or not pairs:
+            return
+        prompts = [side for p in pairs for side in (self.study.pairs[p].positive(), self.study.pairs[p].negative())]
+        for _ in tqdm(runner.map(self.lens, _capture_on_worker, prompts, shared=self.vectors.settings),
+                      total=len(prompts), desc=f"{self.study.name} vectors", unit="capture", disable=not self.progress):
+            pass
 
     def _lock_target(self, cell: dict) -> Path:
         return self.folder / ".locks" / self.path(cell).name  # lock files kept out of cells/
@@ -330,6 +344,13 @@ def _run_on_worker(lens: Any, job: tuple, cell: dict) -> None:
     runner.oracle, runner.segmenter = oracle, segmenter  # this call's, not an earlier study's
     with exclusive(runner._lock_target(cell)):
         runner._run_if_unfinished(cell)
+
+
+def _capture_on_worker(lens: Any, settings: dict, prompts: list[str]) -> None:
+    """One capture of a concept vector's prompts on a Ray worker, into the shared capture store."""
+    from ..trace.capture import capture
+
+    capture(lens, prompts, **settings)
 
 
 def _replace_zarr(ds: xr.Dataset, path: Path) -> None:
