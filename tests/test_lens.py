@@ -113,7 +113,8 @@ def test_denoiser_that_is_not_a_cross_attention_dit(tmp_path):
     )
     vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4)
     pipe = DiTPipeline(transformer=dit, vae=vae, scheduler=DDIMScheduler())
-    with pytest.raises(TypeError, match="not a supported cross-attention DiT"):
+    with pytest.raises(TypeError, match="DiTTransformer2DModel, which is not a supported DiT; "
+                                        "supported: PixArtTransformer2DModel"):
         load(pipe)
     pipe.save_pretrained(tmp_path / "dit")
     with pytest.raises(TypeError, match="DiTTransformer2DModel"):

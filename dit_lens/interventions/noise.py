@@ -284,25 +284,26 @@ class _Sampler:
             scheduler.set_begin_index(0)
         extra = self.pipe.prepare_extra_step_kwargs([self.lens.generator(s) for s in seeds], 0.0)
         m, guided = z.shape[0], self.guidance_scale > 1
-        latents = z * scheduler.init_noise_sigma
+        latents = z * getattr(scheduler, "init_noise_sigma", 1.0)  # flow-matching samplers do not scale
+        scale = getattr(scheduler, "scale_model_input", lambda x, _t: x)
         for i, t in enumerate(scheduler.timesteps):
-            model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
+            model_input = scale(torch.cat([latents] * 2) if guided else latents, t)
             which = [None] * m + [0] * m if guided else [0] * m  # the empty prompt first, as the pipeline does
             if seen is not None and i in self.read:  # not recomputed: the weights are kept with their graph
                 with self._hooks(seen, m if guided else 0):
-                    pred = self.denoiser.call(model_input, int(t), which)
+                    pred = self.denoiser.call(model_input, t, which)
                 if i == self.read[-1]:
                     return latents  # nothing later is read
             elif self.recompute and torch.is_grad_enabled():
-                pred = torch.utils.checkpoint.checkpoint(self.denoiser.call, model_input, int(t), which,
+                pred = torch.utils.checkpoint.checkpoint(self.denoiser.call, model_input, t, which,
                                                          use_reentrant=False)
             else:
-                pred = self.denoiser.call(model_input, int(t), which)  # (rows, C, h, w)
+                pred = self.denoiser.call(model_input, t, which)  # (rows, C, h, w)
             if guided:
                 uncond, cond = pred.chunk(2)
                 pred = uncond + self.guidance_scale * (cond - uncond)
             out = scheduler.step(pred, t, latents, **extra, return_dict=False)
-            latents = out[1] if self.steps == 1 else out[0]  # PixArt takes the denoised sample at one step
+            latents = out[1] if self.steps == 1 and len(out) > 1 else out[0]  # PixArt: the denoised sample at one step
         return latents
 
     @contextmanager

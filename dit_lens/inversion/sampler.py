@@ -73,6 +73,7 @@ def ddim_scheduler(lens: Any, num_inference_steps: int, scheduler: Any = None) -
     from diffusers import DDIMScheduler
 
     T = check_int(num_inference_steps, "num_inference_steps", minimum=1)
+    lens.family.needs("DDIM inversion (invert, regenerate, and the PnP and h-Edit editors)")
     base = lens.pipeline.scheduler if scheduler is None else scheduler
     if scheduler is not None and type(scheduler).__name__ in _STOCHASTIC:
         raise ValueError(f"{type(scheduler).__name__} draws fresh noise at every step, so its runs cannot be "

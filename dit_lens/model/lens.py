@@ -1,6 +1,6 @@
 """`load`: one way to open a diffusers DiT pipeline, hooked by nnsight, in eval mode.
 
-The embedded world, a user's PixArt-alpha/Sigma folder and an already built pipeline all go through
+The embedded world, a user's PixArt-alpha/Sigma or SANA folder and an already built pipeline all go through
 the same code path, so what is measured on the embedded model is measured the same way on real
 weights.
 
@@ -148,7 +148,7 @@ def load(
 
     Args:
         source: ``"embedded"`` (the shipped endoscopy world), a local diffusers pipeline folder
-            (one with ``model_index.json``; PixArt-alpha and PixArt-Sigma are supported), or an
+            (one with ``model_index.json``; PixArt-alpha, PixArt-Sigma and SANA are supported), or an
             already built diffusers pipeline.
         lora: An adapter folder merged into the weights: a peft LoRA of the denoiser
             (``adapter_config.json`` + weights; with a text encoder LoRA in ``text_encoder/``), or a
@@ -283,6 +283,7 @@ def _pipeline_kwargs(pipeline: Any, family: Family) -> dict:
         kwargs["use_resolution_binning"] = False  # non-standard sizes are rejected otherwise
     if "clean_caption" in accepted:
         kwargs["clean_caption"] = False  # same prompt text whatever optional packages exist
+    kwargs.update({k: v for k, v in family.call_kwargs.items() if k in accepted})
     return kwargs
 
 

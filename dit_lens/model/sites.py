@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
-__all__ = ["Family", "FAMILIES", "family_of", "site_module"]
+__all__ = ["Family", "FAMILIES", "family_of", "site_module", "supported"]
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,13 @@ class Family:
             order; a weights site runs inside its attention module, so before its output).
         adapter_targets: Fine-tuning scheme -> the peft ``target_modules`` regex (matched against
             module names inside the denoiser) of the layers a LoRA of that scheme adapts
-            (`dit_lens.finetune`).
+            (`dit_lens.finetune`; a family without an entry cannot be fine-tuned with that scheme).
+        sampling: ``"ddpm"`` (a noise schedule of alphas: DDIM inversion, PnP and h-Edit apply) or
+            ``"flow"`` (flow matching, velocity prediction).
+        noise_dtype: The dtype the pipeline draws its initial noise in (``None``: the text
+            embeddings'; SANA always draws it in float32).
+        call_kwargs: Arguments every pipeline call of the family gets besides dit-lens' own.
+        label: What users call the family (in messages and provenance).
     """
 
     name: str
@@ -55,8 +61,14 @@ class Family:
     attention_sites: tuple[str, ...] = ()
     order: tuple[str, ...] = ()
     adapter_targets: Mapping[str, str] = field(default_factory=dict)
+    sampling: str = "ddpm"
+    noise_dtype: str | None = None
+    call_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    label: str = ""
 
     def __post_init__(self) -> None:
+        if self.sampling not in ("ddpm", "flow"):
+            raise ValueError(f"Family {self.name}: sampling must be 'ddpm' or 'flow', got {self.sampling!r}")
         sites = dict(self.sites)
         for site in self.attention_sites:
             inner = sites[site]
@@ -64,6 +76,13 @@ class Family:
         object.__setattr__(self, "sites", MappingProxyType(sites))
         if set(self.order) != set(sites):
             raise ValueError(f"Family {self.name}: order must list every site once, got {self.order} for {sorted(sites)}")
+
+    def needs(self, what: str, sampling: str = "ddpm") -> None:
+        """Refuse `what` (a method or step, in words) on a family that does not sample by `sampling`."""
+        if self.sampling != sampling:
+            raise ValueError(f"{what} needs a {'noise-schedule (DDPM/DDIM)' if sampling == 'ddpm' else 'flow-matching'} "
+                             f"sampler; {self.label or self.name} samples by "
+                             f"{'flow matching' if self.sampling == 'flow' else 'a noise schedule'}, where it does not apply")
 
     def attention_of(self, site: str) -> str | None:
         """The attention site whose processor a weights site needs (``None`` for other sites)."""
@@ -90,6 +109,7 @@ class Family:
 
 _PIXART = Family(
     name="PixArtTransformer2DModel",
+    label="PixArt-alpha / PixArt-Sigma",
     denoiser="transformer",
     blocks="transformer_blocks",
     sites=MappingProxyType({"attn1": "attn1", "attn2": "attn2", "ff": "ff", "block": ""}),
@@ -103,8 +123,30 @@ _PIXART = Family(
     }),
 )
 
+_SANA = Family(
+    name="SanaTransformer2DModel",
+    label="SANA",
+    denoiser="transformer",
+    blocks="transformer_blocks",
+    # attn1 is linear attention (ReLU kernels, no softmax weights to expose); the feed-forward is a
+    # convolution over the token grid whose output is (rows, C, h, w), so it is not a token site
+    sites=MappingProxyType({"attn1": "attn1", "attn2": "attn2", "block": ""}),
+    attention_sites=("attn2",),
+    order=("attn1", "attn2.weights", "attn2", "block"),
+    sampling="flow",
+    noise_dtype="float32",
+    # the prompt as given: SANA's default "complex human instruction" prefix would move every word's
+    # text tokens (and is text a user did not write)
+    call_kwargs=MappingProxyType({"complex_human_instruction": None}),
+)
+
 #: Denoiser class name -> layout. PixArt-alpha and PixArt-Sigma share one denoiser class.
-FAMILIES: Mapping[str, Family] = MappingProxyType({_PIXART.name: _PIXART})
+FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in (_PIXART, _SANA)})
+
+
+def supported() -> str:
+    """The supported denoiser classes, with what users call them, in words."""
+    return ", ".join(f"{f.name} ({f.label})" if f.label else f.name for f in FAMILIES.values())
 
 
 def family_of(pipeline: Any) -> Family:
@@ -120,13 +162,13 @@ def family_of(pipeline: Any) -> Family:
     else:
         raise TypeError(
             f"{type(pipeline).__name__} has no `transformer` component; dit-lens needs a pipeline "
-            f"whose denoiser is a cross-attention DiT ({', '.join(FAMILIES)})"
+            f"whose denoiser is a supported DiT: {supported()}"
         )
     name = type(denoiser).__name__
     if name not in FAMILIES:
         raise TypeError(
             f"the denoiser of {type(pipeline).__name__} is a {name}, which is not a supported "
-            f"cross-attention DiT; supported: {', '.join(FAMILIES)}. Add a `Family` entry to "
+            f"DiT; supported: {supported()}. Add a `Family` entry to "
             f"dit_lens.model.sites.FAMILIES to support it."
         )
     family = FAMILIES[name]

@@ -28,43 +28,52 @@ class Denoiser:
     """The pipeline's transformer under given prompts.
 
     Args:
-        lens: A PixArt-family `dit_lens.Lens`.
+        lens: A `dit_lens.Lens` of a PixArt or SANA pipeline.
         prompts: The prompts whose embeddings calls use (indices into them pick a row's prompt).
     """
 
     def __init__(self, lens: Any, prompts: Sequence[str]) -> None:
         pipe = lens.pipeline
         if not hasattr(pipe, "encode_prompt") or not hasattr(pipe, "transformer"):
-            raise ValueError(f"calling the denoiser directly needs a PixArt pipeline; {type(pipe).__name__} is not one")
+            raise ValueError(f"calling the denoiser directly needs a pipeline with `encode_prompt` and a `transformer`; "
+                             f"{type(pipe).__name__} has not")
         self.lens, self.pipe = lens, pipe
         kwargs = lens.pipeline_kwargs
+        import inspect
+
+        accepted = inspect.signature(pipe.encode_prompt).parameters
+        text = {k: v for k, v in kwargs.items() if k in accepted and k not in ("height", "width")}
+        text.setdefault("clean_caption", False)
         with torch.no_grad():
             embeds, mask, null, null_mask = pipe.encode_prompt(
-                list(prompts), do_classifier_free_guidance=True, negative_prompt="", device=lens.device,
-                clean_caption=kwargs.get("clean_caption", False),
-                max_sequence_length=kwargs.get("max_sequence_length", 120))
+                list(prompts), do_classifier_free_guidance=True, negative_prompt="", device=lens.device, **text)
         self.embeds, self.mask = embeds, mask  # (prompts, text tokens, D), (prompts, text tokens)
         self.null, self.null_mask = null[:1], null_mask[:1]
         self.height, self.width = kwargs["height"], kwargs["width"]
         self.learned_sigma = pipe.transformer.config.out_channels // 2 == pipe.vae.config.latent_channels
         self._module = getattr(lens.model, lens.family.denoiser)  # the envoy: unseen by a running trace
 
-    def call(self, latents: torch.Tensor, timestep: int, which: Sequence[int | None]) -> torch.Tensor:
+    def call(self, latents: torch.Tensor, timestep: Any, which: Sequence[int | None]) -> torch.Tensor:
         """The prediction for each row of `latents` ``(rows, C, H, W)`` under prompt ``which[i]`` (an index
         into the prompts, or None for the empty prompt), differentiable when grad is enabled."""
         embeds = torch.cat([self.null if k is None else self.embeds[k : k + 1] for k in which])
         mask = torch.cat([self.null_mask if k is None else self.mask[k : k + 1] for k in which])
-        rows = latents.shape[0]
-        added = {"resolution": None, "aspect_ratio": None}
-        if self.pipe.transformer.config.sample_size == 128:  # PixArt's micro-conditions, as its pipeline adds them
-            added = {"resolution": torch.tensor([[self.height, self.width]] * rows, dtype=embeds.dtype),
-                     "aspect_ratio": torch.tensor([[self.height / self.width]] * rows, dtype=embeds.dtype)}
-        t = torch.full((rows,), int(timestep), dtype=torch.long, device=latents.device)
+        rows, config = latents.shape[0], self.pipe.transformer.config
+        extra: dict = {}
+        if self.lens.family.name == "PixArtTransformer2DModel":
+            extra["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+            if config.sample_size == 128:  # PixArt's micro-conditions, as its pipeline adds them
+                extra["added_cond_kwargs"] = {
+                    "resolution": torch.tensor([[self.height, self.width]] * rows, dtype=embeds.dtype),
+                    "aspect_ratio": torch.tensor([[self.height / self.width]] * rows, dtype=embeds.dtype)}
+            t = torch.full((rows,), int(timestep), dtype=torch.long, device=latents.device)
+        else:  # SANA: the scheduler's (float) timestep, scaled as its pipeline scales it
+            t = torch.full((rows,), float(timestep), device=latents.device) * getattr(config, "timestep_scale", 1.0)
         out = self._module(latents.to(embeds.dtype), encoder_hidden_states=embeds, encoder_attention_mask=mask,
-                           timestep=t, added_cond_kwargs=added, return_dict=False)[0]
+                           timestep=t, return_dict=False, **extra)[0]
         return out.chunk(2, dim=1)[0] if self.learned_sigma else out  # (rows, C, H, W)
 
     @torch.no_grad()
-    def raw(self, latents: torch.Tensor, timestep: int, which: Sequence[int | None]) -> torch.Tensor:
+    def raw(self, latents: torch.Tensor, timestep: Any, which: Sequence[int | None]) -> torch.Tensor:
         """`call` without gradients: the transformer's prediction (ε, v or x₀, as trained)."""
         return self.call(latents, timestep, which)

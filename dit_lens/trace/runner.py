@@ -135,7 +135,7 @@ def traced_generate(
     points = sorted({(layer, family.rank(h.site), h.site) for h in hooks for layer in h.layers})
     at_point = {(layer, site): [h for h in hooks if h.site == site and layer in h.layers] for layer, _, site in points}
     weights = {(family.attention_of(site), layer) for layer, _, site in points if family.attention_of(site)}
-    extra = {} if step_end is None else {"callback": lambda step, _t, lat: step_end(int(step), lat)}
+    extra = {} if step_end is None else _step_callback(lens, step_end)
     if latents is not None:
         if latents.shape[0] != len(prompts):
             raise ValueError(f"latents hold {latents.shape[0]} runs for {len(prompts)} prompts")
@@ -167,6 +167,22 @@ def traced_generate(
                         envoy.output = output
             result = lens.model.output.save()
     return result
+
+
+def _step_callback(lens: Any, step_end: Callable[[int, torch.Tensor], None]) -> dict:
+    """`step_end` as the pipeline's own per-step callback: ``callback`` (PixArt) or
+    ``callback_on_step_end`` (SANA and newer pipelines), which sees the same latents tensor."""
+    import inspect
+
+    accepted = inspect.signature(type(lens.pipeline).__call__).parameters
+    if "callback" in accepted:
+        return {"callback": lambda step, _t, lat: step_end(int(step), lat)}
+
+    def on_step_end(_pipe: Any, step: int, _t: Any, tensors: dict) -> dict:
+        step_end(int(step), tensors["latents"])  # edits it in place
+        return {"latents": tensors["latents"]}
+
+    return {"callback_on_step_end": on_step_end, "callback_on_step_end_tensor_inputs": ["latents"]}
 
 
 @contextmanager
@@ -220,10 +236,13 @@ def branch_rows(output: torch.Tensor, branch: str, batch: int, guided: bool) -> 
 
 def initial_noise(lens: Any, seeds: Sequence[int], dtype: torch.dtype | None = None) -> torch.Tensor:
     """Each row's initial noise ``(rows, C, h, w)``, drawn from its seed's generator exactly as the pipeline's
-    ``prepare_latents`` draws it (in the prompt embeddings' dtype unless `dtype` is given)."""
+    ``prepare_latents`` draws it (in the family's `Family.noise_dtype`, else the prompt embeddings' dtype, unless
+    `dtype` is given)."""
     pipe = lens.pipeline
     shape = (len(seeds), pipe.transformer.config.in_channels, lens.pipeline_kwargs["height"] // pipe.vae_scale_factor,
              lens.pipeline_kwargs["width"] // pipe.vae_scale_factor)
+    if dtype is None and lens.family.noise_dtype is not None:
+        dtype = getattr(torch, lens.family.noise_dtype)
     if dtype is None:
         dtype = (pipe.text_encoder if pipe.text_encoder is not None else pipe.transformer).dtype
     return randn_tensor(shape, generator=[lens.generator(s) for s in seeds], device=lens.device, dtype=dtype)

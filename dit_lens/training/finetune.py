@@ -154,6 +154,7 @@ def finetune(lens: Any, data: TrainingImages | str | Path, out: str | Path, *, m
                          text_encoder=text_encoder, seed=seed, caption_dropout=caption_dropout, warmup=warmup,
                          checkpoint_every=checkpoint_every, validate_every=validate_every,
                          mixed_precision=mixed_precision)
+    lens.family.needs("fine-tuning (dit_lens.finetune trains with the noise-schedule loss of its scheduler)")
     side = int(lens.pipeline_kwargs["height"])
     data = training_images(data, side, "training")
     validation = None if validation is None else training_images(validation, side, "validation")

@@ -1,0 +1,190 @@
+"""DiT families beyond PixArt-alpha (SANA; PixArt-Sigma shares PixArt's denoiser class): load, capture,
+vectors, steering, attention maps, the explorer and studies on tiny random-weight pipelines, against raw
+torch hooks on the plain pipeline call."""
+
+import numpy as np
+import pytest
+import torch
+
+from dit_lens.trace.runner import Hook, traced_generate
+from dit_lens import (PixArtSpec, Steer, attention_maps, build_pixart, capture, concept_vector, generate, invert, load,
+                      write_explorer)
+from dit_lens.model.sana import SanaSpec, build_sana
+from dit_lens.study import Study, run_study
+
+from test_study import ONE, BrightnessOracle, red_segmenter
+
+STEPS = 3
+
+@pytest.fixture
+def sana_pipeline():
+    return build_sana(SanaSpec(num_layers=3), seed=0)
+
+@pytest.fixture
+def sana(sana_pipeline):
+    return load(sana_pipeline)
+
+def raw_call(pipeline, prompt, seed, hooks=()):
+    """The plain SANA call, written out (no dit-lens settings), with raw forward hooks
+    ``[(module, fn(step, output) -> output | None)]``; returns the image (H, W, 3)."""
+    state = {"t": -1}
+    handles = [pipeline.transformer.register_forward_pre_hook(lambda m, a: state.__setitem__("t", state["t"] + 1))]
+    for module, fn in hooks:
+        handles.append(module.register_forward_hook(lambda m, a, out, fn=fn: fn(state["t"], out)))
+    side = pipeline.transformer.config.sample_size * pipeline.vae_scale_factor
+    try:
+        return pipeline(prompt, generator=torch.Generator("cpu").manual_seed(seed), num_inference_steps=STEPS,
+                        guidance_scale=4.5, output_type="np", height=side, width=side, use_resolution_binning=False,
+                        clean_caption=False, complex_human_instruction=None).images[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+
+def test_sana_loads_as_its_family_and_from_its_folder(sana, sana_pipeline, tmp_path):
+    assert sana.family.name == "SanaTransformer2DModel" and sana.family.sampling == "flow"
+    assert sana.provenance()["denoiser_class"] == "SanaTransformer2DModel" and sana.token_grid == (8, 8)
+    image = sana.plain("a polyp", seed=3, num_inference_steps=STEPS)
+    np.testing.assert_array_equal(image, raw_call(sana_pipeline, "a polyp", 3))  # the plain call, unchanged
+    np.testing.assert_array_equal(image, sana.plain("a polyp", seed=3, num_inference_steps=STEPS))
+    sana_pipeline.save_pretrained(tmp_path / "sana")
+    again = load(tmp_path / "sana")
+    assert again.fingerprint == sana.fingerprint and again.family.name == sana.family.name
+    np.testing.assert_array_equal(again.plain("a polyp", seed=3, num_inference_steps=STEPS), image)
+
+def test_a_pipeline_of_another_family_is_refused_naming_the_supported_ones():
+    class Elsewhere:
+        components = {}
+        transformer = torch.nn.Linear(2, 2)
+
+    with pytest.raises(TypeError, match=r"is a Linear, which is not a supported DiT; supported: "
+                                        r"PixArtTransformer2DModel \(PixArt-alpha / PixArt-Sigma\), "
+                                        r"SanaTransformer2DModel \(SANA\)"):
+        load(Elsewhere())
+
+@pytest.mark.parametrize("site", ["attn1", "attn2", "block"])
+def test_sana_capture_matches_raw_hooks(sana, sana_pipeline, site, tmp_path):
+    blocks = sana_pipeline.transformer.transformer_blocks
+    modules = {"attn1": lambda b: b.attn1, "attn2": lambda b: b.attn2, "block": lambda b: b}
+    raw = np.zeros((STEPS, len(blocks), sana.width))
+    hooks = [(modules[site](block), lambda t, out, layer=layer: raw.__setitem__((t, layer), out[-1].mean(0).numpy()))
+             for layer, block in enumerate(blocks)]
+    raw_call(sana_pipeline, "a polyp", 5, hooks)
+    ds = capture(sana, ["a polyp"], seeds=[5], num_inference_steps=STEPS, site=site, store=tmp_path / "c.zarr")
+    np.testing.assert_allclose(ds[site].sel(prompt="a polyp", seed=5).values, raw, rtol=1e-4, atol=1e-6)
+
+def test_sana_steering_matches_raw_hooks_and_strength_zero_is_the_plain_image(sana, sana_pipeline):
+    vector = concept_vector(sana, positive=["a polyp"], negative=["a cecum"], seeds=[0, 1], num_inference_steps=STEPS)
+    assert vector.shape == (STEPS, 3, sana.width)
+    zero = generate(sana, "a polyp", seeds=[7], steer=Steer(vector, alpha=0.0), num_inference_steps=STEPS,
+                    progress=False)
+    plain = raw_call(sana_pipeline, "a polyp", 7)
+    np.testing.assert_array_equal(zero.image.sel(branch="edited").values, zero.image.sel(branch="original").values)
+    np.testing.assert_allclose(zero.image.sel(branch="original").values[0, 0], plain, atol=1e-6)  # batched: rounding
+    steered = generate(sana, "a polyp", seeds=[7], steer=Steer(vector, alpha=4.0, layers=(1, 2)),
+                       num_inference_steps=STEPS, record_gates=True, progress=False)
+    v = vector.values
+
+    def edit(layer):
+        def fn(t, out):
+            direction = torch.from_numpy(v[t, layer])
+            return out - 4.0 * torch.einsum("bnc,c->bn", out, direction).clamp(min=0)[..., None] * direction
+        return fn
+
+    blocks = sana_pipeline.transformer.transformer_blocks
+    want = raw_call(sana_pipeline, "a polyp", 7, [(blocks[layer].attn2, edit(layer)) for layer in (1, 2)])
+    got = steered.image.sel(branch="edited").values[0, 0]
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    assert np.abs(got - plain).max() > 1e-3  # the steer changed the image
+    assert steered.gate.sizes["layer"] == 2
+
+def test_sana_attention_maps_read_the_cross_attention_without_changing_the_image(sana, sana_pipeline):
+    maps = attention_maps(sana, ["an image of polyps"], seeds=[2], words=["polyps"], num_inference_steps=STEPS,
+                          progress=False)
+    np.testing.assert_array_equal(maps.image.values[0, 0], raw_call(sana_pipeline, "an image of polyps", 2))
+    attention = maps.attention.values  # (prompt, seed, step, layer, word, row, col)
+    assert attention.shape[-2:] == (8, 8) and np.isfinite(attention).all()
+    assert 0 < attention.max() <= 1 and attention.sum(axis=(-1, -2)).min() > 0
+    tokens = maps.attrs["word_tokens"]["an image of polyps"]["polyps"]
+    rows = []  # the same weights, from the softmax of raw q·k on the conditional rows
+    blocks = sana_pipeline.transformer.transformer_blocks
+
+    def record(layer):
+        def fn(module, args, kwargs, out):
+            hidden, context = args[0], kwargs["encoder_hidden_states"]
+            q = module.to_q(hidden).unflatten(-1, (module.heads, -1)).transpose(1, 2)
+            k = module.to_k(context).unflatten(-1, (module.heads, -1)).transpose(1, 2)
+            scores = q @ k.transpose(-1, -2) * module.scale
+            mask = kwargs["attention_mask"]  # (rows, 1, keys) additive
+            weights = (scores + mask[:, None]).softmax(-1)[-1]  # (heads, queries, keys), conditional row
+            rows.append((layer, weights[:, :, list(tokens)].sum(-1).mean(0).reshape(8, 8).numpy()))
+        return fn
+
+    handles = [blocks[layer].attn2.register_forward_hook(record(layer), with_kwargs=True) for layer in range(3)]
+    try:
+        raw_call(sana_pipeline, "an image of polyps", 2)
+    finally:
+        for handle in handles:
+            handle.remove()
+    want = np.stack([m for _, m in rows]).reshape(STEPS, 3, 8, 8)
+    np.testing.assert_allclose(attention[0, 0, :, :, 0], want, atol=1e-5)
+
+def test_sana_weights_exist_only_where_attention_is_softmax(sana):
+    with pytest.raises(ValueError, match=r"unknown site 'attn1.weights' for SanaTransformer2DModel"):
+        traced_generate(sana, ["a polyp"], [0], num_inference_steps=2, guidance_scale=4.5,
+                        hooks=[Hook("attn1.weights", (0,), lambda *a: None)])
+
+def test_sana_refuses_ddim_inversion_saying_why(sana):
+    image = np.zeros((1, 32, 32, 3), np.float32)
+    with pytest.raises(ValueError, match="DDIM inversion .* needs a noise-schedule .* SANA samples by flow matching"):
+        invert(sana, image, "a polyp", num_inference_steps=STEPS)
+
+def test_a_study_and_the_explorer_run_on_sana(sana, tmp_path):
+    s = Study("sana", pairs=(ONE,), methods={"medsteer": {"alpha": (0.0, 3.0), "vector_seeds": (2,)}}, eval_seeds=2,
+              num_inference_steps=STEPS)
+    result = run_study(s, sana, oracle=BrightnessOracle(), segmenter=red_segmenter, out=tmp_path / "study",
+                       progress=False)
+    assert result.attrs["denoiser_class"] == "SanaTransformer2DModel"
+    flips = result["flip_rate"].sel(method="medsteer").values.ravel()
+    assert np.isfinite(flips).all() and flips[0] == 0.0  # α = 0 changes nothing, so nothing flips
+    vector = concept_vector(sana, positive=["a polyp"], negative=["a cecum"], seeds=[0], num_inference_steps=STEPS)
+    out = generate(sana, "a polyp", seeds=[0, 1], steer=Steer(vector, alpha=3.0), record_gates=True,
+                   num_inference_steps=STEPS, progress=False)
+    assert (out.gate.sizes["row"], out.gate.sizes["col"]) == sana.token_grid and float(out.gate.max()) > 0
+    page = write_explorer(out, tmp_path / "explorer.html").read_text()
+    assert "Plotly.restyle" in page and 'id="step"' in page and 'id="layer"' in page
+
+def test_pixart_sigma_steers_like_its_plain_call(tmp_path):
+    lens = load(build_pixart(PixArtSpec(num_layers=2, sigma=True), seed=2))
+    assert type(lens.pipeline).__name__ == "PixArtSigmaPipeline"
+    vector = concept_vector(lens, positive=["a polyp"], negative=["a cecum"], seeds=[0], num_inference_steps=STEPS)
+    zero = generate(lens, "a polyp", seeds=[4], steer=Steer(vector, alpha=0.0), num_inference_steps=STEPS,
+                    progress=False)
+    plain = lens.plain("a polyp", seed=4, num_inference_steps=STEPS)
+    np.testing.assert_array_equal(zero.image.sel(branch="edited").values, zero.image.sel(branch="original").values)
+    np.testing.assert_allclose(zero.image.sel(branch="original").values[0, 0], plain, atol=1e-6)
+    maps = attention_maps(lens, ["a polyp"], seeds=[4], words=["polyp"], num_inference_steps=STEPS, progress=False)
+    np.testing.assert_array_equal(maps.image.values[0, 0], plain)
+
+
+def test_sana_refuses_fine_tuning_saying_why(sana, tmp_path):
+    from dit_lens import TrainingImages, finetune
+
+    images = TrainingImages.from_arrays(np.zeros((2, 32, 32, 3), np.float32), ["a polyp", "a cecum"])
+    with pytest.raises(ValueError, match="fine-tuning .* SANA samples by flow matching"):
+        finetune(sana, images, tmp_path / "ft", steps=1)
+    assert not (tmp_path / "ft").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 4.5])
+def test_sana_noise_optimisation_runs_the_run_generate_makes(sana, guidance_scale):
+    from dit_lens import class_probability, optimize_noise
+    from dit_lens.world.judges import Oracle, OracleNet
+
+    torch.manual_seed(0)
+    oracle = Oracle(OracleNet(width=8, num_classes=3), ("polyps", "normal cecum", "esophagitis"))
+    z = optimize_noise(sana, "a polyp", seeds=[0, 1], objective=class_probability(oracle, "esophagitis"),
+                       iterations=0, num_inference_steps=STEPS, guidance_scale=guidance_scale, progress=False)
+    out = generate(sana, "a polyp", seeds=[0, 1], edits=[z], num_inference_steps=STEPS, guidance_scale=guidance_scale,
+                   progress=False)
+    images = out.image.sel(prompt="a polyp", branch="original").values
+    np.testing.assert_allclose(z.before, np.log(oracle(images)[:, 2]), atol=1e-4, rtol=0)
