@@ -1,6 +1,6 @@
-"""DiT families beyond PixArt-alpha (SANA; PixArt-Sigma shares PixArt's denoiser class): load, capture,
-vectors, steering, attention maps, the explorer and studies on tiny random-weight pipelines, against raw
-torch hooks on the plain pipeline call."""
+"""DiT families beyond PixArt-alpha (SANA, SD3; PixArt-Sigma shares PixArt's denoiser class): load,
+capture, vectors, steering, attention maps, the explorer and studies on tiny random-weight pipelines,
+against raw torch hooks on the plain pipeline call."""
 
 import numpy as np
 import pytest
@@ -10,6 +10,7 @@ from dit_lens.trace.runner import Hook, traced_generate
 from dit_lens import (PixArtSpec, Steer, attention_maps, build_pixart, capture, concept_vector, generate, invert, load,
                       write_explorer)
 from dit_lens.model.sana import SanaSpec, build_sana
+from dit_lens.model.sd3 import SD3Spec, build_sd3
 from dit_lens.study import Study, run_study
 
 from test_study import ONE, BrightnessOracle, red_segmenter
@@ -188,3 +189,143 @@ def test_sana_noise_optimisation_runs_the_run_generate_makes(sana, guidance_scal
                    progress=False)
     images = out.image.sel(prompt="a polyp", branch="original").values
     np.testing.assert_allclose(z.before, np.log(oracle(images)[:, 2]), atol=1e-4, rtol=0)
+
+
+# -- SD3: joint attention, tuple outputs -----------------------------------------------------------
+
+
+@pytest.fixture
+def sd3_pipeline():
+    return build_sd3(SD3Spec(num_layers=2), seed=0)
+
+
+@pytest.fixture
+def sd3(sd3_pipeline):
+    return load(sd3_pipeline)
+
+
+def raw_sd3_call(pipeline, prompt, seed, hooks=()):
+    """The plain SD3 call, with raw forward hooks ``[(module, fn(step, output) -> output | None)]``."""
+    state = {"t": -1}
+    handles = [pipeline.transformer.register_forward_pre_hook(lambda m, a: state.__setitem__("t", state["t"] + 1))]
+    for module, fn in hooks:
+        handles.append(module.register_forward_hook(lambda m, a, out, fn=fn: fn(state["t"], out)))
+    side = pipeline.transformer.config.sample_size * pipeline.vae_scale_factor
+    try:
+        return pipeline(prompt, generator=torch.Generator("cpu").manual_seed(seed), num_inference_steps=STEPS,
+                        guidance_scale=4.5, output_type="np", height=side, width=side).images[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_sd3_loads_and_its_text_conditioning_site_is_the_joint_attentions_image_stream(sd3, sd3_pipeline, tmp_path):
+    from dit_lens.model.fingerprint import fingerprint
+
+    assert sd3.family.name == "SD3Transformer2DModel" and sd3.family.cross_attention_site == "attn"
+    before = sd3.fingerprint
+    image = sd3.plain("a polyp", seed=1, num_inference_steps=STEPS)
+    assert fingerprint(sd3_pipeline) == before  # a call sets its fast tokenizers' padding: not the model
+    np.testing.assert_array_equal(image, raw_sd3_call(sd3_pipeline, "a polyp", 1))
+    sd3_pipeline.save_pretrained(tmp_path / "sd3")
+    again = load(tmp_path / "sd3")
+    assert again.fingerprint == sd3.fingerprint
+    np.testing.assert_array_equal(again.plain("a polyp", seed=1, num_inference_steps=STEPS), image)
+
+
+@pytest.mark.parametrize("site, stream", [("attn", 0), ("block", 1), ("ff", None)])
+def test_sd3_capture_reads_the_image_stream_of_tuple_outputs(sd3, sd3_pipeline, site, stream, tmp_path):
+    blocks = sd3_pipeline.transformer.transformer_blocks
+    module = {"attn": lambda b: b.attn, "block": lambda b: b, "ff": lambda b: b.ff}[site]
+    raw = np.zeros((STEPS, len(blocks), sd3.width))
+
+    def keep(layer):
+        def fn(t, out):
+            image = out if stream is None else out[stream]  # (rows, image tokens, C)
+            raw[t, layer] = image[-1].mean(0).numpy()
+        return fn
+
+    raw_sd3_call(sd3_pipeline, "a polyp", 2, [(module(b), keep(layer)) for layer, b in enumerate(blocks)])
+    ds = capture(sd3, ["a polyp"], seeds=[2], num_inference_steps=STEPS, site=site if site != "attn" else None,
+                 store=tmp_path / "c.zarr")
+    assert list(ds.data_vars) == [site]  # no site given: the family's text-conditioning site
+    np.testing.assert_allclose(ds[site].sel(prompt="a polyp", seed=2).values, raw, rtol=1e-4, atol=1e-6)
+
+
+def test_sd3_steering_edits_the_image_stream_and_keeps_the_text_stream(sd3, sd3_pipeline):
+    vector = concept_vector(sd3, positive=["a polyp"], negative=["a cecum"], seeds=[0, 1], num_inference_steps=STEPS)
+    assert vector.attrs["site"] == "attn" and vector.shape == (STEPS, 2, sd3.width)
+    zero = generate(sd3, "a polyp", seeds=[5], steer=Steer(vector, alpha=0.0), num_inference_steps=STEPS,
+                    progress=False)
+    np.testing.assert_array_equal(zero.image.sel(branch="edited").values, zero.image.sel(branch="original").values)
+    steered = generate(sd3, "a polyp", seeds=[5], steer=Steer(vector, alpha=3.0, layers=(0,)),
+                       num_inference_steps=STEPS, progress=False)
+    v = vector.values
+
+    def edit(t, out):
+        image, text = out
+        direction = torch.from_numpy(v[t, 0])
+        image = image - 3.0 * torch.einsum("bnc,c->bn", image, direction).clamp(min=0)[..., None] * direction
+        return image, text  # the text stream as it was
+
+    want = raw_sd3_call(sd3_pipeline, "a polyp", 5, [(sd3_pipeline.transformer.transformer_blocks[0].attn, edit)])
+    got = steered.image.sel(branch="edited").values[0, 0]
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    assert np.abs(got - steered.image.sel(branch="original").values[0, 0]).max() > 1e-3
+
+
+def test_a_study_runs_on_sd3_and_inversion_says_why_not(sd3, tmp_path):
+    s = Study("sd3", pairs=(ONE,), methods={"medsteer": {"alpha": (0.0, 3.0), "vector_seeds": (2,)}}, eval_seeds=2,
+              num_inference_steps=STEPS)
+    result = run_study(s, sd3, oracle=BrightnessOracle(), segmenter=red_segmenter, out=tmp_path / "study",
+                       progress=False)
+    assert result.attrs["denoiser_class"] == "SD3Transformer2DModel"
+    assert result["flip_rate"].sel(method="medsteer").values.ravel()[0] == 0.0
+    with pytest.raises(ValueError, match="DDIM inversion .* Stable Diffusion 3 samples by flow matching"):
+        invert(sd3, np.zeros((1, 16, 16, 3), np.float32), "a polyp", num_inference_steps=STEPS)
+
+
+def test_sd3_attention_maps_are_the_image_to_text_block_of_the_joint_softmax(sd3, sd3_pipeline):
+    maps = attention_maps(sd3, ["an image of polyps"], seeds=[3], words=["polyps"], num_inference_steps=STEPS,
+                          progress=False)
+    np.testing.assert_array_equal(maps.image.values[0, 0], sd3.plain("an image of polyps", seed=3,
+                                                                        num_inference_steps=STEPS))
+    keys = maps.attrs["word_tokens"]["an image of polyps"]["polyps"]
+    clip = [k for k in keys if k < 77]  # the word in CLIP's tokens (one per byte here) and in T5's after them
+    assert len(clip) == len("polyps") and len(keys) == 2 * len("polyps") and min(k for k in keys if k >= 77) > 77
+    recorded = []
+
+    def record(module, args, kwargs, out):
+        hidden, context = kwargs["hidden_states"], kwargs["encoder_hidden_states"]
+
+        def heads(x):
+            return x.unflatten(-1, (module.heads, -1)).transpose(1, 2)  # (rows, heads, tokens, d)
+        q = heads(module.to_q(hidden))
+        k = torch.cat([heads(module.to_k(hidden)), heads(module.add_k_proj(context))], dim=2)
+        weights = (q @ k.transpose(-1, -2) * module.scale).softmax(-1)[-1]  # conditional row: (heads, N, N+M)
+        n = hidden.shape[1]
+        recorded.append(weights[:, :, [n + key for key in keys]].sum(-1).mean(0).reshape(4, 4).numpy())
+
+    blocks = sd3_pipeline.transformer.transformer_blocks
+    handles = [block.attn.register_forward_hook(record, with_kwargs=True) for block in blocks]
+    try:
+        raw_sd3_call(sd3_pipeline, "an image of polyps", 3)
+    finally:
+        for handle in handles:
+            handle.remove()
+    want = np.stack(recorded).reshape(STEPS, 2, 4, 4)
+    np.testing.assert_allclose(maps.attention.values[0, 0, :, :, 0], want, atol=1e-5)
+    assert 0 < want.max() < 1  # the rest of each row is on image keys and the other words
+
+
+def test_sd3_reweighting_text_keys_changes_only_the_edited_branch(sd3):
+    from dit_lens import Reweight
+
+    same = generate(sd3, "a polyp", seeds=[0], edits=[Reweight(site="attn.weights", tokens=[2], scale=1.0)],
+                    num_inference_steps=STEPS, progress=False)
+    np.testing.assert_array_equal(same.image.sel(branch="edited").values, same.image.sel(branch="original").values)
+    cut = generate(sd3, "a polyp", seeds=[0], edits=[Reweight(site="attn.weights", tokens=range(1, 9), scale=0.0)],
+                   num_inference_steps=STEPS, progress=False)
+    assert np.abs(cut.image.sel(branch="edited").values - cut.image.sel(branch="original").values).max() > 1e-4
+    np.testing.assert_allclose(cut.image.sel(branch="original").values[0, 0],
+                               sd3.plain("a polyp", seed=0, num_inference_steps=STEPS), atol=1e-6)

@@ -39,6 +39,7 @@ import torch
 __all__ = ["fingerprint"]
 
 #: Config keys that record where or with what a component was saved, not what it computes.
+_EFFECTIVE = {"added_tokens_decoder", "model_max_length", "padding_side", "truncation_side", "pad_token_type_id"}
 _BOOKKEEPING = {"architectures", "dtype", "torch_dtype", "transformers_version", "name_or_path",
                 "is_local", "local_files_only"}
 
@@ -106,15 +107,20 @@ def _describe_tokenizer(tokenizer: Any) -> bytes:
         "padding_side": tokenizer.padding_side,
         "truncation_side": tokenizer.truncation_side,
         "clean_up_tokenization_spaces": getattr(tokenizer, "clean_up_tokenization_spaces", None),
+        "pad_token_type_id": getattr(tokenizer, "pad_token_type_id", None),
+        # what it was made with, less what is recorded above as it is in effect (a tokenizer made in code
+        # and the same one saved and loaded back list those differently)
         "init": {k: str(v) for k, v in sorted(tokenizer.init_kwargs.items())
-                 if k not in _BOOKKEEPING and not k.endswith("_file") and k != "added_tokens_decoder"
-                 and k != "model_max_length" and v is not None},
+                 if k not in _BOOKKEEPING and not k.endswith("_file") and k not in _EFFECTIVE and v is not None},
     }
     text = json.dumps(settings, sort_keys=True, default=str).encode()
     model = b""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:  # a fast tokenizer: model, normalizer, pre-tokenizer, post-processor
-        model += backend.to_str().encode()
+        serialized = json.loads(backend.to_str())
+        for state in ("truncation", "padding"):  # set by each call (padding="max_length", ...), not the model's
+            serialized.pop(state, None)
+        model += json.dumps(serialized, sort_keys=True).encode()
     sp_model = getattr(tokenizer, "sp_model", None)
     if sp_model is not None and hasattr(sp_model, "serialized_model_proto"):  # SentencePiece scores
         model += sp_model.serialized_model_proto()

@@ -50,6 +50,15 @@ class Family:
         noise_dtype: The dtype the pipeline draws its initial noise in (``None``: the text
             embeddings'; SANA always draws it in float32).
         call_kwargs: Arguments every pipeline call of the family gets besides dit-lens' own.
+        outputs: Site -> which element of its module's tuple output is the site, for modules that
+            return several streams (SD3's joint attention returns ``(image, text)``, its blocks
+            ``(text, image)``); other sites' modules return the tensor itself.
+        joint: The text-conditioning attention is joint attention over image and text tokens (SD3): its
+            weights site is the image-query × text-key block of the joint softmax
+            (`dit_lens.trace.attention.JointWeightsProcessor`).
+        text_segments: The text keys of that attention, in order: ``(tokenizer component, length)``
+            per text encoder's run of tokens, the length being the tokenizer's ``"model_max_length"``
+            (CLIP's 77) or the pipeline's ``"max_sequence_length"`` (T5, Gemma).
         label: What users call the family (in messages and provenance).
     """
 
@@ -64,6 +73,9 @@ class Family:
     sampling: str = "ddpm"
     noise_dtype: str | None = None
     call_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    outputs: Mapping[str, int] = field(default_factory=dict)
+    joint: bool = False
+    text_segments: tuple[tuple[str, str], ...] = (("tokenizer", "max_sequence_length"),)
     label: str = ""
 
     def __post_init__(self) -> None:
@@ -83,6 +95,27 @@ class Family:
             raise ValueError(f"{what} needs a {'noise-schedule (DDPM/DDIM)' if sampling == 'ddpm' else 'flow-matching'} "
                              f"sampler; {self.label or self.name} samples by "
                              f"{'flow matching' if self.sampling == 'flow' else 'a noise schedule'}, where it does not apply")
+
+    def text_weights(self, what: str = "this") -> str:
+        """The weights site of the text-conditioning attention (``"attn2.weights"``), or a clear error for
+        a family whose text attention exposes none (SD3's joint attention, for now)."""
+        if self.cross_attention_site not in self.attention_sites:
+            raise ValueError(f"{what} needs the softmax weights of image tokens over text tokens; "
+                             f"{self.label or self.name} conditions on text through joint attention "
+                             f"({self.cross_attention_site!r}), whose weights dit-lens does not expose yet")
+        return f"{self.cross_attention_site}.weights"
+
+    def read(self, site: str, output: Any) -> Any:
+        """The site's tensor in its module's output."""
+        index = self.outputs.get(site)
+        return output if index is None else output[index]
+
+    def write(self, site: str, output: Any, value: Any) -> Any:
+        """The module's output with the site's tensor replaced by `value` (other streams kept)."""
+        index = self.outputs.get(site)
+        if index is None:
+            return value
+        return tuple(value if i == index else part for i, part in enumerate(output))
 
     def attention_of(self, site: str) -> str | None:
         """The attention site whose processor a weights site needs (``None`` for other sites)."""
@@ -140,8 +173,27 @@ _SANA = Family(
     call_kwargs=MappingProxyType({"complex_human_instruction": None}),
 )
 
+_SD3 = Family(
+    name="SD3Transformer2DModel",
+    label="Stable Diffusion 3",
+    denoiser="transformer",
+    blocks="transformer_blocks",
+    # no separate cross-attention: `attn` is the joint attention over image and text tokens, and its
+    # image stream (element 0 of its output) is where the text conditions the image; a block returns
+    # (text stream, image stream)
+    sites=MappingProxyType({"attn": "attn", "ff": "ff", "block": ""}),
+    cross_attention_site="attn",
+    attention_sites=("attn",),
+    outputs=MappingProxyType({"attn": 0, "block": 1}),
+    order=("attn.weights", "attn", "ff", "block"),
+    sampling="flow",
+    joint=True,
+    # CLIP-L and CLIP-G tokens side by side in channels (77 keys), then the T5 tokens
+    text_segments=(("tokenizer", "model_max_length"), ("tokenizer_3", "max_sequence_length")),
+)
+
 #: Denoiser class name -> layout. PixArt-alpha and PixArt-Sigma share one denoiser class.
-FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in (_PIXART, _SANA)})
+FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in (_PIXART, _SANA, _SD3)})
 
 
 def supported() -> str:

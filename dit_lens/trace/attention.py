@@ -33,7 +33,7 @@ from typing import Any, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AttentionWeights", "WeightsProcessor", "exposed_weights", "processor_key"]
+__all__ = ["AttentionWeights", "JointWeightsProcessor", "WeightsProcessor", "exposed_weights", "processor_key"]
 
 
 class AttentionWeights(torch.nn.Module):
@@ -113,9 +113,70 @@ class WeightsProcessor(torch.nn.Module):
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
 
 
+class JointWeightsProcessor(torch.nn.Module):
+    """Joint attention (SD3's MMDiT: image and text tokens in one softmax) whose *image-query × text-key*
+    block of softmax weights ``(rows, heads, image tokens, text tokens)`` passes through ``self.weights``.
+
+    Mirrors diffusers' ``JointAttnProcessor2_0`` step for step, so an untouched call returns the same
+    tensors bit-for-bit. Only the image queries' weights are computed (the text queries' are not
+    exposed). When a hook replaced the block, the image-query rows whose weights changed are recomputed
+    as ``[image-key weights, new text-key weights] · v``; every other row keeps the fused result.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weights = AttentionWeights()
+
+    def forward(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+        batch, images = hidden_states.shape[0], hidden_states.shape[1]
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if encoder_hidden_states is not None:
+            text = [proj(encoder_hidden_states).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+                    for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)]
+            if attn.norm_added_q is not None:
+                text[0] = attn.norm_added_q(text[0])
+            if attn.norm_added_k is not None:
+                text[1] = attn.norm_added_k(text[1])
+            query, key, value = (torch.cat([x, t], dim=2) for x, t in zip((query, key, value), text))
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)  # (rows, heads, N+M, d)
+        if encoder_hidden_states is not None:
+            probs = (query[:, :, :images] @ key.transpose(-1, -2)).mul_(attn.scale).softmax(dim=-1).to(value.dtype)
+            block = probs[:, :, :, images:]  # (rows, heads, image queries, text keys)
+            seen = self.weights(block)  # the site: nnsight reads or replaces it here
+            if seen is not block:
+                if seen.shape != block.shape:
+                    raise ValueError(f"replaced attention weights must keep their shape {tuple(block.shape)}, "
+                                     f"got {tuple(seen.shape)}")
+                changed = (seen != block).flatten(1).any(1)  # (rows,)
+                if bool(changed.any()):
+                    full = torch.cat([probs[changed][..., :images], seen[changed].to(value.dtype)], dim=-1)
+                    out = out.clone()
+                    out[changed, :, :images] = full @ value[changed]
+        hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        if encoder_hidden_states is not None:
+            hidden_states, encoder_hidden_states = hidden_states[:, :images], hidden_states[:, images:]
+            if not attn.context_pre_only:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if encoder_hidden_states is not None:
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any):
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+
+
 #: One processor per attention module for the module's lifetime, so the nnsight envoy that mirrors
 #: ``attn.processor.weights`` stays valid across runs.
-_PROCESSORS: "weakref.WeakKeyDictionary[torch.nn.Module, WeightsProcessor]" = weakref.WeakKeyDictionary()
+_PROCESSORS: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
 
 
 def processor_key(lens: Any, site: str, layer: int) -> str:
@@ -148,7 +209,8 @@ def exposed_weights(lens: Any, points: Iterable[tuple[str, int]]) -> Iterator[No
         if key not in original:
             raise ValueError(f"no attention processor {key!r} in {type(denoiser).__name__}")
         module = getattr(lens.blocks[layer], lens.family.sites[site])
-        wanted[key] = _PROCESSORS.setdefault(module, WeightsProcessor())
+        kind = JointWeightsProcessor if lens.family.joint else WeightsProcessor
+        wanted[key] = _PROCESSORS.setdefault(module, kind())
     denoiser.set_attn_processor(wanted)  # diffusers consumes the dict it is given
     try:
         yield

@@ -46,7 +46,7 @@ from ..scale.executors import LocalExecutor, as_executor
 from .runner import Hook, branch_rows, scheduler_timesteps, check_prompts, check_seeds, is_int, traced_generate
 from .locks import exclusive
 from .store import CaptureStore, DamagedStoreError, VariableSpec, cache_root, content_key
-from .tokens import max_tokens
+from .tokens import text_keys
 from .settings import BRANCHES, DEFAULT_BATCH, REDUCTIONS, CaptureSettings
 
 __all__ = ["BRANCHES", "DEFAULT_BATCH", "REDUCTIONS", "CaptureSettings", "capture"]
@@ -59,7 +59,7 @@ def capture(
     num_inference_steps: int = 20,
     guidance_scale: float = 4.5,
     layers: Iterable[int] | None = None,
-    site: str = "attn2",
+    site: str | None = None,
     branch: str = "cond",
     reduce: str | None = "mean",
     store: str | Path | None = None,
@@ -79,7 +79,8 @@ def capture(
         num_inference_steps: Denoising steps T.
         guidance_scale: Classifier-free guidance scale.
         layers: Block indices (default: all).
-        site: What to record: ``"attn2"`` (cross-attention output), ``"attn1"``, ``"ff"``,
+        site: What to record (default: the family's text-conditioning site, ``"attn2"``; SD3's joint
+            ``"attn"``): ``"attn2"`` (cross-attention output), ``"attn1"``, ``"ff"``,
             ``"block"`` (block output), or the softmax attention weights ``"attn2.weights"``
             (image-token queries × text-token keys) and ``"attn1.weights"`` (image × image).
         branch: ``"cond"`` or ``"uncond"`` half of the guidance batch, or ``"both"`` (a
@@ -161,7 +162,7 @@ def capture(
         else:  # workers write their cells' chunks into the store; only this process marks cells done
             cells()
             shared = (str(path), spec, prompts, seeds, settings)
-        bar = tqdm(total=total, initial=total - len(missing), unit="cell", desc=f"capture {site}")
+        bar = tqdm(total=total, initial=total - len(missing), unit="cell", desc=f"capture {settings.site}")
         with bar:
             for k, _ in runner.map(lens, _fill if isinstance(runner, LocalExecutor) else _fill_store, batches,
                                    shared=shared):
@@ -305,11 +306,7 @@ def _key_count(lens: Any, site: str) -> int:
     attention = lens.family.attention_of(site)
     if attention != lens.family.cross_attention_site:
         return int(np.prod(lens.token_grid))
-    keys = max_tokens(lens)
-    if keys is None:
-        raise ValueError(f"{type(lens.pipeline).__name__} does not say how many text tokens it keeps "
-                         f"(no max_sequence_length); {site} cannot be laid out")
-    return keys
+    return text_keys(lens)
 
 
 def _identity(lens, prompts, seeds, settings) -> dict:

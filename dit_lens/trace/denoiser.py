@@ -37,6 +37,10 @@ class Denoiser:
         if not hasattr(pipe, "encode_prompt") or not hasattr(pipe, "transformer"):
             raise ValueError(f"calling the denoiser directly needs a pipeline with `encode_prompt` and a `transformer`; "
                              f"{type(pipe).__name__} has not")
+        if lens.family.name not in ("PixArtTransformer2DModel", "SanaTransformer2DModel"):
+            raise ValueError(f"calling the denoiser outside the pipeline's loop (noise optimisation, latent "
+                             f"corrections, inversion) is not supported for {lens.family.label or lens.family.name} "
+                             f"yet; it is for PixArt and SANA")
         self.lens, self.pipe = lens, pipe
         kwargs = lens.pipeline_kwargs
         import inspect

@@ -158,13 +158,14 @@ def traced_generate(
                     if not active:
                         continue
                     envoy = envoys[(layer, site)]
-                    output, replaced = envoy.output, False  # (rows, tokens, C); weights (rows, heads, q, k)
+                    whole = envoy.output  # the module's output: the site's tensor, or a tuple holding it
+                    output, replaced = family.read(site, whole), False  # (rows, tokens, C); weights (rows, heads, q, k)
                     for hook in active:
                         new = hook.visit(step, layer, output)
                         if new is not None:
                             output, replaced = new, True
                     if replaced:
-                        envoy.output = output
+                        envoy.output = family.write(site, whole, output)
             result = lens.model.output.save()
     return result
 

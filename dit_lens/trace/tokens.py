@@ -31,7 +31,8 @@ import inspect
 import re
 from typing import Any, Sequence
 
-__all__ = ["check_words", "find_words", "prompt_text", "prompt_words", "token_spans", "word_keys", "word_tokens"]
+__all__ = ["check_words", "find_words", "prompt_text", "prompt_words", "text_keys", "text_segments", "token_spans",
+           "word_keys", "word_tokens"]
 
 
 def prompt_text(lens: Any, prompt: str) -> str:
@@ -50,6 +51,30 @@ def max_tokens(lens: Any) -> int | None:
     if parameter is None or parameter.default is inspect.Parameter.empty:
         return None
     return int(parameter.default)
+
+
+def text_segments(lens: Any) -> list[tuple[Any, int, int]]:
+    """``(tokenizer, first key, keys)`` of each text encoder's run of text keys, in key order (one run for
+    PixArt and SANA; CLIP's 77 then T5's for SD3). The tokenizer is None where the pipeline has none
+    (its keys are then padding the pipeline fills itself)."""
+    segments, start = [], 0
+    for component, limit in lens.family.text_segments:
+        tokenizer = getattr(lens.pipeline, component, None)
+        if limit == "model_max_length":
+            length = int(getattr(tokenizer, "model_max_length", 0) or 0) or int(getattr(lens.pipeline, "tokenizer_max_length", 0))
+        else:
+            length = max_tokens(lens)
+        if not length:
+            raise ValueError(f"{type(lens.pipeline).__name__} does not say how many text tokens {component} keeps "
+                             f"(no max_sequence_length); its text keys cannot be laid out")
+        segments.append((tokenizer, start, int(length)))
+        start += int(length)
+    return segments
+
+
+def text_keys(lens: Any) -> int:
+    """How many text keys the text-conditioning attention has (the padded text length)."""
+    return sum(length for _, _, length in text_segments(lens))
 
 
 def token_spans(tokenizer: Any, text: str, *, max_length: int | None = None) -> list[tuple[int, int] | None]:
@@ -157,13 +182,24 @@ def word_tokens(lens: Any, prompt: str, words: Sequence[str]) -> dict[str, tuple
         ValueError: a word is not in the prompt (the message names the prompt), or past its kept tokens.
     """
     text = prompt_text(lens, prompt)
-    tokenizer = lens.pipeline.tokenizer
     seen = {word: prompt_text(lens, word) if isinstance(word, str) else word for word in words}
-    try:
-        found = find_words(tokenizer, text, list(seen.values()), max_length=max_tokens(lens))
-    except ValueError as err:
-        raise ValueError(f"{err} (prompt as given: {prompt!r})") from None
-    return {word: found[processed] for word, processed in seen.items()}
+    found: dict[str, set[int]] = {processed: set() for processed in seen.values()}
+    errors = []
+    for tokenizer, start, length in text_segments(lens):  # a word's keys in every text encoder's tokens
+        if tokenizer is None:
+            continue
+        for processed in found:
+            try:
+                positions = find_words(tokenizer, text, [processed], max_length=length)[processed]
+            except ValueError as err:
+                errors.append(err)
+                continue
+            found[processed].update(start + p for p in positions)
+    for processed, positions in found.items():
+        if not positions:
+            first = next((e for e in errors if repr(processed) in str(e)), errors[0] if errors else None)
+            raise ValueError(f"{first} (prompt as given: {prompt!r})") from None
+    return {word: tuple(sorted(found[processed])) for word, processed in seen.items()}
 
 
 def prompt_words(lens: Any, prompt: str) -> list[str]:

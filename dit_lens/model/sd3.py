@@ -1,0 +1,154 @@
+"""Build genuine diffusers Stable Diffusion 3 pipelines (`StableDiffusion3Pipeline`) of any size, with
+seeded weights.
+
+SD3's denoiser (`SD3Transformer2DModel`, an MMDiT) has no separate cross-attention: each block runs one
+*joint* attention over the image tokens and the text tokens together, and returns both streams. dit-lens
+takes the image stream of that attention's output as the text-conditioning site (`Family.outputs` says
+which element of the tuple it is). SD3 samples by flow matching. Tests build tiny ones; a user's SD3
+folder loads through the same path.
+
+Examples:
+    >>> pipe = build_sd3(SD3Spec(num_layers=2), seed=0)
+    >>> type(pipe).__name__, type(pipe.transformer).__name__, len(pipe.transformer.transformer_blocks)
+    ('StableDiffusion3Pipeline', 'SD3Transformer2DModel', 2)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+__all__ = ["SD3Spec", "build_sd3"]
+
+
+@dataclass(frozen=True)
+class SD3Spec:
+    """Shape of an SD3 pipeline. Defaults describe a tiny model for tests.
+
+    Attributes:
+        num_layers: Joint transformer blocks (L).
+        num_heads: Attention heads per block.
+        head_dim: Channels per head; the width C is ``num_heads * head_dim``.
+        sample_size: Latent side length; images are ``sample_size * vae_scale`` pixels square.
+        patch_size: Latent patch side; image tokens N = ``(sample_size / patch_size) ** 2``.
+        latent_channels: VAE latent channels.
+        vae_channels: VAE ``block_out_channels``; the scale factor is ``2 ** (len - 1)``.
+        clip_dim: Hidden size of each of the two CLIP text encoders.
+        t5_dim: Hidden size of the T5 text encoder (the transformer's ``joint_attention_dim``).
+        flow_shift: The flow-matching sampler's timestep shift.
+    """
+
+    num_layers: int = 2
+    num_heads: int = 2
+    head_dim: int = 8
+    sample_size: int = 8
+    patch_size: int = 2
+    latent_channels: int = 4
+    vae_channels: tuple[int, ...] = (8, 16)
+    clip_dim: int = 16
+    t5_dim: int = 32
+    flow_shift: float = 3.0
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_heads", "head_dim", "sample_size", "patch_size", "clip_dim", "t5_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SD3Spec.{name} must be >= 1, got {getattr(self, name)}")
+        if self.sample_size % self.patch_size:
+            raise ValueError(f"SD3Spec.sample_size ({self.sample_size}) must be a multiple of patch_size "
+                             f"({self.patch_size})")
+        if 2 * self.clip_dim > self.t5_dim:
+            raise ValueError(f"SD3Spec.t5_dim ({self.t5_dim}) must be at least the two CLIP widths together "
+                             f"({2 * self.clip_dim}): SD3 pads the CLIP embeddings to the T5 width")
+
+    @property
+    def width(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def image_size(self) -> int:
+        return self.sample_size * 2 ** (len(self.vae_channels) - 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def clip_tokenizer():
+    """A byte-level CLIP tokenizer without merges: one token per byte (a word's last byte marks its end),
+    the same pre-tokenisation and specials as CLIP's, needing no vocabulary files."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab.update({f"{c}</w>": len(alphabet) + i for i, c in enumerate(alphabet)})
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def build_sd3(spec: SD3Spec, *, seed: int = 0):
+    """A `StableDiffusion3Pipeline` of shape `spec` with weights drawn from `seed`, in eval mode: two CLIP
+    text encoders with projection (byte-level tokenizers, `clip_tokenizer`) and a T5 encoder (``ByT5Tokenizer``),
+    as SD3 has."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import ByT5Tokenizer, CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    tokenizer = clip_tokenizer()
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        transformer = SD3Transformer2DModel(
+            sample_size=spec.sample_size,
+            patch_size=spec.patch_size,
+            in_channels=spec.latent_channels,
+            out_channels=spec.latent_channels,
+            num_layers=spec.num_layers,
+            attention_head_dim=spec.head_dim,
+            num_attention_heads=spec.num_heads,
+            joint_attention_dim=spec.t5_dim,
+            caption_projection_dim=spec.width,
+            pooled_projection_dim=2 * spec.clip_dim,
+            pos_embed_max_size=spec.sample_size // spec.patch_size,
+        )
+
+        def clip():
+            return CLIPTextModelWithProjection(CLIPTextConfig(
+                vocab_size=len(tokenizer), hidden_size=spec.clip_dim, intermediate_size=2 * spec.clip_dim,
+                num_hidden_layers=2, num_attention_heads=2, projection_dim=spec.clip_dim,
+                max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+
+        text_encoder, text_encoder_2 = clip(), clip()
+        text_encoder_3 = T5EncoderModel(T5Config(d_model=spec.t5_dim, d_ff=2 * spec.t5_dim, d_kv=spec.t5_dim // 2,
+                                                 num_layers=1, num_heads=2, vocab_size=384))
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=spec.vae_channels,
+            down_block_types=("DownEncoderBlock2D",) * len(spec.vae_channels),
+            up_block_types=("UpDecoderBlock2D",) * len(spec.vae_channels),
+            latent_channels=spec.latent_channels,
+            norm_num_groups=min(8, *spec.vae_channels),
+            layers_per_block=1,
+            sample_size=spec.image_size,
+            shift_factor=0.0,
+            scaling_factor=1.0,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+    finally:
+        torch.random.set_rng_state(generator_state)
+    pipeline = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=spec.flow_shift),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=clip_tokenizer(),
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=ByT5Tokenizer(),
+    )
+    for module in (transformer, vae, text_encoder, text_encoder_2, text_encoder_3):
+        module.eval().requires_grad_(False)
+    return pipeline
