@@ -329,3 +329,35 @@ def test_sd3_reweighting_text_keys_changes_only_the_edited_branch(sd3):
     assert np.abs(cut.image.sel(branch="edited").values - cut.image.sel(branch="original").values).max() > 1e-4
     np.testing.assert_allclose(cut.image.sel(branch="original").values[0, 0],
                                sd3.plain("a polyp", seed=0, num_inference_steps=STEPS), atol=1e-6)
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 4.5])
+def test_sd3_noise_optimisation_runs_the_run_generate_makes(sd3, guidance_scale):
+    from dit_lens import class_probability, optimize_noise
+    from dit_lens.world.judges import Oracle, OracleNet
+
+    torch.manual_seed(0)
+    oracle = Oracle(OracleNet(width=8, num_classes=3), ("polyps", "normal cecum", "esophagitis"))
+    z = optimize_noise(sd3, "a polyp", seeds=[0, 1], objective=class_probability(oracle, "esophagitis"),
+                       iterations=0, num_inference_steps=STEPS, guidance_scale=guidance_scale, progress=False)
+    out = generate(sd3, "a polyp", seeds=[0, 1], edits=[z], num_inference_steps=STEPS, guidance_scale=guidance_scale,
+                   progress=False)
+    images = out.image.sel(prompt="a polyp", branch="original").values
+    np.testing.assert_allclose(z.before, np.log(oracle(images)[:, 2]), atol=1e-4, rtol=0)
+
+
+def test_attention_regulation_runs_on_sana_and_names_what_is_missing_elsewhere(sana, sd3):
+    from dit_lens import AttentionRegulation, reprompt
+
+    box = np.zeros((32, 32), bool)
+    box[4:16, 8:24] = True
+    regulation = AttentionRegulation(region=box, pathology_words=["polyps"])
+    out = reprompt(sana, "an image of cecum", "an image of polyps", seeds=[0], num_inference_steps=STEPS,
+                   edits=[regulation], progress=False)
+    assert np.isfinite(out.image.values).all()
+    with pytest.raises(ValueError, match=r"unknown site 'attn1.weights' for SanaTransformer2DModel"):
+        reprompt(sana, "an image of cecum", "an image of polyps", seeds=[0], num_inference_steps=STEPS,
+                 edits=[AttentionRegulation.published(region=box, pathology_words=["polyps"])], progress=False)
+    with pytest.raises(ValueError, match=r"unknown site 'attn2' for SD3Transformer2DModel; choose one of"):
+        reprompt(sd3, "an image of cecum", "an image of polyps", seeds=[0], num_inference_steps=STEPS,
+                 edits=[AttentionRegulation(region=box[::2, ::2], pathology_words=["polyps"])], progress=False)

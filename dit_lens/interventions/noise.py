@@ -250,8 +250,8 @@ class _Sampler:
     def __init__(self, lens: Any, prompt: str, steps: int, guidance_scale: float, recompute: bool,
                  objective: Any) -> None:
         pipe = lens.pipeline
-        if not hasattr(pipe, "vae") or not hasattr(pipe, "prepare_extra_step_kwargs"):
-            raise ValueError(f"optimize_noise needs a PixArt pipeline; {type(pipe).__name__} is not one")
+        if not hasattr(pipe, "vae"):
+            raise ValueError(f"optimize_noise needs a pipeline with a VAE; {type(pipe).__name__} has none")
         self.lens, self.pipe, self.steps, self.guidance_scale = lens, pipe, steps, guidance_scale
         self.recompute, self.objective = recompute, objective
         self.denoiser = Denoiser(lens, [prompt])
@@ -273,7 +273,9 @@ class _Sampler:
     def images(self, z: torch.Tensor, seeds: list[int]) -> torch.Tensor:
         """Images ``(m, 3, H, W)`` in [0, 1] generated from noise ``z (m, C, h, w)``, as `generate` makes them."""
         latents = self._loop(z, seeds, None)
-        decoded = self.pipe.vae.decode(latents / self.pipe.vae.config.scaling_factor, return_dict=False)[0]
+        config = self.pipe.vae.config
+        shift = getattr(config, "shift_factor", None) or 0.0  # SD3's VAE shifts its latents too
+        decoded = self.pipe.vae.decode(latents / config.scaling_factor + shift, return_dict=False)[0]
         return (decoded / 2 + 0.5).clamp(0, 1)  # (m, 3, H, W), the image processor's postprocess
 
     def _loop(self, z: torch.Tensor, seeds: list[int], seen: list[torch.Tensor] | None) -> torch.Tensor:
@@ -282,7 +284,9 @@ class _Sampler:
         scheduler.set_timesteps(self.steps, device=z.device)
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(0)
-        extra = self.pipe.prepare_extra_step_kwargs([self.lens.generator(s) for s in seeds], 0.0)
+        extra = {}  # what the pipeline passes its scheduler's step (SD3 passes nothing)
+        if hasattr(self.pipe, "prepare_extra_step_kwargs"):
+            extra = self.pipe.prepare_extra_step_kwargs([self.lens.generator(s) for s in seeds], 0.0)
         m, guided = z.shape[0], self.guidance_scale > 1
         latents = z * getattr(scheduler, "init_noise_sigma", 1.0)  # flow-matching samplers do not scale
         scale = getattr(scheduler, "scale_model_input", lambda x, _t: x)

@@ -131,8 +131,8 @@ def build_sd3(spec: SD3Spec, *, seed: int = 0):
             norm_num_groups=min(8, *spec.vae_channels),
             layers_per_block=1,
             sample_size=spec.image_size,
-            shift_factor=0.0,
-            scaling_factor=1.0,
+            shift_factor=0.0609,  # SD3's VAE: latents are shifted as well as scaled
+            scaling_factor=1.5305,
             use_quant_conv=False,
             use_post_quant_conv=False,
         )
