@@ -176,16 +176,18 @@ def test_sana_refuses_fine_tuning_saying_why(sana, tmp_path):
     assert not (tmp_path / "ft").exists()  # refused before anything was written
 
 
+@pytest.mark.parametrize("family", ["sana", "sd3"])
 @pytest.mark.parametrize("guidance_scale", [1.0, 4.5])
-def test_sana_noise_optimisation_runs_the_run_generate_makes(sana, guidance_scale):
+def test_noise_optimisation_runs_the_run_generate_makes(family, guidance_scale, request):
     from dit_lens import class_probability, optimize_noise
     from dit_lens.world.judges import Oracle, OracleNet
 
+    lens = request.getfixturevalue(family)  # its differentiable loop replays the family's own pipeline loop
     torch.manual_seed(0)
     oracle = Oracle(OracleNet(width=8, num_classes=3), ("polyps", "normal cecum", "esophagitis"))
-    z = optimize_noise(sana, "a polyp", seeds=[0, 1], objective=class_probability(oracle, "esophagitis"),
+    z = optimize_noise(lens, "a polyp", seeds=[0, 1], objective=class_probability(oracle, "esophagitis"),
                        iterations=0, num_inference_steps=STEPS, guidance_scale=guidance_scale, progress=False)
-    out = generate(sana, "a polyp", seeds=[0, 1], edits=[z], num_inference_steps=STEPS, guidance_scale=guidance_scale,
+    out = generate(lens, "a polyp", seeds=[0, 1], edits=[z], num_inference_steps=STEPS, guidance_scale=guidance_scale,
                    progress=False)
     images = out.image.sel(prompt="a polyp", branch="original").values
     np.testing.assert_allclose(z.before, np.log(oracle(images)[:, 2]), atol=1e-4, rtol=0)
@@ -330,20 +332,6 @@ def test_sd3_reweighting_text_keys_changes_only_the_edited_branch(sd3):
     np.testing.assert_allclose(cut.image.sel(branch="original").values[0, 0],
                                sd3.plain("a polyp", seed=0, num_inference_steps=STEPS), atol=1e-6)
 
-
-@pytest.mark.parametrize("guidance_scale", [1.0, 4.5])
-def test_sd3_noise_optimisation_runs_the_run_generate_makes(sd3, guidance_scale):
-    from dit_lens import class_probability, optimize_noise
-    from dit_lens.world.judges import Oracle, OracleNet
-
-    torch.manual_seed(0)
-    oracle = Oracle(OracleNet(width=8, num_classes=3), ("polyps", "normal cecum", "esophagitis"))
-    z = optimize_noise(sd3, "a polyp", seeds=[0, 1], objective=class_probability(oracle, "esophagitis"),
-                       iterations=0, num_inference_steps=STEPS, guidance_scale=guidance_scale, progress=False)
-    out = generate(sd3, "a polyp", seeds=[0, 1], edits=[z], num_inference_steps=STEPS, guidance_scale=guidance_scale,
-                   progress=False)
-    images = out.image.sel(prompt="a polyp", branch="original").values
-    np.testing.assert_allclose(z.before, np.log(oracle(images)[:, 2]), atol=1e-4, rtol=0)
 
 
 def test_attention_regulation_runs_on_sana_and_names_what_is_missing_elsewhere(sana, sd3):

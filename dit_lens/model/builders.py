@@ -14,15 +14,15 @@ Examples:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-import torch
+from .parts import SpecShape, kl_vae, seeded
 
 __all__ = ["PixArtSpec", "PIXART_ALPHA_512", "build_pixart"]
 
 
 @dataclass(frozen=True)
-class PixArtSpec:
+class PixArtSpec(SpecShape):
     """Shape of a PixArt pipeline. Defaults describe a tiny model for tests.
 
     Attributes:
@@ -54,30 +54,12 @@ class PixArtSpec:
     sigma: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "num_heads", "head_dim", "sample_size", "patch_size", "text_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"PixArtSpec.{name} must be >= 1, got {getattr(self, name)}")
-        if self.sample_size % self.patch_size:
-            raise ValueError(
-                f"PixArtSpec.sample_size ({self.sample_size}) must be a multiple of patch_size "
-                f"({self.patch_size})"
-            )
+        self.check_positive("num_layers", "num_heads", "head_dim", "sample_size", "patch_size", "text_dim")
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(
                 f"PixArtSpec.prediction_type must be 'epsilon' or 'v_prediction', "
                 f"got {self.prediction_type!r}"
             )
-
-    @property
-    def width(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @property
-    def image_size(self) -> int:
-        return self.sample_size * 2 ** (len(self.vae_channels) - 1)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "PixArtSpec":
@@ -107,7 +89,6 @@ def build_pixart(spec: PixArtSpec, *, seed: int = 0):
     The tokenizer is the byte-level ``ByT5Tokenizer``, which needs no vocabulary files.
     """
     from diffusers import (
-        AutoencoderKL,
         DPMSolverMultistepScheduler,
         PixArtAlphaPipeline,
         PixArtSigmaPipeline,
@@ -115,9 +96,7 @@ def build_pixart(spec: PixArtSpec, *, seed: int = 0):
     )
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with seeded(seed):
         transformer = PixArtTransformer2DModel(
             sample_size=spec.sample_size,
             num_layers=spec.num_layers,
@@ -132,18 +111,7 @@ def build_pixart(spec: PixArtSpec, *, seed: int = 0):
             num_embeds_ada_norm=1000,
             interpolation_scale=max(spec.sample_size // 64, 1),
         )
-        groups = min(8, *spec.vae_channels)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=spec.vae_channels,
-            down_block_types=("DownEncoderBlock2D",) * len(spec.vae_channels),
-            up_block_types=("UpDecoderBlock2D",) * len(spec.vae_channels),
-            latent_channels=spec.latent_channels,
-            norm_num_groups=groups,
-            layers_per_block=1,
-            sample_size=spec.image_size,
-        )
+        vae = kl_vae(spec.vae_channels, spec.latent_channels, spec.image_size)
         text_encoder = T5EncoderModel(
             T5Config(
                 d_model=spec.text_dim,
@@ -154,8 +122,6 @@ def build_pixart(spec: PixArtSpec, *, seed: int = 0):
                 vocab_size=384,  # ByT5: 256 bytes + 3 specials + 125 sentinels
             )
         )
-    finally:
-        torch.random.set_rng_state(generator_state)
     scheduler = DPMSolverMultistepScheduler(prediction_type=spec.prediction_type)
     pipeline_cls = PixArtSigmaPipeline if spec.sigma else PixArtAlphaPipeline
     pipeline = pipeline_cls(

@@ -13,15 +13,15 @@ Examples:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-import torch
+from .parts import SpecShape, seeded
 
 __all__ = ["SanaSpec", "build_sana"]
 
 
 @dataclass(frozen=True)
-class SanaSpec:
+class SanaSpec(SpecShape):
     """Shape of a SANA pipeline. Defaults describe a tiny model for tests.
 
     Attributes:
@@ -50,26 +50,10 @@ class SanaSpec:
     flow_shift: float = 3.0
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "num_heads", "head_dim", "sample_size", "patch_size", "text_dim", "text_layers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"SanaSpec.{name} must be >= 1, got {getattr(self, name)}")
-        if self.sample_size % self.patch_size:
-            raise ValueError(f"SanaSpec.sample_size ({self.sample_size}) must be a multiple of patch_size "
-                             f"({self.patch_size})")
+        self.check_positive("num_layers", "num_heads", "head_dim", "sample_size", "patch_size", "text_dim", "text_layers")
         if self.image_size % 32:
             raise ValueError(f"SanaSpec makes {self.image_size}-pixel images, but SanaPipeline needs a multiple of 32; "
                              f"change sample_size or vae_channels")
-
-    @property
-    def width(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @property
-    def image_size(self) -> int:
-        return self.sample_size * 2 ** (len(self.vae_channels) - 1)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def build_sana(spec: SanaSpec, *, seed: int = 0):
@@ -81,9 +65,7 @@ def build_sana(spec: SanaSpec, *, seed: int = 0):
     from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
     from transformers import ByT5Tokenizer, Gemma2Config, Gemma2Model
 
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with seeded(seed):
         transformer = SanaTransformer2DModel(
             in_channels=spec.latent_channels,
             out_channels=spec.latent_channels,
@@ -125,8 +107,6 @@ def build_sana(spec: SanaSpec, *, seed: int = 0):
             bos_token_id=1,
             eos_token_id=1,
         ))
-    finally:
-        torch.random.set_rng_state(generator_state)
     pipeline = SanaPipeline(
         tokenizer=ByT5Tokenizer(),
         text_encoder=text_encoder,

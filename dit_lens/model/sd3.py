@@ -15,15 +15,15 @@ Examples:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-import torch
+from .parts import SpecShape, kl_vae, seeded
 
 __all__ = ["SD3Spec", "build_sd3"]
 
 
 @dataclass(frozen=True)
-class SD3Spec:
+class SD3Spec(SpecShape):
     """Shape of an SD3 pipeline. Defaults describe a tiny model for tests.
 
     Attributes:
@@ -51,26 +51,11 @@ class SD3Spec:
     flow_shift: float = 3.0
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "num_heads", "head_dim", "sample_size", "patch_size", "clip_dim", "t5_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"SD3Spec.{name} must be >= 1, got {getattr(self, name)}")
-        if self.sample_size % self.patch_size:
-            raise ValueError(f"SD3Spec.sample_size ({self.sample_size}) must be a multiple of patch_size "
-                             f"({self.patch_size})")
+        self.check_positive("num_layers", "num_heads", "head_dim", "sample_size", "patch_size", "clip_dim", "t5_dim")
         if 2 * self.clip_dim > self.t5_dim:
             raise ValueError(f"SD3Spec.t5_dim ({self.t5_dim}) must be at least the two CLIP widths together "
                              f"({2 * self.clip_dim}): SD3 pads the CLIP embeddings to the T5 width")
 
-    @property
-    def width(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @property
-    def image_size(self) -> int:
-        return self.sample_size * 2 ** (len(self.vae_channels) - 1)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def clip_tokenizer():
@@ -90,13 +75,11 @@ def build_sd3(spec: SD3Spec, *, seed: int = 0):
     """A `StableDiffusion3Pipeline` of shape `spec` with weights drawn from `seed`, in eval mode: two CLIP
     text encoders with projection (byte-level tokenizers, `clip_tokenizer`) and a T5 encoder (``ByT5Tokenizer``),
     as SD3 has."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import ByT5Tokenizer, CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     tokenizer = clip_tokenizer()
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with seeded(seed):
         transformer = SD3Transformer2DModel(
             sample_size=spec.sample_size,
             patch_size=spec.patch_size,
@@ -121,23 +104,8 @@ def build_sd3(spec: SD3Spec, *, seed: int = 0):
         text_encoder, text_encoder_2 = clip(), clip()
         text_encoder_3 = T5EncoderModel(T5Config(d_model=spec.t5_dim, d_ff=2 * spec.t5_dim, d_kv=spec.t5_dim // 2,
                                                  num_layers=1, num_heads=2, vocab_size=384))
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=spec.vae_channels,
-            down_block_types=("DownEncoderBlock2D",) * len(spec.vae_channels),
-            up_block_types=("UpDecoderBlock2D",) * len(spec.vae_channels),
-            latent_channels=spec.latent_channels,
-            norm_num_groups=min(8, *spec.vae_channels),
-            layers_per_block=1,
-            sample_size=spec.image_size,
-            shift_factor=0.0609,  # SD3's VAE: latents are shifted as well as scaled
-            scaling_factor=1.5305,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        )
-    finally:
-        torch.random.set_rng_state(generator_state)
+        vae = kl_vae(spec.vae_channels, spec.latent_channels, spec.image_size, use_quant_conv=False,
+                     use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305)  # SD3's: shifted too
     pipeline = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=spec.flow_shift),
