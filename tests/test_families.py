@@ -17,13 +17,16 @@ from test_study import ONE, BrightnessOracle, red_segmenter
 
 STEPS = 3
 
+
 @pytest.fixture
 def sana_pipeline():
     return build_sana(SanaSpec(num_layers=3), seed=0)
 
+
 @pytest.fixture
 def sana(sana_pipeline):
     return load(sana_pipeline)
+
 
 def raw_call(pipeline, prompt, seed, hooks=()):
     """The plain SANA call, written out (no dit-lens settings), with raw forward hooks
@@ -41,6 +44,7 @@ def raw_call(pipeline, prompt, seed, hooks=()):
         for handle in handles:
             handle.remove()
 
+
 def test_sana_loads_as_its_family_and_from_its_folder(sana, sana_pipeline, tmp_path):
     assert sana.family.name == "SanaTransformer2DModel" and sana.family.sampling == "flow"
     assert sana.provenance()["denoiser_class"] == "SanaTransformer2DModel" and sana.token_grid == (8, 8)
@@ -52,6 +56,7 @@ def test_sana_loads_as_its_family_and_from_its_folder(sana, sana_pipeline, tmp_p
     assert again.fingerprint == sana.fingerprint and again.family.name == sana.family.name
     np.testing.assert_array_equal(again.plain("a polyp", seed=3, num_inference_steps=STEPS), image)
 
+
 def test_a_pipeline_of_another_family_is_refused_naming_the_supported_ones():
     class Elsewhere:
         components = {}
@@ -61,6 +66,7 @@ def test_a_pipeline_of_another_family_is_refused_naming_the_supported_ones():
                                         r"PixArtTransformer2DModel \(PixArt-alpha / PixArt-Sigma\), "
                                         r"SanaTransformer2DModel \(SANA\)"):
         load(Elsewhere())
+
 
 @pytest.mark.parametrize("site", ["attn1", "attn2", "block"])
 def test_sana_capture_matches_raw_hooks(sana, sana_pipeline, site, tmp_path):
@@ -72,6 +78,7 @@ def test_sana_capture_matches_raw_hooks(sana, sana_pipeline, site, tmp_path):
     raw_call(sana_pipeline, "a polyp", 5, hooks)
     ds = capture(sana, ["a polyp"], seeds=[5], num_inference_steps=STEPS, site=site, store=tmp_path / "c.zarr")
     np.testing.assert_allclose(ds[site].sel(prompt="a polyp", seed=5).values, raw, rtol=1e-4, atol=1e-6)
+
 
 def test_sana_steering_matches_raw_hooks_and_strength_zero_is_the_plain_image(sana, sana_pipeline):
     vector = concept_vector(sana, positive=["a polyp"], negative=["a cecum"], seeds=[0, 1], num_inference_steps=STEPS)
@@ -97,6 +104,7 @@ def test_sana_steering_matches_raw_hooks_and_strength_zero_is_the_plain_image(sa
     np.testing.assert_allclose(got, want, atol=2e-5)
     assert np.abs(got - plain).max() > 1e-3  # the steer changed the image
     assert steered.gate.sizes["layer"] == 2
+
 
 def test_sana_attention_maps_read_the_cross_attention_without_changing_the_image(sana, sana_pipeline):
     maps = attention_maps(sana, ["an image of polyps"], seeds=[2], words=["polyps"], num_inference_steps=STEPS,
@@ -129,15 +137,53 @@ def test_sana_attention_maps_read_the_cross_attention_without_changing_the_image
     want = np.stack([m for _, m in rows]).reshape(STEPS, 3, 8, 8)
     np.testing.assert_allclose(attention[0, 0, :, :, 0], want, atol=1e-5)
 
+
 def test_sana_weights_exist_only_where_attention_is_softmax(sana):
     with pytest.raises(ValueError, match=r"unknown site 'attn1.weights' for SanaTransformer2DModel"):
         traced_generate(sana, ["a polyp"], [0], num_inference_steps=2, guidance_scale=4.5,
                         hooks=[Hook("attn1.weights", (0,), lambda *a: None)])
 
-def test_sana_refuses_ddim_inversion_saying_why(sana):
-    image = np.zeros((1, 32, 32, 3), np.float32)
-    with pytest.raises(ValueError, match="DDIM inversion .* needs a noise-schedule .* SANA samples by flow matching"):
-        invert(sana, image, "a polyp", num_inference_steps=STEPS)
+
+@pytest.mark.parametrize("family", ["sana", "sd3"])
+def test_flow_matching_inversion_recovers_the_noise_and_regenerates_the_image(family, request):
+    from dit_lens.inversion.trajectory import regenerate, trajectory_latents
+    from dit_lens.trace.runner import initial_noise
+
+    lens, T = request.getfixturevalue(family), 8
+    run = lens.pipeline("a polyp", generator=lens.generator(0), num_inference_steps=T, guidance_scale=1.0,
+                        output_type="latent", **lens.pipeline_kwargs).images  # a run's own clean latents
+    noise = initial_noise(lens, [0])
+    errors = {}
+    for refine in (0, 3):
+        trajectory = invert(lens, None, "a polyp", latents=run, num_inference_steps=T, refine=refine, progress=False)
+        assert trajectory.attrs["sampler"] == "flow-matching Euler" and trajectory["sigma"].values[-1] == 0.0
+        errors[refine] = float((trajectory_latents(trajectory) - noise).abs().max())
+    assert errors[3] < 2e-3 < errors[0]  # the one approximation, solved by the fixed-point iterations
+    plain = lens.plain("a polyp", seed=0, num_inference_steps=T, guidance_scale=1.0)
+    np.testing.assert_allclose(regenerate(lens, trajectory, progress=False)[0], plain, atol=2e-3)
+
+
+def test_flow_matching_editors_run_and_the_ddpm_only_ones_say_why_not(sana, sd3):
+    from diffusers import DPMSolverMultistepScheduler
+
+    from dit_lens import edit
+
+    image = sana.plain("a polyp", seed=1, num_inference_steps=STEPS)
+    out = edit(sana, image, source="a polyp", target="a cecum", method="pnp", attention_fraction=0.0,
+               num_inference_steps=STEPS, progress=False)
+    assert out.attrs["sampler"] == "flow-matching Euler" and np.isfinite(out.image.values).all()
+    np.testing.assert_array_equal(out.image.sel(branch="original").values[0], image)
+    with pytest.raises(ValueError, match=r"PnP injects the self-attention weights .* SANA does not expose .* "
+                                         r"attention_fraction=0"):
+        edit(sana, image, source="a polyp", target="a cecum", method="pnp", num_inference_steps=STEPS, progress=False)
+    with pytest.raises(ValueError, match="h-Edit .* needs a noise-schedule .* Stable Diffusion 3 samples by flow"):
+        edit(sd3, np.zeros((16, 16, 3), np.float32), source="a polyp", target="a cecum", method="hedit",
+             num_inference_steps=STEPS, progress=False)
+    with pytest.raises(ValueError, match="runs the Euler step of FlowMatchEulerDiscreteScheduler backwards; the "
+                                         "sampler is a DPMSolverMultistepScheduler"):
+        invert(sana, image, "a polyp", num_inference_steps=STEPS, scheduler=DPMSolverMultistepScheduler(),
+               progress=False)
+
 
 def test_a_study_and_the_explorer_run_on_sana(sana, tmp_path):
     s = Study("sana", pairs=(ONE,), methods={"medsteer": {"alpha": (0.0, 3.0), "vector_seeds": (2,)}}, eval_seeds=2,
@@ -153,6 +199,7 @@ def test_a_study_and_the_explorer_run_on_sana(sana, tmp_path):
     assert (out.gate.sizes["row"], out.gate.sizes["col"]) == sana.token_grid and float(out.gate.max()) > 0
     page = write_explorer(out, tmp_path / "explorer.html").read_text()
     assert "Plotly.restyle" in page and 'id="step"' in page and 'id="layer"' in page
+
 
 def test_pixart_sigma_steers_like_its_plain_call(tmp_path):
     lens = load(build_pixart(PixArtSpec(num_layers=2, sigma=True), seed=2))
@@ -276,15 +323,13 @@ def test_sd3_steering_edits_the_image_stream_and_keeps_the_text_stream(sd3, sd3_
     assert np.abs(got - steered.image.sel(branch="original").values[0, 0]).max() > 1e-3
 
 
-def test_a_study_runs_on_sd3_and_inversion_says_why_not(sd3, tmp_path):
+def test_a_study_runs_on_sd3(sd3, tmp_path):
     s = Study("sd3", pairs=(ONE,), methods={"medsteer": {"alpha": (0.0, 3.0), "vector_seeds": (2,)}}, eval_seeds=2,
               num_inference_steps=STEPS)
     result = run_study(s, sd3, oracle=BrightnessOracle(), segmenter=red_segmenter, out=tmp_path / "study",
                        progress=False)
     assert result.attrs["denoiser_class"] == "SD3Transformer2DModel"
     assert result["flip_rate"].sel(method="medsteer").values.ravel()[0] == 0.0
-    with pytest.raises(ValueError, match="DDIM inversion .* Stable Diffusion 3 samples by flow matching"):
-        invert(sd3, np.zeros((1, 16, 16, 3), np.float32), "a polyp", num_inference_steps=STEPS)
 
 
 def test_sd3_attention_maps_are_the_image_to_text_block_of_the_joint_softmax(sd3, sd3_pipeline):
@@ -331,7 +376,6 @@ def test_sd3_reweighting_text_keys_changes_only_the_edited_branch(sd3):
     assert np.abs(cut.image.sel(branch="edited").values - cut.image.sel(branch="original").values).max() > 1e-4
     np.testing.assert_allclose(cut.image.sel(branch="original").values[0, 0],
                                sd3.plain("a polyp", seed=0, num_inference_steps=STEPS), atol=1e-6)
-
 
 
 def test_attention_regulation_runs_on_sana_and_names_what_is_missing_elsewhere(sana, sd3):

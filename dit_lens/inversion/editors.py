@@ -44,7 +44,7 @@ from ..interventions.plan import Plan, as_edits
 from ..interventions.inject import Inject
 from ..trace.attrs import typed
 from ..validate import NonFiniteError, check_fraction, check_guidance, check_int, check_real
-from .sampler import Denoiser, alpha_bars, check_images, ddim_move, ddim_scheduler, decode, to_epsilon
+from .sampler import Denoiser, alpha_bars, check_images, ddim_move, decode, inversion_scheduler, to_epsilon
 from .trajectory import check_trajectory, invert
 
 __all__ = ["EDITORS", "HEdit", "PnP", "edit"]
@@ -88,11 +88,18 @@ class PnP:
         object.__setattr__(self, "feature_layers", _layers("PnP.feature_layers", self.feature_layers))
         object.__setattr__(self, "attention_layers", _layers("PnP.attention_layers", self.attention_layers))
 
-    def interventions(self, T: int, num_layers: int) -> list[Inject]:
-        """The two injections for a run of T steps (the first ⌊τ·T⌋ steps each) on a model of `num_layers` blocks."""
+    def interventions(self, T: int, num_layers: int, family: Any = None) -> list[Inject]:
+        """The two injections for a run of T steps (the first ⌊τ·T⌋ steps each) on a model of `num_layers` blocks
+        (of `family`: one without softmax self-attention weights is refused unless ``attention_fraction=0``)."""
         features = self.feature_layers if self.feature_layers is not None else tuple(range(max(1, num_layers // 2)))
-        return [Inject("block", features, tuple(range(math.floor(self.feature_fraction * T)))),
-                Inject("attn1.weights", self.attention_layers, tuple(range(math.floor(self.attention_fraction * T))))]
+        out = [Inject("block", features, tuple(range(math.floor(self.feature_fraction * T))))]
+        if self.attention_fraction > 0:
+            if family is not None and "attn1.weights" not in family.sites:
+                raise ValueError(f"PnP injects the self-attention weights (attn1.weights), which {family.label or family.name} "
+                                 f"does not expose (its self-attention is linear or joint); pass attention_fraction=0 "
+                                 f"to inject the block features alone")
+            out.append(Inject("attn1.weights", self.attention_layers, tuple(range(math.floor(self.attention_fraction * T)))))
+        return out
 
 
 @dataclass(frozen=True)
@@ -176,6 +183,8 @@ def edit(
     """
     if method not in EDITORS:
         raise ValueError(f"unknown editor {method!r}; choose one of {list(EDITORS)}")
+    if method == "hedit":
+        lens.family.needs("h-Edit (its update is derived for DDPM noise schedules)")
     images = check_images(images, lens)
     if method in ("pnp", "hedit", "reprompt"):
         if not isinstance(target, str) or not target:
@@ -211,12 +220,12 @@ def edit(
         e.check(lens, T)
 
     latents = torch.from_numpy(trajectory["latent"].values.copy())  # (n, T + 1, C, h, w)
-    ddim = ddim_scheduler(lens, T)
+    ddim = inversion_scheduler(lens, T)  # DDIM, or the flow-matching Euler sampler
     if method == "hedit":
         denoiser = Denoiser(lens, [source, target], ddim.config.prediction_type)
         run = partial(_hedit, denoiser, ddim, cfg=editor, w_edit=guidance, T=T)
     else:
-        extra = editor.interventions(T, lens.num_layers) if method == "pnp" else interventions
+        extra = editor.interventions(T, lens.num_layers, lens.family) if method == "pnp" else interventions
         plan = Plan(lens, list(extra), T, False)
         prompt = source if method == "medsteer" else target
         run = partial(_through_pipeline, plan, ddim, replay_prompt=trajectory.attrs["prompt"], prompt=prompt,

@@ -32,7 +32,7 @@ import torch
 from ..trace.denoiser import Denoiser as _Denoiser
 from ..validate import as_array, check_int
 
-__all__ = ["Denoiser", "check_images", "check_invertible", "ddim_scheduler", "decode", "encode"]
+__all__ = ["Denoiser", "check_images", "check_invertible", "ddim_scheduler", "decode", "encode", "inversion_scheduler"]
 
 #: Scheduler classes that draw fresh noise at every step: their runs have no deterministic inverse.
 _STOCHASTIC = ("DDPMScheduler", "EulerAncestralDiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
@@ -91,6 +91,16 @@ def ddim_scheduler(lens: Any, num_inference_steps: int, scheduler: Any = None) -
     return ddim
 
 
+def inversion_scheduler(lens: Any, num_inference_steps: int, scheduler: Any = None) -> Any:
+    """The deterministic sampler inversion runs backwards and the editors forwards: DDIM over the noise
+    schedule, or the flow-matching Euler sampler for families that sample by flow matching."""
+    if lens.family.sampling == "flow":
+        from .flow import flow_scheduler
+
+        return flow_scheduler(lens, num_inference_steps, scheduler)
+    return ddim_scheduler(lens, num_inference_steps, scheduler)
+
+
 def alpha_bars(ddim: Any) -> torch.Tensor:
     """ᾱ at every level of a run, float64: ``[ᾱ(t_0), …, ᾱ(t_{T-1}), 1]`` (the last is the clean image)."""
     cumprod = ddim.alphas_cumprod.double()
@@ -126,16 +136,20 @@ class Denoiser(_Denoiser):
         super().__init__(lens, prompts)
         self.prediction_type = prediction_type
 
+    def guided(self, latents: torch.Tensor, timestep: Any, prompt: int, guidance: float) -> torch.Tensor:
+        """The model's prediction (float64) at `latents` under prompt index `prompt` with classifier-free
+        guidance `guidance` (1: the conditional prediction alone): ε, v or x₀ as trained, or a flow's velocity."""
+        n = latents.shape[0]
+        if guidance == 1.0:
+            return self.raw(latents.float(), timestep, [prompt] * n).double()
+        both = self.raw(torch.cat([latents, latents]).float(), timestep, [None] * n + [prompt] * n).double()
+        return both[:n] + guidance * (both[n:] - both[:n])
+
     def epsilon(self, latents: torch.Tensor, timestep: int, prompt: int, guidance: float,
                 alpha_bar: float) -> torch.Tensor:
         """ε̂ (float64) at `latents` under prompt index `prompt` with classifier-free guidance `guidance`
         (1: the conditional prediction alone), the model taken to be at noise level `alpha_bar`."""
-        n = latents.shape[0]
-        if guidance == 1.0:
-            raw = self.raw(latents.float(), timestep, [prompt] * n).double()
-        else:
-            both = self.raw(torch.cat([latents, latents]).float(), timestep, [None] * n + [prompt] * n).double()
-            raw = both[:n] + guidance * (both[n:] - both[:n])
+        raw = self.guided(latents, timestep, prompt, guidance)
         return to_epsilon(raw, latents.double(), alpha_bar, self.prediction_type)
 
 
@@ -184,13 +198,18 @@ def check_images(images: Any, lens: Any) -> np.ndarray:
 
 @torch.no_grad()
 def encode(lens: Any, images: np.ndarray, batch_size: int = 16) -> torch.Tensor:
-    """Latents ``(n, C, h, w)`` of images ``(n, H, W, 3)`` in [0, 1]: the VAE posterior mean times its
-    scaling factor, the latents the pipeline's own decode inverts."""
+    """Latents ``(n, C, h, w)`` of images ``(n, H, W, 3)`` in [0, 1]: the VAE posterior mean, shifted and
+    scaled so that the pipeline's own decode inverts it."""
     vae = lens.pipeline.vae
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2) * 2 - 1  # (n, 3, H, W) in [-1, 1]
     x = x.to(device=vae.device, dtype=vae.dtype)
-    means = [vae.encode(x[i : i + batch_size]).latent_dist.mean for i in range(0, len(x), batch_size)]
-    return torch.cat(means) * vae.config.scaling_factor
+    means = []
+    for i in range(0, len(x), batch_size):
+        encoded = vae.encode(x[i : i + batch_size])
+        # a KL autoencoder's posterior mean, or a deterministic one's latent (SANA's DC-AE)
+        means.append(encoded.latent_dist.mean if hasattr(encoded, "latent_dist") else encoded.latent)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0  # SD3's VAE shifts as well as scales
+    return (torch.cat(means) - shift) * vae.config.scaling_factor
 
 
 @torch.no_grad()
@@ -200,6 +219,7 @@ def decode(lens: Any, latents: torch.Tensor, batch_size: int = 16) -> np.ndarray
     out = []
     for i in range(0, len(latents), batch_size):
         chunk = latents[i : i + batch_size].to(device=pipe.vae.device, dtype=pipe.vae.dtype)
-        image = pipe.vae.decode(chunk / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
+        image = pipe.vae.decode(chunk / pipe.vae.config.scaling_factor + shift, return_dict=False)[0]
         out.append(pipe.image_processor.postprocess(image, output_type="np"))
     return np.concatenate(out).astype(np.float32)

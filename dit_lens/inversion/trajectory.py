@@ -1,4 +1,5 @@
 """`invert`: DDIM inversion of images into the trajectory that regenerates them; `regenerate` runs it forward.
+Families that sample by flow matching invert their Euler sampler the same way (`dit_lens.inversion.flow`).
 
 Inversion encodes each image to the pipeline's latents z₀ and runs the deterministic DDIM step
 backwards, level by level, to the starting noise z_T: step i of the sampler maps level i to level
@@ -32,7 +33,8 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from ..validate import NonFiniteError, check_guidance, check_int
-from .sampler import Denoiser, alpha_bars, check_images, ddim_move, ddim_scheduler, decode, encode
+from .flow import flow_move
+from .sampler import Denoiser, alpha_bars, check_images, ddim_move, decode, encode, inversion_scheduler
 
 __all__ = ["invert", "regenerate", "trajectory_latents"]
 
@@ -65,7 +67,8 @@ def invert(
         guidance_scale: Classifier-free guidance while inverting; 1 (the default, the usual choice)
             uses the conditional prediction alone.
         scheduler: A scheduler whose noise schedule to invert on (default: the pipeline's); stochastic
-            and flow-matching samplers are refused with the reason.
+            samplers are refused with the reason (and, on a flow-matching family, any sampler but the
+            flow-matching Euler one).
         refine: Fixed-point iterations per step (0: plain DDIM inversion, as the published editors use
             it). Each solves z_i = DDIM-inverse(z_{i+1}, ε̂(z_i)) more exactly, at one more model call.
         batch_size: Images per transformer call.
@@ -74,7 +77,8 @@ def invert(
     Returns:
         Dataset with ``latent (item, step, channel, latent_y, latent_x)`` float32 (step 0: the
         starting noise z_T; step T: the encoded image z₀), ``input (item, y, x, rgb)`` (the images),
-        coords ``timestep (step)`` (-1 for the clean level) and ``alpha_bar (step)``; attrs hold the
+        coords ``timestep (step)`` (-1 for the clean level) and ``alpha_bar (step)`` (``sigma (step)`` for a
+        flow-matching family); attrs hold the
         prompt, every setting and the model's provenance.
     """
     if latents is not None:
@@ -91,10 +95,20 @@ def invert(
     guidance = check_guidance(guidance_scale)
     batch_size = check_int(batch_size, "batch_size", minimum=1)
     refine = check_int(refine, "refine", minimum=0)
-    ddim = ddim_scheduler(lens, T, scheduler)
-    levels = alpha_bars(ddim)  # (T + 1,)
-    kind = ddim.config.prediction_type
-    denoiser = Denoiser(lens, [prompt], kind)
+    flow = lens.family.sampling == "flow"
+    sampler = inversion_scheduler(lens, T, scheduler)
+    if flow:  # σ at each level; the step is Euler's along the predicted velocity
+        levels, kind = sampler.sigmas.double(), "flow"
+        denoiser = Denoiser(lens, [prompt])
+
+        def move(z, t, frm, to, at):
+            return flow_move(z, denoiser.guided(at, t, 0, guidance), frm, to)
+    else:  # ᾱ at each level; the DDIM step along ε̂
+        levels, kind = alpha_bars(sampler), sampler.config.prediction_type
+        denoiser = Denoiser(lens, [prompt], kind)
+
+        def move(z, t, frm, to, at):
+            return ddim_move(z, denoiser.epsilon(at, t, 0, guidance, to), frm, to)
     z0 = encode(lens, images) if z0 is None else z0  # (n, C, h, w)
     out = np.zeros((len(images), T + 1, *z0.shape[1:]), np.float32)
     chunks = range(0, len(images), batch_size)
@@ -102,28 +116,28 @@ def invert(
         z = z0[start : start + batch_size].double()
         out[start : start + len(z), T] = z.float().numpy()
         for i in reversed(range(T)):  # level i + 1 -> level i, mirroring sampler step i
-            t = int(ddim.timesteps[i])
-            eps = denoiser.epsilon(z, t, 0, guidance, float(levels[i]))
-            guess = ddim_move(z, eps, float(levels[i + 1]), float(levels[i]))
-            for _ in range(refine):  # fixed point of z_i = move(z_{i+1}, ε̂(z_i, t_i)): the exact inverse
-                eps = denoiser.epsilon(guess, t, 0, guidance, float(levels[i]))
-                guess = ddim_move(z, eps, float(levels[i + 1]), float(levels[i]))
+            t = sampler.timesteps[i] if flow else int(sampler.timesteps[i])
+            frm, to = float(levels[i + 1]), float(levels[i])
+            guess = move(z, t, frm, to, z)
+            for _ in range(refine):  # fixed point of z_i = move(z_{i+1}, prediction(z_i, t_i)): the exact inverse
+                guess = move(z, t, frm, to, guess)
             z = guess
             if not bool(torch.isfinite(z).all()):
                 raise NonFiniteError(f"the inversion diverged (NaN or inf) at step {i} of {T}; the model or its "
                                      f"weights produce non-finite predictions")
             out[start : start + len(z), i] = z.float().numpy()
-    timesteps = np.append(ddim.timesteps.numpy().astype(np.int64), -1)
+    timesteps = sampler.timesteps.numpy()
+    timesteps = np.append(timesteps.astype(np.float64 if flow else np.int64), -1)
     height, width = images.shape[1:3]
     ds = xr.Dataset(
         {"latent": (("item", "step", "channel", "latent_y", "latent_x"), out),
          "input": (("item", "y", "x", "rgb"), images)},
         coords={"item": np.arange(len(images)), "step": np.arange(T + 1), "timestep": ("step", timesteps),
-                "alpha_bar": ("step", levels.numpy())},
+                ("sigma" if flow else "alpha_bar"): ("step", levels.numpy())},
     )
     ds.attrs.update(lens.provenance())
     ds.attrs.update(prompt=prompt, num_inference_steps=T, guidance_scale=guidance, refine=refine,
-                    sampler="DDIM (eta 0, leading)",
+                    sampler="flow-matching Euler" if flow else "DDIM (eta 0, leading)",
                     prediction_type=kind, image_size=[int(height), int(width)])
     return ds
 
@@ -143,8 +157,9 @@ def _check_latents(latents: Any, lens: Any) -> torch.Tensor:
 
 def trajectory_latents(trajectory: xr.Dataset, step: int = 0) -> torch.Tensor:
     """The trajectory's latents at `step` (default: the starting noise) as a tensor ``(item, C, h, w)``."""
-    if not isinstance(trajectory, xr.Dataset) or "latent" not in trajectory or "alpha_bar" not in trajectory.coords:
-        raise TypeError("expected a trajectory from dit_lens.invert (a Dataset with 'latent' and 'alpha_bar')")
+    if not isinstance(trajectory, xr.Dataset) or "latent" not in trajectory or not (
+            {"alpha_bar", "sigma"} & set(trajectory.coords)):
+        raise TypeError("expected a trajectory from dit_lens.invert (a Dataset with 'latent' and 'alpha_bar' or 'sigma')")
     return torch.from_numpy(trajectory["latent"].isel(step=step).values.copy())
 
 
@@ -177,7 +192,7 @@ def regenerate(
     guidance = check_guidance(trajectory.attrs["guidance_scale"] if guidance_scale is None else guidance_scale)
     T = int(trajectory.attrs["num_inference_steps"])
     noise = trajectory_latents(trajectory)
-    plan, ddim = Plan(lens, [], T, False), ddim_scheduler(lens, T)
+    plan, ddim = Plan(lens, [], T, False), inversion_scheduler(lens, T)
     out = []
     chunks = range(0, len(noise), check_int(batch_size, "batch_size", minimum=1))
     for start in tqdm(chunks, desc="regenerate", unit="batch", disable=not progress):
