@@ -28,9 +28,14 @@ def sana(sana_pipeline):
     return load(sana_pipeline)
 
 
+#: What the plain call of each pipeline class needs besides size (written out, not dit-lens' settings).
+PLAIN = {"SanaPipeline": dict(use_resolution_binning=False, clean_caption=False, complex_human_instruction=None),
+         "StableDiffusion3Pipeline": {}}
+
+
 def raw_call(pipeline, prompt, seed, hooks=()):
-    """The plain SANA call, written out (no dit-lens settings), with raw forward hooks
-    ``[(module, fn(step, output) -> output | None)]``; returns the image (H, W, 3)."""
+    """The plain call with raw forward hooks ``[(module, fn(step, output) -> output | None)]``; returns the
+    image (H, W, 3)."""
     state = {"t": -1}
     handles = [pipeline.transformer.register_forward_pre_hook(lambda m, a: state.__setitem__("t", state["t"] + 1))]
     for module, fn in hooks:
@@ -38,8 +43,8 @@ def raw_call(pipeline, prompt, seed, hooks=()):
     side = pipeline.transformer.config.sample_size * pipeline.vae_scale_factor
     try:
         return pipeline(prompt, generator=torch.Generator("cpu").manual_seed(seed), num_inference_steps=STEPS,
-                        guidance_scale=4.5, output_type="np", height=side, width=side, use_resolution_binning=False,
-                        clean_caption=False, complex_human_instruction=None).images[0]
+                        guidance_scale=4.5, output_type="np", height=side, width=side,
+                        **PLAIN[type(pipeline).__name__]).images[0]
     finally:
         for handle in handles:
             handle.remove()
@@ -253,20 +258,6 @@ def sd3(sd3_pipeline):
     return load(sd3_pipeline)
 
 
-def raw_sd3_call(pipeline, prompt, seed, hooks=()):
-    """The plain SD3 call, with raw forward hooks ``[(module, fn(step, output) -> output | None)]``."""
-    state = {"t": -1}
-    handles = [pipeline.transformer.register_forward_pre_hook(lambda m, a: state.__setitem__("t", state["t"] + 1))]
-    for module, fn in hooks:
-        handles.append(module.register_forward_hook(lambda m, a, out, fn=fn: fn(state["t"], out)))
-    side = pipeline.transformer.config.sample_size * pipeline.vae_scale_factor
-    try:
-        return pipeline(prompt, generator=torch.Generator("cpu").manual_seed(seed), num_inference_steps=STEPS,
-                        guidance_scale=4.5, output_type="np", height=side, width=side).images[0]
-    finally:
-        for handle in handles:
-            handle.remove()
-
 
 def test_sd3_loads_and_its_text_conditioning_site_is_the_joint_attentions_image_stream(sd3, sd3_pipeline, tmp_path):
     from dit_lens.model.fingerprint import fingerprint
@@ -275,7 +266,7 @@ def test_sd3_loads_and_its_text_conditioning_site_is_the_joint_attentions_image_
     before = sd3.fingerprint
     image = sd3.plain("a polyp", seed=1, num_inference_steps=STEPS)
     assert fingerprint(sd3_pipeline) == before  # a call sets its fast tokenizers' padding: not the model
-    np.testing.assert_array_equal(image, raw_sd3_call(sd3_pipeline, "a polyp", 1))
+    np.testing.assert_array_equal(image, raw_call(sd3_pipeline, "a polyp", 1))
     sd3_pipeline.save_pretrained(tmp_path / "sd3")
     again = load(tmp_path / "sd3")
     assert again.fingerprint == sd3.fingerprint
@@ -294,7 +285,7 @@ def test_sd3_capture_reads_the_image_stream_of_tuple_outputs(sd3, sd3_pipeline, 
             raw[t, layer] = image[-1].mean(0).numpy()
         return fn
 
-    raw_sd3_call(sd3_pipeline, "a polyp", 2, [(module(b), keep(layer)) for layer, b in enumerate(blocks)])
+    raw_call(sd3_pipeline, "a polyp", 2, [(module(b), keep(layer)) for layer, b in enumerate(blocks)])
     ds = capture(sd3, ["a polyp"], seeds=[2], num_inference_steps=STEPS, site=site if site != "attn" else None,
                  store=tmp_path / "c.zarr")
     assert list(ds.data_vars) == [site]  # no site given: the family's text-conditioning site
@@ -317,7 +308,7 @@ def test_sd3_steering_edits_the_image_stream_and_keeps_the_text_stream(sd3, sd3_
         image = image - 3.0 * torch.einsum("bnc,c->bn", image, direction).clamp(min=0)[..., None] * direction
         return image, text  # the text stream as it was
 
-    want = raw_sd3_call(sd3_pipeline, "a polyp", 5, [(sd3_pipeline.transformer.transformer_blocks[0].attn, edit)])
+    want = raw_call(sd3_pipeline, "a polyp", 5, [(sd3_pipeline.transformer.transformer_blocks[0].attn, edit)])
     got = steered.image.sel(branch="edited").values[0, 0]
     np.testing.assert_allclose(got, want, atol=2e-5)
     assert np.abs(got - steered.image.sel(branch="original").values[0, 0]).max() > 1e-3
@@ -356,7 +347,7 @@ def test_sd3_attention_maps_are_the_image_to_text_block_of_the_joint_softmax(sd3
     blocks = sd3_pipeline.transformer.transformer_blocks
     handles = [block.attn.register_forward_hook(record, with_kwargs=True) for block in blocks]
     try:
-        raw_sd3_call(sd3_pipeline, "an image of polyps", 3)
+        raw_call(sd3_pipeline, "an image of polyps", 3)
     finally:
         for handle in handles:
             handle.remove()
