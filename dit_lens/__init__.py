@@ -11,6 +11,8 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+source"
 
 from .model.builders import PIXART_ALPHA_512, PixArtSpec, build_pixart
+from .model.sana import SanaSpec, build_sana
+from .model.sd3 import SD3Spec, build_sd3
 from . import methods
 from .interventions.base import EditContext, Intervention, LatentEdit, SiteEdit, UnverifiedWarning
 from .interventions.reweight import Reweight
@@ -92,9 +94,13 @@ __all__ = [
     "Lens",
     "PIXART_ALPHA_512",
     "PixArtSpec",
+    "SanaSpec",
+    "SD3Spec",
     "Steer",
     "blend_latents",
     "build_pixart",
+    "build_sana",
+    "build_sd3",
     "capture",
     "concept_vector",
     "export_authors",
