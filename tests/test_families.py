@@ -262,7 +262,7 @@ def sd3(sd3_pipeline):
 def test_sd3_loads_and_its_text_conditioning_site_is_the_joint_attentions_image_stream(sd3, sd3_pipeline, tmp_path):
     from dit_lens.model.fingerprint import fingerprint
 
-    assert sd3.family.name == "SD3Transformer2DModel" and sd3.family.cross_attention_site == "attn"
+    assert sd3.family.name == "SD3Transformer2DModel" and sd3.family.sites["attn2"] == "attn"  # the joint attention
     before = sd3.fingerprint
     image = sd3.plain("a polyp", seed=1, num_inference_steps=STEPS)
     assert fingerprint(sd3_pipeline) == before  # a call sets its fast tokenizers' padding: not the model
@@ -273,10 +273,10 @@ def test_sd3_loads_and_its_text_conditioning_site_is_the_joint_attentions_image_
     np.testing.assert_array_equal(again.plain("a polyp", seed=1, num_inference_steps=STEPS), image)
 
 
-@pytest.mark.parametrize("site, stream", [("attn", 0), ("block", 1), ("ff", None)])
+@pytest.mark.parametrize("site, stream", [("attn2", 0), ("block", 1), ("ff", None)])
 def test_sd3_capture_reads_the_image_stream_of_tuple_outputs(sd3, sd3_pipeline, site, stream, tmp_path):
     blocks = sd3_pipeline.transformer.transformer_blocks
-    module = {"attn": lambda b: b.attn, "block": lambda b: b, "ff": lambda b: b.ff}[site]
+    module = {"attn2": lambda b: b.attn, "block": lambda b: b, "ff": lambda b: b.ff}[site]
     raw = np.zeros((STEPS, len(blocks), sd3.width))
 
     def keep(layer):
@@ -286,7 +286,7 @@ def test_sd3_capture_reads_the_image_stream_of_tuple_outputs(sd3, sd3_pipeline, 
         return fn
 
     raw_call(sd3_pipeline, "a polyp", 2, [(module(b), keep(layer)) for layer, b in enumerate(blocks)])
-    ds = capture(sd3, ["a polyp"], seeds=[2], num_inference_steps=STEPS, site=site if site != "attn" else None,
+    ds = capture(sd3, ["a polyp"], seeds=[2], num_inference_steps=STEPS, site=site if site != "attn2" else None,
                  store=tmp_path / "c.zarr")
     assert list(ds.data_vars) == [site]  # no site given: the family's text-conditioning site
     np.testing.assert_allclose(ds[site].sel(prompt="a polyp", seed=2).values, raw, rtol=1e-4, atol=1e-6)
@@ -294,7 +294,7 @@ def test_sd3_capture_reads_the_image_stream_of_tuple_outputs(sd3, sd3_pipeline, 
 
 def test_sd3_steering_edits_the_image_stream_and_keeps_the_text_stream(sd3, sd3_pipeline):
     vector = concept_vector(sd3, positive=["a polyp"], negative=["a cecum"], seeds=[0, 1], num_inference_steps=STEPS)
-    assert vector.attrs["site"] == "attn" and vector.shape == (STEPS, 2, sd3.width)
+    assert vector.attrs["site"] == "attn2" and vector.shape == (STEPS, 2, sd3.width)
     zero = generate(sd3, "a polyp", seeds=[5], steer=Steer(vector, alpha=0.0), num_inference_steps=STEPS,
                     progress=False)
     np.testing.assert_array_equal(zero.image.sel(branch="edited").values, zero.image.sel(branch="original").values)
@@ -359,28 +359,28 @@ def test_sd3_attention_maps_are_the_image_to_text_block_of_the_joint_softmax(sd3
 def test_sd3_reweighting_text_keys_changes_only_the_edited_branch(sd3):
     from dit_lens import Reweight
 
-    same = generate(sd3, "a polyp", seeds=[0], edits=[Reweight(site="attn.weights", tokens=[2], scale=1.0)],
+    same = generate(sd3, "a polyp", seeds=[0], edits=[Reweight(tokens=[2], scale=1.0)],
                     num_inference_steps=STEPS, progress=False)
     np.testing.assert_array_equal(same.image.sel(branch="edited").values, same.image.sel(branch="original").values)
-    cut = generate(sd3, "a polyp", seeds=[0], edits=[Reweight(site="attn.weights", tokens=range(1, 9), scale=0.0)],
+    cut = generate(sd3, "a polyp", seeds=[0], edits=[Reweight(tokens=range(1, 9), scale=0.0)],
                    num_inference_steps=STEPS, progress=False)
     assert np.abs(cut.image.sel(branch="edited").values - cut.image.sel(branch="original").values).max() > 1e-4
     np.testing.assert_allclose(cut.image.sel(branch="original").values[0, 0],
                                sd3.plain("a polyp", seed=0, num_inference_steps=STEPS), atol=1e-6)
 
 
-def test_attention_regulation_runs_on_sana_and_names_what_is_missing_elsewhere(sana, sd3):
+def test_attention_regulation_runs_where_its_sites_exist_and_names_the_missing_one(sana, sd3):
     from dit_lens import AttentionRegulation, reprompt
 
-    box = np.zeros((32, 32), bool)
-    box[4:16, 8:24] = True
-    regulation = AttentionRegulation(region=box, pathology_words=["polyps"])
-    out = reprompt(sana, "an image of cecum", "an image of polyps", seeds=[0], num_inference_steps=STEPS,
-                   edits=[regulation], progress=False)
-    assert np.isfinite(out.image.values).all()
-    with pytest.raises(ValueError, match=r"unknown site 'attn1.weights' for SanaTransformer2DModel"):
-        reprompt(sana, "an image of cecum", "an image of polyps", seeds=[0], num_inference_steps=STEPS,
-                 edits=[AttentionRegulation.published(region=box, pathology_words=["polyps"])], progress=False)
-    with pytest.raises(ValueError, match=r"unknown site 'attn2' for SD3Transformer2DModel; choose one of"):
-        reprompt(sd3, "an image of cecum", "an image of polyps", seeds=[0], num_inference_steps=STEPS,
-                 edits=[AttentionRegulation(region=box[::2, ::2], pathology_words=["polyps"])], progress=False)
+    for lens in (sana, sd3):
+        side = lens.pipeline_kwargs["height"]
+        box = np.zeros((side, side), bool)
+        box[side // 8 : side // 2, side // 4 : 3 * side // 4] = True
+        regulation = AttentionRegulation(region=box, pathology_words=["polyps"], energy_step=0.05)
+        out = reprompt(lens, "an image of cecum", "an image of polyps", seeds=[0], num_inference_steps=STEPS,
+                       edits=[regulation], progress=False)
+        assert np.isfinite(out.image.values).all() and np.isfinite(out.energy.values).all()
+        published = AttentionRegulation.published(region=box, pathology_words=["polyps"])  # gates self-attention
+        with pytest.raises(ValueError, match=rf"unknown site 'attn1.weights' for {lens.family.name}"):
+            reprompt(lens, "an image of cecum", "an image of polyps", seeds=[0], num_inference_steps=STEPS,
+                     edits=[published], progress=False)

@@ -74,7 +74,7 @@ class GuidePass:
     def _reading(self, seen: dict[int, torch.Tensor]) -> Iterator[None]:
         with ExitStack() as stack:
             for layer in self.layers:
-                module = getattr(self.lens.blocks[layer], self.site).processor.weights
+                module = getattr(self.lens.blocks[layer], self.lens.family.sites[self.site]).processor.weights
                 handle = module.register_forward_hook(lambda _m, _i, out, layer=layer: seen.__setitem__(layer, out))
                 stack.callback(handle.remove)
             yield

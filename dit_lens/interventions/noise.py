@@ -321,7 +321,7 @@ class _Sampler:
             seen.append(torch.stack([heads[..., k].sum(-1) for k in keys], -1))
 
         site = self.lens.family.cross_attention_site
-        handles = [getattr(self.lens.blocks[layer], site).processor.weights.register_forward_hook(keep)
+        handles = [getattr(self.lens.blocks[layer], self.lens.family.sites[site]).processor.weights.register_forward_hook(keep)
                    for layer in self.layers]
         try:
             yield

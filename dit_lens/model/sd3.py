@@ -3,8 +3,8 @@ seeded weights.
 
 SD3's denoiser (`SD3Transformer2DModel`, an MMDiT) has no separate cross-attention: each block runs one
 *joint* attention over the image tokens and the text tokens together, and returns both streams. dit-lens
-takes the image stream of that attention's output as the text-conditioning site (`Family.outputs` says
-which element of the tuple it is). SD3 samples by flow matching. Tests build tiny ones; a user's SD3
+takes the image stream of that attention's output as the text-conditioning site ``attn2``
+(`Family.outputs` says which element of the tuple it is). SD3 samples by flow matching. Tests build tiny ones; a user's SD3
 folder loads through the same path.
 
 Examples:

@@ -178,14 +178,15 @@ _SD3 = Family(
     label="Stable Diffusion 3",
     denoiser="transformer",
     blocks="transformer_blocks",
-    # no separate cross-attention: `attn` is the joint attention over image and text tokens, and its
-    # image stream (element 0 of its output) is where the text conditions the image; a block returns
+    # no separate cross-attention: the module `attn` is the joint attention over image and text tokens,
+    # and its image stream (element 0 of its output) is where the text conditions the image, so it is
+    # the site `attn2` (dit-lens' name for the text-conditioning attention), its image-query × text-key
+    # softmax block `attn2.weights`; there is no separate self-attention site. A block returns
     # (text stream, image stream)
-    sites=MappingProxyType({"attn": "attn", "ff": "ff", "block": ""}),
-    cross_attention_site="attn",
-    attention_sites=("attn",),
-    outputs=MappingProxyType({"attn": 0, "block": 1}),
-    order=("attn.weights", "attn", "ff", "block"),
+    sites=MappingProxyType({"attn2": "attn", "ff": "ff", "block": ""}),
+    attention_sites=("attn2",),
+    outputs=MappingProxyType({"attn2": 0, "block": 1}),
+    order=("attn2.weights", "attn2", "ff", "block"),
     sampling="flow",
     joint=True,
     # CLIP-L and CLIP-G tokens side by side in channels (77 keys), then the T5 tokens

@@ -60,7 +60,7 @@ def concept_vector(
         num_inference_steps: Denoising steps T (lens form).
         guidance_scale: Classifier-free guidance (lens form).
         site: Which captured variable to use (default: in the lens form the family's
-            text-conditioning site, ``attn2`` or SD3's ``attn``; given captures, their one site variable).
+            text-conditioning site, ``attn2``; given captures, their one site variable).
         batch_size: Passed to `capture` (lens form).
 
     Returns:

@@ -79,8 +79,8 @@ def capture(
         num_inference_steps: Denoising steps T.
         guidance_scale: Classifier-free guidance scale.
         layers: Block indices (default: all).
-        site: What to record (default: the family's text-conditioning site, ``"attn2"``; SD3's joint
-            ``"attn"``): ``"attn2"`` (cross-attention output), ``"attn1"``, ``"ff"``,
+        site: What to record (default: the family's text-conditioning site, ``"attn2"``):
+            ``"attn2"`` (cross-attention output), ``"attn1"``, ``"ff"``,
             ``"block"`` (block output), or the softmax attention weights ``"attn2.weights"``
             (image-token queries × text-token keys) and ``"attn1.weights"`` (image × image).
         branch: ``"cond"`` or ``"uncond"`` half of the guidance batch, or ``"both"`` (a

@@ -94,7 +94,7 @@ class CaptureSettings:
 
     def resolve(self, lens: Any) -> "CaptureSettings":
         """These settings checked against `lens`, with ``layers=None`` expanded to every block and
-        ``site=None`` to the family's text-conditioning site (``attn2``; SD3's joint ``attn``)."""
+        ``site=None`` to the family's text-conditioning site (``attn2``)."""
         check_steps(self.num_inference_steps, lens.pipeline.scheduler)  # what the sampler can run
         sites = lens.family.sites
         if self.site is None:
