@@ -314,13 +314,19 @@ def test_sd3_steering_edits_the_image_stream_and_keeps_the_text_stream(sd3, sd3_
     assert np.abs(got - steered.image.sel(branch="original").values[0, 0]).max() > 1e-3
 
 
-def test_a_study_runs_on_sd3(sd3, tmp_path):
+def test_a_study_and_the_explorer_with_attention_maps_run_on_sd3(sd3, tmp_path):
     s = Study("sd3", pairs=(ONE,), methods={"medsteer": {"alpha": (0.0, 3.0), "vector_seeds": (2,)}}, eval_seeds=2,
               num_inference_steps=STEPS)
     result = run_study(s, sd3, oracle=BrightnessOracle(), segmenter=red_segmenter, out=tmp_path / "study",
                        progress=False)
     assert result.attrs["denoiser_class"] == "SD3Transformer2DModel"
     assert result["flip_rate"].sel(method="medsteer").values.ravel()[0] == 0.0
+    vector = concept_vector(sd3, positive=["a polyp"], negative=["a cecum"], seeds=[0], num_inference_steps=STEPS)
+    out = generate(sd3, "a polyp", seeds=[0, 1], steer=Steer(vector, alpha=3.0, layers=(0,)), record_gates=True,
+                   num_inference_steps=STEPS, progress=False)
+    maps = attention_maps(sd3, ["a polyp"], seeds=[0, 1], words=["polyp"], num_inference_steps=STEPS, progress=False)
+    page = write_explorer(out, tmp_path / "explorer.html", attention=maps).read_text()
+    assert "Plotly.restyle" in page and 'id="word"' in page and "polyp" in page
 
 
 def test_sd3_attention_maps_are_the_image_to_text_block_of_the_joint_softmax(sd3, sd3_pipeline):
