@@ -390,3 +390,14 @@ def test_attention_regulation_runs_where_its_sites_exist_and_names_the_missing_o
         with pytest.raises(ValueError, match=rf"unknown site 'attn1.weights' for {lens.family.name}"):
             reprompt(lens, "an image of cecum", "an image of polyps", seeds=[0], num_inference_steps=STEPS,
                      edits=[published], progress=False)
+
+
+def test_bad_family_specs_are_refused_with_what_to_change():
+    with pytest.raises(ValueError, match="SanaSpec makes 16-pixel images, but SanaPipeline needs a multiple of 32"):
+        SanaSpec(sample_size=8)
+    with pytest.raises(ValueError, match=r"SD3Spec.t5_dim \(16\) must be at least the two CLIP widths together \(32\)"):
+        SD3Spec(t5_dim=16)
+    with pytest.raises(ValueError, match=r"SanaSpec.sample_size \(15\) must be a multiple of patch_size \(2\)"):
+        SanaSpec(sample_size=15)
+    with pytest.raises(ValueError, match="SD3Spec.num_heads must be >= 1, got 0"):
+        SD3Spec(num_heads=0)
