@@ -7,12 +7,13 @@ The variants, timed in turn `repeats` times on fresh evaluation seeds (benchmark
 
 - ``plain``: ``run_study(study, lens)`` with its defaults (this process, torch's default threads);
 - ``ray_1``: ``executor=RayExecutor(workers=1, num_cpus=C)``, C the machine's cores: the same threads
-  as ``plain`` on one worker, so ``ray_1 / plain`` is the cost of the Ray path itself;
+  as ``plain`` on one worker, so ``ray_1 / plain`` is what a command-line run pays (worker start included);
 - ``ray_N``: ``RayExecutor(workers=N, num_cpus=C / N)``: the same cores split over N workers;
-- ``ray_N_kept``: ``ray_N`` again right after it, on the workers it kept.
+- ``ray_1_kept``, ``ray_N_kept``: each again right after it, on the workers it kept.
 
 ``ray_1`` and ``ray_N`` start their workers in the timed run (``close()`` first), as a study run from
-the command line does; ``ray_N_kept`` is a second study in the same Python session, which starts none.
+the command line does; the ``_kept`` variants are a second study in the same Python session, which
+starts none (``ray_1_kept / plain`` is the cost of the Ray path itself: shipping work and results).
 `ray.init` happens once before, and its time is printed apart. The first (warm-up) run of every variant
 is also checked: every metric of every cell equal to the plain run's, so all sides did the same work.
 
@@ -71,8 +72,9 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="ray-bench-"))
     counter = iter(range(10**6))
+    single = RayExecutor(workers=1, num_cpus=cores)
     split = RayExecutor(workers=args.workers, num_cpus=cores / args.workers)
-    executors = {"plain": (None, False), "ray_1": (RayExecutor(workers=1, num_cpus=cores), True),
+    executors = {"plain": (None, False), "ray_1": (single, True), "ray_1_kept": (single, False),
                  f"ray_{args.workers}": (split, True), f"ray_{args.workers}_kept": (split, False)}
     first: dict[str, object] = {}
 
@@ -102,7 +104,8 @@ def main() -> None:
         runs = ", ".join(f"{v:.1f}" for v in values)
         print(f"  {name:<10} median {med[name]:7.1f} s  min {best[name]:7.1f} s  (runs: {runs})")
     names = list(executors)
-    for a, b in ((names[1], "plain"), (names[2], "plain"), (names[3], "plain"), (names[2], names[1])):
+    for a, b in ((names[1], "plain"), (names[2], "plain"), (names[3], "plain"), (names[4], "plain"),
+                 (names[3], names[1]), (names[4], names[2])):
         print(f"  ratio {a:<10} / {b:<6}: median {med[a] / med[b]:.3f}x, min {best[a] / best[b]:.3f}x")
     ray.shutdown()
 
