@@ -73,12 +73,17 @@ def test_a_pipeline_of_another_family_is_refused_naming_the_supported_ones():
         load(Elsewhere())
 
 
-@pytest.mark.parametrize("site", ["attn1", "attn2", "block"])
+@pytest.mark.parametrize("site", ["attn1", "attn2", "ff", "block"])
 def test_sana_capture_matches_raw_hooks(sana, sana_pipeline, site, tmp_path):
     blocks = sana_pipeline.transformer.transformer_blocks
-    modules = {"attn1": lambda b: b.attn1, "attn2": lambda b: b.attn2, "block": lambda b: b}
+    modules = {"attn1": lambda b: b.attn1, "attn2": lambda b: b.attn2, "ff": lambda b: b.ff, "block": lambda b: b}
     raw = np.zeros((STEPS, len(blocks), sana.width))
-    hooks = [(modules[site](block), lambda t, out, layer=layer: raw.__setitem__((t, layer), out[-1].mean(0).numpy()))
+
+    def mean_token(out):  # (rows, tokens, C), or the feed-forward's (rows, C, h, w)
+        last = out[-1]
+        return (last.mean((1, 2)) if last.ndim == 3 and site == "ff" else last.mean(0)).numpy()
+
+    hooks = [(modules[site](block), lambda t, out, layer=layer: raw.__setitem__((t, layer), mean_token(out)))
              for layer, block in enumerate(blocks)]
     raw_call(sana_pipeline, "a polyp", 5, hooks)
     ds = capture(sana, ["a polyp"], seeds=[5], num_inference_steps=STEPS, site=site, store=tmp_path / "c.zarr")
@@ -401,3 +406,21 @@ def test_bad_family_specs_are_refused_with_what_to_change():
         SanaSpec(sample_size=15)
     with pytest.raises(ValueError, match="SD3Spec.num_heads must be >= 1, got 0"):
         SD3Spec(num_heads=0)
+
+
+def test_sana_steering_the_convolutional_feed_forward_edits_its_grid_output(sana, sana_pipeline):
+    vector = concept_vector(sana, positive=["a polyp"], negative=["a cecum"], seeds=[0, 1], num_inference_steps=STEPS,
+                            site="ff")
+    steered = generate(sana, "a polyp", seeds=[7], steer=Steer(vector, alpha=4.0, layers=(1,)),
+                       num_inference_steps=STEPS, record_gates=True, progress=False)
+    v = vector.values
+
+    def edit(t, out):  # (rows, C, h, w): the same update per grid position
+        direction = torch.from_numpy(v[t, 1])
+        dots = torch.einsum("bchw,c->bhw", out, direction).clamp(min=0)
+        return out - 4.0 * dots[:, None] * direction[None, :, None, None]
+
+    want = raw_call(sana_pipeline, "a polyp", 7, [(sana_pipeline.transformer.transformer_blocks[1].ff, edit)])
+    got = steered.image.sel(branch="edited").values[0, 0]
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    assert np.abs(got - steered.image.sel(branch="original").values[0, 0]).max() > 1e-4

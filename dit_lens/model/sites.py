@@ -53,6 +53,8 @@ class Family:
         outputs: Site -> which element of its module's tuple output is the site, for modules that
             return several streams (SD3's joint attention returns ``(image, text)``, its blocks
             ``(text, image)``); other sites' modules return the tensor itself.
+        grid_sites: Sites whose module returns the token grid as an image ``(rows, C, h, w)`` (SANA's
+            convolutional feed-forward); they are read and written as ``(rows, tokens, C)`` like the rest.
         joint: The text-conditioning attention is joint attention over image and text tokens (SD3): its
             weights site is the image-query × text-key block of the joint softmax
             (`dit_lens.trace.attention.JointWeightsProcessor`).
@@ -74,6 +76,7 @@ class Family:
     noise_dtype: str | None = None
     call_kwargs: Mapping[str, Any] = field(default_factory=dict)
     outputs: Mapping[str, int] = field(default_factory=dict)
+    grid_sites: tuple[str, ...] = ()
     joint: bool = False
     text_segments: tuple[tuple[str, str], ...] = (("tokenizer", "max_sequence_length"),)
     label: str = ""
@@ -106,13 +109,20 @@ class Family:
         return f"{self.cross_attention_site}.weights"
 
     def read(self, site: str, output: Any) -> Any:
-        """The site's tensor in its module's output."""
+        """The site's tensor ``(rows, tokens, C)`` in its module's output."""
         index = self.outputs.get(site)
-        return output if index is None else output[index]
+        tensor = output if index is None else output[index]
+        if site in self.grid_sites:  # (rows, C, h, w) -> (rows, h·w, C), tokens in row-major order
+            tensor = tensor.flatten(2).transpose(1, 2)
+        return tensor
 
     def write(self, site: str, output: Any, value: Any) -> Any:
-        """The module's output with the site's tensor replaced by `value` (other streams kept)."""
+        """The module's output with the site's tensor replaced by `value` ``(rows, tokens, C)`` (other streams
+        kept, laid out as the module returns it)."""
         index = self.outputs.get(site)
+        if site in self.grid_sites:
+            like = output if index is None else output[index]
+            value = value.transpose(1, 2).reshape(like.shape)
         if index is None:
             return value
         return tuple(value if i == index else part for i, part in enumerate(output))
@@ -162,10 +172,11 @@ _SANA = Family(
     denoiser="transformer",
     blocks="transformer_blocks",
     # attn1 is linear attention (ReLU kernels, no softmax weights to expose); the feed-forward is a
-    # convolution over the token grid whose output is (rows, C, h, w), so it is not a token site
-    sites=MappingProxyType({"attn1": "attn1", "attn2": "attn2", "block": ""}),
+    # convolution over the token grid whose output is (rows, C, h, w)
+    sites=MappingProxyType({"attn1": "attn1", "attn2": "attn2", "ff": "ff", "block": ""}),
     attention_sites=("attn2",),
-    order=("attn1", "attn2.weights", "attn2", "block"),
+    grid_sites=("ff",),
+    order=("attn1", "attn2.weights", "attn2", "ff", "block"),
     sampling="flow",
     noise_dtype="float32",
     # the prompt as given: SANA's default "complex human instruction" prefix would move every word's
