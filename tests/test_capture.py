@@ -389,9 +389,8 @@ def test_weights_reductions_are_validated_and_keep_other_keys(tiny_lens, tmp_pat
         capture(tiny_lens, ["a polyp"], seeds=[0], site="attn2", reduce="heads", store=tmp_path / "x.zarr")
     assert not (tmp_path / "x.zarr").exists()
     # the identity of an output-site capture is what it was before weights sites existed (no cache invalidation)
-    assert CaptureSettings(site="attn2").to_dict() == {"num_inference_steps": 20, "guidance_scale": 4.5, "layers": None,
-                                                       "site": "attn2", "branch": "cond", "reduce": "mean"}
-    assert CaptureSettings().resolve(tiny_lens).site == "attn2"  # the default: the family's text-conditioning site
+    assert CaptureSettings().to_dict() == {"num_inference_steps": 20, "guidance_scale": 4.5, "layers": None,
+                                           "site": "attn2", "branch": "cond", "reduce": "mean"}
     weights = capture(tiny_lens, ["a polyp"], seeds=[0], num_inference_steps=2, site="attn2.weights",
                       store=tmp_path / "w.zarr")
     assert weights.attrs["capture_site"] == "attn2.weights" and weights.attrs["capture_reduce"] == "mean"

@@ -99,15 +99,6 @@ class Family:
                              f"sampler; {self.label or self.name} samples by "
                              f"{'flow matching' if self.sampling == 'flow' else 'a noise schedule'}, where it does not apply")
 
-    def text_weights(self, what: str = "this") -> str:
-        """The weights site of the text-conditioning attention (``"attn2.weights"``), or a clear error for
-        a family whose text attention exposes none (SD3's joint attention, for now)."""
-        if self.cross_attention_site not in self.attention_sites:
-            raise ValueError(f"{what} needs the softmax weights of image tokens over text tokens; "
-                             f"{self.label or self.name} conditions on text through joint attention "
-                             f"({self.cross_attention_site!r}), whose weights dit-lens does not expose yet")
-        return f"{self.cross_attention_site}.weights"
-
     def read(self, site: str, output: Any) -> Any:
         """The site's tensor ``(rows, tokens, C)`` in its module's output."""
         index = self.outputs.get(site)

@@ -91,7 +91,7 @@ def attention_maps(
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
         layers=None if layers is None else tuple(layers),
-        site=lens.family.text_weights("attention_maps"),
+        site=f"{lens.family.cross_attention_site}.weights",
         reduce="heads",
     ).resolve(lens)
     T = settings.num_inference_steps

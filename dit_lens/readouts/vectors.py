@@ -42,7 +42,7 @@ def concept_vector(
     seeds: Sequence[int] | None = None,
     num_inference_steps: int = 20,
     guidance_scale: float = 4.5,
-    site: str | None = None,
+    site: str = "attn2",
     batch_size: int | None = None,
 ) -> xr.DataArray:
     """A unit concept vector per (step, layer), from two captures or by capturing them.
@@ -59,8 +59,7 @@ def concept_vector(
         seeds: Seeds per prompt (lens form).
         num_inference_steps: Denoising steps T (lens form).
         guidance_scale: Classifier-free guidance (lens form).
-        site: Which captured variable to use (default: in the lens form the family's
-            text-conditioning site, ``attn2``; given captures, their one site variable).
+        site: Which captured variable to use.
         batch_size: Passed to `capture` (lens form).
 
     Returns:
@@ -85,7 +84,6 @@ def concept_vector(
             )
         from ..trace.capture import capture
 
-        site = site if site is not None else source.family.cross_attention_site
         settings = dict(
             seeds=list(seeds), num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, site=site, branch="cond", reduce="mean",
@@ -93,8 +91,6 @@ def concept_vector(
         )
         ds_pos = capture(source, list(positive), **settings)
         ds_neg = capture(source, list(negative), **settings)
-    if site is None:
-        site = _only_site(ds_pos)
     mean_pos = _mean_capture(ds_pos, site, "positive")
     mean_neg = _mean_capture(ds_neg, site, "negative")
     for dim in VECTOR_DIMS:
@@ -114,14 +110,6 @@ def concept_vector(
     vec.name = "concept_vector"
     vec.attrs = _provenance(ds_pos, ds_neg, site)
     return vec
-
-
-def _only_site(ds: xr.Dataset) -> str:
-    """The site variable of a capture (a capture holds one; ``done`` is its bookkeeping)."""
-    sites = [name for name in ds.data_vars if name != "done"]
-    if len(sites) != 1:
-        raise ValueError(f"the capture holds {sites}; pass site= to say which to use")
-    return sites[0]
 
 
 def _mean_capture(ds: xr.Dataset, site: str, which: str) -> xr.DataArray:

@@ -36,9 +36,9 @@ __all__ = ["LocalExecutor", "RayExecutor", "WorkerLostError", "as_executor"]
 
 Task = Callable[[Any, Any, Any], Any]
 
-#: The workers each `RayExecutor` keeps between calls:
-#: ``{executor: {"key": model and session, "source": how workers open it, "actors": [...]}}``.
-_POOLS: dict["RayExecutor", dict] = {}
+#: The workers kept between calls (one executor's at a time: they hold the cores and a model each):
+#: ``{"executor", "key": model and session, "source": how workers open it, "actors": [...]}``, or empty.
+_POOL: dict = {}
 
 
 class WorkerLostError(RuntimeError):
@@ -133,9 +133,12 @@ class RayExecutor:
     def close(self) -> None:
         """End the workers this executor keeps (they hold a copy of the model each); the next `map`
         starts new ones. Ending the Ray session ends them too."""
-        pool = _POOLS.pop(self, None)
-        if pool is not None and _ray().is_initialized():
-            for actor in pool["actors"]:
+        if _POOL.get("executor") != self:
+            return
+        actors = _POOL["actors"]
+        _POOL.clear()
+        if _ray().is_initialized():
+            for actor in actors:
                 _ray().kill(actor)
 
     def _workers(self, ray: Any, lens: Any, count: int) -> list:
@@ -144,14 +147,11 @@ class RayExecutor:
         device = "cuda" if self.num_gpus else "cpu"
         key = (lens.fingerprint, lens.source, lens.lora, device, str(lens.denoiser.dtype),
                ray.get_runtime_context().get_job_id())
-        pool = _POOLS.get(self)
-        if pool is not None and pool["key"] != key:  # another model, or another Ray session
-            self.close()
-            pool = None
-        if pool is None:
-            for other in list(_POOLS):  # one executor's workers at a time: they hold the cores and a model each
-                other.close()
-            pool = _POOLS[self] = {"key": key, "actors": []}
+        if _POOL and (_POOL["executor"] != self or _POOL["key"] != key):  # another executor, model or session
+            _POOL["executor"].close()
+        if not _POOL:
+            _POOL.update(executor=self, key=key, actors=[])
+        pool = _POOL
         if len(pool["actors"]) < count:
             # kept with the pool: a restarted worker opens its pipeline copy from the object store again
             source = pool.setdefault("source", _source(lens, device))

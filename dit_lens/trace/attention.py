@@ -76,12 +76,7 @@ class WeightsProcessor(torch.nn.Module):
         if encoder_hidden_states is not None and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
         key, value = attn.to_k(context), attn.to_v(context)
-        head_dim = key.shape[-1] // attn.heads
-        query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value, head_dim = _split_heads(attn, batch, query, key, value)
 
         scores = (query @ key.transpose(-1, -2)).mul_(attn.scale)  # (rows, heads, queries, keys)
         if attention_mask is not None:
@@ -130,13 +125,8 @@ class JointWeightsProcessor(torch.nn.Module):
     def forward(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
         batch, images = hidden_states.shape[0], hidden_states.shape[1]
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value, head_dim = _split_heads(attn, batch, attn.to_q(hidden_states), attn.to_k(hidden_states),
+                                                   attn.to_v(hidden_states))
         if encoder_hidden_states is not None:
             text = [proj(encoder_hidden_states).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
                     for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)]
@@ -172,6 +162,18 @@ class JointWeightsProcessor(torch.nn.Module):
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any):
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+
+
+def _split_heads(attn: Any, batch: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple:
+    """``(rows, tokens, heads·d)`` projections as ``(rows, heads, tokens, d)``, with the module's q/k norms
+    (as diffusers' processors apply them), and the head size d."""
+    head_dim = key.shape[-1] // attn.heads
+    query, key, value = (x.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for x in (query, key, value))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value, head_dim
 
 
 #: One processor per attention module for the module's lifetime, so the nnsight envoy that mirrors

@@ -59,7 +59,7 @@ def capture(
     num_inference_steps: int = 20,
     guidance_scale: float = 4.5,
     layers: Iterable[int] | None = None,
-    site: str | None = None,
+    site: str = "attn2",
     branch: str = "cond",
     reduce: str | None = "mean",
     store: str | Path | None = None,
@@ -79,8 +79,7 @@ def capture(
         num_inference_steps: Denoising steps T.
         guidance_scale: Classifier-free guidance scale.
         layers: Block indices (default: all).
-        site: What to record (default: the family's text-conditioning site, ``"attn2"``):
-            ``"attn2"`` (cross-attention output), ``"attn1"``, ``"ff"``,
+        site: What to record: ``"attn2"`` (cross-attention output), ``"attn1"``, ``"ff"``,
             ``"block"`` (block output), or the softmax attention weights ``"attn2.weights"``
             (image-token queries × text-token keys) and ``"attn1.weights"`` (image × image).
         branch: ``"cond"`` or ``"uncond"`` half of the guidance batch, or ``"both"`` (a

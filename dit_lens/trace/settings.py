@@ -30,8 +30,8 @@ class CaptureSettings:
         num_inference_steps: Denoising steps T (>= 1).
         guidance_scale: Classifier-free guidance scale g; ``"uncond"``/``"both"`` need g > 1.
         layers: Block indices, ascending; ``None`` until `resolve` fills in every block.
-        site: Site name in the model family's table (``"attn2"`` = cross-attention output); ``None``:
-            the family's text-conditioning site (`Family.cross_attention_site`), set by `resolve`.
+        site: Site name in the model family's table (``"attn2"`` = the text-conditioning attention's
+            output, in every family).
         branch: ``"cond"``, ``"uncond"`` or ``"both"`` halves of the guidance batch.
         reduce: ``"mean"`` over image tokens, or ``None`` to keep every token. At a weights site
             (``"attn2.weights"``): ``"mean"`` over heads and image-token queries (one value per key),
@@ -42,7 +42,7 @@ class CaptureSettings:
     num_inference_steps: int = 20
     guidance_scale: float = 4.5
     layers: tuple[int, ...] | None = None
-    site: str | None = None
+    site: str = "attn2"
     branch: str = "cond"
     reduce: str | None = "mean"
 
@@ -57,12 +57,9 @@ class CaptureSettings:
                 f"{self.guidance_scale} <= 1 runs no unconditional branch; raise guidance_scale or "
                 f"pass branch='cond'"
             )
-        if self.site is not None and not isinstance(self.site, str):
-            raise ValueError(f"site must be a site name such as 'attn2' (or None: the family's text-conditioning "
-                             f"site), got {self.site!r}")
-        if self.site is None:
-            pass  # resolved against the model (`resolve`)
-        elif self.site.endswith(".weights"):
+        if not isinstance(self.site, str):
+            raise ValueError(f"site must be a site name such as 'attn2', got {self.site!r}")
+        if self.site.endswith(".weights"):
             if self.reduce is None:
                 raise ValueError(
                     f"reduce=None at {self.site} would keep heads × queries × keys floats for every step and "
@@ -93,12 +90,9 @@ class CaptureSettings:
         object.__setattr__(self, "guidance_scale", float(self.guidance_scale))
 
     def resolve(self, lens: Any) -> "CaptureSettings":
-        """These settings checked against `lens`, with ``layers=None`` expanded to every block and
-        ``site=None`` to the family's text-conditioning site (``attn2``)."""
+        """These settings checked against `lens`, with ``layers=None`` expanded to every block."""
         check_steps(self.num_inference_steps, lens.pipeline.scheduler)  # what the sampler can run
         sites = lens.family.sites
-        if self.site is None:
-            return replace(self, site=lens.family.cross_attention_site).resolve(lens)
         if self.site not in sites:
             raise ValueError(
                 f"unknown site={self.site!r} for {lens.family.name}; pass one of {sorted(sites)} "

@@ -60,10 +60,7 @@ def text_segments(lens: Any) -> list[tuple[Any, int, int]]:
     segments, start = [], 0
     for component, limit in lens.family.text_segments:
         tokenizer = getattr(lens.pipeline, component, None)
-        if limit == "model_max_length":
-            length = int(getattr(tokenizer, "model_max_length", 0) or 0) or int(getattr(lens.pipeline, "tokenizer_max_length", 0))
-        else:
-            length = max_tokens(lens)
+        length = getattr(tokenizer, "model_max_length", None) if limit == "model_max_length" else max_tokens(lens)
         if not length:
             raise ValueError(f"{type(lens.pipeline).__name__} does not say how many text tokens {component} keeps "
                              f"(no max_sequence_length); its text keys cannot be laid out")
