@@ -12,6 +12,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 from .model.builders import PIXART_ALPHA_512, PixArtSpec, build_pixart
 from .model.sana import SanaSpec, build_sana
+from .model.flux import FluxSpec, build_flux
 from .model.sd3 import SD3Spec, build_sd3
 from . import methods
 from .interventions.base import EditContext, Intervention, LatentEdit, SiteEdit, UnverifiedWarning
@@ -96,11 +97,13 @@ __all__ = [
     "PixArtSpec",
     "SanaSpec",
     "SD3Spec",
+    "FluxSpec",
     "Steer",
     "blend_latents",
     "build_pixart",
     "build_sana",
     "build_sd3",
+    "build_flux",
     "capture",
     "concept_vector",
     "export_authors",

@@ -39,10 +39,11 @@ class GuidePass:
         prompts: The edited branch's prompt of each pair.
         num_inference_steps: Steps T of the run.
         guides: The guidance edits (their ``layers_needed`` say which attention weights to read).
+        guidance_scale: The run's guidance scale (an input of a guidance-distilled denoiser).
     """
 
     def __init__(self, lens: Any, scheduler: Any, prompts: Sequence[str], num_inference_steps: int,
-                 guides: Sequence[Guidance]) -> None:
+                 guides: Sequence[Guidance], guidance_scale: float | None = None) -> None:
         scheduler = scheduler or lens.pipeline.scheduler
         if float(getattr(scheduler, "init_noise_sigma", 1.0)) != 1.0:
             raise ValueError(f"the latent correction runs on samplers whose latents are the model's input as they "
@@ -50,7 +51,7 @@ class GuidePass:
                              f"{float(scheduler.init_noise_sigma):g}); use a DDIM or DPM-Solver scheduler")
         self.timesteps = scheduler_timesteps(lens, num_inference_steps, scheduler).tolist()
         self.lens = lens
-        self.denoiser = Denoiser(lens, prompts)
+        self.denoiser = Denoiser(lens, prompts, guidance=guidance_scale)  # Flux embeds the scale
         self.layers = sorted({layer for g in guides for layer in g.layers_needed(lens)})
         self.site = lens.family.cross_attention_site
 
@@ -74,7 +75,7 @@ class GuidePass:
     def _reading(self, seen: dict[int, torch.Tensor]) -> Iterator[None]:
         with ExitStack() as stack:
             for layer in self.layers:
-                module = getattr(self.lens.blocks[layer], self.lens.family.sites[self.site]).processor.weights
+                module = self.lens.site_module(self.site, layer).processor.weights
                 handle = module.register_forward_hook(lambda _m, _i, out, layer=layer: seen.__setitem__(layer, out))
                 stack.callback(handle.remove)
             yield

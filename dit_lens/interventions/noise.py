@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 
 from ..trace.attention import exposed_weights
 from ..trace.denoiser import Denoiser
-from ..trace.runner import initial_noise
+from ..trace.runner import initial_noise, timestep_kwargs
 from ..validate import NonFiniteError, check_guidance, check_int, check_seeds, check_steps, is_real
 from ..trace.tokens import word_tokens
 from .noise_edit import OptimizedNoise
@@ -281,13 +281,13 @@ class _Sampler:
     def _loop(self, z: torch.Tensor, seeds: list[int], seen: list[torch.Tensor] | None) -> torch.Tensor:
         """The final latents; with `seen`, the read steps' weights appended to it and the loop stopped there."""
         scheduler = copy.deepcopy(self.pipe.scheduler)
-        scheduler.set_timesteps(self.steps, device=z.device)
+        scheduler.set_timesteps(self.steps, device=z.device, **timestep_kwargs(self.lens, scheduler, self.steps))
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(0)
         extra = {}  # what the pipeline passes its scheduler's step (SD3 passes nothing)
         if hasattr(self.pipe, "prepare_extra_step_kwargs"):
             extra = self.pipe.prepare_extra_step_kwargs([self.lens.generator(s) for s in seeds], 0.0)
-        m, guided = z.shape[0], self.guidance_scale > 1
+        m, guided = z.shape[0], self.lens.guided(self.guidance_scale)
         latents = z * getattr(scheduler, "init_noise_sigma", 1.0)  # flow-matching samplers do not scale
         scale = getattr(scheduler, "scale_model_input", lambda x, _t: x)
         for i, t in enumerate(scheduler.timesteps):
@@ -295,14 +295,14 @@ class _Sampler:
             which = [None] * m + [0] * m if guided else [0] * m  # the empty prompt first, as the pipeline does
             if seen is not None and i in self.read:  # not recomputed: the weights are kept with their graph
                 with self._hooks(seen, m if guided else 0):
-                    pred = self.denoiser.call(model_input, t, which)
+                    pred = self.denoiser.call(model_input, t, which, self.guidance_scale)
                 if i == self.read[-1]:
                     return latents  # nothing later is read
             elif self.recompute and torch.is_grad_enabled():
-                pred = torch.utils.checkpoint.checkpoint(self.denoiser.call, model_input, t, which,
+                pred = torch.utils.checkpoint.checkpoint(self.denoiser.call, model_input, t, which, self.guidance_scale,
                                                          use_reentrant=False)
             else:
-                pred = self.denoiser.call(model_input, t, which)  # (rows, C, h, w)
+                pred = self.denoiser.call(model_input, t, which, self.guidance_scale)  # (rows, C, h, w)
             if guided:
                 uncond, cond = pred.chunk(2)
                 pred = uncond + self.guidance_scale * (cond - uncond)
@@ -321,7 +321,7 @@ class _Sampler:
             seen.append(torch.stack([heads[..., k].sum(-1) for k in keys], -1))
 
         site = self.lens.family.cross_attention_site
-        handles = [getattr(self.lens.blocks[layer], self.lens.family.sites[site]).processor.weights.register_forward_hook(keep)
+        handles = [self.lens.site_module(site, layer).processor.weights.register_forward_hook(keep)
                    for layer in self.layers]
         try:
             yield

@@ -68,7 +68,7 @@ class Plan:
         n_rows, pairs = len(row_prompts), len(edited_rows)
         edited = torch.tensor(edited_rows, dtype=torch.long)
         twins = edited - 1 if twin_rows is None else torch.tensor(twin_rows, dtype=torch.long)
-        guided = guidance_scale > 1
+        guided = self.lens.guided(guidance_scale)
         step_index = {t: i for i, t in enumerate(self.steps)}
         layer_index = {l: j for j, l in enumerate(self.layers)}
         tokens = self.lens.token_grid[0] * self.lens.token_grid[1]
@@ -109,7 +109,7 @@ class Plan:
         masks: list[list[torch.Tensor]] = [[] for _ in self._latent_recorders]
         energies: list[list[torch.Tensor]] = [[] for _ in self.guides]
         blending = bool(self.latent_edits and edited_rows)
-        guide = GuidePass(self.lens, scheduler, pair_prompts, self.T, self.guides) if self.guides and edited_rows else None
+        guide = GuidePass(self.lens, scheduler, pair_prompts, self.T, self.guides, guidance_scale) if self.guides and edited_rows else None
 
         def correct(step: int, latents: torch.Tensor) -> None:  # before step `step`, in place
             for k, edit in enumerate(self.guides):
@@ -185,7 +185,8 @@ class Plan:
 def _halves(halves: str, guided: bool) -> tuple[str, ...]:
     if not guided:
         if halves == "uncond":
-            raise ValueError("halves='uncond' needs classifier-free guidance (guidance_scale > 1)")
+            raise ValueError("halves='uncond' needs classifier-free guidance (guidance_scale > 1, on a family that "
+                             "runs an unconditional batch; guidance-distilled Flux has none)")
         return ("cond",)
     return {"both": ("uncond", "cond"), "cond": ("cond",), "uncond": ("uncond",)}[halves]
 

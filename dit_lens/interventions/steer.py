@@ -173,9 +173,9 @@ class Steer(SiteEdit):
 
     def check(self, lens: Any, num_inference_steps: int) -> None:
         """Raise a clear error if this steer cannot run on `lens` with T steps."""
-        if self.site not in lens.family.sites:
+        if self.site not in lens.family.every_site:
             raise ValueError(f"Steer.site {self.site!r} is not a site of {lens.family.name}; "
-                             f"sites: {sorted(lens.family.sites)}")
+                             f"sites: {sorted(lens.family.every_site)}")
         channels = int(self.vector.sizes["channel"])
         if channels != lens.width:
             raise ValueError(

@@ -40,12 +40,13 @@ def flow_scheduler(lens: Any, num_inference_steps: int, scheduler: Any = None) -
         raise ValueError(f"flow-matching inversion runs the Euler step of FlowMatchEulerDiscreteScheduler backwards; "
                          f"the sampler is a {name}. Pass scheduler=FlowMatchEulerDiscreteScheduler(shift=...) with "
                          f"the model's shift (the same sampler then regenerates and edits)")
-    config = base.config
-    if config.get("stochastic_sampling") or config.get("use_dynamic_shifting"):
-        raise ValueError(f"{name} with stochastic sampling or a resolution-dependent (dynamic) shift has no fixed "
-                         f"schedule to invert; use stochastic_sampling=False and use_dynamic_shifting=False")
+    if base.config.get("stochastic_sampling"):
+        raise ValueError(f"{name} with stochastic sampling has no deterministic step to invert; use "
+                         f"stochastic_sampling=False")
+    from ..trace.runner import timestep_kwargs
+
     sampler = copy.deepcopy(base)
-    sampler.set_timesteps(T, device="cpu")
+    sampler.set_timesteps(T, device="cpu", **timestep_kwargs(lens, sampler, T))  # the pipeline's schedule
     if hasattr(sampler, "set_begin_index"):
         sampler.set_begin_index(0)
     return sampler

@@ -140,6 +140,8 @@ class Denoiser(_Denoiser):
         """The model's prediction (float64) at `latents` under prompt index `prompt` with classifier-free
         guidance `guidance` (1: the conditional prediction alone): ε, v or x₀ as trained, or a flow's velocity."""
         n = latents.shape[0]
+        if not self.lens.family.cfg:  # guidance-distilled: one call, the scale an input of the model
+            return self.raw(latents.float(), timestep, [prompt] * n, guidance).double()
         if guidance == 1.0:
             return self.raw(latents.float(), timestep, [prompt] * n).double()
         both = self.raw(torch.cat([latents, latents]).float(), timestep, [None] * n + [prompt] * n).double()

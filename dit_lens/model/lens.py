@@ -59,12 +59,49 @@ class Lens:
         return getattr(self.pipeline, self.family.denoiser)
 
     @property
-    def blocks(self) -> torch.nn.ModuleList:
-        return getattr(self.denoiser, self.family.blocks)
+    def blocks(self) -> list:
+        """Every transformer block in the order the denoiser runs them (for Flux: the double-stream blocks,
+        then the single-stream ones); dit-lens' layer i is ``blocks[i]``."""
+        first = list(getattr(self.denoiser, self.family.blocks))
+        if self.family.single is None:
+            return first
+        return first + list(getattr(self.denoiser, self.family.single.blocks))
 
     @property
     def num_layers(self) -> int:
         return len(self.blocks)
+
+    @property
+    def split(self) -> int:
+        """How many blocks the denoiser's first block list holds (all of them but for Flux)."""
+        return len(getattr(self.denoiser, self.family.blocks))
+
+    def part(self, layer: int) -> Family:
+        """The layout of block `layer` (Flux's single-stream blocks have their own)."""
+        return self.family.part(layer, self.split)[0]
+
+    def layers_with(self, site: str) -> list[int]:
+        """The blocks that have `site` (every block, but for a site of one of Flux's two block lists)."""
+        return [layer for layer in range(self.num_layers) if site in self.part(layer).sites]
+
+    def site_module(self, site: str, layer: int) -> torch.nn.Module:
+        """The module of `site` (``"attn2.weights"``: the weights submodule of its processor) in block `layer`."""
+        from .sites import site_module
+
+        return site_module(self.pipeline, self.family, site, layer, self.split)
+
+    def guided(self, guidance_scale: float) -> bool:
+        """Whether a run at `guidance_scale` has an unconditional batch: classifier-free guidance above 1, never
+        on a guidance-distilled family (Flux), whose scale is an input of the transformer."""
+        return self.family.cfg and float(guidance_scale) > 1
+
+    def text_tokens(self) -> int:
+        """How many text tokens precede the image tokens in a `Family.sequence_sites` output (0 elsewhere)."""
+        if self.family.single is None or not self.family.single.sequence_sites:
+            return 0
+        from ..trace.tokens import text_keys
+
+        return text_keys(self)
 
     @property
     def width(self) -> int:
@@ -74,11 +111,11 @@ class Lens:
     @property
     def token_grid(self) -> tuple[int, int]:
         """(rows, cols) of image tokens at the default resolution."""
-        cfg = self.denoiser.config
+        patch = int(self.denoiser.config.patch_size) * self.family.pack
         scale = self.pipeline.vae_scale_factor
         return (
-            self.pipeline_kwargs["height"] // scale // cfg.patch_size,
-            self.pipeline_kwargs["width"] // scale // cfg.patch_size,
+            self.pipeline_kwargs["height"] // scale // patch,
+            self.pipeline_kwargs["width"] // scale // patch,
         )
 
     @property
@@ -274,7 +311,10 @@ def _replace(pipeline: Any, name: str, folder: Path) -> None:
 
 def _pipeline_kwargs(pipeline: Any, family: Family) -> dict:
     denoiser = getattr(pipeline, family.denoiser)
-    side = int(denoiser.config.sample_size) * int(pipeline.vae_scale_factor)
+    if "sample_size" in denoiser.config:
+        side = int(denoiser.config.sample_size) * int(pipeline.vae_scale_factor)
+    else:  # Flux: the transformer has no size; its autoencoder's sample size is the image side
+        side = int(pipeline.vae.config.sample_size)
     kwargs: dict = {"height": side, "width": side}
     import inspect
 

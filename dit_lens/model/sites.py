@@ -55,12 +55,24 @@ class Family:
             ``(text, image)``); other sites' modules return the tensor itself.
         grid_sites: Sites whose module returns the token grid as an image ``(rows, C, h, w)`` (SANA's
             convolutional feed-forward); they are read and written as ``(rows, tokens, C)`` like the rest.
-        joint: The text-conditioning attention is joint attention over image and text tokens (SD3): its
-            weights site is the image-query × text-key block of the joint softmax
-            (`dit_lens.trace.attention.JointWeightsProcessor`).
+        processor: Which processor of `dit_lens.trace.attention` exposes the attention weights: ``"cross"``
+            (`WeightsProcessor`, diffusers' ``Attention``), ``"joint"`` (SD3's joint attention over image and
+            text tokens: the image-query × text-key block of its softmax, `JointWeightsProcessor`) or ``"flux"``
+            (Flux's rotary joint attention, text tokens first, `FluxWeightsProcessor`).
         text_segments: The text keys of that attention, in order: ``(tokenizer component, length)``
             per text encoder's run of tokens, the length being the tokenizer's ``"model_max_length"``
             (CLIP's 77) or the pipeline's ``"max_sequence_length"`` (T5, Gemma).
+        guidance: ``"cfg"`` (classifier-free guidance above scale 1: an unconditional batch runs first) or
+            ``"distilled"`` (the scale is an input of the transformer; every row is conditional, as in Flux).
+        pack: Latent patches per side the *pipeline* packs into one token before the transformer (Flux: 2,
+            so the token grid is the latent grid halved although the transformer's ``patch_size`` is 1).
+        sequence_sites: Sites whose module output is one sequence ``[text tokens; image tokens]`` (Flux's
+            single-stream attention); the site is its image tokens, the text tokens are passed on untouched.
+        linear_sigmas: The pipeline sets its flow sampler's noise levels to ``linspace(1, 1/T, T)`` (Flux), not
+            to the sampler's own default.
+        single: The layout of a second list of blocks the denoiser runs after `blocks` (Flux's
+            single-stream blocks). dit-lens numbers all blocks as one stack, this family's first: block
+            ``len(blocks) + i`` is the second list's block i (`part`). A site may exist in one list only.
         label: What users call the family (in messages and provenance).
     """
 
@@ -77,13 +89,22 @@ class Family:
     call_kwargs: Mapping[str, Any] = field(default_factory=dict)
     outputs: Mapping[str, int] = field(default_factory=dict)
     grid_sites: tuple[str, ...] = ()
-    joint: bool = False
+    processor: str = "cross"
     text_segments: tuple[tuple[str, str], ...] = (("tokenizer", "max_sequence_length"),)
+    guidance: str = "cfg"
+    pack: int = 1
+    sequence_sites: tuple[str, ...] = ()
+    linear_sigmas: bool = False
+    single: "Family | None" = None
     label: str = ""
 
     def __post_init__(self) -> None:
         if self.sampling not in ("ddpm", "flow"):
             raise ValueError(f"Family {self.name}: sampling must be 'ddpm' or 'flow', got {self.sampling!r}")
+        if self.guidance not in ("cfg", "distilled"):
+            raise ValueError(f"Family {self.name}: guidance must be 'cfg' or 'distilled', got {self.guidance!r}")
+        if self.processor not in ("cross", "joint", "flux"):
+            raise ValueError(f"Family {self.name}: processor must be 'cross', 'joint' or 'flux', got {self.processor!r}")
         sites = dict(self.sites)
         for site in self.attention_sites:
             inner = sites[site]
@@ -99,21 +120,65 @@ class Family:
                              f"sampler; {self.label or self.name} samples by "
                              f"{'flow matching' if self.sampling == 'flow' else 'a noise schedule'}, where it does not apply")
 
-    def read(self, site: str, output: Any) -> Any:
-        """The site's tensor ``(rows, tokens, C)`` in its module's output."""
+    @property
+    def cfg(self) -> bool:
+        """Whether a guidance scale above 1 runs an unconditional batch (rows: unconditional, then conditional)."""
+        return self.guidance == "cfg"
+
+    @property
+    def every_site(self) -> tuple[str, ...]:
+        """The sites of every block list, this one's first."""
+        extra = () if self.single is None else tuple(s for s in self.single.order if s not in self.sites)
+        return tuple(self.order) + extra
+
+    def pack_latents(self, latents: Any) -> Any:
+        """Latents ``(rows, C, h, w)`` as the pipeline's loop holds them: for a family that packs p×p patches
+        (Flux), ``(rows, h/p · w/p, C·p·p)`` as the pipeline packs them; else unchanged."""
+        p = self.pack
+        if p == 1:
+            return latents
+        rows, channels, h, w = latents.shape
+        patches = latents.reshape(rows, channels, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+        return patches.reshape(rows, (h // p) * (w // p), channels * p * p)
+
+    def unpack_latents(self, latents: Any, grid: tuple[int, int]) -> Any:
+        """The inverse of `pack_latents`: ``(rows, C, h, w)`` from the loop's latents on a token `grid`."""
+        p = self.pack
+        if p == 1:
+            return latents
+        rows, _, packed = latents.shape
+        patches = latents.reshape(rows, grid[0], grid[1], packed // (p * p), p, p).permute(0, 3, 1, 4, 2, 5)
+        return patches.reshape(rows, packed // (p * p), grid[0] * p, grid[1] * p)
+
+    def part(self, layer: int, split: int) -> tuple["Family", int]:
+        """The layout of block `layer` and its index in its own list, on a denoiser whose first list holds
+        `split` blocks."""
+        if self.single is None or layer < split:
+            return self, layer
+        return self.single, layer - split
+
+    def read(self, site: str, output: Any, text: int = 0) -> Any:
+        """The site's tensor ``(rows, tokens, C)`` in its module's output (`text`: how many text tokens come
+        first in a `sequence_sites` output)."""
         index = self.outputs.get(site)
         tensor = output if index is None else output[index]
         if site in self.grid_sites:  # (rows, C, h, w) -> (rows, h·w, C), tokens in row-major order
             tensor = tensor.flatten(2).transpose(1, 2)
+        if site in self.sequence_sites:
+            tensor = tensor[:, text:]
         return tensor
 
-    def write(self, site: str, output: Any, value: Any) -> Any:
+    def write(self, site: str, output: Any, value: Any, text: int = 0) -> Any:
         """The module's output with the site's tensor replaced by `value` ``(rows, tokens, C)`` (other streams
-        kept, laid out as the module returns it)."""
+        and the text tokens of a sequence kept, laid out as the module returns it)."""
+        import torch
+
         index = self.outputs.get(site)
+        like = output if index is None else output[index]
         if site in self.grid_sites:
-            like = output if index is None else output[index]
             value = value.transpose(1, 2).reshape(like.shape)
+        if site in self.sequence_sites:
+            value = torch.cat([like[:, :text], value.to(like.dtype)], dim=1)
         if index is None:
             return value
         return tuple(value if i == index else part for i, part in enumerate(output))
@@ -125,19 +190,32 @@ class Family:
         return None
 
     def rank(self, site: str) -> int:
-        """Position of `site` in a block's execution order."""
-        if site not in self.sites:
-            raise ValueError(f"unknown site {site!r} for {self.name}; choose one of {sorted(self.sites)}")
-        return self.order.index(site)
+        """Position of `site` in a block's execution order (of the list that has it)."""
+        if site not in self.every_site:
+            raise ValueError(f"unknown site {site!r} for {self.name}; choose one of {sorted(self.every_site)}")
+        return self.order.index(site) if site in self.sites else self.single.order.index(site)
 
-    def site_path(self, site: str, layer: int) -> str:
-        """Dotted path, from the pipeline, of `site` in block `layer`."""
-        if site not in self.sites:
-            raise ValueError(
-                f"unknown site {site!r} for {self.name}; choose one of {sorted(self.sites)}"
-            )
-        inner = self.sites[site]
-        path = f"{self.denoiser}.{self.blocks}.{layer}"
+    def check_site(self, site: str, layer: int, split: int) -> None:
+        """Refuse `site` at block `layer` where that block has no such site (a site of the other list)."""
+        part, _ = self.part(layer, split)
+        if site in part.sites:
+            return
+        if site not in self.every_site:
+            raise ValueError(f"unknown site {site!r} for {self.name}; choose one of {sorted(self.every_site)}")
+        other = self.single if part is self else self
+        where = f"blocks {split} and on" if other is self.single else f"blocks 0..{split - 1}"
+        raise ValueError(f"block {layer} of {self.label or self.name} is one of its {part.blocks}, whose sites are "
+                         f"{sorted(part.sites)}; {site!r} exists in its {other.blocks} ({where})")
+
+    def site_path(self, site: str, layer: int, split: int | None = None) -> str:
+        """Dotted path, from the pipeline, of `site` in block `layer` (`split`: blocks in the first list,
+        needed only for families with a `single` list)."""
+        if self.single is not None and split is None:
+            raise ValueError(f"{self.name} has two block lists: pass split=len(denoiser.{self.blocks})")
+        part, index = self.part(layer, split or 0)
+        self.check_site(site, layer, split or 0)
+        inner = part.sites[site]
+        path = f"{self.denoiser}.{part.blocks}.{index}"
         return f"{path}.{inner}" if inner else path
 
 
@@ -190,13 +268,48 @@ _SD3 = Family(
     outputs=MappingProxyType({"attn2": 0, "block": 1}),
     order=("attn2.weights", "attn2", "ff", "block"),
     sampling="flow",
-    joint=True,
+    processor="joint",
     # CLIP-L and CLIP-G tokens side by side in channels (77 keys), then the T5 tokens
     text_segments=(("tokenizer", "model_max_length"), ("tokenizer_3", "max_sequence_length")),
 )
 
+_FLUX_SINGLE = Family(
+    name="FluxTransformer2DModel",
+    label="Flux single-stream blocks",
+    denoiser="transformer",
+    blocks="single_transformer_blocks",
+    # one sequence [text; image] through one attention and a parallel MLP: the attention module's output is
+    # that whole sequence, its image tokens the site attn2 (there is no separate feed-forward output)
+    sites=MappingProxyType({"attn2": "attn", "block": ""}),
+    attention_sites=("attn2",),
+    outputs=MappingProxyType({"block": 1}),
+    sequence_sites=("attn2",),
+    order=("attn2.weights", "attn2", "block"),
+)
+
+_FLUX = Family(
+    name="FluxTransformer2DModel",
+    label="Flux",
+    denoiser="transformer",
+    blocks="transformer_blocks",
+    # double-stream blocks as SD3's: a joint attention `attn` returning (image, text), blocks returning
+    # (text, image); then the single-stream blocks (`single`)
+    sites=MappingProxyType({"attn2": "attn", "ff": "ff", "block": ""}),
+    attention_sites=("attn2",),
+    outputs=MappingProxyType({"attn2": 0, "block": 1}),
+    order=("attn2.weights", "attn2", "ff", "block"),
+    sampling="flow",
+    processor="flux",
+    guidance="distilled",
+    pack=2,
+    linear_sigmas=True,
+    # the image attends to the T5 tokens only (CLIP's pooled output conditions the blocks' modulation)
+    text_segments=(("tokenizer_2", "max_sequence_length"),),
+    single=_FLUX_SINGLE,
+)
+
 #: Denoiser class name -> layout. PixArt-alpha and PixArt-Sigma share one denoiser class.
-FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in (_PIXART, _SANA, _SD3)})
+FAMILIES: Mapping[str, Family] = MappingProxyType({f.name: f for f in (_PIXART, _SANA, _SD3, _FLUX)})
 
 
 def supported() -> str:
@@ -237,13 +350,14 @@ def family_of(pipeline: Any) -> Family:
     return family
 
 
-def site_module(root: Any, family: Family, site: str, layer: int) -> Any:
-    """Resolve `site` of block `layer` on `root` (a pipeline, or an nnsight model of one).
+def site_module(root: Any, family: Family, site: str, layer: int, split: int | None = None) -> Any:
+    """Resolve `site` of block `layer` on `root` (a pipeline, or an nnsight model of one; `split` as in
+    `Family.site_path`).
 
     Works on anything that exposes the pipeline's components as attributes, so the same call gives
     the raw ``torch.nn.Module`` on a pipeline and the envoy on an nnsight ``DiffusionModel``.
     """
     node = root
-    for part in family.site_path(site, layer).split("."):
+    for part in family.site_path(site, layer, split).split("."):
         node = node[int(part)] if part.isdigit() else getattr(node, part)
     return node

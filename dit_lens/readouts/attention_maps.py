@@ -153,7 +153,7 @@ def attention_maps(
 def _run_batch(lens, batch, prompts, seeds, words, tokens, settings, recorded) -> tuple[np.ndarray, np.ndarray]:
     """One pipeline call for the cells of `batch`: maps ``(cells, step, layer, word, query)`` and
     images ``(cells, H, W, 3)``."""
-    size, guided = len(batch), settings.guidance_scale > 1
+    size, guided = len(batch), lens.guided(settings.guidance_scale)
     step_index = {t: i for i, t in enumerate(recorded)}
     layer_index = {l: j for j, l in enumerate(settings.layers)}
     queries = lens.token_grid[0] * lens.token_grid[1]

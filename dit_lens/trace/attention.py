@@ -33,7 +33,7 @@ from typing import Any, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AttentionWeights", "JointWeightsProcessor", "WeightsProcessor", "exposed_weights", "processor_key"]
+__all__ = ["AttentionWeights", "FluxWeightsProcessor", "JointWeightsProcessor", "WeightsProcessor", "exposed_weights", "processor_key"]
 
 
 class AttentionWeights(torch.nn.Module):
@@ -164,6 +164,74 @@ class JointWeightsProcessor(torch.nn.Module):
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
 
 
+class FluxWeightsProcessor(torch.nn.Module):
+    """Flux's attention (rotary, text tokens *first*) whose image-query × text-key block of softmax weights
+    ``(rows, heads, image tokens, text tokens)`` passes through ``self.weights``.
+
+    Mirrors diffusers' ``FluxAttnProcessor`` step for step, so an untouched call returns the same tensors
+    bit-for-bit. Double-stream blocks pass the text stream in (its length is the text-token count);
+    single-stream blocks attend over one sequence ``[text; image]``, whose first `text` tokens are text
+    (`exposed_weights` sets it). Replaced weights are handled as in `JointWeightsProcessor`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weights = AttentionWeights()
+        self.text = 0  # text tokens at the head of a single-stream sequence
+
+    def forward(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None, **kwargs: Any) -> Any:
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+        query, key, value, text_query, text_key, text_value = _get_qkv_projections(attn, hidden_states,
+                                                                                   encoder_hidden_states)
+        query, key, value = (x.unflatten(-1, (-1, attn.head_dim)) for x in (query, key, value))  # (rows, S, heads, d)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        text = self.text
+        if attn.added_kv_proj_dim is not None:
+            text_query, text_key, text_value = (x.unflatten(-1, (-1, attn.head_dim))
+                                                for x in (text_query, text_key, text_value))
+            text_query, text_key = attn.norm_added_q(text_query), attn.norm_added_k(text_key)
+            query, key, value = (torch.cat([t, x], dim=1) for t, x in ((text_query, query), (text_key, key),
+                                                                         (text_value, value)))
+            text = encoder_hidden_states.shape[1]
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask)  # (rows, S, heads, d)
+
+        q, k, v = (x.transpose(1, 2) for x in (query[:, text:], key, value))  # (rows, heads, ·, d)
+        scores = (q @ k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)  # image queries × every key
+        if attention_mask is not None:
+            mask = attention_mask[..., text:, :] if attention_mask.shape[-2] > 1 else attention_mask
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        probs = scores.softmax(dim=-1).to(value.dtype)
+        block = probs[..., :text]  # (rows, heads, image queries, text keys)
+        seen = self.weights(block)  # the site: nnsight reads or replaces it here
+        if seen is not block:
+            if seen.shape != block.shape:
+                raise ValueError(f"replaced attention weights must keep their shape {tuple(block.shape)}, "
+                                 f"got {tuple(seen.shape)}")
+            changed = (seen != block).flatten(1).any(1)  # (rows,)
+            if bool(changed.any()):
+                full = torch.cat([seen[changed].to(value.dtype), probs[changed][..., text:]], dim=-1)
+                out = out.clone()
+                out[changed, text:] = (full @ v[changed]).transpose(1, 2).to(out.dtype)
+        hidden_states = out.flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is None:
+            return hidden_states
+        encoder_hidden_states, hidden_states = hidden_states[:, :text], hidden_states[:, text:]
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+        return hidden_states, attn.to_add_out(encoder_hidden_states.contiguous())
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None, **kwargs: Any):
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
+                                **kwargs)
+
+
 def _split_heads(attn: Any, batch: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple:
     """``(rows, tokens, heads·d)`` projections as ``(rows, heads, tokens, d)``, with the module's q/k norms
     (as diffusers' processors apply them), and the head size d."""
@@ -176,6 +244,8 @@ def _split_heads(attn: Any, batch: int, query: torch.Tensor, key: torch.Tensor, 
     return query, key, value, head_dim
 
 
+_KINDS = {"cross": WeightsProcessor, "joint": JointWeightsProcessor, "flux": FluxWeightsProcessor}
+
 #: One processor per attention module for the module's lifetime, so the nnsight envoy that mirrors
 #: ``attn.processor.weights`` stays valid across runs.
 _PROCESSORS: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
@@ -183,8 +253,8 @@ _PROCESSORS: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = wea
 
 def processor_key(lens: Any, site: str, layer: int) -> str:
     """The key of `site`'s processor in ``denoiser.attn_processors``."""
-    inner = lens.family.sites[site]
-    return f"{lens.family.blocks}.{layer}.{inner}.processor" if inner else f"{lens.family.blocks}.{layer}.processor"
+    path = lens.family.site_path(site, layer, lens.split)[len(lens.family.denoiser) + 1:]
+    return f"{path}.processor"
 
 
 @contextmanager
@@ -199,10 +269,10 @@ def exposed_weights(lens: Any, points: Iterable[tuple[str, int]]) -> Iterator[No
     if not points:
         yield
         return
-    for site, _ in points:
-        if site not in lens.family.attention_sites:
-            raise ValueError(f"{site!r} is not an attention site of {lens.family.name}; attention weights exist for "
-                             f"{list(lens.family.attention_sites)}")
+    for site, layer in points:
+        if site not in lens.part(layer).attention_sites:
+            raise ValueError(f"{site!r} is not an attention site of {lens.family.name}'s block {layer}; attention "
+                             f"weights exist for {list(lens.part(layer).attention_sites)}")
     denoiser = lens.denoiser
     original = dict(denoiser.attn_processors)
     wanted = dict(original)
@@ -210,9 +280,11 @@ def exposed_weights(lens: Any, points: Iterable[tuple[str, int]]) -> Iterator[No
         key = processor_key(lens, site, layer)
         if key not in original:
             raise ValueError(f"no attention processor {key!r} in {type(denoiser).__name__}")
-        module = getattr(lens.blocks[layer], lens.family.sites[site])
-        kind = JointWeightsProcessor if lens.family.joint else WeightsProcessor
-        wanted[key] = _PROCESSORS.setdefault(module, kind())
+        module = lens.site_module(site, layer)
+        kind = _KINDS[lens.family.processor]
+        wanted[key] = processor = _PROCESSORS.setdefault(module, kind())
+        if isinstance(processor, FluxWeightsProcessor):
+            processor.text = lens.text_tokens()
     denoiser.set_attn_processor(wanted)  # diffusers consumes the dict it is given
     try:
         yield

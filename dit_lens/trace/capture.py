@@ -226,7 +226,7 @@ def _run_batch(lens, cells, batch, prompts, seeds, settings, cell_shape) -> None
     """Run the cells of `batch` as one pipeline call and write their values to ``cells()``, the
     store (a callable, so that a store still being created is waited for only when written to).
     `cell_shape` is one cell's shape in the store: (step, layer[, branch], ...)."""
-    size, guided = len(batch), settings.guidance_scale > 1
+    size, guided = len(batch), lens.guided(settings.guidance_scale)
     steps, layers, branch = settings.num_inference_steps, settings.layers, settings.branch
     position = {layer: index for index, layer in enumerate(layers)}
     reduce = _reduction(settings)

@@ -28,11 +28,13 @@ class Denoiser:
     """The pipeline's transformer under given prompts.
 
     Args:
-        lens: A `dit_lens.Lens` of a PixArt, SANA or SD3 pipeline.
+        lens: A `dit_lens.Lens` of a PixArt, SANA, SD3 or Flux pipeline.
         prompts: The prompts whose embeddings calls use (indices into them pick a row's prompt).
+        guidance: The guidance scale a guidance-distilled model (Flux) takes as an input (a call may
+            override it); unused by the other families, which guide by mixing two calls.
     """
 
-    def __init__(self, lens: Any, prompts: Sequence[str]) -> None:
+    def __init__(self, lens: Any, prompts: Sequence[str], guidance: float | None = None) -> None:
         pipe = lens.pipeline
         if not hasattr(pipe, "encode_prompt") or not hasattr(pipe, "transformer"):
             raise ValueError(f"calling the denoiser directly needs a pipeline with `encode_prompt` and a `transformer`; "
@@ -45,8 +47,14 @@ class Denoiser:
         text = {k: v for k, v in kwargs.items() if k in accepted and k not in ("height", "width")}
         if "clean_caption" in accepted:
             text.setdefault("clean_caption", False)
+        self.guidance = guidance
+        self.text_ids = None
         with torch.no_grad():
-            if "prompt_3" in accepted:  # SD3: three text encoders; a pooled CLIP embedding instead of a mask
+            if lens.family.pack > 1:  # Flux: T5 tokens to attend to, CLIP's pooled embedding, no mask
+                embeds, pooled, self.text_ids = pipe.encode_prompt(list(prompts), None, device=lens.device, **text)
+                null, null_pooled, _ = pipe.encode_prompt([""], None, device=lens.device, **text)
+                per_row = {"pooled_projections": (pooled, null_pooled)}
+            elif "prompt_3" in accepted:  # SD3: three text encoders; a pooled CLIP embedding instead of a mask
                 embeds, null, pooled, null_pooled = pipe.encode_prompt(
                     list(prompts), None, None, do_classifier_free_guidance=True, negative_prompt="",
                     device=lens.device, **text)
@@ -58,18 +66,23 @@ class Denoiser:
         self.embeds, self.null = embeds, null[:1]  # (prompts, text tokens, D), (1, text tokens, D)
         self.per_row = per_row  # what else the transformer takes per row: name -> (per prompt, empty prompt)
         self.height, self.width = kwargs["height"], kwargs["width"]
-        self.learned_sigma = pipe.transformer.config.out_channels // 2 == pipe.vae.config.latent_channels
+        out_channels = pipe.transformer.config.out_channels or pipe.transformer.config.in_channels  # Flux: None
+        self.learned_sigma = out_channels // lens.family.pack ** 2 == 2 * pipe.vae.config.latent_channels
         self._module = getattr(lens.model, lens.family.denoiser)  # the envoy: unseen by a running trace
 
-    def call(self, latents: torch.Tensor, timestep: Any, which: Sequence[int | None]) -> torch.Tensor:
+    def call(self, latents: torch.Tensor, timestep: Any, which: Sequence[int | None],
+             guidance: float | None = None) -> torch.Tensor:
         """The prediction for each row of `latents` ``(rows, C, H, W)`` under prompt ``which[i]`` (an index
-        into the prompts, or None for the empty prompt), differentiable when grad is enabled."""
+        into the prompts, or None for the empty prompt), differentiable when grad is enabled (`guidance`: the
+        embedded guidance scale of a guidance-distilled model, default the one given at construction)."""
         def rows_of(per_prompt: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
             return torch.cat([empty if k is None else per_prompt[k : k + 1] for k in which])
 
         embeds = rows_of(self.embeds, self.null)
         extra = {name: rows_of(*values) for name, values in self.per_row.items()}
         rows, config = latents.shape[0], self.pipe.transformer.config
+        if self.lens.family.pack > 1:
+            return self._packed(latents, timestep, embeds, extra, self.guidance if guidance is None else guidance)
         if self.lens.family.name == "PixArtTransformer2DModel":
             extra["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
             if config.sample_size == 128:  # PixArt's micro-conditions, as its pipeline adds them
@@ -83,7 +96,27 @@ class Denoiser:
                            **extra)[0]
         return out.chunk(2, dim=1)[0] if self.learned_sigma else out  # (rows, C, H, W)
 
+    def _packed(self, latents: torch.Tensor, timestep: Any, embeds: torch.Tensor, extra: dict,
+                guidance: float | None) -> torch.Tensor:
+        """Flux's call: latents packed into 2×2-patch tokens with their positions, the timestep in [0, 1], the
+        guidance scale embedded; the prediction unpacked to ``(rows, C, H, W)``."""
+        family, config = self.lens.family, self.pipe.transformer.config
+        rows, _, height, width = latents.shape
+        grid = (height // family.pack, width // family.pack)
+        if config.guidance_embeds and guidance is None:
+            raise ValueError(f"{family.label} is guidance-distilled: its denoiser takes the guidance scale as an "
+                             f"input; pass guidance= to the Denoiser")
+        ids = self.pipe._prepare_latent_image_ids(rows, grid[0], grid[1], latents.device, embeds.dtype)
+        t = torch.full((rows,), float(timestep), device=latents.device).to(embeds.dtype) / 1000
+        embedded = (torch.full((rows,), float(guidance), device=latents.device, dtype=torch.float32)
+                    if config.guidance_embeds else None)
+        out = self._module(hidden_states=family.pack_latents(latents.to(embeds.dtype)), timestep=t, guidance=embedded,
+                           encoder_hidden_states=embeds, txt_ids=self.text_ids, img_ids=ids, return_dict=False,
+                           **extra)[0]
+        return family.unpack_latents(out, grid)
+
     @torch.no_grad()
-    def raw(self, latents: torch.Tensor, timestep: Any, which: Sequence[int | None]) -> torch.Tensor:
+    def raw(self, latents: torch.Tensor, timestep: Any, which: Sequence[int | None],
+            guidance: float | None = None) -> torch.Tensor:
         """`call` without gradients: the transformer's prediction (ε, v or x₀, as trained)."""
-        return self.call(latents, timestep, which)
+        return self.call(latents, timestep, which, guidance)

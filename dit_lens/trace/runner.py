@@ -125,23 +125,28 @@ def traced_generate(
         )
     hooks = list(hooks)
     family = lens.family
+    split = lens.split
     for hook in hooks:
         family.rank(hook.site)  # a clear error for an unknown site
         deep = [layer for layer in hook.layers if layer >= lens.num_layers]
         if deep:
             raise ValueError(f"layers {deep} do not exist: the model has {lens.num_layers} blocks")
+        for layer in hook.layers:
+            family.check_site(hook.site, layer, split)  # a site of Flux's other block list
     steps = check_steps(num_inference_steps, scheduler or lens.pipeline.scheduler)
     guidance_scale = check_guidance(guidance_scale)
-    points = sorted({(layer, family.rank(h.site), h.site) for h in hooks for layer in h.layers})
+    points = sorted({(layer, lens.part(layer).rank(h.site), h.site) for h in hooks for layer in h.layers})
     at_point = {(layer, site): [h for h in hooks if h.site == site and layer in h.layers] for layer, _, site in points}
     weights = {(family.attention_of(site), layer) for layer, _, site in points if family.attention_of(site)}
     extra = {} if step_end is None else _step_callback(lens, step_end)
     if latents is not None:
         if latents.shape[0] != len(prompts):
             raise ValueError(f"latents hold {latents.shape[0]} runs for {len(prompts)} prompts")
-        extra["latents"] = latents
+        extra["latents"] = family.pack_latents(latents)  # Flux's loop holds packed 2×2 patches
     with exposed_weights(lens, weights), _scheduler(lens, scheduler):
-        envoys = {(layer, site): site_module(lens.model, family, site, layer) for layer, _, site in points}
+        envoys = {(layer, site): site_module(lens.model, family, site, layer, split) for layer, _, site in points}
+        parts = {layer: lens.part(layer) for layer, _, _ in points}
+        text = lens.text_tokens()  # text tokens before the image tokens of a sequence site
         with lens.model.generate(
             list(prompts),
             generator=[lens.generator(seed) for seed in seeds],
@@ -159,14 +164,17 @@ def traced_generate(
                         continue
                     envoy = envoys[(layer, site)]
                     whole = envoy.output  # the module's output: the site's tensor, or a tuple holding it
-                    output, replaced = family.read(site, whole), False  # (rows, tokens, C); weights (rows, heads, q, k)
+                    part = parts[layer]
+                    output, replaced = part.read(site, whole, text), False  # (rows, tokens, C); weights (rows, heads, q, k)
                     for hook in active:
                         new = hook.visit(step, layer, output)
                         if new is not None:
                             output, replaced = new, True
                     if replaced:
-                        envoy.output = family.write(site, whole, output)
+                        envoy.output = part.write(site, whole, output, text)
             result = lens.model.output.save()
+    if output_type == "latent" and family.pack > 1:  # (rows, C, h, w), as every other family returns them
+        result.images = family.unpack_latents(result.images, lens.token_grid)
     return result
 
 
@@ -178,10 +186,15 @@ def _step_callback(lens: Any, step_end: Callable[[int, torch.Tensor], None]) -> 
     accepted = inspect.signature(type(lens.pipeline).__call__).parameters
     if "callback" in accepted:
         return {"callback": lambda step, _t, lat: step_end(int(step), lat)}
+    family = lens.family
 
     def on_step_end(_pipe: Any, step: int, _t: Any, tensors: dict) -> dict:
-        step_end(int(step), tensors["latents"])  # edits it in place
-        return {"latents": tensors["latents"]}
+        if family.pack == 1:
+            step_end(int(step), tensors["latents"])  # edits it in place
+            return {"latents": tensors["latents"]}
+        latents = family.unpack_latents(tensors["latents"], lens.token_grid)  # step_end sees (rows, C, h, w)
+        step_end(int(step), latents)
+        return {"latents": family.pack_latents(latents).to(tensors["latents"].dtype)}
 
     return {"callback_on_step_end": on_step_end, "callback_on_step_end_tensor_inputs": ["latents"]}
 
@@ -204,8 +217,26 @@ def scheduler_timesteps(lens: Any, num_inference_steps: int, scheduler: Any = No
     """The timestep value at each transformer call of a run of T steps (numpy, its dtype), of `scheduler`
     (None: the pipeline's own)."""
     scheduler = copy.deepcopy(scheduler or lens.pipeline.scheduler)
-    scheduler.set_timesteps(num_inference_steps, device="cpu")
+    scheduler.set_timesteps(num_inference_steps, device="cpu", **timestep_kwargs(lens, scheduler, num_inference_steps))
     return scheduler.timesteps[:num_inference_steps].cpu().numpy()
+
+
+def timestep_kwargs(lens: Any, scheduler: Any, num_inference_steps: int) -> dict:
+    """What the pipeline passes ``scheduler.set_timesteps`` besides the step count: Flux's noise levels
+    ``linspace(1, 1/T, T)`` (`Family.linear_sigmas`), and a resolution-dependent shift ``mu`` where the sampler
+    shifts dynamically (linear in the image-token count, as diffusers' ``calculate_shift``)."""
+    import numpy as np
+
+    config, kwargs = scheduler.config, {}
+    if lens.family.linear_sigmas and not config.get("use_flow_sigmas"):
+        kwargs["sigmas"] = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+    if config.get("use_dynamic_shifting"):
+        tokens = lens.token_grid[0] * lens.token_grid[1]
+        base, top = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+        low, high = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+        slope = (high - low) / (top - base)
+        kwargs["mu"] = tokens * slope + (low - slope * base)
+    return kwargs
 
 
 def branch_rows(output: torch.Tensor, branch: str, batch: int, guided: bool) -> torch.Tensor:
@@ -240,7 +271,8 @@ def initial_noise(lens: Any, seeds: Sequence[int], dtype: torch.dtype | None = N
     ``prepare_latents`` draws it (in the family's `Family.noise_dtype`, else the prompt embeddings' dtype, unless
     `dtype` is given)."""
     pipe = lens.pipeline
-    shape = (len(seeds), pipe.transformer.config.in_channels, lens.pipeline_kwargs["height"] // pipe.vae_scale_factor,
+    channels = pipe.transformer.config.in_channels // lens.family.pack ** 2  # Flux packs 2×2 patches into a token
+    shape = (len(seeds), channels, lens.pipeline_kwargs["height"] // pipe.vae_scale_factor,
              lens.pipeline_kwargs["width"] // pipe.vae_scale_factor)
     if dtype is None and lens.family.noise_dtype is not None:
         dtype = getattr(torch, lens.family.noise_dtype)

@@ -92,20 +92,25 @@ class CaptureSettings:
     def resolve(self, lens: Any) -> "CaptureSettings":
         """These settings checked against `lens`, with ``layers=None`` expanded to every block."""
         check_steps(self.num_inference_steps, lens.pipeline.scheduler)  # what the sampler can run
-        sites = lens.family.sites
+        sites = lens.family.every_site
+        if self.branch != "cond" and not lens.family.cfg:
+            raise ValueError(f"branch={self.branch!r} needs classifier-free guidance, but {lens.family.label} is "
+                             f"guidance-distilled (no unconditional branch runs); pass branch='cond'")
         if self.site not in sites:
             raise ValueError(
                 f"unknown site={self.site!r} for {lens.family.name}; pass one of {sorted(sites)} "
                 f"(or add it to the family's site table in dit_lens.model.sites)"
             )
         count = lens.num_layers
-        layers = tuple(range(count)) if self.layers is None else self.layers
+        layers = tuple(lens.layers_with(self.site)) if self.layers is None else self.layers
         outside = [l for l in layers if not 0 <= l < count]
         if outside:
             raise ValueError(
                 f"layers {outside} out of range: this model has {count} blocks; pass indices in "
                 f"0..{count - 1}, or layers=None for all"
             )
+        for layer in layers:
+            lens.family.check_site(self.site, layer, lens.split)  # a site of Flux's other block list
         return replace(self, layers=layers)
 
     def to_dict(self) -> dict:
