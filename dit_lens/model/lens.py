@@ -1,6 +1,6 @@
 """`load`: one way to open a diffusers DiT pipeline, hooked by nnsight, in eval mode.
 
-The embedded world, a user's PixArt-alpha/Sigma, SANA or SD3 folder and an already built pipeline all go through
+The embedded world, a user's PixArt-alpha/Sigma, SANA, SD3 or Flux folder and an already built pipeline all go through
 the same code path, so what is measured on the embedded model is measured the same way on real
 weights.
 
@@ -185,7 +185,7 @@ def load(
 
     Args:
         source: ``"embedded"`` (the shipped endoscopy world), a local diffusers pipeline folder
-            (one with ``model_index.json``; PixArt-alpha, PixArt-Sigma, SANA and SD3 are supported), or an
+            (one with ``model_index.json``; PixArt-alpha, PixArt-Sigma, SANA, SD3 and Flux are supported), or an
             already built diffusers pipeline.
         lora: An adapter folder merged into the weights: a peft LoRA of the denoiser
             (``adapter_config.json`` + weights; with a text encoder LoRA in ``text_encoder/``), or a
