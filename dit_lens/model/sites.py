@@ -15,6 +15,9 @@ Examples:
     'transformer.transformer_blocks.1.attn2.processor.weights'
     >>> family.attention_of("attn2.weights"), family.attention_of("ff")
     ('attn2', None)
+    >>> flux = FAMILIES["FluxTransformer2DModel"]  # 19 double-stream blocks, then the single-stream ones
+    >>> flux.site_path("attn2", layer=20, split=19)
+    'transformer.single_transformer_blocks.1.attn'
 """
 
 from __future__ import annotations
