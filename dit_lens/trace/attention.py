@@ -86,14 +86,10 @@ class WeightsProcessor(torch.nn.Module):
 
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
                                              is_causal=False)  # (rows, heads, queries, head_dim)
-        if seen is not probs:
-            if seen.shape != probs.shape:
-                raise ValueError(f"replaced attention weights must keep their shape {tuple(probs.shape)}, "
-                                 f"got {tuple(seen.shape)}")
-            changed = (seen != probs).flatten(1).any(1)  # (rows,)
-            if bool(changed.any()):
-                out = out.clone()
-                out[changed] = seen[changed].to(value.dtype) @ value[changed]
+        changed = _changed_rows(seen, probs)
+        if changed is not None:
+            out = out.clone()
+            out[changed] = seen[changed].to(value.dtype) @ value[changed]
         hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if four_d:
@@ -140,15 +136,11 @@ class JointWeightsProcessor(torch.nn.Module):
             probs = (query[:, :, :images] @ key.transpose(-1, -2)).mul_(attn.scale).softmax(dim=-1).to(value.dtype)
             block = probs[:, :, :, images:]  # (rows, heads, image queries, text keys)
             seen = self.weights(block)  # the site: nnsight reads or replaces it here
-            if seen is not block:
-                if seen.shape != block.shape:
-                    raise ValueError(f"replaced attention weights must keep their shape {tuple(block.shape)}, "
-                                     f"got {tuple(seen.shape)}")
-                changed = (seen != block).flatten(1).any(1)  # (rows,)
-                if bool(changed.any()):
-                    full = torch.cat([probs[changed][..., :images], seen[changed].to(value.dtype)], dim=-1)
-                    out = out.clone()
-                    out[changed, :, :images] = full @ value[changed]
+            changed = _changed_rows(seen, block)
+            if changed is not None:
+                full = torch.cat([probs[changed][..., :images], seen[changed].to(value.dtype)], dim=-1)
+                out = out.clone()
+                out[changed, :, :images] = full @ value[changed]
         hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         if encoder_hidden_states is not None:
             hidden_states, encoder_hidden_states = hidden_states[:, :images], hidden_states[:, images:]
@@ -210,15 +202,11 @@ class FluxWeightsProcessor(torch.nn.Module):
         probs = scores.softmax(dim=-1).to(value.dtype)
         block = probs[..., :text]  # (rows, heads, image queries, text keys)
         seen = self.weights(block)  # the site: nnsight reads or replaces it here
-        if seen is not block:
-            if seen.shape != block.shape:
-                raise ValueError(f"replaced attention weights must keep their shape {tuple(block.shape)}, "
-                                 f"got {tuple(seen.shape)}")
-            changed = (seen != block).flatten(1).any(1)  # (rows,)
-            if bool(changed.any()):
-                full = torch.cat([seen[changed].to(value.dtype), probs[changed][..., text:]], dim=-1)
-                out = out.clone()
-                out[changed, text:] = (full @ v[changed]).transpose(1, 2).to(out.dtype)
+        changed = _changed_rows(seen, block)
+        if changed is not None:
+            full = torch.cat([seen[changed].to(value.dtype), probs[changed][..., text:]], dim=-1)
+            out = out.clone()
+            out[changed, text:] = (full @ v[changed]).transpose(1, 2).to(out.dtype)
         hidden_states = out.flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is None:
             return hidden_states
@@ -230,6 +218,18 @@ class FluxWeightsProcessor(torch.nn.Module):
                  attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None, **kwargs: Any):
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
                                 **kwargs)
+
+
+def _changed_rows(seen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
+    """The rows ``(rows,)`` of `weights` a hook replaced (`seen` is what came back from the weights site), or None
+    where nothing changed; a replacement of another shape is refused."""
+    if seen is weights:
+        return None
+    if seen.shape != weights.shape:
+        raise ValueError(f"replaced attention weights must keep their shape {tuple(weights.shape)}, "
+                         f"got {tuple(seen.shape)}")
+    changed = (seen != weights).flatten(1).any(1)
+    return changed if bool(changed.any()) else None
 
 
 def _split_heads(attn: Any, batch: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple:
