@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .parts import SpecShape, kl_vae, seeded
+from .parts import SpecShape, clip_encoder, kl_vae, seeded, t5_encoder
 
 __all__ = ["FluxSpec", "build_flux"]
 
@@ -76,7 +76,7 @@ def build_flux(spec: FluxSpec, *, seed: int = 0):
     (byte-level tokenizer, `dit_lens.model.sd3.clip_tokenizer`) whose pooled output conditions the blocks,
     and a T5 encoder (``ByT5Tokenizer``) whose tokens are the text the image attends to, as Flux has."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import ByT5Tokenizer, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import ByT5Tokenizer
 
     from .sd3 import clip_tokenizer
 
@@ -94,13 +94,8 @@ def build_flux(spec: FluxSpec, *, seed: int = 0):
             guidance_embeds=spec.guidance_embeds,
             axes_dims_rope=spec.rope_axes,
         )
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=spec.clip_dim, intermediate_size=2 * spec.clip_dim,
-            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id))
-        text_encoder_2 = T5EncoderModel(T5Config(d_model=spec.t5_dim, d_ff=2 * spec.t5_dim, d_kv=spec.t5_dim // 2,
-                                                 num_layers=1, num_heads=2, vocab_size=384))
+        text_encoder = clip_encoder(tokenizer, spec.clip_dim)
+        text_encoder_2 = t5_encoder(spec.t5_dim)
         # Flux's autoencoder: no quant convs, shifted and scaled latents; its sample_size is the image side
         # dit-lens generates at by default (Flux's transformer config has none)
         vae = kl_vae(spec.vae_channels, spec.latent_channels, spec.image_size, use_quant_conv=False,

@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["SpecShape", "kl_vae", "seeded"]
+__all__ = ["SpecShape", "clip_encoder", "kl_vae", "seeded", "t5_encoder"]
 
 
 class SpecShape:
@@ -81,3 +81,23 @@ def kl_vae(channels: tuple[int, ...], latent_channels: int, image_size: int, **c
         sample_size=image_size,
         **config,
     )
+
+
+def clip_encoder(tokenizer, width: int, *, projection: bool = False):
+    """A two-layer CLIP text encoder of `width` channels over `tokenizer`'s vocabulary (77 positions), with a
+    projection of its pooled output (SD3's) or without (Flux's)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id, **({"projection_dim": width} if projection else {}))
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def t5_encoder(width: int):
+    """A one-layer T5 encoder of `width` channels over ByT5's byte vocabulary."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(d_model=width, d_ff=2 * width, d_kv=width // 2, num_layers=1, num_heads=2,
+                                   vocab_size=384))

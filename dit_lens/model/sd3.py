@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .parts import SpecShape, kl_vae, seeded
+from .parts import SpecShape, clip_encoder, kl_vae, seeded, t5_encoder
 
 __all__ = ["SD3Spec", "build_sd3"]
 
@@ -76,7 +76,7 @@ def build_sd3(spec: SD3Spec, *, seed: int = 0):
     text encoders with projection (byte-level tokenizers, `clip_tokenizer`) and a T5 encoder (``ByT5Tokenizer``),
     as SD3 has."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import ByT5Tokenizer, CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import ByT5Tokenizer
 
     tokenizer = clip_tokenizer()
     with seeded(seed):
@@ -93,17 +93,9 @@ def build_sd3(spec: SD3Spec, *, seed: int = 0):
             pooled_projection_dim=2 * spec.clip_dim,
             pos_embed_max_size=spec.sample_size // spec.patch_size,
         )
-
-        def clip():
-            return CLIPTextModelWithProjection(CLIPTextConfig(
-                vocab_size=len(tokenizer), hidden_size=spec.clip_dim, intermediate_size=2 * spec.clip_dim,
-                num_hidden_layers=2, num_attention_heads=2, projection_dim=spec.clip_dim,
-                max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-
-        text_encoder, text_encoder_2 = clip(), clip()
-        text_encoder_3 = T5EncoderModel(T5Config(d_model=spec.t5_dim, d_ff=2 * spec.t5_dim, d_kv=spec.t5_dim // 2,
-                                                 num_layers=1, num_heads=2, vocab_size=384))
+        text_encoder = clip_encoder(tokenizer, spec.clip_dim, projection=True)
+        text_encoder_2 = clip_encoder(tokenizer, spec.clip_dim, projection=True)
+        text_encoder_3 = t5_encoder(spec.t5_dim)
         vae = kl_vae(spec.vae_channels, spec.latent_channels, spec.image_size, use_quant_conv=False,
                      use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305)  # SD3's: shifted too
     pipeline = StableDiffusion3Pipeline(

@@ -22,7 +22,7 @@ Examples:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Mapping
 
@@ -290,18 +290,12 @@ _FLUX_SINGLE = Family(
     order=("attn2.weights", "attn2", "block"),
 )
 
-_FLUX = Family(
+#: Flux's double-stream blocks are laid out as SD3's (a joint attention `attn` returning (image, text), blocks
+#: returning (text, image)); its single-stream blocks follow them (`single`)
+_FLUX = replace(
+    _SD3,
     name="FluxTransformer2DModel",
     label="Flux",
-    denoiser="transformer",
-    blocks="transformer_blocks",
-    # double-stream blocks as SD3's: a joint attention `attn` returning (image, text), blocks returning
-    # (text, image); then the single-stream blocks (`single`)
-    sites=MappingProxyType({"attn2": "attn", "ff": "ff", "block": ""}),
-    attention_sites=("attn2",),
-    outputs=MappingProxyType({"attn2": 0, "block": 1}),
-    order=("attn2.weights", "attn2", "ff", "block"),
-    sampling="flow",
     processor="flux",
     guidance="distilled",
     pack=2,
