@@ -33,7 +33,7 @@ from .model.lens import Lens, load
 from .model.sites import FAMILIES, Family
 from .interventions.steer import Steer, steer_tokens
 from .study.cells import DamagedCellError
-from .trace.locks import BusyError, FolderClaimError
+from .storage import BusyError, DamagedError, FolderClaimError, StorageError
 from .trace.store import CaptureStoreError, DamagedStoreError
 from .study import Metric, Study, pick_settings, run_study
 from .readouts.attention_maps import attention_maps
@@ -74,6 +74,7 @@ __all__ = [
     "SiteEdit",
     "intervention_from_dict",
     "BusyError",
+    "DamagedError",
     "CaptureSettings",
     "DamagedCellError",
     "DamagedStoreError",
@@ -99,6 +100,7 @@ __all__ = [
     "SD3Spec",
     "FluxSpec",
     "Steer",
+    "StorageError",
     "blend_latents",
     "build_pixart",
     "build_sana",

@@ -17,7 +17,7 @@ import zarr
 from dit_lens import PixArtSpec, build_pixart, capture, load
 from dit_lens.study import Study, run_study
 from dit_lens.study.cells import CellRunner, DamagedCellError
-from dit_lens.trace.locks import MARKER, BusyError, FolderClaimError, exclusive, lock_path
+from dit_lens.storage import MARKER, BusyError, FolderClaimError, exclusive, lock_path
 from dit_lens.trace.store import CaptureStore, DamagedStoreError, VariableSpec
 
 PROMPTS = ["a polyp", "normal mucosa"]

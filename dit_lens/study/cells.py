@@ -6,7 +6,7 @@ A cell's file name comes from its method's axes (`dit_lens.methods.Method.cell_n
 never run again.
 
 Reliability: the folder must be new, empty, or already a dit-lens study folder (it is marked with
-`dit_lens.trace.locks.MARKER`); anything else is refused untouched. Every cell file carries a
+`dit_lens.storage.MARKER`); anything else is refused untouched. Every cell file carries a
 checksum of its content, checked whenever it is read (a damaged cell is an error naming the file;
 ``repair=True`` recomputes just the damaged cells). Any number of processes may run one study folder
 at once: each cell is computed by one of them (a per-cell lock), the others use it, and the result
@@ -31,7 +31,7 @@ from ..methods import MethodContext, Vectors, get
 from ..methods.registry import VECTOR_SEEDS
 from ..scale.executors import LocalExecutor, as_executor
 from ..trace.attrs import typed
-from ..trace.locks import claim_folder, exclusive, remove_stale_temporaries, temporary_name, try_exclusive, write_atomic
+from ..storage import claim, exclusive, remove_stale_temporaries, temporary_name, try_exclusive, write_atomic
 from ..views.explorer import write_explorer
 from ..views.figures import pairs_figure
 from . import metrics as M
@@ -245,7 +245,7 @@ class CellRunner:
     def _claim_folder(self) -> None:
         """Refuse a folder dit-lens did not make, or whose cells mean something else (unless
         `overwrite`: then its cells and result are removed); record this declaration in it."""
-        claim_folder(self.folder, "study", recognise="study.json")
+        claim(self.folder, "study")
         declaration = self.folder / "study.json"
         judges = {"oracle": judge_fingerprint(self.oracle), "segmenter": judge_fingerprint(self.segmenter)}
         mine = _jsonable({"study": self.study.to_dict(), "model_fingerprint": self.lens.fingerprint,

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from ..scale.executors import LocalExecutor, as_executor
 from .runner import Hook, branch_rows, scheduler_timesteps, check_prompts, check_seeds, is_int, traced_generate
-from .locks import exclusive
+from ..storage.locks import exclusive
 from .store import CaptureStore, DamagedStoreError, VariableSpec, cache_root, content_key
 from .tokens import text_keys
 from .settings import BRANCHES, DEFAULT_BATCH, REDUCTIONS, CaptureSettings

@@ -15,7 +15,7 @@ checksum, which `dit_lens.capture` refuses to serve (``repair=True`` recomputes 
 Stores of the previous format (``dit-lens.capture/1``, no checksums) still open; for them
 `verify` checks that every chunk of a done cell exists and decodes.
 
-Writers: hold `dit_lens.trace.locks.exclusive` on the store path while creating or filling it
+Writers: hold `dit_lens.storage.exclusive` on the store path while creating or filling it
 (`dit_lens.capture` does), so any number of processes may capture into one store.
 
 Examples:
@@ -52,7 +52,7 @@ import zarr
 from numcodecs import CRC32
 
 from .attrs import typed
-from .locks import remove_stale_temporaries, temporary_name
+from ..storage.locks import remove_stale_temporaries, temporary_name
 
 __all__ = [
     "CACHE_ENV",

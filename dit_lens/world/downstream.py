@@ -42,7 +42,7 @@ from ..study import metrics as M
 from ..interventions.blend import check_blend
 from ..trace.attrs import typed
 from ..validate import check_int
-from ..trace.locks import claim_folder, exclusive, write_atomic
+from ..storage import claim, exclusive, write_atomic
 
 __all__ = ["DownstreamConfig", "roc_auc", "f1_score", "train_detector", "run_downstream", "synthetic_pairs"]
 
@@ -165,7 +165,7 @@ def run_downstream(cfg: DownstreamConfig, lens: Any, folder: Path, *, progress: 
 
     folder = Path(folder)
     with exclusive(folder):
-        claim_folder(folder, "downstream", recognise="downstream.json")  # new, empty or an earlier run's
+        claim(folder, "downstream")  # new, empty or an earlier run's
         _claim(folder, cfg, lens)
     k = cfg.synthetic_per_class
     synth_path = folder / "synthetic.npz"

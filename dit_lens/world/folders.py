@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ..trace.locks import write_atomic
+from ..storage.locks import write_atomic
 
 __all__ = ["cached_json", "claim_settings"]
 

@@ -9,9 +9,7 @@ longer. Files are written beside their destination under a name unique to the wr
 renamed into place (`write_atomic`), so a reader never sees half a file; temporaries left by dead
 processes are removed (`remove_stale_temporaries`).
 
-Output folders are claimed (`claim_folder`): dit-lens writes only into a folder it created and
-marked with `MARKER`, an empty one, or one it recognises as its own from an earlier version; a
-folder holding anything else is refused and left untouched.
+Output folders are claimed through `dit_lens.storage.folders.claim`, which holds these locks.
 
 Examples:
     >>> import tempfile
@@ -25,30 +23,21 @@ Examples:
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Iterator
 
 from filelock import FileLock, Timeout
 
-__all__ = ["MARKER", "BusyError", "FolderClaimError", "claim_folder", "exclusive", "lock_path",
-           "remove_stale_temporaries", "temporary_name", "try_exclusive", "write_atomic"]
-
-#: The file dit-lens puts in every output folder it owns (JSON: what kind of folder it is).
-MARKER = ".dit-lens"
+__all__ = ["BusyError", "exclusive", "lock_path", "remove_stale_temporaries", "temporary_name", "try_exclusive",
+           "write_atomic"]
 
 
 class BusyError(RuntimeError):
     """Another process holds the lock on an output for longer than the caller was willing to wait."""
-
-
-class FolderClaimError(ValueError):
-    """An output folder holds something dit-lens did not make (or another run); it was not touched."""
 
 
 def lock_path(target: Path) -> Path:
@@ -147,45 +136,3 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def claim_folder(folder: Path, kind: str, *, recognise: str | None = None) -> bool:
-    """Make `folder` an output folder of `kind` owned by dit-lens, or refuse it.
-
-    A folder that does not exist is created; an empty one, or one holding only lock files, is
-    taken; one already marked as `kind` is reused. A folder without the marker that holds the file
-    `recognise` (what earlier versions of dit-lens wrote first) is recognised and marked. Anything
-    else is refused. Call it holding ``exclusive(folder)``.
-
-    Returns:
-        Whether the folder was already dit-lens's (False: it was just claimed).
-
-    Raises:
-        FolderClaimError: the folder holds files dit-lens did not make, or another kind of output.
-    """
-    folder = Path(folder)
-    marker = folder / MARKER
-    if folder.exists() and not folder.is_dir():
-        raise FolderClaimError(f"{folder} is a file, not a folder; pass a new folder for the {kind} "
-                               f"output (nothing was changed)")
-    if marker.is_file():
-        try:
-            found = json.loads(marker.read_text()).get("kind")
-        except (json.JSONDecodeError, AttributeError, OSError):
-            found = None
-        if found != kind:
-            raise FolderClaimError(f"{folder} holds a dit-lens {found or 'unknown'} output, not a {kind}; "
-                                   f"pass another folder (nothing was changed)")
-        return True
-    folder.mkdir(parents=True, exist_ok=True)
-    content = [p.name for p in folder.iterdir() if not p.name.endswith(".lock") and p.name != ".locks"]
-    if content and not (recognise is not None and (folder / recognise).is_file()):
-        shown = ", ".join(sorted(content)[:5]) + (", ..." if len(content) > 5 else "")
-        raise FolderClaimError(
-            f"{folder} is not empty and was not made by dit-lens (it holds {shown}); dit-lens writes "
-            f"only into new or empty folders it then marks as its own: pass a new folder "
-            f"(nothing was changed)"
-        )
-    write_atomic(marker, json.dumps({"kind": kind, "made_by": "dit-lens",
-                                     "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode())
-    return bool(content)
