@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from ..scale.executors import LocalExecutor, as_executor
 from .runner import Hook, branch_rows, scheduler_timesteps, check_prompts, check_seeds, is_int, traced_generate
 from ..storage.locks import exclusive
+from ..validate import NonFiniteError
 from .store import CaptureStore, DamagedStoreError, VariableSpec, cache_root, content_key
 from .tokens import text_keys
 from .settings import BRANCHES, DEFAULT_BATCH, REDUCTIONS, CaptureSettings
@@ -119,6 +120,8 @@ def capture(
         dit_lens.trace.store.CaptureStoreError: `store` is unreadable or holds another capture.
         dit_lens.trace.store.DamagedStoreError: finished cells of `store` are missing or damaged
             (the message names them; ``repair=True`` recomputes them). Nothing was served.
+        dit_lens.NonFiniteError: a run produced NaN or inf values (e.g. an extreme guidance scale);
+            its cells were not stored as done.
     """
     prompts = check_prompts(prompts)
     seeds = check_seeds(seeds)
@@ -239,6 +242,8 @@ def _run_batch(lens, cells, batch, prompts, seeds, settings, cell_shape) -> None
                              f"expects {tail} (does the pipeline pad prompts to another length?)")
         return values
 
+    diverged: list[tuple[int, int]] = []  # (step, layer) where a value was NaN or inf
+
     if not _streamed(settings):
         buffer = torch.empty((size, *cell_shape), dtype=torch.float32, device=lens.device)  # (cells, step, layer, ...)
 
@@ -249,6 +254,8 @@ def _run_batch(lens, cells, batch, prompts, seeds, settings, cell_shape) -> None
 
         def visit(step: int, layer: int, output: torch.Tensor) -> None:
             values = reduced(output).float().cpu().numpy()  # (cells[, branch], ...)
+            if not np.isfinite(values).all():
+                diverged.append((step, layer))
             for row, cell in enumerate(batch):
                 cells().write(cell, values[row], at=(step, position[layer]))
 
@@ -262,6 +269,16 @@ def _run_batch(lens, cells, batch, prompts, seeds, settings, cell_shape) -> None
     )
     if not _streamed(settings):
         values = buffer.cpu().numpy()
+        bad = ~np.isfinite(values.reshape(size, steps, len(layers), -1)).all(axis=(0, 3))  # (step, layer)
+        diverged += [(int(t), layers[int(k)]) for t, k in np.argwhere(bad)]
+    if diverged:
+        (t, layer), runs = diverged[0], ", ".join(f"{prompts[i]!r} seed {seeds[j]}" for i, j in batch[:3])
+        raise NonFiniteError(
+            f"capture of {settings.site} produced NaN or inf values at {len(diverged)} (step, layer) points, first at "
+            f"step {t}, layer {layer} (runs {runs}{', ...' if size > 3 else ''}; guidance_scale "
+            f"{settings.guidance_scale:g}); nothing of these runs was stored: lower guidance_scale, or check the "
+            f"model's weights and dtype")
+    if not _streamed(settings):
         for row, cell in enumerate(batch):
             cells().write(cell, values[row])
 

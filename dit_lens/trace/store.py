@@ -172,6 +172,12 @@ class CaptureStore:
                 a capture with another identity. The store is left untouched.
         """
         path = Path(path).expanduser()
+        if path.is_symlink() and not path.exists():
+            raise CaptureStoreError(f"store {path} is a link to {os.readlink(path)}, which does not exist; pass a "
+                                    f"store= path that does not exist yet (or an existing capture store)")
+        if path.exists() and not path.is_dir():
+            raise CaptureStoreError(f"store {path} is a file, not a capture store (a .zarr folder); pass another "
+                                    f"store= path (nothing was changed)")
         identity = typed(identity)
         if path.exists() or not _create(path, template, spec, identity, dict(attrs)):
             _check_existing(path, template, spec, identity)
@@ -217,7 +223,8 @@ class CaptureStore:
     def verify(
         self, cells: Iterable[tuple[int, int]] | None = None, *, done_only: bool = True
     ) -> dict[tuple[int, int], str]:
-        """Check done cells (or `cells`): every chunk exists, decodes and passes its checksum.
+        """Check done cells (or `cells`): every chunk exists, decodes, passes its checksum and holds only
+        finite values (a NaN is a value never written, or a run that diverged).
 
         Returns:
             ``{(prompt index, seed index): what is wrong}`` for each damaged cell; empty if none.
@@ -237,7 +244,9 @@ class CaptureStore:
                 continue
             try:
                 for block in self._blocks(i, j):
-                    self._data.blocks[block]
+                    if not np.isfinite(self._data.blocks[block]).all():  # NaN: unwritten (the fill) or diverged
+                        damaged[(i, j)] = f"chunk {folder / self._key(block)} holds NaN or inf values"
+                        break
             except Exception as err:  # checksum mismatch, blosc header, truncated file, ...
                 damaged[(i, j)] = f"chunk {folder / self._key(block)} is damaged ({type(err).__name__}: {err})"
         return damaged
