@@ -10,6 +10,7 @@ import torch
 from dit_lens import LatentDrift, generate, load
 from dit_lens.apps.cli import main
 from dit_lens.model.builders import build_pixart
+from dit_lens.storage import FolderClaimError, load_torch
 from dit_lens.training import TrainingImages, finetune, read_image_folder, read_record, write_image_folder
 from dit_lens.training.finetune import _Trainer
 from dit_lens.training.inputs import drifted_training_pair
@@ -111,7 +112,7 @@ def test_the_same_seed_gives_the_same_adapter_and_a_killed_run_resumes_bit_for_b
     monkeypatch.setattr(_Trainer, "loss", dies_at_step_five)
     with pytest.raises(KeyboardInterrupt):
         finetune(tiny_lens, data, tmp_path / "killed", **FAST)
-    assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)["step"] == 3
+    assert load_torch(tmp_path / "killed" / "checkpoint.pt", what="checkpoint")["step"] == 3
     monkeypatch.setattr(_Trainer, "loss", real_loss)
     resumed = finetune(tiny_lens, data, tmp_path / "killed", **FAST)
     c = load_file(resumed / "adapter_model.safetensors")
@@ -126,11 +127,11 @@ def test_refusals_keep_the_user_s_files(tiny_lens, data, tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not an empty folder"):
+    with pytest.raises(FolderClaimError, match="is not empty and was not made by dit-lens"):
         finetune(tiny_lens, data, mine, **FAST)
     assert (mine / "notes.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
     done = finetune(tiny_lens, data, tmp_path / "done", **FAST)
-    with pytest.raises(FileExistsError, match="other settings or data"):
+    with pytest.raises(FolderClaimError, match=r"other settings or data \(config.steps: 6 there, 7 now\)"):
         finetune(tiny_lens, data, done, **{**FAST, "steps": 7})
     with pytest.raises(ValueError, match="method must be one of"):
         finetune(tiny_lens, data, tmp_path / "x", method="dreambooth")
@@ -208,5 +209,5 @@ def test_validation_records_the_held_out_loss_and_changes_no_weight(tiny_lens, d
     a, b = load_file(plain / "adapter_model.safetensors"), load_file(watched / "adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)  # its draws are its own: training is unchanged
     assert len({v for _, v in curve}) > 1  # the held-out loss moves as the adapter trains
-    with pytest.raises(FileExistsError, match="other settings or data"):  # other validation data: another run
+    with pytest.raises(FolderClaimError, match="other settings or data"):  # other validation data: another run
         finetune(tiny_lens, data, watched, validation=data, validate_every=2, **FAST)

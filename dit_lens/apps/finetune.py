@@ -4,7 +4,9 @@ data``: write a split of the embedded world as one.
     dit-lens world data --split shifted --per-class 20 --out data/shifted
     dit-lens finetune --data data/shifted --out cache/adapters/shifted --method lora --drift 0.05
 
-The finetune flags are `FinetuneConfig`'s fields; a killed run resumes when the same command is run again.
+The finetune flags are `FinetuneConfig`'s fields; a killed run resumes when the same command is run again,
+and a finished one is checked and named again. Every refusal (a folder holding something else or
+another fine-tune, a damaged adapter or checkpoint, a run that diverged) is one line, exit status 2.
 """
 
 from __future__ import annotations
@@ -55,9 +57,17 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
 def run_finetune(args: argparse.Namespace) -> int:
     from ..model.lens import load
     from ..training.finetune import finetune, read_record
+    from ..training.folder import use_line
 
-    lens = load(args.model, lora=args.lora, device=args.device)
     settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)}
+    try:
+        FinetuneConfig(**settings)
+    except ValueError as err:  # "seed must be ..." as "--seed must be ...": the flag the user typed
+        name, _, rest = str(err).partition(" ")
+        if name not in settings:
+            raise
+        raise ValueError(f"--{name.replace('_', '-')} {rest}") from None
+    lens = load(args.model, lora=args.lora, device=args.device)
     out = finetune(lens, args.data, args.out, validation=args.validation, device=args.device,
                    progress=not args.quiet, **settings)
     record = read_record(out)
@@ -67,7 +77,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         best = min(record["validation"], key=lambda v: v[1])
         print(f"held-out loss {record['validation'][0][1]:.4f} at the start, {record['validation'][-1][1]:.4f} at the "
               f"end, lowest {best[1]:.4f} at step {best[0]}")
-    print(f"use it: {record['load']}" + (f", sampling with {record['sample_with']}" if record["sample_with"] else ""))
+    print(f"use it: {use_line(out, args.model, record['drift'])}")
     return 0
 
 

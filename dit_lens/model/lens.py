@@ -17,16 +17,15 @@ Examples:
 from __future__ import annotations
 
 import json
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
+from .adapters import merge_adapter
 from .sites import Family, family_of
 
 __all__ = ["Lens", "load", "EMBEDDED_PIPELINE"]
@@ -180,6 +179,7 @@ def load(
     lora: str | Path | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    allow_other_base: bool = False,
 ) -> Lens:
     """Open a diffusers DiT pipeline for capture and steering.
 
@@ -187,25 +187,29 @@ def load(
         source: ``"embedded"`` (the shipped endoscopy world), a local diffusers pipeline folder
             (one with ``model_index.json``; PixArt-alpha, PixArt-Sigma, SANA, SD3 and Flux are supported), or an
             already built diffusers pipeline.
-        lora: An adapter folder merged into the weights: a peft LoRA of the denoiser
-            (``adapter_config.json`` + weights; with a text encoder LoRA in ``text_encoder/``), or a
-            full fine-tune written by `dit_lens.finetune` (``transformer/``).
+        lora: A local adapter folder merged into the weights: a fine-tune written by `dit_lens.finetune`
+            (checked against the digests in its ``finetune.json`` and against the base model it was
+            trained on), or a plain peft LoRA of the denoiser (``adapter_config.json`` + weights; with
+            a text encoder LoRA in ``text_encoder/``). See `dit_lens.model.adapters`.
         device: Where to run (default: where the pipeline already is, CPU for folders).
         dtype: Weight dtype (default: as stored).
+        allow_other_base: Merge a dit-lens fine-tune into a model other than the one it was trained on
+            (same architecture, other weights); refused by default.
 
     Returns:
         A `Lens` whose pipeline is in eval mode.
 
     Raises:
         FileNotFoundError: `source` or `lora` is a path that does not exist.
-        ValueError: the folder is not a diffusers pipeline, or `lora` is not a peft adapter.
+        ValueError: the folder is not a diffusers pipeline; `lora` is not an adapter, is damaged
+            (`dit_lens.storage.DamagedError`), is for another model, or was trained on another base.
         TypeError: the pipeline's denoiser is not a supported cross-attention DiT.
     """
     pipeline, label = _open_pipeline(source)
     family = family_of(pipeline)
     lora_label = None
     if lora is not None:
-        lora_label = str(_merge_lora(pipeline, family, Path(lora)))
+        lora_label = str(merge_adapter(pipeline, family, lora, allow_other_base=allow_other_base))
     if device is not None or dtype is not None:
         pipeline.to(device=device, dtype=dtype)
     for component in pipeline.components.values():
@@ -260,53 +264,6 @@ def _open_pipeline(source: Any) -> tuple[Any, str]:
 
     check_pipeline_folder(path)  # names the missing or truncated part, before diffusers does
     return pipeline_cls.from_pretrained(path), label
-
-
-def _merge_lora(pipeline: Any, family: Family, path: Path) -> Path:
-    """Merge an adapter folder into `pipeline`: a peft LoRA of the denoiser (with one of the text encoder
-    in ``text_encoder/``, as `dit_lens.finetune` writes), or the full weights of a full fine-tune
-    (``<denoiser>/`` and optionally ``text_encoder/`` holding ``save_pretrained`` folders)."""
-    if not path.exists():
-        raise FileNotFoundError(f"no such LoRA adapter folder: {path}")
-    full = path / family.denoiser
-    if not (path / "adapter_config.json").is_file() and (full / "config.json").is_file():
-        _replace(pipeline, family.denoiser, full)
-        if (path / "text_encoder" / "config.json").is_file():
-            _replace(pipeline, "text_encoder", path / "text_encoder")
-        return path
-    if not (path / "adapter_config.json").is_file():
-        raise ValueError(
-            f"{path} is not a peft adapter folder (no adapter_config.json) nor a full fine-tune (no "
-            f"{family.denoiser}/config.json); save one with `peft_model.save_pretrained(...)` or `dit_lens.finetune`"
-        )
-    from peft import PeftModel
-
-    for name, folder in ((family.denoiser, path), ("text_encoder", path / "text_encoder")):
-        if name == "text_encoder" and not (folder / "adapter_config.json").is_file():
-            continue
-        with peft_quietly():
-            merged = PeftModel.from_pretrained(getattr(pipeline, name), str(folder)).merge_and_unload()
-        setattr(pipeline, name, merged)
-        pipeline.register_modules(**{name: merged})
-    return path
-
-
-@contextmanager
-def peft_quietly() -> Iterator[None]:
-    """Silence the deprecation warning peft triggers in transformers when it wraps a text encoder
-    (third-party noise, not a behaviour of dit-lens)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield
-
-
-def _replace(pipeline: Any, name: str, folder: Path) -> None:
-    """Swap the pipeline component `name` for the same class loaded from `folder`, on its device and dtype."""
-    old = getattr(pipeline, name)
-    first = next(old.parameters())
-    new = type(old).from_pretrained(folder).to(device=first.device, dtype=first.dtype)
-    setattr(pipeline, name, new)
-    pipeline.register_modules(**{name: new})
 
 
 def _pipeline_kwargs(pipeline: Any, family: Family) -> dict:

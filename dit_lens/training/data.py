@@ -87,8 +87,33 @@ def _resize(image, size: int):
     return image if side == size else image.resize((size, size), Image.BICUBIC)
 
 
+def _pixels(file: Path, where: str, size: int) -> np.ndarray:
+    """One image ``(size, size, 3)`` in [0, 1], scaled by its real bit depth (16-bit PNGs too)."""
+    from PIL import Image
+
+    try:
+        with Image.open(file) as image:
+            image.load()
+            if image.mode.startswith("I"):  # 16-bit greyscale ("I;16", or "I" as PNG decoders give it)
+                grey = np.asarray(image, dtype=np.float64)  # (H, W)
+                if grey.min() < 0 or grey.max() > 65535:
+                    raise ValueError(f"{file} ({where}) holds {image.mode} pixel values outside 0..65535; save it as "
+                                     f"an 8- or 16-bit PNG")
+                resized = np.asarray(_resize(Image.fromarray((grey / 65535).astype(np.float32), mode="F"), size))
+                return np.repeat(np.clip(resized, 0, 1)[..., None], 3, axis=-1)  # (size, size, 3)
+            if image.mode == "F":
+                raise ValueError(f"{file} ({where}) is a floating-point image, whose range is unknown; save it as an "
+                                 f"8- or 16-bit PNG")
+            return np.asarray(_resize(image.convert("RGB"), size), dtype=np.float32) / 255.0  # (size, size, 3)
+    except (OSError, SyntaxError, Image.DecompressionBombError) as err:
+        raise ValueError(f"{file} ({where}) cannot be read as an image ({' '.join(str(err).split())}); replace "
+                         f"it, or remove its line") from None
+
+
 def read_image_folder(path: str | Path, *, size: int) -> TrainingImages:
     """The images and captions of an ``imagefolder`` folder, each centre-cropped and resized to `size`.
+
+    Images are scaled by their bit depth: 8-bit images by 255, 16-bit greyscale PNGs by 65535.
 
     Args:
         path: A folder with ``metadata.jsonl`` (``file_name`` and ``text`` on every line).
@@ -96,10 +121,9 @@ def read_image_folder(path: str | Path, *, size: int) -> TrainingImages:
 
     Raises:
         FileNotFoundError: no folder, no ``metadata.jsonl``, or a listed image is missing.
-        ValueError: a line is not JSON or lacks ``file_name`` or ``text``, or the folder lists no image.
+        ValueError: ``metadata.jsonl`` is not UTF-8, a line is not JSON or lacks ``file_name`` or
+            ``text``, an image cannot be read, or the folder lists no image.
     """
-    from PIL import Image
-
     folder = Path(path)
     meta = folder / METADATA
     if not folder.is_dir():
@@ -108,7 +132,12 @@ def read_image_folder(path: str | Path, *, size: int) -> TrainingImages:
         raise FileNotFoundError(f"{folder} has no {METADATA}; write one line per image such as "
                                 '{"file_name": "0001.png", "text": "An endoscopic image of polyps"}')
     images, texts = [], []
-    for number, line in enumerate(meta.read_text().splitlines(), 1):
+    try:
+        text = meta.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{meta} is not UTF-8 text (byte {err.start} is {meta.read_bytes()[err.start:err.start + 1]!r}, "
+                         f"as latin-1 or another encoding writes it); save it as UTF-8") from None
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -120,8 +149,7 @@ def read_image_folder(path: str | Path, *, size: int) -> TrainingImages:
         file = folder / row["file_name"]
         if not file.is_file():
             raise FileNotFoundError(f"{meta} line {number} names {row['file_name']!r}, which is not in {folder}")
-        with Image.open(file) as image:
-            images.append(np.asarray(_resize(image.convert("RGB"), size), dtype=np.float32) / 255.0)
+        images.append(_pixels(file, f"line {number} of {METADATA}", size))
         texts.append(row["text"])
     if not images:
         raise ValueError(f"{meta} lists no images")

@@ -22,16 +22,21 @@ the drifted z_T of `dit_lens.LatentDrift`; δ = 0 is the plain loss, bit for bit
 **Determinism and resuming.** Every random draw (batch order, latent samples, caption dropout, noise,
 timesteps) comes from one CPU generator seeded by `seed`, and the modules train in eval mode (no
 dropout), so a run is bit-for-bit repeatable on CPU. Every ``checkpoint_every`` steps the trainable
-weights, the optimiser and the generator are saved to ``out/checkpoint.pt``; calling `finetune` again
-with the same settings and data resumes there and ends with the same weights as an unbroken run.
+weights, the optimiser and the generator are saved to ``out/checkpoint.pt`` (a weights-only torch
+file with a digest, `dit_lens.storage.save_torch`); calling `finetune` again with the same settings
+and data resumes there and ends with the same weights as an unbroken run.
+
+**The folder.** `out` is claimed through `dit_lens.storage` for the settings, the data's digests and
+the base model's fingerprint (values, never paths), and locked for the whole run: the same fine-tune
+started twice waits for the first and reuses it, another one is refused, naming what differs. The
+sealed ``finetune.json`` is written last and lists a digest of every file written there; a finished
+folder is checked against it whenever it is used again (by `finetune` or by `dit_lens.load`).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -42,10 +47,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model.lens import peft_quietly
-from ..validate import is_real
+from ..model.adapters import file_digests, peft_quietly
+from ..storage import DamagedError, all_finite, load_torch, remove_stale_temporaries, save_torch, temporary_name, \
+    write_record
+from ..validate import NonFiniteError, is_int, is_real
 from .data import TrainingImages
-from .folder import RECORD, CHECKPOINT, base_model, claim_folder, read_record, training_images
+from .folder import (CHECKPOINT, RECORD, base_model, claim_run, holding, place, read_record, release_new,
+                     training_images)
 from .inputs import added_conditions, drifted_training_pair, encode_images, tokenize
 
 __all__ = ["FinetuneConfig", "finetune", "read_record", "METHODS", "TEXT_ENCODER_TARGETS"]
@@ -100,8 +108,9 @@ class FinetuneConfig:
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}")
             object.__setattr__(self, name, int(value))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
-            raise ValueError(f"seed must be a whole number >= 0, got {self.seed!r}")
+        if not is_int(self.seed) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be a whole number in [0, 2**63), got {self.seed!r}")
+        object.__setattr__(self, "seed", int(self.seed))
         lr = DEFAULT_LR[self.method] if self.lr is None else self.lr
         if not is_real(lr) or not math.isfinite(float(lr)) or float(lr) <= 0:
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
@@ -135,7 +144,8 @@ def finetune(lens: Any, data: TrainingImages | str | Path, out: str | Path, *, m
         data: `TrainingImages`, or an ``imagefolder`` folder (``metadata.jsonl`` with ``file_name`` and
             ``text``), resized to the lens's image size.
         out: The folder to write; it must be new or empty, or hold an unfinished run of the same
-            settings and data (which is resumed) or a finished one (returned as it is).
+            settings, data and base model (which is resumed) or a finished one (checked against its
+            digests and returned as it is). A fine-tune running into it with other settings is refused.
         validation: Held-out images (as `data`): their loss, on the same draws of noise and timesteps
             each time, is measured before training and every `validate_every` steps and recorded
             (``finetune.json``: ``validation``), to see where training starts to overfit.
@@ -148,7 +158,9 @@ def finetune(lens: Any, data: TrainingImages | str | Path, out: str | Path, *, m
         `out`, to pass as ``dit_lens.load(..., lora=out)``.
 
     Raises:
-        FileExistsError: `out` holds anything else, or a run with other settings or data.
+        dit_lens.storage.FolderClaimError: `out` holds anything else, or a run with other settings or data.
+        dit_lens.storage.DamagedError: its record, an adapter file or the checkpoint is damaged.
+        dit_lens.NonFiniteError: training diverged (nothing of it is kept but an earlier checkpoint).
     """
     cfg = FinetuneConfig(method=method, rank=rank, steps=steps, lr=lr, batch_size=batch_size, drift=drift,
                          text_encoder=text_encoder, seed=seed, caption_dropout=caption_dropout, warmup=warmup,
@@ -158,29 +170,40 @@ def finetune(lens: Any, data: TrainingImages | str | Path, out: str | Path, *, m
     side = int(lens.pipeline_kwargs["height"])
     data = training_images(data, side, "training")
     validation = None if validation is None else training_images(validation, side, "validation")
-    out = Path(out)
-    identity = {"config": cfg.to_dict(), "data": data.digest, "base": base_model(lens),
-                "validation": validation.digest if validation is not None else None}
-    state = claim_folder(out, identity)
-    if state == "finished":
-        return out
+    out = Path(out).expanduser()
     dev = torch.device(device) if device is not None else lens.pipeline.transformer.device
     if cfg.mixed_precision == "fp16" and dev.type != "cuda":
         raise ValueError("mixed_precision='fp16' needs a CUDA device; use 'bf16' (or None) on CPU")
-    start = time.perf_counter()
-    trainer = _Trainer(lens, data, cfg, dev, validation=validation)
-    trainer.run(out, identity, progress=progress)
-    trainer.save(out)
-    record = {**{k: v for k, v in identity.items() if k != "validation"}, "validation_data": identity["validation"],
-              "data": data.summary(), "drift": cfg.drift, "steps_done": cfg.steps,
-              "train_seconds": round(trainer.elapsed, 1), "seconds_this_call": round(time.perf_counter() - start, 1),
-              "device": str(dev), "torch": torch.__version__, "losses": trainer.curve(),
-              "validation": trainer.validation_curve,
-              "load": f"dit_lens.load({identity['base']['source']!r}, lora={str(out)!r})",
-              "sample_with": f"dit_lens.LatentDrift({cfg.drift})" if cfg.drift else None}
-    (out / (RECORD + ".tmp")).write_text(json.dumps(record, indent=1))
-    os.replace(out / (RECORD + ".tmp"), out / RECORD)  # the record last: it marks the run finished
-    (out / CHECKPOINT).unlink(missing_ok=True)
+    base = base_model(lens)
+    identity = {"config": cfg.to_dict(), "data": data.digest,
+                "validation": validation.digest if validation is not None else None,
+                "base_fingerprint": base["fingerprint"]}  # covers an adapter merged into the base
+    existed = out.exists()
+    with holding(out, identity):
+        folder, state = claim_run(out, identity)
+        if state == "finished":
+            return out
+        built = temporary_name(out / "adapter")  # saved there, then moved into place
+        remove_stale_temporaries(out / "adapter")
+        folder.record(CHECKPOINT)
+        start = time.perf_counter()
+        try:
+            trainer = _Trainer(lens, data, cfg, dev, validation=validation)
+            trainer.run(out, identity, progress=progress)
+        except BaseException:
+            release_new(folder, existed)  # a run that wrote nothing leaves the folder as it found it
+            raise
+        trainer.save(built)
+        names = place(folder, built)
+        folder.record(RECORD)
+        write_record(out / RECORD, {  # the record last: it marks the run finished
+            "config": cfg.to_dict(), "base": base, "data": data.summary(), "validation_data": identity["validation"],
+            "drift": cfg.drift, "steps_done": cfg.steps, "train_seconds": round(trainer.elapsed, 1),
+            "seconds_this_call": round(time.perf_counter() - start, 1), "device": str(dev), "torch": torch.__version__,
+            "losses": trainer.curve(), "validation": trainer.validation_curve,
+            "sample_with": f"dit_lens.LatentDrift({cfg.drift})" if cfg.drift else None,
+            "files": file_digests(out, names)})
+        (out / CHECKPOINT).unlink(missing_ok=True)
     return out
 
 
@@ -218,7 +241,7 @@ class _Trainer:
         self.tokens = tokenize(pipe.tokenizer, self.table, device)
         self.frozen_text = None if cfg.text_encoder else self._encode_text(torch.arange(len(self.table)))
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.step, self.losses, self.elapsed = 0, [], 0.0
+        self.step, self.losses, self.elapsed, self.saved = 0, [], 0.0, 0
         self.extra = added_conditions(self.transformer, self.train_set[0].shape[-1] * pipe.vae_scale_factor)
 
     def _set(self, pipe: Any, data: TrainingImages) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -295,7 +318,7 @@ class _Trainer:
 
         cfg = self.cfg
         if (out / CHECKPOINT).is_file():
-            self._restore(out / CHECKPOINT)
+            self._restore(out / CHECKPOINT, identity)
         params = list(self.params.values())
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"finetune {cfg.method}", unit="step", disable=not progress)
         clock, running = time.perf_counter(), None
@@ -306,8 +329,7 @@ class _Trainer:
                 group["lr"] = cfg.lr * min(1.0, (self.step + 1) / max(1, cfg.warmup))
             loss = self.loss()
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"the loss is {loss.item()} at step {self.step}: lower lr (now {cfg.lr}) "
-                                         f"or turn mixed precision off; the last checkpoint in {out} is kept")
+                raise self.diverged(out, f"the loss is {loss.item()} at step {self.step + 1}")
             self.opt.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
@@ -332,24 +354,50 @@ class _Trainer:
                 self._checkpoint(out / CHECKPOINT, identity)
         bar.close()
         self.elapsed += time.perf_counter() - clock
+        if not all_finite(list(self.params.values())):
+            raise self.diverged(out, f"the weights hold NaN or inf after step {self.step}")
+
+    def diverged(self, out: Path, what: str) -> NonFiniteError:
+        """The error of a run whose loss or weights stopped being finite (nothing of it is saved)."""
+        cfg = self.cfg
+        fix = "lower lr (--lr)" + (" or turn mixed precision off" if cfg.mixed_precision else "")
+        if self.saved:
+            kept = (f"{out / CHECKPOINT} (step {self.saved}, before it diverged) is kept; fine-tune into a new folder, "
+                    f"or delete {out} to use it again")
+        else:
+            kept = f"no checkpoint was written, so {out} can be used again"
+        return NonFiniteError(f"the fine-tune diverged: {what} with lr {cfg.lr:g}; {fix}; {kept}")
 
     def _checkpoint(self, path: Path, identity: dict) -> None:
-        state = {"identity": identity, "step": self.step, "losses": self.losses, "seconds": self.elapsed,
-                 "validation": self.validation_curve,
-                 "params": {k: p.detach().cpu() for k, p in self.params.items()},
-                 "optimizer": self.opt.state_dict(), "generator": self.gen.get_state()}
-        torch.save(state, path.with_suffix(".tmp"))
-        os.replace(path.with_suffix(".tmp"), path)  # never a half-written checkpoint
+        params = {k: p.detach().cpu() for k, p in self.params.items()}
+        if not all_finite(params):
+            raise self.diverged(path.parent, f"the weights hold NaN or inf at step {self.step}")
+        save_torch(path, {"identity": identity, "step": self.step, "losses": self.losses, "seconds": self.elapsed,
+                          "validation": self.validation_curve, "params": params,
+                          "optimizer": self.opt.state_dict(), "generator": self.gen.get_state()})
+        self.saved = self.step
 
-    def _restore(self, path: Path) -> None:
-        state = torch.load(path, weights_only=False, map_location="cpu")
+    def _restore(self, path: Path, identity: dict) -> None:
+        fix = f"delete {path} to start this fine-tune over (nothing was changed)"
+        state = load_torch(path, what="fine-tune checkpoint", fix=fix)
+        if not isinstance(state, dict) or state.get("identity") != identity:
+            raise DamagedError(f"fine-tune checkpoint {path} is not a checkpoint of this run (its settings, data or "
+                               f"base model differ from the folder's); {fix}")
+        params = state.get("params")
+        if not isinstance(params, dict) or {k: tuple(v.shape) for k, v in params.items()} != \
+                {k: tuple(p.shape) for k, p in self.params.items()}:
+            raise DamagedError(f"fine-tune checkpoint {path} holds other weights than this run trains; {fix}")
+        if not all_finite(params) or not all_finite(state.get("optimizer")) or not all_finite(state.get("losses")):
+            raise DamagedError(f"fine-tune checkpoint {path} holds NaN or inf values, so resuming from it cannot "
+                               f"work; {fix}")
         with torch.no_grad():
             for k, p in self.params.items():
-                p.copy_(state["params"][k])
+                p.copy_(params[k])
         self.opt.load_state_dict(state["optimizer"])
         self.gen.set_state(state["generator"])
-        self.step, self.losses, self.elapsed = state["step"], list(state["losses"]), state["seconds"]
+        self.step, self.losses, self.elapsed = int(state["step"]), list(state["losses"]), float(state["seconds"])
         self.validation_curve = [list(v) for v in state["validation"]]
+        self.saved = self.step
 
     def curve(self, points: int = 50) -> list[list[float]]:
         """The loss averaged over `points` equal stretches of the run: ``[[last step, mean loss], ...]``."""
