@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     try:
         cfg = dataclasses.replace(CONFIG, **changes)
         from dit_lens import load
-        from dit_lens.trace.store import cache_root
+        from dit_lens.storage import cache_root
 
         lens = load(args.model, lora=args.lora)
         name = f"downstream{'-quick' if args.quick else ''}-{cfg.key(lens)}"

@@ -20,6 +20,7 @@ import json
 import sys
 from pathlib import Path
 
+from dit_lens.storage import cache_root
 from dit_lens.interventions.drift import LatentDrift
 from dit_lens.world.adaptation import FORMS, AdaptationConfig, run_adaptation
 from dit_lens.world.adaptation_downstream import AdaptedDownstreamConfig, run_adapted_downstream
@@ -32,7 +33,7 @@ QUICK = dict(schemes=("lora",), train_drifts=(0.0, 0.1), deltas=(0.0, 0.1), step
 def parse(argv=None) -> tuple[AdaptationConfig, Path, bool, dict | None]:
     p = argparse.ArgumentParser(prog="drift", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the small version (a few minutes on CPU)")
-    p.add_argument("--out", default=None, help="result folder (default: cache/studies/drift-<hash>)")
+    p.add_argument("--out", default=None, help="result folder (default: studies/drift-<hash> in the cache, $DIT_LENS_CACHE or the checkout's cache/)")
     p.add_argument("--count", nargs="+", default=(), metavar="LABEL=N", help="fewer training images of a class")
     p.add_argument("--downstream", action="store_true", help="also the detector trained on real + generated images")
     p.add_argument("--downstream-seeds", type=int, default=8, help="detector training seeds (default: 8)")
@@ -63,7 +64,7 @@ def parse(argv=None) -> tuple[AdaptationConfig, Path, bool, dict | None]:
     cfg = AdaptationConfig(**values, counts=counts)
     digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
     detector = {"seeds": args.downstream_seeds, "adapters": args.downstream_adapters} if args.downstream else None
-    return cfg, Path(args.out or Path("cache") / "studies" / f"drift-{digest}"), args.quick, detector
+    return cfg, Path(args.out) if args.out else cache_root() / "studies" / f"drift-{digest}", args.quick, detector
 
 
 def report(result: dict) -> None:

@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from dit_lens.storage import cache_root
 from dit_lens.world.long_tail import OBJECTIVES, LongTailConfig, run_long_tail
 
 QUICK = dict(steps=40, seeds=4, per_class=4, count=1, guidance_scales=(1.0,), iterations=2)
@@ -25,7 +26,7 @@ def parse(argv=None) -> tuple[LongTailConfig, Path]:
     p = argparse.ArgumentParser(prog="long_tail", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--quick", action="store_true", help="the small version (a few minutes on CPU)")
-    p.add_argument("--out", default=None, help="result folder (default: cache/studies/long_tail-<hash>)")
+    p.add_argument("--out", default=None, help="result folder (default: studies/long_tail-<hash> in the cache, $DIT_LENS_CACHE or the checkout's cache/)")
     for f in dataclasses.fields(LongTailConfig):
         flag, default = "--" + f.name.replace("_", "-"), f.default
         if isinstance(default, tuple):
@@ -46,7 +47,7 @@ def parse(argv=None) -> tuple[LongTailConfig, Path]:
     except ValueError as err:
         p.error(str(err))
     digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
-    return cfg, Path(args.out or Path("cache") / "studies" / f"long_tail-{digest}")
+    return cfg, Path(args.out) if args.out else cache_root() / "studies" / f"long_tail-{digest}"
 
 
 def report(result: dict) -> None:

@@ -26,17 +26,19 @@ def test_cells_are_written_marked_and_read_back_with_plain_xarray(tmp_path):
     with pytest.raises(CaptureStoreError, match=r"cells \[\(0, 0\)\] were not all written"):
         store.mark_done([(1, 2), (0, 0)])  # (0, 0) was never written: nothing is marked
     assert len(store.missing()) == 6
-    store.write((0, 0), np.full(4, np.nan))  # a genuine all-NaN result is kept, not taken for a gap
-    store.mark_done([(1, 2), (0, 0)])
+    store.write((0, 0), np.full(4, np.nan))  # NaN is never stored as a finished result
+    with pytest.raises(CaptureStoreError, match=r"cells \[\(0, 0\)\] .* holds NaN or inf values"):
+        store.mark_done([(1, 2), (0, 0)])
+    store.mark_done([(1, 2)])
     assert store.verify() == {}
     reopened = make(tmp_path / "s.zarr")
-    assert reopened.missing() == [(0, 1), (0, 2), (1, 0), (1, 1)]
+    assert reopened.missing() == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
     ds = xr.open_zarr(tmp_path / "s.zarr")
     assert ds.attrs["model_fingerprint"] == "abc" and ds.attrs["identity"] == {"steps": 2}
     assert ds.attn2.dims == ("prompt", "seed", "channel")
     assert ds.attn2.sel(prompt="normal", seed=2).values.tolist() == [0.0, 1.0, 2.0, 3.0]
     assert np.isnan(ds.attn2.sel(prompt="normal", seed=0).values).all()  # never written
-    assert np.isnan(ds.attn2.sel(prompt="a polyp", seed=0).values).all()  # written as NaN
+    assert np.isnan(ds.attn2.sel(prompt="a polyp", seed=0).values).all()  # written as NaN, not done
     assert "done" not in reopened.dataset()
     assert not list(tmp_path.glob(".*tmp"))  # the build folder was moved into place
 

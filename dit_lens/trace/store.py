@@ -52,6 +52,7 @@ import zarr
 from numcodecs import CRC32
 
 from .attrs import typed
+from ..storage.cache import CACHE_ENV, cache_root
 from ..storage.locks import remove_stale_temporaries, temporary_name
 
 __all__ = [
@@ -64,8 +65,6 @@ __all__ = [
     "content_key",
 ]
 
-#: Environment variable that overrides where content-addressed entries live.
-CACHE_ENV = "DIT_LENS_CACHE"
 #: Written into every store's attrs; a store without it is not a dit-lens capture.
 STORE_FORMAT = "dit-lens.capture/2"
 #: Earlier formats that still open: ``/1`` is ``/2`` without chunk checksums.
@@ -103,17 +102,6 @@ class VariableSpec:
             )
         if self.dims[:2] != ("prompt", "seed"):
             raise ValueError(f"VariableSpec {self.name!r}: dims must start with (prompt, seed)")
-
-
-def cache_root() -> Path:
-    """Root of the content-addressed cache: ``$DIT_LENS_CACHE``, else ``cache/`` in the source
-    tree (when dit-lens runs from a checkout), else ``~/.cache/dit-lens``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    checkout = Path(__file__).resolve().parent.parent
-    if (checkout / "pyproject.toml").is_file():
-        return checkout / "cache"
-    return Path.home() / ".cache" / "dit-lens"
 
 
 def content_key(identity: Mapping[str, Any]) -> str:
@@ -204,9 +192,9 @@ class CaptureStore:
                 _fsync(self.path / self.spec.name / key)
         if damaged:
             raise CaptureStoreError(
-                f"store {self.path}: cells {sorted(damaged)} were not all written, or do not read "
-                f"back ({next(iter(damaged.values()))}); they were not marked done (write every "
-                f"value of a cell before marking it; is the disk full or failing?)"
+                f"store {self.path}: cells {sorted(damaged)} were not all written, hold NaN, or do not "
+                f"read back ({next(iter(damaged.values()))}); they were not marked done (write every "
+                f"finite value of a cell before marking it; is the disk full or failing?)"
             )
         _fsync_dir(self.path / self.spec.name)
         for i, j in cells:
