@@ -11,7 +11,6 @@ judge generated images, not only the procedural ones; the oracle also sees tinte
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..storage import DamagedError, load_torch, read_record, read_tensors, write_record, write_tensors
 from .procedural import LABELS
 from .train import StageConfig, rand, randn
 from .train import fit as _fit
@@ -29,6 +29,8 @@ __all__ = ["Oracle", "Segmenter", "OracleNet", "SegmenterNet", "augment", "tint_
 
 #: Where the shipped judges live (written by ``dit-lens world build``).
 EMBEDDED_JUDGES = Path(__file__).resolve().parent.parent / "embedded"
+#: A judge's weights (safetensors, with a digest) and what earlier versions wrote (a weights-only torch file).
+WEIGHTS, LEGACY_WEIGHTS = "weights.safetensors", "weights.pt"
 #: What a segmenter can find, and the folder of the shipped one under `EMBEDDED_JUDGES`.
 SEGMENTER_TARGETS = {"lesion": "segmenter", "anatomy": "anatomy"}
 
@@ -212,15 +214,18 @@ def train_segmenter(images: np.ndarray, masks: np.ndarray, cfg: StageConfig, *, 
 
 
 def save_judge(judge: Oracle | Segmenter, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write a judge as ``judge.json`` (kind, config, labels or target; sealed) and ``weights.safetensors``
+    (its weights, with a digest over them and the same settings), each atomically."""
+    folder = Path(folder)
     kind = "oracle" if isinstance(judge, Oracle) else "segmenter"
     meta = {"kind": kind, "config": judge.net.config}
     if kind == "oracle":
         meta["labels"] = list(judge.labels)
     else:
         meta["target"] = judge.target
-    (folder / "judge.json").write_text(json.dumps(meta, indent=1))
-    torch.save(judge.net.state_dict(), folder / "weights.pt")
+    write_tensors(folder / WEIGHTS, judge.net.state_dict(), meta)
+    write_record(folder / "judge.json", meta)
+    (folder / LEGACY_WEIGHTS).unlink(missing_ok=True)  # what an earlier save_judge wrote here
 
 
 def _a(word: str) -> str:
@@ -238,7 +243,9 @@ def _load(source: str | Path, kind: str, target: str = "lesion"):
         if str(source) == "embedded" and target == "anatomy":
             hint += " (or only this judge: `python -m dit_lens.world.build anatomy`)"
         raise FileNotFoundError(f"no {what} at {folder} (no judge.json); {hint}")
-    meta = json.loads(meta_path.read_text())
+    fix = "build it again with `dit-lens world build`" if str(source) == "embedded" else \
+        "save the judge again with dit_lens.world.judges.save_judge"
+    meta = read_record(meta_path, what=f"the {what}'s record", fix=fix, unsealed=True)
     if meta.get("kind") != kind:
         raise ValueError(f"{folder} holds a {meta.get('kind')!r}, not a {kind}")
     held = meta.get("target", "lesion")  # folders written before anatomy segmenters existed hold lesion ones
@@ -248,8 +255,15 @@ def _load(source: str | Path, kind: str, target: str = "lesion"):
                              f"expected one of {list(SEGMENTER_TARGETS)}")
         loader = "load_segmenter" if held == "lesion" else f"load_{held}_segmenter"
         raise ValueError(f"{folder} holds {_a(held)} segmenter, not {_a(target)} segmenter; load it with {loader}()")
+    if (folder / WEIGHTS).is_file():
+        weights, settings = read_tensors(folder / WEIGHTS, what=f"the {what}'s weights", fix=fix)
+        if settings != meta:
+            raise DamagedError(f"{folder / 'judge.json'} does not describe the weights beside it ({settings} were "
+                               f"saved with them); {fix}")
+    else:  # a folder an earlier dit-lens wrote: torch's weights-only loader (no code can run)
+        weights = load_torch(folder / LEGACY_WEIGHTS, what=f"the {what}'s weights", fix=fix, sealed=False)
     net = (OracleNet if kind == "oracle" else SegmenterNet)(**meta["config"])
-    net.load_state_dict(torch.load(folder / "weights.pt", weights_only=True))
+    net.load_state_dict(weights)
     return Oracle(net, meta["labels"]) if kind == "oracle" else Segmenter(net, target)
 
 

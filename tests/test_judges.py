@@ -1,0 +1,37 @@
+"""Stored judges: sealed records and weights with a digest; damaged or edited ones are refused by name."""
+
+import pytest
+import torch
+
+from dit_lens.storage import DamagedError
+from dit_lens.world.judges import Oracle, OracleNet, load_oracle, save_judge
+from dit_lens.study.cells import judge_fingerprint
+
+
+def test_a_saved_judge_loads_as_it_was(tmp_path):
+    oracle = Oracle(OracleNet(width=4))
+    save_judge(oracle, tmp_path / "o")
+    assert judge_fingerprint(load_oracle(tmp_path / "o")) == judge_fingerprint(oracle)
+
+
+def test_edited_weights_or_records_are_refused(tmp_path):
+    save_judge(Oracle(OracleNet(width=4)), tmp_path / "o")
+    weights = tmp_path / "o" / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x40  # one weight changed
+    weights.write_bytes(bytes(data))
+    with pytest.raises(DamagedError, match=r"oracle's weights .*weights.safetensors fails its digest.*save_judge"):
+        load_oracle(tmp_path / "o")
+    save_judge(Oracle(OracleNet(width=4)), tmp_path / "p")
+    record = tmp_path / "p" / "judge.json"
+    record.write_text(record.read_text()[:20])
+    with pytest.raises(DamagedError, match=r"oracle's record .*judge.json is unreadable or truncated"):
+        load_oracle(tmp_path / "p")
+
+
+def test_a_judge_saved_as_a_weights_only_torch_file_still_loads(tmp_path):
+    oracle = Oracle(OracleNet(width=4))
+    save_judge(oracle, tmp_path / "o")
+    (tmp_path / "o" / "weights.safetensors").unlink()
+    torch.save(oracle.net.state_dict(), tmp_path / "o" / "weights.pt")
+    assert judge_fingerprint(load_oracle(tmp_path / "o")) == judge_fingerprint(oracle)
