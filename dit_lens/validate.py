@@ -46,6 +46,7 @@ __all__ = [
     "check_pipeline_folder",
     "check_prompts",
     "check_real",
+    "check_seed",
     "check_seeds",
     "check_steps",
     "check_unit_norm",
@@ -121,23 +122,30 @@ def check_prompts(prompts: Any) -> list[str]:
     return prompts
 
 
-def check_seeds(seeds: Any) -> list[int]:
-    """`seeds` as a list of unique ints in [0, 2**63); ValueError otherwise."""
+def check_seed(value: Any, name: str = "seed") -> int:
+    """One seed: an int (Python or numpy) in [0, 2**63); ValueError naming `name` otherwise."""
+    if not is_int(value) or not 0 <= value < 2**63:
+        raise ValueError(f"{name} must be an integer in [0, 2**63), got {value!r}")
+    return int(value)
+
+
+def check_seeds(seeds: Any, name: str = "seeds") -> list[int]:
+    """`seeds` as a list of unique ints in [0, 2**63); ValueError naming `name` otherwise."""
     if is_int(seeds):
         raise ValueError(
-            f"seeds must be a list of integers; pass seeds=range({seeds}) or seeds=[{seeds}]"
+            f"{name} must be a list of integers; pass {name}=range({seeds}) or {name}=[{seeds}]"
         )
     try:
         seeds = list(seeds)
     except TypeError:
-        raise ValueError(f"seeds must be a list of integers, got {type(seeds).__name__}") from None
+        raise ValueError(f"{name} must be a list of integers, got {type(seeds).__name__}") from None
     if not seeds:
-        raise ValueError("seeds is empty; pass at least one seed, e.g. seeds=range(8)")
+        raise ValueError(f"{name} is empty; pass at least one seed, e.g. {name}=range(8)")
     for seed in seeds:
         if not is_int(seed) or not 0 <= seed < 2**63:
-            raise ValueError(f"seeds must be integers in [0, 2**63), got {seed!r}")
+            raise ValueError(f"{name} must be integers in [0, 2**63), got {seed!r}")
     if len(set(int(s) for s in seeds)) != len(seeds):
-        raise ValueError("seeds has duplicates; list each seed once (they label the data)")
+        raise ValueError(f"{name} has duplicates; list each seed once (they label the data)")
     return [int(s) for s in seeds]
 
 

@@ -14,7 +14,7 @@ import torch
 import xarray as xr
 
 from dit_lens.apps.cli import main
-from dit_lens.apps.demo import MARKER, claim_output_folder
+from dit_lens.apps.demo import claim_output_folder
 from dit_lens.interventions.base import UnverifiedWarning
 from dit_lens.interventions.generate import generate
 from dit_lens.interventions.steer import Steer
@@ -159,32 +159,34 @@ def test_demo_refuses_a_folder_with_user_files_and_deletes_nothing(tmp_path):
     (out / "vector.zarr").mkdir(parents=True)
     (out / "vector.zarr" / "notes.txt").write_text("mine")
     (out / "summary.json").write_text("my summary")
-    with pytest.raises(ValueError, match="holds files dit-lens did not write"):
+    with pytest.raises(ValueError, match="not made by dit-lens"):
         claim_output_folder(out, overwrite=True)
     assert (out / "vector.zarr" / "notes.txt").read_text() == "mine"
     assert (out / "summary.json").read_text() == "my summary"
 
 
 def test_demo_needs_overwrite_and_replaces_only_what_it_wrote(tmp_path):
-    from dit_lens.apps.demo import _mark, _written
+    from dit_lens.storage import MARKER
 
     out = claim_output_folder(tmp_path / "new", overwrite=False)
-    assert (out / MARKER).is_file() and _written(out) == []
-    (out / "summary.json").write_text("{}")
-    _mark(out, ["summary.json"])
+    assert (out.path / MARKER).is_file() and out.files == []
+    out.write("summary.json", b"{}")
     with pytest.raises(ValueError, match="pass --overwrite"):
-        claim_output_folder(out, overwrite=False)
-    assert claim_output_folder(out, overwrite=True) == out
-    (out / "vector.zarr").mkdir()
-    (out / "vector.zarr" / "added.txt").write_text("mine")
+        claim_output_folder(out.path, overwrite=False)
+    again = claim_output_folder(out.path, overwrite=True)
+    assert again.path == out.path and not (out.path / "summary.json").exists()
+    again.record("vector.zarr")
+    (out.path / "vector.zarr").mkdir()
+    (out.path / "vector.zarr" / "added.txt").write_text("mine")
     with pytest.raises(ValueError, match=r"did not write \(vector.zarr/added.txt\)"):
-        claim_output_folder(out, overwrite=True)
+        claim_output_folder(out.path, overwrite=True)
+    assert (out.path / "vector.zarr" / "added.txt").read_text() == "mine"
 
 
 def test_demo_cli_refuses_a_foreign_folder_before_running(tmp_path, capsys):
     (tmp_path / "photo.jpg").write_bytes(b"x")
     assert main(["demo", "--out", str(tmp_path)]) == 2
-    assert "did not write (photo.jpg)" in capsys.readouterr().err
+    assert "not made by dit-lens (it holds photo.jpg)" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["photo.jpg"]
 
 

@@ -5,16 +5,20 @@ checkpoint, ``--model DIR [--lora DIR] --positive ... --negative ...`` runs the 
 then need a classifier that knows the labels (``--oracle``), otherwise they are reported as
 unavailable rather than guessed.
 
-The output folder is only ever written where dit-lens made it: a new or empty ``--out`` folder is
-claimed with a marker file (`MARKER`) listing what the demo wrote; a folder holding anything else is
-refused, and an earlier demo's results are replaced only with ``--overwrite`` (and then only the files
-the marker lists). Every setting is checked before the model is loaded.
+The output folder is claimed through `dit_lens.storage.claim` (kind ``"demo"``): a new or empty
+``--out`` is marked as the demo's, and every output is recorded in that sealed marker before it is
+written; a folder holding anything else is refused untouched, and an earlier demo's results are
+replaced only with ``--overwrite`` (and then only the entries dit-lens recorded, inside the folder).
+A run that fails before writing any output leaves no claimed, empty folder behind. Every setting is
+checked before the model is loaded.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import time
 from pathlib import Path
 
@@ -34,13 +38,12 @@ from ..interventions.steer import Steer
 from ..study.declaration import window_layers
 from ..world.domain import ENDOSCOPY_CONTEXTS
 from ..readouts.vectors import concept_vector, save_vector
-from ..validate import (check_guidance, check_int, check_pipeline_folder, check_real, check_steps, check_window,
-                        check_writable_folder)
+from ..storage import MARKER, Claim, FolderClaimError, claim, exclusive, temporary_name
+from ..validate import (check_guidance, check_int, check_pipeline_folder, check_real, check_seed, check_steps,
+                        check_window, check_writable_folder)
 
 __all__ = ["MARKER", "OUTPUTS", "add_demo_arguments", "claim_output_folder", "run_demo"]
 
-#: Marks a folder the demo made; lists the files it wrote there (the only ones it ever replaces).
-MARKER = ".dit-lens-demo.json"
 #: What the demo writes into its folder.
 OUTPUTS = ("summary.json", "pairs.png", "gates.png", "attention.png", "explorer.html", "vector.zarr")
 
@@ -49,6 +52,8 @@ DEFAULT_SOURCE, DEFAULT_TARGET = "polyps", "normal cecum"
 DEFAULT_WINDOW = (0.0, 1.0)
 DEFAULT_ALPHA = 3.0
 DEFAULT_BLEND = 0.0
+#: The first seed of the counterfactual pairs (the vector's seeds start at 0).
+PAIR_SEED_BASE = 10_000
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
@@ -89,6 +94,12 @@ def _check_arguments(args: argparse.Namespace) -> None:
     check_steps(args.steps, name="--steps")
     check_int(args.pairs, "--pairs", minimum=1)
     check_int(args.vector_seeds, "--vector-seeds", minimum=1)
+    for flag, first, count in (("--pairs", PAIR_SEED_BASE, args.pairs), ("--vector-seeds", 0, args.vector_seeds)):
+        try:  # its seeds run from `first`; the last one must be a seed too
+            check_seed(first + count - 1, "seed")
+        except ValueError:
+            raise ValueError(f"{flag} {count} asks for seeds up to {first + count - 1}, but seeds are integers in "
+                             f"[0, 2**63); pass a smaller {flag}") from None
     try:
         check_blend(args.blend)
     except ValueError as err:
@@ -104,7 +115,31 @@ def run_demo(args: argparse.Namespace) -> int:
 
     check_writable_folder(cache_root(), "the cache folder",
                           f"set {CACHE_ENV} to a writable folder (it holds the captures)")
-    out_dir = claim_output_folder(Path(args.out), overwrite=args.overwrite)
+    made = not Path(args.out).exists()
+    with exclusive(Path(args.out)):  # a second demo into this folder waits for this one
+        out = claim_output_folder(Path(args.out), overwrite=args.overwrite, identity=_identity(args))
+        try:
+            return _run(args, out, start)
+        except BaseException:
+            _release_if_empty(out, made)
+            raise
+
+
+def _identity(args: argparse.Namespace) -> dict:
+    """What a demo folder was made for: every flag but the folder itself."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in ("out", "overwrite", "debug", "func", "command")}
+
+
+def _release_if_empty(out: Claim, made: bool) -> None:
+    """After a failed run: unmark a folder it claimed new and wrote nothing into, and remove it if it made it."""
+    if out.state != "new" or out.files or any(p.name != MARKER for p in out.path.iterdir()):
+        return
+    (out.path / MARKER).unlink(missing_ok=True)
+    if made:
+        out.path.rmdir()
+
+
+def _run(args: argparse.Namespace, out: Claim, start: float) -> int:
     lens = load(args.model, lora=args.lora)
     check_steps(args.steps, lens.pipeline.scheduler, name="--steps")
     oracle_source = args.oracle or ("embedded" if args.model == "embedded" else None)
@@ -120,7 +155,7 @@ def run_demo(args: argparse.Namespace) -> int:
     layers = window_layers(check_window(args.window, "--window"), lens.num_layers)
     steer = Steer(vector, alpha=args.alpha, layers=layers, renormalize=args.renormalize,
                   name=concept["name"])
-    seeds = [10_000 + i for i in range(args.pairs)]
+    seeds = [PAIR_SEED_BASE + i for i in range(args.pairs)]
     print(f"[2/3] {args.pairs} counterfactual pairs, {steer!r}")
     pairs = generate(lens, prompt, seeds=seeds, steer=steer, num_inference_steps=args.steps,
                      guidance_scale=args.guidance, record_gates=True, blend=args.blend, batch_size=8)
@@ -152,8 +187,8 @@ def run_demo(args: argparse.Namespace) -> int:
         from ..world import load_oracle
 
         judge = load_oracle(oracle_source)
-    _write_outputs(out_dir, pairs, vector, summary, maps, judge)
-    _print_table(summary, out_dir)
+    _write_outputs(out, pairs, vector, summary, maps, judge)
+    _print_table(summary, out.path)
     return 0
 
 
@@ -250,46 +285,39 @@ def _measure(pairs, oracle_source, source_label, target_label) -> dict:
     return result
 
 
-def claim_output_folder(out_dir: Path, *, overwrite: bool) -> Path:
-    """Make `out_dir` the demo's: new or empty (marked now), or marked by an earlier demo.
+def claim_output_folder(out_dir: Path, *, overwrite: bool, identity: dict | None = None) -> Claim:
+    """Claim `out_dir` for the demo (`dit_lens.storage.claim`): new or empty (marked now), or an earlier demo's.
 
-    Refuses a file, an unwritable folder, a folder holding anything the demo did not write (also inside
-    ``vector.zarr``), and an earlier demo's results unless `overwrite`. Nothing is deleted here.
+    Call it holding ``exclusive(out_dir)``. Refuses, untouched: a file, an unwritable folder, a folder dit-lens did not mark (whatever it holds,
+    even with `overwrite`), a damaged marker or one naming paths outside the folder, and an earlier
+    demo's results unless `overwrite`. With `overwrite`, only the entries the marker records are removed.
     """
     fix = "pass --out with a new or empty folder"
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        written = _written(out_dir)
-        if written is None:
-            names = sorted(p.name for p in out_dir.iterdir())
-            raise ValueError(f"--out {out_dir} holds files dit-lens did not write ({', '.join(names[:3])}"
-                             f"{', ...' if len(names) > 3 else ''}); {fix}, nothing was changed")
-        foreign = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*")
-                         if not p.is_dir() and p.name != MARKER and str(p.relative_to(out_dir)) not in written)
-        if foreign:
-            raise ValueError(f"--out {out_dir} holds files the demo did not write ({', '.join(foreign[:3])}"
-                             f"{', ...' if len(foreign) > 3 else ''}); move them away or {fix}; nothing was changed")
-        if written and not overwrite:
-            raise ValueError(f"--out {out_dir} holds an earlier demo's results; pass --overwrite to replace them, "
-                             f"or {fix}")
-    check_writable_folder(out_dir, "--out", fix)
-    if not (out_dir / MARKER).is_file():
-        _mark(out_dir, [])
-    return out_dir
-
-
-def _written(out_dir: Path) -> list[str] | None:
-    """The files an earlier demo wrote in `out_dir` (relative paths), or None for a folder it did not make."""
     try:
-        record = json.loads((out_dir / MARKER).read_text())
-        return [str(f) for f in record["files"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        if (out_dir / MARKER).is_file():  # an earlier demo's: its marker checked, nothing changed yet
+            foreign = _unrecorded(out_dir, claim(out_dir, "demo", what="--out").files)
+            if foreign:
+                raise FolderClaimError(f"--out {out_dir} holds files the demo did not write ({', '.join(foreign[:3])}"
+                                       f"{', ...' if len(foreign) > 3 else ''}); move them away or {fix} (nothing "
+                                       f"was changed)")
+        out = claim(out_dir, "demo", identity=identity, overwrite=overwrite, what="--out")
+    except FolderClaimError:
+        raise
+    except OSError as err:
+        raise ValueError(f"--out {out_dir} cannot be written ({err.strerror or err}); {fix}") from None
+    if out.files:
+        if not overwrite:
+            raise FolderClaimError(f"--out {out_dir} holds an earlier demo's results; pass --overwrite to replace "
+                                   f"them, or {fix} (nothing was changed)")
+        out.remove_recorded()
+    return out
 
 
-def _mark(out_dir: Path, files: list[str]) -> None:
-    from .. import __version__
-
-    (out_dir / MARKER).write_text(json.dumps({"written_by": f"dit-lens {__version__} demo", "files": files}))
+def _unrecorded(out_dir: Path, files: list[str]) -> list[str]:
+    """Files in `out_dir` (at any depth) that its marker does not record: someone else's."""
+    found = (p for p in out_dir.rglob("*") if p.is_symlink() or not p.is_dir())
+    names = (p.relative_to(out_dir).as_posix() for p in found if not p.name.endswith((".lock", ".tmp")))
+    return sorted(n for n in names if n != MARKER and n not in files)
 
 
 def _source_words(lens, prompt: str, source: str) -> list[str]:
@@ -301,24 +329,23 @@ def _source_words(lens, prompt: str, source: str) -> list[str]:
     return [source]
 
 
-def _write_outputs(out_dir: Path, pairs, vector, summary: dict, maps=None, judge=None) -> None:
-    for name in _written(out_dir) or []:  # only what an earlier demo wrote (claim_output_folder checked)
-        (out_dir / name).unlink(missing_ok=True)
-    vector_path = out_dir / "vector.zarr"
-    for folder in sorted((p for p in vector_path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-        folder.rmdir()  # empty once its files are gone; a file put there since raises instead
-    if vector_path.is_dir():
-        vector_path.rmdir()
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    pairs_figure(pairs, max_pairs=8, judge=judge).savefig(out_dir / "pairs.png", dpi=110, bbox_inches="tight")
-    gate_figure(pairs).savefig(out_dir / "gates.png", dpi=110, bbox_inches="tight")
+def _write_outputs(out: Claim, pairs, vector, summary: dict, maps=None, judge=None) -> None:
+    """Every output, each recorded in the folder's marker before it is written (atomically)."""
+    out.write("summary.json", json.dumps(summary, indent=2).encode())
+    figures = {"pairs.png": pairs_figure(pairs, max_pairs=8, judge=judge), "gates.png": gate_figure(pairs)}
     if maps is not None:
-        attention_figure(maps).savefig(out_dir / "attention.png", dpi=110, bbox_inches="tight")
-    write_explorer(pairs, out_dir / "explorer.html", attention=maps, judge=judge)
-    save_vector(vector, vector_path)
-    files = [name for name in OUTPUTS[:-1] if (out_dir / name).exists()]
-    files += [str(p.relative_to(out_dir)) for p in vector_path.rglob("*") if p.is_file()]
-    _mark(out_dir, sorted(files))
+        figures["attention.png"] = attention_figure(maps)
+    for name, figure in figures.items():
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+        out.write(name, buffer.getvalue())
+    out.record("explorer.html")
+    page = out.path / "explorer.html"
+    write_explorer(pairs, temporary_name(page), attention=maps, judge=judge)
+    os.replace(temporary_name(page), page)
+    out.record("vector.zarr")
+    save_vector(vector, out.path / "vector.zarr")
+    out.record(*(p.relative_to(out.path) for p in (out.path / "vector.zarr").rglob("*") if p.is_file()))
 
 
 def _print_table(summary: dict, out_dir: Path) -> None:

@@ -37,6 +37,8 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
+from ..storage import read_record, write_atomic
+
 __all__ = [
     "HALVES",
     "EditContext",
@@ -56,6 +58,8 @@ __all__ = [
 HALVES = ("both", "cond", "uncond")
 
 _CLASSES: dict[str, type] = {}
+#: `read_record`'s digest key when it only parses a saved intervention (sealed by `settings_digest` instead).
+_PARSE_ONLY = "\0 parse only"
 
 
 def register(cls: type) -> type:
@@ -149,14 +153,14 @@ class Intervention:
         return False
 
     def save(self, path: str | Path) -> Path:
-        """Write ``to_dict`` as JSON with a ``"digest"`` over all of it; refuses to overwrite an existing file."""
+        """Write ``to_dict`` as JSON with a ``"digest"`` over all of it (atomically); refuses to overwrite an
+        existing file."""
         path = Path(path)
-        if path.exists():
+        if path.exists() or path.is_symlink():
             raise FileExistsError(f"{path} exists; choose a new path or delete it first")
         data = self.to_dict()
         data["digest"] = settings_digest(data)
-        with path.open("x") as fh:
-            fh.write(json.dumps(data))
+        write_atomic(path, json.dumps(data).encode())
         return path
 
     @classmethod
@@ -167,19 +171,17 @@ class Intervention:
         refused. Files saved before digests existed still load, with an `UnverifiedWarning`.
         """
         path = Path(path)
+        fix = "save the intervention again rather than editing the file"
         if not path.is_file():
             raise FileNotFoundError(f"no saved intervention at {path}")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not a saved {cls.__name__} (invalid JSON: {err})") from err
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} is not a saved {cls.__name__} (a JSON object was expected)")
+        # parsed by the storage reader (clear errors for truncated, non-JSON or too deeply nested files); the
+        # digest is this module's own `settings_digest`, so the key it would check is one no file holds
+        data = read_record(path, what=f"the saved {cls.__name__}", fix=fix, key=_PARSE_ONLY, unsealed=True)
         if "digest" in data:
             if data["digest"] != settings_digest(data):
                 raise ValueError(
                     f"{path} does not match its digest: its settings or vector were edited or damaged after it "
-                    f"was saved; save the intervention again rather than editing the file"
+                    f"was saved; {fix}"
                 )
             data = {k: v for k, v in data.items() if k != "digest"}
         else:
@@ -190,7 +192,10 @@ class Intervention:
             )
         if "type" not in data and cls is not Intervention:  # written before interventions named their type
             data = {**data, "type": cls.__name__}
-        value = from_dict(data)
+        try:
+            value = from_dict(data)
+        except RecursionError:
+            raise ValueError(f"{path} is not a saved {cls.__name__}: its settings are nested too deeply; {fix}") from None
         if not isinstance(value, cls):
             raise ValueError(f"{path} holds a {type(value).__name__}, not a {cls.__name__}")
         return value

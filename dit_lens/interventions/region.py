@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 import xarray as xr
 
-from ..validate import as_array
+from ..validate import as_array, check_seeds
 from .base import EditContext, LatentEdit, register
 
 __all__ = ["Confine", "MaskedValue", "Region", "as_region", "window_steps"]
@@ -57,9 +57,10 @@ class Region:
         if isinstance(value, xr.DataArray):
             if "seed" in value.dims:
                 value = value.transpose("seed", ...)
-                seeds = tuple(int(s) for s in value["seed"].values)
-                if len(set(seeds)) != len(seeds):
-                    raise ValueError(f"{name} has repeated seeds {list(seeds)}; give one mask per seed")
+                try:  # the same seeds every run takes: a coordinate of 1.7 names no seed
+                    seeds = tuple(check_seeds(value["seed"].values.tolist(), f"the seed coordinate of {name}"))
+                except ValueError as err:
+                    raise ValueError(f"{err}; give one mask per seed, labelled with the run's integer seeds") from None
         value = as_array(value)
         if not isinstance(value, np.ndarray):
             raise TypeError(f"{name} must be a mask (numpy array, torch tensor or xarray DataArray), "

@@ -12,6 +12,12 @@ and ᾱ, so an editor can start from any step and replay the source branch level
 with the same DDIM sampler: with the inversion's prompt and guidance it reconstructs the images, and
 how far the reconstruction lands from the input is the error every inversion-based editor carries.
 
+A trajectory is sealed: its ``digest`` attribute covers its latents, coordinates and every attribute
+(`dit_lens.storage.dataset_digest`), and `regenerate` and `edit` refuse one that changed after `invert`
+made it (an edited setting, a removed model fingerprint, scaled or damaged latents). The seal survives
+``to_zarr``/``open_zarr`` and ``to_netcdf``/``open_dataset``; to use part of a trajectory, invert
+that part.
+
 Examples:
     >>> from dit_lens import PixArtSpec, build_pixart, load
     >>> lens = load(build_pixart(PixArtSpec(num_layers=1)))
@@ -32,6 +38,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
+from ..storage import DIGEST, DamagedError, dataset_digest
 from ..validate import NonFiniteError, check_guidance, check_int
 from .flow import flow_move
 from .sampler import Denoiser, alpha_bars, check_images, ddim_move, decode, encode, inversion_scheduler
@@ -127,18 +134,21 @@ def invert(
                                      f"weights produce non-finite predictions")
             out[start : start + len(z), i] = z.float().numpy()
     timesteps = sampler.timesteps.numpy()
-    timesteps = np.append(timesteps.astype(np.float64 if flow else np.int64), -1)
+    timesteps = np.append(timesteps.astype(np.float64), -1)
     height, width = images.shape[1:3]
     ds = xr.Dataset(
         {"latent": (("item", "step", "channel", "latent_y", "latent_x"), out),
          "input": (("item", "y", "x", "rgb"), images)},
-        coords={"item": np.arange(len(images)), "step": np.arange(T + 1), "timestep": ("step", timesteps),
+        # int32 indices: netCDF3 (xarray's writer without extra packages) keeps them as they are, so the seal holds
+        coords={"item": np.arange(len(images), dtype=np.int32), "step": np.arange(T + 1, dtype=np.int32),
+                "timestep": ("step", timesteps.astype(np.float64 if flow else np.int32)),
                 ("sigma" if flow else "alpha_bar"): ("step", levels.numpy())},
     )
     ds.attrs.update(lens.provenance())
     ds.attrs.update(prompt=prompt, num_inference_steps=T, guidance_scale=guidance, refine=refine,
                     sampler="flow-matching Euler" if flow else "DDIM (eta 0, leading)",
                     prediction_type=kind, image_size=[int(height), int(width)])
+    ds.attrs[DIGEST] = dataset_digest(ds)
     return ds
 
 
@@ -204,10 +214,29 @@ def regenerate(
 
 
 def check_trajectory(lens: Any, trajectory: Any) -> None:
-    """Refuse a trajectory that is not from `invert`, or was inverted with another model."""
+    """Refuse a trajectory that is not from `invert`, changed after it was made, or was inverted with another model.
+
+    Raises:
+        TypeError: not a trajectory.
+        dit_lens.storage.DamagedError: no seal, a seal its content fails (an edited setting, removed
+            provenance, other latents), or NaN or inf latents.
+        ValueError: it was inverted with another model.
+    """
     if not isinstance(trajectory, xr.Dataset) or "latent" not in trajectory or "num_inference_steps" not in trajectory.attrs:
         raise TypeError("expected a trajectory from dit_lens.invert (a Dataset with 'latent' and its settings)")
-    made_by = trajectory.attrs.get("model_fingerprint")
-    if made_by is not None and made_by != lens.fingerprint:
+    fix = "invert the images again with dit_lens.invert (nothing was run)"
+    sealed = trajectory.attrs.get(DIGEST)
+    if sealed is None:
+        raise DamagedError(f"this trajectory has no digest, so its latents and settings cannot be trusted (made by "
+                           f"an older dit-lens, or rebuilt by hand); {fix}")
+    if "model_fingerprint" not in trajectory.attrs:
+        raise DamagedError(f"this trajectory has no model_fingerprint, so the model it was inverted with is unknown; {fix}")
+    if not bool(np.isfinite(trajectory["latent"].values).all()):
+        raise DamagedError(f"this trajectory is damaged: its latents hold NaN or inf; {fix}")
+    if sealed != dataset_digest(trajectory):
+        raise DamagedError(f"this trajectory fails its digest: it is damaged, or its latents, coordinates or settings "
+                           f"(e.g. num_inference_steps={trajectory.attrs['num_inference_steps']}) changed after "
+                           f"invert made it, or it is a part of one; {fix}")
+    if trajectory.attrs["model_fingerprint"] != lens.fingerprint:
         raise ValueError("this trajectory was inverted with another model (its model_fingerprint differs from the "
                          "lens's); invert the images again with this lens")

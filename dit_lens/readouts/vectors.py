@@ -17,7 +17,9 @@ Examples:
 from __future__ import annotations
 
 import io
+import os
 import pickle
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,7 +27,8 @@ from typing import Any, Sequence
 import numpy as np
 import xarray as xr
 
-from ..validate import check_unit_norm
+from ..storage import DIGEST, DamagedError, dataset_digest, remove_stale_temporaries, temporary_name
+from ..validate import NonFiniteError, check_unit_norm
 
 __all__ = ["concept_vector", "save_vector", "load_vector", "export_authors", "import_authors", "normalize_vector"]
 
@@ -84,6 +87,7 @@ def concept_vector(
             )
         from ..trace.capture import capture
 
+        _check_kept_tokens(source, list(positive), list(negative))
         settings = dict(
             seeds=list(seeds), num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, site=site, branch="cond", reduce="mean",
@@ -101,15 +105,43 @@ def concept_vector(
             )
     diff = mean_pos - mean_neg  # (step, layer, channel)
     norm = np.sqrt((diff**2).sum("channel"))
-    if bool((norm == 0).any()) or not bool(np.isfinite(norm).all()):
+    if not bool(np.isfinite(norm).all()):
+        raise NonFiniteError(
+            f"the positive and negative captures hold NaN or inf values (guidance_scale="
+            f"{_setting(ds_pos, 'guidance_scale')}), so they give no direction; lower guidance_scale, or check "
+            f"the model's weights and dtype"
+        )
+    if bool((norm == 0).any()):
         raise ValueError(
-            "the positive and negative captures give a zero (or non-finite) difference at some "
-            "(step, layer); use prompts that differ in the concept"
+            "the positive and negative captures give a zero difference at some (step, layer); use prompts "
+            "that differ in the concept"
         )
     vec = (diff / norm).astype(np.float32).transpose(*VECTOR_DIMS)
     vec.name = "concept_vector"
     vec.attrs = _provenance(ds_pos, ds_neg, site)
     return vec
+
+
+def _check_kept_tokens(lens: Any, positive: list[str], negative: list[str]) -> None:
+    """Refuse prompts that differ only in tokens past the pipeline's token limit: the model sees them as equal."""
+    from ..trace.tokens import prompt_text, text_segments
+
+    def kept(prompt: str) -> tuple:
+        text = prompt_text(lens, prompt)
+        return tuple(tuple(tokenizer(text, truncation=True, max_length=length)["input_ids"])
+                     for tokenizer, _, length in text_segments(lens) if tokenizer is not None)
+
+    try:
+        same = sorted(map(kept, positive)) == sorted(map(kept, negative))
+        limit = max(length for tokenizer, _, length in text_segments(lens) if tokenizer is not None)
+    except (ValueError, TypeError, AttributeError):  # no tokenizer to ask: the zero difference will say it
+        return
+    if same and sorted(positive) != sorted(negative):
+        raise ValueError(
+            f"the positive and negative prompts differ only after the first {limit} tokens, which is all the "
+            f"model keeps (its tokenizer truncates the rest, max_sequence_length={limit}), so they give the same "
+            f"activations; put the words that differ within the first {limit} tokens (shorten the prompts)"
+        )
 
 
 def _mean_capture(ds: xr.Dataset, site: str, which: str) -> xr.DataArray:
@@ -191,37 +223,66 @@ def normalize_vector(vec: xr.DataArray) -> xr.DataArray:
 
 
 def save_vector(vec: xr.DataArray, path: str | Path) -> Path:
-    """Write a vector (values and provenance) as a Zarr store; refuses to overwrite.
+    """Write a vector (values and provenance) as a Zarr store, sealed; refuses to overwrite.
 
-    Every chunk carries a CRC-32 checksum (numcodecs' ``crc32`` filter), verified by `load_vector`.
+    The store's ``digest`` attribute covers the values, coordinates and every attribute (``site``,
+    prompts, settings: `dit_lens.storage.dataset_digest`), and every chunk carries a CRC-32 checksum
+    (numcodecs' ``crc32`` filter); `load_vector` checks both. The store is built beside `path` and
+    renamed into place, so `path` never holds half a vector.
     """
     from numcodecs import CRC32
 
     vec = _check_vector(vec)
     path = Path(path)
-    if path.exists():
+    if path.exists() or path.is_symlink():
         raise FileExistsError(f"{path} exists; choose a new path or delete it first")
     ds = vec.to_dataset(name="concept_vector")
+    ds.attrs = {DIGEST: dataset_digest(ds)}
     encoding = {name: {"filters": [CRC32()]} for name in ds.variables}
-    ds.to_zarr(path, mode="w-", zarr_format=2, encoding=encoding)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
+    building = temporary_name(path)
+    try:
+        ds.to_zarr(building, mode="w-", zarr_format=2, encoding=encoding)
+        if path.exists() or path.is_symlink():
+            raise FileExistsError(f"{path} exists; choose a new path or delete it first")
+        os.rename(building, path)
+    finally:
+        if building.exists():
+            shutil.rmtree(building)
     return path
 
 
 def load_vector(path: str | Path) -> xr.DataArray:
-    """Read a vector written by `save_vector`; a vector that is not unit-norm (within
-    ``UNIT_NORM_TOLERANCE``) or holds NaN is refused."""
+    """Read a vector written by `save_vector`, checked against its digest (values and attributes).
+
+    A vector that fails its digest (an edited ``site``, other values), is not unit-norm (within
+    ``UNIT_NORM_TOLERANCE``) or holds NaN is refused. A store saved before vectors were sealed loads
+    with an `UnverifiedWarning`: its attributes cannot be verified.
+    """
+    from ..interventions.base import UnverifiedWarning
+
     path = Path(path)
+    fix = "recompute it with concept_vector and save it again"
     if not path.exists():
         raise FileNotFoundError(f"no concept vector at {path}")
     try:
-        ds = xr.open_zarr(path)
+        ds = xr.open_zarr(path).load()
         if "concept_vector" not in ds:
             raise ValueError(f"{path} is not a dit-lens concept vector store")
-        vec = ds["concept_vector"].load()
     except (RuntimeError, OSError, KeyError) as err:  # a checksum mismatch, a damaged or missing chunk
-        raise ValueError(f"the concept vector at {path} is damaged ({type(err).__name__}: {err}); "
-                         f"recompute it with concept_vector and save it again") from err
-    return _check_vector(vec)
+        raise DamagedError(f"the concept vector at {path} is damaged ({type(err).__name__}: {err}); {fix}") from err
+    sealed = ds.attrs.get(DIGEST)
+    if sealed is not None and sealed != dataset_digest(ds):
+        raise DamagedError(f"the concept vector at {path} is damaged: it fails its digest (its values or attributes, "
+                           f"such as site={ds['concept_vector'].attrs.get('site')!r}, changed after save_vector "
+                           f"wrote it); {fix}")
+    vec = _check_vector(ds["concept_vector"])
+    if sealed is None:
+        warnings.warn(f"the concept vector at {path} was saved by an older dit-lens without a digest over its "
+                      f"attributes, so they (site, prompts, settings) cannot be verified; check them and save it "
+                      f"again to protect it", UnverifiedWarning, stacklevel=2)
+    return vec
 
 
 def export_authors(vec: xr.DataArray, path: str | Path) -> Path:

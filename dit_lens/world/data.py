@@ -12,11 +12,16 @@ Examples:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from ..training.data import TrainingImages, write_image_folder
-from .procedural import LABELS, SPLITS, caption, render
+from ..validate import check_seed
+from .procedural import LABELS, SIZE, SPLITS, caption, render
+
+#: Bytes rendering one image takes while a split is made (float64 drawing and stacking, float32 result).
+BYTES_PER_IMAGE = SIZE * SIZE * 3 * (8 + 8 + 4)
 
 __all__ = ["parse_counts", "world_split", "write_world_split"]
 
@@ -50,13 +55,33 @@ def world_split(split: str = "shifted", *, per_class: int = 20, seed_base: int =
     for label, n in counts.items():
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"counts[{label!r}] must be a whole number >= 0, got {n!r}")
-    chosen = [(label, seed_base + i) for label in labels for i in range(counts.get(label, per_class))]
-    if not chosen:
+    total = sum(counts.get(label, per_class) for label in labels)
+    if not total:
         raise ValueError("no images chosen: every count is 0")
+    check_seed(seed_base, "seed_base (`--seed-base`)")
+    most = max(counts.get(label, per_class) for label in labels)
+    if seed_base + most - 1 >= 2**63:
+        raise ValueError(f"seed_base (`--seed-base`) {seed_base} with {most} images of a class runs past the largest "
+                         f"seed, 2**63 - 1; lower it")
+    _check_memory(total)
+    chosen = [(label, seed_base + i) for label in labels for i in range(counts.get(label, per_class))]
     samples = render([label for label, _ in chosen], [seed for _, seed in chosen], split=split)
     what = ", ".join(f"{label} {counts.get(label, per_class)}" for label in labels)
     return TrainingImages.from_arrays(samples.images, [caption(label) for label, _ in chosen],
                                       source=f"world {split} split, seeds {seed_base}+ ({what})")
+
+
+def _check_memory(images: int) -> None:
+    """Refuse, before rendering, a split that cannot fit in this machine's memory."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # the platform does not say
+        return
+    need = images * BYTES_PER_IMAGE
+    if need > memory:
+        raise ValueError(f"{images} images of {SIZE}x{SIZE} need about {need / 2**30:,.0f} GiB of memory to render "
+                         f"in one go, more than this machine's {memory / 2**30:,.0f} GiB; ask for fewer "
+                         f"(`--per-class`, `--count`)")
 
 
 def write_world_split(out: str | Path, split: str = "shifted", *, per_class: int = 20, seed_base: int = 0,
