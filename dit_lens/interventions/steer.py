@@ -78,7 +78,8 @@ class Steer(SiteEdit):
         steps: Denoising steps to steer (``None``: all).
         renormalize: Rescale each edited token back to its original L2 norm (authors' code).
         reuse_last_step: Allow runs with more steps than the vector, reusing its last step
-            (authors' code); otherwise that is an error.
+            (authors' code); otherwise that is an error. Vectors are indexed by step position, so
+            the fix for a mismatch is a vector computed with the run's step count, not this.
         name: A label for figures and results (e.g. ``"polyps−normal cecum"``).
         site: The site to edit; ``None`` takes the site the vector was captured at (its ``site``
             attr; ``"attn2"`` for vectors that do not say). Naming another site is an error: a
@@ -189,9 +190,11 @@ class Steer(SiteEdit):
             )
         if num_inference_steps > self.vector_steps and not self.reuse_last_step:
             raise ValueError(
-                f"the run has {num_inference_steps} steps but the vector only {self.vector_steps}; "
-                f"compute the vector with as many steps, or pass reuse_last_step=True to reuse its "
-                f"last step (the authors' behaviour)"
+                f"the run has {num_inference_steps} steps but the vector only {self.vector_steps}: a vector is "
+                f"indexed by step position, so its steps line up with the run's only when the counts match; "
+                f"compute the vector with num_inference_steps={num_inference_steps} (for an inverted image, the "
+                f"inversion's step count). reuse_last_step=True repeats its last step for the rest (the authors' "
+                f"behaviour): it runs, but steers late steps with an early-step direction"
             )
         if self.steps is not None and max(self.steps) >= num_inference_steps:
             raise ValueError(
