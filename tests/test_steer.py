@@ -91,3 +91,12 @@ def test_steer_is_a_printable_saveable_value(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ValueError, match="not a saved Steer"):
         Steer.load(tmp_path / "bad.json")
+
+
+def test_a_saved_steer_loads_equal_and_other_settings_differ(tmp_path):
+    steer = Steer(unit_vector(), alpha=2.0, layers=[1])
+    steer.save(tmp_path / "s.json")
+    loaded = Steer.load(tmp_path / "s.json")
+    assert loaded == steer and hash(loaded) == hash(steer)
+    assert Steer(unit_vector(), alpha=2.5, layers=[1]) != steer
+    assert Steer(unit_vector(seed=1), alpha=2.0, layers=[1]) != steer

@@ -212,6 +212,17 @@ class Steer(SiteEdit):
 
     # -- as a value ------------------------------------------------------------------------
 
+    def __eq__(self, other: object) -> bool:
+        """Equal when every setting, the vector's values and its step and layer labels are equal (a
+        loaded copy equals what was saved)."""
+        if not isinstance(other, Steer):
+            return NotImplemented
+        return self.settings() == other.settings() and all(
+            np.array_equal(self.vector[d].values, other.vector[d].values) for d in ("step", "layer"))
+
+    def __hash__(self) -> int:
+        return hash(self.vector_digest)
+
     @property
     def vector_digest(self) -> str:
         return _digest(self.vector.values)
