@@ -151,3 +151,15 @@ def test_reprompt_pairs_are_the_two_plain_calls_and_blend_like_a_steered_branch(
     assert blended.attrs["target_prompt"] == "normal cecum" and blended.attrs["blend"] == 0.9
     with pytest.raises(ValueError, match="duplicates"):
         reprompt(tiny_lens, "a polyp", "a polyp", seeds=[0], num_inference_steps=T, progress=False)
+
+
+def test_timesteps_are_labelled_alike_by_generate_capture_and_attention_maps(tiny_lens, steer, tmp_path):
+    from dit_lens import attention_maps, capture
+
+    pairs = generate(tiny_lens, ["a polyp"], seeds=[0], steer=steer, num_inference_steps=4, record_gates=True,
+                     progress=False)
+    captured = capture(tiny_lens, ["a polyp"], seeds=[0], num_inference_steps=4, store=tmp_path / "c.zarr")
+    maps = attention_maps(tiny_lens, ["a polyp"], seeds=[0], words=["polyp"], num_inference_steps=4)
+    for ds in (captured, maps):
+        assert ds.timestep.dtype == pairs.timestep.dtype == np.float64
+        np.testing.assert_array_equal(ds.timestep.values[: pairs.sizes["step"]], pairs.timestep.values)

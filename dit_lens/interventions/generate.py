@@ -114,7 +114,7 @@ def generate(
     if "gate" in records:
         rows, cols = lens.token_grid
         gates = records["gate"].reshape(*records["gate"].shape[:5], rows, cols)
-        timesteps = scheduler_timesteps(lens, num_inference_steps)
+        timesteps = scheduler_timesteps(lens, num_inference_steps).astype(np.float64)  # as capture and maps label them
         coords.update(step=plan.steps, layer=plan.layers, timestep=("step", timesteps[plan.steps]))
         _add_record(data, coords, "gate", ("prompt", "seed", "step", "layer", "row", "col"), gates,
                     plan.names(plan.recording("gate")))
