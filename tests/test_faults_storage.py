@@ -341,7 +341,7 @@ def test_another_study_is_replaced_only_with_overwrite(lens, tmp_path):
     study, oracle, segmenter = oracle_and_segmenter()
     run_study(study, lens, oracle=oracle, segmenter=segmenter, out=tmp_path, progress=False)
     other = Study("other", pairs=study.pairs, methods={"reprompt": {}}, eval_seeds=3, num_inference_steps=2)
-    with pytest.raises(ValueError, match="holds another study.*overwrite=True"):
+    with pytest.raises(ValueError, match="study made for other settings.*overwrite=True"):
         CellRunner(other, lens, oracle, segmenter, tmp_path, progress=False).run()
     runner = CellRunner(other, lens, oracle, segmenter, tmp_path, progress=False, overwrite=True)
     runner.run()
@@ -356,7 +356,7 @@ def test_a_damaged_study_cell_is_refused_and_repaired(lens, tmp_path):
     record = json.loads(cell.read_text())
     record["metrics"]["flip_rate"]["value"] = 0.123  # a changed number that still parses
     cell.write_text(json.dumps(record))
-    with pytest.raises(DamagedCellError, match=r"reprompt_p0\.json fails its checksum.*repair=True"):
+    with pytest.raises(DamagedCellError, match=r"reprompt_p0\.json fails its digest.*repair=True"):
         run_study(study, lens, oracle=oracle, segmenter=segmenter, out=tmp_path, progress=False)
     runner = CellRunner(study, lens, oracle, segmenter, tmp_path, progress=False, repair=True)
     runner.run()

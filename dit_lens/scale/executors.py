@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import logging
 import numbers
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -135,9 +137,9 @@ class RayExecutor:
         starts new ones. Ending the Ray session ends them too."""
         if _POOL.get("executor") != self:
             return
-        actors = _POOL["actors"]
+        actors, session = _POOL["actors"], _POOL["key"][-1]
         _POOL.clear()
-        if _ray().is_initialized():
+        if _ray().is_initialized() and _session(_ray()) == session:  # those of an ended session are gone
             for actor in actors:
                 _ray().kill(actor)
 
@@ -145,8 +147,7 @@ class RayExecutor:
         """`count` workers holding `lens`'s model: those kept from an earlier `map` with the same model
         in this Ray session, and new ones for the rest."""
         device = "cuda" if self.num_gpus else "cpu"
-        key = (lens.fingerprint, lens.source, lens.lora, device, str(lens.denoiser.dtype),
-               ray.get_runtime_context().get_job_id())
+        key = (lens.fingerprint, lens.source, lens.lora, device, str(lens.denoiser.dtype), _session(ray))
         if _POOL and (_POOL["executor"] != self or _POOL["key"] != key):  # another executor, model or session
             _POOL["executor"].close()
         if not _POOL:
@@ -188,11 +189,26 @@ class RayExecutor:
         return max(1, int(resources.get("CPU", 1) // self.num_cpus))
 
     def connect(self) -> None:
-        """Join `address` (or start a local cluster) unless this process is connected already."""
+        """Join `address` (or start a local cluster) unless this process is connected already.
+
+        Raises:
+            ConnectionError: the cluster at `address` (or ``$RAY_ADDRESS``) does not answer within
+                `CONNECT_TIMEOUT` seconds, or there is none to join; said before anything is claimed.
+        """
         ray = _ray()
-        if not ray.is_initialized():
+        if ray.is_initialized():
+            return
+        address = self.address or os.environ.get("RAY_ADDRESS") or None
+        fix = ("check the address (`--ray-address`, RayExecutor(address=...) or $RAY_ADDRESS): the host:port of a "
+               "running Ray head, ray://head:10001, or auto; or leave it out for a new local cluster")
+        if address not in (None, "auto", "local"):
+            _reachable(address, fix)
+        try:
             ray.init(address=self.address, include_dashboard=False, logging_level=logging.WARNING,
                      log_to_driver=True)
+        except ConnectionError as err:
+            raise ConnectionError(f"cannot join the Ray cluster {address or ''} ({' '.join(str(err).split())}); "
+                                  f"{fix}") from None
 
 
 def as_executor(executor: Any) -> LocalExecutor | RayExecutor:
@@ -284,6 +300,29 @@ def _get(ray: Any, ref: Any, index: int, retries: int) -> Any:
             f"the Ray worker running item {index} died {retries + 1} times ({type(err).__name__}); finished "
             f"items are kept, so running again resumes; a worker that keeps dying is often out of memory "
             f"(fewer workers, or more memory per worker)") from None
+
+
+#: Seconds to wait for a Ray cluster's head to answer before `RayExecutor.connect` gives up.
+CONNECT_TIMEOUT = 10.0
+
+
+def _reachable(address: str, fix: str) -> None:
+    """Refuse an address whose head does not accept a connection within `CONNECT_TIMEOUT` seconds
+    (Ray itself would wait for it for minutes)."""
+    host, sep, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConnectionError(f"the Ray address {address!r} is not host:port; {fix}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT).close()
+    except OSError as err:
+        raise ConnectionError(f"cannot reach the Ray cluster at {address} within {CONNECT_TIMEOUT:g} s "
+                              f"({err.strerror or type(err).__name__}); {fix}") from None
+
+
+def _session(ray: Any) -> tuple[str, str]:
+    """The Ray session and job this process is connected to: workers live no longer than they."""
+    context = ray.get_runtime_context()
+    return context.get_session_name(), context.get_job_id()
 
 
 def _ray() -> Any:

@@ -5,23 +5,28 @@ A cell's file name comes from its method's axes (`dit_lens.methods.Method.cell_n
 ``p0_w0-1_t0-1_a3_r0_b0.3_n32.json`` (MedSteer) or ``reprompt_p0_b0.3.json``; a cell that exists is
 never run again.
 
-Reliability: the folder must be new, empty, or already a dit-lens study folder (it is marked with
-`dit_lens.storage.MARKER`); anything else is refused untouched. Every cell file carries a
-checksum of its content, checked whenever it is read (a damaged cell is an error naming the file;
-``repair=True`` recomputes just the damaged cells). Any number of processes may run one study folder
-at once: each cell is computed by one of them (a per-cell lock), the others use it, and the result
-is assembled under the folder's lock, so all of them return the same result.
+Reliability: the folder is claimed with `dit_lens.storage.claim` for the study's identity (its cell
+context, the model's fingerprint, the metrics version and the judges: values, never how a path was
+spelled). A folder dit-lens did not make is refused untouched, whatever ``overwrite`` says; a study
+folder of another identity is replaced (only the entries dit-lens recorded writing there) with
+``overwrite=True``, and never while another process runs a study in it. Every cell file and
+``study.json`` is a sealed record (`dit_lens.storage.write_record`), checked whenever it is read (a
+damaged cell is an error naming the file; ``repair=True`` recomputes just the damaged cells). A
+cell whose numbers are not finite is never stored. Any number of processes may run one study at
+once in one folder: each cell is computed by one of them (a per-cell lock), the others use it, and
+the result is assembled under the folder's lock, so all of them return the same result.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import itertools
-import json
+import math
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import xarray as xr
@@ -29,9 +34,11 @@ from tqdm.auto import tqdm
 
 from ..methods import MethodContext, Vectors, get
 from ..methods.registry import VECTOR_SEEDS
-from ..scale.executors import LocalExecutor, as_executor
+from ..scale.executors import LocalExecutor, RayExecutor, as_executor
+from ..storage import (Claim, DamagedError, FolderClaimError, MissingError, claim, exclusive, jsonable, read_record,
+                       remove_stale_temporaries, temporary_name, try_exclusive, write_record)
 from ..trace.attrs import typed
-from ..storage import claim, exclusive, remove_stale_temporaries, temporary_name, try_exclusive, write_atomic
+from ..validate import NonFiniteError
 from ..views.explorer import write_explorer
 from ..views.figures import pairs_figure
 from . import metrics as M
@@ -39,11 +46,16 @@ from .declaration import Study, context_of
 
 __all__ = ["CellRunner", "DamagedCellError"]
 
-#: The key under which a cell file keeps the checksum of its content.
+#: The key under which a cell file keeps the digest of its content.
 CHECKSUM = "checksum"
+#: What a study folder holds that dit-lens writes (recorded in its marker before they are written).
+ENTRIES = ("study.json", "cells", "result.zarr")
+_IN_USE = re.compile(r"^\.in-use\.(\d+)\.lock$")
+#: The study folders this process runs a study in now: ``{folder: [lock, depth]}``.
+_HELD: dict[Path, list] = {}
 
 
-class DamagedCellError(ValueError):
+class DamagedCellError(DamagedError):
     """A finished study cell's file is unreadable or fails its checksum; it was not used."""
 
 
@@ -93,10 +105,15 @@ class CellRunner:
 
     def run(self, executor: Any = None) -> None:
         """Run every cell not yet finished (in this or another process), keeping each on disk; with a
-        `dit_lens.scale.RayExecutor`, as Ray tasks on workers that each load the model once."""
+        `dit_lens.scale.RayExecutor`, as Ray tasks on workers that each load the model once (its
+        cluster is joined before the folder is claimed: an unreachable one claims nothing)."""
         runner = as_executor(executor)
-        with exclusive(self.folder):
-            self._claim_folder()
+        if isinstance(runner, RayExecutor):
+            runner.connect()
+        with self.in_use():
+            self._run(runner)
+
+    def _run(self, runner: Any) -> None:
         cells = self.cells()
         todo = [c for c in cells if not self.finished(c)]
         if len(cells) > len(todo):
@@ -122,6 +139,90 @@ class CellRunner:
             with exclusive(self._lock_target(cell)):
                 self._run_if_unfinished(cell)
 
+    # -- the folder ----------------------------------------------------------------------
+
+    def identity(self) -> dict:
+        """What the folder's cells mean: the cell context, the model's weights, the metric definitions
+        and the judges (values; two spellings of one model folder are one identity)."""
+        judges = {"oracle": judge_fingerprint(self.oracle), "segmenter": judge_fingerprint(self.segmenter)}
+        return jsonable({"context": self.study.cell_context(), "model_fingerprint": self.lens.fingerprint,
+                         "metrics_version": M.METRICS_VERSION, "judges": judges})
+
+    @contextlib.contextmanager
+    def in_use(self, *, replace: bool | None = None) -> Iterator[Claim]:
+        """Claim the folder for this study and keep it in use by this process for the ``with`` body:
+        other processes may run the same study in it meanwhile, but none replaces it with another
+        (even with overwrite: they are refused as busy). `replace` defaults to ``overwrite``.
+
+        Raises:
+            FolderClaimError: the folder holds something dit-lens did not make, another study (without
+                overwrite), or another study that a process is running now; nothing was changed.
+        """
+        replace = self.overwrite if replace is None else replace
+        key = self.folder.expanduser().absolute()
+        with exclusive(self.folder):
+            claimed_ = self._claim(replace)
+            held = _HELD.get(key)
+            if held is None:
+                lock = try_exclusive(self._in_use_target(os.getpid()))
+                if lock is None:  # cannot happen: only this process takes this name
+                    raise FolderClaimError(f"{self.folder}: cannot mark it in use; run again")
+                held = _HELD[key] = [lock, 0]
+            held[1] += 1
+        try:
+            yield claimed_
+        finally:
+            held[1] -= 1
+            if held[1] == 0:
+                _HELD.pop(key, None)
+                held[0].release()
+
+    def _claim(self, replace: bool) -> Claim:
+        """Claim the folder (the caller holds its lock), record what a study writes, and write
+        ``study.json``; check the one already there when the folder is reused."""
+        where = "the study folder"
+        try:
+            out = claim(self.folder, "study", identity=self.identity(), what=where)
+        except FolderClaimError:
+            if not replace:
+                raise
+            busy = self._in_use_elsewhere()
+            if busy:
+                raise FolderClaimError(
+                    f"{where} {self.folder} is in use: another study runs in it now (process "
+                    f"{', '.join(map(str, busy))}); it is replaced only when no study runs there: wait for it to "
+                    f"finish and run again with overwrite, or pass a new folder (nothing was changed)") from None
+            out = claim(self.folder, "study", identity=self.identity(), overwrite=True, what=where)
+        out.record(*ENTRIES)
+        declaration = self.folder / "study.json"
+        if out.state == "reused" and declaration.exists():
+            read_record(declaration, what="the study declaration",
+                        fix="delete that file and run again (dit-lens writes it again from the declaration; the "
+                            "cells, each sealed on its own, are kept)")
+        write_record(declaration, {"study": self.study.to_dict(), **self.identity()})
+        return out
+
+    def _in_use_target(self, pid: int) -> Path:
+        return self.folder / ".locks" / f"in-use.{pid}"
+
+    def _in_use_elsewhere(self) -> list[int]:
+        """Processes other than this one running a study in the folder now (the caller holds its lock)."""
+        locks = self.folder / ".locks"
+        if not locks.is_dir() or (self.folder / ".locks").is_symlink():
+            return []
+        busy = []
+        for entry in sorted(locks.iterdir()):
+            match = _IN_USE.match(entry.name)
+            if match is None or int(match.group(1)) == os.getpid():
+                continue
+            lock = try_exclusive(self._in_use_target(int(match.group(1))))
+            if lock is None:
+                busy.append(int(match.group(1)))
+            else:  # a finished run's mark: nobody takes it but under the folder's lock, which is held
+                lock.release()
+                entry.unlink(missing_ok=True)
+        return busy
+
     def _capture_vectors_on(self, runner: Any, todo: list[dict]) -> None:
         """Capture the prompts of the concept vectors `todo` needs as one item each, spread over the
         workers (each with all its threads), before any cell runs: otherwise the first cells of a pair
@@ -139,7 +240,7 @@ class CellRunner:
 
     def _run_if_unfinished(self, cell: dict) -> None:
         if not self.finished(cell):
-            _write_cell(self.path(cell), {"cell": _jsonable(cell), "metrics": self.run_cell(cell)})
+            _write_cell(self.path(cell), {"cell": jsonable(cell), "metrics": self.run_cell(cell)})
 
     def finished(self, cell: dict) -> bool:
         """Whether `cell` has an intact file. A damaged one is an error, or unfinished with `repair`."""
@@ -175,6 +276,7 @@ class CellRunner:
         seeds = [s.eval_seed_base + i for i in range(min(pairs, s.eval_seeds))]
         out = method.run(self.lens, s.pairs[index], seeds, settings, context=self.context(record_gates=True))
         stem = self.folder / f"best_{method.cell_prefix}p{index}"
+        self.record(stem.with_suffix(".png").name, *([stem.with_suffix(".html").name] if "gate" in out else []))
         pairs_figure(out).savefig(stem.with_suffix(".png"), dpi=110, bbox_inches="tight")
         return write_explorer(out, stem.with_suffix(".html")) if "gate" in out else stem.with_suffix(".png")
 
@@ -238,43 +340,15 @@ class CellRunner:
                 values = dict.fromkeys(v for sweep in s.methods.values() for v in sweep.get(name, ()))
                 ds.attrs[f"{name}_resolved"] = typed(
                     {str(axis.label(v)): axis.resolve(v, self.lens, s.num_inference_steps) for v in values})
-        with exclusive(self.folder):
+        with self.in_use(replace=False), exclusive(self.folder):
             _replace_zarr(ds, self.folder / "result.zarr")
         return ds
 
-    def _claim_folder(self) -> None:
-        """Refuse a folder dit-lens did not make, or whose cells mean something else (unless
-        `overwrite`: then its cells and result are removed); record this declaration in it."""
-        claim(self.folder, "study")
-        declaration = self.folder / "study.json"
-        judges = {"oracle": judge_fingerprint(self.oracle), "segmenter": judge_fingerprint(self.segmenter)}
-        mine = _jsonable({"study": self.study.to_dict(), "model_fingerprint": self.lens.fingerprint,
-                          "metrics_version": M.METRICS_VERSION, "judges": judges})
-        if declaration.exists():
-            theirs = json.loads(declaration.read_text())
-            try:
-                context = context_of(theirs["study"])
-            except (KeyError, TypeError, ValueError):
-                context = None
-            if theirs.get("metrics_version", 1) != M.METRICS_VERSION:
-                why = f"was measured with metrics version {theirs.get('metrics_version', 1)} (this is {M.METRICS_VERSION})"
-            elif context != self.study.cell_context() or theirs.get("model_fingerprint") != self.lens.fingerprint:
-                why = "holds another study or model (pairs, seeds, sampler, metrics or weights differ)"
-            elif "judges" not in theirs:
-                why = ("was measured before dit-lens recorded its judges (the oracle and segmenter behind every "
-                       "metric), so its cells cannot be trusted to match these")
-            elif theirs["judges"] != judges:
-                changed = sorted(k for k in judges if theirs["judges"].get(k) != judges[k])
-                why = f"was measured with another {' and '.join(changed)}"
-            else:
-                why = None
-            if why and not self.overwrite:
-                raise ValueError(f"{self.folder} {why}; pass a new out= folder, or overwrite=True "
-                                 f"(`--overwrite`) to replace its cells and result (nothing was changed)")
-            if why:
-                for made in ("cells", "result.zarr"):
-                    shutil.rmtree(self.folder / made, ignore_errors=True)
-        _write_json_atomic(declaration, mine)
+    def record(self, *entries: str) -> None:
+        """Record `entries` (names in the folder) as the study's before they are written, so that
+        replacing the folder later removes them; the folder must hold this study."""
+        with exclusive(self.folder):
+            claim(self.folder, "study", identity=self.identity(), what="the study folder").record(*entries)
 
 
 def judge_fingerprint(judge: Any) -> str:
@@ -288,41 +362,30 @@ def judge_fingerprint(judge: Any) -> str:
     return f"{getattr(kind, '__module__', '?')}.{getattr(kind, '__qualname__', repr(kind))}"
 
 
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    write_atomic(path, json.dumps(data, indent=1).encode())
-
-
-def _checksum(record: dict) -> str:
-    content = json.dumps({k: v for k, v in record.items() if k != CHECKSUM}, sort_keys=True)
-    return "blake2b:" + hashlib.blake2b(content.encode(), digest_size=16).hexdigest()
-
-
 def _write_cell(path: Path, record: dict) -> None:
-    """Write a cell file with the checksum of its content (durably, atomically)."""
-    record = _jsonable(record)
-    _write_json_atomic(path, {**record, CHECKSUM: _checksum(record)})
+    """Write a sealed cell file (durably, atomically); numbers that are not finite are refused first."""
+    for name, est in record["metrics"].items():
+        numbers = [est.get(k) for k in ("value", "low", "high")]
+        if est.get("n", 0) and not all(isinstance(x, (int, float)) and math.isfinite(x) for x in numbers):
+            raise NonFiniteError(
+                f"study cell {path.name}: the metric {name!r} is {numbers[0]} (interval {numbers[1]} to "
+                f"{numbers[2]}) over {est.get('n')} pairs, not a finite number; nothing was stored: check that "
+                f"metric's function (a metric returns finite per-pair values, or NaN where it does not apply)")
+    write_record(path, record, key=CHECKSUM)
 
 
 def _read_cell(path: Path, cell: dict) -> dict:
-    """The metrics of a cell file, checked: it parses, matches its checksum and is `cell`'s.
-    Files of earlier versions (no checksum) are checked as far as they can be."""
+    """The metrics of a cell file, checked: it parses, matches its digest and is `cell`'s."""
     fix = ("it was not used; rerun with repair=True (`--repair`) to recompute just the damaged cells, "
            "or delete that file")
     try:
-        record = json.loads(path.read_text())
-        metrics = record["metrics"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise DamagedCellError(f"study cell {path} is unreadable ({type(err).__name__}: {err}); {fix}") from err
-    if CHECKSUM in record and record[CHECKSUM] != _checksum(record):
-        raise DamagedCellError(f"study cell {path} fails its checksum (its content changed after it was "
-                               f"written); {fix}")
-    if record.get("cell") != _jsonable(cell) or not isinstance(metrics, dict):
+        record = read_record(path, what="study cell", fix=fix, key=CHECKSUM)
+    except (DamagedError, MissingError) as err:
+        raise DamagedCellError(str(err)) from None
+    metrics = record.get("metrics")
+    if record.get("cell") != jsonable(cell) or not isinstance(metrics, dict):
         raise DamagedCellError(f"study cell {path} holds {record.get('cell')!r}, not the cell "
-                               f"{_jsonable(cell)!r} its name stands for; {fix}")
+                               f"{jsonable(cell)!r} its name stands for; {fix}")
     return metrics
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import runpy
 import sys
 import time
@@ -24,7 +25,7 @@ from ..methods.pair import ConceptPair
 from ..scale.executors import WorkerLostError
 from ..trace.attrs import read
 from ..validate import USER_ERRORS, check_pipeline_folder, check_writable_folder
-from .declaration import Study, floors, method_axes, metric_names, pick_settings, run_study
+from .declaration import Study, floors, method_axes, metric_names, pick_settings, run_study, study_folder
 from .metrics import STANDARD_METRICS
 
 __all__ = ["study_main", "find_study", "print_table", "print_picks", "parser", "declared", "executor"]
@@ -162,6 +163,8 @@ def _run(study: Study, args: argparse.Namespace, load_oracle: Callable, load_seg
          report: Callable | None) -> int:
     study = declared(study, args)
     runner = executor(args)  # a bad flag, or Ray missing, is said before anything is loaded or made
+    if runner is not None:
+        runner.connect()  # an unreachable cluster is said before anything is loaded or claimed
     from ..model.lens import load
     from ..trace.store import CACHE_ENV, cache_root
 
@@ -169,29 +172,42 @@ def _run(study: Study, args: argparse.Namespace, load_oracle: Callable, load_seg
         check_pipeline_folder(args.model)
     check_writable_folder(cache_root(), "the cache folder", f"set {CACHE_ENV} to a writable folder")
     if args.out is not None:
-        check_writable_folder(args.out, "--out", "pass a writable result folder")
+        _check_out(Path(args.out))
     lens = load(args.model, lora=args.lora)
     oracle, segmenter = load_oracle(args.oracle), load_segmenter(args.oracle)
     start = time.perf_counter()
-    result = run_study(study, lens, oracle=oracle, segmenter=segmenter, out=args.out, repair=args.repair,
-                       overwrite=args.overwrite, executor=runner)
-    print_table(result)
-    picks = [p for p in pick_settings(result) if _sweeps(result, p["method"])]
-    print_picks(result, picks)
     from ..views.study import study_figure
     from .cells import CellRunner
 
-    folder = Path(result.attrs["folder"])
-    runner = CellRunner(study, lens, oracle, segmenter, folder, progress=False)
-    for pick in picks:
-        path = runner.show(pick)
-        what = "gate explorer" if path.suffix == ".html" else "pairs figure"
-        print(f"{study.name}: {what} of the picked {pick['method']} setting for {pick['pair']}: {path}")
-    study_figure(result).savefig(folder / f"{study.name}.png", dpi=120, bbox_inches="tight")
-    if report is not None:
-        report(result, lens, study, folder)
+    folder = study_folder(study, lens, args.out)
+    cells = CellRunner(study, lens, oracle, segmenter, folder, progress=False, overwrite=args.overwrite)
+    with cells.in_use():  # no other study replaces the folder before its figures are written
+        result = run_study(study, lens, oracle=oracle, segmenter=segmenter, out=folder, repair=args.repair,
+                           overwrite=args.overwrite, executor=runner)
+        print_table(result)
+        picks = [p for p in pick_settings(result) if _sweeps(result, p["method"])]
+        print_picks(result, picks)
+        for pick in picks:
+            path = cells.show(pick)
+            what = "gate explorer" if path.suffix == ".html" else "pairs figure"
+            print(f"{study.name}: {what} of the picked {pick['method']} setting for {pick['pair']}: {path}")
+        cells.record(f"{study.name}.png")
+        study_figure(result).savefig(folder / f"{study.name}.png", dpi=120, bbox_inches="tight")
+        if report is not None:
+            report(result, lens, study, folder)
     print(f"{study.name}: {time.perf_counter() - start:.0f} s; results in {folder} (result.zarr, {study.name}.png)")
     return 0
+
+
+def _check_out(folder: Path) -> None:
+    """Refuse an --out that is a file or cannot be written, without writing anything (it is claimed,
+    or refused untouched, once the model is loaded)."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--out {folder} is a file, not a folder; pass a result folder")
+    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {folder} cannot be written ({existing} is not a writable folder); pass a "
+                         f"writable result folder")
 
 
 def _sweeps(result, method: str) -> bool:

@@ -245,7 +245,9 @@ def run_study(
         out: The result folder (default ``cache/studies/<name>-<key>``).
         progress: Show a progress bar over cells.
         repair: Recompute cells whose files are damaged (checksum mismatch) instead of refusing.
-        overwrite: Replace the cells and result of another study held in `out` (only those).
+        overwrite: Replace another study held in `out`: only what dit-lens recorded writing there is
+            removed, and never while another process runs a study in it. A folder dit-lens did not
+            make is refused untouched whatever this says.
         executor: Where the cells run: ``None`` (this process) or ``"ray"`` / a
             `dit_lens.scale.RayExecutor` (Ray tasks on workers that each load the model once; the
             same cells, values and folder).
@@ -258,14 +260,24 @@ def run_study(
         Attrs: the declaration, each method's axes, the measured metrics, the floors, provenance
         and the folder.
     """
-    from ..trace.store import cache_root
+    from ..scale.executors import RayExecutor, as_executor
     from .cells import CellRunner
 
-    folder = Path(out) if out is not None else cache_root() / "studies" / f"{study.name}-{study.key(lens)}"
-    runner = CellRunner(study, lens, oracle, segmenter, folder, progress=progress, repair=repair,
-                        overwrite=overwrite)
-    runner.run(executor)
-    return runner.assemble()
+    executor = as_executor(executor)
+    if isinstance(executor, RayExecutor):
+        executor.connect()  # an unreachable cluster is said before the folder is claimed
+    runner = CellRunner(study, lens, oracle, segmenter, study_folder(study, lens, out), progress=progress,
+                        repair=repair, overwrite=overwrite)
+    with runner.in_use():  # no other study replaces the folder until its result is assembled
+        runner.run(executor)
+        return runner.assemble()
+
+
+def study_folder(study: Study, lens: Any, out: str | Path | None = None) -> Path:
+    """Where `run_study` keeps `study`'s cells: `out`, or ``cache/studies/<name>-<key>``."""
+    from ..trace.store import cache_root
+
+    return Path(out) if out is not None else cache_root() / "studies" / f"{study.name}-{study.key(lens)}"
 
 
 def floors(result: xr.Dataset) -> dict[str, float]:
