@@ -108,7 +108,7 @@ def merge_adapter(pipeline: Any, family: Family, path: str | Path, *, allow_othe
     """
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"no such adapter folder: {path}; lora= takes a local folder (dit-lens never "
+        raise FileNotFoundError(f"no such LoRA adapter folder: {path}; lora= takes a local folder (dit-lens never "
                                 f"fetches adapters from a model hub)")
     if not path.is_dir():
         raise ValueError(f"lora={str(path)!r} is a file; pass the adapter's folder")
