@@ -189,7 +189,7 @@ def test_deleted_adapter_weights_are_refused_as_damaged_and_never_sent_to_a_hub(
         load(build_pixart(tiny_spec, seed=0), lora=out)
     killed = _killed(tiny_lens, data, tmp_path / "unfinished", monkeypatch).parent
     calls = _no_hub(monkeypatch)
-    with pytest.raises(MissingError, match="unfinished dit-lens fine-tune"):
+    with pytest.raises(MissingError, match="is not a finished dit-lens fine-tune .* run the same fine-tune again to finish it"):
         load(build_pixart(tiny_spec, seed=0), lora=killed)
     plain = tmp_path / "plain"  # a peft folder of someone else's, its weights missing
     plain.mkdir()

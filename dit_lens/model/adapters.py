@@ -114,8 +114,8 @@ def merge_adapter(pipeline: Any, family: Family, path: str | Path, *, allow_othe
         raise ValueError(f"lora={str(path)!r} is a file; pass the adapter's folder")
     if (path / RECORD).exists() or (path / MARKER).exists():
         if not (path / RECORD).exists():
-            raise MissingError(f"{path} holds an unfinished dit-lens fine-tune (no {RECORD}); run the same "
-                               f"fine-tune again to finish it, then load it")
+            raise MissingError(f"{path} is not a finished dit-lens fine-tune (it has dit-lens's marker but no "
+                               f"{RECORD}); if it is an unfinished one, run the same fine-tune again to finish it")
         record = read_finetune(path)
         _check_base(pipeline, family, path, record, allow_other_base)
         full = record.get("config", {}).get("method") == "full"
@@ -194,10 +194,13 @@ def _replace(pipeline: Any, name: str, folder: Path) -> None:
     old = getattr(pipeline, name)
     first = next(old.parameters())
     new = type(old).from_pretrained(folder)
-    shapes = lambda module: {k: tuple(v.shape) for k, v in module.state_dict().items()}  # noqa: E731
-    if shapes(new) != shapes(old):
+    if _shapes(new) != _shapes(old):
         raise ValueError(f"this adapter is for another model: the weights in {folder} are a {type(new).__name__} of "
                          f"another size than this pipeline's {name}; load them onto the model they were made for")
     new = new.to(device=first.device, dtype=first.dtype)
     setattr(pipeline, name, new)
     pipeline.register_modules(**{name: new})
+
+
+def _shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
