@@ -105,12 +105,6 @@ def concept_vector(
             )
     diff = mean_pos - mean_neg  # (step, layer, channel)
     norm = np.sqrt((diff**2).sum("channel"))
-    if not bool(np.isfinite(norm).all()):
-        raise NonFiniteError(
-            f"the positive and negative captures hold NaN or inf values (guidance_scale="
-            f"{_setting(ds_pos, 'guidance_scale')}), so they give no direction; lower guidance_scale, or check "
-            f"the model's weights and dtype"
-        )
     if bool((norm == 0).any()):
         raise ValueError(
             "the positive and negative captures give a zero difference at some (step, layer); use prompts "
@@ -157,6 +151,11 @@ def _mean_capture(ds: xr.Dataset, site: str, which: str) -> xr.DataArray:
     missing = set(VECTOR_DIMS) - set(da.dims)
     if missing:
         raise ValueError(f"the {which} capture lacks dims {sorted(missing)}; got {da.dims}")
+    if not bool(np.isfinite(da.values).all()):  # xarray's means would skip NaN silently
+        raise NonFiniteError(
+            f"the {which} capture holds NaN or inf values (guidance_scale={_setting(ds, 'guidance_scale')}), so it "
+            f"gives no direction; lower guidance_scale, or check the model's weights and dtype"
+        )
     keep = [d for d in ("prompt", "seed") if d in da.dims]
     return da.mean(keep).transpose(*VECTOR_DIMS).astype(np.float64)
 
