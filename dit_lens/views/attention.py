@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .figures import _cell, _pick, _pyplot, step_layer_grid
+from .figures import _cell, _chars, _pick, _pyplot, _wrap
 
 __all__ = ["attention_figure"]
 
@@ -71,26 +71,43 @@ def attention_figure(
 
     steps = _pick(list(attention["step"].values), max_steps)
     layers = _pick(list(attention["layer"].values), max_layers)
+    # the image and each word's mean map down the left, the chosen word's steps × layers to the right,
+    # so every row is full and there is no empty band
     top = 1 + len(words)
-    columns = max(top, len(layers))
-    fig = plt.figure(figsize=(1.5 * columns + 1.0, 1.6 * (1 + len(steps)) + 0.8))
-    grid = fig.add_gridspec(1 + len(steps), columns, height_ratios=[1.25] + [1] * len(steps))
-    ax = fig.add_subplot(grid[0, 0])
+    rows = max(top, len(steps))
+    fig = plt.figure(figsize=(1.6 * (1 + len(layers)) + 1.2, 1.5 * rows + 0.7), layout="constrained")
+    grid = fig.add_gridspec(rows, 1 + len(layers), width_ratios=[1.25] + [1] * len(layers))
+
+    def rows_of(k: int, n: int) -> slice:  # the k-th of n equal row bands
+        return slice(k * rows // n, (k + 1) * rows // n)
+
+    ax = fig.add_subplot(grid[rows_of(0, top), 0])
     ax.imshow(image)
     ax.set_title("generated", fontsize=8)
     ax.set_axis_off()
     mean = attention.mean(("step", "layer"))  # (word, row, col)
     for k, name in enumerate(words):
-        ax = fig.add_subplot(grid[0, 1 + k])
+        ax = fig.add_subplot(grid[rows_of(1 + k, top), 0])
         ax.imshow(image)
         ax.imshow(mean.sel(word=name).values, cmap="magma", alpha=0.65, extent=extent, interpolation="bilinear")
         ax.set_title(name, fontsize=8, fontweight="bold" if name == word else "normal")
         ax.set_axis_off()
     chosen = attention.sel(word=word)
     vmax = float(chosen.sel(step=steps, layer=layers).max()) or 1.0
-    shown = step_layer_grid(fig, grid, chosen, steps, layers, row=1, col=0, vmax=vmax)
+    shown = None
+    for i, step in enumerate(steps):
+        for j, layer in enumerate(layers):
+            ax = fig.add_subplot(grid[rows_of(i, len(steps)), 1 + j])
+            shown = ax.imshow(chosen.sel(step=step, layer=layer).values, vmin=0, vmax=vmax, cmap="magma")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(f"layer {layer}", fontsize=8)
+            if j == 0:
+                ax.set_ylabel(f"step {step}", fontsize=8)
     if shown is not None:
-        fig.colorbar(shown, ax=fig.axes[top:], fraction=0.02, label=f"attention to {word!r}")
-    fig.suptitle(f"{cell['prompt']!r}, seed {cell['seed']}: cross-attention per word (top: mean over steps and "
-                 f"layers); {word!r} over steps × layers", fontsize=8)
+        fig.colorbar(shown, ax=fig.axes[top:], fraction=0.02, label=f"attention to {word!r}\n"
+                                                                  "(softmax weight, mean over heads, Σ over its tokens)")
+    fig.suptitle(_wrap(f"{cell['prompt']!r}, seed {cell['seed']}: cross-attention per word (left: mean over steps "
+                       f"and layers); {word!r} over steps × layers", _chars(fig, 8)), fontsize=8)
     return fig

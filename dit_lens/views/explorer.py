@@ -1,7 +1,8 @@
 """Interactive gate explorer: one self-contained HTML page (plotly.js inlined, works offline).
 
-Controls pick the pair, the denoising step and the layer; the page shows the gate map over the
-unsteered image, and the unsteered and steered images side by side (with latent blending, also the
+Controls pick the pair, the denoising step and the layer (the page opens on the cell with the most
+gate mass); the page shows the gate map over the unsteered image (fading to transparent where the
+gate is small, so the image stays readable), and the unsteered and steered images side by side (with latent blending, also the
 blend mask after the chosen step). All gate maps share one colour scale, so what grows or shrinks
 across steps and layers is visible. Given attention maps of the same prompts and seeds
 (`dit_lens.readouts.attention_maps`), a word selector beside the gate shows the chosen word's
@@ -10,7 +11,9 @@ cross-attention map over the unsteered image at the same step and layer.
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -32,12 +35,13 @@ _PAGE = """<!DOCTYPE html>
 <h3>{title}</h3>
 <div class="controls">
  <label>pair <select id="pair">{pair_options}</select></label>
- <label>step <input id="step" type="range" min="0" max="{max_step}" value="0">
+ <label>step <input id="step" type="range" min="0" max="{max_step}" value="{start_step}">
    <output id="step-label"></output></label>
- <label>layer <input id="layer" type="range" min="0" max="{max_layer}" value="0">
+ <label>layer <input id="layer" type="range" min="0" max="{max_layer}" value="{start_layer}">
    <output id="layer-label"></output></label>
 {word_control}</div>
-<p id="verdict">{verdict_note}</p>
+<p>Opened on the pair, step and layer with the most gate mass. {verdict_note}</p>
+<p id="verdict"></p>
 {plot}
 <h4>Where and when the edit acted (this pair): gate mass, summed over the image, per step × layer{summary_note}</h4>
 {summary}
@@ -45,31 +49,61 @@ _PAGE = """<!DOCTYPE html>
 const DATA = {data};
 const gd = document.getElementById("gate-explorer");
 const sd = document.getElementById("gate-summary");
+const decoded = new Map();
+function levels(packed) {{  // base64 of uint8 levels, decoded once
+  if (!decoded.has(packed)) {{
+    const text = atob(packed);
+    const bytes = new Uint8Array(text.length);
+    for (let i = 0; i < text.length; i++) bytes[i] = text.charCodeAt(i);
+    decoded.set(packed, bytes);
+  }}
+  return decoded.get(packed);
+}}
+function grid(packed, index, scale) {{  // map number `index` of a pack of rows × cols maps, in its units
+  const bytes = levels(packed), rows = DATA.grid[0], cols = DATA.grid[1], z = [];
+  for (let r = 0; r < rows; r++) {{
+    const row = [];
+    for (let c = 0; c < cols; c++) row.push(bytes[(index * rows + r) * cols + c] * scale);
+    z.push(row);
+  }}
+  return z;
+}}
 function show() {{
   const p = +document.getElementById("pair").value;
   const s = +document.getElementById("step").value;
   const l = +document.getElementById("layer").value;
+  const nl = DATA.layers.length;
   document.getElementById("step-label").textContent =
       DATA.steps[s] + " (t=" + DATA.timesteps[s] + ")";
   document.getElementById("layer-label").textContent = DATA.layers[l];
-  Plotly.restyle(gd, {{z: [DATA.gates[p][s][l]]}}, [1]);
-  Plotly.restyle(gd, {{z: [DATA.images[p][0]]}}, [0]);
-  Plotly.restyle(gd, {{z: [DATA.images[p][0]]}}, [2]);
-  Plotly.restyle(gd, {{z: [DATA.images[p][1]]}}, [3]);
-  if (DATA.blend) Plotly.restyle(gd, {{z: [DATA.blend[p][DATA.steps[s]]]}}, [4]);
+  Plotly.restyle(gd, {{z: [grid(DATA.gates[p], s * nl + l, DATA.gate_scale)]}}, [1]);
+  Plotly.restyle(gd, {{source: [DATA.images[p][0]]}}, [0, 2]);
+  Plotly.restyle(gd, {{source: [DATA.images[p][1]]}}, [3]);
+  if (DATA.blend) {{
+    const b = DATA.blend;
+    const rows = b.grid[0], cols = b.grid[1], bytes = levels(b.maps[p]), z = [];
+    const at = b.steps.indexOf(DATA.steps[s]);
+    for (let r = 0; r < rows; r++) {{
+      const row = [];
+      for (let c = 0; c < cols; c++) row.push(bytes[(at * rows + r) * cols + c] / 255);
+      z.push(row);
+    }}
+    Plotly.restyle(gd, {{z: [z]}}, [4]);
+  }}
   let word = null;
   if (DATA.attn) {{
     const w = +document.getElementById("word").value;
-    const z = DATA.attn.maps[p][w][s][l];
+    const recorded = DATA.attn.recorded[s][l];
     word = DATA.attn.words[w];
-    Plotly.restyle(gd, {{z: [DATA.images[p][0]]}}, [DATA.attn.trace - 1]);
-    Plotly.restyle(gd, {{z: [z === null ? DATA.attn.empty : z], zmax: [DATA.attn.zmax[w]]}}, [DATA.attn.trace]);
-    document.getElementById("word-label").textContent = z === null ? "not recorded at this step and layer" : "";
+    const z = recorded ? grid(DATA.attn.maps[p][w], s * nl + l, DATA.attn.scale[w]) : DATA.attn.empty;
+    Plotly.restyle(gd, {{source: [DATA.images[p][0]]}}, [DATA.attn.trace - 1]);
+    Plotly.restyle(gd, {{z: [z], zmax: [DATA.attn.zmax[w]]}}, [DATA.attn.trace]);
+    document.getElementById("word-label").textContent = recorded ? "" : "not recorded at this step and layer";
   }}
   Plotly.restyle(sd, {{z: [DATA.mass[p]]}}, [0]);
   Plotly.restyle(sd, {{x: [[DATA.layers[l]]], y: [[DATA.steps[s]]]}}, [1]);
   if (DATA.summary_attn) {{
-    Plotly.restyle(sd, {{z: [DATA.images[p][0]]}}, [2]);
+    Plotly.restyle(sd, {{source: [DATA.images[p][0]]}}, [2]);
     Plotly.restyle(sd, {{z: [DATA.summary_attn[p]]}}, [3]);
   }}
   if (DATA.verdicts) document.getElementById("verdict").textContent = DATA.verdicts[p];
@@ -83,10 +117,22 @@ show();
 </script></body></html>
 """
 
+#: Overlays fade in with the value: 0 leaves the image as it is, the largest value is 85% opaque.
+_GATE_COLOURS = [[0.0, "rgba(0,0,4,0)"], [0.15, "rgba(59,15,112,0.2)"], [0.4, "rgba(140,41,129,0.45)"],
+                 [0.7, "rgba(222,73,104,0.65)"], [1.0, "rgba(252,253,191,0.85)"]]
+_ATTENTION_COLOURS = [[0.0, "rgba(68,1,84,0)"], [0.3, "rgba(59,82,139,0.35)"], [0.6, "rgba(33,145,140,0.6)"],
+                      [1.0, "rgba(253,231,37,0.85)"]]
+
 
 def write_explorer(out: xr.Dataset, path: str | Path, *, max_pairs: int = 16,
                    attention: xr.Dataset | xr.DataArray | None = None, judge: Any = None) -> Path:
     """Write the gate explorer for a `generate` result made with a steer and ``record_gates=True``.
+
+    The page opens on the pair, step and layer with the most gate mass (the gate summed over the
+    image). Images are embedded as PNG; gate, blend and attention maps as 8-bit levels of their
+    shared colour scale (a map's values are exact to 1/510 of that scale's maximum): at the demo's
+    shape (64×64 images, 8×8 tokens, 20 steps, 12 layers, one word's attention) the page is plotly.js
+    (4.8 MB) and about 65 kB per pair.
 
     Args:
         out: The result of `dit_lens.interventions.generate`.
@@ -113,76 +159,80 @@ def write_explorer(out: xr.Dataset, path: str | Path, *, max_pairs: int = 16,
     if len(out["branch"]) != 2:
         raise ValueError("the explorer needs pairs: generate with a steer")
     cells = [(str(p), int(s)) for p in out["prompt"].values for s in out["seed"].values][:max_pairs]
-    images = [
-        [_rgb8(out["image"].sel(prompt=p, seed=s, branch=b).values) for b in ("original", "edited")]
-        for p, s in cells
-    ]
-    gates = [np.round(gate.sel(prompt=p, seed=s).values, 5).tolist() for p, s in cells]
-    zmax = float(gate.max()) or 1.0
+    images = [[_png(out["image"].sel(prompt=p, seed=s, branch=b).values) for b in ("original", "edited")]
+              for p, s in cells]
+    shown = xr.concat([gate.sel(prompt=p, seed=s).transpose("step", "layer", "row", "col") for p, s in cells], "pair")
+    zmax = float(shown.max()) or 1.0
+    gates = [_levels(g, zmax) for g in shown.values]  # (pair, step, layer, row, col) as bytes
+    mass = shown.sum(("row", "col")).values  # (pair, step, layer)
+    start = np.unravel_index(int(np.argmax(mass)), mass.shape)  # the cell with the most gate mass
     height, width = out.sizes["y"], out.sizes["x"]
-    rows, cols = out.sizes["row"], out.sizes["col"]
+    rows, cols = shown.sizes["row"], shown.sizes["col"]
+    over = {"x0": width / cols / 2 - 0.5, "dx": width / cols, "y0": height / rows / 2 - 0.5, "dy": height / rows}
+    first_gate = (shown.values[start] / zmax * 255).round() * zmax / 255  # what the page shows on opening
 
     blend = None
     if "blend_mask" in out:  # (pair, every step, latent_y, latent_x)
-        blend = [np.round(out["blend_mask"].sel(prompt=p, seed=s).values, 3).tolist() for p, s in cells]
+        masks = [out["blend_mask"].sel(prompt=p, seed=s).transpose("blend_step", ...) for p, s in cells]
+        blend = {"steps": [int(x) for x in masks[0]["blend_step"].values], "grid": list(masks[0].shape[-2:]),
+                 "maps": [_levels(m.values, 1.0) for m in masks]}
     attn = None if attention is None else _attention_data(attention, cells, gate)
     titles = ("gate over original", "original", "edited") + (("blend mask (1: steered kept)",) if blend else ())
     titles += ("attention to the word, over original",) if attn else ()
     fig = make_subplots(rows=1, cols=len(titles), subplot_titles=titles)
-    fig.add_trace(go.Image(z=images[0][0]), row=1, col=1)
+    fig.add_trace(go.Image(source=images[start[0]][0], name="original"), row=1, col=1)
     fig.add_trace(
-        go.Heatmap(
-            z=gates[0][0][0], zmin=0, zmax=zmax, colorscale="Magma", opacity=0.6,
-            x0=width / cols / 2 - 0.5, dx=width / cols, y0=height / rows / 2 - 0.5, dy=height / rows,
-            colorbar={"title": {"text": "gate"}}, name="gate",
-        ),
+        go.Heatmap(z=first_gate.tolist(), zmin=0, zmax=zmax, colorscale=_GATE_COLOURS, **over,
+                   colorbar={"title": {"text": "gate g = max(0, h·v)"}}, name="gate",
+                   hovertemplate="gate %{z:.3g}<extra></extra>"),
         row=1, col=1,
     )
-    fig.add_trace(go.Image(z=images[0][0]), row=1, col=2)
-    fig.add_trace(go.Image(z=images[0][1]), row=1, col=3)
+    fig.add_trace(go.Image(source=images[start[0]][0], name="original"), row=1, col=2)
+    fig.add_trace(go.Image(source=images[start[0]][1], name="edited"), row=1, col=3)
     if blend:
-        first = int(gate["step"].values[0])
-        fig.add_trace(go.Heatmap(z=blend[0][first], zmin=0, zmax=1, colorscale="Viridis", showscale=False,
-                                 name="blend mask"), row=1, col=4)
+        fig.add_trace(go.Heatmap(z=np.zeros(blend["grid"]).tolist(), zmin=0, zmax=1, colorscale="Viridis",
+                                 showscale=False, name="blend mask"), row=1, col=4)
         fig.update_yaxes(autorange="reversed", scaleanchor="x4", row=1, col=4)
     if attn:
         column = len(titles)
-        fig.add_trace(go.Image(z=images[0][0]), row=1, col=column)
-        first = attn["maps"][0][0][0][0]
+        fig.add_trace(go.Image(source=images[start[0]][0], name="original"), row=1, col=column)
         fig.add_trace(
-            go.Heatmap(
-                z=attn["empty"] if first is None else first, zmin=0, zmax=attn["zmax"][0], colorscale="Viridis",
-                opacity=0.65, x0=width / cols / 2 - 0.5, dx=width / cols, y0=height / rows / 2 - 0.5,
-                dy=height / rows, colorbar={"title": {"text": "attention"}, "x": 1.1}, name="attention",
-            ),
+            go.Heatmap(z=attn["empty"], zmin=0, zmax=attn["zmax"][0], colorscale=_ATTENTION_COLOURS, **over,
+                       colorbar={"title": {"text": "attention"}, "x": 1.1}, name="attention",
+                       hovertemplate="attention %{z:.3g}<extra></extra>"),
             row=1, col=column,
         )
         attn["trace"] = len(fig.data) - 1
     fig.update_layout(height=420, width=1100 + (330 if blend else 0) + (380 if attn else 0), margin={"t": 40, "b": 10})
     data = {
-        "steps": [int(x) for x in gate["step"].values],
-        "timesteps": [int(x) for x in gate["timestep"].values] if "timestep" in gate.coords
-        else [int(x) for x in gate["step"].values],
-        "layers": [int(x) for x in gate["layer"].values],
+        "steps": [int(x) for x in shown["step"].values],
+        "timesteps": [int(x) for x in shown["timestep"].values] if "timestep" in shown.coords
+        else [int(x) for x in shown["step"].values],
+        "layers": [int(x) for x in shown["layer"].values],
+        "grid": [rows, cols],
         "gates": gates,
+        "gate_scale": zmax / 255,
         "images": images,
         "blend": blend,
         "attn": attn,
+        "start": {"pair": int(start[0]), "step": int(start[1]), "layer": int(start[2])},
     }
     plot = fig.to_html(full_html=False, include_plotlyjs=True, div_id="gate-explorer")
     options = "".join(
-        f'<option value="{i}">{html.escape(p)} · seed {s}</option>' for i, (p, s) in enumerate(cells)
+        f'<option value="{i}"{" selected" if i == start[0] else ""}>{html.escape(p)} · seed {s}</option>'
+        for i, (p, s) in enumerate(cells)
     )
     word_control = "" if attn is None else (
         ' <label>word <select id="word">'
         + "".join(f'<option value="{k}">{html.escape(w)}</option>' for k, w in enumerate(attn["words"]))
         + '</select> <output id="word-label"></output></label>\n'
     )
-    summary, data["mass"], data["summary_attn"] = _summary(out, gate, cells, attention, images[0][0])
+    summary, data["mass"], data["summary_attn"] = _summary(out, shown, mass, start, attention, cells,
+                                                           images[start[0]][0])
     data["verdicts"] = None if judge is None else _verdict_lines(out, cells, judge)
     page = _PAGE.format(
         title=html.escape(_title(out, None)),
-        verdict_note="" if judge is not None else "(no judge given: no verdicts)",
+        verdict_note="" if judge is not None else "(No judge given: no verdicts.)",
         summary=summary,
         summary_note="; beside it, the word's attention over the original, mean over steps and layers"
         if data["summary_attn"] is not None else "",
@@ -190,6 +240,8 @@ def write_explorer(out: xr.Dataset, path: str | Path, *, max_pairs: int = 16,
         pair_options=options,
         max_step=len(data["steps"]) - 1,
         max_layer=len(data["layers"]) - 1,
+        start_step=int(start[1]),
+        start_layer=int(start[2]),
         plot=plot,
         data=json.dumps(data),
     )
@@ -200,7 +252,8 @@ def write_explorer(out: xr.Dataset, path: str | Path, *, max_pairs: int = 16,
 
 
 def _attention_data(attention: xr.Dataset | xr.DataArray, cells: list[tuple[str, int]], gate: xr.DataArray) -> dict:
-    """Attention maps per pair, word, gate step and gate layer (None where the maps lack them)."""
+    """Attention maps per pair and word as 8-bit levels over the gate's steps × layers (0 where the
+    maps lack a step or layer, which ``recorded`` marks), one scale per word."""
     maps = attention["attention"] if isinstance(attention, xr.Dataset) else attention
     if set(maps.dims) != {"prompt", "seed", "step", "layer", "word", "row", "col"}:
         raise ValueError(f"attention= takes the result of attention_maps, dims (prompt, seed, step, layer, word, row, "
@@ -213,34 +266,51 @@ def _attention_data(attention: xr.Dataset | xr.DataArray, cells: list[tuple[str,
     if (maps.sizes["row"], maps.sizes["col"]) != (gate.sizes["row"], gate.sizes["col"]):
         raise ValueError("attention maps and gates come from models with different token grids")
     words = [str(w) for w in maps["word"].values]
-    step_at = {int(t): i for i, t in enumerate(maps["step"].values)}
-    layer_at = {int(l): j for j, l in enumerate(maps["layer"].values)}
-    pairs = []
-    for prompt, seed in cells:
-        values = np.round(maps.sel(prompt=prompt, seed=seed).transpose("word", "step", "layer", "row", "col").values, 4)
-        pairs.append([[[values[w, step_at[t], layer_at[l]].tolist() if t in step_at and l in layer_at else None
-                        for l in gate["layer"].values.tolist()] for t in gate["step"].values.tolist()]
-                      for w in range(len(words))])
+    steps, layers = [int(t) for t in gate["step"].values], [int(l) for l in gate["layer"].values]
+    recorded = [[t in set(maps["step"].values.tolist()) and l in set(maps["layer"].values.tolist()) for l in layers]
+                for t in steps]
     shown = maps.sel(prompt=sorted({p for p, _ in cells}), seed=sorted({s for _, s in cells}))
     zmax = [float(shown.sel(word=w).max()) or 1.0 for w in words]
+    # (step, layer) of the gate's grid, filled where the maps have them: (word, step, layer, row, col)
+    grid = xr.DataArray(np.zeros((len(words), len(steps), len(layers), maps.sizes["row"], maps.sizes["col"])),
+                        dims=("word", "step", "layer", "row", "col"), coords={"word": words, "step": steps, "layer": layers})
+    pairs = []
+    for prompt, seed in cells:
+        values = grid.copy()
+        found = maps.sel(prompt=prompt, seed=seed).transpose("word", "step", "layer", "row", "col")
+        found = found.sel(step=[t for t in found["step"].values if int(t) in steps],
+                          layer=[l for l in found["layer"].values if int(l) in layers])
+        values.loc[{"step": found["step"].values, "layer": found["layer"].values}] = found.values
+        pairs.append([_levels(values.values[w], zmax[w]) for w in range(len(words))])
     empty = [[None] * maps.sizes["col"] for _ in range(maps.sizes["row"])]
-    return {"words": words, "maps": pairs, "zmax": zmax, "empty": empty}
+    return {"words": words, "maps": pairs, "recorded": recorded, "zmax": zmax, "scale": [z / 255 for z in zmax],
+            "empty": empty}
 
 
-def _rgb8(image: np.ndarray) -> list:
-    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8).tolist()
+def _png(image: np.ndarray) -> str:
+    """An (H, W, 3) image in [0, 1] as a PNG data URI (8 bits per channel, compressed losslessly)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(buffer, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _summary(out: xr.Dataset, gate: xr.DataArray, cells: list[tuple[str, int]],
-             attention: xr.Dataset | xr.DataArray | None, first_image: list) -> tuple[str, list, list | None]:
-    """The summary plot (gate mass per step × layer, the current step and layer marked, and the first
+def _levels(values: np.ndarray, top: float) -> str:
+    """Values in [0, `top`] as base64 bytes, 0-255 levels of `top` (row-major)."""
+    q = np.clip(np.nan_to_num(np.asarray(values, dtype=np.float64) / top * 255), 0, 255).round().astype(np.uint8)
+    return base64.b64encode(np.ascontiguousarray(q).tobytes()).decode("ascii")
+
+
+def _summary(out: xr.Dataset, shown: xr.DataArray, mass: np.ndarray, start: tuple, attention: xr.Dataset | xr.DataArray | None,
+             cells: list[tuple[str, int]], first_image: str) -> tuple[str, list, list | None]:
+    """The summary plot (gate mass per step × layer, the shown step and layer marked, and the first
     word's mean attention map), its per-pair gate masses and mean maps."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    mass = gate.sum(("row", "col"))  # (prompt, seed, step, layer)
-    masses = [np.round(mass.sel(prompt=p, seed=s).transpose("step", "layer").values, 4).tolist() for p, s in cells]
-    steps, layers = [int(x) for x in gate["step"].values], [int(x) for x in gate["layer"].values]
+    masses = np.round(mass, 4).tolist()  # (pair, step, layer)
+    steps, layers = [int(x) for x in shown["step"].values], [int(x) for x in shown["layer"].values]
     maps = None
     if attention is not None:
         a = attention["attention"] if isinstance(attention, xr.Dataset) else attention
@@ -248,23 +318,32 @@ def _summary(out: xr.Dataset, gate: xr.DataArray, cells: list[tuple[str, int]],
         maps = [np.round(a.sel(prompt=p, seed=s, word=word).mean(("step", "layer")).values, 4).tolist() for p, s in cells]
     titles = ("gate mass (Σ over image tokens)",) + ((f"attention to {word!r}, mean over steps and layers",) if maps else ())
     fig = make_subplots(rows=1, cols=len(titles), subplot_titles=titles)
-    fig.add_trace(go.Heatmap(z=masses[0], x=layers, y=steps, colorscale="Magma", zmin=0,
+    fig.add_trace(go.Heatmap(z=masses[start[0]], x=layers, y=steps, colorscale="Magma", zmin=0,
                              zmax=float(mass.max()) or 1.0, colorbar={"title": {"text": "gate mass"}, "x": 0.45 if maps else 1.0},
                              hovertemplate="step %{y}, layer %{x}: %{z}<extra></extra>", name="gate mass"), row=1, col=1)
-    fig.add_trace(go.Scatter(x=[layers[0]], y=[steps[0]], mode="markers", name="shown above",
+    fig.add_trace(go.Scatter(x=[layers[start[2]]], y=[steps[start[1]]], mode="markers", name="shown above",
+                             cliponaxis=False,
                              marker={"symbol": "square-open", "size": 14, "color": "cyan", "line": {"width": 2}}),
                   row=1, col=1)
-    fig.update_xaxes(title_text="layer", dtick=1, row=1, col=1)
-    fig.update_yaxes(title_text="step", dtick=1, autorange="reversed", row=1, col=1)
+    # integer axes over exactly the cells (no padding, so no tick beyond the first or last step)
+    fig.update_xaxes(title_text="layer", range=[layers[0] - 0.5, layers[-1] + 0.5], tickmode="array",
+                     tickvals=_ticks(layers), row=1, col=1)
+    fig.update_yaxes(title_text="step", range=[steps[-1] + 0.5, steps[0] - 0.5], tickmode="array",
+                     tickvals=_ticks(steps), row=1, col=1)
     if maps:  # over the original image, in its pixels (as the panels above)
         height, width = out.sizes["y"], out.sizes["x"]
-        rows, cols = gate.sizes["row"], gate.sizes["col"]
-        fig.add_trace(go.Image(z=first_image), row=1, col=2)
-        fig.add_trace(go.Heatmap(z=maps[0], colorscale="Viridis", zmin=0, opacity=0.65, name="attention",
+        rows, cols = shown.sizes["row"], shown.sizes["col"]
+        fig.add_trace(go.Image(source=first_image), row=1, col=2)
+        fig.add_trace(go.Heatmap(z=maps[start[0]], colorscale=_ATTENTION_COLOURS, zmin=0, name="attention",
                                  x0=width / cols / 2 - 0.5, dx=width / cols, y0=height / rows / 2 - 0.5,
                                  dy=height / rows, colorbar={"title": {"text": "attention"}}), row=1, col=2)
     fig.update_layout(height=360, width=1000 if maps else 560, margin={"t": 40, "b": 10}, showlegend=False)
     return fig.to_html(full_html=False, include_plotlyjs=False, div_id="gate-summary"), masses, maps
+
+
+def _ticks(values: list[int], most: int = 12) -> list[int]:
+    """Integer ticks: every value, or every k-th from the first when there are more than `most`."""
+    return values[::-(-len(values) // most)]
 
 
 def _verdict_lines(out: xr.Dataset, cells: list[tuple[str, int]], judge: Any) -> list[str]:

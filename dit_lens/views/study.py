@@ -1,8 +1,10 @@
 """The summary figure of a study result: each metric against each swept axis, with 95% intervals.
 
 A study result has a ``method`` dim beside each method's axes; a method's cells repeat along the
-axes it does not have (``attrs["method_axes"]``), so it draws as a flat line there, or once in the
-trade-off figure.
+axes it does not have (``attrs["method_axes"]``). Such a method (re-prompting has no layer window)
+is drawn once, as its own mark beside the swept values, never as a flat line across them. An axis
+of labels (layer or step windows) is drawn as categories: points with intervals, side by side,
+never joined; a numeric axis (α, blend) as lines. Titles name the study and its fixed α.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 import xarray as xr
 
 from ..trace.attrs import read
-from .figures import _pyplot
+from .figures import _chars, _pyplot, _wrap
 
 __all__ = ["study_figure", "tradeoff_figure"]
 
@@ -36,11 +38,33 @@ def _own_axes(result: xr.Dataset) -> dict[str, list[str]]:
             for m in (result["method"].values if "method" in result.dims else ["medsteer"])}
 
 
-def study_figure(result: xr.Dataset) -> Any:
-    """Metrics (columns) against the swept axis; one line per combination of the other axes.
+def _heading(result: xr.Dataset) -> str:
+    """The study's name, its fixed α (a swept α is on an axis), and what the intervals are."""
+    study = read(result.attrs, "study", {})
+    name = study.get("name") if isinstance(study, dict) else None
+    parts = [f"study {name!r}" if name else "study"]
+    if "alpha" in result.dims and result.sizes["alpha"] == 1:
+        parts.append(f"α={_plain(result['alpha'].values[0])}")
+    if "pair" in result.dims and result.sizes["pair"] == 1:
+        parts.append(str(result["pair"].values[0]))
+    n = int(result["flip_rate_n"].max())
+    source = result.attrs.get("model_source", "")
+    return ", ".join(parts) + (f" ({source})" if source else "") + f": n = {n} pairs per cell, 95% bootstrap intervals"
 
-    With no swept axis (a table study), a bar per pair and method instead; with several swept axes,
-    the trade-off each pair's settings make (`tradeoff_figure`).
+
+def _interval(row: xr.Dataset, m: str) -> tuple[np.ndarray, np.ndarray]:
+    y, lo, hi = (np.atleast_1d(np.asarray(row[k].values, dtype=float)) for k in (m, f"{m}_low", f"{m}_high"))
+    return y, np.stack([y - lo, hi - y])
+
+
+def study_figure(result: xr.Dataset) -> Any:
+    """Metrics (columns) against the swept axis; one series per combination of the other axes.
+
+    Windows (labels) are categories: each series a point per window with its interval, series side by
+    side. A method without the swept axis (``reprompt`` has no window) is one mark of its own, right of
+    a dotted rule, with its legend entry. With no swept axis (a table study), a bar per pair and
+    method instead; with several swept axes, the trade-off each pair's settings make
+    (`tradeoff_figure`).
     """
     plt = _pyplot()
     metrics = _metrics(result)
@@ -48,26 +72,10 @@ def study_figure(result: xr.Dataset) -> Any:
     swept = [d for d in dims if result.sizes[d] > 1 and d not in ("pair", "method")]
     if len(swept) > 1:
         return tradeoff_figure(result)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.3 * len(metrics), 3.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.5 * len(metrics), 3.3), squeeze=False)
     axes = axes[0]
     if swept:
-        axis = swept[0]
-        others = [d for d in dims if d != axis and result.sizes[d] > 1]
-        x = np.arange(result.sizes[axis])
-        for combo in itertools.product(*(range(result.sizes[d]) for d in others)):
-            sel = dict(zip(others, combo))
-            label = ", ".join(f"{d}={result[d].values[i]}" for d, i in sel.items())
-            for ax, m in zip(axes, metrics):
-                row = result.isel(sel)
-                rest = {d: 0 for d in row[m].dims if d != axis}
-                y, lo, hi = (row[k].isel(rest).values for k in (m, f"{m}_low", f"{m}_high"))
-                ax.errorbar(x, y, yerr=[y - lo, hi - y], marker="o", capsize=3, label=label or None)
-        for ax, m in zip(axes, metrics):
-            ax.set_xticks(x, [str(v) for v in result[axis].values], rotation=30)
-            ax.set_xlabel(axis)
-            ax.set_title(m, fontsize=9)
-        if others:
-            axes[0].legend(fontsize=6)
+        _swept(result, swept[0], metrics, axes)
     else:
         labels, rows = [], []
         for idx in itertools.product(*(range(result.sizes[d]) for d in dims)):
@@ -84,10 +92,55 @@ def study_figure(result: xr.Dataset) -> Any:
             ax.bar(x, y, yerr=[y - lo, hi - y], capsize=3, color="tab:blue")
             ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=6)
             ax.set_title(m, fontsize=9)
-    n = int(result["flip_rate_n"].max())
-    fig.suptitle(f"{result.attrs.get('model_source', '')}: n = {n} pairs per cell, 95% bootstrap intervals", fontsize=8)
+    fig.suptitle(_wrap(_heading(result), _chars(fig, 8)), fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def _swept(result: xr.Dataset, axis: str, metrics: list[str], axes: Any) -> None:
+    """Each metric against `axis`: series of the methods that have it, one mark per method that has not."""
+    own = _own_axes(result)
+    methods = [str(m) for m in result["method"].values] if "method" in result.dims else [next(iter(own), "")]
+    having = [m for m in methods if axis in own.get(m, [axis])]
+    lacking = [m for m in methods if m not in having]
+    others = [d for d in result["flip_rate"].dims if d not in (axis, "method") and result.sizes[d] > 1]
+    labels = [_plain(v) for v in result[axis].values]
+    categorical = not np.issubdtype(result[axis].dtype, np.number)
+    x = np.arange(len(labels), dtype=float)
+    series = [(m, combo) for m in having for combo in itertools.product(*(range(result.sizes[d]) for d in others))]
+    width = 0.7 / max(1, len(series)) if categorical else 0.0  # dodged side by side within each category
+    for k, (method, combo) in enumerate(series):
+        sel = dict(zip(others, combo))
+        if "method" in result.dims:
+            sel["method"] = methods.index(method)
+        row = result.isel(sel)
+        label = ", ".join(([method] if len(methods) > 1 else []) + [f"{d}={_plain(result[d].values[i])}"
+                                                                     for d, i in zip(others, combo)])
+        for ax, m in zip(axes, metrics):
+            rest = {d: 0 for d in row[m].dims if d != axis}
+            y, err = _interval(row.isel(rest), m)
+            ax.errorbar(x + (k - (len(series) - 1) / 2) * width, y, yerr=err, marker="o", capsize=3,
+                        linestyle="none" if categorical else "-", label=label or None, color=f"C{k % 10}")
+    for j, method in enumerate(lacking):  # drawn once, as its own category beyond the swept values
+        for k, combo in enumerate(itertools.product(*(range(result.sizes[d]) for d in others))):
+            sel = {**dict(zip(others, combo)), "method": methods.index(method), axis: 0}
+            row = result.isel(sel)
+            label = f"{method} (no {axis})" + "".join(f", {d}={_plain(result[d].values[i])}" for d, i in zip(others, combo))
+            for ax, m in zip(axes, metrics):
+                y, err = _interval(row.isel({d: 0 for d in row[m].dims}), m)
+                ax.errorbar([len(labels) + 0.6 + j], y, yerr=err, marker="*", markersize=10, capsize=3,
+                            linestyle="none", color=("black", "tab:red", "tab:brown", "tab:pink")[(j + k) % 4],
+                            label=label)
+    ticks = list(x) + [len(labels) + 0.6 + j for j in range(len(lacking))]
+    for ax, m in zip(axes, metrics):
+        if lacking:
+            ax.axvline(len(labels) - 0.2, color="grey", linestyle=":", linewidth=0.8)
+        ax.set_xticks(ticks, labels + lacking, rotation=30, ha="right", fontsize=7)
+        ax.set_xlim(-0.6, ticks[-1] + 0.6)
+        ax.set_xlabel(axis + (" (categories)" if categorical else ""))
+        ax.set_title(m, fontsize=9)
+    if others or lacking or len(having) > 1:
+        axes[0].legend(fontsize=6)
 
 
 def tradeoff_figure(result: xr.Dataset, *, x: str = "flip_rate", y: str = "bg_ssim", floor: float = 0.9) -> Any:
@@ -140,9 +193,7 @@ def tradeoff_figure(result: xr.Dataset, *, x: str = "flip_rate", y: str = "bg_ss
         ax.set_ylabel(y)
         ax.set_title(str(pair), fontsize=9)
         ax.legend(fontsize=6, loc="lower left")
-    n = int(result["flip_rate_n"].max())
-    fig.suptitle(f"{result.attrs.get('model_source', '')}: n = {n} pairs per cell, 95% bootstrap intervals; "
-                 f"dashed: {floor:g}", fontsize=8)
+    fig.suptitle(_wrap(f"{_heading(result)}; dashed: {floor:g}", _chars(fig, 8)), fontsize=8)
     fig.tight_layout()
     return fig
 
