@@ -126,8 +126,13 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _identity(args: argparse.Namespace) -> dict:
-    """What a demo folder was made for: every flag but the folder itself."""
-    return {k: v for k, v in sorted(vars(args).items()) if k not in ("out", "overwrite", "debug", "func", "command")}
+    """What a demo folder was made for: every flag but the folder itself (folders as resolved paths, however
+    they were spelled)."""
+    identity = {k: v for k, v in sorted(vars(args).items()) if k not in ("out", "overwrite", "debug", "func", "command")}
+    for key in ("model", "lora", "oracle"):
+        if identity.get(key) not in (None, "embedded"):
+            identity[key] = str(Path(identity[key]).expanduser().resolve())
+    return identity
 
 
 def _release_if_empty(out: Claim, made: bool) -> None:
@@ -288,9 +293,10 @@ def _measure(pairs, oracle_source, source_label, target_label) -> dict:
 def claim_output_folder(out_dir: Path, *, overwrite: bool, identity: dict | None = None) -> Claim:
     """Claim `out_dir` for the demo (`dit_lens.storage.claim`): new or empty (marked now), or an earlier demo's.
 
-    Call it holding ``exclusive(out_dir)``. Refuses, untouched: a file, an unwritable folder, a folder dit-lens did not mark (whatever it holds,
-    even with `overwrite`), a damaged marker or one naming paths outside the folder, and an earlier
-    demo's results unless `overwrite`. With `overwrite`, only the entries the marker records are removed.
+    Call it holding ``exclusive(out_dir)``. Refuses, untouched: a file, an unwritable folder, a folder
+    dit-lens did not mark (whatever it holds, even with `overwrite`), a damaged marker or one naming
+    paths outside the folder, files the marker does not record, and an earlier demo's results unless
+    `overwrite`. With `overwrite`, only the entries the marker records are removed.
     """
     fix = "pass --out with a new or empty folder"
     try:

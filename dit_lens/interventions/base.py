@@ -192,10 +192,7 @@ class Intervention:
             )
         if "type" not in data and cls is not Intervention:  # written before interventions named their type
             data = {**data, "type": cls.__name__}
-        try:
-            value = from_dict(data)
-        except RecursionError:
-            raise ValueError(f"{path} is not a saved {cls.__name__}: its settings are nested too deeply; {fix}") from None
+        value = from_dict(data)
         if not isinstance(value, cls):
             raise ValueError(f"{path} holds a {type(value).__name__}, not a {cls.__name__}")
         return value

@@ -42,7 +42,9 @@ def world_split(split: str = "shifted", *, per_class: int = 20, seed_base: int =
     """`per_class` images of each label of `split` (seeds ``seed_base …``), or ``counts[label]`` of some.
 
     Raises:
-        ValueError: an unknown split or label, or a count below 0 (or below 1 for `per_class`).
+        ValueError: an unknown split or label, a count below 0 (or below 1 for `per_class`), a `seed_base`
+            whose seeds leave [0, 2**63), or more images than this machine's memory holds (checked before
+            rendering any).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
