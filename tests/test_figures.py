@@ -63,8 +63,12 @@ def test_gate_figure_outlines_the_lesion_and_gives_the_gate_share_inside(pairs):
     by_segmenter = gate_figure(pairs, prompt="normal", seed=5, segmenter=lambda images: np.stack([mask] * len(images)))
     per_pair = gate_figure(pairs, prompt="normal", seed=5, masks=np.stack([~mask, ~mask, ~mask, mask]))
     for other in (by_segmenter, per_pair):
-        assert [t.get_text() for ax in other.axes for t in ax.texts] == [t.get_text() for ax in fig.axes for t in ax.texts]
+        assert [t.get_text() for ax in other.axes for t in ax.texts] == [t.get_text() for ax in fig.axes
+                                                                           for t in ax.texts]
     assert "gate per token" in fig.axes[-1].get_ylabel()
+    none = gate_figure(pairs, prompt="normal", seed=5, masks=np.zeros_like(mask))  # the segmenter found nothing
+    assert {t.get_text() for ax in none.axes for t in ax.texts} == {"no lesion"}
+    assert "no lesion in the original's mask" in none._suptitle.get_text()
     with pytest.raises(ValueError, match=r"masks= holds 2 masks, but the result has 4 pairs"):
         gate_figure(pairs, masks=np.stack([mask, mask]))
 
@@ -242,6 +246,24 @@ def test_explorer_script_shows_the_chosen_cell(worded, tmp_path):
     np.testing.assert_allclose(np.array(json.loads(run.stdout)["explorer"][5]["z"]),
                                maps["attention"].sel(prompt="a polyp", seed=5, word="polyp", step=3, layer=1).values,
                                atol=_quantum(maps["attention"].sel(word="polyp")))
+
+
+def test_explorer_script_shows_the_blend_mask_of_the_chosen_step(tiny_lens, tmp_path):
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    out = generate(tiny_lens, ["a polyp"], seeds=[0], steer=Steer(unit_vector(4, 3, 16, seed=0), alpha=3.0),
+                   num_inference_steps=4, record_gates=True, blend=0.9, progress=False)
+    page = write_explorer(out, tmp_path / "explorer.html").read_text()
+    (tmp_path / "page.js").write_text(page[page.rindex("<script>") + len("<script>"):page.rindex("</script>")])
+    (tmp_path / "harness.js").write_text(_HARNESS)
+    mask = out["blend_mask"].sel(prompt="a polyp", seed=0)
+    for step in (0, 3):
+        controls = json.dumps({"pair": "0", "step": str(step), "layer": "1"})
+        run = subprocess.run([node, str(tmp_path / "harness.js"), str(tmp_path / "page.js"), controls],
+                             capture_output=True, text=True, timeout=60, check=True)
+        np.testing.assert_allclose(np.array(json.loads(run.stdout)["explorer"][4]["z"]),
+                                   mask.sel(blend_step=step).values, atol=_quantum(1.0))
 
 
 _HARNESS = """
@@ -425,7 +447,8 @@ def test_explorer_word_selector_follows_step_and_layer(worded, tmp_path):
             assert page.locator("#word-label").inner_text() == "not recorded at this step and layer"
             np.testing.assert_allclose(np.array(json.loads(page.evaluate(
                 "JSON.stringify(document.getElementById('gate-explorer').data[1].z)"))),
-                out["gate"].sel(prompt="a polyp", seed=5, step=2, layer=1).values, atol=_quantum(out["gate"]))  # the gate still follows
+                out["gate"].sel(prompt="a polyp", seed=5, step=2, layer=1).values,
+                atol=_quantum(out["gate"]))  # the gate still follows
         finally:
             browser.close()
 

@@ -51,7 +51,8 @@ def test_layer_windows_are_categories_and_the_baseline_is_its_own_mark():
         assert len(windows[0].get_xdata()) == len(WINDOWS)
         np.testing.assert_allclose(windows[0].get_ydata(), result[metric].sel({"method": "medsteer"}).squeeze().values)
         assert len(star.get_xdata()) == 1 and star.get_xdata()[0] > len(WINDOWS) - 1  # beside the windows
-        assert star.get_ydata()[0] == pytest.approx(float(result[metric].sel({"method": "reprompt"}).isel(pair=0, window=0, alpha=0)))
+        baseline = result[metric].sel({"method": "reprompt"}).isel(pair=0, window=0, alpha=0)
+        assert star.get_ydata()[0] == pytest.approx(float(baseline))
     labels = axes[0].get_legend_handles_labels()[1]
     assert "reprompt (no window)" in labels
     title = fig._suptitle.get_text()

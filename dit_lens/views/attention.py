@@ -106,8 +106,8 @@ def attention_figure(
             if j == 0:
                 ax.set_ylabel(f"step {step}", fontsize=8)
     if shown is not None:
-        fig.colorbar(shown, ax=fig.axes[top:], fraction=0.02, label=f"attention to {word!r}\n"
-                                                                  "(softmax weight, mean over heads, Σ over its tokens)")
+        fig.colorbar(shown, ax=fig.axes[top:], fraction=0.02,
+                     label=f"attention to {word!r}\n(softmax weight, mean over heads, Σ over its tokens)")
     fig.suptitle(_wrap(f"{cell['prompt']!r}, seed {cell['seed']}: cross-attention per word (left: mean over steps "
                        f"and layers); {word!r} over steps × layers", _chars(fig, 8)), fontsize=8)
     return fig

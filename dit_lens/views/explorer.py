@@ -2,11 +2,11 @@
 
 Controls pick the pair, the denoising step and the layer (the page opens on the cell with the most
 gate mass); the page shows the gate map over the unsteered image (fading to transparent where the
-gate is small, so the image stays readable), and the unsteered and steered images side by side (with latent blending, also the
-blend mask after the chosen step). All gate maps share one colour scale, so what grows or shrinks
-across steps and layers is visible. Given attention maps of the same prompts and seeds
-(`dit_lens.readouts.attention_maps`), a word selector beside the gate shows the chosen word's
-cross-attention map over the unsteered image at the same step and layer.
+gate is small, so the image stays readable), and the unsteered and steered images side by side
+(with latent blending, also the blend mask after the chosen step). All gate maps share one colour
+scale, so what grows or shrinks across steps and layers is visible. Given attention maps of the same
+prompts and seeds (`dit_lens.readouts.attention_maps`), a word selector beside the gate shows the
+chosen word's cross-attention map over the unsteered image at the same step and layer.
 """
 
 from __future__ import annotations
@@ -273,7 +273,8 @@ def _attention_data(attention: xr.Dataset | xr.DataArray, cells: list[tuple[str,
     zmax = [float(shown.sel(word=w).max()) or 1.0 for w in words]
     # (step, layer) of the gate's grid, filled where the maps have them: (word, step, layer, row, col)
     grid = xr.DataArray(np.zeros((len(words), len(steps), len(layers), maps.sizes["row"], maps.sizes["col"])),
-                        dims=("word", "step", "layer", "row", "col"), coords={"word": words, "step": steps, "layer": layers})
+                        dims=("word", "step", "layer", "row", "col"),
+                        coords={"word": words, "step": steps, "layer": layers})
     pairs = []
     for prompt, seed in cells:
         values = grid.copy()
@@ -302,8 +303,9 @@ def _levels(values: np.ndarray, top: float) -> str:
     return base64.b64encode(np.ascontiguousarray(q).tobytes()).decode("ascii")
 
 
-def _summary(out: xr.Dataset, shown: xr.DataArray, mass: np.ndarray, start: tuple, attention: xr.Dataset | xr.DataArray | None,
-             cells: list[tuple[str, int]], first_image: str) -> tuple[str, list, list | None]:
+def _summary(out: xr.Dataset, shown: xr.DataArray, mass: np.ndarray, start: tuple,
+             attention: xr.Dataset | xr.DataArray | None, cells: list[tuple[str, int]],
+             first_image: str) -> tuple[str, list, list | None]:
     """The summary plot (gate mass per step × layer, the shown step and layer marked, and the first
     word's mean attention map), its per-pair gate masses and mean maps."""
     import plotly.graph_objects as go
@@ -315,12 +317,17 @@ def _summary(out: xr.Dataset, shown: xr.DataArray, mass: np.ndarray, start: tupl
     if attention is not None:
         a = attention["attention"] if isinstance(attention, xr.Dataset) else attention
         word = str(a["word"].values[0])
-        maps = [np.round(a.sel(prompt=p, seed=s, word=word).mean(("step", "layer")).values, 4).tolist() for p, s in cells]
-    titles = ("gate mass (Σ over image tokens)",) + ((f"attention to {word!r}, mean over steps and layers",) if maps else ())
+        maps = [np.round(a.sel(prompt=p, seed=s, word=word).mean(("step", "layer")).values, 4).tolist()
+                for p, s in cells]
+    titles = ("gate mass (Σ over image tokens)",)
+    titles += (f"attention to {word!r}, mean over steps and layers",) if maps else ()
     fig = make_subplots(rows=1, cols=len(titles), subplot_titles=titles)
+    units = f"gate mass<br>Σ of g over<br>{shown.sizes['row'] * shown.sizes['col']} tokens"
     fig.add_trace(go.Heatmap(z=masses[start[0]], x=layers, y=steps, colorscale="Magma", zmin=0,
-                             zmax=float(mass.max()) or 1.0, colorbar={"title": {"text": "gate mass"}, "x": 0.45 if maps else 1.0},
-                             hovertemplate="step %{y}, layer %{x}: %{z}<extra></extra>", name="gate mass"), row=1, col=1)
+                             zmax=float(mass.max()) or 1.0,
+                             colorbar={"title": {"text": units}, "x": 0.45 if maps else 1.0},
+                             hovertemplate="step %{y}, layer %{x}: %{z}<extra></extra>", name="gate mass"),
+                  row=1, col=1)
     fig.add_trace(go.Scatter(x=[layers[start[2]]], y=[steps[start[1]]], mode="markers", name="shown above",
                              cliponaxis=False,
                              marker={"symbol": "square-open", "size": 14, "color": "cyan", "line": {"width": 2}}),

@@ -119,7 +119,7 @@ def gate_figure(
     for k, branch in enumerate(pair["branch"].values):
         ax = fig.add_subplot(grid[:, k])
         ax.imshow(np.clip(pair.sel(branch=branch).values, 0, 1))
-        if lesion is not None and k == 0:
+        if lesion is not None and k == 0 and _has_edge(lesion):
             ax.contour(lesion, levels=[0.5], colors="cyan", linewidths=1.0)
         ax.set_title(str(branch) + (" (cyan: lesion)" if lesion is not None and k == 0 else ""), fontsize=9)
         ax.set_axis_off()
@@ -131,11 +131,13 @@ def gate_figure(
         x = (np.arange(width) + 0.5) * cols / width - 0.5  # pixel centres in token coordinates
         y = (np.arange(height) + 0.5) * rows / height - 0.5
         for ax, (step, layer) in zip(fig.axes[2:], [(s, l) for s in steps for l in layers]):
-            ax.contour(x, y, lesion, levels=[0.5], colors="cyan", linewidths=0.8)
+            if _has_edge(lesion):
+                ax.contour(x, y, lesion, levels=[0.5], colors="cyan", linewidths=0.8)
             ax.set_xlim(-0.5, cols - 0.5)
             ax.set_ylim(rows - 0.5, -0.5)
             share = gate_share(g.sel(step=step, layer=layer).values, inside)
-            ax.text(0.03, 0.03, "no gate" if share is None else f"in lesion {share:.2f}", transform=ax.transAxes,
+            text = "no gate" if share is None else f"in lesion {share:.2f}"
+            ax.text(0.03, 0.03, text if lesion.any() else "no lesion", transform=ax.transAxes,
                     fontsize=6, color="white", bbox={"facecolor": "black", "alpha": 0.55, "pad": 1, "linewidth": 0})
     if image is not None:
         fig.colorbar(image, ax=fig.axes[2:], fraction=0.02,
@@ -144,7 +146,7 @@ def gate_figure(
              if (len(layers), len(steps)) != (len(all_layers), len(all_steps)) else "every layer and step")
     baseline = "" if lesion is None else (
         f"\nlesion (cyan) covers {lesion.mean():.2f} of the image: a gate spread evenly would put that share of "
-        f"its mass inside")
+        f"its mass inside" if lesion.any() else "\nno lesion in the original's mask: no share inside it")
     fig.suptitle(_wrap(f"{_title(out, cell)}\ngates shown: {shown}{baseline}", _chars(fig, 8)), fontsize=8)
     return fig
 
@@ -154,6 +156,11 @@ def gate_share(gate: np.ndarray, inside: np.ndarray) -> float | None:
     the share of each token's patch in the region ``(rows, cols)``; None where the gate is 0 everywhere."""
     total = float(np.sum(gate))
     return None if total <= 0 else float(np.sum(gate * inside)) / total
+
+
+def _has_edge(mask: np.ndarray) -> bool:
+    """Whether a mask has pixels on both sides of 0.5 (an outline to draw)."""
+    return bool((np.asarray(mask) > 0.5).any() and (np.asarray(mask) < 0.5).any())
 
 
 def _chosen_layers(layers: Sequence[int], have: list) -> list[int]:
@@ -263,7 +270,8 @@ def pairs_figure(out: xr.Dataset, *, max_pairs: int = 8, judge: Any = None) -> A
     if gate_image is not None:
         n_steps, n_layers = out["gate"].sizes["step"], out["gate"].sizes["layer"]
         fig.colorbar(gate_image, ax=axes[:, len(branches)], fraction=0.05, shrink=0.6,
-                     label=f"gate per token, Σ over {n_steps} steps × {n_layers} layers\nof max(0, h·v), v a unit vector")
+                     label=f"gate per token, Σ over {n_steps} steps × {n_layers} layers\n"
+                           f"of max(0, h·v), v a unit vector")
     if mask_image is not None:
         fig.colorbar(mask_image, ax=axes[:, -1], fraction=0.05, shrink=0.6, label="blend mask")
     note = "; dashed: the region the edit was held to" if region is not None else ""
@@ -278,8 +286,9 @@ def _outline(ax: Any, region: np.ndarray) -> None:
     rows, cols = region.shape[-2:]
     x = (np.arange(cols) + 0.5) * (x1 - x0) / cols
     y = (np.arange(rows) + 0.5) * (y0 - y1) / rows
-    ax.contour(x, y, np.asarray(region, dtype=float), levels=[0.5], colors="yellow", linewidths=1.0,
-               linestyles="--")
+    if _has_edge(region):
+        ax.contour(x, y, np.asarray(region, dtype=float), levels=[0.5], colors="yellow", linewidths=1.0,
+                   linestyles="--")
     ax.set_xlim(x0, x1)
     ax.set_ylim(y0, y1)
 

@@ -125,7 +125,8 @@ def _swept(result: xr.Dataset, axis: str, metrics: list[str], axes: Any) -> None
         for k, combo in enumerate(itertools.product(*(range(result.sizes[d]) for d in others))):
             sel = {**dict(zip(others, combo)), "method": methods.index(method), axis: 0}
             row = result.isel(sel)
-            label = f"{method} (no {axis})" + "".join(f", {d}={_plain(result[d].values[i])}" for d, i in zip(others, combo))
+            label = f"{method} (no {axis})" + "".join(f", {d}={_plain(result[d].values[i])}"
+                                                      for d, i in zip(others, combo))
             for ax, m in zip(axes, metrics):
                 y, err = _interval(row.isel({d: 0 for d in row[m].dims}), m)
                 ax.errorbar([len(labels) + 0.6 + j], y, yerr=err, marker="*", markersize=10, capsize=3,
