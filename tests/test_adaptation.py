@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from dit_lens.storage import FolderClaimError
 from dit_lens.world.adaptation import AdaptationConfig, run_adaptation
 
 SMALL = AdaptationConfig(schemes=("lora",), train_drifts=(0.0,), deltas=(0.0, 0.2), forms=("every", "initial"),
@@ -27,7 +28,7 @@ def test_the_study_picks_the_closest_drift_confirms_it_and_reuses_its_cells(tmp_
     assert again["adapters"][0]["sweep"] == sweep
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").glob("*.json")} == stamps
     assert json.loads((tmp_path / "result.json").read_text())["adapters"][0]["picked"] == adapter["picked"]
-    with pytest.raises(FileExistsError, match="other settings"):
+    with pytest.raises(FolderClaimError, match="made for other settings"):
         run_adaptation(AdaptationConfig(**{**SMALL.to_dict(), "steps": 4}), tmp_path, progress=False)
     with pytest.raises(ValueError, match="forms must be among"):
         AdaptationConfig(forms=("sometimes",))

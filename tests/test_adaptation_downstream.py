@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from dit_lens import LatentDrift, generate, load
+from dit_lens.storage import FolderClaimError
 from dit_lens.world.adaptation_downstream import AdaptedDownstreamConfig, run_adapted_downstream
 from dit_lens.world.procedural import caption
 
@@ -33,7 +34,7 @@ def test_arms_gains_and_reuse(tmp_path):
     again = run_adapted_downstream({"shipped": (lens, 0.0), "drifted": (lens, 0.1)}, SMALL, tmp_path, progress=False)
     assert again == result and {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").glob("*.json")} == stamps
     assert json.loads((tmp_path / "result.json").read_text()) == json.loads(json.dumps(result))
-    with pytest.raises(FileExistsError, match="other settings"):
+    with pytest.raises(FolderClaimError, match="made for other settings"):
         run_adapted_downstream({}, AdaptedDownstreamConfig(**{**SMALL.to_dict(), "detector_steps": 4}), tmp_path)
     with pytest.raises(ValueError, match="identifiers other than 'real'"):
         run_adapted_downstream({"real": (lens, 0.0)}, SMALL, tmp_path / "other")

@@ -137,9 +137,9 @@ def test_run_downstream_end_to_end_resumes_and_refuses_another_run(tmp_path, det
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cells").iterdir() if p in stamp} == stamp
     assert len(list((tmp_path / "cells").iterdir())) == 15 and more["auc_per_seed"].shape == (5, 3)
     cells = sorted(p.name for p in (tmp_path / "cells").glob("*.json"))
-    with pytest.raises(ValueError, match="another downstream run"):
+    with pytest.raises(ValueError, match="downstream made for other settings"):
         run_downstream(DownstreamConfig(**{**cfg.__dict__, "alpha": 1.0}), lens, tmp_path, progress=False)
-    with pytest.raises(ValueError, match="another downstream run"):  # the PnP and h-Edit pairs depend on it
+    with pytest.raises(ValueError, match="other settings"):  # the PnP and h-Edit pairs depend on it
         run_downstream(DownstreamConfig(**{**cfg.__dict__, "inversion_steps": 3}), lens, tmp_path, progress=False)
     assert sorted(p.name for p in (tmp_path / "cells").iterdir()) == cells
 
@@ -164,11 +164,12 @@ def fresh_default_steps(tmp_path_factory, detector_lens):
 
 @pytest.mark.parametrize("layout", ["per_arm", "source_steered_target"])
 def test_a_folder_of_an_earlier_version_is_completed_not_overwritten(tmp_path, detector_lens, fresh_default_steps, layout):
-    """A folder from before PnP and h-Edit (arms real, reprompt, medsteer; a declaration without
-    inversion_steps) keeps its cells and stored arrays; the missing arms are made and added."""
+    """A folder whose synthetic set was stored before PnP and h-Edit (arms real, reprompt, medsteer)
+    keeps its cells and stored arrays; the missing arms are made and added."""
     import json
     import shutil
 
+    from dit_lens.storage import MARKER
     from dit_lens.world.downstream import _digest, _digest_path, _read_synthetic, run_downstream
 
     lens = detector_lens
@@ -176,9 +177,8 @@ def test_a_folder_of_an_earlier_version_is_completed_not_overwritten(tmp_path, d
     made = dict(np.load(fresh / "synthetic.npz"))
     old = tmp_path / "old"  # what an earlier version left
     (old / "cells").mkdir(parents=True)
-    declaration = json.loads((fresh / "downstream.json").read_text())
-    del declaration["config"]["inversion_steps"]
-    (old / "downstream.json").write_text(json.dumps(declaration))
+    for name in (MARKER, "downstream.json"):  # a folder dit-lens made, for the same settings
+        shutil.copy(fresh / name, old)
     for arm in ("real", "reprompt", "medsteer"):
         for seed in (0, 1):
             shutil.copy(fresh / "cells" / f"{arm}_seed{seed}.json", old / "cells")
@@ -194,7 +194,7 @@ def test_a_folder_of_an_earlier_version_is_completed_not_overwritten(tmp_path, d
     assert sorted(before) == ["medsteer", "reprompt"]  # read, but not complete
     stamp = {p: p.stat().st_mtime_ns for p in (old / "cells").iterdir()}
 
-    with pytest.raises(ValueError, match="another downstream run"):
+    with pytest.raises(ValueError, match=r"other settings \(config.inversion_steps: 50 there, 2 now"):
         run_downstream(DownstreamConfig(**TINY), lens, old, progress=False)  # 2 inversion steps, not 50
     assert sorted(dict(np.load(old / "synthetic.npz"))) == sorted(stored)
     result = run_downstream(cfg, lens, old, progress=False)
@@ -222,13 +222,11 @@ def test_a_folder_of_an_earlier_version_is_completed_not_overwritten(tmp_path, d
 
 
 def test_a_stored_set_that_does_not_fit_the_config_is_refused_not_changed(tmp_path, detector_lens):
-    import json
-
-    from dit_lens.world.downstream import _read_synthetic, run_downstream
+    from dit_lens.storage import claimed
+    from dit_lens.world.downstream import _read_synthetic, identity, run_downstream
 
     cfg = DownstreamConfig(**TINY)
-    (tmp_path / "downstream.json").write_text(json.dumps({"config": json.loads(json.dumps(cfg.__dict__)),
-                                                          "model_fingerprint": detector_lens.fingerprint}))
+    claimed(tmp_path, "downstream", identity=identity(cfg, detector_lens))  # a folder dit-lens made for it
     images = np.full((2, 32, 32, 3), 0.5, np.float32)
     path = tmp_path / "synthetic.npz"
     np.savez_compressed(path, reprompt_unsteered=images, medsteer_unsteered=images, medsteer_steered=images)
@@ -281,10 +279,10 @@ def test_downstream_files_are_checked_against_their_digests(tmp_path):
     _write_record(path, record)
     assert _read_record(path) == record
     data = json.loads(path.read_text())
-    data["record"]["auc"] = 0.99  # an edited number that still parses
+    data["auc"] = 0.99  # an edited number that still parses
     path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="fails its checksum"):
+    with pytest.raises(ValueError, match=r"downstream cell .*medsteer_seed0\.json fails its digest"):
         _read_record(path)
     path.write_text('{"auc": ')
-    with pytest.raises(ValueError, match="unreadable"):
+    with pytest.raises(ValueError, match=r"medsteer_seed0\.json is unreadable or truncated.*delete that file"):
         _read_record(path)

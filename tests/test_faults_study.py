@@ -10,12 +10,11 @@ import sys
 import textwrap
 import time
 
-import numpy as np
 import pytest
 import xarray as xr
 
 from dit_lens.storage import MARKER, DamagedError, FolderClaimError
-from dit_lens.study import ConceptPair, Metric, Study, run_study
+from dit_lens.study import Metric, Study, run_study
 from dit_lens.study.cells import CellRunner
 from dit_lens.study.cli import study_main
 from dit_lens.validate import NonFiniteError
@@ -236,3 +235,37 @@ def test_a_kept_pool_is_dropped_when_its_ray_session_ends(tiny_lens):
     finally:
         executor.close()
         ray.shutdown()
+
+
+# -- the world's experiment folders ------------------------------------------------------------------
+
+
+def test_a_users_folder_is_never_taken_for_a_world_experiment(tmp_path):
+    from dit_lens.world.long_tail import LongTailConfig, run_long_tail
+
+    small = LongTailConfig(label="polyps", count=1, per_class=1, steps=2, seeds=2, guidance_scales=(1.0,),
+                           iterations=1, num_inference_steps=2)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "long_tail.json").write_text(json.dumps(small.to_dict()))  # its own copy of the settings
+    (mine / "notes.txt").write_text("notes")
+    before = snapshot(mine)
+    for overwrite in (False, True):
+        with pytest.raises(FolderClaimError, match=rf"long_tail folder {mine} is not empty and was not made by "
+                                                   rf"dit-lens.*nothing was changed"):
+            run_long_tail(small, mine, progress=False, overwrite=overwrite)
+    assert snapshot(mine) == before
+
+
+@pytest.mark.parametrize("content, why", [('{"read": [1, ', "is unreadable or truncated"),
+                                          ("[1, 0]", "holds a JSON list"),
+                                          ('{"read": [0, 0]}', "has no digest")])
+def test_a_damaged_world_cell_is_one_line_naming_the_file(tmp_path, content, why):
+    from dit_lens.world.folders import cached_json, claim_experiment
+
+    claim_experiment(tmp_path, "long_tail", {"seeds": 2}, entries=("cells",))
+    cell = tmp_path / "cells" / "shipped_g1.json"
+    assert cached_json(cell, lambda: {"read": [1, 0]}, timed=False) == {"read": [1, 0]}
+    cell.write_text(content)
+    with pytest.raises(DamagedError, match=rf"the cell {cell} {why}.*delete that file to measure the cell again"):
+        cached_json(cell, lambda: pytest.fail("a stored cell is never computed again"))

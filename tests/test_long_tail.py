@@ -6,6 +6,7 @@ import json
 import pytest
 
 from dit_lens import generate, load, load_oracle
+from dit_lens.storage import FolderClaimError
 from dit_lens.world.long_tail import LongTailConfig, run_long_tail
 from dit_lens.world.procedural import caption
 
@@ -32,7 +33,7 @@ def test_the_study_reads_the_class_before_and_after_and_reuses_its_cells(tmp_pat
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").glob("*.json")}
     assert run_long_tail(SMALL, tmp_path, progress=False)["cells"] == result["cells"]
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cells").glob("*.json")} == stamps
-    with pytest.raises(FileExistsError, match="other settings"):
+    with pytest.raises(FolderClaimError, match="made for other settings"):
         run_long_tail(LongTailConfig(**{**SMALL.to_dict(), "seeds": 3}), tmp_path, progress=False)
 
 

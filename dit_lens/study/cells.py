@@ -35,14 +35,14 @@ from tqdm.auto import tqdm
 from ..methods import MethodContext, Vectors, get
 from ..methods.registry import VECTOR_SEEDS
 from ..scale.executors import LocalExecutor, RayExecutor, as_executor
-from ..storage import (Claim, DamagedError, FolderClaimError, MissingError, claim, exclusive, jsonable, read_record,
-                       remove_stale_temporaries, temporary_name, try_exclusive, write_record)
+from ..storage import (MARKER, Claim, DamagedError, FolderClaimError, MissingError, claim, exclusive, jsonable,
+                       read_record, remove_stale_temporaries, temporary_name, try_exclusive, write_record)
 from ..trace.attrs import typed
 from ..validate import NonFiniteError
 from ..views.explorer import write_explorer
 from ..views.figures import pairs_figure
 from . import metrics as M
-from .declaration import Study, context_of
+from .declaration import Study
 
 __all__ = ["CellRunner", "DamagedCellError"]
 
@@ -64,9 +64,10 @@ class CellRunner:
 
     Args:
         repair: Recompute finished cells whose files are damaged (instead of refusing them).
-        overwrite: Let a study folder that holds *another* dit-lens study (or cells of older metric
-            definitions) be emptied of its cells and result and reused. Folders dit-lens did not
-            make are refused whatever this says.
+        overwrite: Replace a study folder that holds *another* dit-lens study (or cells of older metric
+            definitions): what dit-lens recorded writing there is removed, nothing else, and never
+            while another process runs a study in it. Folders dit-lens did not make are refused
+            whatever this says.
     """
 
     def __init__(self, study: Study, lens: Any, oracle: Callable, segmenter: Callable, folder: Path,
@@ -208,8 +209,8 @@ class CellRunner:
     def _in_use_elsewhere(self) -> list[int]:
         """Processes other than this one running a study in the folder now (the caller holds its lock)."""
         locks = self.folder / ".locks"
-        if not locks.is_dir() or (self.folder / ".locks").is_symlink():
-            return []
+        if not (self.folder / MARKER).is_file() or not locks.is_dir() or locks.is_symlink():
+            return []  # not a study folder dit-lens made: it is refused untouched, in use or not
         busy = []
         for entry in sorted(locks.iterdir()):
             match = _IN_USE.match(entry.name)

@@ -19,6 +19,7 @@ figure is not the one it was picked on.
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,12 +29,13 @@ from typing import Any
 import numpy as np
 
 from ..interventions.drift import LatentDrift
+from ..storage import DamagedError, digest, read_record, write_atomic, write_record
 from ..interventions.generate import generate
 from ..study.distribution import frechet_difference, frechet_estimate
 from ..study.metrics import estimate
 from ..training.finetune import finetune
 from .data import world_split
-from .folders import claim_settings
+from .folders import claim_experiment
 from .judges import load_oracle
 from .procedural import LABELS, caption, render
 
@@ -122,35 +124,62 @@ def _with_distance(cell: dict, path: Path, reference: np.ndarray) -> dict:
 
 
 def _cell(path: Path, reference: np.ndarray, compute) -> dict:
-    """The cell at `path` (JSON, with its image features beside it in ``.npy``), computed if missing, with
-    its distance to `reference`."""
-    if path.is_file() and path.with_suffix(".npy").is_file():
-        return _with_distance(json.loads(path.read_text()), path, reference)
+    """The cell at `path` (a sealed record, with its image features beside it in ``.npy``, whose digest
+    the record holds), computed if missing, with its distance to `reference`."""
+    if path.is_file():
+        _features(path)  # checked against the record's digest
+        return _with_distance(_record(path), path, reference)
     start = time.perf_counter()
     result, features = compute()
     result["seconds"] = round(time.perf_counter() - start, 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path.with_suffix(".npy"), features.astype(np.float32))
-    path.with_suffix(".tmp").write_text(json.dumps(result, indent=1))
-    path.with_suffix(".tmp").replace(path)
-    return _with_distance(result, path, reference)
+    features = np.ascontiguousarray(features, dtype=np.float32)
+    buffer = io.BytesIO()
+    np.save(buffer, features, allow_pickle=False)
+    write_atomic(path.with_suffix(".npy"), buffer.getvalue())
+    write_record(path, {**result, "features_digest": digest({}, {"features": features})})
+    return _with_distance(_record(path), path, reference)
+
+
+_FIX = "delete it and its .json/.npy partner to measure the cell again"
+
+
+def _record(path: Path) -> dict:
+    record = read_record(path, what="the adaptation cell", fix=_FIX)
+    record.pop("features_digest", None)
+    return record
 
 
 def _features(path: Path) -> np.ndarray:
-    return np.load(path.with_suffix(".npy"))
+    """A cell's image features, checked against the digest its record holds."""
+    record = read_record(path, what="the adaptation cell", fix=_FIX)
+    try:
+        features = np.load(path.with_suffix(".npy"), allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise DamagedError(f"the cell's features {path.with_suffix('.npy')} are missing or unreadable "
+                           f"({type(err).__name__}: {err}); {_FIX}") from None
+    if record.get("features_digest") != digest({}, {"features": features}):
+        raise DamagedError(f"the cell's features {path.with_suffix('.npy')} fail the digest of {path.name} (they "
+                           f"changed after dit-lens wrote them); {_FIX}")
+    return features
 
 
 def run_adaptation(cfg: AdaptationConfig, folder: str | Path, *, source: str = "embedded",
-                   progress: bool = True) -> dict:
+                   progress: bool = True, overwrite: bool = False) -> dict:
     """Fine-tune every adapter, sweep the inference drift, pick δ and confirm it on fresh seeds.
 
     Every adapter and every measured cell is kept in `folder` (``adapters/``, ``cells/``); a re-run
-    reuses them. Returns (and writes to ``folder/result.json``) the settings, the real-vs-real floors,
-    the base model's cells, every sweep cell and the picked δ of each adapter with its confirmation.
+    reuses them. The folder is claimed for the settings and the base model's weights
+    (`claim_experiment`); with `overwrite`, an adaptation folder of other settings is replaced (only
+    what dit-lens wrote there). Returns (and writes to ``folder/result.json``) the settings, the
+    real-vs-real floors, the base model's cells, every sweep cell and the picked δ of each adapter with
+    its confirmation.
     """
     from ..model.lens import load
 
-    folder = claim_settings(folder, "adaptation.json", cfg.to_dict(), "an adaptation study")
+    base = load(source)
+    folder = Path(folder)
+    claim_experiment(folder, "adaptation", {"settings": cfg.to_dict(), "model_fingerprint": base.fingerprint},
+                     entries=("adapters", "cells", "result.json"), overwrite=overwrite)
     oracle = load_oracle()
     log = print if progress else (lambda *a: None)
     sweep_ref, _ = _real(cfg, cfg.held_out_base, cfg.held_out)
@@ -167,7 +196,6 @@ def run_adaptation(cfg: AdaptationConfig, folder: str | Path, *, source: str = "
         "sweep": _cell(folder / "cells" / "floor_sweep.json", sweep_ref, lambda: floor(cfg.sweep_seeds, 700_000, sweep_ref)),
         "confirm": _cell(folder / "cells" / "floor_confirm.json", confirm_ref,
                          lambda: floor(cfg.confirm_seeds, 800_000, confirm_ref))}}
-    base = load(source)
     result["base"] = {"sweep": _cell(folder / "cells" / "base_sweep.json", sweep_ref, lambda: _measure(
         oracle, _generated(base, cfg, 0.0, "every", sweep_seeds), sweep_ref, cfg.sweep_seeds)),
         "confirm": _cell(folder / "cells" / "base_confirm.json", confirm_ref, lambda: _measure(
@@ -216,5 +244,5 @@ def run_adaptation(cfg: AdaptationConfig, folder: str | Path, *, source: str = "
                 drifted = confirmed[f"{scheme}_d{train_drift:g}"]
                 result.setdefault("drift_vs_plain", {})[f"{scheme}_d{train_drift:g}"] = frechet_difference(
                     _features(drifted["picked"]), _features(plain["no_drift"]), confirm_ref).to_dict()
-    (folder / "result.json").write_text(json.dumps(result, indent=1))
+    write_atomic(folder / "result.json", json.dumps(result, indent=1).encode())
     return result

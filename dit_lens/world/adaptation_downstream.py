@@ -14,6 +14,7 @@ shipped model's arm, paired by training seed.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +26,8 @@ from ..interventions.drift import LatentDrift
 from ..interventions.generate import generate
 from ..study.metrics import estimate
 from .downstream import DownstreamConfig, _test_set, _train_and_test
-from .folders import cached_json, claim_settings
+from ..storage import DamagedError, FolderClaimError, digest, read_record, write_atomic, write_record
+from .folders import cached_json, claim_experiment
 from .procedural import caption, render
 
 __all__ = ["AdaptedDownstreamConfig", "run_adapted_downstream"]
@@ -85,7 +87,7 @@ def _synthetic(lens: Any, drift: LatentDrift, cfg: AdaptedDownstreamConfig) -> n
 
 
 def run_adapted_downstream(generators: dict[str, tuple[Any, float | LatentDrift]], cfg: AdaptedDownstreamConfig,
-                           folder: str | Path, *, progress: bool = True) -> dict:
+                           folder: str | Path, *, progress: bool = True, overwrite: bool = False) -> dict:
     """Train and test the detector of every arm and training seed.
 
     Args:
@@ -102,8 +104,10 @@ def run_adapted_downstream(generators: dict[str, tuple[Any, float | LatentDrift]
     bad = [name for name in generators if not name.isidentifier() or name == "real"]
     if bad:
         raise ValueError(f"generator arm names must be identifiers other than 'real', got {bad}")
-    folder = claim_settings(folder, "adapted_downstream.json", cfg.to_dict(), "a downstream test")
     settings = json.loads(json.dumps(cfg.to_dict()))
+    folder = Path(folder)
+    claim_experiment(folder, "adapted_downstream", {"settings": settings},
+                     entries=("synthetic", "cells", "result.json"), overwrite=overwrite)
     log = print if progress else (lambda *a: None)
     n = cfg.real_per_class
     real = render([cfg.source] * n + [cfg.target] * n, list(range(n)) * 2, split="shifted").images
@@ -113,12 +117,7 @@ def run_adapted_downstream(generators: dict[str, tuple[Any, float | LatentDrift]
     k = cfg.synthetic_per_class
     for name, (lens, drift) in generators.items():
         drift = _drift(drift)
-        path = folder / "synthetic" / f"{name}.npy"
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.save(path.with_suffix(".tmp.npy"), _synthetic(lens, drift, cfg).astype(np.float32))
-            path.with_suffix(".tmp.npy").replace(path)
-        made = np.load(path)  # (2, K, H, W, 3)
+        made = _stored_synthetic(folder / "synthetic" / f"{name}.npy", lens, drift, cfg)  # (2, K, H, W, 3)
         arms[name] = (np.concatenate([real, made[0], made[1]]), np.concatenate([real_y, [1] * k, [0] * k]), drift.to_dict())
     per_seed: dict[str, list[dict]] = {}
     for arm, (x, y, _) in arms.items():
@@ -138,5 +137,32 @@ def run_adapted_downstream(generators: dict[str, tuple[Any, float | LatentDrift]
         if arm not in ("real", "shipped") and "shipped" in auc:
             entry["gain_vs_shipped"] = estimate(auc[arm] - auc["shipped"]).to_dict()
         result["arms"][arm] = entry
-    (folder / "result.json").write_text(json.dumps(result, indent=1))
+    write_atomic(folder / "result.json", json.dumps(result, indent=1).encode())
     return result
+
+
+def _stored_synthetic(path: Path, lens: Any, drift: LatentDrift, cfg: AdaptedDownstreamConfig) -> np.ndarray:
+    """An arm's images: made once and kept at `path` with a sealed record beside it (``.json``: the
+    generator's weights, its drift and the images' digest); reused only for the same generator."""
+    made_by = {"model_fingerprint": lens.fingerprint, "drift": drift.to_dict()}
+    record_path = path.with_suffix(".json")
+    fix = f"delete {path.name} and {record_path.name}, and the arm's cells, to make them again"
+    if path.is_file() or record_path.is_file():
+        record = read_record(record_path, what="the synthetic arm's record", fix=fix)
+        if {k: record.get(k) for k in made_by} != json.loads(json.dumps(made_by)):
+            raise FolderClaimError(f"{path} was made by another generator or drift than the arm {path.stem!r} has "
+                                   f"now; give this generator another arm name, or pass a new folder (nothing was "
+                                   f"changed)")
+        try:
+            images = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise DamagedError(f"{path} is missing or unreadable ({type(err).__name__}: {err}); {fix}") from None
+        if record.get("images_digest") != digest({}, {"images": images}):
+            raise DamagedError(f"{path} fails its digest (it changed after dit-lens wrote it); {fix}")
+        return images
+    images = np.ascontiguousarray(_synthetic(lens, drift, cfg), dtype=np.float32)
+    buffer = io.BytesIO()
+    np.save(buffer, images, allow_pickle=False)
+    write_atomic(path, buffer.getvalue())
+    write_record(record_path, {**made_by, "images_digest": digest({}, {"images": images})})
+    return images

@@ -42,7 +42,7 @@ from ..study import metrics as M
 from ..interventions.blend import check_blend
 from ..trace.attrs import typed
 from ..validate import check_int
-from ..storage import claim, exclusive, write_atomic
+from ..storage import claim, exclusive, read_record, write_atomic, write_record
 
 __all__ = ["DownstreamConfig", "roc_auc", "f1_score", "train_detector", "run_downstream", "synthetic_pairs"]
 
@@ -159,14 +159,21 @@ def train_detector(images: np.ndarray, labels: np.ndarray, *, seed: int, steps: 
     return detect
 
 
-def run_downstream(cfg: DownstreamConfig, lens: Any, folder: Path, *, progress: bool = True) -> xr.Dataset:
-    """Run (or resume) every (arm, seed); returns AUC/F1 per arm with intervals over seeds."""
+def run_downstream(cfg: DownstreamConfig, lens: Any, folder: Path, *, progress: bool = True,
+                   overwrite: bool = False) -> xr.Dataset:
+    """Run (or resume) every (arm, seed); returns AUC/F1 per arm with intervals over seeds.
+
+    The folder is claimed for every setting but the training seeds and for the model's weights (more
+    or other training seeds reuse the finished cells); with `overwrite`, a downstream folder of other
+    settings is replaced (only what dit-lens wrote there)."""
     from .procedural import render
 
     folder = Path(folder)
     with exclusive(folder):
-        claim(folder, "downstream")  # new, empty or an earlier run's
-        _claim(folder, cfg, lens)
+        claimed_ = claim(folder, "downstream", identity=identity(cfg, lens), overwrite=overwrite,
+                         what="the downstream folder")
+        claimed_.record("downstream.json", "cells", "synthetic.npz", _digest_path(folder / "synthetic.npz").name)
+        write_record(folder / "downstream.json", {"config": asdict(cfg), "model_fingerprint": lens.fingerprint})
     k = cfg.synthetic_per_class
     synth_path = folder / "synthetic.npz"
     with exclusive(folder / ".locks" / synth_path.name):  # made once; others wait, then read it
@@ -266,24 +273,13 @@ def _digest_path(path: Path) -> Path:
 
 
 def _write_record(path: Path, record: dict) -> None:
-    """A cell file with the digest of its content, written atomically."""
-    body = json.dumps(record, sort_keys=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps({"record": record, "digest": _digest(body.encode())}).encode())
+    """A sealed cell file, written atomically."""
+    write_record(path, record)
 
 
 def _read_record(path: Path) -> dict:
-    """A cell file, checked against its digest; files of earlier versions (no digest) as they are."""
-    fix = "delete that file to recompute the cell"
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"downstream cell {path} is unreadable ({type(err).__name__}: {err}); {fix}") from err
-    if "digest" not in data:
-        return data
-    if data["digest"] != _digest(json.dumps(data.get("record"), sort_keys=True).encode()):
-        raise ValueError(f"downstream cell {path} fails its checksum (changed after it was written); {fix}")
-    return data["record"]
+    """A cell file, checked against its digest."""
+    return read_record(path, what="downstream cell", fix="delete that file to recompute the cell")
 
 
 def _read_synthetic(path: Path) -> dict[str, tuple]:
@@ -363,15 +359,6 @@ def _test_set(cfg: DownstreamConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return images, (np.array(labels) == cfg.source).astype(int), np.array(labels)
 
 
-def _claim(folder: Path, cfg: DownstreamConfig, lens: Any) -> None:
-    """Refuse a folder holding another run; more or other training seeds reuse the finished ones."""
-    declaration = folder / "downstream.json"
-    mine = json.loads(json.dumps({"config": asdict(cfg), "model_fingerprint": lens.fingerprint}))
-    if declaration.exists():
-        theirs = json.loads(declaration.read_text())
-        theirs_context = {k: v for k, v in theirs.get("config", {}).items() if k != "train_seeds"}
-        for name, default in LATER_FIELDS.items():  # declared before the setting existed
-            theirs_context.setdefault(name, default)
-        if theirs_context != cfg.context() or theirs.get("model_fingerprint") != lens.fingerprint:
-            raise ValueError(f"{folder} holds another downstream run; pass a new --out folder (nothing was changed)")
-    write_atomic(declaration, json.dumps(mine, indent=1).encode())
+def identity(cfg: DownstreamConfig, lens: Any) -> dict:
+    """What a downstream folder is claimed for: every setting but the training seeds, and the model's weights."""
+    return {"config": cfg.context(), "model_fingerprint": lens.fingerprint}

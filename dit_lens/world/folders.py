@@ -1,41 +1,57 @@
-"""Result folders of the world's experiments (adaptation, its downstream test, the long tail): a folder is
-claimed by its settings, and each measured cell is a JSON file written once, atomically, and reused."""
+"""Result folders of the world's experiments (adaptation, its downstream test, the long tail, the
+downstream detector): each folder is claimed through `dit_lens.storage.claim` for its settings, and
+each measured cell is a sealed JSON record written once, atomically, and reused.
+
+Examples:
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp()) / "run"
+    >>> _ = claim_experiment(folder, "long_tail", {"seeds": 2}, entries=("cells",))
+    >>> cached_json(folder / "cells" / "a.json", lambda: {"read": [1, 0]}, timed=False)
+    {'read': [1, 0]}
+    >>> cached_json(folder / "cells" / "a.json", lambda: {"read": "never computed again"})
+    {'read': [1, 0]}
+    >>> claim_experiment(folder, "long_tail", {"seeds": 3})
+    Traceback (most recent call last):
+    ...
+    dit_lens.storage.folders.FolderClaimError: the long_tail folder ... made for other settings (seeds: 2 there, 3 now); ...
+"""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
-from ..storage.locks import write_atomic
+from ..storage import Claim, claim, exclusive, read_record, write_record
 
-__all__ = ["cached_json", "claim_settings"]
+__all__ = ["cached_json", "claim_experiment"]
 
 
-def claim_settings(folder: str | Path, record: str, settings: dict, what: str) -> Path:
-    """Make `folder` (created if missing) hold `what` with `settings`, recorded in ``folder/record``.
+def claim_experiment(folder: str | Path, kind: str, settings: dict, *, entries: Sequence[str] = (),
+                     overwrite: bool = False) -> Claim:
+    """Claim `folder` for the experiment `kind` made with `settings` (its identity), record `entries`
+    (what the experiment writes there) and write the settings to ``<kind>.json``.
 
     Raises:
-        FileExistsError: the folder already holds `what` with other settings (nothing is changed).
+        FolderClaimError: the folder holds something dit-lens did not make, another kind of output, or
+            (without `overwrite`) this experiment with other settings; nothing was changed.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    stored = json.loads(json.dumps(settings))  # as JSON keeps them: tuples become lists
-    claim = folder / record
-    if claim.is_file() and json.loads(claim.read_text()) != stored:
-        raise FileExistsError(f"{folder} holds {what} with other settings; pick a new folder")
-    write_atomic(claim, json.dumps(stored, indent=1).encode())
-    return folder
+    with exclusive(folder):
+        out = claim(folder, kind, identity=settings, overwrite=overwrite, what=f"the {kind} folder")
+        out.record(f"{kind}.json", *entries)
+        write_record(folder / f"{kind}.json", settings)
+    return out
 
 
 def cached_json(path: Path, compute: Callable[[], dict], *, timed: bool = True) -> dict:
-    """The cell at `path`, or ``compute()`` written there (with ``"seconds"`` when `timed`) and returned."""
+    """The cell at `path`, checked against its digest, or ``compute()`` written there (with
+    ``"seconds"`` when `timed`) and returned. A damaged cell is an error naming the file."""
     if path.is_file():
-        return json.loads(path.read_text())
+        return read_record(path, what="the cell", fix="delete that file to measure the cell again")
     start = time.perf_counter()
     result = compute()
     if timed:
         result["seconds"] = round(time.perf_counter() - start, 1)
-    write_atomic(path, json.dumps(result, indent=1).encode())
-    return result
+    write_record(path, result)
+    return read_record(path, what="the cell")  # as a re-run reads it

@@ -33,7 +33,8 @@ from ..interventions.noise import attention_concentration, class_probability, op
 from ..study.metrics import estimate, proportion
 from ..training.finetune import finetune
 from .data import world_split
-from .folders import cached_json, claim_settings
+from ..storage import write_atomic
+from .folders import cached_json, claim_experiment
 from .judges import load_oracle
 from .procedural import LABELS, caption
 
@@ -100,18 +101,23 @@ def _read(oracle: Any, images: np.ndarray, label: str) -> np.ndarray:
     return oracle(images).argmax(1) == list(oracle.labels).index(label)  # (seeds,) bool
 
 
-def run_long_tail(cfg: LongTailConfig, folder: str | Path, *, source: str = "embedded", progress: bool = True) -> dict:
+def run_long_tail(cfg: LongTailConfig, folder: str | Path, *, source: str = "embedded", progress: bool = True,
+                  overwrite: bool = False) -> dict:
     """Fine-tune the long-tail LoRA, then measure every (guidance scale, objective) cell.
 
     The adapter and every cell are kept in `folder` (``adapter/``, ``cells/``); a re-run reuses them.
+    The folder is claimed for the settings and the base model's weights (`claim_experiment`); with
+    `overwrite`, a long-tail folder of other settings is replaced (only what dit-lens wrote there).
     Returns (and writes to ``folder/result.json``) the settings, the adapter's record and the cells.
     """
     from ..model.lens import load
 
-    folder = claim_settings(folder, "long_tail.json", cfg.to_dict(), "a long-tail study")
     settings = json.loads(json.dumps(cfg.to_dict()))
-    log = print if progress else (lambda *a: None)
     oracle, base = load_oracle(), load(source)
+    folder = Path(folder)
+    claim_experiment(folder, "long_tail", {"settings": settings, "model_fingerprint": base.fingerprint},
+                     entries=("adapter", "cells", "result.json"), overwrite=overwrite)
+    log = print if progress else (lambda *a: None)
     data = world_split("shifted", per_class=cfg.per_class, counts={cfg.label: cfg.count})
     adapter = finetune(base, data, folder / "adapter", method="lora", rank=cfg.rank, steps=cfg.steps, seed=cfg.seed,
                        progress=progress)
@@ -160,5 +166,5 @@ def run_long_tail(cfg: LongTailConfig, folder: str | Path, *, source: str = "emb
             result["cells"].append(entry)
             log(f"long tail g {g:g} {name}: {cfg.label} read {entry['before']['value']:.3f} -> "
                 f"{entry['after']['value']:.3f} (shipped {entry['shipped']['value']:.3f}), n {len(before)}")
-    (folder / "result.json").write_text(json.dumps(result, indent=1))
+    write_atomic(folder / "result.json", json.dumps(result, indent=1).encode())
     return result
