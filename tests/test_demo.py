@@ -2,6 +2,7 @@
 target rate beside the flip rate (and the dye metrics for a dye removal)."""
 
 import json
+import re
 
 import pytest
 
@@ -52,3 +53,16 @@ def test_help_shows_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "steering strength (default: 3.0)" in text and "(default: 0.0 1.0)" in text
     assert "(default: None)" not in text and "off, the paper's method) (default: 0.0)" in text
+
+
+def test_the_demo_writes_into_the_cache_and_explains_its_numbers(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DIT_LENS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    code = main(["demo", "--steps", "2", "--pairs", "2", "--vector-seeds", "1"])
+    assert code == 0
+    assert (tmp_path / "cache" / "demo" / "summary.json").is_file() and not (tmp_path / "cache" / "captures").is_file()
+    assert not (tmp_path / "cache" / "demo" / "cache").exists()
+    printed = capsys.readouterr().out
+    assert "confidence_shift: mean drop of the oracle's probability" in printed
+    assert "unsteered_recognised: share of unsteered images" in printed
+    assert re.search(r"finished in \d+ s \(\d+\.\d min\)", printed)

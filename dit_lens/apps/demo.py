@@ -59,8 +59,9 @@ PAIR_SEED_BASE = 10_000
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="embedded", help="pipeline folder (default: the embedded world)")
     p.add_argument("--lora", default=None, help="peft LoRA adapter folder to merge into the denoiser")
-    p.add_argument("--out", default="cache/demo",
-                   help="output folder, new or empty or an earlier demo's (default: cache/demo)")
+    p.add_argument("--out", default=None,
+                   help="output folder, new or empty or an earlier demo's (default: demo/ in the cache: "
+                        "$DIT_LENS_CACHE, else the checkout's cache/, else ~/.cache/dit-lens)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier demo's results in --out")
     p.add_argument("--source", default=None,
                    help=f"class of the concept to remove (default: the classifier's class named in every --positive "
@@ -115,6 +116,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
     check_writable_folder(cache_root(), "the cache folder",
                           f"set {CACHE_ENV} to a writable folder (it holds the captures)")
+    if args.out is None:
+        args.out = str(cache_root() / "demo")
     made = not Path(args.out).exists()
     with exclusive(Path(args.out)):  # a second demo into this folder waits for this one
         out = claim_output_folder(Path(args.out), overwrite=args.overwrite, identity=_identity(args))
@@ -187,12 +190,12 @@ def _run(args: argparse.Namespace, out: Claim, start: float) -> int:
         provenance=lens.provenance(),
         seconds=round(time.perf_counter() - start, 1),
     )
-    judge = None
+    judge = segmenter = None
     if oracle_source is not None:
-        from ..world import load_oracle
+        from ..world import load_oracle, load_segmenter
 
-        judge = load_oracle(oracle_source)
-    _write_outputs(out, pairs, vector, summary, maps, judge)
+        judge, segmenter = load_oracle(oracle_source), load_segmenter(oracle_source)
+    _write_outputs(out, pairs, vector, summary, maps, judge, segmenter)
     _print_table(summary, out.path)
     return 0
 
@@ -335,10 +338,11 @@ def _source_words(lens, prompt: str, source: str) -> list[str]:
     return [source]
 
 
-def _write_outputs(out: Claim, pairs, vector, summary: dict, maps=None, judge=None) -> None:
+def _write_outputs(out: Claim, pairs, vector, summary: dict, maps=None, judge=None, segmenter=None) -> None:
     """Every output, each recorded in the folder's marker before it is written (atomically)."""
     out.write("summary.json", json.dumps(summary, indent=2).encode())
-    figures = {"pairs.png": pairs_figure(pairs, max_pairs=8, judge=judge), "gates.png": gate_figure(pairs)}
+    figures = {"pairs.png": pairs_figure(pairs, max_pairs=8, judge=judge),
+               "gates.png": gate_figure(pairs, segmenter=segmenter)}
     if maps is not None:
         figures["attention.png"] = attention_figure(maps)
     for name, figure in figures.items():
@@ -352,6 +356,22 @@ def _write_outputs(out: Claim, pairs, vector, summary: dict, maps=None, judge=No
     out.record("vector.zarr")
     save_vector(vector, out.path / "vector.zarr")
     out.record(*(p.relative_to(out.path) for p in (out.path / "vector.zarr").rglob("*") if p.is_file()))
+
+
+#: What each printed metric means (a pair is the unsteered and the steered image of one seed).
+MEANINGS = {
+    "flip_rate": "share of steered images the oracle no longer reads as the source class",
+    "target_rate": "share of steered images the oracle reads as the target class",
+    "dye_detection_rate": "share of steered images where dye is still detected (lower is better)",
+    "polyp_kept": "share of steered images that still show the polyp after the dye was removed",
+    "confidence_shift": "mean drop of the oracle's probability of the source class, unsteered minus steered",
+    "unsteered_recognised": "share of unsteered images the oracle reads as the source class (how often there "
+                            "was a source class to remove)",
+    "bg_ssim": "structural similarity of the two images outside the lesion masks (1 = background untouched)",
+    "bg_psnr": "peak signal-to-noise ratio (dB) of the two images outside the lesion masks, capped at 100",
+    "whole_image_ssim": "structural similarity of the two whole images (no segmenter for this model)",
+    "whole_image_psnr": "peak signal-to-noise ratio (dB) of the two whole images, capped at 100",
+}
 
 
 def _print_table(summary: dict, out_dir: Path) -> None:
@@ -371,6 +391,10 @@ def _print_table(summary: dict, out_dir: Path) -> None:
     for key in ("bg_lpips", "whole_image_lpips"):
         if f"{key}_status" in summary:
             print(f"{key:22s} {summary[f'{key}_status']}")
-    print(f"{summary['seconds']} s")
+    shown = [key for key in MEANINGS if key in summary]
+    print("where:")
+    for key in shown:
+        print(f"  {key}: {MEANINGS[key]}")
+    print(f"finished in {summary['seconds']:.0f} s ({summary['seconds'] / 60:.1f} min)")
     written = [name for name in OUTPUTS if (out_dir / name).exists()]
     print(f"wrote {out_dir}/" + ", ".join(written))
