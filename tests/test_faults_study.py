@@ -140,6 +140,16 @@ def test_two_studies_at_once_on_one_folder_one_wins_whole(model, tmp_path):
     assert int(xr.open_zarr(out / "result.zarr")["flip_rate_n"].max()) == 2
 
 
+def test_a_study_folder_is_found_again_whatever_the_model_paths_spelling(study, model, tmp_path, capsys,
+                                                                        monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = str(tmp_path / "out")
+    assert study_main(study, ["--model", "model", "--out", out], **LOADERS) == 0
+    capsys.readouterr()
+    assert study_main(study, ["--model", str(tmp_path / "." / "model"), "--out", out], **LOADERS) == 0
+    assert "1 finished cells reused" in capsys.readouterr().out
+
+
 # -- damaged declarations and cells -----------------------------------------------------------------
 
 
