@@ -30,3 +30,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def own_cache(tmp_path_factory):
+    """Captures made by the tests go to a cache of this session, not the checkout's cache/."""
+    import os
+
+    if "DIT_LENS_CACHE" in os.environ:
+        yield
+        return
+    os.environ["DIT_LENS_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    del os.environ["DIT_LENS_CACHE"]

@@ -52,3 +52,12 @@ def test_a_file_as_store_is_refused_untouched(tiny_lens, tmp_path):
     with pytest.raises(CaptureStoreError, match=r"is a file, not a capture store"):
         capture(tiny_lens, PROMPTS, seeds=[0], num_inference_steps=2, store=path)
     assert path.read_text() == "mine"
+
+
+def test_the_progress_bars_of_a_concept_vector_say_which_side_they_capture(tiny_lens, capsys, monkeypatch):
+    from dit_lens import concept_vector
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    concept_vector(tiny_lens, positive=["a polyp"], negative=["normal mucosa"], seeds=[0], num_inference_steps=2)
+    err = capsys.readouterr().err
+    assert "capture attn2 (positive prompts)" in err and "capture attn2 (negative prompts)" in err

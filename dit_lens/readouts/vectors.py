@@ -93,8 +93,8 @@ def concept_vector(
             guidance_scale=guidance_scale, site=site, branch="cond", reduce="mean",
             batch_size=batch_size,
         )
-        ds_pos = capture(source, list(positive), **settings)
-        ds_neg = capture(source, list(negative), **settings)
+        ds_pos = capture(source, list(positive), **settings, label=f"capture {site} (positive prompts)")
+        ds_neg = capture(source, list(negative), **settings, label=f"capture {site} (negative prompts)")
     mean_pos = _mean_capture(ds_pos, site, "positive")
     mean_neg = _mean_capture(ds_neg, site, "negative")
     for dim in VECTOR_DIMS:

@@ -67,6 +67,7 @@ def capture(
     batch_size: int | None = None,
     repair: bool = False,
     executor: Any = None,
+    label: str | None = None,
 ) -> xr.Dataset:
     """Record `site`'s output at every requested layer and step, for every prompt × seed.
 
@@ -103,6 +104,7 @@ def capture(
         executor: Where the batches run: ``None`` (this process) or ``"ray"`` / a
             `dit_lens.scale.RayExecutor`: Ray workers write their cells into the one store at once,
             and this process marks each cell done once its chunks read back intact. The same values.
+        label: The progress bar's name (default ``"capture <site>"``).
 
     Any number of processes may capture into one store at once: one computes (the others wait for
     it, with a note on stderr) and all return the same values. Every finished cell is checked
@@ -164,7 +166,7 @@ def capture(
         else:  # workers write their cells' chunks into the store; only this process marks cells done
             cells()
             shared = (str(path), spec, prompts, seeds, settings)
-        bar = tqdm(total=total, initial=total - len(missing), unit="cell", desc=f"capture {settings.site}")
+        bar = tqdm(total=total, initial=total - len(missing), unit="cell", desc=label or f"capture {settings.site}")
         with bar:
             for k, _ in runner.map(lens, _fill if isinstance(runner, LocalExecutor) else _fill_store, batches,
                                    shared=shared):
