@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 import xarray as xr
 
@@ -279,3 +280,21 @@ def test_a_damaged_world_cell_is_one_line_naming_the_file(tmp_path, content, why
     cell.write_text(content)
     with pytest.raises(DamagedError, match=rf"the cell {cell} {why}.*delete that file to measure the cell again"):
         cached_json(cell, lambda: pytest.fail("a stored cell is never computed again"))
+
+
+def test_an_arms_images_are_reused_only_for_the_generator_that_made_them(tiny_lens, tiny_spec, tmp_path):
+    from dit_lens import LatentDrift, load
+    from dit_lens.model.builders import build_pixart
+    from dit_lens.world.adaptation_downstream import AdaptedDownstreamConfig, _stored_synthetic
+
+    cfg = AdaptedDownstreamConfig(synthetic_per_class=1, num_inference_steps=2)
+    path, drift = tmp_path / "synthetic" / "adapted.npy", LatentDrift(0.0, steps=None)
+    made = _stored_synthetic(path, tiny_lens, drift, cfg)
+    np.testing.assert_array_equal(_stored_synthetic(path, tiny_lens, drift, cfg), made)  # reused
+    other = load(build_pixart(tiny_spec, seed=1))  # another generator under the same arm name
+    for lens, shift in ((other, drift), (tiny_lens, LatentDrift(0.1, steps=None))):
+        with pytest.raises(FolderClaimError, match=r"adapted\.npy was made by another generator or drift"):
+            _stored_synthetic(path, lens, shift, cfg)
+    np.save(path, made * 0.5)  # the images changed after they were written
+    with pytest.raises(DamagedError, match=r"adapted\.npy fails its digest.*delete adapted\.npy and adapted\.json"):
+        _stored_synthetic(path, tiny_lens, drift, cfg)
