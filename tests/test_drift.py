@@ -45,7 +45,7 @@ def test_zero_drift_is_bit_identical(tiny_lens, delta):
 
 @pytest.mark.parametrize("delta", [0.3, -0.2, (0.3, 0.0, -0.1, 0.2)])
 def test_drift_matches_a_hand_drifted_plain_call(tiny_lens, delta):
-    out = images(tiny_lens, delta, seeds=(1,))
+    out = images(tiny_lens, delta, seeds=(1,), steps=(0.0, 1.0))  # after every step: the seed's reverse process
     reference = drifted_plain_call(tiny_lens, 1, delta)
     edited = out.sel(seed=1, branch="edited").values
     assert not np.allclose(edited, out.sel(seed=1, branch="original").values, atol=1e-3)  # it does drift
@@ -60,6 +60,13 @@ def test_window_and_initial_choose_where_it_drifts(tiny_lens):
     reference = drifted_plain_call(tiny_lens, 2, 0.3, steps=[])
     np.testing.assert_allclose(start_only.sel(seed=2, branch="edited").values, reference, atol=1e-5, rtol=0)
     assert LatentDrift.from_dict(LatentDrift(0.3, steps=None).to_dict()) == LatentDrift(0.3, steps=None)
+
+
+def test_the_default_drifts_z_t_only_as_a_drift_trained_model_samples(tiny_lens):
+    assert LatentDrift(0.3) == LatentDrift(0.3, steps=None)
+    out = images(tiny_lens, 0.3, seeds=(2,))
+    reference = drifted_plain_call(tiny_lens, 2, 0.3, steps=[])
+    np.testing.assert_allclose(out.sel(seed=2, branch="edited").values, reference, atol=1e-5, rtol=0)
 
 
 def test_the_original_branch_is_unchanged_by_any_drift(tiny_lens):
@@ -101,4 +108,4 @@ def test_bad_settings_are_refused(tiny_lens):
         generate(tiny_lens, "a polyp", seeds=[0], edits=[LatentDrift((0.1, 0.2, 0.3))], num_inference_steps=T,
                  progress=False)
     with pytest.raises(ValueError, match="3 values, but the latents have 4 channels"):
-        LatentDrift((0.1, 0.2, 0.3)).apply_latents(0, torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 2))
+        LatentDrift((0.1, 0.2, 0.3), steps=(0.0, 1.0)).apply_latents(0, torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 2))

@@ -180,7 +180,7 @@ def test_the_command_line_fine_tunes_a_pipeline_folder(tiny_pipeline, data, tmp_
             "--validation", str(tmp_path / "data"), "--validate-every", "1"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "LatentDrift(0.1)" in printed and "held-out loss" in printed
+    assert "LatentDrift(0.1, steps=None) (z_T only, as it was trained)" in printed and "held-out loss" in printed
     assert read_record(tmp_path / "adapter")["config"]["steps"] == 2
     assert main(["finetune", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "nowhere"), "--out",
                  str(tmp_path / "b"), "--quiet"]) == 2

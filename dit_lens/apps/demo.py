@@ -24,23 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..study import metrics as M
-from ..interventions.blend import check_blend
-from ..readouts.attention_maps import attention_maps
-from ..trace.tokens import word_tokens
-from ..views.attention import attention_figure
-from ..views.explorer import write_explorer
-from ..views.describe import describe_result
-from ..views.figures import gate_figure, pairs_figure
-from ..interventions.generate import generate
-from ..model.lens import load
-from ..interventions.steer import Steer
-from ..study.declaration import window_layers
-from ..world.domain import ENDOSCOPY_CONTEXTS
-from ..readouts.vectors import concept_vector, save_vector
 from ..storage import MARKER, Claim, FolderClaimError, claim, exclusive, temporary_name
 from ..validate import (check_guidance, check_int, check_pipeline_folder, check_real, check_seed, check_steps,
                         check_window, check_writable_folder)
+
+# The model, metrics and figures are imported where they are used, so `dit-lens demo --help` and the
+# checks of its flags load neither torch nor diffusers.
 
 __all__ = ["MARKER", "OUTPUTS", "add_demo_arguments", "claim_output_folder", "run_demo"]
 
@@ -89,6 +78,8 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 
 def _check_arguments(args: argparse.Namespace) -> None:
     """Every setting, before anything runs (each error names its flag)."""
+    from ..interventions.blend import check_blend
+
     check_real(args.alpha, "--alpha")
     check_window(args.window, "--window")
     check_guidance(args.guidance, name="--guidance")
@@ -148,6 +139,14 @@ def _release_if_empty(out: Claim, made: bool) -> None:
 
 
 def _run(args: argparse.Namespace, out: Claim, start: float) -> int:
+    from ..interventions.generate import generate
+    from ..interventions.steer import Steer
+    from ..model.lens import load
+    from ..readouts.attention_maps import attention_maps
+    from ..readouts.vectors import concept_vector
+    from ..study.declaration import window_layers
+    from ..views.describe import describe_result
+
     lens = load(args.model, lora=args.lora)
     check_steps(args.steps, lens.pipeline.scheduler, name="--steps")
     oracle_source = args.oracle or ("embedded" if args.model == "embedded" else None)
@@ -217,6 +216,8 @@ def resolve_concept(source: str | None, target: str | None, positive: list[str] 
     either; None when no class fits (flip and target rates are then reported as unavailable). The
     generation prompt is the first positive prompt; the name says what was steered, from the classes
     when both are known and from the prompts otherwise."""
+    from ..world.domain import ENDOSCOPY_CONTEXTS
+
     def named(prompts: list[str]) -> str | None:
         found = [label for label in labels if all(_names(p, label) for p in prompts)]
         return max(found, key=len) if found else None
@@ -245,6 +246,8 @@ def _names(prompt: str, label: str) -> bool:
 
 
 def _measure(pairs, oracle_source, source_label, target_label) -> dict:
+    from ..study import metrics as M
+
     result: dict = {}
     if oracle_source is None:
         masks_note = "no segmenter: whole image"
@@ -331,6 +334,8 @@ def _unrecorded(out_dir: Path, files: list[str]) -> list[str]:
 
 def _source_words(lens, prompt: str, source: str) -> list[str]:
     """The source label as words of the generation prompt, or none when the prompt does not contain it."""
+    from ..trace.tokens import word_tokens
+
     try:
         word_tokens(lens, prompt, [source])
     except ValueError:
@@ -340,6 +345,11 @@ def _source_words(lens, prompt: str, source: str) -> list[str]:
 
 def _write_outputs(out: Claim, pairs, vector, summary: dict, maps=None, judge=None, segmenter=None) -> None:
     """Every output, each recorded in the folder's marker before it is written (atomically)."""
+    from ..readouts.vectors import save_vector
+    from ..views.attention import attention_figure
+    from ..views.explorer import write_explorer
+    from ..views.figures import gate_figure, pairs_figure
+
     out.write("summary.json", json.dumps(summary, indent=2).encode())
     figures = {"pairs.png": pairs_figure(pairs, max_pairs=8, judge=judge),
                "gates.png": gate_figure(pairs, segmenter=segmenter)}

@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 import json
 
-from ..training.finetune import FinetuneConfig, METHODS
+from ..training.config import FinetuneConfig, METHODS
 
 __all__ = ["add_finetune_arguments", "add_world_data_arguments", "run_finetune", "run_world_data"]
 

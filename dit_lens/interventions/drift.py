@@ -64,14 +64,17 @@ def _check_delta(value: Any) -> float | tuple[float, ...]:
 @register
 @dataclass(frozen=True)
 class LatentDrift(LatentEdit):
-    """Add a drift δ to the edited branch's latents after each step in `steps`, and to its initial noise.
+    """Add a drift δ to the edited branch's initial noise, and to its latents after each step in `steps`.
 
     δ = 0 is the identity (the edited branch is bit-for-bit the original). Reads nothing of the original
     branch, so it may be the only edit of a run. Records nothing.
 
     Attributes:
         delta: δ, one number for every channel or a tuple with one per latent channel.
-        steps: ``(start, end)`` fractions of the run after whose steps δ is added; None: after none.
+        steps: ``(start, end)`` fractions of the run after whose steps δ is added; None (the default):
+            after none, so only z_T is drifted, the form a model fine-tuned with ``drift=δ`` was trained
+            for. ``(0.0, 1.0)`` adds δ after every step too (the seed's reverse process); on the embedded
+            world that form was far too strong (RESULTS: Latent Drifting), so it is asked for by name.
         initial: Also drift the initial noise, z_T = ε + δ (as handed to the pipeline, before the sampler
             scales it by ``init_noise_sigma``, which is 1 for DPM-Solver and DDIM).
     """
@@ -79,7 +82,7 @@ class LatentDrift(LatentEdit):
     record: ClassVar[str | None] = None
     reads_original: ClassVar[bool] = False
     delta: float | tuple[float, ...] = 0.0
-    steps: tuple[float, float] | None = (0.0, 1.0)
+    steps: tuple[float, float] | None = None
     initial: bool = True
 
     def __post_init__(self) -> None:

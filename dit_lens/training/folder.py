@@ -132,4 +132,4 @@ def place(folder: Claim, built: Path) -> list[str]:
 def use_line(folder: Path, source: str, drift: float) -> str:
     """How to load the fine-tune in `folder` (where it is now) onto `source`."""
     line = f"dit_lens.load({source!r}, lora={str(folder)!r})"
-    return line + (f", sampling with dit_lens.LatentDrift({drift})" if drift else "")
+    return line + (f", sampling with dit_lens.LatentDrift({drift}, steps=None) (z_T only, as it was trained)" if drift else "")
