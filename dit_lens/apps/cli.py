@@ -1,5 +1,8 @@
 """The `dit-lens` command line.
 
+Its help and its checks of flags load no model code (torch and diffusers are imported when a command
+runs), so ``dit-lens --help`` answers at once.
+
 A user error (a bad value, a missing or damaged pipeline folder, an output or cache folder that is a
 file or cannot be written, a run that diverged) prints one line naming what to fix and exits with
 status 2; ``--debug`` shows the traceback instead.
@@ -59,11 +62,21 @@ class ShowDefaults(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: {shown})"
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line naming the flag and where to read more (exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dit-lens", description=__doc__)
+    from .. import __version__
+
+    p = Parser(prog="dit-lens", description=__doc__)
+    p.add_argument("--version", action="version", version=f"dit-lens {__version__}")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
-    debug = argparse.ArgumentParser(add_help=False)
+    debug = Parser(add_help=False)
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show the traceback of an error")
 

@@ -98,6 +98,9 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--blend: {err}") from None
     if args.model != "embedded":
         check_pipeline_folder(args.model)
+    if args.lora is not None and not Path(args.lora).expanduser().is_dir():
+        raise ValueError(f"--lora {args.lora} is not a folder; pass the folder a fine-tune wrote (`dit-lens finetune "
+                         f"--out`) or a peft adapter folder")
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from pathlib import Path
 
 from ..training.config import FinetuneConfig, METHODS
+from ..validate import check_int, check_pipeline_folder
 
 __all__ = ["add_finetune_arguments", "add_world_data_arguments", "run_finetune", "run_world_data"]
 
@@ -67,6 +69,12 @@ def run_finetune(args: argparse.Namespace) -> int:
         if name not in settings:
             raise
         raise ValueError(f"--{name.replace('_', '-')} {rest}") from None
+    for flag, folder in (("--data", args.data), ("--validation", args.validation), ("--lora", args.lora)):
+        if folder is not None and not Path(folder).expanduser().is_dir():
+            raise ValueError(f"{flag} {folder} is not a folder; pass an imagefolder (images and metadata.jsonl)"
+                             if flag != "--lora" else f"--lora {folder} is not a folder; pass an adapter folder")
+    if args.model != "embedded":
+        check_pipeline_folder(args.model)
     lens = load(args.model, lora=args.lora, device=args.device)
     out = finetune(lens, args.data, args.out, validation=args.validation, device=args.device,
                    progress=not args.quiet, **settings)
@@ -93,6 +101,7 @@ def add_world_data_arguments(p: argparse.ArgumentParser) -> None:
 def run_world_data(args: argparse.Namespace) -> int:
     from ..world.data import parse_counts, write_world_split
 
+    check_int(args.per_class, "--per-class", minimum=1)
     counts = parse_counts(args.count)
     out = write_world_split(args.out, split=args.split, per_class=args.per_class, seed_base=args.seed_base,
                             counts=counts)

@@ -1,0 +1,60 @@
+"""The command line: help without model code, --version, one-line errors naming flags, paths checked
+before any model loads."""
+
+import subprocess
+import sys
+
+import pytest
+
+from dit_lens import __version__
+from dit_lens.apps.cli import main
+
+COMMANDS = [[], ["demo"], ["finetune"], ["world", "build"], ["world", "data"], ["study"]]
+
+
+def test_help_of_every_command_loads_no_model_code():
+    script = ("import sys\nfrom dit_lens.apps.cli import main\n"
+              f"for argv in {COMMANDS!r}:\n"
+              "    try:\n        main([*argv, '--help'])\n    except SystemExit:\n        pass\n"
+              "print(sorted(m for m in ('torch', 'diffusers', 'nnsight', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"dit-lens {__version__}"
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["demo", "--steps", "x"], "dit-lens demo: error: argument --steps: invalid int value: 'x' (see `dit-lens demo --help`)"),
+    (["demo", "--bogus"], "unrecognized arguments: --bogus (see `dit-lens --help`)"),
+    (["world", "data", "--out", "o", "--per-class", "-3"], "--per-class must be an integer >= 1, got -3"),
+])
+def test_bad_flags_are_one_line_naming_the_flag(argv, says, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(argv)
+    except SystemExit as done:
+        code = done.code
+    err = capsys.readouterr().err
+    assert code == 2 and says in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["demo", "--lora", "{tmp}/nowhere"], "--lora {tmp}/nowhere is not a folder"),
+    (["finetune", "--data", "{tmp}/nowhere", "--out", "{tmp}/out"], "--data {tmp}/nowhere is not a folder"),
+    (["finetune", "--data", "{tmp}", "--validation", "{tmp}/nowhere", "--out", "{tmp}/out"],
+     "--validation {tmp}/nowhere is not a folder"),
+])
+def test_missing_folders_are_refused_before_any_model_loads(argv, says, capsys, tmp_path, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the flags were checked")
+
+    monkeypatch.setattr("dit_lens.model.lens.load", no_model)
+    monkeypatch.setenv("DIT_LENS_CACHE", str(tmp_path / "cache"))
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    assert says.format(tmp=tmp_path) in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
