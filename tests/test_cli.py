@@ -58,3 +58,24 @@ def test_missing_folders_are_refused_before_any_model_loads(argv, says, capsys, 
     assert main([a.format(tmp=tmp_path) for a in argv]) == 2
     assert says.format(tmp=tmp_path) in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_threads_come_from_the_flag_or_the_environment(monkeypatch, tmp_path, capsys):
+    import torch
+
+    from dit_lens.apps.cli import use_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("DIT_LENS_THREADS", "2")
+        assert use_threads(None) == 2 and torch.get_num_threads() == 2
+        assert use_threads(1) == 1 and torch.get_num_threads() == 1  # the flag wins
+        monkeypatch.setenv("DIT_LENS_THREADS", "many")
+        assert main(["world", "data", "--out", str(tmp_path / "o")]) == 2
+        assert "$DIT_LENS_THREADS must be a whole number of threads such as 1, got 'many'" in capsys.readouterr().err
+        monkeypatch.delenv("DIT_LENS_THREADS")
+        assert main(["world", "data", "--threads", "0", "--out", str(tmp_path / "o")]) == 2
+        assert "--threads must be a whole number of threads >= 1, got 0" in capsys.readouterr().err
+        assert not (tmp_path / "o").exists()
+    finally:
+        torch.set_num_threads(before)
