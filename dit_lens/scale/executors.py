@@ -11,9 +11,11 @@ A Ray worker loads the model once (from the folder the lens came from, or from a
 in-memory pipeline put into the object store) and refuses to run if its weights' fingerprint differs
 from the caller's. Workers stay up between calls: a second study, capture or generation with an equal
 executor and the same model starts none (`RayExecutor.close`, another model, or the end of the Ray
-session ends them). A worker that dies (killed, out of memory, its node lost) is restarted and its
-item run again, up to `RayExecutor.max_retries` times; items already finished are kept by the caller
-(cells on disk), so a run that still fails resumes where it stopped.
+session ends them; a call after the session ended starts new ones). A worker that dies (killed, out
+of memory, its node lost) is restarted and its item run again, up to `RayExecutor.max_retries`
+times; items already finished are kept by the caller (cells on disk), so a run that still fails
+resumes where it stopped. A cluster to join is tried first, with a timeout (`CONNECT_TIMEOUT`): an
+address nobody answers at is an error before any work starts.
 
 Examples:
     >>> def double(lens, shared, item):
@@ -41,6 +43,8 @@ Task = Callable[[Any, Any, Any], Any]
 #: The workers kept between calls (one executor's at a time: they hold the cores and a model each):
 #: ``{"executor", "key": model and session, "source": how workers open it, "actors": [...]}``, or empty.
 _POOL: dict = {}
+#: Seconds to wait for a Ray cluster's head to answer before `RayExecutor.connect` gives up.
+CONNECT_TIMEOUT = 10.0
 
 
 class WorkerLostError(RuntimeError):
@@ -300,10 +304,6 @@ def _get(ray: Any, ref: Any, index: int, retries: int) -> Any:
             f"the Ray worker running item {index} died {retries + 1} times ({type(err).__name__}); finished "
             f"items are kept, so running again resumes; a worker that keeps dying is often out of memory "
             f"(fewer workers, or more memory per worker)") from None
-
-
-#: Seconds to wait for a Ray cluster's head to answer before `RayExecutor.connect` gives up.
-CONNECT_TIMEOUT = 10.0
 
 
 def _reachable(address: str, fix: str) -> None:
