@@ -1,5 +1,6 @@
-"""Declarative studies: a `Study` value (`declaration`), its cells (`cells`), metrics (`metrics`) and
-command line (`cli`). The methods a study compares come from `dit_lens.methods`."""
+"""Declarative studies: a `Study` value (`declaration`), its cells (`cells`), metrics (`metrics`),
+which processes run a study in a folder (`running`) and command line (`cli`). The methods a study
+compares come from `dit_lens.methods`."""
 
 from ..methods import ConceptPair, window_label, window_layers, window_steps
 from .declaration import DEFAULT_FLOORS, Study, floors, pick_settings, run_study

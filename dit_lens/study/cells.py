@@ -23,7 +23,6 @@ import contextlib
 import itertools
 import math
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -41,6 +40,7 @@ from ..trace.attrs import typed
 from ..validate import NonFiniteError
 from ..views.explorer import write_explorer
 from ..views.figures import pairs_figure
+from . import running
 from . import metrics as M
 from .declaration import Study
 
@@ -50,9 +50,6 @@ __all__ = ["CellRunner", "DamagedCellError"]
 CHECKSUM = "checksum"
 #: What a study folder holds that dit-lens writes (recorded in its marker before they are written).
 ENTRIES = ("study.json", "cells", "result.zarr")
-_IN_USE = re.compile(r"^\.in-use\.(\d+)\.lock$")
-#: The study folders this process runs a study in now: ``{folder: [lock, depth]}``.
-_HELD: dict[Path, list] = {}
 
 
 class DamagedCellError(DamagedError):
@@ -160,23 +157,13 @@ class CellRunner:
                 overwrite), or another study that a process is running now; nothing was changed.
         """
         replace = self.overwrite if replace is None else replace
-        key = self.folder.expanduser().absolute()
         with exclusive(self.folder):
             claimed_ = self._claim(replace)
-            held = _HELD.get(key)
-            if held is None:
-                lock = try_exclusive(self._in_use_target(os.getpid()))
-                if lock is None:  # cannot happen: only this process takes this name
-                    raise FolderClaimError(f"{self.folder}: cannot mark it in use; run again")
-                held = _HELD[key] = [lock, 0]
-            held[1] += 1
+            release = running.mark(self.folder)
         try:
             yield claimed_
         finally:
-            held[1] -= 1
-            if held[1] == 0:
-                _HELD.pop(key, None)
-                held[0].release()
+            release()
 
     def _claim(self, replace: bool) -> Claim:
         """Claim the folder (the caller holds its lock), record what a study writes, and write
@@ -187,7 +174,7 @@ class CellRunner:
         except FolderClaimError:
             if not replace:
                 raise
-            busy = self._in_use_elsewhere()
+            busy = running.others(self.folder) if (self.folder / MARKER).is_file() else []  # else refused below
             if busy:
                 raise FolderClaimError(
                     f"{where} {self.folder} is in use: another study runs in it now (process "
@@ -202,27 +189,6 @@ class CellRunner:
                             "cells, each sealed on its own, are kept)")
         write_record(declaration, {"study": self.study.to_dict(), **self.identity()})
         return out
-
-    def _in_use_target(self, pid: int) -> Path:
-        return self.folder / ".locks" / f"in-use.{pid}"
-
-    def _in_use_elsewhere(self) -> list[int]:
-        """Processes other than this one running a study in the folder now (the caller holds its lock)."""
-        locks = self.folder / ".locks"
-        if not (self.folder / MARKER).is_file() or not locks.is_dir() or locks.is_symlink():
-            return []  # not a study folder dit-lens made: it is refused untouched, in use or not
-        busy = []
-        for entry in sorted(locks.iterdir()):
-            match = _IN_USE.match(entry.name)
-            if match is None or int(match.group(1)) == os.getpid():
-                continue
-            lock = try_exclusive(self._in_use_target(int(match.group(1))))
-            if lock is None:
-                busy.append(int(match.group(1)))
-            else:  # a finished run's mark: nobody takes it but under the folder's lock, which is held
-                lock.release()
-                entry.unlink(missing_ok=True)
-        return busy
 
     def _capture_vectors_on(self, runner: Any, todo: list[dict]) -> None:
         """Capture the prompts of the concept vectors `todo` needs as one item each, spread over the
