@@ -182,7 +182,7 @@ def test_flow_matching_editors_run_and_the_ddpm_only_ones_say_why_not(sana, sd3)
     out = edit(sana, image, source="a polyp", target="a cecum", method="pnp", attention_fraction=0.0,
                num_inference_steps=STEPS, progress=False)
     assert out.attrs["sampler"] == "flow-matching Euler" and np.isfinite(out.image.values).all()
-    np.testing.assert_array_equal(out.image.sel(branch="original").values[0], image)
+    np.testing.assert_array_equal(out.image.sel(branch="original").values[0, 0], image)
     with pytest.raises(ValueError, match=r"PnP injects the self-attention weights .* SANA does not expose .* "
                                          r"attention_fraction=0"):
         edit(sana, image, source="a polyp", target="a cecum", method="pnp", num_inference_steps=STEPS, progress=False)

@@ -38,7 +38,7 @@ def trajectory(tiny_lens, images):
 
 
 def edited(ds):
-    return ds["image"].sel(branch="edited").values
+    return ds["image"].isel(prompt=0).sel(branch="edited").values  # (item, y, x, rgb)
 
 
 def clean_latent(trajectory):
@@ -137,7 +137,7 @@ def test_hedit_toward_its_own_source_returns_the_reconstruction(tiny_lens, image
                progress=False)
     reconstruction = decode(tiny_lens, clean_latent(trajectory))
     np.testing.assert_allclose(edited(out), reconstruction, rtol=0, atol=1e-6)  # held exactly when written
-    np.testing.assert_array_equal(out["image"].sel(branch="original").values, images)
+    np.testing.assert_array_equal(out["image"].isel(prompt=0).sel(branch="original").values, images)
 
     # the editing term is live: another source guidance or another target moves the result
     for settings in ({"target": SOURCE, "source_guidance": 3.0}, {"target": TARGET, "source_guidance": 4.5}):
@@ -270,7 +270,7 @@ def test_uint8_images_are_float_images_over_255(tiny_lens):
     b = invert(tiny_lens, f, SOURCE, num_inference_steps=2, progress=False)
     np.testing.assert_array_equal(a["latent"].values, b["latent"].values)
     out = edit(tiny_lens, u, source=SOURCE, target=TARGET, num_inference_steps=2, progress=False)
-    np.testing.assert_array_equal(out["image"].sel(branch="original").values, f)
+    np.testing.assert_array_equal(out["image"].isel(prompt=0).sel(branch="original").values, f)
     # a torch tensor and one (H, W, 3) image are accepted too
     np.testing.assert_array_equal(check_images(torch.from_numpy(f[0]), tiny_lens), f[:1])
     with pytest.raises(TypeError, match="numpy array, torch tensor or xarray DataArray"):
@@ -362,7 +362,7 @@ def test_edit_results_name_method_prompts_settings_and_model(tiny_lens, images):
     assert attrs["model_fingerprint"] == tiny_lens.provenance()["model_fingerprint"]
     json.dumps(dict(attrs))  # plain values: the result saves as it is
     assert list(out["branch"].values) == ["original", "edited"]
-    assert dict(out["image"].sizes) == {"item": 2, "branch": 2, "y": 16, "x": 16, "rgb": 3}
+    assert dict(out["image"].sizes) == {"prompt": 1, "seed": 2, "branch": 2, "y": 16, "x": 16, "rgb": 3}
 
     h = edit(tiny_lens, images, source=SOURCE, target=TARGET, method="hedit", num_inference_steps=3,
              iterations=2, progress=False)
@@ -390,8 +390,29 @@ def test_registered_inversion_methods_edit_the_generated_originals(tiny_lens, na
     assert list(out["prompt"].values) == [PAIR.source_prompt] and list(out["seed"].values) == seeds
     plain = dit_lens.generate(tiny_lens, PAIR.source_prompt, seeds=seeds, num_inference_steps=3, guidance_scale=4.5,
                               batch_size=2, progress=False)
-    np.testing.assert_array_equal(out["image"].sel(branch="original").values,
-                                  plain["image"].sel(branch="original").values)
-    assert np.abs(out["image"].sel(branch="edited").values - out["image"].sel(branch="original").values).max() > 0.05
+    np.testing.assert_array_equal(out["image"].isel(prompt=0).sel(branch="original").values,
+                                  plain["image"].isel(prompt=0).sel(branch="original").values)
+    assert np.abs(out["image"].isel(prompt=0).sel(branch="edited").values - out["image"].isel(prompt=0).sel(branch="original").values).max() > 0.05
     assert out.attrs["method"] == name and out.attrs["target_prompt"] == PAIR.target_prompt
     assert out.attrs["num_inference_steps"] == T and out.attrs["originals_steps"] == 3
+
+
+def test_every_reader_takes_an_edit_as_it_takes_generated_pairs(tiny_lens, images, trajectory):
+    """One pairs layout: the metrics and figures read `edit`'s output as they read `generate`'s."""
+    from dit_lens.study import metrics as M
+    from dit_lens.views.figures import pairs_figure
+
+    out = edit(tiny_lens, images, source=SOURCE, target=TARGET, method="reprompt", num_inference_steps=T,
+               trajectory=trajectory, progress=False, seeds=[40, 41])
+    assert out["image"].dims == ("prompt", "seed", "branch", "y", "x", "rgb") and out.seed.values.tolist() == [40, 41]
+
+    def oracle(x):
+        return np.stack([x.mean((1, 2, 3)), 1 - x.mean((1, 2, 3))], 1)
+
+    oracle.labels = ["bright", "dark"]
+    probs = M.classify(out, oracle)
+    assert dict(probs.sizes) == {"prompt": 1, "seed": 2, "branch": 2, "class": 2}
+    assert pairs_figure(out).axes
+    with pytest.raises(ValueError, match="2 images need 2 seeds"):
+        edit(tiny_lens, images, source=SOURCE, target=TARGET, method="reprompt", num_inference_steps=T,
+             trajectory=trajectory, progress=False, seeds=[1])

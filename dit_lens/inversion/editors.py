@@ -23,7 +23,7 @@ Examples:
     >>> out = edit(lens, images, source="a polyp", target="a normal cecum", method="pnp",
     ...            num_inference_steps=3, progress=False)
     >>> dict(out["image"].sizes), out["branch"].values.tolist()
-    ({'item': 1, 'branch': 2, 'y': 16, 'x': 16, 'rgb': 3}, ['original', 'edited'])
+    ({'prompt': 1, 'seed': 1, 'branch': 2, 'y': 16, 'x': 16, 'rgb': 3}, ['original', 'edited'])
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from ..interventions.base import Intervention, SiteEdit
 from ..interventions.plan import Plan, as_edits
 from ..interventions.inject import Inject
 from ..trace.attrs import typed
-from ..validate import NonFiniteError, check_fraction, check_guidance, check_int, check_real
+from ..validate import NonFiniteError, check_fraction, check_guidance, check_int, check_real, check_seeds
 from .sampler import Denoiser, alpha_bars, check_images, ddim_move, decode, inversion_scheduler, to_epsilon
 from .trajectory import check_trajectory, invert
 
@@ -156,6 +156,7 @@ def edit(
     steer: Any = None,
     batch_size: int = 8,
     progress: bool = True,
+    seeds: Sequence[int] | None = None,
     **settings: Any,
 ) -> xr.Dataset:
     """Make the counterfactual of each image: invert it under `source`, then edit toward `target`.
@@ -175,11 +176,15 @@ def edit(
         steer: ``"medsteer"``: the `Steer` (shorthand put before `edits`).
         batch_size: Images per call.
         progress: Show progress bars.
+        seeds: The ``seed`` label of each image's pair (default 0 … N − 1): the seeds that made
+            generated images, or any distinct numbers for your own.
         **settings: The editor's own: `PnP` or `HEdit` fields.
 
     Returns:
-        Dataset with ``image (item, branch, y, x, rgb)``, branch ``["original", "edited"]`` (the input
-        and its counterfactual); attrs hold the method, every setting, both prompts and provenance.
+        Dataset with ``image (prompt, seed, branch, y, x, rgb)``, the layout `dit_lens.generate` and
+        `dit_lens.study.metrics.as_pairs` give, so every metric and figure reads it: ``prompt`` is
+        `source`, branch ``["original", "edited"]`` (the input and its counterfactual); attrs hold the
+        method, every setting, both prompts and provenance.
     """
     if method not in EDITORS:
         raise ValueError(f"unknown editor {method!r}; choose one of {list(EDITORS)}")
@@ -191,6 +196,10 @@ def edit(
             raise ValueError(f"method {method!r} needs a target prompt")
         if target == source and method != "hedit":
             raise ValueError("target is the source prompt: nothing to edit toward")
+    labels = list(range(len(images))) if seeds is None else check_seeds(seeds)
+    if len(labels) != len(images):
+        raise ValueError(f"seeds labels each image's pair: {len(images)} images need {len(images)} seeds, got "
+                         f"{len(labels)}")
     T = check_int(num_inference_steps, "num_inference_steps", minimum=1)
     guidance = check_guidance(guidance_scale)
     batch_size = check_int(batch_size, "batch_size", minimum=1)
@@ -236,8 +245,9 @@ def edit(
     out_images = decode(lens, torch.cat(edited))
     if not np.isfinite(out_images).all():
         raise NonFiniteError(f"the edited images hold NaN or inf ({method}, {settings}); no result was kept")
-    ds = xr.Dataset({"image": (("item", "branch", "y", "x", "rgb"), np.stack([images, out_images], axis=1))},
-                    coords={"item": np.arange(len(images)), "branch": ["original", "edited"]})
+    pairs = np.stack([images, out_images], axis=1)[None]  # (1, N, 2, H, W, 3)
+    ds = xr.Dataset({"image": (("prompt", "seed", "branch", "y", "x", "rgb"), pairs)},
+                    coords={"prompt": [source], "seed": labels, "branch": ["original", "edited"]})
     ds.attrs.update(lens.provenance())
     ds.attrs.update(method=method, source_prompt=source, target_prompt=target or "", num_inference_steps=T,
                     guidance_scale=guidance, inversion_guidance=float(trajectory.attrs["guidance_scale"]),

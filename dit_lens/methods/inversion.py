@@ -67,12 +67,9 @@ def _pairs(lens: Any, pair: ConceptPair, seeds: Sequence[int], context: MethodCo
     images = originals(lens, pair, seeds, context)
     out = edit(lens, images, source=pair.source_prompt, target=pair.target_prompt, method=method,
                num_inference_steps=settings.pop("inversion_steps"), guidance_scale=context.guidance_scale,
-               batch_size=context.batch_size or 8, progress=context.progress, **settings)
-    ds = xr.Dataset({"image": (("prompt", "seed", "branch", "y", "x", "rgb"), out["image"].values[None])},
-                    coords={"prompt": [pair.source_prompt], "seed": list(seeds), "branch": ["original", "edited"]})
-    ds.attrs.update(out.attrs)
-    ds.attrs.update(originals_steps=context.num_inference_steps, originals_guidance=context.guidance_scale)
-    return ds
+               batch_size=context.batch_size or 8, progress=context.progress, seeds=list(seeds), **settings)
+    out.attrs.update(originals_steps=context.num_inference_steps, originals_guidance=context.guidance_scale)
+    return out
 
 
 def _run_pnp(lens: Any, pair: ConceptPair, seeds: Sequence[int], settings: dict, *, context: MethodContext) -> xr.Dataset:
