@@ -20,11 +20,14 @@ Examples:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 from pathlib import Path
+from typing import Any, Mapping
 
-__all__ = ["CACHE_ENV", "cache_root", "checkout_root"]
+__all__ = ["CACHE_ENV", "cache_root", "checkout_root", "content_key"]
 
 #: Environment variable that overrides where cached artefacts live.
 CACHE_ENV = "DIT_LENS_CACHE"
@@ -48,3 +51,9 @@ def cache_root() -> Path:
         return Path(os.environ[CACHE_ENV]).expanduser()
     root = checkout_root()
     return root / "cache" if root is not None else Path.home() / ".cache" / "dit-lens"
+
+
+def content_key(identity: Mapping[str, Any]) -> str:
+    """Stable hash of a JSON-able mapping (key order does not matter)."""
+    text = json.dumps(identity, sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()

@@ -38,7 +38,6 @@ Examples:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -52,7 +51,7 @@ import zarr
 from numcodecs import CRC32
 
 from .attrs import typed
-from ..storage.cache import CACHE_ENV, cache_root
+from ..storage.cache import CACHE_ENV, cache_root, content_key
 from ..storage.locks import remove_stale_temporaries, temporary_name
 
 __all__ = [
@@ -102,12 +101,6 @@ class VariableSpec:
             )
         if self.dims[:2] != ("prompt", "seed"):
             raise ValueError(f"VariableSpec {self.name!r}: dims must start with (prompt, seed)")
-
-
-def content_key(identity: Mapping[str, Any]) -> str:
-    """Stable hash of a JSON-able mapping (key order does not matter)."""
-    text = json.dumps(identity, sort_keys=True, default=str)
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 class CaptureStore:

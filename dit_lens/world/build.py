@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..storage import cache_root, content_key, exclusive
 from .judges import EMBEDDED_JUDGES, Segmenter, save_judge, train_oracle, train_segmenter
 from .procedural import CONTEXTS, LABELS, render
 from .train import StageConfig, train_transformer, train_vae, world_spec
@@ -78,59 +79,163 @@ def recipe(overrides: list[str] | None = None, scale: float = 1.0) -> dict:
     return stages
 
 
+#: The stages of a build, in order; each one after the rendering, once finished, is kept (`_Stages`)
+#: and reused by a build of the same recipe that was stopped after it.
+STAGES = ("images", "vae", "transformer", "oracle", "segmenter", "anatomy")
+
+
+class _Stages:
+    """The finished stages of one build recipe, kept in `folder` (under the cache): each stage's weights
+    and a sealed record saying it finished. The folder is claimed through `dit_lens.storage`; hold
+    ``exclusive(folder)`` while building, so two builds of one recipe never train a stage at once."""
+
+    def __init__(self, folder: Path, identity: dict) -> None:
+        from ..storage import claim
+
+        self.folder = folder
+        self.claim = claim(folder, "world-build", identity=identity)
+
+    def done(self, stage: str) -> bool:
+        from ..storage import StorageError, read_record
+
+        try:
+            read_record(self.folder / f"{stage}.json", what=f"the {stage} stage record")
+            return True
+        except StorageError:
+            return False
+
+    def finish(self, stage: str, seconds: float) -> None:
+        from ..storage import write_record
+
+        self.claim.record(f"{stage}.json")
+        write_record(self.folder / f"{stage}.json", {"stage": stage, "seconds": round(seconds, 1)})
+
+    def seconds(self, stage: str) -> float:
+        from ..storage import read_record
+
+        return float(read_record(self.folder / f"{stage}.json", what=f"the {stage} stage record")["seconds"])
+
+    def path(self, name: str) -> Path:
+        """Where a stage writes `name` (recorded as the build's first)."""
+        self.claim.record(name)
+        return self.folder / name
+
+
+def _expected_minutes(stages: dict, scale: float) -> float:
+    """The shipped build's stage times (world.json) times `scale`: a rough guide on a machine like it."""
+    try:
+        shipped = json.loads((EMBEDDED_JUDGES / "world.json").read_text())["seconds"]
+    except (OSError, ValueError, KeyError):
+        return float("nan")
+    images = stages["images_per_class"] / BUILD_STAGES["images_per_class"]
+    return sum(float(shipped.get(k, 0)) * (images if k == "images" else scale * images) for k in STAGES) / 60
+
+
 def build_world(args: argparse.Namespace) -> Path:
+    """Build the world: six stages (`STAGES`), each reported as ``[k/6 stage]`` with the time it took.
+
+    A stage that finished is kept under the cache (``world-build/<recipe key>/``, recipe = every setting,
+    the scale and the device) and a build of the same recipe stopped later resumes after it."""
+    from ..model.builders import build_pixart
+
     out = Path(args.out) if getattr(args, "out", None) else EMBEDDED_JUDGES
-    stages = recipe(getattr(args, "set", None), float(getattr(args, "scale", None) or 1.0))
+    scale = float(getattr(args, "scale", None) or 1.0)
+    stages = recipe(getattr(args, "set", None), scale)
     device = torch.device(getattr(args, "device", None) or "cpu")
     torch.set_num_threads(os.cpu_count() or 1)
+    identity = {"stages": {k: (v.to_dict() if isinstance(v, StageConfig) else v) for k, v in stages.items()},
+                "device": device.type, "spec": world_spec().to_dict()}
+    folder = cache_root() / "world-build" / content_key(identity)
+    with exclusive(folder):
+        return _build(out, stages, device, _Stages(folder, identity), scale, build_pixart)
+
+
+def _build(out: Path, stages: dict, device: torch.device, kept: _Stages, scale: float, build_pixart) -> Path:
+    from diffusers import PixArtAlphaPipeline
+
+    from .judges import load_anatomy_segmenter, load_oracle, load_segmenter
+
     timings: dict[str, float] = {}
     start = time.perf_counter()
+    reused = [s for s in STAGES[1:] if kept.done(s)]
+    _log(f"world: {len(STAGES)} stages ({', '.join(STAGES)}); expect about {_expected_minutes(stages, scale):.0f} min "
+         f"on a machine like the shipped build's (its world.json stage times × --scale) plus fixed costs of a few "
+         f"minutes" + (f"; reusing {', '.join(reused)} from {kept.folder}" if reused else ""))
+
+    def stage(k: int, name: str) -> bool:
+        """Announce stage k; True when it must run (False: kept from an earlier build)."""
+        if kept.done(name):
+            timings[name] = kept.seconds(name)
+            _log(f"[{k}/{len(STAGES)} {name}] kept from an earlier build of this recipe ({timings[name]:.0f} s then)")
+            return False
+        _log(f"[{k}/{len(STAGES)} {name}] {time.perf_counter() - start:.0f} s into the build")
+        return True
+
+    def finished(name: str, since: float) -> None:
+        timings[name] = time.perf_counter() - since
+        kept.finish(name, timings[name])
 
     n = stages["images_per_class"]
     labels = [label for label in LABELS for _ in range(n)]
+    t = time.perf_counter()
+    _log(f"[1/{len(STAGES)} images] rendering {len(labels)} training images (seeded: rendered on every build)")
     data = render(labels, [i for _ in LABELS for i in range(n)])
     y = np.array([LABELS.index(label) for label in labels])
-    timings["images"] = time.perf_counter() - start
-    _log(f"world: rendered {len(labels)} training images ({timings['images']:.0f} s)")
-
-    from ..model.builders import build_pixart
+    timings["images"] = time.perf_counter() - t
 
     spec = world_spec()
-    pipeline = build_pixart(spec, seed=0).to(device)
-    pipeline.vae.requires_grad_(True)
-    t = time.perf_counter()
-    train_vae(pipeline.vae, data.images, stages["vae"], log=_log)
-    timings["vae"] = time.perf_counter() - t
-
-    mean, std, recon = _reconstruct(pipeline.vae, data.images)
+    pipeline = None
+    if stage(2, "vae"):
+        t = time.perf_counter()
+        pipeline = build_pixart(spec, seed=0).to(device)
+        pipeline.vae.requires_grad_(True)
+        train_vae(pipeline.vae, data.images, stages["vae"], log=_log)
+        pipeline.to("cpu").save_pretrained(kept.path("after_vae"))
+        pipeline.to(device)
+        finished("vae", t)
+    mean, std, recon = None, None, None
+    if not kept.done("transformer"):
+        if pipeline is None:
+            pipeline = PixArtAlphaPipeline.from_pretrained(kept.folder / "after_vae").to(device)
+        mean, std, recon = _reconstruct(pipeline.vae, data.images)
+    if stage(3, "transformer"):
+        t = time.perf_counter()
+        captions, caption_ids = _captions(labels)
+        train_transformer(pipeline, mean, std, caption_ids, captions, stages["transformer"],
+                          train_text_encoder=stages["train_text_encoder"], log=_log)
+        pipeline.to("cpu").save_pretrained(kept.path("pipeline"))
+        finished("transformer", t)
+    pipeline = PixArtAlphaPipeline.from_pretrained(kept.folder / "pipeline")
+    if recon is None:
+        mean, std, recon = _reconstruct(pipeline.vae.to(device), data.images)
+        pipeline.vae.to("cpu")
     recon_psnr = float(np.mean(-10 * np.log10(((recon - data.images) ** 2).mean((1, 2, 3)))))
     _log(f"world: VAE reconstruction PSNR {recon_psnr:.2f} dB")
 
-    captions, caption_ids = _captions(labels)
-    t = time.perf_counter()
-    train_transformer(pipeline, mean, std, caption_ids, captions, stages["transformer"],
-                      train_text_encoder=stages["train_text_encoder"], log=_log)
-    timings["transformer"] = time.perf_counter() - t
-
     # judges see procedural images and their VAE reconstructions, so they judge generated images too
     judge_images = np.concatenate([data.images, recon])
-    t = time.perf_counter()
-    oracle = train_oracle(judge_images, np.concatenate([y, y]), stages["oracle"], device=device, log=_log)
-    timings["oracle"] = time.perf_counter() - t
-    t = time.perf_counter()
-    segmenter = train_segmenter(judge_images, np.concatenate([data.lesion, data.lesion]), stages["segmenter"],
-                                device=device, log=_log)
-    timings["segmenter"] = time.perf_counter() - t
-    t = time.perf_counter()
-    anatomy = train_anatomy_stage(data.images, recon, data.anatomy, stages["anatomy"], device=device)
-    timings["anatomy"] = time.perf_counter() - t
+    if stage(4, "oracle"):
+        t = time.perf_counter()
+        save_judge(train_oracle(judge_images, np.concatenate([y, y]), stages["oracle"], device=device, log=_log),
+                   kept.path("oracle"))
+        finished("oracle", t)
+    if stage(5, "segmenter"):
+        t = time.perf_counter()
+        save_judge(train_segmenter(judge_images, np.concatenate([data.lesion, data.lesion]), stages["segmenter"],
+                                   device=device, log=_log), kept.path("segmenter"))
+        finished("segmenter", t)
+    if stage(6, "anatomy"):
+        t = time.perf_counter()
+        save_judge(train_anatomy_stage(data.images, recon, data.anatomy, stages["anatomy"], device=device),
+                   kept.path("anatomy"))
+        finished("anatomy", t)
 
     out.mkdir(parents=True, exist_ok=True)
-    pipeline.to("cpu").save_pretrained(out / "pipeline")
-    save_judge(oracle, out / "oracle")
-    save_judge(segmenter, out / "segmenter")
-    save_judge(anatomy, out / "anatomy")
-    timings["total"] = time.perf_counter() - start
+    pipeline.save_pretrained(out / "pipeline")
+    save_judge(load_oracle(kept.folder / "oracle"), out / "oracle")
+    save_judge(load_segmenter(kept.folder / "segmenter"), out / "segmenter")
+    save_judge(load_anatomy_segmenter(kept.folder / "anatomy"), out / "anatomy")
+    timings["total"] = sum(timings[s] for s in STAGES)
     from .. import __version__
 
     record = {
@@ -142,7 +247,8 @@ def build_world(args: argparse.Namespace) -> Path:
         "dit_lens_version": __version__,
     }
     (out / "world.json").write_text(json.dumps(record, indent=1))
-    _log(f"world: wrote {out} in {timings['total'] / 60:.1f} min")
+    _log(f"world: wrote {out} in {(time.perf_counter() - start) / 60:.1f} min ({timings['total'] / 60:.1f} min of "
+         f"stage work, kept ones counted at their first run)")
     return out
 
 
