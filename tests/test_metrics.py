@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -90,7 +92,7 @@ def test_background_metrics_ignore_the_lesion():
     # the plain SSIM map still sees the lesion edge from background pixels near it
     plain = metrics.background_ssim(out, bg, masked_windows=False)
     assert float(plain.max()) < 0.99
-    assert np.isinf(metrics.background_psnr(out, bg).values).all()
+    assert (metrics.background_psnr(out, bg).values == metrics.PSNR_CEILING).all()  # untouched: the ceiling
     assert float(metrics.background_psnr(out, everywhere).max()) < 20
     far = bg.copy()
     far[:, :, 5:27, 5:27] = False  # background beyond the window's reach of the lesion
@@ -130,11 +132,24 @@ def test_segment_and_shape_errors():
 def test_lpips_reports_unavailability_instead_of_a_number():
     out = pairs_dataset(np.zeros((1, 2, 8, 8, 3)), np.ones((1, 2, 8, 8, 3)))
     bg = xr.DataArray(np.ones((1, 2, 8, 8), bool), dims=("prompt", "seed", "y", "x"))
-    da = metrics.background_lpips(out, bg)
-    if da.attrs["status"].startswith("unavailable"):
-        assert np.isnan(da.values).all() and da.attrs["status"] == metrics.lpips_unavailable("alex")
+    reason = metrics.lpips_unavailable("alex")
+    da = metrics.background_lpips(out, bg, unavailable="nan")
+    if reason is not None:
+        assert np.isnan(da.values).all() and da.attrs["status"] == reason
+        with pytest.raises(metrics.MetricUnavailableError, match=re.escape(f"Bg-LPIPS is {reason}")):
+            metrics.background_lpips(out, bg)  # from the API, never a silent NaN
     else:
-        assert np.isfinite(da.values).all()
+        assert np.isfinite(da.values).all() and np.isfinite(metrics.background_lpips(out, bg).values).all()
+
+
+def test_bg_psnr_scores_untouched_backgrounds_at_its_ceiling_and_keeps_them():
+    same, changed = np.zeros((4, 8, 8, 3)), np.full((4, 8, 8, 3), 0.1)
+    out = metrics.as_pairs(np.concatenate([same, same]), np.concatenate([same, changed]))
+    bg = xr.DataArray(np.ones((1, 8, 8, 8), bool), dims=("prompt", "seed", "y", "x"))
+    est = metrics.estimate(metrics.background_psnr(out, bg))
+    assert est.n == 8 and est.value == pytest.approx((4 * metrics.PSNR_CEILING + 4 * 20.0) / 8)
+    identical = metrics.estimate(metrics.background_psnr(metrics.as_pairs(same, same), bg.isel(seed=slice(4))))
+    assert identical.n == 4 and identical.value == metrics.PSNR_CEILING
 
 
 def test_lpips_says_which_file_enables_it(tmp_path, monkeypatch):

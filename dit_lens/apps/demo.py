@@ -285,10 +285,10 @@ def _measure(pairs, oracle_source, source_label, target_label) -> dict:
     ssim = "bg_ssim" if oracle_source is not None else "whole_image_ssim"
     psnr = "bg_psnr" if oracle_source is not None else "whole_image_psnr"
     for key, values in ((ssim, M.background_ssim(pairs, background)),
-                        (psnr, M.background_psnr(pairs, background).clip(max=100.0))):
+                        (psnr, M.background_psnr(pairs, background))):
         est = M.estimate(values)
         result[key], result[f"{key}_ci95"] = est.value, [est.low, est.high]
-    lpips = M.background_lpips(pairs, background)
+    lpips = M.background_lpips(pairs, background, unavailable="nan")  # the reason is printed
     lp = "bg_lpips" if oracle_source is not None else "whole_image_lpips"
     result[lp] = None if lpips.attrs["status"].startswith("unavailable") else M.estimate(lpips).value
     result[f"{lp}_status"] = lpips.attrs["status"]

@@ -253,7 +253,7 @@ class CellRunner:
         probs = M.classify(out, self.oracle)
         masks = M.segment(out, self.segmenter)
         background = M.background_mask(masks)
-        lpips = M.background_lpips(out, background)
+        lpips = M.background_lpips(out, background, unavailable="nan")  # the reason goes in the result
         values = {
             "flip_rate": M.flips(probs, pair.source),
             "target_rate": M.target_rate(probs, pair.target),

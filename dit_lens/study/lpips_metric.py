@@ -10,7 +10,7 @@ import xarray as xr
 
 from .metrics import LPIPS_UNAVAILABLE, _pairwise
 
-__all__ = ["LPIPS_BACKBONES", "background_lpips", "lpips_unavailable"]
+__all__ = ["LPIPS_BACKBONES", "MetricUnavailableError", "background_lpips", "lpips_unavailable"]
 
 #: The torchvision backbone weights each LPIPS net loads (the ``lpips`` package ships only its linear
 #: layers); they must already be in ``$TORCH_HOME/hub/checkpoints/`` (``torch.hub.get_dir()``).
@@ -38,14 +38,22 @@ def lpips_unavailable(net: str = "alex") -> str | None:
     return None
 
 
-def background_lpips(out: xr.Dataset, background: xr.DataArray, *, net: str = "alex") -> xr.DataArray:
+class MetricUnavailableError(RuntimeError):
+    """A metric cannot be computed on this machine; the message says what is missing."""
+
+
+def background_lpips(out: xr.Dataset, background: xr.DataArray, *, net: str = "alex",
+                     unavailable: str = "raise") -> xr.DataArray:
     """Spatial LPIPS between the pair averaged over background pixels ``(prompt, seed)``.
 
     Needs the ``lpips`` and ``torchvision`` packages and the backbone's weights already on disk
-    (`lpips_unavailable` names the file). When they are not available, returns NaN everywhere with
-    ``attrs["status"]`` saying why; callers must report that status, never a substitute number under
-    the LPIPS name.
+    (`lpips_unavailable` names the file). When they are not available it raises
+    `MetricUnavailableError` saying why; with ``unavailable="nan"`` (what studies and the demo use, and
+    print the reason) it returns NaN everywhere with ``attrs["status"]`` saying why. Never a substitute
+    number under the LPIPS name.
     """
+    if unavailable not in ("raise", "nan"):
+        raise ValueError(f"unavailable must be 'raise' or 'nan', got {unavailable!r}")
     cells = {k: out[k].values for k in ("prompt", "seed")}
     reason = lpips_unavailable(net)
     if reason is None:
@@ -56,6 +64,9 @@ def background_lpips(out: xr.Dataset, background: xr.DataArray, *, net: str = "a
             model = lpips.LPIPS(net=net, spatial=True, verbose=False).eval()
         except Exception as err:  # a damaged weights file, an incompatible torchvision
             reason = f"unavailable: LPIPS failed to load ({type(err).__name__}: {err})"
+    if reason is not None and unavailable == "raise":
+        raise MetricUnavailableError(f"Bg-LPIPS is {reason}; or pass unavailable='nan' for NaN with this reason "
+                                     f"in attrs['status']")
     if reason is not None:
         empty = np.full((len(cells["prompt"]), len(cells["seed"])), np.nan)
         da = xr.DataArray(empty, dims=("prompt", "seed"), coords=cells, name="bg_lpips")

@@ -51,6 +51,8 @@ __all__ = [
     "target_read",
     "STANDARD_METRICS",
     "LPIPS_UNAVAILABLE",
+    "MetricUnavailableError",
+    "PSNR_CEILING",
     "LPIPS_BACKBONES",
     "lpips_unavailable",
     "METRICS_VERSION",
@@ -59,7 +61,11 @@ __all__ = [
 #: Changes when a metric's definition changes; study results measured under another version are
 #: not reused. 2: `background_ssim` takes each window's statistics over background pixels only.
 #: 3: `target_rate` (the counterfactual is read as the target class) is measured beside the flip rate.
-METRICS_VERSION = 3
+#: 4: `background_psnr` scores an untouched background `PSNR_CEILING` instead of infinity (which every
+#: estimate dropped).
+METRICS_VERSION = 4
+#: Bg-PSNR of identical backgrounds (dB): the most `background_psnr` reports.
+PSNR_CEILING = 100.0
 
 #: What a study measures for every cell of every method, in this order.
 STANDARD_METRICS = ("flip_rate", "target_rate", "confidence_shift", "bg_ssim", "bg_psnr", "bg_lpips")
@@ -343,13 +349,23 @@ def masked_ssim_map(a: np.ndarray, b: np.ndarray, keep: np.ndarray, *, win_size:
 
 
 def background_psnr(out: xr.Dataset, background: xr.DataArray) -> xr.DataArray:
-    """PSNR (dB, peak 1.0) between the pair over background pixels ``(prompt, seed)``."""
+    """PSNR (dB, peak 1.0) between the pair over background pixels ``(prompt, seed)``, at most
+    `PSNR_CEILING`: an untouched background (infinite PSNR) scores the ceiling, so the best-preserving
+    edits count in every mean instead of being dropped from it.
+
+    Examples:
+        >>> import numpy as np
+        >>> out = as_pairs(np.zeros((2, 4, 4, 3)), np.stack([np.zeros((4, 4, 3)), np.full((4, 4, 3), 0.1)]))
+        >>> everywhere = xr.DataArray(np.ones((1, 2, 4, 4), bool), dims=("prompt", "seed", "y", "x"))
+        >>> background_psnr(out, everywhere).values.round(6).tolist()
+        [[100.0, 20.0]]
+    """
 
     def one(a: np.ndarray, b: np.ndarray, keep: np.ndarray) -> float:
         if not keep.any():
             return float("nan")
         mse = float(((a - b) ** 2)[keep].mean())
-        return float("inf") if mse == 0 else 10.0 * np.log10(1.0 / mse)
+        return PSNR_CEILING if mse == 0 else min(PSNR_CEILING, 10.0 * np.log10(1.0 / mse))
 
     return _pairwise(out, background, one, "bg_psnr")
 
@@ -369,7 +385,7 @@ def _pairwise(out: xr.Dataset, background: xr.DataArray, fn: Callable, name: str
 
 
 # LPIPS lives in `lpips_metric` (optional packages and weights); re-exported here.
-from .lpips_metric import LPIPS_BACKBONES, background_lpips, lpips_unavailable  # noqa: E402
+from .lpips_metric import LPIPS_BACKBONES, MetricUnavailableError, background_lpips, lpips_unavailable  # noqa: E402
 
 # Region metrics live in `region_metrics` (they read the Judged pairs this module defines); re-exported here.
 from .region_metrics import (REGION_METRICS, inserted_inside, lesion_inside, outside_ssim,  # noqa: E402
