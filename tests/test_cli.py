@@ -79,3 +79,22 @@ def test_threads_come_from_the_flag_or_the_environment(monkeypatch, tmp_path, ca
         assert not (tmp_path / "o").exists()
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--eval-seeds", "0"], "dit-lens study layer_sweep: error: --eval-seeds must be an integer >= 1, got 0"),
+    (["--windows", "0.5:0.2"], "dit-lens study layer_sweep: error: --windows: a window is fractions"),
+    (["--steps", "x"], "dit-lens study layer_sweep: error: argument --steps: invalid int value: 'x' "
+                       "(see `dit-lens study layer_sweep --help`)"),
+])
+def test_a_study_names_its_flags_in_errors(flags, says, capsys):
+    assert main(["study", "layer_sweep", *flags]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Study." not in err and len(err.strip().splitlines()) == 1
+
+
+def test_study_help_offers_debug_and_threads(capsys):
+    with pytest.raises(SystemExit):
+        main(["study", "--help"])
+    text = capsys.readouterr().out
+    assert text.startswith("usage: dit-lens study") and "--debug" in text and "--threads" in text

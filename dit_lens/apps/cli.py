@@ -88,7 +88,7 @@ def parser() -> argparse.ArgumentParser:
     add_demo_arguments(demo)
     demo.set_defaults(func=_demo)
 
-    study = sub.add_parser("study", help="run studies/<name>.py (flags go to the study)")
+    study = sub.add_parser("study", parents=[debug], help="run studies/<name>.py (flags go to the study)")
     study.add_argument("name", help="a file of studies/: layer_sweep, alpha_sweep, seed_count, concept_pairs, dye, "
                                            "insert_lesion, downstream, drift, long_tail")
     study.add_argument("rest", nargs=argparse.REMAINDER, help="the study's own flags, e.g. --quick")

@@ -42,9 +42,16 @@ def _axes() -> dict:
     return {a.name: a for m in METHODS.values() for a in m.axes}
 
 
+class _Parser(argparse.ArgumentParser):
+    """Errors as one line naming the flag and where to read more (exit 2), as `dit-lens` gives them."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def parser(study: Study) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"study {study.name}", description=f"Run the {study.name!r} study.",
-                                allow_abbrev=False)
+    p = _Parser(prog=f"dit-lens study {study.name}", description=f"Run the {study.name!r} study.",
+                allow_abbrev=False)
     p.add_argument("--quick", action="store_true", help="the study's small version (≤ 2 min on CPU)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     p.add_argument("--model", default="embedded", help="pipeline folder (default: the embedded world)")
@@ -112,8 +119,30 @@ def _floor(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"a floor is METRIC=VALUE, e.g. target_rate=0.9; got {text!r}") from None
 
 
+#: The declaration's field behind each flag that is not an axis, for messages in the user's words.
+_FIELD_FLAGS = {"eval_seeds": "--eval-seeds", "eval_seed_base": "--eval-seed-base", "num_inference_steps": "--steps",
+                "guidance_scale": "--guidance", "require": "--require", "pairs": "--pairs", "methods": "--methods"}
+
+
+def as_flags(message: str) -> str:
+    """A declaration's error with its field names (``Study.eval_seeds``,
+    ``Study.methods['medsteer']['window']``) replaced by the flags that set them."""
+    import re
+
+    flags = {name: f"--{axis.flag}" for name, axis in _axes().items()}
+    message = re.sub(r"Study\.methods\['[^']*'\]\['([^']*)'\]", lambda m: flags.get(m.group(1), m.group(0)), message)
+    return re.sub(r"Study\.(\w+)", lambda m: _FIELD_FLAGS.get(m.group(1), m.group(0)), message)
+
+
 def declared(study: Study, args: argparse.Namespace) -> Study:
-    """`study` with the parsed flags applied (validated by the declaration)."""
+    """`study` with the parsed flags applied (validated by the declaration; errors name the flags)."""
+    try:
+        return _declared(study, args)
+    except ValueError as err:
+        raise ValueError(as_flags(str(err))) from None
+
+
+def _declared(study: Study, args: argparse.Namespace) -> Study:
     if args.quick:
         study = study.quick_version()
     changes: dict[str, Any] = {f: getattr(args, f) for f in ("eval_seeds", "eval_seed_base", "num_inference_steps",
@@ -155,7 +184,7 @@ def study_main(study: Study, argv: Sequence[str] | None = None, *, load_oracle: 
         if args.debug:
             raise
         text = " ".join(str(err).split()) or type(err).__name__
-        print(f"study {study.name}: error: {text} (--debug shows the traceback)", file=sys.stderr)
+        print(f"dit-lens study {study.name}: error: {text} (--debug shows the traceback)", file=sys.stderr)
         return 2
 
 
