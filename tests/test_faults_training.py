@@ -19,7 +19,7 @@ from dit_lens.apps.cli import main
 from dit_lens.model.builders import PixArtSpec, build_pixart
 from dit_lens.storage import DamagedError, FolderClaimError, MissingError, load_torch, save_torch
 from dit_lens.training import TrainingImages, finetune, read_image_folder, read_record, write_image_folder
-from dit_lens.training.finetune import _Trainer
+from dit_lens.training.trainer import _Trainer
 from dit_lens.validate import NonFiniteError
 
 FAST = dict(steps=6, batch_size=4, lr=1e-2, warmup=1, checkpoint_every=3, progress=False)
@@ -103,7 +103,7 @@ import sys, time
 from pathlib import Path
 gate = Path(sys.argv[1])
 if gate.name != "-":  # hold the run at its first step until the test opens the gate
-    from dit_lens.training.finetune import _Trainer
+    from dit_lens.training.trainer import _Trainer
     real = _Trainer.loss
     def gated(self, *args, **kwargs):
         while not gate.exists():

@@ -12,7 +12,7 @@ from dit_lens.apps.cli import main
 from dit_lens.model.builders import build_pixart
 from dit_lens.storage import FolderClaimError, load_torch
 from dit_lens.training import TrainingImages, finetune, read_image_folder, read_record, write_image_folder
-from dit_lens.training.finetune import _Trainer
+from dit_lens.training.trainer import _Trainer
 from dit_lens.training.inputs import drifted_training_pair
 
 FAST = dict(steps=6, batch_size=4, lr=1e-2, warmup=1, checkpoint_every=3, progress=False)
@@ -184,7 +184,7 @@ def test_the_command_line_fine_tunes_a_pipeline_folder(tiny_pipeline, data, tmp_
     assert read_record(tmp_path / "adapter")["config"]["steps"] == 2
     assert main(["finetune", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "nowhere"), "--out",
                  str(tmp_path / "b"), "--quiet"]) == 2
-    assert "no such training data folder" in capsys.readouterr().err
+    assert "is not a folder; pass an imagefolder" in capsys.readouterr().err
 
 
 def test_the_world_writes_its_shifted_split_as_training_data(tmp_path):

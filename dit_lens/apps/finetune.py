@@ -58,7 +58,7 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_finetune(args: argparse.Namespace) -> int:
     from ..model.lens import load
-    from ..training.finetune import finetune, read_record
+    from ..training.trainer import finetune, read_record
     from ..training.folder import use_line
 
     settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(FinetuneConfig)}

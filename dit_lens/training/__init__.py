@@ -10,7 +10,7 @@ __all__ = ["METHODS", "FinetuneConfig", "TrainingImages", "finetune", "read_imag
            "write_image_folder"]
 
 _HOME = {"METHODS": "config", "FinetuneConfig": "config", "TrainingImages": "data", "read_image_folder": "data",
-         "write_image_folder": "data", "finetune": "finetune", "read_record": "finetune"}
+         "write_image_folder": "data", "finetune": "trainer", "read_record": "trainer"}
 
 
 def __getattr__(name: str) -> Any:
@@ -24,4 +24,4 @@ def __getattr__(name: str) -> Any:
 if TYPE_CHECKING:
     from .config import METHODS, FinetuneConfig
     from .data import TrainingImages, read_image_folder, write_image_folder
-    from .finetune import finetune, read_record
+    from .trainer import finetune, read_record

@@ -33,7 +33,7 @@ from ..storage import DamagedError, digest, read_record, write_atomic, write_rec
 from ..interventions.generate import generate
 from ..study.distribution import frechet_difference, frechet_estimate
 from ..study.metrics import estimate
-from ..training.finetune import finetune
+from ..training.trainer import finetune
 from .data import world_split
 from .folders import claim_experiment
 from .judges import load_oracle

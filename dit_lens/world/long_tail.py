@@ -31,7 +31,7 @@ import numpy as np
 from ..interventions.generate import generate
 from ..interventions.noise import attention_concentration, class_probability, optimize_noise
 from ..study.metrics import estimate, proportion
-from ..training.finetune import finetune
+from ..training.trainer import finetune
 from .data import world_split
 from ..storage import write_atomic
 from .folders import cached_json, claim_experiment
