@@ -42,4 +42,14 @@ def own_cache(tmp_path_factory):
         return
     os.environ["DIT_LENS_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     yield
-    del os.environ["DIT_LENS_CACHE"]
+    os.environ.pop("DIT_LENS_CACHE", None)
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    """Figures a test made are closed after it (matplotlib warns past 20 open ones)."""
+    yield
+    import sys
+
+    if "matplotlib.pyplot" in sys.modules:
+        sys.modules["matplotlib.pyplot"].close("all")

@@ -49,7 +49,7 @@ def error_line(capsys) -> str:
     err = capsys.readouterr().err
     assert "Traceback" not in err
     line = err.strip().splitlines()[-1]
-    assert line.startswith("study ") and ": error: " in line
+    assert line.startswith("dit-lens study ") and ": error: " in line
     return line
 
 

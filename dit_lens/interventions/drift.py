@@ -6,21 +6,22 @@ drift δ to the mean of each reverse transition, and starts them from drifted no
     z_T = ε + δ,        z_{t-1} ← step(z_t) + δ   after every denoising step,
 
 so the edited branch of a pair drifts while its original twin is the plain run. δ is one number for
-every channel or, as in the unofficial implementation, one number per latent channel. ``steps=None``
-drifts z_T only: the sampling that matches a model fine-tuned with drift by `dit_lens.finetune`, whose
-forward process has the drifted marginal N(√ᾱ_t·x_0 + √(1 − ᾱ_t)·δ, (1 − ᾱ_t)·I) at every t, which the plain
-sampler then follows.
+every channel or, as in the unofficial implementation, one number per latent channel. The default,
+``steps=None``, drifts z_T only: the sampling that matches a model fine-tuned with drift by
+`dit_lens.finetune`, whose forward process has the drifted marginal N(√ᾱ_t·x_0 + √(1 − ᾱ_t)·δ, (1 − ᾱ_t)·I)
+at every t, which the plain sampler then follows. ``steps=(0.0, 1.0)`` is the seed's reverse process
+above (after every step).
 
 Examples:
     >>> import torch
-    >>> drift = LatentDrift(0.1)
-    >>> drift
-    LatentDrift(delta=0.1, steps=(0.0, 1.0), initial=True)
+    >>> LatentDrift(0.1)
+    LatentDrift(delta=0.1, steps=None, initial=True)
+    >>> drift = LatentDrift(0.1, steps=(0.0, 1.0))
     >>> z = torch.zeros(1, 4, 2, 2)  # (pairs, C, H, W)
     >>> new, _ = drift.apply_latents(0, z, z)
     >>> round(float(new.mean()), 4), round(float(drift.apply_initial(z).mean()), 4)
     (0.1, 0.1)
-    >>> per_channel = LatentDrift((0.0, 0.5, 0.0, -0.5))
+    >>> per_channel = LatentDrift((0.0, 0.5, 0.0, -0.5), steps=(0.0, 1.0))
     >>> per_channel.apply_latents(0, z, z)[0][0, :, 0, 0].tolist()
     [0.0, 0.5, 0.0, -0.5]
     >>> from dit_lens import intervention_from_dict

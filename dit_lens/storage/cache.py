@@ -12,10 +12,11 @@ Under it: ``captures/`` (capture stores, content-addressed), ``studies/`` (study
 
 Examples:
     >>> import os
+    >>> saved = os.environ.get(CACHE_ENV)
     >>> os.environ[CACHE_ENV] = "/tmp/somewhere"
     >>> str(cache_root() / "captures")
     '/tmp/somewhere/captures'
-    >>> del os.environ[CACHE_ENV]
+    >>> _ = os.environ.pop(CACHE_ENV) if saved is None else os.environ.update({CACHE_ENV: saved})
 """
 
 from __future__ import annotations

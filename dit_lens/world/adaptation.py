@@ -34,6 +34,7 @@ from ..interventions.generate import generate
 from ..study.distribution import frechet_difference, frechet_estimate
 from ..study.metrics import estimate
 from ..training.trainer import finetune
+from ..training.trainer import read_record as read_finetune_record
 from .data import world_split
 from .folders import claim_experiment
 from .judges import load_oracle
@@ -210,7 +211,7 @@ def run_adaptation(cfg: AdaptationConfig, folder: str | Path, *, source: str = "
             adapter = finetune(base, data, folder / "adapters" / name, method=scheme, rank=cfg.rank,
                                steps=cfg.steps, lr=cfg.lr, drift=train_drift, seed=cfg.seed, progress=progress)
             lens = load(source, lora=adapter)
-            train_seconds = json.loads((adapter / "finetune.json").read_text())["train_seconds"]
+            train_seconds = read_finetune_record(adapter)["train_seconds"]
             sweep = []
             for form in cfg.forms:
                 for delta in cfg.deltas:

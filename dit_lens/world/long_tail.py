@@ -31,7 +31,7 @@ import numpy as np
 from ..interventions.generate import generate
 from ..interventions.noise import attention_concentration, class_probability, optimize_noise
 from ..study.metrics import estimate, proportion
-from ..training.trainer import finetune
+from ..training.trainer import finetune, read_record
 from .data import world_split
 from ..storage import write_atomic
 from .folders import cached_json, claim_experiment
@@ -123,7 +123,7 @@ def run_long_tail(cfg: LongTailConfig, folder: str | Path, *, source: str = "emb
                        progress=progress)
     lens = load(source, lora=adapter)
     prompt, seeds = caption(cfg.label), [cfg.seed_base + i for i in range(cfg.seeds)]
-    record = json.loads((adapter / "finetune.json").read_text())
+    record = read_record(adapter)
     result: dict = {"settings": settings, "prompt": prompt, "seeds": [seeds[0], seeds[-1]],
                     "adapter": {"path": str(adapter), "train_seconds": record.get("train_seconds"),
                                 "per_caption": record.get("data", {}).get("per_caption")}, "cells": []}
