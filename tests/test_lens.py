@@ -126,3 +126,8 @@ def test_bad_lora_folder(tiny_pipeline, tmp_path):
         load(tiny_pipeline, lora=tmp_path / "missing")
     with pytest.raises(ValueError, match="adapter_config.json"):
         load(tiny_pipeline, lora=tmp_path)
+
+
+def test_a_lens_prints_as_one_line(tiny_lens):
+    text = repr(tiny_lens)
+    assert text == "Lens(PixArtTransformer2DModel, source='<object>', 3 layers × width 16, tokens 4×4, cpu, float32)"

@@ -53,6 +53,13 @@ class Lens:
     lora: str | None = None
     pipeline_kwargs: dict = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        """One line: the family, where it came from, its shape and where it runs (not the module tree)."""
+        adapter = f", lora={self.lora!r}" if self.lora else ""
+        return (f"Lens({self.family.name}, source={self.source!r}{adapter}, {self.num_layers} layers × width "
+                f"{self.width}, tokens {self.token_grid[0]}×{self.token_grid[1]}, {self.device.type}, "
+                f"{str(self.denoiser.dtype).removeprefix('torch.')})")
+
     @property
     def denoiser(self) -> torch.nn.Module:
         return getattr(self.pipeline, self.family.denoiser)
