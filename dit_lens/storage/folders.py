@@ -99,7 +99,8 @@ class Claim:
 
     def remove_recorded(self) -> list[str]:
         """Remove every recorded entry (only inside the folder; a link is removed, never followed);
-        returns what was removed."""
+        returns what was removed. A recorded folder (``cells``, ``vector.zarr``) is dit-lens's whole,
+        and is removed with what it holds."""
         removed = []
         root = self.path.resolve()
         for name in list(self.files):
