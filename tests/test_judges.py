@@ -35,3 +35,14 @@ def test_a_judge_saved_as_a_weights_only_torch_file_still_loads(tmp_path):
     (tmp_path / "o" / "weights.safetensors").unlink()
     torch.save(oracle.net.state_dict(), tmp_path / "o" / "weights.pt")
     assert judge_fingerprint(load_oracle(tmp_path / "o")) == judge_fingerprint(oracle)
+
+
+def test_a_judge_whose_weights_diverged_is_not_saved(tmp_path):
+    from dit_lens import NonFiniteError
+
+    oracle = Oracle(OracleNet(width=4))
+    with torch.no_grad():
+        next(oracle.net.parameters()).fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match="weights hold NaN or inf"):
+        save_judge(oracle, tmp_path / "o")
+    assert not (tmp_path / "o").exists()

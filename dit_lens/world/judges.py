@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..storage import DamagedError, load_torch, read_record, read_tensors, write_record, write_tensors
+from ..storage import DamagedError, all_finite, load_torch, read_record, read_tensors, write_record, write_tensors
+from ..validate import NonFiniteError
 from .procedural import LABELS
 from .train import StageConfig, rand, randn
 from .train import fit as _fit
@@ -223,6 +224,9 @@ def save_judge(judge: Oracle | Segmenter, folder: Path) -> None:
         meta["labels"] = list(judge.labels)
     else:
         meta["target"] = judge.target
+    if not all_finite(judge.net.state_dict()):
+        raise NonFiniteError(f"the {kind}'s weights hold NaN or inf (its training diverged); nothing was written to "
+                             f"{folder}; lower the stage's learning rate")
     write_tensors(folder / WEIGHTS, judge.net.state_dict(), meta)
     write_record(folder / "judge.json", meta)
     (folder / LEGACY_WEIGHTS).unlink(missing_ok=True)  # what an earlier save_judge wrote here
