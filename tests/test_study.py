@@ -73,7 +73,9 @@ def test_a_step_window_steers_only_those_steps(tiny_lens, tmp_path):
     assert result.attrs["steps_resolved"] == {"0-1": "all", "0.5-1": [2, 3]}
 
 
-def test_a_blend_axis_blends_its_cells_and_keeps_unblended_cell_names(tiny_lens, tmp_path):
+def test_a_blend_axis_blends_its_cells_and_keeps_unblended_cell_names(tiny_lens, tmp_path, monkeypatch):
+    from dit_lens.views.figures import pairs_figure
+
     s = Study("blend", pairs=(ONE,), methods={"medsteer": {"alpha": (0.0, 3.0), "vector_seeds": (2,)},
                                               "reprompt": {}}, eval_seeds=2, num_inference_steps=4)
     s = s.with_axis("blend", (0.0, 0.9))  # both methods, as --blends does
@@ -103,8 +105,12 @@ def test_a_blend_axis_blends_its_cells_and_keeps_unblended_cell_names(tiny_lens,
     steered, baseline = pick_settings(result, require={"flip_rate": 0.0})
     assert (steered["method"], baseline["method"]) == ("medsteer", "reprompt") and set(baseline) >= {"blend", "bg_ssim"}
     runner = CellRunner(s, tiny_lens, BrightnessOracle(), red_segmenter, tmp_path, progress=False)
+    shown = []
+    monkeypatch.setattr("dit_lens.study.cells.pairs_figure",
+                        lambda out, **kw: shown.append(kw) or pairs_figure(out, **kw))
     path = runner.show(steered)
     assert path == tmp_path / "best_p0.html" and (tmp_path / "best_p0.png").stat().st_size > 1000
+    assert isinstance(shown[0]["judge"], BrightnessOracle)  # the picked pairs carry the judge's labels
     assert runner.show(baseline) == tmp_path / "best_reprompt_p0.png"  # no gates: the pairs figure only
     with pytest.raises(ValueError, match="Study.methods\\['medsteer'\\]\\['blend'\\]: blend must be in"):
         Study("x", pairs=s.pairs, methods={"medsteer": {"blend": (1.5,)}})

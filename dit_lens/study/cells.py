@@ -244,8 +244,10 @@ class CellRunner:
         out = method.run(self.lens, s.pairs[index], seeds, settings, context=self.context(record_gates=True))
         stem = self.folder / f"best_{method.cell_prefix}p{index}"
         self.record(stem.with_suffix(".png").name, *([stem.with_suffix(".html").name] if "gate" in out else []))
-        pairs_figure(out).savefig(stem.with_suffix(".png"), dpi=110, bbox_inches="tight")
-        return write_explorer(out, stem.with_suffix(".html")) if "gate" in out else stem.with_suffix(".png")
+        pairs_figure(out, judge=self.oracle).savefig(stem.with_suffix(".png"), dpi=110, bbox_inches="tight")
+        if "gate" not in out:
+            return stem.with_suffix(".png")
+        return write_explorer(out, stem.with_suffix(".html"), judge=self.oracle)
 
     # -- metrics -------------------------------------------------------------------------
 
