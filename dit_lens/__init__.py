@@ -75,6 +75,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "pick_settings": ("dit_lens.study", None),
     "run_study": ("dit_lens.study", None),
     "attention_maps": ("dit_lens.readouts.attention_maps", None),
+    "patching": ("dit_lens.readouts.patching", None),
     "edit": ("dit_lens.inversion", None),
     "invert": ("dit_lens.inversion", None),
     "regenerate": ("dit_lens.inversion", None),
@@ -174,6 +175,7 @@ __all__ = [
     "load_segmenter",
     "load_vector",
     "pairs_figure",
+    "patching",
     "reprompt",
     "save_vector",
     "steer_tokens",
@@ -255,6 +257,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .study import pick_settings
     from .study import run_study
     from .readouts.attention_maps import attention_maps
+    from .readouts.patching import patching
     from .inversion import edit
     from .inversion import invert
     from .inversion import regenerate
