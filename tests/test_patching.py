@@ -114,7 +114,7 @@ def test_the_cell_grid_agrees_with_a_hand_written_patching_loop(tiny_lens):
 def test_noise_direction_and_layer_and_step_grids_agree_with_the_hand_written_loop(tiny_lens):
     metric = metric_for(tiny_lens)
     layer_grid = patching(tiny_lens, clean=CLEAN, corrupt=CORRUPT, seeds=[5], metric=metric, grid="layer",
-                          direction="noise", num_inference_steps=STEPS, progress=False)
+                          direction="noise", num_inference_steps=STEPS, batch_size=2, progress=False)
     assert layer_grid.effect.dims == ("seed", "layer") and layer_grid.layer.values.tolist() == [0, 1, 2]
     # "noise": the clean prompt runs with the corrupt run's activation
     _, _, images = hand_patched(tiny_lens.pipeline, "attn2", CORRUPT, CLEAN, 5,
@@ -204,3 +204,33 @@ def test_bad_input_is_refused_naming_what_to_change(tiny_lens, kwargs, message):
                 progress=False)
     with pytest.raises(ValueError, match=message):
         patching(tiny_lens, **{**args, **kwargs})
+
+
+def test_each_call_holds_the_runs_it_copies_from_and_each_unpatched_run_once(tiny_lens):
+    sizes = []
+
+    def counted(images):
+        sizes.append(len(images))
+        return images.mean(axis=(1, 2, 3))
+
+    out = patching(tiny_lens, clean=CLEAN, corrupt=CORRUPT, seeds=[0, 1], metric=counted, grid="layer",
+                   num_inference_steps=2, batch_size=2, progress=False)
+    # calls of patched runs (seed 0: layers 0, 1), (seed 0: layer 2; seed 1: layer 0), (seed 1: layers 1, 2), beside
+    # each seed's clean run, and its corrupt run in its first call
+    assert sizes == [2 + 2, 2 + 1 + 2, 2 + 1]
+    assert np.isfinite(out.effect.values).all() and out.attrs["batch_size"] == 2
+
+
+def test_flux_patches_the_blocks_of_either_list_that_have_the_site():
+    from dit_lens import FluxSpec, build_flux
+
+    flux = load(build_flux(FluxSpec(num_layers=2, num_single_layers=2), seed=0))
+    args = dict(clean=CLEAN, corrupt=CORRUPT, seeds=[0], metric=metric_for(flux), num_inference_steps=2,
+                progress=False)
+    out = patching(flux, site="ff", grid="layer", **args)
+    assert out.layer.values.tolist() == [0, 1]  # the double-stream blocks: the single-stream ones have no ff
+    both = patching(flux, site="attn2", grid=[((0.5, 1), None), (None, None)], **args)
+    assert both.attrs["windows"][0]["layers"] == [2, 3] and both.attrs["windows"][1]["layers"] == [0, 1, 2, 3]
+    assert np.ptp(both.metric_patched.values) > 0 and np.isfinite(both.effect.values).all()
+    with pytest.raises(ValueError, match=r"block 2 of Flux is one of its single_transformer_blocks"):
+        patching(flux, site="ff", layers=[2], **args)

@@ -14,8 +14,9 @@ A metric scores every decoded image, and each patch gets ``effect = (m(patched) 
 One pipeline call runs the clean run, the corrupt run and up to `batch_size` patched runs of a seed
 together: a patched row copies the site's output from its source row of the same batch at its cells
 (both guidance halves of that row, so it is exactly a run whose activation was replaced), as the
-injection of `dit_lens.Inject` copies from its twin. The source rows are in every call, so a call of
-``batch_size`` patched runs makes ``batch_size + 2`` images per seed it holds.
+injection of `dit_lens.Inject` copies from its twin. Every call holds the source run of each seed it
+patches (the clean run for ``"denoise"``), and a seed's first call also its other unpatched run: a call
+of `batch_size` patched runs of one seed makes ``batch_size + 1`` images (one more in the seed's first).
 
 What is patched (`grid`), over the blocks `layers` and the denoising steps `steps`:
 
@@ -114,7 +115,8 @@ def patching(
         method: ``"exact"`` (every patched run is run); attribution patching is not available yet.
         num_inference_steps: Denoising steps T.
         guidance_scale: Classifier-free guidance scale (a patch covers both halves of the guidance batch).
-        batch_size: Patched runs per pipeline call, beside the clean and corrupt rows (default 8).
+        batch_size: Patched runs per pipeline call, beside the run they copy from (default 8); changes values
+            only by float rounding.
         progress: Show a progress bar over pipeline calls.
 
     Returns:
@@ -161,28 +163,31 @@ def patching(
     sources = np.full((len(seeds), 2), np.nan)  # (seed, [clean, corrupt])
     height, width = lens.pipeline_kwargs["height"], lens.pipeline_kwargs["width"]
     images = np.zeros((len(seeds), 2, height, width, 3), np.float32)
-    # the patched run's own prompt, and the run it copies from
+    # the patched runs' own prompt (its unpatched run: the other source) and the prompt they copy from
     own, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
+    kinds = {source: int(direction == "noise"), own: int(direction == "denoise")}  # index into [clean, corrupt]
+    scored: set[int] = set()
     for chunk in tqdm(chunks, desc=f"patching {site}", unit="call", disable=not progress):
-        chunk_seeds = sorted({s for s, _ in chunk})
-        prompts = [p for _ in chunk_seeds for p in (clean, corrupt)] + [own] * len(chunk)
-        row_seeds = [seeds[s] for s in chunk_seeds for _ in range(2)] + [seeds[s] for s, _ in chunk]
-        first = {s: 2 * i for i, s in enumerate(chunk_seeds)}  # the clean row of seed s; its corrupt row follows
-        src_rows = [first[s] + (0 if direction == "denoise" else 1) for s, _ in chunk]
-        plan = {}  # (step, layer) -> (patched rows, their source rows)
+        # rows: each seed's source run, its unpatched own run in its first call only, then the patched runs
+        lead = [(s, prompt) for s in sorted({s for s, _ in chunk})
+                for prompt in ((source,) if s in scored else (source, own))]
+        prompts = [prompt for _, prompt in lead] + [own] * len(chunk)
+        row_seeds = [seeds[s] for s, _ in lead] + [seeds[s] for s, _ in chunk]
+        from_row = {s: i for i, (s, prompt) in enumerate(lead) if prompt == source}
+        plan: dict = {}  # (step, layer) -> (patched rows, their source rows)
         for j, (s, k) in enumerate(chunk):
             for cell in patches[k]:
                 plan.setdefault(cell, ([], []))
-                plan[cell][0].append(2 * len(chunk_seeds) + j)
-                plan[cell][1].append(src_rows[j])
+                plan[cell][0].append(len(lead) + j)
+                plan[cell][1].append(from_row[s])
         out = _run(lens, site, plan, prompts, row_seeds, T, guidance_scale)
         scores = _score(metric, out)
-        for i, s in enumerate(chunk_seeds):
-            if np.isnan(sources[s, 0]):  # a seed's clean and corrupt rows: kept from its first call
-                sources[s] = scores[first[s] : first[s] + 2]
-                images[s] = out[first[s] : first[s] + 2]
+        for i, (s, prompt) in enumerate(lead):
+            if s not in scored:  # a seed's clean and corrupt score and image: from its first call
+                sources[s, kinds[prompt]], images[s, kinds[prompt]] = scores[i], out[i]
+        scored.update(s for s, _ in lead)
         for j, (s, k) in enumerate(chunk):
-            patched[s, k] = scores[2 * len(chunk_seeds) + j]
+            patched[s, k] = scores[len(lead) + j]
 
     spread = sources[:, 0] - sources[:, 1]
     alike = [seeds[i] for i in np.flatnonzero(spread == 0)]

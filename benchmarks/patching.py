@@ -1,0 +1,113 @@
+"""Exact activation patching: `patching` with its defaults / the plain pipeline making the same images.
+
+The work a user asks for: an exact patching grid (``grid="layer"`` by default: every block of ``attn2``
+patched at every step, clean "polyps" into corrupt "normal cecum") for S seeds. Timed in one process,
+interleaved so that load drifts hit all alike, `repeats` times each:
+
+- ``plain``: the stock pipeline making the grid's patched images (S × patches) in calls of `batch_size`
+  (each call batched, one generator per image), decoded to numpy as a user gets them;
+- ``plain_rows``: the stock pipeline making every row the patching calls hold (their patched runs, the
+  run each seed's patches copy from, and once per seed its other unpatched run), in calls of the same
+  sizes: the same model work;
+- ``patching``: ``patching(lens, clean=..., corrupt=..., seeds=range(S), metric=brightness, grid=...)``
+  with every other default (``batch_size`` 8), metric and dataset included.
+
+It prints medians and minima and the ratios patching / plain (the figure the goal names, ≤ 1.1×) and
+patching / plain_rows (the cost of hooking alone).
+
+Usage:
+    python benchmarks/patching.py [--grid layer] [--seeds 1] [--steps 20] [--repeats 3] [--batch-size 8]
+        [--device cuda] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # read by tqdm when it is imported
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from timing import interleaved  # noqa: E402  (benchmarks/timing.py, beside this script)
+
+CLEAN, CORRUPT = "An endoscopic image of polyps", "An endoscopic image of normal cecum"
+
+
+def brightness(images: np.ndarray) -> np.ndarray:
+    return images.mean(axis=(1, 2, 3))
+
+
+def calls(patches: int, seeds: int, batch_size: int) -> tuple[list[int], list[int]]:
+    """The sizes of the plain calls for the patched images alone, and of the patching calls, as `patching` lays
+    them out: seed-major, `batch_size` patched runs per call, beside each seed's source run, and the seed's other
+    unpatched run in its first call."""
+    runs = [s for s in range(seeds) for _ in range(patches)]
+    chunks = [runs[i : i + batch_size] for i in range(0, len(runs), batch_size)]
+    seen: set[int] = set()
+    rows = []
+    for chunk in chunks:
+        rows.append(len(chunk) + len(set(chunk)) + len(set(chunk) - seen))
+        seen.update(chunk)
+    return [len(c) for c in chunks], rows
+
+
+def measure(lens, *, grid: str, seeds: int, steps: int, repeats: int, batch_size: int) -> tuple[dict, dict]:
+    from dit_lens import patching
+
+    patches = {"layer": lens.num_layers, "step": steps, "cell": lens.num_layers * steps}[grid]
+    plain_sizes, row_sizes = calls(patches, seeds, batch_size)
+
+    def plain(base: int, sizes: list[int]) -> None:
+        start = base
+        for size in sizes:
+            lens.pipeline([CORRUPT] * size, generator=[lens.generator(start + i) for i in range(size)],
+                          num_inference_steps=steps, guidance_scale=4.5, output_type="np", **lens.pipeline_kwargs)
+            start += size
+
+    def patched(base: int) -> None:
+        patching(lens, clean=CLEAN, corrupt=CORRUPT, seeds=range(base, base + seeds), metric=brightness, grid=grid,
+                 num_inference_steps=steps, batch_size=batch_size, progress=False)
+
+    runs = {"plain": lambda base: plain(base, plain_sizes), "plain_rows": lambda base: plain(base, row_sizes),
+            "patching": patched}
+    _ = lens.fingerprint  # hashed once per model, outside the timings (cached on the Lens)
+    work = {"patches": patches, "images": sum(plain_sizes), "rows": sum(row_sizes), "plain_calls": plain_sizes,
+            "patching_calls": row_sizes}
+    return interleaved(runs, repeats), work
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--grid", default="layer", choices=["layer", "step", "cell"])
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps per run")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant")
+    parser.add_argument("--batch-size", type=int, default=8, help="patched runs per call (patching's default)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from dit_lens import load
+
+    lens = load("embedded", device=args.device)
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
+    result, work = measure(lens, grid=args.grid, seeds=args.seeds, steps=args.steps, repeats=args.repeats,
+                           batch_size=args.batch_size)
+    med, best = result["medians"], result["minima"]
+    print(f"\n== embedded: {lens.num_layers} blocks, width {lens.width}; grid={args.grid!r} ({work['patches']} patches) "
+          f"× {args.seeds} seeds, {args.steps} steps, guidance 4.5, batch_size {args.batch_size}, n = {args.repeats}")
+    print(f"  plain makes {work['images']} images in calls of {work['plain_calls']}; patching makes {work['rows']} "
+          f"rows in calls of {work['patching_calls']}")
+    for name, values in result["times"].items():
+        runs = ", ".join(f"{v:.3f}" for v in values)
+        print(f"  {name:<11} median {med[name]:8.3f} s  min {best[name]:8.3f} s  (runs: {runs})")
+    for base in ("plain", "plain_rows"):
+        print(f"  ratio patching / {base:<10}: median {med['patching'] / med[base]:.3f}x, "
+              f"min {best['patching'] / best[base]:.3f}x")
+
+
+if __name__ == "__main__":
+    main()
