@@ -4,19 +4,20 @@ The work a user asks for: an exact patching grid (``grid="layer"`` by default: e
 patched at every step, clean "polyps" into corrupt "normal cecum") for S seeds. Timed in one process,
 interleaved so that load drifts hit all alike, `repeats` times each:
 
-- ``plain``: the stock pipeline making the grid's patched images (S × patches) in calls of `batch_size`
-  (each call batched, one generator per image), decoded to numpy as a user gets them;
-- ``plain_rows``: the stock pipeline making every row the patching calls hold (their patched runs, the
-  run each seed's patches copy from, and once per seed its other unpatched run), in calls of the same
-  sizes: the same model work;
+- ``plain``: the stock pipeline making the images a patching result rests on, S × (patches + 2) (each
+  seed's patched runs, its clean and its corrupt run, as a loop over the plain pipeline makes them), in
+  calls of `batch_size` (one generator per image), decoded to numpy as a user gets them;
+- ``plain_rows``: the stock pipeline making every row the patching calls hold (their patched runs, in
+  each call the run its patches copy from, and once per seed the other unpatched run), in calls of the
+  same sizes: the same model work;
 - ``patching``: ``patching(lens, clean=..., corrupt=..., seeds=range(S), metric=brightness, grid=...)``
-  with every other default (``batch_size`` 8), metric and dataset included.
+  with every other default (``batch_size`` 16), metric and dataset included.
 
 It prints medians and minima and the ratios patching / plain (the figure the goal names, ≤ 1.1×) and
 patching / plain_rows (the cost of hooking alone).
 
 Usage:
-    python benchmarks/patching.py [--grid layer] [--seeds 1] [--steps 20] [--repeats 3] [--batch-size 8]
+    python benchmarks/patching.py [--grid layer] [--seeds 1] [--steps 20] [--repeats 3] [--batch-size 16]
         [--device cuda] [--threads N]
 """
 
@@ -39,9 +40,12 @@ def brightness(images: np.ndarray) -> np.ndarray:
 
 
 def calls(patches: int, seeds: int, batch_size: int) -> tuple[list[int], list[int]]:
-    """The sizes of the plain calls for the patched images alone, and of the patching calls, as `patching` lays
-    them out: seed-major, `batch_size` patched runs per call, beside each seed's source run, and the seed's other
-    unpatched run in its first call."""
+    """The sizes of the plain calls making every image a patching result rests on (each seed's patched runs, its
+    clean and its corrupt run) in calls of `batch_size`, and of the patching calls as `patching` lays them out:
+    seed-major, `batch_size` patched runs per call beside each seed's source run, and the seed's other unpatched
+    run in its first call."""
+    images = seeds * (patches + 2)
+    plain = [min(batch_size, images - i) for i in range(0, images, batch_size)]
     runs = [s for s in range(seeds) for _ in range(patches)]
     chunks = [runs[i : i + batch_size] for i in range(0, len(runs), batch_size)]
     seen: set[int] = set()
@@ -49,7 +53,7 @@ def calls(patches: int, seeds: int, batch_size: int) -> tuple[list[int], list[in
     for chunk in chunks:
         rows.append(len(chunk) + len(set(chunk)) + len(set(chunk) - seen))
         seen.update(chunk)
-    return [len(c) for c in chunks], rows
+    return plain, rows
 
 
 def measure(lens, *, grid: str, seeds: int, steps: int, repeats: int, batch_size: int) -> tuple[dict, dict]:
@@ -83,7 +87,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--steps", type=int, default=20, help="denoising steps per run")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant")
-    parser.add_argument("--batch-size", type=int, default=8, help="patched runs per call (patching's default)")
+    parser.add_argument("--batch-size", type=int, default=16, help="patched runs per call (patching's default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
