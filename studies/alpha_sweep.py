@@ -17,7 +17,7 @@ STUDY = Study(
     methods={"medsteer": {"window": ((0.25, 0.75), (0.0, 1.0)), "alpha": (1.0, 2.0, 3.0, 5.0, 7.5, 10.0),
                           "renormalize": (False, True), "vector_seeds": (32,)}},
     eval_seeds=64,
-    quick={"alpha": (1.0, 3.0, 7.5), "window": ((0.0, 1.0),), "vector_seeds": (8,), "eval_seeds": 8},
+    quick={"alpha": (1.0, 3.0, 7.5), "window": ((0.0, 1.0),), "vector_seeds": (4,), "eval_seeds": 4},
 )
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ esophagitis → normal z-line 0.950; on polyps → normal cecum PnP 0.627 and h-
 PnP 0.851, h-Edit 0.822, MedSteer 0.895.
 
     python studies/concept_pairs.py [--quick] [--alphas 2.5] [--windows 0:0.25] [--blends 0 0.3]
+
+``--quick`` runs every method on the first pair only (``--pairs`` adds others), with 10-step inversions.
 """
 
 import sys
@@ -23,13 +25,15 @@ from dit_lens.world import endoscopy_pair, load_oracle, load_segmenter
 
 BLENDS = (0.0, 0.2, 0.3)
 
+PAIRS = (
+    endoscopy_pair("polyps", "normal cecum"),
+    endoscopy_pair("ulcerative colitis", "normal cecum"),
+    endoscopy_pair("esophagitis", "normal z-line"),
+)
+
 STUDY = Study(
     "concept_pairs",
-    pairs=(
-        endoscopy_pair("polyps", "normal cecum"),
-        endoscopy_pair("ulcerative colitis", "normal cecum"),
-        endoscopy_pair("esophagitis", "normal z-line"),
-    ),
+    pairs=PAIRS,
     methods={
         "medsteer": {"window": ((0.0, 0.25), (0.0, 1.0)), "alpha": (2.0, 3.0, 4.0), "blend": BLENDS,
                      "vector_seeds": (32,)},
@@ -40,9 +44,8 @@ STUDY = Study(
         "hedit": {},
     },
     eval_seeds=64,
-    quick={"alpha": (2.0,), "window": ((0.0, 1.0),), "blend": (0.0, 0.3), "vector_seeds": (8,), "eval_seeds": 8,
-           "region": ("lesion",),
-           "inversion_steps": (20,)},
+    quick={"pairs": PAIRS[:1], "alpha": (2.0,), "window": ((0.0, 1.0),), "blend": (0.0, 0.3), "vector_seeds": (4,),
+           "eval_seeds": 4, "region": ("lesion",), "inversion_steps": (10,)},  # every method on the first pair
 )
 
 if __name__ == "__main__":

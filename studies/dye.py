@@ -30,8 +30,8 @@ STUDY = Study(
     eval_seeds=64,
     metrics=DYE_METRICS,
     require=DYE_FLOORS,
-    quick={"alpha": (1.5,), "window": ((0.0, 1.0),), "vector_seeds": (8,), "eval_seeds": 8, "region": ("lesion",),
-           "inversion_steps": (20,)},
+    quick={"alpha": (1.5,), "window": ((0.0, 1.0),), "vector_seeds": (4,), "eval_seeds": 4, "region": ("lesion",),
+           "inversion_steps": (10,)},
 )
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ STUDY = Study(
     eval_seeds=64,
     metrics=REGION_METRICS,
     require={"target_read": 0.9, "lesion_inside": 0.9, "outside_ssim": 0.9},
-    quick={"modules": ("default", "none"), "place": ("box",), "eval_seeds": 8},
+    quick={"modules": ("default", "none"), "place": ("box",), "eval_seeds": 4},
 )
 
 if __name__ == "__main__":

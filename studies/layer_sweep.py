@@ -17,7 +17,7 @@ STUDY = Study(
     methods={"medsteer": {"window": ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0), (0.25, 0.75), (0.0, 1.0)),
                           "alpha": (3.0,), "vector_seeds": (32,)}},
     eval_seeds=64,
-    quick={"vector_seeds": (8,), "eval_seeds": 8},
+    quick={"vector_seeds": (4,), "eval_seeds": 4},  # every window, fewer seeds
 )
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ STUDY = Study(
     pairs=(endoscopy_pair("polyps", "normal cecum"),),
     methods={"medsteer": {"window": ((0.0, 1.0),), "alpha": (3.0,), "vector_seeds": (2, 4, 8, 16, 32, 64)}},
     eval_seeds=64,
-    quick={"vector_seeds": (2, 4, 8), "eval_seeds": 8},
+    quick={"vector_seeds": (2, 4), "eval_seeds": 4},
 )
 
 if __name__ == "__main__":
