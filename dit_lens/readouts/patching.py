@@ -231,8 +231,9 @@ def _run(lens: Any, site: str, plan: dict, prompts: list[str], row_seeds: list[i
     Returns the decoded images ``(rows, H, W, 3)``."""
     n = len(prompts)
     halves = 2 if lens.guided(guidance_scale) else 1  # guided: unconditional rows first, then conditional
-    rows = {cell: (torch.tensor([r + b * n for b in range(halves) for r in dst]),
-                   torch.tensor([r + b * n for b in range(halves) for r in src])) for cell, (dst, src) in plan.items()}
+    rows = {cell: (torch.tensor([r + b * n for b in range(halves) for r in dst], device=lens.device),
+                   torch.tensor([r + b * n for b in range(halves) for r in src], device=lens.device))
+            for cell, (dst, src) in plan.items()}
 
     def visit(step: int, layer: int, h: torch.Tensor) -> torch.Tensor | None:  # h (halves·rows, tokens, C)
         if (step, layer) not in rows:
