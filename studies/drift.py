@@ -32,7 +32,7 @@ QUICK = dict(schemes=("lora",), train_drifts=(0.0, 0.1), deltas=(0.0, 0.1), step
 
 def parse(argv=None) -> tuple[AdaptationConfig, Path, bool, dict | None]:
     p = argparse.ArgumentParser(prog="drift", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="the small version (a few minutes on CPU)")
+    p.add_argument("--quick", action="store_true", help="the small version (about 1.5 min on one CPU thread)")
     p.add_argument("--out", default=None, help="result folder (default: studies/drift-<hash> in the cache, $DIT_LENS_CACHE or the checkout's cache/)")
     p.add_argument("--count", nargs="+", default=(), metavar="LABEL=N", help="fewer training images of a class")
     p.add_argument("--downstream", action="store_true", help="also the detector trained on real + generated images")

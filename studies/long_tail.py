@@ -25,7 +25,7 @@ QUICK = dict(steps=40, seeds=4, per_class=4, count=1, guidance_scales=(1.0,), it
 def parse(argv=None) -> tuple[LongTailConfig, Path]:
     p = argparse.ArgumentParser(prog="long_tail", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    p.add_argument("--quick", action="store_true", help="the small version (a few minutes on CPU)")
+    p.add_argument("--quick", action="store_true", help="the small version (under a minute on one CPU thread)")
     p.add_argument("--out", default=None, help="result folder (default: studies/long_tail-<hash> in the cache, $DIT_LENS_CACHE or the checkout's cache/)")
     for f in dataclasses.fields(LongTailConfig):
         flag, default = "--" + f.name.replace("_", "-"), f.default
