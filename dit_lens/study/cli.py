@@ -52,7 +52,7 @@ class _Parser(argparse.ArgumentParser):
 def parser(study: Study) -> argparse.ArgumentParser:
     p = _Parser(prog=f"dit-lens study {study.name}", description=f"Run the {study.name!r} study.",
                 allow_abbrev=False)
-    p.add_argument("--quick", action="store_true", help="the study's small version (≤ 2 min on CPU)")
+    p.add_argument("--quick", action="store_true", help="the study's small version (≤ 2 min on one CPU thread: --threads 1)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     p.add_argument("--model", default="embedded", help="pipeline folder (default: the embedded world)")
     p.add_argument("--lora", default=None, help="peft LoRA adapter folder")
