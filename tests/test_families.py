@@ -29,7 +29,8 @@ def sana(sana_pipeline):
 
 
 #: What the plain call of each pipeline class needs besides size (written out, not dit-lens' settings).
-PLAIN = {"SanaPipeline": dict(use_resolution_binning=False, clean_caption=False, complex_human_instruction=None),
+PLAIN = {"PixArtAlphaPipeline": dict(use_resolution_binning=False, clean_caption=False),
+         "SanaPipeline": dict(use_resolution_binning=False, clean_caption=False, complex_human_instruction=None),
          "StableDiffusion3Pipeline": {}}
 
 

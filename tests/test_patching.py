@@ -3,17 +3,14 @@ with raw torch forward hooks that save one run's site outputs and put them into 
 
 import numpy as np
 import pytest
-import torch
 
 from dit_lens import load, patching
 from dit_lens.methods.axes import window_layers
 from dit_lens.model.sana import SanaSpec, build_sana
+from test_families import raw_call  # the plain call with raw hooks, the one reference of every family test
 
 STEPS = 3
 CLEAN, CORRUPT = "a red polyp", "a pale mucosa"
-#: What the plain call of each pipeline class needs besides size (written out, not dit-lens' settings).
-PLAIN = {"PixArtAlphaPipeline": dict(use_resolution_binning=False, clean_caption=False),
-         "SanaPipeline": dict(use_resolution_binning=False, clean_caption=False, complex_human_instruction=None)}
 
 
 class Projection:
@@ -31,22 +28,6 @@ class Projection:
 def metric_for(lens):
     side = lens.pipeline_kwargs["height"]
     return Projection(side * side * 3)
-
-
-def raw_call(pipeline, prompt, seed, hooks=()):
-    """The plain call, with raw forward hooks ``[(module, fn(step, output) -> output | None)]``: image (H, W, 3)."""
-    state = {"t": -1}
-    handles = [pipeline.transformer.register_forward_pre_hook(lambda m, a: state.__setitem__("t", state["t"] + 1))]
-    for module, fn in hooks:
-        handles.append(module.register_forward_hook(lambda m, a, out, fn=fn: fn(state["t"], out)))
-    side = pipeline.transformer.config.sample_size * pipeline.vae_scale_factor
-    try:
-        return pipeline(prompt, generator=torch.Generator("cpu").manual_seed(seed), num_inference_steps=STEPS,
-                        guidance_scale=4.5, output_type="np", height=side, width=side,
-                        **PLAIN[type(pipeline).__name__]).images[0]
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def hand_patched(pipeline, site, source, target, seed, patches):

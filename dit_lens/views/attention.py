@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .figures import _cell, _chars, _pick, _pyplot, _wrap
+from .figures import _cell, _chars, _pick, _pyplot, _wrap, step_layer_grid
 
 __all__ = ["attention_figure"]
 
@@ -94,17 +94,8 @@ def attention_figure(
         ax.set_axis_off()
     chosen = attention.sel(word=word)
     vmax = float(chosen.sel(step=steps, layer=layers).max()) or 1.0
-    shown = None
-    for i, step in enumerate(steps):
-        for j, layer in enumerate(layers):
-            ax = fig.add_subplot(grid[rows_of(i, len(steps)), 1 + j])
-            shown = ax.imshow(chosen.sel(step=step, layer=layer).values, vmin=0, vmax=vmax, cmap="magma")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(f"layer {layer}", fontsize=8)
-            if j == 0:
-                ax.set_ylabel(f"step {step}", fontsize=8)
+    shown = step_layer_grid(fig, grid, chosen, steps, layers, row=0, col=1, vmax=vmax,
+                            step_rows=lambda i: rows_of(i, len(steps)))
     if shown is not None:
         fig.colorbar(shown, ax=fig.axes[top:], fraction=0.02,
                      label=f"attention to {word!r}\n(softmax weight, mean over heads, Σ over its tokens)")

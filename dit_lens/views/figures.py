@@ -45,13 +45,14 @@ def _require_gates(out: xr.Dataset) -> xr.DataArray:
 
 
 def step_layer_grid(fig: Any, grid: Any, maps: xr.DataArray, steps: Sequence[int], layers: Sequence[int], *,
-                    row: int, col: int, vmax: float) -> Any:
+                    row: int, col: int, vmax: float, step_rows: Any = None) -> Any:
     """Draw ``maps.sel(step, layer)`` on the steps × layers block of `grid` whose corner is (row, col),
-    one colour scale; returns the last image drawn (for a colour bar), or None."""
+    one colour scale; returns the last image drawn (for a colour bar), or None. `step_rows(i)` gives the
+    grid rows of the i-th step when they are not ``row + i`` (e.g. bands of several rows)."""
     image = None
     for i, step in enumerate(steps):
         for j, layer in enumerate(layers):
-            ax = fig.add_subplot(grid[row + i, col + j])
+            ax = fig.add_subplot(grid[row + i if step_rows is None else step_rows(i), col + j])
             image = ax.imshow(maps.sel(step=step, layer=layer).values, vmin=0, vmax=vmax, cmap="magma")
             ax.set_xticks([])
             ax.set_yticks([])
