@@ -4,6 +4,7 @@
 - `folders`: claiming output folders (new, empty or dit-lens-marked), their identity, and removing
   only the entries dit-lens recorded writing there.
 - `cache`: where cached artefacts live (one rule for all of them).
+- `inuse`: marks of the processes using a folder now, so a folder is replaced only when none does.
 - `records`: digests over data *and* attributes, sealed JSON records, safetensors and weights-only
   torch files, all read back with clear errors that name the file.
 

@@ -40,7 +40,7 @@ from ..trace.attrs import typed
 from ..validate import NonFiniteError
 from ..views.explorer import write_explorer
 from ..views.figures import pairs_figure
-from . import running
+from ..storage import inuse
 from . import metrics as M
 from .declaration import Study
 
@@ -159,7 +159,7 @@ class CellRunner:
         replace = self.overwrite if replace is None else replace
         with exclusive(self.folder):
             claimed_ = self._claim(replace)
-            release = running.mark(self.folder)
+            release = inuse.mark(self.folder)
         try:
             yield claimed_
         finally:
@@ -174,7 +174,7 @@ class CellRunner:
         except FolderClaimError:
             if not replace:
                 raise
-            busy = running.others(self.folder) if (self.folder / MARKER).is_file() else []  # else refused below
+            busy = inuse.others(self.folder) if (self.folder / MARKER).is_file() else []  # else refused below
             if busy:
                 raise FolderClaimError(
                     f"{where} {self.folder} is in use: another study runs in it now (process "

@@ -1,4 +1,4 @@
-"""Study folders in use: which processes run a study in a folder now.
+"""Output folders in use: which processes run in a folder now (a study's, shared by every process running it).
 
 Any number of processes may run one study in one folder at once (they share its cells), but a
 folder is replaced by another study only when none runs there. Each process running a study holds
@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 from typing import Callable
 
-from ..storage import try_exclusive
+from .locks import try_exclusive
 
 __all__ = ["mark", "others"]
 
