@@ -48,6 +48,7 @@ __all__ = [
     "check_real",
     "check_seed",
     "check_seeds",
+    "window_layers",
     "check_steps",
     "check_unit_norm",
     "check_window",
@@ -231,6 +232,13 @@ def check_window(window: Any, name: str = "a window") -> tuple[float, float]:
             f"e.g. (0.25, 0.75)"
         )
     return float(start), float(stop)
+
+
+def window_layers(window: tuple[float, float], num_layers: int) -> list[int]:
+    """Blocks (or steps) of a fractional window ``round(start·L) … round(stop·L) − 1``; never empty."""
+    start = min(int(round(window[0] * num_layers)), num_layers - 1)
+    stop = max(int(round(window[1] * num_layers)), start + 1)
+    return list(range(start, min(stop, num_layers)))
 
 
 def check_unit_norm(values: np.ndarray, what: str = "the concept vector",

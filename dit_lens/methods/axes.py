@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from .. import validate
+from ..validate import window_layers  # the one rounding rule of fractional windows
 from ..interventions.blend import check_blend
 
 __all__ = ["Axis", "BLEND", "check_count", "check_flag", "check_real", "check_window", "format_value", "parse_flag",
@@ -122,13 +123,6 @@ def check_window(window: Any) -> tuple[float, float]:
 
 def window_label(window: tuple[float, float]) -> str:
     return f"{window[0]:g}-{window[1]:g}"  # ASCII: sel(window="0-0.25")
-
-
-def window_layers(window: tuple[float, float], num_layers: int) -> list[int]:
-    """Blocks of a fractional window ``round(start·L) … round(stop·L) − 1``; never empty."""
-    start = min(int(round(window[0] * num_layers)), num_layers - 1)
-    stop = max(int(round(window[1] * num_layers)), start + 1)
-    return list(range(start, min(stop, num_layers)))
 
 
 def layer_window(name: str, *, default: tuple, key: str, flag: str, help: str) -> Axis:

@@ -60,7 +60,7 @@ from tqdm.auto import tqdm
 
 from ..trace.attrs import typed
 from ..trace.runner import Hook, scheduler_timesteps, traced_generate
-from ..validate import (NonFiniteError, as_array, check_guidance, check_int, check_seeds, check_steps, check_window,
+from ..validate import (NonFiniteError, window_layers, as_array, check_guidance, check_int, check_seeds, check_steps, check_window,
                         is_int)
 
 __all__ = ["DEFAULT_BATCH", "DIRECTIONS", "GRIDS", "patching"]
@@ -294,8 +294,7 @@ def _indices(value: Any, n: int, what: str, allowed: list[int]) -> list[int]:
         return list(allowed)
     if isinstance(value, tuple):
         start, stop = check_window(value, f"a {what[:-1]} window")
-        first = min(int(round(start * n)), n - 1)
-        picked = range(first, min(max(int(round(stop * n)), first + 1), n))
+        picked = window_layers((start, stop), n)
     else:
         try:
             picked = list(value)
