@@ -39,3 +39,23 @@ def test_a_stopped_build_resumes_after_its_finished_stages(tmp_path, monkeypatch
     from dit_lens.world import load_oracle
 
     assert load(str(out / "pipeline")).num_layers == 12 and load_oracle(out / "oracle").labels
+
+
+def test_a_kept_stage_whose_files_changed_is_built_again(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DIT_LENS_CACHE", str(tmp_path / "cache"))
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "train_transformer", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        build.build_world(tiny(tmp_path / "world"))
+    weights = next((tmp_path / "cache" / "world-build").glob("*/after_vae/vae/*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(KeyboardInterrupt):
+        build.build_world(tiny(tmp_path / "world"))
+    printed = capsys.readouterr().out
+    assert "the kept vae stage is not used" in printed and "fails its digest" in printed
+    assert printed.count("[2/6 vae] ") == 2 and "kept from an earlier build" not in printed

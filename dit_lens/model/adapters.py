@@ -33,14 +33,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 
-from ..storage import MARKER, DamagedError, MissingError, digest, read_record
-from ..storage.folders import inside
+from ..storage import MARKER, DamagedError, MissingError, check_files, digest, read_record
 from .sites import Family
 
-__all__ = ["RECORD", "architecture", "file_digests", "merge_adapter", "peft_quietly", "read_finetune"]
+__all__ = ["RECORD", "architecture", "merge_adapter", "peft_quietly", "read_finetune"]
 
 #: The sealed record of a finished dit-lens fine-tune.
 RECORD = "finetune.json"
@@ -54,22 +52,6 @@ def architecture(pipeline: Any, family: Family) -> dict:
               for name in (family.denoiser, "text_encoder")
               if isinstance(module := getattr(pipeline, name, None), torch.nn.Module)}
     return {"denoiser_class": type(getattr(pipeline, family.denoiser)).__name__, "shapes": digest(shapes)}
-
-
-def file_digests(folder: Path, entries: list[str]) -> dict[str, str]:
-    """``{relative path: digest}`` of every file in `entries` (files or folders inside `folder`)."""
-    out = {}
-    for entry in entries:
-        target = folder / entry
-        for file in sorted(target.rglob("*")) if target.is_dir() else [target]:
-            if file.is_file():
-                rel = file.relative_to(folder).as_posix()
-                out[rel] = _file_digest(file, rel)
-    return out
-
-
-def _file_digest(path: Path, rel: str) -> str:
-    return digest({"file": rel}, {"bytes": np.frombuffer(path.read_bytes(), np.uint8)})
 
 
 def read_finetune(folder: str | Path) -> dict:
@@ -86,14 +68,7 @@ def read_finetune(folder: str | Path) -> dict:
     if not isinstance(files, dict) or not files or not all(isinstance(v, str) for v in files.values()):
         raise DamagedError(f"fine-tune record {folder / RECORD} lists no digests of its adapter files (it was "
                            f"written by an older dit-lens, or edited); {fix}")
-    for rel, sealed in sorted(files.items()):
-        target = folder / inside(folder, rel)
-        if not target.is_file():
-            raise DamagedError(f"{target} is missing: the fine-tune folder {folder} is damaged (its {RECORD} lists "
-                               f"that file); {fix}")
-        if _file_digest(target, rel) != sealed:
-            raise DamagedError(f"{target} fails its digest in {folder / RECORD} (it changed after dit-lens wrote "
-                               f"it); {fix}")
+    check_files(folder, files, record=RECORD, fix=fix, what="fine-tune folder")
     return record
 
 

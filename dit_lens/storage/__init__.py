@@ -13,14 +13,14 @@ its own way.
 """
 
 from .cache import CACHE_ENV, cache_root, checkout_root, content_key
-from .folders import MARKER, Claim, FolderClaimError, claim, claimed, differences
+from .folders import MARKER, Claim, FolderClaimError, check_files, claim, claimed, differences, file_digests
 from .locks import BusyError, exclusive, lock_path, remove_stale_temporaries, temporary_name, try_exclusive, write_atomic
 from .records import (DIGEST, DamagedError, MissingError, StorageError, all_finite, dataset_digest, digest, jsonable,
                       load_torch, read_record, read_tensors, save_torch, tree_digest, write_record, write_tensors)
 
 __all__ = [
     "CACHE_ENV", "DIGEST", "MARKER", "BusyError", "Claim", "DamagedError", "FolderClaimError", "MissingError", "StorageError",
-    "all_finite", "cache_root", "checkout_root", "claim", "content_key", "claimed", "dataset_digest", "differences", "digest", "exclusive", "jsonable",
+    "all_finite", "cache_root", "check_files", "checkout_root", "claim", "content_key", "claimed", "dataset_digest", "differences", "digest", "file_digests", "exclusive", "jsonable",
     "load_torch", "lock_path", "read_record", "read_tensors", "remove_stale_temporaries", "save_torch",
     "temporary_name", "tree_digest", "try_exclusive", "write_atomic", "write_record", "write_tensors",
 ]

@@ -43,9 +43,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
 from .locks import exclusive, write_atomic
-from .records import DamagedError, MissingError, StorageError, jsonable, read_record, write_record
+from .records import DamagedError, MissingError, StorageError, digest, jsonable, read_record, write_record
 
-__all__ = ["MARKER", "Claim", "FolderClaimError", "claim", "claimed", "differences"]
+__all__ = ["MARKER", "Claim", "FolderClaimError", "check_files", "claim", "claimed", "differences", "file_digests"]
 
 #: The file dit-lens puts in every output folder it owns (a sealed JSON record).
 MARKER = ".dit-lens"
@@ -226,3 +226,39 @@ def _version() -> str:
         return version("dit-lens")
     except PackageNotFoundError:
         return "unknown"
+
+
+def file_digests(folder: Path, entries: list[str]) -> dict[str, str]:
+    """``{relative path: digest}`` of every file in `entries` (files or folders inside `folder`): what a
+    sealed record lists to vouch for files a library wrote (adapters, pipelines)."""
+    out = {}
+    for entry in entries:
+        target = Path(folder) / inside(Path(folder), entry)
+        for file in sorted(target.rglob("*")) if target.is_dir() else [target]:
+            if file.is_file():
+                rel = file.relative_to(folder).as_posix()
+                out[rel] = _file_digest(file, rel)
+    return out
+
+
+def check_files(folder: Path, files: Mapping[str, str], *, record: str, fix: str, what: str = "folder") -> None:
+    """Check every file a sealed `record` lists (``{relative path: digest}``, from `file_digests`).
+
+    Raises:
+        DamagedError: a listed file is missing or changed.
+    """
+    folder = Path(folder)
+    for rel, sealed in sorted(files.items()):
+        target = folder / inside(folder, rel)
+        if not target.is_file():
+            raise DamagedError(f"{target} is missing: the {what} {folder} is damaged (its {record} lists that "
+                               f"file); {fix}")
+        if _file_digest(target, rel) != sealed:
+            raise DamagedError(f"{target} fails its digest in {folder / record} (it changed after dit-lens wrote "
+                               f"it); {fix}")
+
+
+def _file_digest(path: Path, rel: str) -> str:
+    import numpy as np
+
+    return digest({"file": rel}, {"bytes": np.frombuffer(path.read_bytes(), np.uint8)})

@@ -45,14 +45,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model.adapters import file_digests, peft_quietly
+from ..model.adapters import peft_quietly
+from ..storage import file_digests
 from ..storage import DamagedError, all_finite, load_torch, remove_stale_temporaries, save_torch, temporary_name, \
     write_record
 from ..validate import NonFiniteError
 from .data import TrainingImages
 from .folder import (CHECKPOINT, RECORD, base_model, claim_run, holding, place, read_record, release_new,
                      training_images)
-from .config import DEFAULT_LR, METHODS, TEXT_ENCODER_TARGETS, FinetuneConfig
+from .config import METHODS, TEXT_ENCODER_TARGETS, FinetuneConfig
 from .inputs import added_conditions, drifted_training_pair, encode_images, tokenize
 
 __all__ = ["FinetuneConfig", "finetune", "read_record", "METHODS", "TEXT_ENCODER_TARGETS"]

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..storage import cache_root, content_key, exclusive
+from ..storage import cache_root, content_key, exclusive, write_atomic
 from .judges import EMBEDDED_JUDGES, Segmenter, save_judge, train_oracle, train_segmenter
 from .procedural import CONTEXTS, LABELS, render
 from .train import StageConfig, train_transformer, train_vae, world_spec
@@ -86,7 +86,7 @@ STAGES = ("images", "vae", "transformer", "oracle", "segmenter", "anatomy")
 
 class _Stages:
     """The finished stages of one build recipe, kept in `folder` (under the cache): each stage's weights
-    and a sealed record saying it finished. The folder is claimed through `dit_lens.storage`; hold
+    and a sealed record saying it finished, with a digest of every file it wrote. The folder is claimed through `dit_lens.storage`; hold
     ``exclusive(folder)`` while building, so two builds of one recipe never train a stage at once."""
 
     def __init__(self, folder: Path, identity: dict) -> None:
@@ -95,20 +95,31 @@ class _Stages:
         self.folder = folder
         self.claim = claim(folder, "world-build", identity=identity)
 
-    def done(self, stage: str) -> bool:
-        from ..storage import StorageError, read_record
+    #: What each stage writes into the folder (checked against the digests its record lists).
+    WRITES = {"vae": "after_vae", "transformer": "pipeline", "oracle": "oracle", "segmenter": "segmenter",
+              "anatomy": "anatomy"}
 
-        try:
-            read_record(self.folder / f"{stage}.json", what=f"the {stage} stage record")
-            return True
-        except StorageError:
+    def done(self, stage: str) -> bool:
+        """Whether `stage` finished and its files are as it wrote them (a damaged one is built again)."""
+        from ..storage import StorageError, check_files, read_record
+
+        path = self.folder / f"{stage}.json"
+        if not path.is_file():
             return False
+        try:
+            record = read_record(path, what=f"the {stage} stage record")
+            check_files(self.folder, record["files"], record=path.name, fix="it is built again")
+        except (StorageError, KeyError, TypeError) as err:
+            _log(f"world: the kept {stage} stage is not used: {err}")
+            return False
+        return True
 
     def finish(self, stage: str, seconds: float) -> None:
-        from ..storage import write_record
+        from ..storage import file_digests, write_record
 
         self.claim.record(f"{stage}.json")
-        write_record(self.folder / f"{stage}.json", {"stage": stage, "seconds": round(seconds, 1)})
+        write_record(self.folder / f"{stage}.json", {"stage": stage, "seconds": round(seconds, 1),
+                                                     "files": file_digests(self.folder, [self.WRITES[stage]])})
 
     def seconds(self, stage: str) -> float:
         from ..storage import read_record
@@ -246,7 +257,7 @@ def _build(out: Path, stages: dict, device: torch.device, kept: _Stages, scale: 
         "built_on": _machine(device),
         "dit_lens_version": __version__,
     }
-    (out / "world.json").write_text(json.dumps(record, indent=1))
+    write_atomic(out / "world.json", json.dumps(record, indent=1).encode())
     _log(f"world: wrote {out} in {(time.perf_counter() - start) / 60:.1f} min ({timings['total'] / 60:.1f} min of "
          f"stage work, kept ones counted at their first run)")
     return out
@@ -308,7 +319,7 @@ def build_judge(judge: str, world_dir: str | Path = EMBEDDED_JUDGES, *, override
     record["stages"][judge] = stages[judge].to_dict()
     record["seconds"][judge] = round(time.perf_counter() - start, 1)
     record[f"{judge}_built_on"] = _machine(torch.device(device))
-    record_path.write_text(json.dumps(record, indent=1))
+    write_atomic(record_path, json.dumps(record, indent=1).encode())
     _log(f"world: wrote {world_dir / judge} in {record['seconds'][judge] / 60:.1f} min")
     return world_dir / judge
 
@@ -371,7 +382,7 @@ def finetune_transformer(world_dir: str | Path, out: str | Path, cfg: StageConfi
             shutil.copytree(world_dir / judge, out / judge)
     record["finetune"] = {"from": str(world_dir), "stage": cfg.to_dict(), "class_weights": weights,
                           "seconds": round(time.perf_counter() - start, 1), "built_on": _machine(torch.device(device))}
-    (out / "world.json").write_text(json.dumps(record, indent=1))
+    write_atomic(out / "world.json", json.dumps(record, indent=1).encode())
     _log(f"world: wrote {out} in {record['finetune']['seconds'] / 60:.1f} min")
     return out
 
