@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
 THREADS_ENV = "DIT_LENS_THREADS"
 THREADS_HELP = (f"torch CPU threads (default: ${THREADS_ENV}, else torch's own choice); on a CPU shared with other "
-                f"work, 1 thread can run several times faster than torch's default")
+                f"work, try 1")
 
 
 def use_threads(threads: int | None) -> int | None:
