@@ -53,7 +53,7 @@ class Plan:
     def run(self, row_prompts: list[str], row_seeds: list[int], edited_rows: list[int],
             guidance_scale: float, *, latents: torch.Tensor | None = None, replay: torch.Tensor | None = None,
             scheduler: Any = None, output_type: str = "np", twin_rows: list[int] | None = None,
-            seeded: bool = True) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+            seeded: bool = True, hooks: Sequence[Hook] = ()) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """One pipeline call; row ``edited_rows[i]`` is edited, row ``edited_rows[i] - 1`` is its twin
         (or ``twin_rows[i]``; a row that is its own twin leaves the original branch out of the batch, for
         edits that never read it).
@@ -61,7 +61,8 @@ class Plan:
         `latents` start the rows instead of their seeds' noise; `replay` ``(steps, pairs, C, h, w)``
         sets the twins' latents after each step (an inverted trajectory replayed on the original
         branch); `scheduler` replaces the pipeline's for this call; `seeded=False` says the rows' seeds mean
-        nothing (inverted images), so edits with one mask per seed refuse them. Returns the images
+        nothing (inverted images), so edits with one mask per seed refuse them; `hooks` are read after the
+        edits at each site (a readout of the edited run). Returns the images
         ``(rows, H, W, 3)`` (with ``output_type="latent"`` the final latents) and each record
         ``(edits, pairs, ...)``.
         """
@@ -143,8 +144,8 @@ class Plan:
                 correct(0, latents)
             result = traced_generate(
                 self.lens, row_prompts, row_seeds, num_inference_steps=self.T, guidance_scale=guidance_scale,
-                hooks=[hook_for(e) for e in self.site_edits], output_type=output_type, step_end=step_end,
-                latents=latents, scheduler=scheduler,
+                hooks=[hook_for(e) for e in self.site_edits] + list(hooks), output_type=output_type,
+                step_end=step_end, latents=latents, scheduler=scheduler,
             )
         images = result.images  # (rows, H, W, 3), or latents (rows, C, h, w)
         images = images.float().cpu().numpy() if isinstance(images, torch.Tensor) else images.astype(np.float32)
