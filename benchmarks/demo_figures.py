@@ -1,7 +1,7 @@
-"""Re-check the demo's figures printed in the README against a fresh run of the same commands.
+"""Re-check the demo's figures printed in RESULTS.md against a fresh run of the same commands.
 
 Runs ``dit-lens demo`` and ``dit-lens demo --window 0 0.25 --alpha 4 --blend 0.3`` in temporary folders
-with a fresh cache, reads each ``summary.json``, and compares every figure the README's paragraph on
+with a fresh cache, reads each ``summary.json``, and compares every figure the paragraph of RESULTS.md on
 that command prints (flip, confidence shift, unsteered recognised, Bg-SSIM with its interval, Bg-PSNR),
 at the precision printed. Exit status 1 names each figure that no longer holds.
 
@@ -20,10 +20,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+RESULTS = Path(__file__).resolve().parent.parent / "RESULTS.md"
 COMMANDS = {"`dit-lens demo` (defaults": [], "`dit-lens demo --window 0 0.25 --alpha 4 --blend 0.3`":
             ["--window", "0", "0.25", "--alpha", "4", "--blend", "0.3"]}
-#: README words → summary.json key.
+#: Words of RESULTS.md → summary.json key.
 FIGURES = {"flip": "flip_rate", "confidence shift": "confidence_shift",
            "unsteered images recognised as polyps": "unsteered_recognised", "Bg-SSIM": "bg_ssim", "Bg-PSNR": "bg_psnr"}
 
@@ -42,7 +42,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
-    text = README.read_text()
+    text = RESULTS.read_text()
     wrong = []
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "DIT_LENS_CACHE": str(Path(tmp) / "cache"), "TQDM_DISABLE": "1"}
@@ -58,7 +58,7 @@ def main() -> int:
                 got = [summary[key], *(summary[f"{key}_ci95"] if interval else [])]
                 shown = [f"{v:.{digits}f}" for v in got]
                 status = "ok" if shown == [value, *interval] else "CHANGED"
-                print(f"{status:7s} {' '.join(flags) or 'defaults'}: {key} README {[value, *interval]}, now {shown}")
+                print(f"{status:7s} {' '.join(flags) or 'defaults'}: {key} RESULTS.md {[value, *interval]}, now {shown}")
                 if status != "ok":
                     wrong.append(key)
     return 1 if wrong else 0
