@@ -11,12 +11,17 @@ batch by default):
 With a `region`, the update of each token is scaled by its share m in the region (h' = h − α·m·g·v):
 tokens outside are left bit-for-bit unchanged, and the recorded gate is m·g, what was applied.
 
+Where and when: windows (``layers`` × ``steps``, every pair of them), or explicit ``cells``, pairs
+(step, layer) steered and no others (e.g. the cells an activation-patching grid picks).
+
 Examples:
     >>> import numpy as np, xarray as xr
     >>> v = xr.DataArray(np.eye(4, dtype=np.float32)[None, None, 0].repeat(3, 1),
     ...                  dims=("step", "layer", "channel"))
     >>> Steer(v, alpha=2.5, layers=[1, 2])
     Steer(alpha=2.5, site=attn2, layers=[1, 2], steps=all, renormalize=False, vector=1 steps × 3 layers × 4 channels)
+    >>> Steer(v, cells=[(0, 2), (0, 1)]).cells
+    ((0, 1), (0, 2))
     >>> h = torch.tensor([[[2.0, 1.0, 0.0, 0.0], [-1.0, 1.0, 0.0, 0.0]]])  # (batch, tokens, C)
     >>> new, gate = steer_tokens(h, torch.tensor([1.0, 0.0, 0.0, 0.0]), alpha=1.0)
     >>> gate.tolist(), new[0, 0].tolist()
@@ -26,6 +31,7 @@ Examples:
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
@@ -35,7 +41,7 @@ import xarray as xr
 
 from ..readouts.vectors import _check_vector
 from ..trace.attrs import read, typed
-from ..validate import check_real
+from ..validate import check_real, is_int
 from .base import HALVES, EditContext, SiteEdit, register
 from .region import Region
 
@@ -76,6 +82,8 @@ class Steer(SiteEdit):
         alpha: Steering strength α (0 leaves the model untouched).
         layers: Blocks to steer (``None``: every layer the vector covers).
         steps: Denoising steps to steer (``None``: all).
+        cells: Instead of `layers` and `steps`, the (step, layer) pairs to steer and no others (sorted;
+            ``None``: the windows). Giving both is an error.
         renormalize: Rescale each edited token back to its original L2 norm (authors' code).
         reuse_last_step: Allow runs with more steps than the vector, reusing its last step
             (authors' code); otherwise that is an error. Vectors are indexed by step position, so
@@ -101,6 +109,7 @@ class Steer(SiteEdit):
     site: str | None = None
     halves: str = "both"
     region: Any = None
+    cells: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self) -> None:
         _check_vector(self.vector)
@@ -138,6 +147,8 @@ class Steer(SiteEdit):
                     f"(it covers layers {allowed})"
                 )
             object.__setattr__(self, attr, value)
+        if self.cells is not None:
+            object.__setattr__(self, "cells", _check_cells(self.cells, self.layers, self.steps, have_layers))
 
     # -- what runs -------------------------------------------------------------------------
 
@@ -146,10 +157,15 @@ class Steer(SiteEdit):
         return int(self.vector.sizes["step"])
 
     def steered_layers(self) -> list[int]:
+        if self.cells is not None:
+            return sorted({layer for _, layer in self.cells})
         return list(self.layers) if self.layers is not None else [int(x) for x in self.vector["layer"].values]
 
     def steered_steps(self, num_inference_steps: int) -> list[int]:
-        steps = range(num_inference_steps) if self.steps is None else self.steps
+        if self.cells is not None:
+            steps = sorted({step for step, _ in self.cells})
+        else:
+            steps = range(num_inference_steps) if self.steps is None else self.steps
         return [t for t in steps if t < num_inference_steps]
 
     def edit_layers(self, lens: Any) -> list[int]:
@@ -162,8 +178,11 @@ class Steer(SiteEdit):
     def is_identity(self) -> bool:
         return self.alpha == 0.0
 
-    def apply(self, h: torch.Tensor, ctx: EditContext | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The gated update on the rows ``h (rows, tokens, C)``; returns them and the gate ``(rows, tokens)``."""
+    def apply(self, h: torch.Tensor, ctx: EditContext | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The gated update on the rows ``h (rows, tokens, C)``; returns them and the gate ``(rows, tokens)``
+        (``(None, None)`` at a step and layer of the hook that is not one of `cells`)."""
+        if self.cells is not None and (ctx.step, ctx.layer) not in self.cells:
+            return None, None
         weight = None
         if self.region is not None:
             if ctx is None or ctx.lens is None:
@@ -200,6 +219,10 @@ class Steer(SiteEdit):
             raise ValueError(
                 f"Steer.steps {list(self.steps)} go beyond the run's {num_inference_steps} steps"
             )
+        late = [list(c) for c in self.cells or () if c[0] >= num_inference_steps]
+        if late:
+            raise ValueError(f"Steer.cells {late} go beyond the run's {num_inference_steps} steps (steps 0.."
+                             f"{num_inference_steps - 1}); pick cells of a grid made with this step count")
         if self.region is not None:
             self.region.check(lens, "Steer.region")
 
@@ -237,6 +260,7 @@ class Steer(SiteEdit):
             "alpha": self.alpha,
             "layers": None if self.layers is None else list(self.layers),
             "steps": None if self.steps is None else list(self.steps),
+            **({} if self.cells is None else {"cells": [list(c) for c in self.cells]}),
             "renormalize": self.renormalize,
             "reuse_last_step": self.reuse_last_step,
             "update": "authors (renormalized)" if self.renormalize else "paper",
@@ -284,20 +308,48 @@ class Steer(SiteEdit):
             site=data.get("site"),
             halves=data.get("halves", "both"),
             region=None if data.get("region") is None else Region.from_dict(data["region"]),
+            cells=None if data.get("cells") is None else [tuple(c) for c in data["cells"]],
         )
 
     def __repr__(self) -> str:
         layers = "all" if self.layers is None else _ranges(self.layers)
         steps = "all" if self.steps is None else _ranges(self.steps)
+        where = (f"layers={layers}, steps={steps}" if self.cells is None
+                 else "cells=[" + ", ".join(f"({t}, {l})" for t, l in self.cells) + "]")
         shape = self.vector.shape
         label = f"{self.name!r}, " if self.name else ""
         halves = "" if self.halves == "both" else f", halves={self.halves}"
         halves += "" if self.region is None else f", region={self.region!r}"
         return (
-            f"Steer({label}alpha={self.alpha:g}, site={self.site}{halves}, layers={layers}, steps={steps}, "
+            f"Steer({label}alpha={self.alpha:g}, site={self.site}{halves}, {where}, "
             f"renormalize={self.renormalize}, "
             f"vector={shape[0]} steps × {shape[1]} layers × {shape[2]} channels)"
         )
+
+
+def _check_cells(cells: Any, layers: Any, steps: Any, have_layers: list[int]) -> tuple[tuple[int, int], ...]:
+    """`Steer.cells` as sorted, distinct (step, layer) pairs of the vector's layers; refused beside windows."""
+    if layers is not None or steps is not None:
+        raise ValueError("Steer takes either cells or the layers and steps windows, not both; pass cells=[(step, "
+                         "layer), ...] alone, or layers= and steps= alone")
+    if isinstance(cells, (str, bytes)) or not isinstance(cells, Iterable):
+        raise ValueError(f"Steer.cells is a list of (step, layer) pairs, got {cells!r}")
+    pairs = []
+    for cell in cells:
+        items = tuple(cell) if isinstance(cell, Iterable) and not isinstance(cell, (str, bytes)) else ()
+        if len(items) != 2 or not all(is_int(x) for x in items):
+            raise ValueError(f"Steer.cells holds (step, layer) pairs of integers, got {cell!r}")
+        step, layer = (int(x) for x in items)
+        if step < 0:
+            raise ValueError(f"Steer.cells steps must be >= 0, got the cell {(step, layer)}")
+        pairs.append((step, layer))
+    if not pairs:
+        raise ValueError("Steer.cells is empty; pass at least one (step, layer) pair, or None to steer the windows")
+    missing = sorted({layer for _, layer in pairs} - set(have_layers))
+    if missing:
+        raise ValueError(f"Steer.cells name layers {missing} that are not in the vector (it covers layers "
+                         f"{have_layers})")
+    return tuple(sorted(set(pairs)))
 
 
 def _digest(values: np.ndarray) -> str:
