@@ -6,7 +6,8 @@ gate is small, so the image stays readable), and the unsteered and steered image
 (with latent blending, also the blend mask after the chosen step). All gate maps share one colour
 scale, so what grows or shrinks across steps and layers is visible. Given attention maps of the same
 prompts and seeds (`dit_lens.readouts.attention_maps`), a word selector beside the gate shows the
-chosen word's cross-attention map over the unsteered image at the same step and layer.
+chosen word's cross-attention map over the unsteered image at the same step and layer. Given an x̂₀ lens
+(`dit_lens.readouts.x0_lens`) instead, it writes the x̂₀ explorer (`dit_lens.views.x0.write_x0_explorer`).
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ _ATTENTION_COLOURS = [[0.0, "rgba(68,1,84,0)"], [0.3, "rgba(59,82,139,0.35)"], [
 
 def write_explorer(out: xr.Dataset, path: str | Path, *, max_pairs: int = 16,
                    attention: xr.Dataset | xr.DataArray | None = None, judge: Any = None) -> Path:
-    """Write the gate explorer for a `generate` result made with a steer and ``record_gates=True``.
+    """Write the gate explorer for a `generate` result made with a steer and ``record_gates=True`` (or, for
+    an `x0_lens` result, the x̂₀ explorer of `dit_lens.views.x0.write_x0_explorer`, `max_pairs` runs).
 
     The page opens on the pair, step and layer with the most gate mass (the gate summed over the
     image). Images are embedded as PNG; gate, blend and attention maps as 8-bit levels of their
@@ -155,6 +157,12 @@ def write_explorer(out: xr.Dataset, path: str | Path, *, max_pairs: int = 16,
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
+    if out.attrs.get("readout") == "x0_lens":
+        if attention is not None or judge is not None:
+            raise ValueError("attention= and judge= belong to the gate explorer; an x0_lens result takes neither")
+        from .x0 import write_x0_explorer
+
+        return write_x0_explorer(out, path, max_runs=max_pairs)
     gate = _require_gates(out)
     if len(out["branch"]) != 2:
         raise ValueError("the explorer needs pairs: generate with a steer")
