@@ -127,12 +127,13 @@ def x0_lens(
     for batch in tqdm(batches, desc="x0 lens", unit="batch", disable=not progress):
         lens_x0, final_x0, made = _run_batch(lens, [(prompts[p], seeds[s]) for p, s in batch], settings, recorded,
                                              edits, prediction)
-        decoded = decode(lens, lens_x0.flatten(0, 2), decode_batch).reshape(len(batch), n_steps, n_layers,
-                                                                           height, width, 3)
-        decoded_final = decode(lens, final_x0.flatten(0, 1), decode_batch).reshape(len(batch), n_steps,
-                                                                                  height, width, 3)
+        per_run = n_steps * n_layers
+        _decode_into(lens, lens_x0.flatten(0, 2), images, decode_batch,  # (runs · steps · layers, C, h, w)
+                     lambda k: (*batch[k // per_run], (k % per_run) // n_layers, k % n_layers))
+        _decode_into(lens, final_x0.flatten(0, 1), finals, decode_batch,  # (runs · steps, C, h, w)
+                     lambda k: (*batch[k // n_steps], k % n_steps))
         for row, (p, s) in enumerate(batch):
-            images[p, s], finals[p, s], generated[p, s] = decoded[row], decoded_final[row], made[row]
+            generated[p, s] = made[row]
 
     steps_kept = np.array(recorded, dtype=np.int64)
     coords = {
@@ -169,6 +170,14 @@ def x0_lens(
         edits=typed([e.settings() for e in edits]),
     )
     return ds
+
+
+def _decode_into(lens: Any, latents: torch.Tensor, out: np.ndarray, decode_batch: int, where: Any) -> None:
+    """Decode `latents` ``(n, C, h, w)`` `decode_batch` at a time, image k into ``out[where(k)]`` (never all
+    n images at once)."""
+    for start in range(0, latents.shape[0], decode_batch):
+        for k, image in enumerate(decode(lens, latents[start : start + decode_batch], decode_batch), start):
+            out[where(k)] = image
 
 
 def prediction_of(lens: Any) -> str:
@@ -240,7 +249,8 @@ def _run_batch(lens: Any, runs: list[tuple[str, int]], settings: CaptureSettings
         channels = latents.shape[1]
         if output.shape[1] == 2 * channels:  # a learned variance in the second half (PixArt)
             output = output[:, :channels]
-        return predicted_x0(prediction, scheduler, step, latents[-n_rows:][rows], output[rows]).cpu()
+        at = rows.to(output.device)
+        return predicted_x0(prediction, scheduler, step, latents[-n_rows:][at], output[at]).cpu()
 
     def store(name: str, shape: tuple, index: tuple, value: torch.Tensor) -> None:
         if name not in found:
