@@ -57,7 +57,8 @@ from ..interventions.noise_objectives import ClassProbability, frozen
 from ..trace.attrs import typed
 from ..trace.runner import initial_noise, scheduler_timesteps
 from ..validate import NonFiniteError, check_guidance, check_int, check_seeds, check_steps
-from .patching import DIRECTIONS, _grid, _name, _score, _site_layers
+from .patch_grid import patch_grid, site_layers
+from .patching import DIRECTIONS, _name, _score
 
 __all__ = ["ClassLogProb", "attribution_patching", "class_logprob"]
 
@@ -132,8 +133,7 @@ def attribution_patching(
     T = check_steps(num_inference_steps, lens.pipeline.scheduler)
     guidance_scale = check_guidance(guidance_scale)
     per_call = DEFAULT_BATCH if batch_size is None else check_int(batch_size, "batch_size", minimum=1)
-    site_layers = _site_layers(lens, site)
-    dims, coords, patches, labels = _grid(lens, grid, site, site_layers, layers, steps, T)
+    dims, coords, patches, labels = patch_grid(lens, grid, site, site_layers(lens, site), layers, steps, T)
     cells = sorted(frozenset().union(*patches))  # every cell some patch holds, each attributed once
     timesteps = scheduler_timesteps(lens, T)
     if len(set(timesteps.tolist())) != T:
@@ -186,8 +186,8 @@ def attribution_patching(
     )
     ds.attrs.update(lens.provenance())
     ds.attrs.update(
-        clean=clean, corrupt=corrupt, site=site, direction=direction, method="attribution", metric=_name(metric),
-        grid=grid if isinstance(grid, str) else "windows", windows=typed(labels),
+        clean=clean, corrupt=corrupt, site=site, heads=False, direction=direction, method="attribution",
+        metric=_name(metric), metric_on="images", grid=grid if isinstance(grid, str) else "windows", windows=typed(labels),
         patches=typed([sorted(p) for p in patches]), num_inference_steps=T, guidance_scale=guidance_scale,
         batch_size=per_call, seeds=typed(seeds),
     )
@@ -248,7 +248,7 @@ def _attribute(lens: Any, site: str, cells: list[tuple[int, int]], own: _Sampler
         saved[cell] = h.detach().clone()
 
     with torch.no_grad(), _at_cells(lens, site, cells, source, record):
-        source_images = source.images(z, seeds).permute(0, 2, 3, 1).float()  # (m, H, W, 3)
+        source_images = _for_metric(source.images(z, seeds))  # (m, H, W, 3)
     _check_images(source_images, own.guidance_scale)
     source_scores = _score(metric, source_images)
 
@@ -262,7 +262,7 @@ def _attribute(lens: Any, site: str, cells: list[tuple[int, int]], own: _Sampler
         return h + deltas[cell]
 
     with torch.enable_grad(), _at_cells(lens, site, cells, own, shift):
-        own_images = own.images(z, seeds).permute(0, 2, 3, 1).float()
+        own_images = _for_metric(own.images(z, seeds))
         _check_images(own_images.detach(), own.guidance_scale)
         own_scores = _differentiable_score(metric, own_images)
         grads = torch.autograd.grad(own_scores.sum(), [deltas[c] for c in cells], allow_unused=True)
@@ -276,6 +276,12 @@ def _attribute(lens: Any, site: str, cells: list[tuple[int, int]], own: _Sampler
     return {"terms": terms.numpy(),
             "own": (own_scores.detach().double().cpu().numpy(), own_images.detach().cpu().numpy()),
             "source": (source_scores, source_images.cpu().numpy())}
+
+
+def _for_metric(images: torch.Tensor) -> torch.Tensor:
+    """Images ``(m, 3, H, W)`` as the metric reads them, ``(m, H, W, 3)``, in float32 (float64 kept)."""
+    images = images.permute(0, 2, 3, 1)
+    return images if images.dtype == torch.float64 else images.float()
 
 
 def _differentiable_score(metric: Callable, images: torch.Tensor) -> torch.Tensor:
