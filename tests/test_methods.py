@@ -46,7 +46,7 @@ def reguide():
 def test_the_registry_names_the_built_in_methods_and_refuses_unknown_ones():
     assert names()[:4] == ["medsteer", "medsteer_local", "regulate", "reprompt"]
     assert [a.name for a in get("medsteer").axes] == ["window", "steps", "alpha", "renormalize", "blend",
-                                                      "vector_seeds"]
+                                                      "vector_seeds", "where", "top", "causal_seeds"]
     assert get("reprompt").axis("blend") is BLEND is get("medsteer").axis("blend")  # one axis, one meaning
     with pytest.raises(ValueError, match="unknown method 'sdedit'; registered: \\['medsteer', 'medsteer_local', 'regulate', 'reprompt'"):
         get("sdedit")

@@ -164,7 +164,7 @@ def test_run_study_grid_result_and_resume(tiny_lens, study, tmp_path, monkeypatc
     result = run_study(study, tiny_lens, oracle=BrightnessOracle(), segmenter=red_segmenter,
                        out=tmp_path / "s", progress=False)
     assert result["flip_rate"].dims == ("method", "pair", "window", "steps", "alpha", "renormalize", "blend",
-                                        "vector_seeds")
+                                        "vector_seeds", "where", "top", "causal_seeds")
     assert list(result["method"].values) == ["medsteer", "reprompt"]
     steered = result.sel({"method": "medsteer"})
     # alpha 0 is the unsteered image: no flips, background identical

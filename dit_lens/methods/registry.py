@@ -92,6 +92,8 @@ class MethodContext:
         progress: Show progress bars.
         segmenter: The lesion segmenter (images ``(N, H, W, 3)`` → masks ``(N, H, W)``), for methods that
             localise an edit to the lesion.
+        oracle: The judge (images ``(N, H, W, 3)`` → class probabilities, with ``.labels``), for methods
+            that choose where to edit by its score (MedSteer's ``where="causal"``).
     """
 
     num_inference_steps: int = 20
@@ -101,6 +103,7 @@ class MethodContext:
     record_gates: bool = False
     progress: bool = False
     segmenter: Callable | None = field(default=None, compare=False)
+    oracle: Callable | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "num_inference_steps", check_steps(self.num_inference_steps))

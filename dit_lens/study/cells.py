@@ -85,7 +85,7 @@ class CellRunner:
     def context(self, **changes: Any) -> MethodContext:
         s = self.study
         return MethodContext(num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale, batch_size=8,
-                             vectors=self.vectors, segmenter=self.segmenter, **changes)
+                             vectors=self.vectors, segmenter=self.segmenter, oracle=self.oracle, **changes)
 
     # -- cells ---------------------------------------------------------------------------
 

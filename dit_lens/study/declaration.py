@@ -12,7 +12,7 @@ Examples:
     >>> pair = ConceptPair("polyps", "normal cecum", contexts=("An image of {}",))
     >>> s = Study("demo", pairs=(pair,), methods={"medsteer": {"alpha": (1.0, 2.5)}, "reprompt": {}})
     >>> s.grid_shape()
-    {'medsteer': {'pair': 1, 'window': 1, 'steps': 1, 'alpha': 2, 'renormalize': 1, 'blend': 1, 'vector_seeds': 1}, 'reprompt': {'pair': 1, 'blend': 1}}
+    {'medsteer': {'pair': 1, 'window': 1, 'steps': 1, 'alpha': 2, 'renormalize': 1, 'blend': 1, 'vector_seeds': 1, 'where': 1, 'top': 1, 'causal_seeds': 1}, 'reprompt': {'pair': 1, 'blend': 1}}
     >>> s.with_axis("blend", (0.0, 0.3)).methods["reprompt"]
     {'blend': (0.0, 0.3)}
 """
