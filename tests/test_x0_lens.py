@@ -58,7 +58,7 @@ def test_the_head_on_the_last_block_is_the_denoiser_output(name):
     assert torch.equal(predicted, output)
 
 
-@pytest.mark.parametrize("name", ["pixart", "pixart-v", "sd3", "flux"])
+@pytest.mark.parametrize("name", ["pixart", "pixart-v", "sana", "sd3", "flux"])
 def test_last_block_is_the_models_x0_and_last_step_is_the_returned_image(name):
     lens = load(BUILDERS[name]())
     ds = x0_lens(lens, ["a polyp", "a red polyp"], seeds=[0, 3], num_inference_steps=3, progress=False)
@@ -115,6 +115,23 @@ def test_an_edit_that_reads_the_original_runs_beside_its_twin(pixart):
     np.testing.assert_allclose(ds.generated.isel(prompt=0), pairs.image.sel(branch="edited").isel(prompt=0),
                                atol=1e-5, rtol=0)
     np.testing.assert_allclose(ds.image.isel(layer=-1), ds.image_final, atol=1e-5, rtol=0)
+
+
+def test_latent_corrections_between_steps_leave_the_lens_on_the_traced_run(pixart):
+    """A guidance edit calls the denoiser again between steps; those calls are not the run's prediction."""
+    from dit_lens.interventions.guide import EnergyGuidance
+
+    mask = np.zeros((16, 16), bool)
+    mask[:8, :8] = True
+    guide = EnergyGuidance(["polyp"], mask, step=0.5, window=(0, 1))
+    ds = x0_lens(pixart, ["a polyp"], seeds=[0], num_inference_steps=3, progress=False, intervention=guide)
+    pairs = generate(pixart, ["a polyp"], seeds=[0], edits=guide, num_inference_steps=3, progress=False)
+    plain = pairs.image.sel(branch="original").isel(prompt=0, seed=0)
+    edited = pairs.image.sel(branch="edited").isel(prompt=0, seed=0)
+    assert float(abs(edited - plain).max()) > 1e-3  # the correction changes the run
+    np.testing.assert_allclose(ds.generated.isel(prompt=0, seed=0), edited, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(ds.image.isel(layer=-1), ds.image_final, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(ds.image_final.isel(step=-1), ds.generated, atol=1e-5, rtol=0)
 
 
 def test_bad_input_is_refused_naming_the_argument(pixart):
