@@ -127,7 +127,8 @@ def test_x0_explorer_holds_every_run_step_and_layer(x0_result, tmp_path):
     # run 3 is ("normal", seed 2); each cell's picture is that cell's image to 8 bits
     run = x0_result.sel(prompt="normal", seed=2)
     eight_bits = 0.5 / 255 + 1e-6
-    np.testing.assert_allclose(_png_pixels(data["lens"][3][1][0]), run.image.sel(step=1, layer=0).values, atol=eight_bits)
+    np.testing.assert_allclose(_png_pixels(data["lens"][3][1][0]), run.image.sel(step=1, layer=0).values,
+                               atol=eight_bits)
     np.testing.assert_allclose(_png_pixels(data["final"][3][2]), run.image_final.sel(step=2).values, atol=eight_bits)
     np.testing.assert_allclose(np.array(data["distance"][3]),
                                x0_distance(x0_result).sel(prompt="normal", seed=2).values, atol=1e-5)

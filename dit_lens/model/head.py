@@ -36,12 +36,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 
-__all__ = ["HEADS", "Head", "HeadInputs", "apply_head", "decode", "head_of", "unpatchify"]
+__all__ = ["HEADS", "Head", "HeadInputs", "apply_head", "decode", "head_of", "loop_latents", "unpatchify"]
 
 
 @dataclass(frozen=True)
@@ -133,13 +133,14 @@ def loop_latents(lens: Any, model_input: torch.Tensor) -> torch.Tensor:
 class HeadInputs:
     """While open, keep what the head needs from each call of the denoiser: `embedding` (the step's
     timestep embedding ``(rows, D)``) and `latents` (the call's input ``(rows, C, h, w)``), each the latest
-    call's, and `calls`, how many calls it has seen. `after` (if given) is called as ``after(output)`` with each call's output ``(rows, C, h, w)``.
+    call's, and `calls`, how many calls it has seen. `after` (if given) is called as ``after(output)`` with
+    each call's output ``(rows, C, h, w)``.
 
     The hooks are plain torch hooks on the denoiser and its embedding module, removed on exit (also when
     the body raises).
     """
 
-    def __init__(self, lens: Any, after: Any = None) -> None:
+    def __init__(self, lens: Any, after: Callable[[torch.Tensor], None] | None = None) -> None:
         self.lens, self.after = lens, after
         self.head = head_of(lens)
         self.embedding: torch.Tensor | None = None

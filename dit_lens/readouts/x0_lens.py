@@ -6,8 +6,8 @@ by step t's timestep embedding, output projection, unpatchify), the guidance bra
 pipeline mixes them (``uncond + g·(cond − uncond)``; guidance-distilled Flux has one branch), and the
 prediction becomes the clean latent x̂₀ by the sampler's own parameterisation, which the VAE decodes:
 
-- noise schedule, ε-prediction: ``x̂₀ = (x_t − √(1−ᾱ_t)·ε) / √ᾱ_t`` (PixArt's learned-sigma output: its
-  first channels, as the pipeline takes them);
+- noise schedule, ε-prediction: ``x̂₀ = (x_t − √(1−ᾱ_t)·ε) / √ᾱ_t`` (PixArt's learned-sigma output:
+  its first channels, as the pipeline takes them);
 - noise schedule, v-prediction: ``x̂₀ = √ᾱ_t·x_t − √(1−ᾱ_t)·v``;
 - flow matching: ``x̂₀ = x_t − σ_t·v``.
 

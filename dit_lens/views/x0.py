@@ -106,7 +106,8 @@ def x0_lens_figure(ds: xr.Dataset, *, prompt: int | str = 0, seed: int | None = 
                    if (len(layers), len(steps)) != (len(all_layers), len(all_steps)) else "every layer and step")
     fig.suptitle(_wrap(f"{cell['prompt']!r}, seed {cell['seed']}: x̂₀ predicted after each block, "
                        f"{ds.attrs.get('prediction', '?')} parameterisation; {describe_result(ds)}\n{shown_cells}; "
-                       f"|Δ|: mean absolute difference from the model's x̂₀ of the step", _chars(fig, 8)), fontsize=8)
+                       f"|Δ|: mean absolute difference from the model's x̂₀ of the step", _chars(fig, 8)),
+                 fontsize=8)
     return fig
 
 
