@@ -76,6 +76,11 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "run_study": ("dit_lens.study", None),
     "attention_maps": ("dit_lens.readouts.attention_maps", None),
     "patching": ("dit_lens.readouts.patching", None),
+    "attribution_patching": ("dit_lens.readouts.attribution", None),
+    "class_logprob": ("dit_lens.readouts.attribution", None),
+    "x0_lens": ("dit_lens.readouts.x0_lens", None),
+    "patching_figure": ("dit_lens.views.patching", None),
+    "x0_lens_figure": ("dit_lens.views.x0", None),
     "edit": ("dit_lens.inversion", None),
     "invert": ("dit_lens.inversion", None),
     "regenerate": ("dit_lens.inversion", None),
@@ -258,6 +263,11 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .study import run_study
     from .readouts.attention_maps import attention_maps
     from .readouts.patching import patching
+    from .readouts.attribution import attribution_patching
+    from .readouts.attribution import class_logprob
+    from .readouts.x0_lens import x0_lens
+    from .views.patching import patching_figure
+    from .views.x0 import x0_lens_figure
     from .inversion import edit
     from .inversion import invert
     from .inversion import regenerate
