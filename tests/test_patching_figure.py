@@ -61,3 +61,35 @@ def test_bad_input_is_refused(cell_result):
         patching_figure(cell_result, seed=7)
     with pytest.raises(ValueError, match="dit_lens.patching"):
         patching_figure(cell_result.drop_vars("effect"))
+
+
+def test_the_explorer_offers_the_mean_and_every_seed_and_shows_one_at_a_time(cell_result, tmp_path):
+    from dit_lens import write_explorer
+    from dit_lens.views.patching import patching_explorer_figure
+
+    fig = patching_explorer_figure(cell_result)
+    buttons = fig.layout.updatemenus[0].buttons
+    assert [b.label for b in buttons] == ["mean of 2 seeds", "seed 0", "seed 1"]
+    heatmaps = [t for t in fig.data if t.type == "heatmap"]
+    np.testing.assert_allclose(heatmaps[0].z, cell_result.effect.mean("seed").transpose("step", "layer").values)
+    np.testing.assert_allclose(heatmaps[2].z, cell_result.effect.sel(seed=1).transpose("step", "layer").values)
+    np.testing.assert_allclose(heatmaps[2].customdata,
+                               cell_result.metric_patched.sel(seed=1).transpose("step", "layer").values)
+    for button in buttons:  # each entry shows its effect and its seed's two images, nothing else
+        visible = button.args[0]["visible"]
+        assert sum(visible) == 3 and sum(v for v, t in zip(visible, fig.data) if t.type == "image") == 2
+    seed1 = buttons[2].args[0]["visible"]
+    assert [t.name for v, t in zip(seed1, fig.data) if v and t.type == "image"][0].startswith("clean, seed 1")
+    page = write_explorer(cell_result, tmp_path / "patching.html")
+    assert "patching-explorer" in page.read_text() and "attn2" in page.read_text()
+    with pytest.raises(ValueError, match="max_seeds"):
+        patching_explorer_figure(cell_result, max_seeds=0)
+
+
+def test_the_explorer_draws_bars_for_a_layer_grid(lens):
+    from dit_lens.views.patching import patching_explorer_figure
+
+    result = patching(lens, clean="a red polyp", corrupt="a pale mucosa", seeds=[0], metric=brightness,
+                      grid="layer", num_inference_steps=2, progress=False)
+    bars = [t for t in patching_explorer_figure(result).data if t.type == "bar"]
+    np.testing.assert_allclose(bars[1].y, result.effect.sel(seed=0).values)

@@ -128,7 +128,8 @@ _ATTENTION_COLOURS = [[0.0, "rgba(68,1,84,0)"], [0.3, "rgba(59,82,139,0.35)"], [
 def write_explorer(out: xr.Dataset, path: str | Path, *, max_pairs: int = 16,
                    attention: xr.Dataset | xr.DataArray | None = None, judge: Any = None) -> Path:
     """Write the gate explorer for a `generate` result made with a steer and ``record_gates=True`` (or, for
-    an `x0_lens` result, the x̂₀ explorer of `dit_lens.views.x0.write_x0_explorer`, `max_pairs` runs).
+    an `x0_lens` result, the x̂₀ explorer of `dit_lens.views.x0.write_x0_explorer`, `max_pairs` runs; for a
+    `patching` result, `dit_lens.views.patching.write_patching_explorer`, `max_pairs` seeds).
 
     The page opens on the pair, step and layer with the most gate mass (the gate summed over the
     image). Images are embedded as PNG; gate, blend and attention maps as 8-bit levels of their
@@ -163,6 +164,14 @@ def write_explorer(out: xr.Dataset, path: str | Path, *, max_pairs: int = 16,
         from .x0 import write_x0_explorer
 
         return write_x0_explorer(out, path, max_runs=max_pairs)
+    from .patching import is_patching
+
+    if is_patching(out):
+        if attention is not None or judge is not None:
+            raise ValueError("attention= and judge= belong to the gate explorer; a patching result takes neither")
+        from .patching import write_patching_explorer
+
+        return write_patching_explorer(out, path, max_seeds=max_pairs)
     gate = _require_gates(out)
     if len(out["branch"]) != 2:
         raise ValueError("the explorer needs pairs: generate with a steer")

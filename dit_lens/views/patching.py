@@ -23,6 +23,8 @@ Examples:
 
 from __future__ import annotations
 
+import html
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,10 +32,15 @@ import xarray as xr
 
 from .figures import _pyplot, _wrap
 
-__all__ = ["patching_figure"]
+__all__ = ["patching_figure", "write_patching_explorer"]
 
 #: Effect colour map: blue where a patch moves the score away from the clean run's, red towards it.
 CMAP = "RdBu_r"
+
+
+def is_patching(result: Any) -> bool:
+    """Whether `result` is a Dataset of `dit_lens.patching` (or of attribution patching)."""
+    return isinstance(result, xr.Dataset) and {"effect", "metric_clean", "metric_corrupt"} <= set(result.data_vars)
 
 
 def patching_figure(result: xr.Dataset, *, seed: int | None = None, max_heads: int = 8) -> Any:
@@ -49,7 +56,7 @@ def patching_figure(result: xr.Dataset, *, seed: int | None = None, max_heads: i
     Raises:
         ValueError: `result` is not a patching result, or `seed` is not one of its seeds.
     """
-    if not isinstance(result, xr.Dataset) or "effect" not in result or "seed" not in result["effect"].dims:
+    if not is_patching(result) or "seed" not in result["effect"].dims:
         raise ValueError("patching_figure draws the Dataset returned by dit_lens.patching (with an 'effect' of dims "
                          f"(seed, ...)); got {type(result).__name__}")
     seeds = [int(s) for s in result["seed"].values]
@@ -149,3 +156,122 @@ def _title(result: xr.Dataset, heads: list[int], shown: list[int]) -> str:
     if shown and len(shown) < len(heads):
         parts.append(f"heads {', '.join(map(str, shown))} of {len(heads)}")
     return "; ".join(parts)
+
+
+def write_patching_explorer(result: xr.Dataset, path: str | Path, *, max_seeds: int = 16) -> Path:
+    """Write an interactive page of a patching result: a menu of the seed-mean effect and each seed's (and each
+    head's, for a cell grid with heads), the effect as a step × layer heatmap (bars for a layer, step or window
+    grid; heads × layers / steps with heads) whose hover gives the patched run's metric, beside the chosen
+    seed's clean and corrupt images with their metric values. `dit_lens.write_explorer` hands a patching
+    result here.
+
+    Args:
+        result: The Dataset of `dit_lens.patching`.
+        path: The HTML file to write (parent folders are created).
+        max_seeds: At most this many seeds get their own entry in the menu (the mean covers every seed).
+
+    Returns:
+        The path written.
+
+    Raises:
+        ValueError: `result` is not a patching result, or `max_seeds` is below 1.
+    """
+    figure = patching_explorer_figure(result, max_seeds=max_seeds)
+    title = html.escape(_title(result, [], []))
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title></head>"
+            f"<body style='font-family: sans-serif'><h3 style='font-size: 14px'>{title}</h3>"
+            f"{figure.to_html(full_html=False, include_plotlyjs=True, div_id='patching-explorer')}</body></html>")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def patching_explorer_figure(result: xr.Dataset, *, max_seeds: int = 16) -> Any:
+    """The plotly figure of `write_patching_explorer`: per menu entry, the clean and corrupt image of its seed
+    (the first seed's for the mean) and the effect; one entry is shown at a time."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from .explorer import _png
+
+    if not is_patching(result) or "seed" not in result["effect"].dims:
+        raise ValueError("write_patching_explorer draws the Dataset returned by dit_lens.patching; got "
+                         f"{type(result).__name__}")
+    if not isinstance(max_seeds, int) or isinstance(max_seeds, bool) or max_seeds < 1:
+        raise ValueError(f"max_seeds must be a positive integer, got {max_seeds!r}")
+    seeds = [int(s) for s in result["seed"].values]
+    effect = result["effect"]
+    dims = tuple(d for d in effect.dims if d != "seed")
+    cells = dims[:2] == ("step", "layer")
+    heads = [int(h) for h in result["head"].values] if "head" in dims and cells else [None]
+    limit = float(np.nanmax(np.abs(effect.values))) if np.isfinite(effect.values).any() else 1.0
+    limit = max(limit, 1e-12)
+    entries = [(None, head) for head in heads] + [(seed, head) for seed in seeds[:max_seeds] for head in heads]
+    fig = make_subplots(rows=1, cols=3, column_widths=[0.22, 0.22, 0.56],
+                        subplot_titles=("clean", "corrupt", "effect (1: the clean run's score)"))
+    images = {}
+    for seed in dict.fromkeys(seed if seed is not None else seeds[0] for seed, _ in entries):
+        images[seed] = len(fig.data)
+        for col, kind in ((1, "clean"), (2, "corrupt")):
+            value = float(result[f"metric_{kind}"].sel(seed=seed))
+            fig.add_trace(go.Image(source=_png(result[f"image_{kind}"].sel(seed=seed).values) if f"image_{kind}" in
+                                   result else None, name=f"{kind}, seed {seed}: metric {value:.4g}",
+                                   hovertemplate=f"{kind}, seed {seed}: metric {value:.4g}<extra></extra>",
+                                   visible=False), row=1, col=col)
+    traces = []
+    for seed, head in entries:
+        values = effect.mean("seed", skipna=True) if seed is None else effect.sel(seed=seed)
+        patched = None if seed is None else result["metric_patched"].sel(seed=seed)
+        if head is not None:
+            values = values.sel(head=head)
+            patched = None if patched is None else patched.sel(head=head)
+        traces.append(len(fig.data))
+        fig.add_trace(_effect_trace(go, values, patched, dims, limit), row=1, col=3)
+    buttons = []
+    for k, (seed, head) in enumerate(entries):
+        shown = {traces[k], images[seed if seed is not None else seeds[0]],
+                 images[seed if seed is not None else seeds[0]] + 1}
+        label = (f"mean of {len(seeds)} seeds" if seed is None else f"seed {seed}") + \
+            ("" if head is None else f" · head {head}")
+        buttons.append({"label": label, "method": "update", "args": [{"visible": [i in shown for i in
+                                                                                  range(len(fig.data))]}]})
+    for trace, visible in zip(fig.data, buttons[0]["args"][0]["visible"]):  # open on the first entry
+        trace.visible = visible
+    fig.update_layout(updatemenus=[{"buttons": buttons, "x": 0.0, "y": 1.18, "xanchor": "left"}], height=420,
+                      width=1150, margin={"t": 90, "b": 10})
+    fig.update_xaxes(showticklabels=False, row=1, col=1)
+    fig.update_yaxes(showticklabels=False, row=1, col=1)
+    fig.update_xaxes(showticklabels=False, row=1, col=2)
+    fig.update_yaxes(showticklabels=False, row=1, col=2)
+    if cells or (len(dims) == 2 and "head" in dims):
+        other = [d for d in dims if d not in ("step", "head")] if cells else [d for d in dims if d != "head"]
+        fig.update_xaxes(title_text=other[0], row=1, col=3)
+        fig.update_yaxes(title_text="step" if cells else "head", autorange="reversed", row=1, col=3)
+    else:
+        fig.update_xaxes(title_text=dims[0], row=1, col=3)
+    return fig
+
+
+def _effect_trace(go: Any, values: xr.DataArray, patched: xr.DataArray | None, dims: tuple, limit: float) -> Any:
+    """A heatmap of a 2-D effect (steps or heads down, layers or the other dim across) or bars of a 1-D one."""
+    other = [d for d in dims if d not in ("step", "head")]
+    down = "step" if "step" in dims and "layer" in dims else ("head" if "head" in dims else None)
+    if down is not None:
+        across = other[0] if other else "step"
+        values = values.transpose(down, across)
+        custom = None if patched is None else patched.transpose(down, across).values
+        hover = (f"{down} %{{y}}, {across} %{{x}}: effect %{{z:.4g}}" +
+                 ("" if custom is None else ", patched metric %{customdata:.4g}") + "<extra></extra>")
+        return go.Heatmap(z=values.values, x=[str(v) for v in values[across].values],
+                          y=[str(v) for v in values[down].values], zmin=-limit, zmax=limit, colorscale="RdBu_r",
+                          customdata=custom, hovertemplate=hover, visible=False, zmid=0)
+    dim = dims[0]
+    labels = [str(v) for v in values[dim].values]
+    if dim == "window" and "layer_window" in values.coords:
+        labels = [f"blocks {a}, steps {b}" for a, b in zip(values["layer_window"].values, values["step_window"].values)]
+    custom = None if patched is None else patched.values
+    hover = f"{dim} %{{x}}: effect %{{y:.4g}}" + ("" if custom is None else ", patched metric %{customdata:.4g}")
+    return go.Bar(x=labels, y=values.values, customdata=custom, hovertemplate=hover + "<extra></extra>",
+                  marker={"color": values.values, "colorscale": "RdBu_r", "cmin": -limit, "cmax": limit},
+                  visible=False)
