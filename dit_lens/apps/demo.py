@@ -36,7 +36,7 @@ __all__ = ["MARKER", "OUTPUTS", "add_demo_arguments", "claim_output_folder", "ru
 #: What the demo writes into its folder.
 OUTPUTS = ("summary.json", "pairs.png", "gates.png", "attention.png", "explorer.html", "vector.zarr")
 
-#: Demo defaults on the embedded world, as picked by the layer and alpha sweeps (README, Results).
+#: Demo defaults on the embedded world, as picked by the layer and alpha sweeps (RESULTS.md).
 DEFAULT_SOURCE, DEFAULT_TARGET = "polyps", "normal cecum"
 DEFAULT_WINDOW = (0.0, 1.0)
 DEFAULT_ALPHA = 3.0

@@ -39,7 +39,7 @@ boosting the word's own tokens moves little; three region modules act on what th
    edited prompt changes is amplified, ``h' = h_o + m (1 + c)(h − h_o)``.
 7. **Keeping the original outside** (`keep_outside`, latents, the first fraction of the steps): `Confine`.
 
-Defaults are what placed lesions best on the embedded world (README): conditioning outside, contrast 2
+Defaults are what placed lesions best on the embedded world (RESULTS.md): conditioning outside, contrast 2
 and enhancement η = 1.5 in the first μ = 0.4 of the run; self-attention gating and the latent correction
 off (on that world each lowered how often the lesion appears at all); anatomy words gated when given.
 `AttentionRegulation.published` is modules 1–4 alone at the published settings (μ = 0.4, η = 1.5,
