@@ -117,6 +117,30 @@ def test_an_edit_that_reads_the_original_runs_beside_its_twin(pixart):
     np.testing.assert_allclose(ds.image.isel(layer=-1), ds.image_final, atol=1e-5, rtol=0)
 
 
+def test_a_patched_run_is_inject_from_a_source_prompts_twin(pixart):
+    """PixArt's text reaches the image tokens only through attn2: the corrupt prompt with the clean prompt's attn2
+    output injected at every block is the clean run, in the lens as in the image. One block patched matches the
+    exact patching of that block."""
+    from dit_lens import patching
+    from dit_lens.interventions.inject import Inject
+
+    clean = x0_lens(pixart, ["a red polyp"], seeds=[3], num_inference_steps=2, progress=False)
+    whole = x0_lens(pixart, ["a pale mucosa"], seeds=[3], source="a red polyp", intervention=Inject("attn2"),
+                    num_inference_steps=2, progress=False)
+    np.testing.assert_allclose(whole.image.values, clean.image.values, atol=1e-5)
+    np.testing.assert_allclose(whole.generated.values, clean.generated.values, atol=1e-5)
+    assert whole.attrs["source"] == "a red polyp"
+    one = x0_lens(pixart, ["a pale mucosa"], seeds=[3], source="a red polyp", intervention=Inject("attn2", layers=(1,)),
+                  num_inference_steps=2, progress=False)
+    mean = patching(pixart, clean="a red polyp", corrupt="a pale mucosa", seeds=[3], grid=[([1], None)],
+                    metric=lambda images: images.astype(np.float64).mean(axis=(1, 2, 3)), num_inference_steps=2,
+                    progress=False)
+    assert float(one.generated.astype(np.float64).mean()) == pytest.approx(float(mean.metric_patched.item()), abs=1e-5)
+    assert not np.allclose(one.generated.values, clean.generated.values, atol=1e-3)
+    with pytest.raises(ValueError, match="none of the given edits reads it"):
+        x0_lens(pixart, ["a pale mucosa"], seeds=[3], source="a red polyp", num_inference_steps=2, progress=False)
+
+
 def test_latent_corrections_between_steps_leave_the_lens_on_the_traced_run(pixart):
     """A guidance edit calls the denoiser again between steps; those calls are not the run's prediction."""
     from dit_lens.interventions.guide import EnergyGuidance

@@ -14,7 +14,10 @@ prediction becomes the clean latent x̂₀ by the sampler's own parameterisation
 Beside it, ``image_final`` is the same x̂₀ of the denoiser's real output at each step (what the sampler
 itself predicts): at the last block the lens equals it, and at the last step it is the image the run
 returns (both samplers' last step lands on x̂₀). With an `intervention`, the lens reads the edited run:
-its hooks run after the edits at every site.
+its hooks run after the edits at every site. With ``source=`` another prompt, the unedited twin an edit reads
+runs that prompt: ``intervention=Inject("attn2", layers=(2,))`` then gives the lens of an activation-patched
+run (the clean prompt's ``attn2`` output put into block 2 of each prompt's run, as `dit_lens.patching` with
+``direction="denoise"`` makes it).
 
 Examples:
     >>> from dit_lens import PixArtSpec, build_pixart, load
@@ -63,6 +66,7 @@ def x0_lens(
     num_inference_steps: int = 20,
     guidance_scale: float = 4.5,
     intervention: Intervention | Sequence[Intervention] | None = None,
+    source: str | None = None,
     batch_size: int | None = None,
     decode_batch: int = 16,
     progress: bool = True,
@@ -79,6 +83,8 @@ def x0_lens(
         guidance_scale: Classifier-free guidance scale (a guidance-distilled model takes it as an input).
         intervention: An intervention (`Steer`, `Reweight`, `Blend`, ...) or a list of them; the lens then
             reads the edited run (each run alone, or beside its unedited twin when an edit reads it).
+        source: The prompt of that unedited twin (default: the run's own prompt); with `Inject`, the lens of a
+            patched run whose activations at the injected cells come from `source`'s run of the same seed.
         batch_size: Runs per pipeline call (default 4); changes values only by float rounding.
         decode_batch: Latents per VAE decode.
         progress: Show a progress bar over batches.
@@ -114,6 +120,12 @@ def x0_lens(
     edits = as_edits(intervention, None, 0.0)
     for edit in edits:
         edit.check(lens, T)
+    if source is not None:
+        check_prompts([source])
+        if not any(e.reads_original for e in edits):
+            raise ValueError("source= is the prompt of the unedited twin that an edit reads (Inject, Blend, Confine); "
+                             "none of the given edits reads it: add e.g. intervention=Inject('attn2', layers=(2,)) "
+                             "or leave source out")
     runs = DEFAULT_RUNS if batch_size is None else check_int(batch_size, "batch_size", minimum=1)
     decode_batch = check_int(decode_batch, "decode_batch", minimum=1)
 
@@ -126,7 +138,7 @@ def x0_lens(
     batches = [cells[i : i + runs] for i in range(0, len(cells), runs)]
     for batch in tqdm(batches, desc="x0 lens", unit="batch", disable=not progress):
         lens_x0, final_x0, made = _run_batch(lens, [(prompts[p], seeds[s]) for p, s in batch], settings, recorded,
-                                             edits, prediction)
+                                             edits, prediction, source)
         per_run = n_steps * n_layers
         _decode_into(lens, lens_x0.flatten(0, 2), images, decode_batch,  # (runs · steps · layers, C, h, w)
                      lambda k: (*batch[k // per_run], (k % per_run) // n_layers, k % n_layers))
@@ -168,6 +180,7 @@ def x0_lens(
         prediction=prediction,
         scheduler=type(lens.pipeline.scheduler).__name__,
         edits=typed([e.settings() for e in edits]),
+        source="" if source is None else source,
     )
     return ds
 
@@ -223,12 +236,14 @@ def predicted_x0(prediction: str, scheduler: Any, step: int, latents: torch.Tens
 
 
 def _run_batch(lens: Any, runs: list[tuple[str, int]], settings: CaptureSettings, recorded: list[int],
-               edits: list[Intervention], prediction: str) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+               edits: list[Intervention], prediction: str,
+               source: str | None = None) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """One pipeline call for `runs`: x̂₀ of the lens ``(runs, step, layer, C, h, w)`` and of the denoiser's
-    output ``(runs, step, C, h, w)``, and the images the run returns ``(runs, H, W, 3)``."""
+    output ``(runs, step, C, h, w)``, and the images the run returns ``(runs, H, W, 3)``. The unedited twins
+    run `source` (default: their run's prompt)."""
     paired = any(e.reads_original for e in edits)  # the edited runs need their unedited twins in the batch
     copies = 2 if paired else 1
-    row_prompts = [prompt for prompt, _ in runs for _ in range(copies)]
+    row_prompts = [(source or prompt) if paired and k == 0 else prompt for prompt, _ in runs for k in range(copies)]
     row_seeds = [seed for _, seed in runs for _ in range(copies)]
     read = [i * copies + copies - 1 for i in range(len(runs))]  # the rows the lens reads: the edited ones
     edited = read if edits else []
