@@ -155,8 +155,8 @@ def attribution_patching(
         for chunk in tqdm(chunks, desc=f"attribution {site}", unit="call", disable=not progress):
             run = _attribute(lens, site, cells, loops[own], loops[source], [seeds[s] for s in chunk], metric)
             terms[chunk] = run["terms"]
-            for prompt, kind in kinds.items():
-                scores[chunk, kind], images[chunk, kind] = run["own" if prompt == own else "source"]
+            scores[chunk, kinds[own]], images[chunk, kinds[own]] = run["own"]
+            scores[chunk, kinds[source]], images[chunk, kinds[source]] = run["source"]
 
     spread = scores[:, 0] - scores[:, 1]
     alike = [seeds[i] for i in np.flatnonzero(spread == 0)]
