@@ -3,11 +3,14 @@ with raw torch forward hooks that save one run's site outputs and put them into 
 
 import numpy as np
 import pytest
+import torch
 
 from dit_lens import load, patching
 from dit_lens.methods.axes import window_layers
 from dit_lens.model.sana import SanaSpec, build_sana
-from test_families import raw_call  # the plain call with raw hooks, the one reference of every family test
+from dit_lens.model.sd3 import SD3Spec, build_sd3
+from dit_lens.trace.runner import Hook, traced_generate
+from test_families import PLAIN, raw_call  # the plain call with raw hooks, the one reference of every family test
 
 STEPS = 3
 CLEAN, CORRUPT = "a red polyp", "a pale mucosa"
@@ -30,10 +33,11 @@ def metric_for(lens):
     return Projection(side * side * 3)
 
 
-def hand_patched(pipeline, site, source, target, seed, patches):
+def hand_patched(pipeline, site, source, target, seed, patches, call=raw_call):
     """Per patch (a set of (step, layer) cells), the `target` prompt's image with `site`'s output at those cells
     replaced by the `source` prompt's run there (every row of the guidance batch): the plain pipeline and raw
-    hooks only. Returns the source image, the target image and one image per patch."""
+    hooks only (`call`: `raw_call`, or `latent_call` for final latents). Returns the source image, the target
+    image and one image per patch."""
     blocks = pipeline.transformer.transformer_blocks
     modules = [blocks[layer] if site == "block" else getattr(blocks[layer], site) for layer in range(len(blocks))]
     saved = {}
@@ -41,14 +45,60 @@ def hand_patched(pipeline, site, source, target, seed, patches):
     def save(layer):
         return lambda t, out: saved.__setitem__((t, layer), out.clone())
 
-    source_image = raw_call(pipeline, source, seed, [(m, save(layer)) for layer, m in enumerate(modules)])
-    target_image = raw_call(pipeline, target, seed)
+    source_image = call(pipeline, source, seed, [(m, save(layer)) for layer, m in enumerate(modules)])
+    target_image = call(pipeline, target, seed)
 
     def put(layer, cells):
         return lambda t, out: saved[(t, layer)] if (t, layer) in cells else None
 
-    images = [raw_call(pipeline, target, seed, [(m, put(layer, cells)) for layer, m in enumerate(modules)])
+    images = [call(pipeline, target, seed, [(m, put(layer, cells)) for layer, m in enumerate(modules)])
               for cells in patches]
+    return source_image, target_image, images
+
+
+def hand_patched_heads(pipeline, attention, source, target, seed, patches):
+    """Per patch ``(cells, head)``, the `target` prompt's image with one head of an attention's output (module
+    `attention` of every block), as it enters the output projection ``to_out[0]``, replaced at those cells by the
+    `source` prompt's run: raw pre-hooks on the plain pipeline. Returns the source, the target and the images."""
+    blocks = pipeline.transformer.transformer_blocks
+    heads = getattr(blocks[0], attention).heads
+    state = {"t": -1, "patch": None}
+    saved = {}
+
+    def count(module, args):
+        state["t"] += 1
+
+    def make(layer):
+        def pre(module, args):  # args[0]: (rows, tokens, heads · head_dim), head-major channels
+            key, x = (state["t"], layer), args[0]
+            if state["patch"] is None:
+                saved[key] = x.clone()
+                return None
+            cells, head = state["patch"]
+            if key not in cells:
+                return None
+            width = x.shape[-1] // heads
+            x = x.clone()
+            x[..., head * width : (head + 1) * width] = saved[key][..., head * width : (head + 1) * width]
+            return (x,)
+
+        return pre
+
+    handles = [pipeline.transformer.register_forward_pre_hook(count)]
+    handles += [getattr(block, attention).to_out[0].register_forward_pre_hook(make(layer))
+                for layer, block in enumerate(blocks)]
+    try:
+        source_image = raw_call(pipeline, source, seed)
+        state["t"] = -1
+        state["patch"] = (frozenset(), 0)
+        target_image = raw_call(pipeline, target, seed)
+        images = []
+        for patch in patches:
+            state["t"], state["patch"] = -1, patch
+            images.append(raw_call(pipeline, target, seed))
+    finally:
+        for handle in handles:
+            handle.remove()
     return source_image, target_image, images
 
 
@@ -167,7 +217,16 @@ def not_a_number(images):
     (dict(metric=wrong_shape), r"the metric wrong_shape returned shape \(5, 2\) for 5 images; it must return one "
                                r"number per image, shape \(5,\)"),
     (dict(metric=not_a_number), r"the metric not_a_number returned NaN or inf for 5 of 5 images"),
-    (dict(heads=True), r"heads=True\) is not available yet"),
+    (dict(heads=True, site="ff"), r"heads patches one head of a softmax attention's output, and PixArt-alpha / "
+                                  r"PixArt-Sigma's site 'ff' has none; its sites with heads are \['attn1', 'attn2'\]"),
+    (dict(heads=True, site="block"), r"site 'block' has none; its sites with heads are \['attn1', 'attn2'\]"),
+    (dict(heads=[2]), r"heads \[2\] are not head indices of 'attn2', which has 2 heads \(0\.\.1\)"),
+    (dict(heads=[-1, 0]), r"heads \[-1\] are not head indices of 'attn2'"),
+    (dict(heads=[0, 0]), r"heads has duplicates: \[0, 0\]"),
+    (dict(heads=1), r"heads must be True, False or a list of head indices in 0\.\.1, got 1; e\.g\. heads=\[0\]"),
+    (dict(metric_on="pixels"), r"metric_on must be 'images' \(decoded images\) or 'latents'"),
+    (dict(metric_on="latents", metric=wrong_shape), r"the metric wrong_shape returned shape \(5, 2\) for 5"),
+    (dict(metric_on="latents", metric=not_a_number), r"the metric not_a_number returned NaN or inf for 5 of 5"),
     (dict(method="attribution"), r"attribution patching \(method='attribution'\) is not available yet"),
     (dict(direction="up"), r"direction must be 'denoise'"),
     (dict(grid=[]), r"grid is an empty list: there is nothing to patch"),
@@ -215,3 +274,143 @@ def test_flux_patches_the_blocks_of_either_list_that_have_the_site():
     assert np.ptp(both.metric_patched.values) > 0 and np.isfinite(both.effect.values).all()
     with pytest.raises(ValueError, match=r"block 2 of Flux is one of its single_transformer_blocks"):
         patching(flux, site="ff", layers=[2], **args)
+    # heads: the double-stream blocks (a single-stream block's heads enter its projection with the MLP's output)
+    per_head = patching(flux, site="attn2", heads=[1], grid="layer", **args)
+    assert per_head.effect.dims == ("seed", "layer", "head") and per_head.layer.values.tolist() == [0, 1]
+    assert np.ptp(per_head.metric_patched.values) > 0
+    with pytest.raises(ValueError, match=r"block 2 of Flux is one of its single_transformer_blocks, whose sites are "
+                                         r"\['attn2', 'attn2.weights', 'block'\]; 'attn2.heads' exists in its "
+                                         r"transformer_blocks \(blocks 0..1\)"):
+        patching(flux, site="attn2", heads=True, layers=[2], **args)
+
+    def copy(rows):
+        def visit(step, layer, h):  # no guidance batch: one row per run
+            out = h.clone()
+            out[rows] = h[0]
+            return out
+        return visit
+
+    hooks = [Hook("attn2.heads", (1,), copy(1), frozenset({1})), Hook("attn2", (1,), copy(2), frozenset({1}))]
+    images = traced_generate(flux, [CLEAN, CORRUPT, CORRUPT, CORRUPT], [1, 0, 0, 0], num_inference_steps=2,
+                             guidance_scale=3.5, hooks=hooks, output_type="np").images
+    np.testing.assert_array_equal(images[1], images[2])  # every head at once is the whole site, bit for bit
+    assert np.abs(images[1] - images[3]).max() > 1e-5
+
+
+# -- one attention head at a time, metrics on latents ----------------------------------------------------------
+
+
+def test_heads_agree_with_a_hand_written_per_head_patching_loop(tiny_lens):
+    metric = metric_for(tiny_lens)
+    out = patching(tiny_lens, clean=CLEAN, corrupt=CORRUPT, seeds=[3], metric=metric, grid="cell", heads=True,
+                   layers=[1, 2], steps=[0, 2], num_inference_steps=STEPS, batch_size=5, progress=False)
+    assert out.effect.dims == ("seed", "step", "layer", "head") and out.effect.shape == (1, 2, 2, 2)
+    assert out["head"].values.tolist() == [0, 1] and out.attrs["heads"] is True
+    patches = [({(t, l)}, head) for t in (0, 2) for l in (1, 2) for head in (0, 1)]
+    clean, corrupt, images = hand_patched_heads(tiny_lens.pipeline, "attn2", CLEAN, CORRUPT, 3, patches)
+    want = np.array([metric(image[None])[0] for image in images]).reshape(2, 2, 2)
+    np.testing.assert_allclose(out.metric_patched.values[0], want, atol=1e-5)
+    np.testing.assert_allclose(out.metric_clean.item(), metric(clean[None])[0], atol=1e-5)
+    np.testing.assert_allclose(out.metric_corrupt.item(), metric(corrupt[None])[0], atol=1e-5)
+    assert np.ptp(out.effect.values[0, 0, 0]) > 1e-3  # the two heads of a cell differ: not one number twice
+    # a list of heads: those heads only, the same values
+    one = patching(tiny_lens, clean=CLEAN, corrupt=CORRUPT, seeds=[3], metric=metric, grid="cell", heads=[1],
+                   layers=[2], steps=[2], num_inference_steps=STEPS, progress=False)
+    assert one["head"].values.tolist() == [1]
+    np.testing.assert_allclose(one.metric_patched.values[0, 0, 0, 0], want[1, 1, 1], atol=1e-5)
+
+
+def test_every_head_of_a_cell_patched_at_once_is_the_whole_site_patched_there(tiny_lens):
+    # rows: the source, one run patched through every head, one patched whole, one left alone; two guidance halves
+    def every_head(step, layer, h):  # (8, tokens, heads · head_dim)
+        out = h.clone()
+        out[[1, 5]] = h[[0, 4]]
+        return out
+
+    def whole(step, layer, h):  # (8, tokens, C)
+        out = h.clone()
+        out[[2, 6]] = h[[0, 4]]
+        return out
+
+    for site in ("attn1", "attn2"):  # the cells (steps 1, 2; blocks 1, 2)
+        hooks = [Hook(f"{site}.heads", (1, 2), every_head, frozenset({1, 2})),
+                 Hook(site, (1, 2), whole, frozenset({1, 2}))]
+        # the source from another seed, so that attn1 (which hardly tells the prompts apart) differs too
+        images = traced_generate(tiny_lens, [CLEAN, CORRUPT, CORRUPT, CORRUPT], [1, 0, 0, 0],
+                                 num_inference_steps=STEPS, guidance_scale=4.5, hooks=hooks, output_type="np").images
+        np.testing.assert_array_equal(images[1], images[2])  # within one batch: bit for bit
+        assert np.abs(images[1] - images[3]).max() > 1e-5  # and the patch changed the image
+
+
+def test_heads_on_sd3_joint_attention_agree_with_a_hand_written_loop():
+    sd3 = load(build_sd3(SD3Spec(num_layers=2), seed=0))
+    metric = metric_for(sd3)
+    out = patching(sd3, clean=CLEAN, corrupt=CORRUPT, seeds=[1], metric=metric, grid="layer", heads=True,
+                   num_inference_steps=STEPS, progress=False)
+    assert out.effect.dims == ("seed", "layer", "head") and out.effect.shape == (1, 2, 2)
+    patches = [({(t, l) for t in range(STEPS)}, head) for l in (0, 1) for head in (0, 1)]
+    clean, corrupt, images = hand_patched_heads(sd3.pipeline, "attn", CLEAN, CORRUPT, 1, patches)
+    want = np.array([metric(image[None])[0] for image in images]).reshape(2, 2)
+    np.testing.assert_allclose(out.metric_patched.values[0], want, atol=1e-5)
+    np.testing.assert_allclose([out.metric_clean.item(), out.metric_corrupt.item()],
+                               [metric(clean[None])[0], metric(corrupt[None])[0]], atol=1e-5)
+    assert np.ptp(out.metric_patched.values) > 1e-4
+
+
+def test_heads_are_refused_where_attention_has_no_per_head_softmax_output():
+    sana = load(build_sana(SanaSpec(num_layers=2), seed=0))
+    args = dict(clean=CLEAN, corrupt=CORRUPT, seeds=[0], metric=constant, num_inference_steps=2, progress=False)
+    with pytest.raises(ValueError, match=r"heads patches one head of a softmax attention's output, and SANA's site "
+                                         r"'attn1' has none; its sites with heads are \['attn2'\]"):
+        patching(sana, site="attn1", heads=True, **args)
+
+
+def latent_call(pipeline, prompt, seed, hooks=()):
+    """`raw_call` returning the final latents (C, h, w), no decode."""
+    state = {"t": -1}
+    handles = [pipeline.transformer.register_forward_pre_hook(lambda m, a: state.__setitem__("t", state["t"] + 1))]
+    for module, fn in hooks:
+        handles.append(module.register_forward_hook(lambda m, a, out, fn=fn: fn(state["t"], out)))
+    side = pipeline.transformer.config.sample_size * pipeline.vae_scale_factor
+    try:
+        return pipeline(prompt, generator=torch.Generator("cpu").manual_seed(seed), num_inference_steps=STEPS,
+                        guidance_scale=4.5, output_type="latent", height=side, width=side,
+                        **PLAIN[type(pipeline).__name__]).images[0].float().numpy()
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_metric_on_latents_scores_the_final_latents_and_decodes_only_the_clean_and_corrupt_runs(tiny_lens):
+    weights = np.random.default_rng(1).standard_normal(4 * 8 * 8)
+    seen, decoded = [], []
+
+    def latent_score(latents):
+        seen.append((latents.shape, latents.dtype))
+        return np.array([float(z.astype(np.float64).ravel() @ weights) for z in latents])
+
+    decoder = tiny_lens.pipeline.vae.decoder.register_forward_hook(lambda m, a, out: decoded.append(len(out)))
+    try:
+        out = patching(tiny_lens, clean=CLEAN, corrupt=CORRUPT, seeds=[2, 3], metric=latent_score, grid="layer",
+                       metric_on="latents", num_inference_steps=STEPS, progress=False)
+    finally:
+        decoder.remove()
+    assert {shape[1:] for shape, _ in seen} == {(4, 8, 8)} and {dtype for _, dtype in seen} == {np.dtype(np.float32)}
+    assert sum(decoded) == 4  # each seed's clean and corrupt run, once; no patched run is decoded
+    assert out.effect.dims == ("seed", "layer") and out.attrs["metric_on"] == "latents"
+    assert out.latent_clean.dims == ("seed", "channel", "h", "w") and out.latent_clean.shape == (2, 4, 8, 8)
+    clean, corrupt, latents = hand_patched(tiny_lens.pipeline, "attn2", CLEAN, CORRUPT, 3,
+                                           [{(t, l) for t in range(STEPS)} for l in range(3)], call=latent_call)
+    rounding = 1e-5 * np.abs(clean).max()  # float rounding of latents far from unit scale
+    np.testing.assert_allclose(out.latent_clean.sel(seed=3).values, clean, atol=rounding, rtol=0)
+    np.testing.assert_allclose(out.latent_corrupt.sel(seed=3).values, corrupt, atol=rounding, rtol=0)
+    rounding *= np.abs(weights).sum()
+    np.testing.assert_allclose(out.metric_patched.sel(seed=3).values, latent_score(np.stack(latents)), atol=rounding,
+                               rtol=0)
+    np.testing.assert_allclose([out.metric_clean.sel(seed=3).item(), out.metric_corrupt.sel(seed=3).item()],
+                               latent_score(np.stack([clean, corrupt])), atol=rounding, rtol=0)
+    assert np.ptp(out.metric_patched.values) > 100 * rounding  # the patched runs differ beyond rounding
+    assert np.ptp(out.effect.values) > 1e-3
+    # the clean and corrupt images are still there, as the images metric makes them
+    _, corrupt_image, _ = hand_patched(tiny_lens.pipeline, "attn2", CLEAN, CORRUPT, 3, [])
+    np.testing.assert_allclose(out.image_corrupt.sel(seed=3).values, corrupt_image, atol=1e-5)

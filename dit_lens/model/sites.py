@@ -15,6 +15,10 @@ Examples:
     'transformer.transformer_blocks.1.attn2.processor.weights'
     >>> family.attention_of("attn2.weights"), family.attention_of("ff")
     ('attn2', None)
+    >>> family.site_path("attn2.heads", layer=1)  # per-head output: the input of the output projection
+    'transformer.transformer_blocks.1.attn2.to_out.0'
+    >>> family.heads_of("attn2.heads"), family.heads_of("attn2")
+    ('attn2', None)
     >>> flux = FAMILIES["FluxTransformer2DModel"]  # 19 double-stream blocks, then the single-stream ones
     >>> flux.site_path("attn2", layer=20, split=19)
     'transformer.single_transformer_blocks.1.attn'
@@ -40,9 +44,16 @@ class Family:
         sites: Site name -> path of the module *inside one block* whose output is the site
             ("" is the block itself).
         cross_attention_site: The site whose output carries the text conditioning.
-        attention_sites: Sites that are diffusers ``Attention`` modules; each also has a weights
-            site ``"<site>.weights"``, the softmax attention weights ``(rows, heads, queries, keys)``
-            that `dit_lens.trace.attention` exposes while a run reads or edits them.
+        attention_sites: Sites that are diffusers ``Attention`` modules (softmax attention); each also has a
+            weights site ``"<site>.weights"``, the softmax attention weights ``(rows, heads, queries, keys)``
+            that `dit_lens.trace.attention` exposes while a run reads or edits them, and, where the module
+            has its own output projection (`projection`), a heads site ``"<site>.heads"``.
+        projection: The module inside an attention site whose *input* is the attention's per-head output,
+            concatenated over heads: the heads site ``"<site>.heads"``, ``(rows, tokens, heads · head_dim)``
+            like any output site, head h in channels ``h·head_dim … (h+1)·head_dim − 1``, before the heads
+            are mixed (image tokens only, for joint attention). ``None``: no such module (Flux's single-stream
+            attention, whose heads enter the block's projection together with its MLP), so no heads sites.
+            SANA's linear self-attention ``attn1`` is no attention site, so it has none either.
         order: Every site in the order a block runs them (nnsight visits sites in execution
             order; a weights site runs inside its attention module, so before its output).
         adapter_targets: Fine-tuning scheme -> the peft ``target_modules`` regex (matched against
@@ -85,6 +96,7 @@ class Family:
     sites: Mapping[str, str]
     cross_attention_site: str = "attn2"
     attention_sites: tuple[str, ...] = ()
+    projection: str | None = "to_out.0"
     order: tuple[str, ...] = ()
     adapter_targets: Mapping[str, str] = field(default_factory=dict)
     sampling: str = "ddpm"
@@ -112,6 +124,8 @@ class Family:
         for site in self.attention_sites:
             inner = sites[site]
             sites[f"{site}.weights"] = f"{inner}.processor.weights" if inner else "processor.weights"
+            if self.projection is not None:
+                sites[f"{site}.heads"] = f"{inner}.{self.projection}" if inner else self.projection
         object.__setattr__(self, "sites", MappingProxyType(sites))
         if set(self.order) != set(sites):
             raise ValueError(f"Family {self.name}: order must list every site once, got {self.order} for {sorted(sites)}")
@@ -192,6 +206,13 @@ class Family:
             return site[: -len(".weights")]
         return None
 
+    def heads_of(self, site: str) -> str | None:
+        """The attention site whose per-head output a heads site is (``None`` for other sites). A heads site is
+        read from, and written to, its module's *input*."""
+        if site.endswith(".heads") and site in self.sites:
+            return site[: -len(".heads")]
+        return None
+
     def rank(self, site: str) -> int:
         """Position of `site` in a block's execution order (of the list that has it)."""
         if site not in self.every_site:
@@ -229,7 +250,7 @@ _PIXART = Family(
     blocks="transformer_blocks",
     sites=MappingProxyType({"attn1": "attn1", "attn2": "attn2", "ff": "ff", "block": ""}),
     attention_sites=("attn1", "attn2"),
-    order=("attn1.weights", "attn1", "attn2.weights", "attn2", "ff", "block"),
+    order=("attn1.weights", "attn1.heads", "attn1", "attn2.weights", "attn2.heads", "attn2", "ff", "block"),
     adapter_targets=MappingProxyType({
         # attention, feed-forward and projection layers of every block, the caption projection and the output
         "lora": r".*\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)|.*\.ff\.net\.(0\.proj|2)|proj_out|"
@@ -248,7 +269,7 @@ _SANA = Family(
     sites=MappingProxyType({"attn1": "attn1", "attn2": "attn2", "ff": "ff", "block": ""}),
     attention_sites=("attn2",),
     grid_sites=("ff",),
-    order=("attn1", "attn2.weights", "attn2", "ff", "block"),
+    order=("attn1", "attn2.weights", "attn2.heads", "attn2", "ff", "block"),
     sampling="flow",
     noise_dtype="float32",
     # the prompt as given: SANA's default "complex human instruction" prefix would move every word's
@@ -269,7 +290,7 @@ _SD3 = Family(
     sites=MappingProxyType({"attn2": "attn", "ff": "ff", "block": ""}),
     attention_sites=("attn2",),
     outputs=MappingProxyType({"attn2": 0, "block": 1}),
-    order=("attn2.weights", "attn2", "ff", "block"),
+    order=("attn2.weights", "attn2.heads", "attn2", "ff", "block"),
     sampling="flow",
     processor="joint",
     # CLIP-L and CLIP-G tokens side by side in channels (77 keys), then the T5 tokens
@@ -287,6 +308,7 @@ _FLUX_SINGLE = Family(
     attention_sites=("attn2",),
     outputs=MappingProxyType({"block": 1}),
     sequence_sites=("attn2",),
+    projection=None,  # the heads go into the block's proj_out together with the MLP's output
     order=("attn2.weights", "attn2", "block"),
 )
 

@@ -8,7 +8,8 @@ run is one of them with a site's output at some cells replaced by the other run'
 - ``direction="noise"``: the clean prompt runs with the corrupt run's activation put in (is it
   *necessary*?).
 
-A metric scores every decoded image, and each patch gets ``effect = (m(patched) − m(corrupt)) /
+A metric scores every decoded image (or, with ``metric_on="latents"``, every run's final latents, and no
+VAE decode runs for the patched runs), and each patch gets ``effect = (m(patched) − m(corrupt)) /
 (m(clean) − m(corrupt))``: 0 where the patch changes nothing, 1 where it makes the clean run's score.
 
 One pipeline call runs up to `batch_size` patched runs together with the run they copy from: a patched
@@ -29,6 +30,11 @@ What is patched (`grid`), over the blocks `layers` and the denoising steps `step
   and methods; of those, the blocks that have the site), or a *list* (or range) of block or step
   indices. ``grid=[(None, None)]`` is the one whole-run patch.
 
+With ``heads=True`` (or a list of head indices) an attention site is patched one head at a time: the head's
+slice of the attention's output before its output projection mixes the heads (the site ``"<site>.heads"`` of
+`dit_lens.model.sites`), and every result gains a last dim ``head``. Patching every head of a cell at once is
+patching the site's output there.
+
 On PixArt the text enters the image tokens only through ``attn2``, so patching ``attn2`` at every cell
 (``"denoise"``) makes the clean image itself: a check of any patching code.
 
@@ -46,6 +52,10 @@ Examples:
     ...                  grid=[(None, None)], num_inference_steps=2, progress=False)
     >>> float(whole.effect.sel(seed=0, window=0))  # attn2 everywhere carries the whole prompt
     1.0
+    >>> per_head = patching(lens, clean="a red polyp", corrupt="a pale mucosa", seeds=[0], metric=brightness,
+    ...                     grid="layer", heads=True, num_inference_steps=2, progress=False)
+    >>> per_head.effect.dims, per_head.effect.shape  # PixArtSpec's 2 heads
+    (('seed', 'layer', 'head'), (1, 2, 2))
 """
 
 from __future__ import annotations
@@ -60,22 +70,18 @@ from tqdm.auto import tqdm
 
 from ..trace.attrs import typed
 from ..trace.runner import Hook, scheduler_timesteps, traced_generate
-from ..validate import (NonFiniteError, window_layers, as_array, check_guidance, check_int, check_seeds, check_steps, check_window,
-                        is_int)
+from ..validate import NonFiniteError, as_array, check_guidance, check_int, check_seeds, check_steps
+from .patch_grid import GRIDS, head_indices, patch_grid, site_layers
 
-__all__ = ["DEFAULT_BATCH", "DIRECTIONS", "GRIDS", "patching"]
+__all__ = ["DEFAULT_BATCH", "DIRECTIONS", "GRIDS", "METRIC_ON", "patching"]
 
 #: Which run gets the other's activation: the corrupt one (``"denoise"``) or the clean one (``"noise"``).
 DIRECTIONS = ("denoise", "noise")
-#: The named grids; a list of (layer window, step window) pairs is the other kind.
-GRIDS = ("cell", "layer", "step")
+#: What the metric scores: the decoded images or the final latents.
+METRIC_ON = ("images", "latents")
 #: Patched runs per pipeline call by default: each call also makes the run its patches copy from, so larger
 #: calls waste less (one row in 17).
 DEFAULT_BATCH = 16
-#: The sites whose output a patch copies.
-OUTPUT_SITES = ("attn1", "attn2", "ff", "block")
-
-Cells = frozenset  # of (step, layer)
 
 
 def patching(
@@ -89,9 +95,10 @@ def patching(
     layers: Sequence[int] | None = None,
     steps: Sequence[int] | None = None,
     grid: str | Sequence[tuple[Any, Any]] = "cell",
-    heads: bool = False,
+    heads: bool | Sequence[int] = False,
     direction: str = "denoise",
     method: str = "exact",
+    metric_on: str = "images",
     num_inference_steps: int = 20,
     guidance_scale: float = 4.5,
     batch_size: int | None = None,
@@ -104,17 +111,22 @@ def patching(
         clean: The prompt whose behaviour is measured (e.g. "An endoscopic image of polyps").
         corrupt: Another prompt (e.g. "An endoscopic image of normal cecum").
         seeds: Generator seeds; clean and corrupt share each one.
-        metric: ``metric(images)`` on decoded images ``(n, H, W, 3)`` float32 in [0, 1] returning one
-            finite number per image, shape ``(n,)`` (numpy, torch or a list).
+        metric: ``metric(images)`` on decoded images ``(n, H, W, 3)`` float32 in [0, 1] (with
+            ``metric_on="latents"``: on final latents ``(n, C, h, w)`` float32) returning one finite number per
+            run, shape ``(n,)`` (numpy, torch or a list).
         site: ``"attn2"`` (cross-attention output), ``"attn1"``, ``"ff"`` or ``"block"``; on Flux the
             blocks of either list that have it.
         layers: Blocks of a ``"cell"``, ``"layer"`` or ``"step"`` grid (default: every block with `site`).
         steps: Denoising steps of those grids (default: all T).
         grid: ``"cell"``, ``"layer"``, ``"step"`` or a list of ``(layer window, step window)`` (see the
             module's docs).
-        heads: One attention head at a time: not available yet (refused).
+        heads: ``True``: patch every head of the attention site one at a time; a list: those heads; ``False``:
+            the whole site. Sites with heads: a family's softmax attentions with their own output projection
+            (not ``"ff"``, ``"block"``, SANA's linear ``"attn1"`` or Flux's single-stream blocks).
         direction: ``"denoise"`` (the corrupt run gets the clean activation) or ``"noise"`` (the reverse).
         method: ``"exact"`` (every patched run is run); attribution patching is not available yet.
+        metric_on: ``"images"`` (decoded images) or ``"latents"`` (each run's final latents; only the clean and
+            the corrupt run are decoded, once per seed, for ``image_clean`` / ``image_corrupt``).
         num_inference_steps: Denoising steps T.
         guidance_scale: Classifier-free guidance scale (a patch covers both halves of the guidance batch).
         batch_size: Patched runs per pipeline call, beside the run they copy from (default 16); changes values
@@ -124,18 +136,16 @@ def patching(
     Returns:
         Dataset with ``effect`` and ``metric_patched`` of dims ``(seed, step, layer)`` / ``(seed, layer)``
         / ``(seed, step)`` / ``(seed, window)`` by `grid` (windows carry coordinates ``layer_window`` and
-        ``step_window``, their labels), ``metric_clean (seed)`` and ``metric_corrupt (seed)``, the clean and
-        corrupt images ``image_clean`` / ``image_corrupt (seed, y, x, rgb)``, and a ``timestep`` coordinate
-        per step. ``effect`` is NaN at a seed where the metric scores the clean and the corrupt image alike
-        (a warning names them). Attrs: provenance, every setting and the cells of each patch.
+        ``step_window``, their labels), then ``head`` with heads, ``metric_clean (seed)`` and
+        ``metric_corrupt (seed)``, the clean and corrupt images ``image_clean`` / ``image_corrupt (seed, y, x,
+        rgb)`` (with ``metric_on="latents"`` also their latents ``latent_clean`` / ``latent_corrupt (seed,
+        channel, h, w)``), and a ``timestep`` coordinate per step. ``effect`` is NaN at a seed where the
+        metric scores the clean and the corrupt run alike (a warning names them). Attrs: provenance, every setting and the cells of each patch.
 
     Raises:
-        ValueError: a bad argument, identical prompts, or a metric whose output is not one finite number
-            per image (the message names the metric).
+        ValueError: a bad argument, identical prompts, heads of a site without them, or a metric whose output
+            is not one finite number per run (the message names the metric).
     """
-    if heads is not False:
-        raise ValueError("patching one attention head at a time (heads=True) is not available yet; patch the "
-                         "whole site with heads=False")
     if method != "exact":
         if method == "attribution":
             raise ValueError("attribution patching (method='attribution') is not available yet; use method='exact'")
@@ -150,43 +160,52 @@ def patching(
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be 'denoise' (the corrupt run gets the clean activation) or 'noise' "
                          f"(the clean run gets the corrupt one), got {direction!r}")
+    if metric_on not in METRIC_ON:
+        raise ValueError(f"metric_on must be 'images' (decoded images) or 'latents' (final latents), got {metric_on!r}")
     if not callable(metric):
-        raise ValueError(f"metric must be a callable on images (n, H, W, 3) returning (n,), got {type(metric).__name__}")
+        raise ValueError(f"metric must be a callable on {metric_on} returning one number per run, got "
+                         f"{type(metric).__name__}")
     seeds = check_seeds(seeds)
     T = check_steps(num_inference_steps, lens.pipeline.scheduler)
     guidance_scale = check_guidance(guidance_scale)
     per_call = DEFAULT_BATCH if batch_size is None else check_int(batch_size, "batch_size", minimum=1)
-    site_layers = _site_layers(lens, site)
-    dims, coords, patches, labels = _grid(lens, grid, site, site_layers, layers, steps, T)
+    per_head = heads is not False
+    reachable = site_layers(lens, site, per_head)
+    patched_site = f"{site}.heads" if per_head else site
+    dims, coords, grid_cells, labels = patch_grid(lens, grid, patched_site, reachable, layers, steps, T)
+    head_list, head_count = head_indices(lens, site, heads, reachable)
+    if per_head:
+        dims, coords = dims + ("head",), {**coords, "head": head_list}
+    patches = [(cells, head) for cells in grid_cells for head in head_list]  # a patch: its cells, one head or all
 
     runs = [(s, k) for s in range(len(seeds)) for k in range(len(patches))]  # seed-major: a call holds 1-2 seeds
     chunks = [runs[i : i + per_call] for i in range(0, len(runs), per_call)]
     patched = np.full((len(seeds), len(patches)), np.nan)
     sources = np.full((len(seeds), 2), np.nan)  # (seed, [clean, corrupt])
-    height, width = lens.pipeline_kwargs["height"], lens.pipeline_kwargs["width"]
-    images = np.zeros((len(seeds), 2, height, width, 3), np.float32)
+    finals: list = [[None, None] for _ in seeds]  # each seed's clean and corrupt output: image or latents
     # the patched runs' own prompt (its unpatched run: the other source) and the prompt they copy from
     own, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
     kinds = {source: int(direction == "noise"), own: int(direction == "denoise")}  # index into [clean, corrupt]
     scored: set[int] = set()
-    for chunk in tqdm(chunks, desc=f"patching {site}", unit="call", disable=not progress):
+    for chunk in tqdm(chunks, desc=f"patching {patched_site}", unit="call", disable=not progress):
         # rows: each seed's source run, its unpatched own run in its first call only, then the patched runs
         lead = [(s, prompt) for s in sorted({s for s, _ in chunk})
                 for prompt in ((source,) if s in scored else (source, own))]
         prompts = [prompt for _, prompt in lead] + [own] * len(chunk)
         row_seeds = [seeds[s] for s, _ in lead] + [seeds[s] for s, _ in chunk]
         from_row = {s: i for i, (s, prompt) in enumerate(lead) if prompt == source}
-        plan: dict = {}  # (step, layer) -> (patched rows, their source rows)
+        plan: dict = {}  # (step, layer) -> {head or None: (patched rows, their source rows)}
         for j, (s, k) in enumerate(chunk):
-            for cell in patches[k]:
-                plan.setdefault(cell, ([], []))
-                plan[cell][0].append(len(lead) + j)
-                plan[cell][1].append(from_row[s])
-        out = _run(lens, site, plan, prompts, row_seeds, T, guidance_scale)
+            cells, head = patches[k]
+            for cell in cells:
+                dst, src = plan.setdefault(cell, {}).setdefault(head, ([], []))
+                dst.append(len(lead) + j)
+                src.append(from_row[s])
+        out = _run(lens, patched_site, head_count, plan, prompts, row_seeds, T, guidance_scale, metric_on)
         scores = _score(metric, out)
         for i, (s, prompt) in enumerate(lead):
-            if s not in scored:  # a seed's clean and corrupt score and image: from its first call
-                sources[s, kinds[prompt]], images[s, kinds[prompt]] = scores[i], out[i]
+            if s not in scored:  # a seed's clean and corrupt score and output: from its first call
+                sources[s, kinds[prompt]], finals[s][kinds[prompt]] = scores[i], out[i]
         scored.update(s for s, _ in lead)
         for j, (s, k) in enumerate(chunk):
             patched[s, k] = scores[len(lead) + j]
@@ -201,6 +220,13 @@ def patching(
         effect = np.where(spread[:, None] != 0, (patched - sources[:, 1:2]) / spread[:, None], np.nan)
     shape = (len(seeds),) + tuple(len(coords[d]) for d in dims)
     coords = {"seed": seeds, **coords}
+    finals = np.stack([np.stack(pair) for pair in finals])  # (seed, [clean, corrupt], ...)
+    if metric_on == "latents":
+        latents, images = finals, _decode(lens, finals)
+        extra = {"latent_clean": (("seed", "channel", "h", "w"), latents[:, 0]),
+                 "latent_corrupt": (("seed", "channel", "h", "w"), latents[:, 1])}
+    else:
+        images, extra = finals, {}
     timesteps = scheduler_timesteps(lens, T).astype(np.float64)
     if "step" in dims:
         coords["timestep"] = ("step", timesteps[coords["step"]])
@@ -212,51 +238,68 @@ def patching(
             "metric_corrupt": (("seed",), sources[:, 1]),
             "image_clean": (("seed", "y", "x", "rgb"), images[:, 0]),
             "image_corrupt": (("seed", "y", "x", "rgb"), images[:, 1]),
+            **extra,
         },
         coords=coords,
     )
     ds.attrs.update(lens.provenance())
     ds.attrs.update(
-        clean=clean, corrupt=corrupt, site=site, direction=direction, method=method, metric=_name(metric),
-        grid=grid if isinstance(grid, str) else "windows", windows=typed(labels),
-        patches=typed([sorted(p) for p in patches]), num_inference_steps=T, guidance_scale=guidance_scale,
-        batch_size=per_call, seeds=typed(seeds),
+        clean=clean, corrupt=corrupt, site=site, heads=per_head, direction=direction, method=method,
+        metric=_name(metric), metric_on=metric_on, grid=grid if isinstance(grid, str) else "windows",
+        windows=typed(labels), patches=typed([sorted(cells) for cells in grid_cells]),
+        num_inference_steps=T, guidance_scale=guidance_scale, batch_size=per_call, seeds=typed(seeds),
     )
     return ds
 
 
-def _run(lens: Any, site: str, plan: dict, prompts: list[str], row_seeds: list[int], T: int,
-         guidance_scale: float) -> np.ndarray:
-    """One pipeline call; row ``plan[(step, layer)][0][i]`` takes row ``plan[...][1][i]``'s `site` output there.
-    Returns the decoded images ``(rows, H, W, 3)``."""
+def _run(lens: Any, site: str, heads: int, plan: dict, prompts: list[str], row_seeds: list[int], T: int,
+         guidance_scale: float, metric_on: str) -> np.ndarray:
+    """One pipeline call; at ``(step, layer)``, row ``plan[cell][head][0][i]`` takes row ``plan[cell][head][1][i]``'s
+    `site` output there, of one of its `heads` heads (`head` None: all of it). Returns the decoded images ``(rows, H,
+    W, 3)``, or the final latents ``(rows, C, h, w)`` with `metric_on` ``"latents"`` (no decode), float32."""
     n = len(prompts)
     halves = 2 if lens.guided(guidance_scale) else 1  # guided: unconditional rows first, then conditional
-    rows = {cell: (torch.tensor([r + b * n for b in range(halves) for r in dst], device=lens.device),
-                   torch.tensor([r + b * n for b in range(halves) for r in src], device=lens.device))
-            for cell, (dst, src) in plan.items()}
+    edits: dict = {}  # (step, layer) -> [(channels, patched rows, source rows)], both guidance halves
+    for (step, layer), by_head in plan.items():
+        edits[(step, layer)] = [
+            (head, torch.tensor([r + b * n for b in range(halves) for r in dst], device=lens.device),
+             torch.tensor([r + b * n for b in range(halves) for r in src], device=lens.device))
+            for head, (dst, src) in sorted(by_head.items(), key=lambda item: -1 if item[0] is None else item[0])]
 
-    def visit(step: int, layer: int, h: torch.Tensor) -> torch.Tensor | None:  # h (halves·rows, tokens, C)
-        if (step, layer) not in rows:
-            return None
-        dst, src = rows[(step, layer)]
-        out = h.clone()
-        out[dst] = h[src]
-        return out
+    def visit(step: int, layer: int, h: torch.Tensor) -> torch.Tensor:  # h (halves·rows, tokens, C)
+        # in place: the patched rows only (their source rows are never patched); h is this call's own tensor
+        for head, dst, src in edits[(step, layer)]:
+            if head is None:
+                h[dst] = h[src]
+            else:  # head i: channels i·d … (i+1)·d − 1 of the heads' concatenation
+                width = h.shape[-1] // heads
+                h[dst, :, head * width : (head + 1) * width] = h[src, :, head * width : (head + 1) * width]
+        return h
 
-    layers = tuple(sorted({layer for _, layer in plan}))
-    hooks = [Hook(site, layers, visit, frozenset(step for step, _ in plan))] if plan else []
+    hooks = [Hook(site, (layer,), visit, frozenset(step for step, at in plan if at == layer))
+             for layer in sorted({layer for _, layer in plan})]  # each block only at the steps it is patched
     result = traced_generate(lens, prompts, row_seeds, num_inference_steps=T, guidance_scale=guidance_scale,
-                             hooks=hooks, output_type="np")
-    images = result.images
-    images = images.float().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images, np.float32)
-    if not np.isfinite(images).all():
-        raise NonFiniteError(f"the decoded images hold NaN or inf (guidance_scale={guidance_scale:g}, {T} steps): the "
-                             f"model or its settings diverge; check the weights, dtype and guidance_scale")
-    return images
+                             hooks=hooks, output_type="latent" if metric_on == "latents" else "np")
+    out = result.images
+    out = out.float().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out, np.float32)
+    if not np.isfinite(out).all():
+        what = "final latents" if metric_on == "latents" else "decoded images"
+        raise NonFiniteError(f"the {what} hold NaN or inf (guidance_scale={guidance_scale:g}, {T} steps): the model "
+                             f"or its settings diverge; check the weights, dtype and guidance_scale")
+    return out
+
+
+def _decode(lens: Any, latents: np.ndarray) -> np.ndarray:
+    """Images ``(seed, 2, H, W, 3)`` of each seed's clean and corrupt final latents ``(seed, 2, C, h, w)``."""
+    from ..model.head import decode
+
+    flat = torch.from_numpy(latents.reshape(-1, *latents.shape[2:])).to(lens.device)
+    images = decode(lens, flat)
+    return images.reshape(*latents.shape[:2], *images.shape[1:])
 
 
 def _score(metric: Callable, images: np.ndarray) -> np.ndarray:
-    """The metric's values ``(n,)`` for images ``(n, H, W, 3)``, refused unless one finite number per image."""
+    """The metric's values ``(n,)`` for images ``(n, H, W, 3)`` or latents, refused unless one finite number per run."""
     name, n = _name(metric), len(images)
     try:
         values = np.asarray(as_array(metric(images)), dtype=np.float64)
@@ -276,103 +319,3 @@ def _score(metric: Callable, images: np.ndarray) -> np.ndarray:
 def _name(metric: Any) -> str:
     name = getattr(metric, "name", None) or getattr(metric, "__name__", None) or type(metric).__name__
     return str(name)
-
-
-def _site_layers(lens: Any, site: str) -> list[int]:
-    """The blocks that have output site `site`, refusing weights sites and unknown names."""
-    family = lens.family
-    if site not in OUTPUT_SITES:
-        family.rank(site)  # unknown site: names the family's sites
-        raise ValueError(f"patching copies a site's output: choose one of {list(OUTPUT_SITES)}, got {site!r}")
-    family.rank(site)  # a site this family does not have
-    return lens.layers_with(site)
-
-
-def _indices(value: Any, n: int, what: str, allowed: list[int]) -> list[int]:
-    """A window of `what` (``"blocks"`` over `allowed`, or ``"steps"``): None, fractions or indices."""
-    if value is None:
-        return list(allowed)
-    if isinstance(value, tuple):
-        start, stop = check_window(value, f"a {what[:-1]} window")
-        picked = window_layers((start, stop), n)
-    else:
-        try:
-            picked = list(value)
-        except TypeError:
-            raise ValueError(f"a {what[:-1]} window is None, a tuple (start, stop) of fractions or a list of "
-                             f"{what[:-1]} indices, got {value!r}") from None
-        if not picked or not all(is_int(i) for i in picked):
-            raise ValueError(f"a list of {what} must hold integer indices, got {value!r}; write fractions as a tuple "
-                             f"(start, stop)")
-    chosen = [int(i) for i in picked if int(i) in allowed]
-    missing = [int(i) for i in picked if int(i) not in allowed]
-    if isinstance(value, tuple) and chosen:
-        return chosen
-    if missing or not chosen:
-        raise ValueError(f"{what} {missing or list(picked)} are not among the {len(allowed)} {what} this patch can "
-                         f"reach ({_span(allowed)})")
-    return sorted(set(chosen))
-
-
-def _span(values: list[int]) -> str:
-    return f"{values[0]}..{values[-1]}" if values == list(range(values[0], values[-1] + 1)) else str(values)
-
-
-def _grid(lens: Any, grid: Any, site: str, site_layers: list[int], layers: Any, steps: Any,
-          T: int) -> tuple[tuple[str, ...], dict, list[Cells], list[dict]]:
-    """The grid's dims, coords, each patch's cells and each window's labels."""
-    all_steps = list(range(T))
-    if isinstance(grid, str):
-        if grid not in GRIDS:
-            raise ValueError(f"grid must be 'cell', 'layer', 'step' or a list of (layer window, step window) pairs, "
-                             f"got {grid!r}")
-        if isinstance(layers, (int, np.integer)) or isinstance(steps, (int, np.integer)):
-            raise ValueError("layers and steps are lists of indices; pass e.g. layers=[3] or steps=[0]")
-        for layer in [] if layers is None else list(layers):
-            if not is_int(layer) or not 0 <= layer < lens.num_layers:
-                raise ValueError(f"layers must be block indices in 0..{lens.num_layers - 1}, got {layer!r}")
-            lens.family.check_site(site, int(layer), lens.split)  # a block of Flux's other list
-        chosen_layers = site_layers if layers is None else _indices(list(layers), lens.num_layers, "blocks", site_layers)
-        chosen_steps = all_steps if steps is None else _indices(list(steps), T, "steps", all_steps)
-        if grid == "cell":
-            patches = [Cells({(t, l)}) for t in chosen_steps for l in chosen_layers]
-            return ("step", "layer"), {"step": chosen_steps, "layer": chosen_layers}, patches, []
-        if grid == "layer":
-            patches = [Cells((t, l) for t in chosen_steps) for l in chosen_layers]
-            return ("layer",), {"layer": chosen_layers}, patches, []
-        patches = [Cells((t, l) for l in chosen_layers) for t in chosen_steps]
-        return ("step",), {"step": chosen_steps}, patches, []
-    if layers is not None or steps is not None:
-        raise ValueError("layers= and steps= choose the rows of a 'cell', 'layer' or 'step' grid; a list of windows "
-                         "names its own blocks and steps (leave layers and steps out)")
-    try:
-        windows = list(grid)
-    except TypeError:
-        raise ValueError(f"grid must be 'cell', 'layer', 'step' or a list of (layer window, step window) pairs, "
-                         f"got {grid!r}") from None
-    if not windows:
-        raise ValueError("grid is an empty list: there is nothing to patch; pass e.g. grid=[(None, None)] (the "
-                         "whole run) or grid='cell'")
-    patches, labels = [], []
-    for window in windows:
-        if not isinstance(window, (tuple, list)) or len(window) != 2:
-            raise ValueError(f"each window of grid is a pair (layer window, step window), got {window!r}; e.g. "
-                             f"(None, None) or ((0, 0.25), None)")
-        block_window, step_window = window
-        chosen_layers = _indices(block_window, lens.num_layers, "blocks", site_layers)
-        chosen_steps = _indices(step_window, T, "steps", all_steps)
-        patches.append(Cells((t, l) for t in chosen_steps for l in chosen_layers))
-        labels.append({"layer_window": _label(block_window), "step_window": _label(step_window),
-                       "layers": chosen_layers, "steps": chosen_steps})
-    coords = {"window": list(range(len(windows))),
-              "layer_window": ("window", [w["layer_window"] for w in labels]),
-              "step_window": ("window", [w["step_window"] for w in labels])}
-    return ("window",), coords, patches, labels
-
-
-def _label(window: Any) -> str:
-    if window is None:
-        return "all"
-    if isinstance(window, tuple):
-        return f"{float(window[0]):g}-{float(window[1]):g}"  # as the layer windows of studies label them
-    return ",".join(str(int(i)) for i in window)

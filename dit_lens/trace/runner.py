@@ -5,7 +5,8 @@
 where it runs and a function called on the site's output there; the function may return a tensor to
 replace the output (an edit) or ``None`` to leave it alone (a read). Hooks from any number of callers
 run in one pass, visited in execution order (step, layer, then the block's own site order), in the
-order they were given at one site. Weights sites (``"attn2.weights"``) get dit-lens' attention
+order they were given at one site. A heads site (``"attn2.heads"``) is the input of its attention's output
+projection, read and replaced there. Weights sites (``"attn2.weights"``) get dit-lens' attention
 processor on exactly the layers they name (`dit_lens.trace.attention`); nnsight removes its hooks and
 the processors are put back when the run ends, also when it raises. `check_prompts`, `check_seeds` and
 `is_int` (re-exported from `dit_lens.validate`) validate the (prompt, seed) grid that capture and
@@ -57,7 +58,7 @@ class Hook:
 
     Attributes:
         site: A site of the model's family (``"attn2"``, ``"attn1"``, ``"ff"``, ``"block"``,
-            ``"attn1.weights"``, ``"attn2.weights"``).
+            ``"attn1.weights"``, ``"attn2.weights"``, ``"attn1.heads"``, ``"attn2.heads"``).
         layers: Block indices.
         visit: ``visit(step, layer, output)``; returns a replacement or ``None``.
         steps: Denoising steps (``None``: every step).
@@ -162,15 +163,17 @@ def traced_generate(
                     active = [h for h in at_point[(layer, site)] if h.runs_at(step)]
                     if not active:
                         continue
-                    envoy = envoys[(layer, site)]
-                    whole = envoy.output  # the module's output: the site's tensor, or a tuple holding it
-                    part = parts[layer]
+                    envoy, part = envoys[(layer, site)], parts[layer]
+                    heads = part.heads_of(site) is not None  # a heads site is its module's input
+                    whole = envoy.input if heads else envoy.output  # the site's tensor, or a tuple holding it
                     output, replaced = part.read(site, whole, text), False  # (rows, tokens, C); weights (rows, heads, q, k)
                     for hook in active:
                         new = hook.visit(step, layer, output)
                         if new is not None:
                             output, replaced = new, True
-                    if replaced:
+                    if replaced and heads:
+                        envoy.input = output
+                    elif replaced:
                         envoy.output = part.write(site, whole, output, text)
             result = lens.model.output.save()
     if output_type == "latent" and family.pack > 1:  # (rows, C, h, w), as every other family returns them
