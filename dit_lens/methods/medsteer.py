@@ -136,7 +136,7 @@ def causal_grid(lens: Any, pair: ConceptPair, *, oracle: Any, seeds: int, site: 
     seeds = check_count(seeds)
     label = pair.source
     key = (lens.fingerprint, pair, seeds, site, None if layers is None else tuple(layers),
-           None if steps is None else tuple(steps), num_inference_steps, float(guidance_scale),
+           None if steps is None else tuple(steps), num_inference_steps, float(guidance_scale), batch_size,
            getattr(oracle, "fingerprint", None) or id(oracle))
     if key in _GRIDS:
         return _GRIDS[key]
