@@ -58,7 +58,7 @@ def main() -> int:
                 got = [summary[key], *(summary[f"{key}_ci95"] if interval else [])]
                 shown = [f"{v:.{digits}f}" for v in got]
                 status = "ok" if shown == [value, *interval] else "CHANGED"
-                print(f"{status:7s} {' '.join(flags) or 'defaults'}: {key} RESULTS.md {[value, *interval]}, now {shown}")
+                print(f"{status:7s} {' '.join(flags) or 'defaults'}: {key} was {[value, *interval]}, now {shown}")
                 if status != "ok":
                     wrong.append(key)
     return 1 if wrong else 0

@@ -1,12 +1,14 @@
 """The documentation is true: README.md, RESULTS.md and docs/ say what the code does.
 
 - Every ```python block of README.md and of each page of docs/ runs as written: a file's blocks in
-  order, in one namespace of their own (as a doctest session does), in a temporary working folder with
-  a cache of its own. A block may be left out only for the one reason `NOT_RUN_REASON`, marked by an
-  HTML comment on the line above it, and only the blocks listed in `NOT_RUN` are.
-- Every shell command that runs ``dit-lens`` parses with the command line's own parser
-  (`dit_lens.apps.cli.parser`), and a study's flags (``dit-lens study NAME ...`` or
-  ``python studies/NAME.py ...``) with that study's own; a ``python`` script named in a command exists.
+  order, in one namespace of their own (as a doctest session does), in a temporary working folder, with
+  a temporary cache (``DIT_LENS_CACHE``). A block may be left out only for the one reason
+  `NOT_RUN_REASON`, marked by an HTML comment on the line above it, and only the blocks listed in
+  `NOT_RUN` are.
+- Every block names its language, so none escapes these checks.
+- Every shell command (and every command quoted in the text) that runs ``dit-lens`` parses with the
+  command line's own parser (`dit_lens.apps.cli.parser`), and a study's flags (``dit-lens study NAME ...``
+  or ``python studies/NAME.py ...``) with that study's own; a ``python`` script named in a command exists.
 - The README stays short (`README_MAX_LINES`) and links into docs/; every relative link resolves.
 - ``mkdocs build --strict`` builds the site without a warning.
 """
