@@ -14,6 +14,7 @@ import pytest
 import xarray as xr
 import zarr
 
+import children
 from dit_lens import PixArtSpec, build_pixart, capture, load
 from dit_lens.study import Study, run_study
 from dit_lens.study.cells import CellRunner, DamagedCellError
@@ -33,13 +34,12 @@ lens = load(build_pixart(PixArtSpec(num_layers=2)))
 """
 
 
-def spawn(tmp_path, body: str, *args: str) -> subprocess.Popen:
+def spawn(tmp_path, body: str, *args: str) -> children.Child:
     script = tmp_path / "job.py"
     if not script.exists():
         script.write_text(HEADER + textwrap.dedent(body))
     env = {**os.environ, "TQDM_DISABLE": "1", "DIT_LENS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(script), *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return children.start(script, *args, env=env)  # a process of its own, forked from a warm interpreter
 
 
 def finish(jobs, timeout=300) -> list[tuple[int, str, str]]:
