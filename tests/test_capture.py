@@ -2,8 +2,6 @@
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import torch
 import xarray as xr
 import zarr
 
+import children
 from dit_lens import PixArtSpec, build_pixart, load
 from dit_lens.trace.capture import CaptureSettings, capture
 from dit_lens.trace.store import CaptureStore, CaptureStoreError
@@ -204,8 +203,7 @@ def test_killed_capture_resumes_with_only_missing_cells(tiny_lens, tiny_spec, tm
         CHILD.format(spec=tiny_spec.to_dict(), prompts=prompts, seeds=seeds, steps=steps)
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-    child = subprocess.Popen([sys.executable, str(script), str(store)], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    child = children.start(script, str(store), env=env)  # a process of its own, forked from a warm interpreter
     done = 0
     try:
         deadline = time.monotonic() + 120
@@ -214,9 +212,9 @@ def test_killed_capture_resumes_with_only_missing_cells(tiny_lens, tiny_spec, tm
             if (store / "done" / "0.0").exists():
                 done = int(zarr.open_group(str(store), mode="r")["done"][...].sum())
     finally:
-        child.send_signal(signal.SIGKILL)
+        child.kill()
         _, err = child.communicate()
-    assert child.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    assert child.returncode == -signal.SIGKILL, err[-2000:]
     finished = int(zarr.open_group(str(store), mode="r")["done"][...].sum())
     assert 1 <= finished < len(prompts) * len(seeds), "the child was not killed mid-capture"
 
@@ -281,10 +279,10 @@ def test_memory_stays_flat_as_seeds_grow(tmp_path):
     script = tmp_path / "memory.py"
     script.write_text(MEMORY_CHILD.format(seeds=48))
     env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    growth_mib = float(out.stdout.split()[-1])
+    child = children.start(script, env=env)  # a process of its own: its peak RSS is its own
+    stdout, stderr = child.communicate(timeout=300)
+    assert child.returncode == 0, stderr[-2000:]
+    growth_mib = float(stdout.split()[-1])
     assert growth_mib < 25, f"peak RSS grew by {growth_mib:.1f} MiB over 48 seeds"
 
 

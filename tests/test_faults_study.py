@@ -5,7 +5,6 @@ nothing of theirs touched, one study whole, one clear line naming the file or fl
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 import time
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
+import children
 from dit_lens.storage import MARKER, DamagedError, FolderClaimError
 from dit_lens.study import Metric, Study, run_study
 from dit_lens.study.cells import CellRunner
@@ -113,9 +113,8 @@ def test_two_studies_at_once_on_one_folder_one_wins_whole(model, tmp_path):
     started, go = tmp_path / "started", tmp_path / "go"
     env = {**os.environ, "TQDM_DISABLE": "1", "DIT_LENS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
 
-    def start(*flags, **extra):
-        return subprocess.Popen([sys.executable, str(script), "--model", model, "--out", str(out), *flags],
-                                env={**env, **extra}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def start(*flags, **extra):  # a process of its own, forked from a warm interpreter
+        return children.start(script, "--model", model, "--out", str(out), *flags, env={**env, **extra})
 
     first = start(HOLD=f"{started},{go}")
     try:
