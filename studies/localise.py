@@ -28,7 +28,7 @@ from dit_lens.methods.medsteer import causal_cells, causal_steer
 from dit_lens.storage import read_record, write_record
 from dit_lens.study import Study
 from dit_lens.study.cells import CellRunner
-from dit_lens.study.declaration import run_study, study_folder
+from dit_lens.study.run import run_study, study_folder
 
 HERE = Path(__file__).resolve().parent
 PAIRS = runpy.run_path(str(HERE / "concept_pairs.py"))["PAIRS"]

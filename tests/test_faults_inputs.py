@@ -83,7 +83,7 @@ def test_a_method_names_the_cell_setting_of_a_diverging_run(tiny_lens):
 
 def test_a_study_stores_no_cell_of_a_diverging_run(tiny_lens, tmp_path, monkeypatch):
     monkeypatch.setenv("DIT_LENS_CACHE", str(tmp_path / "cache"))
-    from dit_lens.study.declaration import run_study
+    from dit_lens.study.run import run_study
 
     pair = ConceptPair("a polyp", "a normal cecum", contexts=("{}",))
     study = Study("diverge", pairs=(pair,), methods={"medsteer": {"alpha": (1e30,), "vector_seeds": (1,)}},

@@ -25,7 +25,8 @@ from ..methods.pair import ConceptPair
 from ..scale.executors import WorkerLostError
 from ..trace.attrs import read
 from ..validate import USER_ERRORS, check_pipeline_folder, check_writable_folder
-from .declaration import Study, floors, method_axes, metric_names, pick_settings, run_study, study_folder
+from .declaration import Study, floors, method_axes, metric_names, pick_settings
+from .run import run_study, study_folder
 from .metrics import STANDARD_METRICS
 
 __all__ = ["study_main", "find_study", "print_table", "print_picks", "parser", "declared", "executor"]

@@ -1,8 +1,8 @@
 """Declarative studies: concept pairs, methods with the settings each sweeps, seeds and metrics → a result.
 
 A `Study` is a frozen value. ``methods`` maps registered method names (`dit_lens.methods`) to the
-values each of its axes sweeps; axes left out take the method's defaults. `run_study` does the
-rest: captures for the vectors (reusing the capture store), the pairs of every cell (one method at
+values each of its axes sweeps; axes left out take the method's defaults. `run_study`
+(`dit_lens.study.run`) does the rest: captures for the vectors (reusing the capture store), the pairs of every cell (one method at
 one setting for one concept pair), metrics with their n and bootstrap intervals, and a labelled
 `xarray.Dataset` with a ``method`` dim beside every method's axes. Finished cells are kept as small
 JSON files, so a killed study resumes, a re-run reuses them, and a widened grid (another α, window
@@ -23,8 +23,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import xarray as xr
@@ -34,7 +33,7 @@ from ..trace.attrs import read
 from ..validate import check_guidance, check_int, check_steps
 from .metrics import STANDARD_METRICS, Metric
 
-__all__ = ["ConceptPair", "Study", "run_study", "window_layers", "window_steps", "window_label", "floors",
+__all__ = ["ConceptPair", "Study", "window_layers", "window_steps", "window_label", "floors",
            "pick_settings", "DEFAULT_FLOORS"]
 
 #: What a setting must reach to count as working when a study declares no floors.
@@ -221,63 +220,6 @@ def context_of(declaration: dict) -> dict:
     else:
         context["metrics"] = [{"name": n, "version": v} for n, v in metrics]
     return json.loads(json.dumps(context))
-
-
-def run_study(
-    study: Study,
-    lens: Any,
-    *,
-    oracle: Callable,
-    segmenter: Callable,
-    out: str | Path | None = None,
-    progress: bool = True,
-    repair: bool = False,
-    overwrite: bool = False,
-    executor: Any = None,
-) -> xr.Dataset:
-    """Run every cell of `study` not already finished in `out`, and return the labelled result.
-
-    Args:
-        study: The declaration.
-        lens: From `dit_lens.load`.
-        oracle: Classifier: images ``(N, H, W, 3)`` → probabilities ``(N, K)``, with ``.labels``.
-        segmenter: Images → boolean lesion masks ``(N, H, W)``.
-        out: The result folder (default ``cache/studies/<name>-<key>``).
-        progress: Show a progress bar over cells.
-        repair: Recompute cells whose files are damaged (checksum mismatch) instead of refusing.
-        overwrite: Replace another study held in `out`: only what dit-lens recorded writing there is
-            removed, and never while another process runs a study in it. A folder dit-lens did not
-            make is refused untouched whatever this says.
-        executor: Where the cells run: ``None`` (this process) or ``"ray"`` / a
-            `dit_lens.scale.RayExecutor` (Ray tasks on workers that each load the model once; the
-            same cells, values and folder).
-
-    Returns:
-        Dataset with dims ``(method, pair, <every declared method's axes>)``; for each metric the
-        variables ``<metric>``, ``<metric>_low``, ``<metric>_high`` and ``<metric>_n``. A method's
-        cells repeat along the axes it does not have (re-prompting does not depend on α, so its
-        row is the same at every α) and are NaN at values of its own axes it does not sweep.
-        Attrs: the declaration, each method's axes, the measured metrics, the floors, provenance
-        and the folder.
-    """
-    from ..scale.executors import RayExecutor, as_executor
-    from .cells import CellRunner
-
-    executor = as_executor(executor)
-    if isinstance(executor, RayExecutor):
-        executor.connect()  # an unreachable cluster is said before the folder is claimed
-    runner = CellRunner(study, lens, oracle, segmenter, study_folder(study, lens, out), progress=progress,
-                        repair=repair, overwrite=overwrite)
-    with runner.in_use():  # no other study replaces the folder until its result is assembled
-        runner.run(executor)
-        return runner.assemble()
-
-
-def study_folder(study: Study, lens: Any, out: str | Path | None = None) -> Path:
-    """Where `run_study` keeps `study`'s cells: `out`, or ``cache/studies/<name>-<key>``."""
-    from ..trace.store import cache_root
-
-    return Path(out) if out is not None else cache_root() / "studies" / f"{study.name}-{study.key(lens)}"
 
 
 def floors(result: xr.Dataset) -> dict[str, float]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,10 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from .encode import int_ticks, png_uri
 from .figures import _require_gates, _title
+from .patching import is_patching, write_patching_explorer
+from .x0 import write_x0_explorer
 
 __all__ = ["write_explorer"]
 
@@ -161,22 +163,16 @@ def write_explorer(out: xr.Dataset, path: str | Path, *, max_pairs: int = 16,
     if out.attrs.get("readout") == "x0_lens":
         if attention is not None or judge is not None:
             raise ValueError("attention= and judge= belong to the gate explorer; an x0_lens result takes neither")
-        from .x0 import write_x0_explorer
-
         return write_x0_explorer(out, path, max_runs=max_pairs)
-    from .patching import is_patching
-
     if is_patching(out):
         if attention is not None or judge is not None:
             raise ValueError("attention= and judge= belong to the gate explorer; a patching result takes neither")
-        from .patching import write_patching_explorer
-
         return write_patching_explorer(out, path, max_seeds=max_pairs)
     gate = _require_gates(out)
     if len(out["branch"]) != 2:
         raise ValueError("the explorer needs pairs: generate with a steer")
     cells = [(str(p), int(s)) for p in out["prompt"].values for s in out["seed"].values][:max_pairs]
-    images = [[_png(out["image"].sel(prompt=p, seed=s, branch=b).values) for b in ("original", "edited")]
+    images = [[png_uri(out["image"].sel(prompt=p, seed=s, branch=b).values) for b in ("original", "edited")]
               for p, s in cells]
     shown = xr.concat([gate.sel(prompt=p, seed=s).transpose("step", "layer", "row", "col") for p, s in cells], "pair")
     zmax = float(shown.max()) or 1.0
@@ -305,15 +301,6 @@ def _attention_data(attention: xr.Dataset | xr.DataArray, cells: list[tuple[str,
             "empty": empty}
 
 
-def _png(image: np.ndarray) -> str:
-    """An (H, W, 3) image in [0, 1] as a PNG data URI (8 bits per channel, compressed losslessly)."""
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(buffer, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def _levels(values: np.ndarray, top: float) -> str:
     """Values in [0, `top`] as base64 bytes, 0-255 levels of `top` (row-major)."""
     q = np.clip(np.nan_to_num(np.asarray(values, dtype=np.float64) / top * 255), 0, 255).round().astype(np.uint8)
@@ -351,9 +338,9 @@ def _summary(out: xr.Dataset, shown: xr.DataArray, mass: np.ndarray, start: tupl
                   row=1, col=1)
     # integer axes over exactly the cells (no padding, so no tick beyond the first or last step)
     fig.update_xaxes(title_text="layer", range=[layers[0] - 0.5, layers[-1] + 0.5], tickmode="array",
-                     tickvals=_ticks(layers), row=1, col=1)
+                     tickvals=int_ticks(layers), row=1, col=1)
     fig.update_yaxes(title_text="step", range=[steps[-1] + 0.5, steps[0] - 0.5], tickmode="array",
-                     tickvals=_ticks(steps), row=1, col=1)
+                     tickvals=int_ticks(steps), row=1, col=1)
     if maps:  # over the original image, in its pixels (as the panels above)
         height, width = out.sizes["y"], out.sizes["x"]
         rows, cols = shown.sizes["row"], shown.sizes["col"]
@@ -364,10 +351,6 @@ def _summary(out: xr.Dataset, shown: xr.DataArray, mass: np.ndarray, start: tupl
     fig.update_layout(height=360, width=1000 if maps else 560, margin={"t": 40, "b": 10}, showlegend=False)
     return fig.to_html(full_html=False, include_plotlyjs=False, div_id="gate-summary"), masses, maps
 
-
-def _ticks(values: list[int], most: int = 12) -> list[int]:
-    """Integer ticks: every value, or every k-th from the first when there are more than `most`."""
-    return values[::-(-len(values) // most)]
 
 
 def _verdict_lines(out: xr.Dataset, cells: list[tuple[str, int]], judge: Any) -> list[str]:

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from .encode import png_uri
 from .figures import _pyplot, _wrap
 
 __all__ = ["patching_figure", "write_patching_explorer"]
@@ -193,7 +194,6 @@ def patching_explorer_figure(result: xr.Dataset, *, max_seeds: int = 16) -> Any:
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    from .explorer import _png
 
     if not is_patching(result) or "seed" not in result["effect"].dims:
         raise ValueError("write_patching_explorer draws the Dataset returned by dit_lens.patching; got "
@@ -215,7 +215,7 @@ def patching_explorer_figure(result: xr.Dataset, *, max_seeds: int = 16) -> Any:
         images[seed] = len(fig.data)
         for col, kind in ((1, "clean"), (2, "corrupt")):
             value = float(result[f"metric_{kind}"].sel(seed=seed))
-            fig.add_trace(go.Image(source=_png(result[f"image_{kind}"].sel(seed=seed).values) if f"image_{kind}" in
+            fig.add_trace(go.Image(source=png_uri(result[f"image_{kind}"].sel(seed=seed).values) if f"image_{kind}" in
                                    result else None, name=f"{kind}, seed {seed}: metric {value:.4g}",
                                    hovertemplate=f"{kind}, seed {seed}: metric {value:.4g}<extra></extra>",
                                    visible=False), row=1, col=col)

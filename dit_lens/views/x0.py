@@ -29,6 +29,7 @@ import numpy as np
 import xarray as xr
 
 from .describe import describe_result, span
+from .encode import int_ticks, png_uri
 from .figures import _cell, _chars, _pick, _pyplot, _wrap
 
 __all__ = ["x0_distance", "x0_lens_figure", "write_x0_explorer"]
@@ -176,7 +177,6 @@ def write_x0_explorer(ds: xr.Dataset, path: str | Path, *, max_runs: int = 16) -
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    from .explorer import _png, _ticks
 
     _require_lens(ds, "write_x0_explorer")
     if not isinstance(max_runs, int) or max_runs < 1:
@@ -189,11 +189,11 @@ def write_x0_explorer(ds: xr.Dataset, path: str | Path, *, max_runs: int = 16) -
         "steps": steps,
         "timesteps": [float(t) for t in ds["timestep"].values] if "timestep" in ds.coords else steps,
         "layers": layers,
-        "lens": [[[_png(lens.sel(prompt=p, seed=s).values[i, j]) for j in range(len(layers))]
+        "lens": [[[png_uri(lens.sel(prompt=p, seed=s).values[i, j]) for j in range(len(layers))]
                   for i in range(len(steps))] for p, s in cells],
-        "final": [[_png(image) for image in ds["image_final"].sel(prompt=p, seed=s).transpose("step", ...).values]
+        "final": [[png_uri(image) for image in ds["image_final"].sel(prompt=p, seed=s).transpose("step", ...).values]
                   for p, s in cells],
-        "generated": [_png(ds["generated"].sel(prompt=p, seed=s).values) for p, s in cells],
+        "generated": [png_uri(ds["generated"].sel(prompt=p, seed=s).values) for p, s in cells],
         "distance": [np.round(distance.sel(prompt=p, seed=s).values, 5).tolist() for p, s in cells],
     }
     titles = ("after the chosen block", "model's x̂₀ at this step", "generated")
@@ -212,9 +212,9 @@ def write_x0_explorer(ds: xr.Dataset, path: str | Path, *, max_runs: int = 16) -
     summary.add_trace(go.Scatter(x=[layers[-1]], y=[steps[0]], mode="markers", name="shown above", cliponaxis=False,
                                  marker={"symbol": "square-open", "size": 14, "color": "cyan", "line": {"width": 2}}))
     summary.update_xaxes(title_text="layer", range=[layers[0] - 0.5, layers[-1] + 0.5], tickmode="array",
-                         tickvals=_ticks(layers))
+                         tickvals=int_ticks(layers))
     summary.update_yaxes(title_text="step", range=[steps[-1] + 0.5, steps[0] - 0.5], tickmode="array",
-                         tickvals=_ticks(steps))
+                         tickvals=int_ticks(steps))
     summary.update_layout(height=360, width=600, margin={"t": 30, "b": 10}, showlegend=False,
                           title={"text": "distance from the model's x̂₀ of the step", "font": {"size": 13}})
     options = "".join(f'<option value="{i}">{html.escape(p)} · seed {s}</option>' for i, (p, s) in enumerate(cells))
