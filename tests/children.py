@@ -70,7 +70,8 @@ class Child:
     """A started child, with the parts of `subprocess.Popen` the tests use."""
 
     def __init__(self, process: multiprocessing.process.BaseProcess, stdout: Path, stderr: Path) -> None:
-        self._process, self._stdout, self._stderr = process, stdout, stderr
+        self._process = process
+        self.stdout_file, self.stderr_file = stdout, stderr  # what it has written so far, while it runs
 
     @property
     def pid(self) -> int:
@@ -86,12 +87,17 @@ class Child:
     def kill(self) -> None:
         self._process.kill()
 
-    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
-        """Wait for the child to end; its (stdout, stderr). Raises `subprocess.TimeoutExpired` after `timeout`."""
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the child to end; its return code. Raises `subprocess.TimeoutExpired` after `timeout`."""
         self._process.join(timeout)
         if self._process.exitcode is None:
-            raise subprocess.TimeoutExpired(str(self._stdout.parent), timeout)
-        return self._stdout.read_text(), self._stderr.read_text()
+            raise subprocess.TimeoutExpired(str(self.stdout_file.parent), timeout)
+        return self._process.exitcode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """Wait for the child to end; its (stdout, stderr). Raises `subprocess.TimeoutExpired` after `timeout`."""
+        self.wait(timeout)
+        return self.stdout_file.read_text(), self.stderr_file.read_text()
 
 
 def start(script: str | Path, *args: str, env: dict | None = None) -> Child:

@@ -4,20 +4,18 @@ fine-tunes into one folder at once, damaged or edited adapters, adapters loaded 
 
 import json
 import os
-import subprocess
-import sys
 import time
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import children
 from dit_lens import load
 from dit_lens.apps.cli import main
 from dit_lens.model.builders import PixArtSpec, build_pixart
-from dit_lens.storage import DamagedError, FolderClaimError, MissingError, load_torch, save_torch
+from dit_lens.storage import DamagedError, MissingError, load_torch, save_torch
 from dit_lens.training import TrainingImages, finetune, read_image_folder, read_record, write_image_folder
 from dit_lens.training.trainer import _Trainer
 from dit_lens.validate import NonFiniteError
@@ -129,29 +127,27 @@ def test_two_fine_tunes_into_one_folder_at_once_one_wins_whole(tiny_pipeline, da
     out, gate = tmp_path / "out", tmp_path / "gate"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-    def start(name, steps, gated=False):
-        argv = [sys.executable, str(tmp_path / "racer.py"), str(gate) if gated else "-", "finetune", "--model",
-                str(tmp_path / "model"), "--data", str(tmp_path / "data"), "--out", str(out), "--steps", str(steps),
-                "--batch-size", "2", "--quiet"]
-        with open(tmp_path / f"{name}.err", "w") as err:
-            return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+    def start(steps, gated=False):  # a process of its own, forked from a warm interpreter
+        return children.start(tmp_path / "racer.py", str(gate) if gated else "-", "finetune", "--model",
+                              str(tmp_path / "model"), "--data", str(tmp_path / "data"), "--out", str(out),
+                              "--steps", str(steps), "--batch-size", "2", "--quiet", env=env)
 
-    first = start("first", 4, gated=True)
+    first = start(4, gated=True)
     runs = [first]
     try:
         _wait_for(lambda: (out / ".dit-lens").is_file() or first.poll() is not None, "the first run to claim --out")
-        other, same = start("other", 5), start("same", 4)
+        other, same = start(5), start(4)
         runs += [other, same]
         assert other.wait(timeout=180) == 2  # refused at once, while the first still runs
-        lines = (tmp_path / "other.err").read_text().splitlines()
+        lines = other.stderr_file.read_text().splitlines()
         errors = [line for line in lines if line.startswith("dit-lens: error: ")]
         assert len(errors) == 1 and not any("Traceback" in line for line in lines)
         assert "is being written by another fine-tune" in errors[0] and "config.steps: 4 there, 5 now" in errors[0]
-        _wait_for(lambda: "waiting" in (tmp_path / "same.err").read_text(), "the same run to wait for the lock")
+        _wait_for(lambda: "waiting" in same.stderr_file.read_text(), "the same run to wait for the lock")
         gate.write_text("go")
         assert first.wait(timeout=180) == 0
         stamp = (out / "finetune.json").stat().st_mtime_ns
-        assert same.wait(timeout=180) == 0 and "use it" in same.stdout.read()  # it waited, then reused the result
+        assert same.wait(timeout=180) == 0 and "use it" in same.communicate()[0]  # it waited, then reused the result
         assert (out / "finetune.json").stat().st_mtime_ns == stamp
         assert read_record(out)["config"]["steps"] == 4
     finally:
@@ -159,7 +155,6 @@ def test_two_fine_tunes_into_one_folder_at_once_one_wins_whole(tiny_pipeline, da
             if run.poll() is None:
                 run.kill()
             run.wait()
-            run.stdout.close()
 
 
 def _no_hub(monkeypatch):
