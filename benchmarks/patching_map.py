@@ -44,7 +44,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     import dit_lens
     from dit_lens.readouts.attribution import class_logprob
-    from dit_lens.study.metrics import estimate
+    from dit_lens.metrics import estimate
 
     lens = dit_lens.load("embedded")
     oracle = dit_lens.load_oracle()

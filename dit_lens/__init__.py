@@ -26,6 +26,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "SD3Spec": ("dit_lens.model.sd3", None),
     "build_sd3": ("dit_lens.model.sd3", None),
     "methods": ("dit_lens.methods", ""),
+    "metrics": ("dit_lens.metrics", ""),
     "EditContext": ("dit_lens.interventions.base", None),
     "Intervention": ("dit_lens.interventions.base", None),
     "LatentEdit": ("dit_lens.interventions.base", None),
@@ -213,6 +214,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .model.sd3 import SD3Spec
     from .model.sd3 import build_sd3
     from . import methods
+    from . import metrics
     from .interventions.base import EditContext
     from .interventions.base import Intervention
     from .interventions.base import LatentEdit

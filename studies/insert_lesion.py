@@ -16,7 +16,7 @@ import sys
 from dit_lens.methods.insert import MODULES
 from dit_lens.study import Study
 from dit_lens.study.cli import study_main
-from dit_lens.study.metrics import REGION_METRICS
+from dit_lens.metrics import REGION_METRICS
 from dit_lens.world import endoscopy_pair, load_oracle, load_segmenter
 
 STUDY = Study(

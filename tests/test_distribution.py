@@ -4,7 +4,7 @@ oracle's features it is measured on."""
 import numpy as np
 import pytest
 
-from dit_lens.study.distribution import frechet_difference, frechet_distance, frechet_estimate, frechet_from_moments
+from dit_lens.metrics.distribution import frechet_difference, frechet_distance, frechet_estimate, frechet_from_moments
 
 
 def test_the_distance_of_diagonal_gaussians_is_the_closed_form():

@@ -123,7 +123,7 @@ def test_run_downstream_end_to_end_resumes_and_refuses_another_run(tmp_path, det
     again = run_downstream(cfg, lens, tmp_path, progress=False)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cells").iterdir()} == stamp
     xr.testing.assert_equal(again["auc"], result["auc"])
-    from dit_lens.study import metrics as M
+    from dit_lens import metrics as M
 
     for baseline in ("reprompt", "pnp", "hedit"):  # paired by training seed, bootstrap intervals
         name = f"auc_gain_medsteer_vs_{baseline}"

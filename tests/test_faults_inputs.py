@@ -22,7 +22,7 @@ from dit_lens.methods import ConceptPair, get
 from dit_lens.methods.registry import MethodContext
 from dit_lens.readouts.vectors import (concept_vector, export_authors, import_authors, load_vector,
                                        normalize_vector, save_vector)
-from dit_lens.study import metrics as M
+from dit_lens import metrics as M
 from dit_lens.study.declaration import Study
 from dit_lens.trace.capture import capture
 from dit_lens.trace.runner import traced_generate

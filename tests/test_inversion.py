@@ -399,7 +399,7 @@ def test_registered_inversion_methods_edit_the_generated_originals(tiny_lens, na
 
 def test_every_reader_takes_an_edit_as_it_takes_generated_pairs(tiny_lens, images, trajectory):
     """One pairs layout: the metrics and figures read `edit`'s output as they read `generate`'s."""
-    from dit_lens.study import metrics as M
+    from dit_lens import metrics as M
     from dit_lens.views.figures import pairs_figure
 
     out = edit(tiny_lens, images, source=SOURCE, target=TARGET, method="reprompt", num_inference_steps=T,

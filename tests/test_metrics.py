@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from dit_lens.study import metrics
+from dit_lens import metrics
 
 LABELS = ["normal cecum", "polyps", "dyed lifted polyps"]
 
@@ -225,7 +225,7 @@ def test_region_metrics_by_hand():
 
 
 def test_proportion_has_a_wilson_interval_that_stays_informative_at_the_ends():
-    from dit_lens.study.metrics import proportion
+    from dit_lens.metrics import proportion
 
     all_hit = proportion(np.ones(64, bool))
     assert (all_hit.value, all_hit.high, all_hit.n) == (1.0, 1.0, 64)

@@ -223,7 +223,7 @@ def test_a_folder_of_another_study_is_refused(tiny_lens, study, tmp_path):
 
 
 def test_cells_measured_under_older_metric_definitions_are_not_reused(tiny_lens, study, tmp_path, monkeypatch):
-    import dit_lens.study.metrics as M
+    import dit_lens.metrics as M
 
     small = study.replace(methods={"medsteer": {"alpha": (0.0,), "vector_seeds": (2,)}})
     run_study(small, tiny_lens, oracle=BrightnessOracle(), segmenter=red_segmenter, out=tmp_path / "s", progress=False)

@@ -249,7 +249,7 @@ def _names(prompt: str, label: str) -> bool:
 
 
 def _measure(pairs, oracle_source, source_label, target_label) -> dict:
-    from ..study import metrics as M
+    from .. import metrics as M
 
     result: dict = {}
     if oracle_source is None:

@@ -182,7 +182,7 @@ def edit(
 
     Returns:
         Dataset with ``image (prompt, seed, branch, y, x, rgb)``, the layout `dit_lens.generate` and
-        `dit_lens.study.metrics.as_pairs` give, so every metric and figure reads it: ``prompt`` is
+        `dit_lens.metrics.as_pairs` give, so every metric and figure reads it: ``prompt`` is
         `source`, branch ``["original", "edited"]`` (the input and its counterfactual); attrs hold the
         method, every setting, both prompts and provenance.
     """

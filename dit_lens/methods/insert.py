@@ -16,7 +16,7 @@ names which regulation runs, for the ablation:
 
 The world's captions name no anatomy, so the self-attention partition is the region itself (the
 anatomy-word module has nothing to gate). Results hold ``region (prompt, seed, y, x)``; measure them
-with `dit_lens.study.metrics.REGION_METRICS`.
+with `dit_lens.metrics.REGION_METRICS`.
 
 Examples:
     >>> box = placed_region(7, "box", (64, 64))  # the same region for seed 7 on every run

@@ -41,7 +41,7 @@ from ..validate import NonFiniteError
 from ..views.explorer import write_explorer
 from ..views.figures import pairs_figure
 from ..storage import inuse
-from . import metrics as M
+from .. import metrics as M
 from .declaration import Study
 
 __all__ = ["CellRunner", "DamagedCellError"]

@@ -27,7 +27,7 @@ from ..trace.attrs import read
 from ..validate import USER_ERRORS, check_pipeline_folder, check_writable_folder
 from .declaration import Study, floors, method_axes, metric_names, pick_settings
 from .run import run_study, study_folder
-from .metrics import STANDARD_METRICS
+from ..metrics import STANDARD_METRICS
 
 __all__ = ["study_main", "find_study", "print_table", "print_picks", "parser", "declared", "executor"]
 

@@ -31,7 +31,7 @@ import xarray as xr
 from ..methods import METHODS, VECTOR_SEEDS, ConceptPair, get, window_label, window_layers, window_steps
 from ..trace.attrs import read
 from ..validate import check_guidance, check_int, check_steps
-from .metrics import STANDARD_METRICS, Metric
+from ..metrics import STANDARD_METRICS, Metric
 
 __all__ = ["ConceptPair", "Study", "window_layers", "window_steps", "window_label", "floors",
            "pick_settings", "DEFAULT_FLOORS"]
@@ -187,7 +187,7 @@ class Study:
 
     def key(self, lens: Any) -> str:
         """Names the default result folder: the study's name and cell context, the model, the metrics."""
-        from .metrics import METRICS_VERSION
+        from ..metrics import METRICS_VERSION
 
         blob = json.dumps({"name": self.name, "context": self.cell_context(), "model": lens.fingerprint,
                            "metrics": METRICS_VERSION}, sort_keys=True)

@@ -95,7 +95,7 @@ def gate_figure(
         layers: Exactly these layers (their numbers), in this order.
         masks: The lesion: a boolean ``(H, W)`` mask of this pair's original, ``(n, H, W)`` with one per
             pair of `out` (prompts × seeds, in order), or a DataArray with ``prompt``/``seed`` (and
-            ``branch``: the original's is used) dims, such as `dit_lens.study.metrics.segment` returns.
+            ``branch``: the original's is used) dims, such as `dit_lens.metrics.segment` returns.
         segmenter: Instead of `masks`, a segmenter (images ``(n, H, W, 3)`` → masks ``(n, H, W)``) run on
             the original image.
 

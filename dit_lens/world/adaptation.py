@@ -8,7 +8,7 @@ with inference drifts δ (`dit_lens.LatentDrift`: ``"every"`` step, the seed's r
 ``"initial"`` noise only) and compared with held-out shifted images by
 
 - the **Fréchet distance on the oracle's penultimate features** (not FID: no Inception weights here;
-  `dit_lens.study.distribution`), with a bootstrap interval, beside the *floor*: the distance between
+  `dit_lens.metrics.distribution`), with a bootstrap interval, beside the *floor*: the distance between
   two disjoint sets of real shifted images of the same sizes (what a perfect generator would score);
 - **agreement**: how often the oracle reads the prompted class, overall and per class.
 
@@ -31,8 +31,8 @@ import numpy as np
 from ..interventions.drift import LatentDrift
 from ..storage import DamagedError, digest, read_record, write_atomic, write_record
 from ..interventions.generate import generate
-from ..study.distribution import frechet_difference, frechet_estimate
-from ..study.metrics import estimate
+from ..metrics.distribution import frechet_difference, frechet_estimate
+from ..metrics import estimate
 from ..training.trainer import finetune
 from ..training.trainer import read_record as read_finetune_record
 from .data import world_split

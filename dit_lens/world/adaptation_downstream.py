@@ -24,7 +24,7 @@ import numpy as np
 
 from ..interventions.drift import LatentDrift
 from ..interventions.generate import generate
-from ..study.metrics import estimate
+from ..metrics import estimate
 from .downstream import DownstreamConfig, _test_set, _train_and_test
 from ..storage import DamagedError, FolderClaimError, digest, read_record, write_atomic, write_record
 from .folders import cached_json, claim_experiment

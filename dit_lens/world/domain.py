@@ -20,7 +20,7 @@ import numpy as np
 import xarray as xr
 
 from ..methods.pair import ConceptPair
-from ..study.metrics import Judged, Metric
+from ..metrics import Judged, Metric
 from .procedural import CONTEXTS
 
 __all__ = ["ENDOSCOPY_CONTEXTS", "PROMPT_TEMPLATE", "DYE_CLASSES", "MIN_LESION_PIXELS", "DYE_METRICS", "DYE_FLOORS",

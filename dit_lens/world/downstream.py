@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 import xarray as xr
 
-from ..study import metrics as M
+from .. import metrics as M
 from ..interventions.blend import check_blend
 from ..trace.attrs import typed
 from ..validate import check_int

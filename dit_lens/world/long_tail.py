@@ -30,7 +30,7 @@ import numpy as np
 
 from ..interventions.generate import generate
 from ..interventions.noise import attention_concentration, class_probability, optimize_noise
-from ..study.metrics import estimate, proportion
+from ..metrics import estimate, proportion
 from ..training.trainer import finetune, read_record
 from .data import world_split
 from ..storage import write_atomic

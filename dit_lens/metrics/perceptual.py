@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from .metrics import LPIPS_UNAVAILABLE, _pairwise
+from .pairs import LPIPS_UNAVAILABLE, _pairwise
 
 __all__ = ["LPIPS_BACKBONES", "MetricUnavailableError", "background_lpips", "lpips_unavailable"]
 

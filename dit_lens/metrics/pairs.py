@@ -1,7 +1,7 @@
 """Metrics on pairs Datasets: concept flips, confidence shift, background preservation.
 
 Each metric has a per-pair form (a DataArray over ``(prompt, seed)``) and is summarised with
-`estimate`, which gives the mean, its n and a bootstrap 95% interval. Classifiers and segmenters
+`dit_lens.metrics.estimate`, which gives the mean, its n and a bootstrap 95% interval. Classifiers and segmenters
 are plain callables with the embedded oracle's call shape: images ``(N, H, W, 3)`` float in [0, 1]
 → probabilities ``(N, K)`` (with ``.labels``), or → boolean lesion masks ``(N, H, W)``. A study
 measures `STANDARD_METRICS` and any extra `Metric` it declares (a function of the `Judged` pairs;
@@ -9,16 +9,16 @@ the endoscopy world's dye metrics are `dit_lens.world.domain.DYE_METRICS`). Imag
 are refused (`dit_lens.validate.NonFiniteError`): no metric is ever computed on them.
 
 Examples:
-    >>> import xarray as xr
-    >>> e = estimate(xr.DataArray([1.0, 0.0, 1.0, 1.0], dims="seed"), seed=0)
-    >>> e.value, e.n, e.low <= e.value <= e.high
-    (0.75, 4, True)
+    >>> import numpy as np
+    >>> pairs = as_pairs(np.zeros((2, 8, 8, 3)), np.ones((2, 8, 8, 3)))
+    >>> pairs.image.dims
+    ('prompt', 'seed', 'branch', 'y', 'x', 'rgb')
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -27,10 +27,7 @@ import xarray as xr
 from ..validate import check_finite
 
 __all__ = [
-    "Estimate",
-    "estimate",
     "as_pairs",
-    "proportion",
     "classify",
     "segment",
     "flips",
@@ -40,21 +37,11 @@ __all__ = [
     "background_ssim",
     "masked_ssim_map",
     "background_psnr",
-    "background_lpips",
     "Judged",
     "Metric",
-    "REGION_METRICS",
-    "lesion_inside",
-    "inserted_inside",
-    "region_dice",
-    "outside_ssim",
-    "target_read",
     "STANDARD_METRICS",
     "LPIPS_UNAVAILABLE",
-    "MetricUnavailableError",
     "PSNR_CEILING",
-    "LPIPS_BACKBONES",
-    "lpips_unavailable",
     "METRICS_VERSION",
 ]
 
@@ -72,22 +59,6 @@ STANDARD_METRICS = ("flip_rate", "target_rate", "confidence_shift", "bg_ssim", "
 
 #: What `background_lpips` reports when no LPIPS weights are on disk (never a stand-in under that name).
 LPIPS_UNAVAILABLE = "unavailable: no LPIPS weights on disk"
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """A mean with its sample size and bootstrap 95% confidence interval."""
-
-    value: float
-    low: float
-    high: float
-    n: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def __str__(self) -> str:
-        return f"{self.value:.3f} [{self.low:.3f}, {self.high:.3f}] (n={self.n})"
 
 
 @dataclass(frozen=True)
@@ -147,39 +118,6 @@ class Metric:
             raise ValueError(f"metric {data['name']!r}: cannot import its function {data['function']!r}; "
                              "metrics must be module-level functions to be loaded back") from None
         return cls(data["name"], fn, int(data.get("version", 1)))
-
-
-def estimate(values: xr.DataArray | np.ndarray, *, resamples: int = 2000, seed: int = 0) -> Estimate:
-    """Mean of `values` (NaNs dropped) with a percentile bootstrap 95% interval."""
-    from scipy.stats import bootstrap
-
-    x = np.asarray(values, dtype=np.float64).reshape(-1)
-    x = x[np.isfinite(x)]
-    if x.size == 0:
-        return Estimate(float("nan"), float("nan"), float("nan"), 0)
-    if x.size == 1 or np.all(x == x[0]):
-        return Estimate(float(x.mean()), float(x.min()), float(x.max()), int(x.size))
-    ci = bootstrap(
-        (x,), np.mean, n_resamples=resamples, confidence_level=0.95, method="percentile",
-        random_state=np.random.default_rng(seed),
-    ).confidence_interval
-    return Estimate(float(x.mean()), float(ci.low), float(ci.high), int(x.size))
-
-
-def proportion(hits: xr.DataArray | np.ndarray) -> Estimate:
-    """The share of true values in `hits` (bools or 0/1; NaNs dropped) with a Wilson score 95% interval,
-    which, unlike a bootstrap, stays informative at 0 or n of n (64 of 64: [0.943, 1])."""
-    from scipy.stats import binomtest
-
-    x = np.asarray(hits, dtype=np.float64).reshape(-1)
-    x = x[np.isfinite(x)]
-    if x.size == 0:
-        return Estimate(float("nan"), float("nan"), float("nan"), 0)
-    if not np.isin(x, (0.0, 1.0)).all():
-        raise ValueError("proportion takes hits (True/False or 0/1); for other values use estimate")
-    k = int(x.sum())
-    ci = binomtest(k, int(x.size)).proportion_ci(confidence_level=0.95, method="wilson")
-    return Estimate(k / x.size, float(ci.low), float(ci.high), int(x.size))
 
 
 def as_pairs(original: Any, edited: Any, *, prompt: str = "your images", seeds: Any = None) -> xr.Dataset:
@@ -382,11 +320,3 @@ def _pairwise(out: xr.Dataset, background: xr.DataArray, fn: Callable, name: str
         for j in range(values.shape[1]):
             values[i, j] = fn(data[i, j, u], data[i, j, s], keep[i, j])
     return xr.DataArray(values, dims=("prompt", "seed"), coords={k: image[k].values for k in ("prompt", "seed")}, name=name)
-
-
-# LPIPS lives in `lpips_metric` (optional packages and weights); re-exported here.
-from .lpips_metric import LPIPS_BACKBONES, MetricUnavailableError, background_lpips, lpips_unavailable  # noqa: E402
-
-# Region metrics live in `region_metrics` (they read the Judged pairs this module defines); re-exported here.
-from .region_metrics import (REGION_METRICS, inserted_inside, lesion_inside, outside_ssim,  # noqa: E402
-                             region_dice, target_read)

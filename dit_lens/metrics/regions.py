@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from .metrics import Judged, Metric, background_ssim, target_rate
+from .pairs import Judged, Metric, background_ssim, target_rate
 
 __all__ = ["REGION_METRICS", "inserted_inside", "lesion_inside", "outside_ssim", "region_dice", "target_read"]
 

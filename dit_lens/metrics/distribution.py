@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .metrics import Estimate
+from .estimates import Estimate
 
 __all__ = ["frechet_difference", "frechet_distance", "frechet_from_moments", "frechet_estimate"]
 
