@@ -5,13 +5,9 @@ at import time.
 """
 
 from importlib import import_module
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-try:
-    __version__ = version("dit-lens")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0+source"
+from .version import __version__
 
 #: Each public name: (module, its name there when it differs; "" for the module itself). Imported on
 #: first use (PEP 562), so ``import dit_lens`` and ``dit-lens --help`` load neither torch nor diffusers.
@@ -186,6 +182,12 @@ __all__ = [
     "save_vector",
     "steer_tokens",
     "write_explorer",
+    "metrics",
+    "attribution_patching",
+    "class_logprob",
+    "x0_lens",
+    "patching_figure",
+    "x0_lens_figure",
 ]
 
 

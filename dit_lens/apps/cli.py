@@ -70,7 +70,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from ..version import __version__
 
     p = Parser(prog="dit-lens", description=__doc__)
     p.add_argument("--version", action="version", version=f"dit-lens {__version__}")

@@ -166,7 +166,7 @@ class Lens:
 
     def provenance(self) -> dict:
         """What identifies this model in saved results."""
-        from .. import __version__
+        from ..version import __version__
 
         return {
             "model_source": self.source,

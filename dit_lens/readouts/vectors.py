@@ -165,7 +165,7 @@ SAMPLER_SETTINGS = ("num_inference_steps", "guidance_scale")
 
 
 def _provenance(positive: xr.Dataset, negative: xr.Dataset, site: str) -> dict:
-    from .. import __version__
+    from ..version import __version__
 
     attrs: dict = {"site": site, "dit_lens_version": __version__}
     for which, ds in (("positive", positive), ("negative", negative)):

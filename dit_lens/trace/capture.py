@@ -329,7 +329,7 @@ def _key_count(lens: Any, site: str) -> int:
 
 def _identity(lens, prompts, seeds, settings) -> dict:
     """What must match for two captures to be the same (hashed into the cache key)."""
-    from .. import __version__
+    from ..version import __version__
 
     scheduler = lens.pipeline.scheduler
     provenance = lens.provenance()

@@ -247,7 +247,7 @@ def _build(out: Path, stages: dict, device: torch.device, kept: _Stages, scale: 
     save_judge(load_segmenter(kept.folder / "segmenter"), out / "segmenter")
     save_judge(load_anatomy_segmenter(kept.folder / "anatomy"), out / "anatomy")
     timings["total"] = sum(timings[s] for s in STAGES)
-    from .. import __version__
+    from ..version import __version__
 
     record = {
         "spec": spec.to_dict(),
