@@ -66,7 +66,7 @@ def test_demo_overwrite_never_removes_files_outside_out(tmp_path, monkeypatch, c
 def test_demo_overwrite_removes_what_it_recorded_and_keeps_the_rest(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DIT_LENS_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"
-    run = ["demo", "--steps", "2", "--pairs", "2", "--vector-seeds", "1", "--out", str(out)]
+    run = ["demo", "--steps", "2", "--pairs", "1", "--vector-seeds", "1", "--out", str(out)]
     assert main(run) == 0
     recorded = json.loads((out / MARKER).read_text())["files"]
     assert {"summary.json", "pairs.png", "explorer.html", "vector.zarr"} <= set(recorded)
