@@ -81,7 +81,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "edit": ("dit_lens.inversion", None),
     "invert": ("dit_lens.inversion", None),
     "regenerate": ("dit_lens.inversion", None),
-    "word_tokens": ("dit_lens.trace.tokens", None),
+    "word_tokens": ("dit_lens.model.tokens", None),
     "NonFiniteError": ("dit_lens.validate", None),
     "attention_figure": ("dit_lens.views.attention", None),
     "concept_vector": ("dit_lens.readouts.vectors", None),
@@ -275,7 +275,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .inversion import edit
     from .inversion import invert
     from .inversion import regenerate
-    from .trace.tokens import word_tokens
+    from .model.tokens import word_tokens
     from .validate import NonFiniteError
     from .views.attention import attention_figure
     from .readouts.vectors import concept_vector

@@ -255,6 +255,24 @@ def check_unit_norm(values: np.ndarray, what: str = "the concept vector",
         )
 
 
+#: The dims of a concept vector, in order.
+VECTOR_DIMS = ("step", "layer", "channel")
+
+
+def check_vector(vec: Any) -> Any:
+    """Refuse anything but a concept vector: a DataArray ``(step, layer, channel)`` of finite values with unit
+    L2 norm over channels. Returns `vec`."""
+    import xarray as xr
+
+    if not isinstance(vec, xr.DataArray) or tuple(vec.dims) != VECTOR_DIMS:
+        got = getattr(vec, "dims", type(vec).__name__)
+        raise ValueError(f"a concept vector is a DataArray with dims {VECTOR_DIMS}, got {got}")
+    if not bool(np.isfinite(vec.values).all()):
+        raise ValueError("the concept vector holds NaN or inf values; recompute it")
+    check_unit_norm(vec.values)
+    return vec
+
+
 def check_finite(values: Any, what: str, fix: str) -> None:
     """Raise `NonFiniteError` naming `what` and how to `fix` it when `values` hold NaN or inf."""
     array = np.asarray(values)

@@ -1,4 +1,4 @@
-"""attention_maps (dit_lens.readouts.attention_maps) and the word -> token mapping (dit_lens.trace.tokens)."""
+"""attention_maps (dit_lens.readouts.attention_maps) and the word -> token mapping (dit_lens.model.tokens)."""
 
 import io
 
@@ -8,7 +8,7 @@ import pytest
 from dit_lens import build_pixart, load
 from dit_lens.readouts.attention_maps import attention_maps
 from dit_lens.trace.capture import capture
-from dit_lens.trace.tokens import find_words, token_spans, word_tokens
+from dit_lens.model.tokens import find_words, token_spans, word_tokens
 from test_attention import raw_weights
 
 T = 3

@@ -15,7 +15,7 @@ from dit_lens.interventions.region import Confine, Region
 from dit_lens.interventions.regulate import (AttentionRegulation, EnergyGuidance, GateSelfAttention,
                                              RegionMix, RegionReweight)
 from dit_lens.trace.runner import Hook, traced_generate
-from dit_lens.trace.tokens import word_tokens
+from dit_lens.model.tokens import word_tokens
 
 T = 3
 PROMPT = "a polyp in the colon"

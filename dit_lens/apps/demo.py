@@ -337,7 +337,7 @@ def _unrecorded(out_dir: Path, files: list[str]) -> list[str]:
 
 def _source_words(lens, prompt: str, source: str) -> list[str]:
     """The source label as words of the generation prompt, or none when the prompt does not contain it."""
-    from ..trace.tokens import word_tokens
+    from ..model.tokens import word_tokens
 
     try:
         word_tokens(lens, prompt, [source])

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from ..trace.attention import exposed_weights
-from ..trace.tokens import check_words, word_keys
+from ..model.tokens import check_words, word_keys
 from ..validate import check_nonnegative
 from ..trace.denoiser import Denoiser
 from ..trace.runner import scheduler_timesteps

@@ -56,7 +56,7 @@ from ..trace.attention import exposed_weights
 from ..trace.denoiser import Denoiser
 from ..trace.runner import initial_noise, timestep_kwargs
 from ..validate import NonFiniteError, check_guidance, check_int, check_seeds, check_steps, is_real
-from ..trace.tokens import word_tokens
+from ..model.tokens import word_tokens
 from .noise_edit import OptimizedNoise
 from .noise_objectives import (AttentionConcentration, ClassProbability, attention_concentration,
                                class_probability, frozen)

@@ -34,7 +34,7 @@ import math
 
 import torch
 
-from ..trace.tokens import check_words
+from ..model.tokens import check_words
 from ..validate import check_nonnegative
 from .base import check_where
 from .region import as_region, check_window, window_steps

@@ -63,7 +63,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from ..trace.tokens import check_words, word_keys
+from ..model.tokens import check_words, word_keys
 from ..validate import check_nonnegative
 from .base import Composite, EditContext, Intervention, SiteEdit, check_layers_fit, check_where, register
 from .guide import EnergyGuidance

@@ -35,7 +35,7 @@ class Reweight(SiteEdit):
 
     ``w'[..., k] = scale · w[..., k]`` for k in `tokens`; with `renormalize` each query's weights are
     divided by their new sum so they stay a distribution. ``scale = 1`` is the identity (the run is
-    bit-identical to the unedited one). Use `dit_lens.trace.tokens` to find a word's tokens.
+    bit-identical to the unedited one). Use `dit_lens.model.tokens` to find a word's tokens.
 
     Attributes:
         site: A weights site, ``"attn2.weights"`` (text keys) or ``"attn1.weights"`` (image keys).

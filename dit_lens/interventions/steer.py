@@ -39,9 +39,8 @@ import numpy as np
 import torch
 import xarray as xr
 
-from ..readouts.vectors import _check_vector
 from ..trace.attrs import read, typed
-from ..validate import check_real, is_int
+from ..validate import check_real, check_vector, is_int
 from .base import HALVES, EditContext, SiteEdit, register
 from .region import Region
 
@@ -112,7 +111,7 @@ class Steer(SiteEdit):
     cells: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self) -> None:
-        _check_vector(self.vector)
+        check_vector(self.vector)
         if self.region is not None:
             object.__setattr__(self, "region", Region.of(self.region, "Steer.region"))
         object.__setattr__(self, "alpha", check_real(self.alpha, "Steer.alpha"))

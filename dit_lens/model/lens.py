@@ -105,7 +105,7 @@ class Lens:
         """How many text tokens precede the image tokens in a `Family.sequence_sites` output (0 elsewhere)."""
         if self.family.single is None or not self.family.single.sequence_sites:
             return 0
-        from ..trace.tokens import text_keys
+        from .tokens import text_keys
 
         return text_keys(self)
 

@@ -3,7 +3,7 @@
 For each run (prompt, seed), the plain pipeline call, at every requested layer and step: the softmax
 weights of the cross-attention (``attn2.weights``: image-token queries × text-token keys) on the
 conditional half of the guidance batch, averaged over heads and summed over the text tokens each word
-became (found from the tokenizer's own offsets, `dit_lens.trace.tokens`). That is one map per word over
+became (found from the tokenizer's own offsets, `dit_lens.model.tokens`). That is one map per word over
 the image-token grid. The reduction runs inside the hook, on the model's device: what is kept is the
 maps, never the ``(heads, queries, keys)`` weights of every step.
 
@@ -35,7 +35,7 @@ from ..trace.attrs import typed
 from ..trace.capture import DEFAULT_BATCH, CaptureSettings
 from ..trace.runner import scheduler_timesteps
 from ..trace.runner import Hook, check_prompts, check_seeds, is_int, traced_generate
-from ..trace.tokens import prompt_words, word_tokens
+from ..model.tokens import prompt_words, word_tokens
 
 __all__ = ["MAP_DIMS", "attention_maps"]
 

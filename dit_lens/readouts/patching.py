@@ -259,11 +259,12 @@ def _run(lens: Any, site: str, heads: int, plan: dict, prompts: list[str], row_s
     W, 3)``, or the final latents ``(rows, C, h, w)`` with `metric_on` ``"latents"`` (no decode), float32."""
     n = len(prompts)
     halves = 2 if lens.guided(guidance_scale) else 1  # guided: unconditional rows first, then conditional
-    edits: dict = {}  # (step, layer) -> [(channels, patched rows, source rows)], both guidance halves
+    device = lens.device  # once: diffusers looks it up through every module of the denoiser
+    edits: dict = {}  # (step, layer) -> [(head, patched rows, source rows)], both guidance halves
     for (step, layer), by_head in plan.items():
         edits[(step, layer)] = [
-            (head, torch.tensor([r + b * n for b in range(halves) for r in dst], device=lens.device),
-             torch.tensor([r + b * n for b in range(halves) for r in src], device=lens.device))
+            (head, torch.tensor([r + b * n for b in range(halves) for r in dst], device=device),
+             torch.tensor([r + b * n for b in range(halves) for r in src], device=device))
             for head, (dst, src) in sorted(by_head.items(), key=lambda item: -1 if item[0] is None else item[0])]
 
     def visit(step: int, layer: int, h: torch.Tensor) -> torch.Tensor:  # h (halves·rows, tokens, C)

@@ -28,11 +28,10 @@ import numpy as np
 import xarray as xr
 
 from ..storage import DIGEST, DamagedError, dataset_digest, remove_stale_temporaries, temporary_name
-from ..validate import NonFiniteError, check_unit_norm
+from ..validate import VECTOR_DIMS, NonFiniteError, check_vector
 
 __all__ = ["concept_vector", "save_vector", "load_vector", "export_authors", "import_authors", "normalize_vector"]
 
-VECTOR_DIMS = ("step", "layer", "channel")
 
 
 def concept_vector(
@@ -118,7 +117,7 @@ def concept_vector(
 
 def _check_kept_tokens(lens: Any, positive: list[str], negative: list[str]) -> None:
     """Refuse prompts that differ only in tokens past the pipeline's token limit: the model sees them as equal."""
-    from ..trace.tokens import prompt_text, text_segments
+    from ..model.tokens import prompt_text, text_segments
 
     def kept(prompt: str) -> tuple:
         text = prompt_text(lens, prompt)
@@ -196,16 +195,6 @@ def _setting(ds: xr.Dataset, key: str) -> Any:
     return None
 
 
-def _check_vector(vec: Any) -> xr.DataArray:
-    if not isinstance(vec, xr.DataArray) or tuple(vec.dims) != VECTOR_DIMS:
-        got = getattr(vec, "dims", type(vec).__name__)
-        raise ValueError(f"a concept vector is a DataArray with dims {VECTOR_DIMS}, got {got}")
-    if not bool(np.isfinite(vec.values).all()):
-        raise ValueError("the concept vector holds NaN or inf values; recompute it")
-    check_unit_norm(vec.values)
-    return vec
-
-
 def normalize_vector(vec: xr.DataArray) -> xr.DataArray:
     """`vec` ``(step, layer, channel)`` scaled to unit L2 norm over channels (attrs kept).
 
@@ -231,7 +220,7 @@ def save_vector(vec: xr.DataArray, path: str | Path) -> Path:
     """
     from numcodecs import CRC32
 
-    vec = _check_vector(vec)
+    vec = check_vector(vec)
     path = Path(path)
     if path.exists() or path.is_symlink():
         raise FileExistsError(f"{path} exists; choose a new path or delete it first")
@@ -276,7 +265,7 @@ def load_vector(path: str | Path) -> xr.DataArray:
         raise DamagedError(f"the concept vector at {path} is damaged: it fails its digest (its values or attributes, "
                            f"such as site={ds['concept_vector'].attrs.get('site')!r}, changed after save_vector "
                            f"wrote it); {fix}")
-    vec = _check_vector(ds["concept_vector"])
+    vec = check_vector(ds["concept_vector"])
     if sealed is None:
         warnings.warn(f"the concept vector at {path} was saved by an older dit-lens without a digest over its "
                       f"attributes, so they (site, prompts, settings) cannot be verified; check them and save it "
@@ -292,7 +281,7 @@ def export_authors(vec: xr.DataArray, path: str | Path) -> Path:
     """
     import torch
 
-    vec = _check_vector(vec)
+    vec = check_vector(vec)
     layers = [int(x) for x in vec["layer"].values]
     if layers != list(range(len(layers))):
         raise ValueError(
@@ -345,7 +334,7 @@ def import_authors(path: str | Path) -> xr.DataArray:
         name="concept_vector",
         attrs={"imported_from": str(path), "format": "medsteer-authors-pickle"},
     )
-    return _check_vector(vec)
+    return check_vector(vec)
 
 
 def _storage_from_bytes(data: bytes) -> Any:

@@ -265,7 +265,7 @@ def _source(lens: Any, device: str) -> dict:
 def _worker_env() -> dict:
     """What an item runs with on a worker: the caller's cache, as it is at this call. (Workers show no
     progress bars of their own: the caller's bar counts their items.)"""
-    from ..trace.store import CACHE_ENV, cache_root
+    from ..storage.cache import CACHE_ENV, cache_root
 
     return {CACHE_ENV: str(cache_root().expanduser().resolve())}
 

@@ -47,7 +47,7 @@ from .runner import Hook, branch_rows, scheduler_timesteps, check_prompts, check
 from ..storage.locks import exclusive
 from ..validate import NonFiniteError
 from .store import CaptureStore, DamagedStoreError, VariableSpec, cache_root, content_key
-from .tokens import text_keys
+from ..model.tokens import text_keys
 from .settings import BRANCHES, DEFAULT_BATCH, REDUCTIONS, CaptureSettings
 
 __all__ = ["BRANCHES", "DEFAULT_BATCH", "REDUCTIONS", "CaptureSettings", "capture"]
@@ -114,7 +114,7 @@ def capture(
         A Dataset backed by the store (``.load()`` it to detach), with variable ``site`` of dims
         ``("prompt", "seed", "step", "layer"[, "branch"][, "token"], "channel")`` (at a weights
         site ``(..., "key")`` or ``(..., "query", "key")``; key i is text token i, see
-        `dit_lens.trace.tokens`) and coordinates prompt, seed, step, timestep (per step), layer;
+        `dit_lens.model.tokens`) and coordinates prompt, seed, step, timestep (per step), layer;
         provenance in ``attrs``.
 
     Raises:
