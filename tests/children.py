@@ -3,15 +3,15 @@ killed capture, a clean peak-memory count), started in a fraction of a second.
 
 A fresh ``python script.py`` spends seconds importing torch, diffusers, transformers and nnsight
 before it does anything, most of a multi-process test's time. Here every child is forked from one
-server process (`multiprocessing`'s fork server, started once per test session) that has already
-made those imports (`warm_imports`). A child is still its own OS process, with its own pid, file
-descriptors, file locks and memory, and it runs its script as ``python script.py args…`` would:
-``__name__ == "__main__"``, ``sys.argv``, the exit status of ``sys.exit`` or 1 on an uncaught
-exception, death by a signal as a negative return code. Its stdout and stderr go to files, read
-back by `Child.communicate`.
+server process (`multiprocessing`'s fork server, started once per test session, on one OpenMP
+thread as the tests run) that has already made those imports (`warm_imports`). A child is still its
+own OS process, with its own pid, file descriptors, file locks and memory, and it runs its script as
+``python script.py args…`` would: ``__name__ == "__main__"``, ``sys.argv``, the exit status of
+``sys.exit`` or 1 on an uncaught exception, death by a signal as a negative return code. Its stdout
+and stderr go to files, read back by `Child.communicate`.
 
 Examples:
-    >>> import sys, tempfile
+    >>> import tempfile
     >>> from pathlib import Path
     >>> folder = Path(tempfile.mkdtemp())
     >>> _ = (folder / "hello.py").write_text("import sys; print('hello', sys.argv[1]); sys.exit(3)")
@@ -41,12 +41,15 @@ def _context() -> multiprocessing.context.BaseContext:
     if _CONTEXT is None:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["warm_imports"])
-        saved = os.environ.get("PYTHONPATH")
-        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_HERE, saved]))  # where the server finds it
+        server_env = {"PYTHONPATH": os.pathsep.join(filter(None, [_HERE, os.environ.get("PYTHONPATH")])),
+                      "OMP_NUM_THREADS": "1"}  # where it finds the preload; no OpenMP threads a fork would lose
+        saved = {name: os.environ.get(name) for name in server_env}
+        os.environ.update(server_env)
         try:
             multiprocessing.forkserver.ensure_running()
         finally:
-            os.environ.pop("PYTHONPATH") if saved is None else os.environ.update(PYTHONPATH=saved)
+            for name, value in saved.items():
+                os.environ.pop(name) if value is None else os.environ.update({name: value})
         _CONTEXT = context
     return _CONTEXT
 
