@@ -55,7 +55,7 @@ class Family:
             attention, whose heads enter the block's projection together with its MLP), so no heads sites.
             SANA's linear self-attention ``attn1`` is no attention site, so it has none either.
         order: Every site in the order a block runs them (nnsight visits sites in execution
-            order; a weights site runs inside its attention module, so before its output).
+            order; weights and heads sites run inside their attention module, so before its output).
         adapter_targets: Fine-tuning scheme -> the peft ``target_modules`` regex (matched against
             module names inside the denoiser) of the layers a LoRA of that scheme adapts
             (`dit_lens.finetune`; a family without an entry cannot be fine-tuned with that scheme).
