@@ -87,7 +87,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from dit_lens import PIXART_ALPHA_512, build_pixart, load
+    from dit_lens import load
+    from dit_lens.testing import PIXART_ALPHA_512, build_pixart
     from dit_lens.model.lens import EMBEDDED_PIPELINE
 
     dtype = getattr(torch, args.dtype) if args.dtype else None

@@ -194,7 +194,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     import dit_lens
-    from dit_lens import PIXART_ALPHA_512, PixArtSpec, build_pixart
+    from dit_lens.testing import PIXART_ALPHA_512, PixArtSpec, build_pixart
 
     specs = {
         "tiny": PixArtSpec(num_layers=12, num_heads=4, head_dim=32, sample_size=16, vae_channels=(16, 32, 32)),

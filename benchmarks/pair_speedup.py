@@ -25,7 +25,9 @@ import torch
 import xarray as xr
 
 import dit_lens
-from dit_lens import PIXART_ALPHA_512, PixArtSpec, Steer, build_pixart, generate, steer_tokens
+from dit_lens import Steer, generate
+from dit_lens.testing import PIXART_ALPHA_512, PixArtSpec, build_pixart
+from dit_lens.interventions.steer import steer_tokens
 
 
 def hooked_pair(lens, prompt, seed, steps, steer):

@@ -5,7 +5,8 @@ import io
 import numpy as np
 import pytest
 
-from dit_lens import build_pixart, load
+from dit_lens import load
+from dit_lens.testing import build_pixart
 from dit_lens.readouts.attention_maps import attention_maps
 from dit_lens.trace.capture import capture
 from dit_lens.model.tokens import find_words, token_spans, word_tokens

@@ -12,7 +12,8 @@ import xarray as xr
 import zarr
 
 import children
-from dit_lens import PixArtSpec, build_pixart, load
+from dit_lens import load
+from dit_lens.testing import PixArtSpec, build_pixart
 from dit_lens.trace.capture import CaptureSettings, capture
 from dit_lens.trace.store import CaptureStore, CaptureStoreError
 
@@ -188,7 +189,8 @@ def test_repeated_capture_is_served_from_the_default_store(tiny_lens, tmp_path, 
 
 CHILD = """
 import sys
-from dit_lens import PixArtSpec, build_pixart, load
+from dit_lens import load
+from dit_lens.testing import PixArtSpec, build_pixart
 from dit_lens.trace.capture import capture
 lens = load(build_pixart(PixArtSpec(**{spec}), seed=0))
 capture(lens, {prompts}, seeds={seeds}, num_inference_steps={steps}, store=sys.argv[1], batch_size=1)
@@ -259,7 +261,8 @@ def test_error_inside_capture_unhooks_and_keeps_finished_cells(tiny_lens, tmp_pa
 
 MEMORY_CHILD = """
 import resource, tempfile
-from dit_lens import PixArtSpec, build_pixart, load
+from dit_lens import load
+from dit_lens.testing import PixArtSpec, build_pixart
 from dit_lens.trace.capture import capture
 spec = PixArtSpec(num_layers=2, num_heads=4, head_dim=64, sample_size=32)  # C 256, 256 tokens
 lens = load(build_pixart(spec, seed=0))

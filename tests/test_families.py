@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from dit_lens.trace.runner import Hook, traced_generate
-from dit_lens import (PixArtSpec, Steer, attention_maps, build_pixart, capture, concept_vector, generate, invert, load,
-                      write_explorer)
+from dit_lens import Steer, attention_maps, capture, concept_vector, generate, invert, load, write_explorer
+from dit_lens.testing import PixArtSpec, build_pixart
 from dit_lens.model.sana import SanaSpec, build_sana
 from dit_lens.model.sd3 import SD3Spec, build_sd3
 from dit_lens.study import Study, run_study
@@ -226,7 +226,8 @@ def test_pixart_sigma_steers_like_its_plain_call(tmp_path):
 
 
 def test_sana_refuses_fine_tuning_saying_why(sana, tmp_path):
-    from dit_lens import TrainingImages, finetune
+    from dit_lens import finetune
+    from dit_lens.training import TrainingImages
 
     images = TrainingImages.from_arrays(np.zeros((2, 32, 32, 3), np.float32), ["a polyp", "a cecum"])
     with pytest.raises(ValueError, match="fine-tuning .* SANA samples by flow matching"):
@@ -237,7 +238,8 @@ def test_sana_refuses_fine_tuning_saying_why(sana, tmp_path):
 @pytest.mark.parametrize("family", ["sana", "sd3"])
 @pytest.mark.parametrize("guidance_scale", [1.0, 4.5])
 def test_noise_optimisation_runs_the_run_generate_makes(family, guidance_scale, request):
-    from dit_lens import class_probability, optimize_noise
+    from dit_lens import optimize_noise
+    from dit_lens.interventions import class_probability
     from dit_lens.world.judges import Oracle, OracleNet
 
     lens = request.getfixturevalue(family)  # its differentiable loop replays the family's own pipeline loop

@@ -8,7 +8,8 @@ import pytest
 import xarray as xr
 import zarr
 
-from dit_lens import NonFiniteError, capture
+from dit_lens import capture
+from dit_lens.validate import NonFiniteError
 from dit_lens.trace.store import CaptureStoreError, DamagedStoreError
 
 PROMPTS = ["a polyp", "normal mucosa"]

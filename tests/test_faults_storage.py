@@ -15,7 +15,8 @@ import xarray as xr
 import zarr
 
 import children
-from dit_lens import PixArtSpec, build_pixart, capture, load
+from dit_lens import capture, load
+from dit_lens.testing import PixArtSpec, build_pixart
 from dit_lens.study import Study, run_study
 from dit_lens.study.cells import CellRunner, DamagedCellError
 from dit_lens.storage import MARKER, BusyError, FolderClaimError, exclusive, lock_path
@@ -29,7 +30,8 @@ HEADER = """
 import json, sys
 import numpy as np, torch
 torch.set_num_threads(1)
-from dit_lens import PixArtSpec, build_pixart, capture, load
+from dit_lens import capture, load
+from dit_lens.testing import PixArtSpec, build_pixart
 lens = load(build_pixart(PixArtSpec(num_layers=2)))
 """
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from dit_lens import (FluxSpec, Steer, attention_maps, build_flux, capture, concept_vector, generate, invert, load,
-                      write_explorer)
+from dit_lens import Steer, attention_maps, capture, concept_vector, generate, invert, load, write_explorer
+from dit_lens.testing import FluxSpec, build_flux
 from dit_lens.study import Study, run_study
 from dit_lens.trace.runner import Hook, initial_noise, traced_generate
 
@@ -233,7 +233,8 @@ def test_flux_inversion_recovers_the_noise_and_regenerates_the_image(flux):
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 4.5])
 def test_flux_noise_optimisation_runs_the_run_generate_makes(flux, guidance_scale):
-    from dit_lens import class_probability, optimize_noise
+    from dit_lens import optimize_noise
+    from dit_lens.interventions import class_probability
     from dit_lens.world.judges import Oracle, OracleNet
 
     torch.manual_seed(0)

@@ -38,7 +38,7 @@ def test_a_judge_saved_as_a_weights_only_torch_file_still_loads(tmp_path):
 
 
 def test_a_judge_whose_weights_diverged_is_not_saved(tmp_path):
-    from dit_lens import NonFiniteError
+    from dit_lens.validate import NonFiniteError
 
     oracle = Oracle(OracleNet(width=4))
     with torch.no_grad():

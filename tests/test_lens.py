@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from dit_lens import PixArtSpec, build_pixart, load
+from dit_lens import load
+from dit_lens.testing import PixArtSpec, build_pixart
 
 
 def test_loaded_pipeline_is_in_eval_mode_and_described(tiny_lens):

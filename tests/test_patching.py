@@ -262,7 +262,7 @@ def test_each_call_holds_the_runs_it_copies_from_and_each_unpatched_run_once(tin
 
 
 def test_flux_patches_the_blocks_of_either_list_that_have_the_site():
-    from dit_lens import FluxSpec, build_flux
+    from dit_lens.testing import FluxSpec, build_flux
 
     flux = load(build_flux(FluxSpec(num_layers=2, num_single_layers=2), seed=0))
     args = dict(clean=CLEAN, corrupt=CORRUPT, seeds=[0], metric=metric_for(flux), num_inference_steps=2,

@@ -4,7 +4,8 @@ corrupt images of the chosen seed, and a title that says what was patched."""
 import numpy as np
 import pytest
 
-from dit_lens import PixArtSpec, build_pixart, load, patching
+from dit_lens import load, patching
+from dit_lens.testing import PixArtSpec, build_pixart
 from dit_lens.views.patching import patching_figure
 
 

@@ -9,6 +9,7 @@ for _name in ("dit_lens", "dit_lens.apps.cli", "dit_lens.model.fingerprint", "di
               "dit_lens.training.trainer"):
     importlib.import_module(_name)
 
-from dit_lens import PixArtSpec, build_pixart, load  # noqa: E402
+from dit_lens import load  # noqa: E402
+from dit_lens.testing import PixArtSpec, build_pixart
 
 load(build_pixart(PixArtSpec(num_layers=1, num_heads=1, head_dim=8, sample_size=4, patch_size=2)))

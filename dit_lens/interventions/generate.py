@@ -10,7 +10,8 @@ images after decoding, and NaN or inf stops the run with a `dit_lens.validate.No
 the step and the edit settings (e.g. a steering strength α too large for the model).
 
 Examples:
-    >>> from dit_lens import PixArtSpec, build_pixart, load
+    >>> from dit_lens import load
+    >>> from dit_lens.testing import PixArtSpec, build_pixart
     >>> lens = load(build_pixart(PixArtSpec(num_layers=2)))
     >>> out = generate(lens, ["a polyp"], seeds=[0, 1], num_inference_steps=2, progress=False)
     >>> dict(out["image"].sizes)

@@ -24,7 +24,8 @@ while its original twin starts from ε. How it works:
   test of the entries against N(0, 1), their mean, std and neighbour correlation.
 
 Examples:
-    >>> from dit_lens import PixArtSpec, build_pixart, load, generate
+    >>> from dit_lens import load, generate
+    >>> from dit_lens.testing import PixArtSpec, build_pixart
     >>> lens = load(build_pixart(PixArtSpec(num_layers=1)))
     >>> def brightness(images):  # (N, 3, H, W) in [0, 1] -> (N,)
     ...     return images.mean(dim=(1, 2, 3))

@@ -17,7 +17,8 @@ with the same DDIM sampler:
   interventions in ``edits``).
 
 Examples:
-    >>> from dit_lens import PixArtSpec, build_pixart, load
+    >>> from dit_lens import load
+    >>> from dit_lens.testing import PixArtSpec, build_pixart
     >>> lens = load(build_pixart(PixArtSpec(num_layers=2)))
     >>> images = np.full((1, 16, 16, 3), 0.5, np.float32)
     >>> out = edit(lens, images, source="a polyp", target="a normal cecum", method="pnp",

@@ -13,7 +13,8 @@ itself and h-Edit's extra evaluations. `check_images`, `encode` and `decode` mov
 of the latent space the way the pipeline does.
 
 Examples:
-    >>> from dit_lens import PixArtSpec, build_pixart, load
+    >>> from dit_lens import load
+    >>> from dit_lens.testing import PixArtSpec, build_pixart
     >>> lens = load(build_pixart(PixArtSpec(num_layers=1)))
     >>> sampler = ddim_scheduler(lens, 4)
     >>> sampler.timesteps.tolist()  # each step ends on the next step's timestep

@@ -19,7 +19,8 @@ made it (an edited setting, a removed model fingerprint, scaled or damaged laten
 that part.
 
 Examples:
-    >>> from dit_lens import PixArtSpec, build_pixart, load
+    >>> from dit_lens import load
+    >>> from dit_lens.testing import PixArtSpec, build_pixart
     >>> lens = load(build_pixart(PixArtSpec(num_layers=1)))
     >>> images = np.full((2, 16, 16, 3), 0.5, np.float32)
     >>> trajectory = invert(lens, images, "a polyp", num_inference_steps=3, progress=False)

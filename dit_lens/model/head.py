@@ -19,7 +19,8 @@ pipeline's own VAE and image processor, as the pipeline decodes its final latent
 
 Examples:
     >>> import torch
-    >>> from dit_lens import PixArtSpec, build_pixart, load
+    >>> from dit_lens import load
+    >>> from dit_lens.testing import PixArtSpec, build_pixart
     >>> lens = load(build_pixart(PixArtSpec(num_layers=2)))
     >>> head = head_of(lens)
     >>> head.embedding, head.modulation

@@ -17,7 +17,8 @@ Examples:
     >>> from transformers import ByT5Tokenizer
     >>> find_words(ByT5Tokenizer(), "an endoscopic image of polyps", ["polyps", "of"])
     {'polyps': (23, 24, 25, 26, 27, 28), 'of': (20, 21)}
-    >>> from dit_lens import PixArtSpec, build_pixart, load
+    >>> from dit_lens import load
+    >>> from dit_lens.testing import PixArtSpec, build_pixart
     >>> lens = load(build_pixart(PixArtSpec(num_layers=1)))
     >>> word_tokens(lens, "An endoscopic image of POLYPS", ["Polyps"])  # the pipeline lower-cases
     {'Polyps': (23, 24, 25, 26, 27, 28)}

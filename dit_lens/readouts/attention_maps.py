@@ -8,7 +8,8 @@ the image-token grid. The reduction runs inside the hook, on the model's device:
 maps, never the ``(heads, queries, keys)`` weights of every step.
 
 Examples:
-    >>> from dit_lens import PixArtSpec, build_pixart, load
+    >>> from dit_lens import load
+    >>> from dit_lens.testing import PixArtSpec, build_pixart
     >>> lens = load(build_pixart(PixArtSpec(num_layers=2)))
     >>> maps = attention_maps(lens, ["a red polyp"], seeds=[0], words=["polyp", "red"],
     ...                       num_inference_steps=2, progress=False)

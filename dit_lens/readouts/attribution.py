@@ -26,7 +26,8 @@ differentiate, scoring each image on its own (`class_logprob` is one, and reads 
 the same metric serves exact patching).
 
 Examples:
-    >>> from dit_lens import PixArtSpec, build_pixart, load
+    >>> from dit_lens import load
+    >>> from dit_lens.testing import PixArtSpec, build_pixart
     >>> lens = load(build_pixart(PixArtSpec(num_layers=2)))
     >>> def brightness(images):  # (n, H, W, 3) in [0, 1] -> (n,), numpy or torch alike
     ...     return images.mean(axis=(1, 2, 3))
@@ -320,7 +321,7 @@ def _check_images(images: torch.Tensor, guidance_scale: float) -> None:
 class ClassLogProb:
     """The judge's log-probability of `label` for each image, on numpy or torch images ``(n, H, W, 3)`` in
     [0, 1]: numpy in, numpy ``(n,)`` out (exact patching, studies); torch in, a differentiable torch ``(n,)``
-    out on the images' device (attribution patching). Built on `dit_lens.class_probability`."""
+    out on the images' device (attribution patching). Built on `dit_lens.interventions.class_probability`."""
 
     oracle: Any
     label: str

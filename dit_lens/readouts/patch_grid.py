@@ -6,7 +6,8 @@ dims and coordinates and each patch's cells; `site_layers` and `head_indices` ch
 against the model's family.
 
 Examples:
-    >>> from dit_lens import PixArtSpec, build_pixart, load
+    >>> from dit_lens import load
+    >>> from dit_lens.testing import PixArtSpec, build_pixart
     >>> lens = load(build_pixart(PixArtSpec(num_layers=2)))
     >>> dims, coords, patches, _ = patch_grid(lens, "layer", "attn2", [0, 1], None, None, 2)
     >>> dims, [sorted(p) for p in patches]

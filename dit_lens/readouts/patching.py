@@ -40,7 +40,8 @@ On PixArt the text enters the image tokens only through ``attn2``, so patching `
 
 Examples:
     >>> import numpy as np
-    >>> from dit_lens import PixArtSpec, build_pixart, load
+    >>> from dit_lens import load
+    >>> from dit_lens.testing import PixArtSpec, build_pixart
     >>> lens = load(build_pixart(PixArtSpec(num_layers=2)))
     >>> def brightness(images):  # (n, H, W, 3) in [0, 1] -> (n,)
     ...     return images.mean(axis=(1, 2, 3))

@@ -20,7 +20,8 @@ run (the clean prompt's ``attn2`` output put into block 2 of each prompt's run, 
 ``direction="denoise"`` makes it).
 
 Examples:
-    >>> from dit_lens import PixArtSpec, build_pixart, load
+    >>> from dit_lens import load
+    >>> from dit_lens.testing import PixArtSpec, build_pixart
     >>> lens = load(build_pixart(PixArtSpec(num_layers=2)))
     >>> ds = x0_lens(lens, ["a polyp"], seeds=[0], num_inference_steps=2, progress=False)
     >>> ds.image.dims

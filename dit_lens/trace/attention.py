@@ -15,7 +15,8 @@ attention modules a run needs, and puts every original processor back when the r
 Modules not named keep their fused processor.
 
 Examples:
-    >>> from dit_lens import PixArtSpec, build_pixart, load
+    >>> from dit_lens import load
+    >>> from dit_lens.testing import PixArtSpec, build_pixart
     >>> lens = load(build_pixart(PixArtSpec(num_layers=2)))
     >>> with exposed_weights(lens, [("attn2", 1)]):
     ...     type(lens.blocks[1].attn2.processor).__name__, type(lens.blocks[0].attn2.processor).__name__

@@ -8,7 +8,8 @@ capture resumes where it stopped and a repeated one is read back without running
 
 Examples:
     >>> import tempfile
-    >>> from dit_lens import PixArtSpec, build_pixart, load
+    >>> from dit_lens import load
+    >>> from dit_lens.testing import PixArtSpec, build_pixart
     >>> lens = load(build_pixart(PixArtSpec(num_layers=2)))
     >>> store = tempfile.mkdtemp() + "/polyp.zarr"
     >>> ds = capture(lens, ["a polyp", "normal mucosa"], seeds=[0, 1], num_inference_steps=3,
@@ -122,7 +123,7 @@ def capture(
         dit_lens.trace.store.CaptureStoreError: `store` is unreadable or holds another capture.
         dit_lens.trace.store.DamagedStoreError: finished cells of `store` are missing or damaged
             (the message names them; ``repair=True`` recomputes them). Nothing was served.
-        dit_lens.NonFiniteError: a run produced NaN or inf values (e.g. an extreme guidance scale);
+        dit_lens.validate.NonFiniteError: a run produced NaN or inf values (e.g. an extreme guidance scale);
             its cells were not stored as done.
     """
     prompts = check_prompts(prompts)

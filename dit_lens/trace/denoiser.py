@@ -8,7 +8,8 @@ and one made outside a run is an ordinary module call.
 
 Examples:
     >>> import torch
-    >>> from dit_lens import PixArtSpec, build_pixart, load
+    >>> from dit_lens import load
+    >>> from dit_lens.testing import PixArtSpec, build_pixart
     >>> lens = load(build_pixart(PixArtSpec(num_layers=1)))
     >>> den = Denoiser(lens, ["a polyp"])
     >>> den.raw(torch.zeros(2, 4, 2, 2), 500, [0, None]).shape  # prompt 0 and the empty prompt

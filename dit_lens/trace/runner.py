@@ -13,7 +13,8 @@ the processors are put back when the run ends, also when it raises. `check_promp
 generation both take; every run refuses a step count its sampler cannot run and a guidance scale below 1.
 
 Examples:
-    >>> from dit_lens import PixArtSpec, build_pixart, load
+    >>> from dit_lens import load
+    >>> from dit_lens.testing import PixArtSpec, build_pixart
     >>> lens = load(build_pixart(PixArtSpec(num_layers=2)))
     >>> shapes = []
     >>> read = Hook("attn2", (0, 1), lambda step, layer, out: shapes.append((step, layer, tuple(out.shape))))

@@ -87,7 +87,7 @@ def finetune(lens: Any, data: TrainingImages | str | Path, out: str | Path, *, m
     Raises:
         dit_lens.storage.FolderClaimError: `out` holds anything else, or a run with other settings or data.
         dit_lens.storage.DamagedError: its record, an adapter file or the checkpoint is damaged.
-        dit_lens.NonFiniteError: training diverged (nothing of it is kept but an earlier checkpoint).
+        dit_lens.validate.NonFiniteError: training diverged (nothing of it is kept but an earlier checkpoint).
     """
     cfg = FinetuneConfig(method=method, rank=rank, steps=steps, lr=lr, batch_size=batch_size, drift=drift,
                          text_encoder=text_encoder, seed=seed, caption_dropout=caption_dropout, warmup=warmup,

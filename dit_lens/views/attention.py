@@ -4,7 +4,8 @@
 returns a matplotlib Figure; callers save it (``fig.savefig(path)``).
 
 Examples:
-    >>> from dit_lens import PixArtSpec, build_pixart, load
+    >>> from dit_lens import load
+    >>> from dit_lens.testing import PixArtSpec, build_pixart
     >>> from dit_lens.readouts.attention_maps import attention_maps
     >>> lens = load(build_pixart(PixArtSpec(num_layers=2)))
     >>> maps = attention_maps(lens, ["a red polyp"], seeds=[0], words=["polyp", "red"],

@@ -9,7 +9,8 @@ prediction is from the model's x̂₀ at that step; `dit_lens.views.explorer.wri
 to it.
 
 Examples:
-    >>> from dit_lens import PixArtSpec, build_pixart, load
+    >>> from dit_lens import load
+    >>> from dit_lens.testing import PixArtSpec, build_pixart
     >>> from dit_lens.readouts.x0_lens import x0_lens
     >>> lens = load(build_pixart(PixArtSpec(num_layers=2)))
     >>> ds = x0_lens(lens, ["a polyp"], seeds=[0], num_inference_steps=2, progress=False)
