@@ -227,7 +227,10 @@ def not_a_number(images):
     (dict(metric_on="pixels"), r"metric_on must be 'images' \(decoded images\) or 'latents'"),
     (dict(metric_on="latents", metric=wrong_shape), r"the metric wrong_shape returned shape \(5, 2\) for 5"),
     (dict(metric_on="latents", metric=not_a_number), r"the metric not_a_number returned NaN or inf for 5 of 5"),
-    (dict(method="attribution"), r"attribution patching \(method='attribution'\) is not available yet"),
+    (dict(method="attribution", heads=True), r"use heads=False and metric_on='images' with method='attribution'"),
+    (dict(method="attribution", metric_on="latents"), r"use heads=False and metric_on='images'"),
+    (dict(method="attribution"), r"the metric constant .*use .*method='exact'"),
+    (dict(method="gradient"), r"method must be 'exact' \(every patched run is run\) or 'attribution'"),
     (dict(direction="up"), r"direction must be 'denoise'"),
     (dict(grid=[]), r"grid is an empty list: there is nothing to patch"),
     (dict(grid="cells"), r"grid must be 'cell', 'layer', 'step' or a list"),
@@ -414,3 +417,21 @@ def test_metric_on_latents_scores_the_final_latents_and_decodes_only_the_clean_a
     # the clean and corrupt images are still there, as the images metric makes them
     _, corrupt_image, _ = hand_patched(tiny_lens.pipeline, "attn2", CLEAN, CORRUPT, 3, [])
     np.testing.assert_allclose(out.image_corrupt.sel(seed=3).values, corrupt_image, atol=1e-5)
+
+
+def test_method_attribution_is_attribution_patching(tiny_lens):
+    """patching(method="attribution") is attribution_patching with the same settings, bit for bit."""
+    import torch
+
+    from dit_lens import attribution_patching
+
+    def mean_red(images):  # differentiable on torch images (n, H, W, 3)
+        return images[..., 0].mean(dim=(1, 2)) if isinstance(images, torch.Tensor) else images[..., 0].mean(axis=(1, 2))
+
+    args = dict(clean=CLEAN, corrupt=CORRUPT, seeds=[0, 1], metric=mean_red, grid="layer", num_inference_steps=2,
+                progress=False)
+    via = patching(tiny_lens, method="attribution", **args)
+    direct = attribution_patching(tiny_lens, **args)
+    assert via.attrs["method"] == "attribution"
+    np.testing.assert_array_equal(via.effect.values, direct.effect.values)
+    assert not np.allclose(via.effect.values, 0)

@@ -58,8 +58,7 @@ from ..interventions.noise_objectives import ClassProbability, frozen
 from ..trace.attrs import typed
 from ..trace.runner import initial_noise, scheduler_timesteps
 from ..validate import NonFiniteError, check_guidance, check_int, check_seeds, check_steps
-from .patch_grid import patch_grid, site_layers
-from .patching import DIRECTIONS, _name, _score
+from .patch_grid import DIRECTIONS, metric_name as _name, patch_grid, score_metric as _score, site_layers
 
 __all__ = ["ClassLogProb", "attribution_patching", "class_logprob"]
 

@@ -1,4 +1,5 @@
-"""What one `dit_lens.patching` call patches: the site's blocks, the heads, and the cells of every patch.
+"""What one `dit_lens.patching` call patches: the site's blocks, the heads, and the cells of every patch; and how
+a metric's values are read (`score_metric`, `metric_name`), shared by exact and attribution patching.
 
 A patch is a set of cells ``(step, layer)`` (and, with heads, one attention head): `patch_grid` turns a named
 grid (``"cell"``, ``"layer"``, ``"step"``) or a list of ``(layer window, step window)`` pairs into the result's
@@ -18,13 +19,17 @@ Examples:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from ..validate import check_window, is_int, window_layers
+from ..validate import NonFiniteError, as_array, check_window, is_int, window_layers
 
-__all__ = ["GRIDS", "OUTPUT_SITES", "Cells", "head_indices", "patch_grid", "site_layers"]
+__all__ = ["DIRECTIONS", "GRIDS", "OUTPUT_SITES", "Cells", "head_indices", "metric_name", "patch_grid", "score_metric",
+           "site_layers"]
+
+#: Which run gets the other's activation: the corrupt one (``"denoise"``) or the clean one (``"noise"``).
+DIRECTIONS = ("denoise", "noise")
 
 #: The named grids; a list of (layer window, step window) pairs is the other kind.
 GRIDS = ("cell", "layer", "step")
@@ -170,3 +175,26 @@ def _label(window: Any) -> str:
     if isinstance(window, tuple):
         return f"{float(window[0]):g}-{float(window[1]):g}"  # as the layer windows of studies label them
     return ",".join(str(int(i)) for i in window)
+
+
+def score_metric(metric: Callable, images: np.ndarray) -> np.ndarray:
+    """The metric's values ``(n,)`` for images ``(n, H, W, 3)`` or latents, refused unless one finite number per run."""
+    name, n = metric_name(metric), len(images)
+    try:
+        values = np.asarray(as_array(metric(images)), dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"the metric {name} must return one number per image, shape ({n},); its output does not "
+                         f"read as numbers ({err})") from None
+    if values.shape != (n,):
+        raise ValueError(f"the metric {name} returned shape {values.shape} for {n} images; it must return one number "
+                         f"per image, shape ({n},)")
+    if not np.isfinite(values).all():
+        bad = int((~np.isfinite(values)).sum())
+        raise NonFiniteError(f"the metric {name} returned NaN or inf for {bad} of {n} images; it must return a finite "
+                             f"number per image")
+    return values
+
+
+def metric_name(metric: Any) -> str:
+    name = getattr(metric, "name", None) or getattr(metric, "__name__", None) or type(metric).__name__
+    return str(name)

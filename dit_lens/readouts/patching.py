@@ -71,13 +71,12 @@ from tqdm.auto import tqdm
 
 from ..trace.attrs import typed
 from ..trace.runner import Hook, scheduler_timesteps, traced_generate
-from ..validate import NonFiniteError, as_array, check_guidance, check_int, check_seeds, check_steps
-from .patch_grid import GRIDS, head_indices, patch_grid, site_layers
+from ..validate import NonFiniteError, check_guidance, check_int, check_seeds, check_steps
+from .attribution import attribution_patching
+from .patch_grid import DIRECTIONS, GRIDS, head_indices, metric_name as _name, patch_grid, score_metric as _score, site_layers
 
 __all__ = ["DEFAULT_BATCH", "DIRECTIONS", "GRIDS", "METRIC_ON", "patching"]
 
-#: Which run gets the other's activation: the corrupt one (``"denoise"``) or the clean one (``"noise"``).
-DIRECTIONS = ("denoise", "noise")
 #: What the metric scores: the decoded images or the final latents.
 METRIC_ON = ("images", "latents")
 #: Patched runs per pipeline call by default: each call also makes the run its patches copy from, so larger
@@ -125,7 +124,9 @@ def patching(
             the whole site. Sites with heads: a family's softmax attentions with their own output projection
             (not ``"ff"``, ``"block"``, SANA's linear ``"attn1"`` or Flux's single-stream blocks).
         direction: ``"denoise"`` (the corrupt run gets the clean activation) or ``"noise"`` (the reverse).
-        method: ``"exact"`` (every patched run is run); attribution patching is not available yet.
+        method: ``"exact"`` (every patched run is run) or ``"attribution"`` (first order, one forward and one
+            backward pass per seed: `dit_lens.attribution_patching` with its defaults; the metric must then be
+            differentiable on torch images, e.g. `dit_lens.class_logprob`).
         metric_on: ``"images"`` (decoded images) or ``"latents"`` (each run's final latents; only the clean and
             the corrupt run are decoded, once per seed, for ``image_clean`` / ``image_corrupt``).
         num_inference_steps: Denoising steps T.
@@ -147,10 +148,18 @@ def patching(
         ValueError: a bad argument, identical prompts, heads of a site without them, or a metric whose output
             is not one finite number per run (the message names the metric).
     """
+    if method == "attribution":
+        if heads is not False or metric_on != "images":
+            raise ValueError("attribution patching differentiates the metric of decoded images through the whole "
+                             "site: use heads=False and metric_on='images' with method='attribution', or "
+                             "method='exact'")
+        return attribution_patching(lens, clean=clean, corrupt=corrupt, seeds=seeds, metric=metric, site=site,
+                                    layers=layers, steps=steps, grid=grid, direction=direction,
+                                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                    progress=progress)
     if method != "exact":
-        if method == "attribution":
-            raise ValueError("attribution patching (method='attribution') is not available yet; use method='exact'")
-        raise ValueError(f"method must be 'exact', got {method!r}")
+        raise ValueError(f"method must be 'exact' (every patched run is run) or 'attribution' (first order, one "
+                         f"backward pass per seed), got {method!r}")
     for name, prompt in (("clean", clean), ("corrupt", corrupt)):
         if not isinstance(prompt, str) or not prompt:
             raise ValueError(f"{name} must be a non-empty prompt string, got {prompt!r}")
@@ -298,26 +307,3 @@ def _decode(lens: Any, latents: np.ndarray) -> np.ndarray:
     flat = torch.from_numpy(latents.reshape(-1, *latents.shape[2:])).to(lens.device)
     images = decode(lens, flat)
     return images.reshape(*latents.shape[:2], *images.shape[1:])
-
-
-def _score(metric: Callable, images: np.ndarray) -> np.ndarray:
-    """The metric's values ``(n,)`` for images ``(n, H, W, 3)`` or latents, refused unless one finite number per run."""
-    name, n = _name(metric), len(images)
-    try:
-        values = np.asarray(as_array(metric(images)), dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"the metric {name} must return one number per image, shape ({n},); its output does not "
-                         f"read as numbers ({err})") from None
-    if values.shape != (n,):
-        raise ValueError(f"the metric {name} returned shape {values.shape} for {n} images; it must return one number "
-                         f"per image, shape ({n},)")
-    if not np.isfinite(values).all():
-        bad = int((~np.isfinite(values)).sum())
-        raise NonFiniteError(f"the metric {name} returned NaN or inf for {bad} of {n} images; it must return a finite "
-                             f"number per image")
-    return values
-
-
-def _name(metric: Any) -> str:
-    name = getattr(metric, "name", None) or getattr(metric, "__name__", None) or type(metric).__name__
-    return str(name)
