@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from dit_lens.world.downstream import BASELINES, DownstreamConfig, run_downstream
+from dit_lens.experiments.downstream import BASELINES, DownstreamConfig, run_downstream
 
 CONFIG = DownstreamConfig()
 QUICK = dict(synthetic_per_class=8, test_per_class=32, train_seeds=(0, 1), detector_steps=120, vector_seeds=4,

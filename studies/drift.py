@@ -1,14 +1,14 @@
 """Latent Drifting at this scale: adapt the shipped model to the world's shifted split by fine-tuning
 (LoRA on every block, LoRA on cross-attention, full), with and without drift, and pick the inference
 drift δ ∈ [−0.2, 0.2] by the Fréchet distance on the oracle's features, as seed 004 does; the picked δ is
-measured again on fresh seeds against a second held-out set (`dit_lens.world.adaptation`).
+measured again on fresh seeds against a second held-out set (`dit_lens.experiments.adaptation`).
 
     python studies/drift.py [--quick] [--schemes lora] [--train-drifts 0 0.1] [--deltas -0.1 0 0.1]
         [--forms every initial] [--count esophagitis=3] [--out DIR] [--downstream]
 
 With --downstream, a polyp detector is also trained on the shifted split's 20 real images per class plus
 64 per class from the shipped model and from each adapter without and with its picked drift
-(`dit_lens.world.adaptation_downstream`), and tested on held-out shifted images.
+(`dit_lens.experiments.adaptation_downstream`), and tested on held-out shifted images.
 
 Paper (brain MR, SD 1.4, basic fine-tuning): FID 92.1 → 49.7 with drift; best δ 0.05–0.1.
 """
@@ -22,8 +22,8 @@ from pathlib import Path
 
 from dit_lens.storage import cache_root
 from dit_lens.interventions.drift import LatentDrift
-from dit_lens.world.adaptation import FORMS, AdaptationConfig, run_adaptation
-from dit_lens.world.adaptation_downstream import AdaptedDownstreamConfig, run_adapted_downstream
+from dit_lens.experiments.adaptation import FORMS, AdaptationConfig, run_adaptation
+from dit_lens.experiments.adaptation_downstream import AdaptedDownstreamConfig, run_adapted_downstream
 from dit_lens.world.data import parse_counts
 
 QUICK = dict(schemes=("lora",), train_drifts=(0.0, 0.1), deltas=(0.0, 0.1), steps=40, sweep_seeds=2,

@@ -1,6 +1,6 @@
 """The long tail at this scale: fine-tune a LoRA on the shifted split with one class cut to a few images,
 then measure how often that class is generated before and after `optimize_noise`, for the oracle's
-class probability and for the class word's attention concentration (`dit_lens.world.long_tail`).
+class probability and for the class word's attention concentration (`dit_lens.experiments.long_tail`).
 
     python studies/long_tail.py [--quick] [--label esophagitis] [--count 3] [--guidance-scales 4.5 1]
         [--objectives class_probability attention_concentration] [--seeds 64] [--out DIR]
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from dit_lens.storage import cache_root
-from dit_lens.world.long_tail import OBJECTIVES, LongTailConfig, run_long_tail
+from dit_lens.experiments.long_tail import OBJECTIVES, LongTailConfig, run_long_tail
 
 QUICK = dict(steps=40, seeds=4, per_class=4, count=1, guidance_scales=(1.0,), iterations=2)
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from dit_lens.storage import FolderClaimError
-from dit_lens.world.adaptation import AdaptationConfig, run_adaptation
+from dit_lens.experiments.adaptation import AdaptationConfig, run_adaptation
 
 SMALL = AdaptationConfig(schemes=("lora",), train_drifts=(0.0,), deltas=(0.0, 0.2), forms=("every", "initial"),
                          steps=2, per_class=1, sweep_seeds=1, confirm_seeds=1, held_out=2, num_inference_steps=2)

@@ -8,7 +8,7 @@ import pytest
 
 from dit_lens import LatentDrift, generate, load
 from dit_lens.storage import FolderClaimError
-from dit_lens.world.adaptation_downstream import AdaptedDownstreamConfig, run_adapted_downstream
+from dit_lens.experiments.adaptation_downstream import AdaptedDownstreamConfig, run_adapted_downstream
 from dit_lens.world.procedural import caption
 
 SMALL = AdaptedDownstreamConfig(synthetic_per_class=2, synthetic_seed_base=5, train_seeds=(0, 1), test_per_class=4,

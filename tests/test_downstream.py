@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from dit_lens.world.downstream import DownstreamConfig, f1_score, roc_auc
+from dit_lens.experiments.downstream import DownstreamConfig, f1_score, roc_auc
 
 
 def test_auc_equals_the_pairwise_definition():
@@ -55,7 +55,7 @@ def test_config_key_is_an_earlier_versions_at_the_default_inversion_steps():
 
 def test_default_inversion_steps_are_the_registered_methods_default():
     from dit_lens.methods import get
-    from dit_lens.world.downstream import LATER_FIELDS
+    from dit_lens.experiments.downstream import LATER_FIELDS
 
     assert get("pnp").settings({})["inversion_steps"] == DownstreamConfig().inversion_steps
     assert get("hedit").settings({})["inversion_steps"] == LATER_FIELDS["inversion_steps"] == 50
@@ -85,7 +85,7 @@ TINY = dict(real_per_class=3, synthetic_per_class=2, test_per_class=3, train_see
 def test_run_downstream_end_to_end_resumes_and_refuses_another_run(tmp_path, detector_lens):
     import xarray as xr
 
-    from dit_lens.world.downstream import run_downstream
+    from dit_lens.experiments.downstream import run_downstream
 
     lens = detector_lens
     cfg = DownstreamConfig(**TINY)
@@ -147,7 +147,7 @@ def test_run_downstream_end_to_end_resumes_and_refuses_another_run(tmp_path, det
 @pytest.fixture(scope="module")
 def fresh_default_steps(tmp_path_factory, detector_lens):
     """A folder run by this version at the default inversion steps (an earlier version's folder holds the default)."""
-    from dit_lens.world.downstream import run_downstream
+    from dit_lens.experiments.downstream import run_downstream
 
     import torch
 
@@ -170,7 +170,7 @@ def test_a_folder_of_an_earlier_version_is_completed_not_overwritten(tmp_path, d
     import shutil
 
     from dit_lens.storage import MARKER
-    from dit_lens.world.downstream import _digest, _digest_path, _read_synthetic, run_downstream
+    from dit_lens.experiments.downstream import _digest, _digest_path, _read_synthetic, run_downstream
 
     lens = detector_lens
     cfg, fresh = fresh_default_steps
@@ -223,7 +223,7 @@ def test_a_folder_of_an_earlier_version_is_completed_not_overwritten(tmp_path, d
 
 def test_a_stored_set_that_does_not_fit_the_config_is_refused_not_changed(tmp_path, detector_lens):
     from dit_lens.storage import claimed
-    from dit_lens.world.downstream import _read_synthetic, identity, run_downstream
+    from dit_lens.experiments.downstream import _read_synthetic, identity, run_downstream
 
     cfg = DownstreamConfig(**TINY)
     claimed(tmp_path, "downstream", identity=identity(cfg, detector_lens))  # a folder dit-lens made for it
@@ -246,7 +246,7 @@ def test_a_stored_set_that_does_not_fit_the_config_is_refused_not_changed(tmp_pa
 
 
 def test_synthetic_sets_written_before_the_methods_registry_are_read_back(tmp_path):
-    from dit_lens.world.downstream import _read_synthetic
+    from dit_lens.experiments.downstream import _read_synthetic
 
     source, steered, target = (np.full((2, 4, 4, 3), v, np.float32) for v in (0.1, 0.2, 0.3))
     np.savez_compressed(tmp_path / "synthetic.npz", source=source, steered=steered, target=target)
@@ -257,7 +257,7 @@ def test_synthetic_sets_written_before_the_methods_registry_are_read_back(tmp_pa
 
 
 def test_synthetic_sets_checked_against_their_digest(tmp_path):
-    from dit_lens.world.downstream import _digest, _digest_path, _read_synthetic
+    from dit_lens.experiments.downstream import _digest, _digest_path, _read_synthetic
 
     path = tmp_path / "synthetic.npz"
     np.savez_compressed(path, **{f"{arm}_{b}": np.zeros((1, 4, 4, 3), np.float32)
@@ -272,7 +272,7 @@ def test_synthetic_sets_checked_against_their_digest(tmp_path):
 def test_downstream_files_are_checked_against_their_digests(tmp_path):
     import json
 
-    from dit_lens.world.downstream import _read_record, _write_record
+    from dit_lens.experiments.downstream import _read_record, _write_record
 
     path = tmp_path / "cells" / "medsteer_seed0.json"
     record = {"auc": 0.9, "f1": 0.8, "auc_by_negative": {"normal cecum": 0.95}}

@@ -251,7 +251,7 @@ def test_a_kept_pool_is_dropped_when_its_ray_session_ends(tiny_lens):
 
 
 def test_a_users_folder_is_never_taken_for_a_world_experiment(tmp_path):
-    from dit_lens.world.long_tail import LongTailConfig, run_long_tail
+    from dit_lens.experiments.long_tail import LongTailConfig, run_long_tail
 
     small = LongTailConfig(label="polyps", count=1, per_class=1, steps=2, seeds=2, guidance_scales=(1.0,),
                            iterations=1, num_inference_steps=2)
@@ -271,7 +271,7 @@ def test_a_users_folder_is_never_taken_for_a_world_experiment(tmp_path):
                                           ("[1, 0]", "holds a JSON list"),
                                           ('{"read": [0, 0]}', "has no digest")])
 def test_a_damaged_world_cell_is_one_line_naming_the_file(tmp_path, content, why):
-    from dit_lens.world.folders import cached_json, claim_experiment
+    from dit_lens.experiments.folders import cached_json, claim_experiment
 
     claim_experiment(tmp_path, "long_tail", {"seeds": 2}, entries=("cells",))
     cell = tmp_path / "cells" / "shipped_g1.json"
@@ -284,7 +284,7 @@ def test_a_damaged_world_cell_is_one_line_naming_the_file(tmp_path, content, why
 def test_an_arms_images_are_reused_only_for_the_generator_that_made_them(tiny_lens, tiny_spec, tmp_path):
     from dit_lens import LatentDrift, load
     from dit_lens.model.builders import build_pixart
-    from dit_lens.world.adaptation_downstream import AdaptedDownstreamConfig, _stored_synthetic
+    from dit_lens.experiments.adaptation_downstream import AdaptedDownstreamConfig, _stored_synthetic
 
     cfg = AdaptedDownstreamConfig(synthetic_per_class=1, num_inference_steps=2)
     path, drift = tmp_path / "synthetic" / "adapted.npy", LatentDrift(0.0, steps=None)

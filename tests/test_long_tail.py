@@ -7,7 +7,7 @@ import pytest
 
 from dit_lens import generate, load, load_oracle
 from dit_lens.storage import FolderClaimError
-from dit_lens.world.long_tail import LongTailConfig, run_long_tail
+from dit_lens.experiments.long_tail import LongTailConfig, run_long_tail
 from dit_lens.world.procedural import caption
 
 SMALL = LongTailConfig(label="polyps", count=1, per_class=1, steps=2, seeds=2, seed_base=7, guidance_scales=(1.0,),

@@ -22,11 +22,11 @@ from torch import nn
 from ..storage import DamagedError, all_finite, load_torch, read_record, read_tensors, write_record, write_tensors
 from ..validate import NonFiniteError
 from .procedural import LABELS
-from .train import StageConfig, rand, randn
-from .train import fit as _fit
+from .train import StageConfig, fit, rand, randn
 
-__all__ = ["Oracle", "Segmenter", "OracleNet", "SegmenterNet", "augment", "tint_lumen", "load_oracle", "load_segmenter",
-           "load_anatomy_segmenter", "train_oracle", "train_segmenter", "EMBEDDED_JUDGES", "SEGMENTER_TARGETS"]
+__all__ = ["Oracle", "Segmenter", "OracleNet", "SegmenterNet", "as_batch", "augment", "tint_lumen", "load_oracle",
+           "load_segmenter", "load_anatomy_segmenter", "train_oracle", "train_segmenter", "EMBEDDED_JUDGES",
+           "SEGMENTER_TARGETS"]
 
 #: Where the shipped judges live (written by ``dit-lens world build``).
 EMBEDDED_JUDGES = Path(__file__).resolve().parent.parent / "embedded"
@@ -77,7 +77,27 @@ class SegmenterNet(nn.Module):
         return self.out(d1)[:, 0]
 
 
-def _as_batch(images: Any, name: str) -> torch.Tensor:
+def as_batch(images: Any, name: str) -> torch.Tensor:
+    """Images ``(N, H, W, 3)`` float in [0, 1] as the networks' input ``(N, 3, H, W)`` in [-1, 1].
+
+    Args:
+        images: The images, any array-like.
+        name: Who takes them, named in the error.
+
+    Returns:
+        A float32 tensor ``(N, 3, H, W)`` in [-1, 1].
+
+    Raises:
+        ValueError: `images` are not of shape ``(N, H, W, 3)`` or not in [0, 1].
+
+    Examples:
+        >>> as_batch(np.ones((2, 8, 8, 3)), "the oracle").shape
+        torch.Size([2, 3, 8, 8])
+        >>> as_batch(np.ones((8, 8, 3)), "the oracle")
+        Traceback (most recent call last):
+        ...
+        ValueError: the oracle takes images of shape (N, H, W, 3) float in [0, 1], got shape (8, 8, 3)
+    """
     x = np.asarray(images, dtype=np.float32)
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"{name} takes images of shape (N, H, W, 3) float in [0, 1], got shape {x.shape}")
@@ -148,7 +168,7 @@ class Oracle:
 
     @torch.no_grad()
     def __call__(self, images) -> np.ndarray:
-        x = _as_batch(images, "the oracle")
+        x = as_batch(images, "the oracle")
         return np.concatenate([torch.softmax(self.net(x[i : i + 256]), 1).numpy() for i in range(0, len(x), 256)]
                               or [np.zeros((0, len(self.labels)), np.float32)])
 
@@ -156,7 +176,7 @@ class Oracle:
     def features(self, images) -> np.ndarray:
         """The penultimate features ``(N, 4·width)`` of `images` ``(N, H, W, 3)`` in [0, 1]: the pooled
         activations the class head reads, for distances between image sets (`frechet_distance`)."""
-        x = _as_batch(images, "the oracle")
+        x = as_batch(images, "the oracle")
         width = self.net.head.in_features
         return np.concatenate([self.net.body(x[i : i + 256]).mean((2, 3)).numpy() for i in range(0, len(x), 256)]
                               or [np.zeros((0, width), np.float32)])
@@ -177,7 +197,7 @@ class Segmenter:
 
     @torch.no_grad()
     def __call__(self, images) -> np.ndarray:
-        x = _as_batch(images, "the segmenter" if self.target == "lesion" else f"the {self.target} segmenter")
+        x = as_batch(images, "the segmenter" if self.target == "lesion" else f"the {self.target} segmenter")
         return np.concatenate([(self.net(x[i : i + 256]) > 0).numpy() for i in range(0, len(x), 256)]
                               or [np.zeros((0,) + tuple(x.shape[2:]), bool)])
 
@@ -185,9 +205,9 @@ class Segmenter:
 def train_oracle(images: np.ndarray, labels: np.ndarray, cfg: StageConfig, *, device="cpu", log=print) -> Oracle:
     """Train the oracle on `device`; the returned judge runs on the CPU."""
     net = OracleNet().to(device)
-    x, y = _as_batch(images, "train_oracle").to(device), torch.as_tensor(labels, dtype=torch.long, device=device)
-    trained = _fit(net, cfg, lambda idx, gen: F.cross_entropy(net(augment(tint_lumen(x[idx], gen), gen)), y[idx]),
-                   len(x), log=log, name="oracle")
+    x, y = as_batch(images, "train_oracle").to(device), torch.as_tensor(labels, dtype=torch.long, device=device)
+    trained = fit(net, cfg, lambda idx, gen: F.cross_entropy(net(augment(tint_lumen(x[idx], gen), gen)), y[idx]),
+                  len(x), log=log, name="oracle")
     return Oracle(trained.cpu())
 
 
@@ -200,7 +220,7 @@ def train_segmenter(images: np.ndarray, masks: np.ndarray, cfg: StageConfig, *, 
         raise ValueError(f"train_segmenter needs one (H, W) mask per image, got images {np.shape(images)} "
                          f"and masks {np.shape(masks)}")
     net = SegmenterNet().to(device)
-    x = _as_batch(images, "train_segmenter").to(device)
+    x = as_batch(images, "train_segmenter").to(device)
     m = torch.as_tensor(masks, dtype=torch.float32, device=device)
 
     def loss(idx, gen):
@@ -211,7 +231,7 @@ def train_segmenter(images: np.ndarray, masks: np.ndarray, cfg: StageConfig, *, 
         return F.binary_cross_entropy_with_logits(logits, mb) + dice
 
     name = "segmenter" if target == "lesion" else f"{target} segmenter"
-    return Segmenter(_fit(net, cfg, loss, len(x), log=log, name=name).cpu(), target)
+    return Segmenter(fit(net, cfg, loss, len(x), log=log, name=name).cpu(), target)
 
 
 def save_judge(judge: Oracle | Segmenter, folder: Path) -> None:

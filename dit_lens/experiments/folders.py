@@ -1,4 +1,4 @@
-"""Result folders of the world's experiments (adaptation, its downstream test, the long tail, the
+"""Result folders of the experiments (adaptation, its downstream test, the long tail, the
 downstream detector): each folder is claimed through `dit_lens.storage.claim` for its settings, and
 each measured cell is a sealed JSON record written once, atomically, and reused.
 

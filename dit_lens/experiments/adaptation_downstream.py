@@ -1,7 +1,7 @@
 """Downstream use of adapted models: does augmenting the new domain's few real images with an adapted
 model's images help a detector there? (seed 004's classifier experiment at this scale).
 
-A binary detector (`dit_lens.world.downstream.train_detector`: the source class against the rest) is
+A binary detector (`dit_lens.experiments.downstream.train_detector`: the source class against the rest) is
 trained on the shifted split's ``real_per_class`` real images of `source` and `target` (the first
 images of the fine-tuning data), alone (arm ``real``) or plus ``synthetic_per_class`` generated images
 of each of the two classes from a generator: the shipped model, or an adapted one with its z_T drift δ
@@ -25,10 +25,10 @@ import numpy as np
 from ..interventions.drift import LatentDrift
 from ..interventions.generate import generate
 from ..metrics import estimate
-from .downstream import DownstreamConfig, _test_set, _train_and_test
 from ..storage import DamagedError, FolderClaimError, digest, read_record, write_atomic, write_record
+from ..world.procedural import caption, render
+from .downstream import DownstreamConfig, _test_set, _train_and_test
 from .folders import cached_json, claim_experiment
-from .procedural import caption, render
 
 __all__ = ["AdaptedDownstreamConfig", "run_adapted_downstream"]
 

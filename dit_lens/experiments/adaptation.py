@@ -29,16 +29,16 @@ from typing import Any
 import numpy as np
 
 from ..interventions.drift import LatentDrift
-from ..storage import DamagedError, digest, read_record, write_atomic, write_record
 from ..interventions.generate import generate
-from ..metrics.distribution import frechet_difference, frechet_estimate
 from ..metrics import estimate
+from ..metrics.distribution import frechet_difference, frechet_estimate
+from ..storage import DamagedError, digest, read_record, write_atomic, write_record
 from ..training.trainer import finetune
 from ..training.trainer import read_record as read_finetune_record
-from .data import world_split
+from ..world.data import world_split
+from ..world.judges import load_oracle
+from ..world.procedural import LABELS, caption, render
 from .folders import claim_experiment
-from .judges import load_oracle
-from .procedural import LABELS, caption, render
 
 __all__ = ["AdaptationConfig", "run_adaptation", "FORMS"]
 

@@ -85,7 +85,7 @@ class DownstreamConfig:
                            check_int(self.inversion_steps, "DownstreamConfig.inversion_steps", minimum=1))
         object.__setattr__(self, "train_seeds", tuple(int(s) for s in self.train_seeds))
         object.__setattr__(self, "test_negatives", tuple(str(x) for x in self.test_negatives))
-        from .procedural import LABELS
+        from ..world.procedural import LABELS
 
         unknown = [x for x in (self.source, self.target, *self.test_negatives) if x not in LABELS]
         if unknown:
@@ -138,22 +138,22 @@ def train_detector(images: np.ndarray, labels: np.ndarray, *, seed: int, steps: 
 
     Returns a callable mapping images ``(N, H, W, 3)`` in [0, 1] to p(positive) ``(N,)``.
     """
-    from .judges import OracleNet, _as_batch, _fit, augment
-    from .train import StageConfig
+    from ..world.judges import OracleNet, as_batch, augment
+    from ..world.train import StageConfig, fit
 
     torch.manual_seed(seed)
     net = OracleNet(16, num_classes=2)
-    x_all, y_all = _as_batch(images, "train_detector"), torch.as_tensor(labels, dtype=torch.long)
+    x_all, y_all = as_batch(images, "train_detector"), torch.as_tensor(labels, dtype=torch.long)
     cfg = StageConfig(steps=steps, batch_size=min(64, len(x_all)), lr=1e-3, warmup=min(30, steps // 5), seed=seed)
 
     def loss(idx, gen):
         return F.cross_entropy(net(augment(x_all[idx], gen)), y_all[idx])
 
-    net = _fit(net, cfg, loss, len(x_all), log=lambda *_: None, name="detector")
+    net = fit(net, cfg, loss, len(x_all), log=lambda *_: None, name="detector")
 
     @torch.no_grad()
     def detect(batch: np.ndarray) -> np.ndarray:
-        x = _as_batch(batch, "detector")
+        x = as_batch(batch, "detector")
         return torch.softmax(net(x), dim=1)[:, 1].numpy()
 
     return detect
@@ -166,7 +166,7 @@ def run_downstream(cfg: DownstreamConfig, lens: Any, folder: Path, *, progress: 
     The folder is claimed for every setting but the training seeds and for the model's weights (more
     or other training seeds reuse the finished cells); with `overwrite`, a downstream folder of other
     settings is replaced (only what dit-lens wrote there)."""
-    from .procedural import render
+    from ..world.procedural import render
 
     folder = Path(folder)
     with exclusive(folder):
@@ -231,7 +231,7 @@ def synthetic_pairs(cfg: DownstreamConfig, lens: Any, *, arms: tuple[str, ...] |
     unblended; PnP and h-Edit edit the source prompt's images at their default settings with
     ``inversion_steps`` DDIM steps."""
     from ..methods import MethodContext, Vectors, get
-    from .domain import endoscopy_pair
+    from ..world.domain import endoscopy_pair
 
     pair = endoscopy_pair(cfg.source, cfg.target)
     seeds = [SYNTHETIC_SEED_BASE + i for i in range(cfg.synthetic_per_class)]
@@ -350,7 +350,7 @@ def _synthetic(path: Path, cfg: DownstreamConfig, lens: Any, *, progress: bool) 
 
 def _test_set(cfg: DownstreamConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The shifted-split test set: as many positives as negatives, `test_per_class` per negative label."""
-    from .procedural import render
+    from ..world.procedural import render
 
     n, negatives = cfg.test_per_class, cfg.test_negatives
     labels = [cfg.source] * (n * len(negatives)) + [x for x in negatives for _ in range(n)]

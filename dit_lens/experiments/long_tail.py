@@ -31,12 +31,12 @@ import numpy as np
 from ..interventions.generate import generate
 from ..interventions.noise import attention_concentration, class_probability, optimize_noise
 from ..metrics import estimate, proportion
-from ..training.trainer import finetune, read_record
-from .data import world_split
 from ..storage import write_atomic
+from ..training.trainer import finetune, read_record
+from ..world.data import world_split
+from ..world.judges import load_oracle
+from ..world.procedural import LABELS, caption
 from .folders import cached_json, claim_experiment
-from .judges import load_oracle
-from .procedural import LABELS, caption
 
 __all__ = ["LongTailConfig", "OBJECTIVES", "run_long_tail"]
 
