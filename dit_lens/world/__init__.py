@@ -3,7 +3,7 @@ and the endoscopy domain (`domain`: prompt templates, dye classes and metrics) t
 
 `dit_lens.load("embedded")` opens the pipeline; `load_oracle` / `load_segmenter` (lesions) /
 `load_anatomy_segmenter` (lumen, pyloric ring or z-line) the judges.
-Nothing is loaded at import time.
+Nothing is loaded at import time. The experiments run on the world live in `dit_lens.experiments`.
 """
 
 from .data import world_split, write_world_split
