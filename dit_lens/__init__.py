@@ -64,8 +64,8 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
 }
 
 #: Subpackages and modules reachable as attributes on first use, beside the exports (not in ``__all__``).
-_PACKAGES = frozenset({"apps", "interventions", "inversion", "model", "readouts", "scale", "storage", "study",
-                       "testing", "trace", "training", "validate", "views", "world"})
+_PACKAGES = frozenset({"apps", "experiments", "interventions", "inversion", "model", "readouts", "scale", "storage",
+                       "study", "testing", "trace", "training", "validate", "views", "world"})
 
 __all__ = [
     "__version__",
