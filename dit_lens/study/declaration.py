@@ -25,19 +25,15 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 import xarray as xr
 
+from ..accessors import DEFAULT_FLOORS
 from ..methods import METHODS, VECTOR_SEEDS, ConceptPair, get, window_label, window_layers, window_steps
-from ..trace.attrs import read
 from ..validate import check_guidance, check_int, check_steps
 from ..metrics import STANDARD_METRICS, Metric
 
 __all__ = ["ConceptPair", "Study", "window_layers", "window_steps", "window_label", "floors",
            "pick_settings", "DEFAULT_FLOORS"]
-
-#: What a setting must reach to count as working when a study declares no floors.
-DEFAULT_FLOORS = {"flip_rate": 0.9}
 
 
 @dataclass(frozen=True)
@@ -223,24 +219,18 @@ def context_of(declaration: dict) -> dict:
 
 
 def floors(result: xr.Dataset) -> dict[str, float]:
-    """What a setting of `result` must reach to count as working: the study's ``require``."""
-    return read(result.attrs, "require") if "require" in result.attrs else dict(DEFAULT_FLOORS)
+    """What a setting of `result` must reach to count as working: the study's ``require`` (``result.study.floors``)."""
+    return result.study.floors
 
 
 def method_axes(result: xr.Dataset) -> dict[str, list[str]]:
-    """Each method's own axes in a study result."""
-    if "method_axes" in result.attrs:
-        return read(result.attrs, "method_axes")
-    methods = [str(m) for m in result["method"].values] if "method" in result.dims else ["medsteer"]
-    own = [d for d in result["flip_rate"].dims if d not in ("method", "pair")]
-    return {m: own for m in methods}
+    """Each method's own axes in a study result (``result.study.method_axes``)."""
+    return result.study.method_axes
 
 
 def metric_names(result: xr.Dataset) -> list[str]:
-    """The metrics a study result holds, in order (standard ones, the declared ones, method extras)."""
-    if "metrics" in result.attrs:
-        return read(result.attrs, "metrics")
-    return [v for v in result.data_vars if f"{v}_low" in result]
+    """The metrics a study result holds, in order: standard, declared, method extras (``result.study.metrics``)."""
+    return result.study.metrics
 
 
 def pick_settings(result: xr.Dataset, *, require: dict[str, float] | None = None, maximize: str = "bg_ssim",
@@ -252,37 +242,6 @@ def pick_settings(result: xr.Dataset, *, require: dict[str, float] | None = None
     when none reaches them all, the one closest to doing so (highest worst ratio metric / floor),
     with ``"meets": False``. Returns one dict per (pair, method), pair by pair: ``method``,
     ``pair``, the method's own setting coordinates and every metric as ``[value, low, high]``.
+    The same as ``result.study.pick(...)`` (`dit_lens.accessors.StudyAccessor.pick`).
     """
-    require = floors(result) if require is None else dict(require)
-    own = method_axes(result)
-    names = metric_names(result)
-    if "method" not in result.dims:
-        result = result.expand_dims(method=list(own))
-    picks = []
-    for pair in result["pair"].values:
-        for method in methods if methods is not None else list(own):
-            cells = result.sel({"pair": pair, "method": method}).to_dataframe().reset_index()
-            cells = cells[np.isfinite(cells["flip_rate"])]
-            cells = cells.drop_duplicates(subset=own[method]) if own[method] else cells.iloc[:1]  # its own cells
-            if cells.empty:
-                continue
-            missing = [m for m in (*require, maximize) if m not in cells]
-            if missing:
-                raise ValueError(f"pick_settings: the result has no metric {missing}; it has {sorted(result.data_vars)}")
-            ok = np.logical_and.reduce([cells[m] >= floor for m, floor in require.items()])
-            if ok.any():
-                row = cells[ok].loc[cells[ok][maximize].idxmax()]
-            else:
-                worst = np.min([cells[m] / floor for m, floor in require.items()], axis=0)
-                row = cells.iloc[int(np.argmax(worst))]
-            pick = {"method": str(method), "pair": str(pair), "meets": bool(ok.any()),
-                    **{d: _plain(row[d]) for d in own[method]}}
-            for m in names:
-                if m in cells:
-                    pick[m] = [float(row[m]), float(row[f"{m}_low"]), float(row[f"{m}_high"])]
-            picks.append(pick)
-    return picks
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") else value
+    return result.study.pick(require=require, maximize=maximize, methods=methods)

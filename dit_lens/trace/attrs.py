@@ -6,7 +6,10 @@ attrs keep: a seed list is a list of ints, an edit's settings a dict, a study's 
 floats. `typed` turns a value into that form (tuples become lists, NumPy scalars Python numbers,
 non-finite floats strings, so a value reads back from a Zarr store equal to what was written).
 `read` reads a structured attr from any dit-lens result: results made before attrs were typed
-hold such values as JSON strings, and `read` decodes those.
+hold such values as JSON strings, and `read` decodes those. The model that made a result is recorded
+under the keys in `PROVENANCE` (what ``Lens.provenance()`` returns). Importing this module registers
+the result accessors (``ds.lens``, ``result.study``: `dit_lens.accessors`), so every result a
+dit-lens function returns carries them.
 
 netCDF keeps no nested attrs: before ``to_netcdf``, turn dict and list-of-dict values into JSON
 strings (``{k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in ds.attrs.items()}``);
@@ -30,7 +33,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["read", "typed"]
+__all__ = ["PROVENANCE", "read", "typed"]
+
+#: The attrs that name the model a result was made with and the dit-lens version (``Lens.provenance()``).
+PROVENANCE = ("model_source", "model_fingerprint", "model_class", "denoiser_class", "lora", "num_layers", "width",
+              "dit_lens_version")
 
 
 def typed(value: Any) -> Any:
@@ -58,3 +65,9 @@ def read(attrs: Mapping[str, Any], key: str, default: Any = None) -> Any:
         except json.JSONDecodeError:
             return value
     return value
+
+
+# Last, once `read` exists: the accessors read attrs through it, and every result writer imports this module.
+from .. import accessors  # noqa: E402  (registers ds.lens and result.study)
+
+del accessors

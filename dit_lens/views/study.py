@@ -15,8 +15,10 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from ..trace.attrs import read
+from .. import accessors  # result.study, on results built by hand too
 from .figures import _chars, _pyplot, _wrap
+
+del accessors
 
 __all__ = ["study_figure", "tradeoff_figure"]
 
@@ -25,23 +27,13 @@ _HIDDEN = ("bg_lpips",)
 
 def _metrics(result: xr.Dataset) -> list[str]:
     """The metrics to draw: every measured one with values, but a method's extras (a vector's stability)."""
-    names = read(result.attrs, "metrics") if "metrics" in result.attrs else [
-        v for v in result.data_vars if f"{v}_low" in result]
-    hidden = (*_HIDDEN, *read(result.attrs, "extras", []))
-    return [m for m in names if m not in hidden and bool(np.isfinite(result[m]).any())]
-
-
-def _own_axes(result: xr.Dataset) -> dict[str, list[str]]:
-    if "method_axes" in result.attrs:
-        return read(result.attrs, "method_axes")
-    return {str(m): [d for d in result["flip_rate"].dims if d not in ("method", "pair")]
-            for m in (result["method"].values if "method" in result.dims else ["medsteer"])}
+    hidden = (*_HIDDEN, *result.study.extras)
+    return [m for m in result.study.metrics if m not in hidden and bool(np.isfinite(result[m]).any())]
 
 
 def _heading(result: xr.Dataset) -> str:
     """The study's name, its fixed α (a swept α is on an axis), and what the intervals are."""
-    study = read(result.attrs, "study", {})
-    name = study.get("name") if isinstance(study, dict) else None
+    name = result.study.declaration.get("name")
     parts = [f"study {name!r}" if name else "study"]
     if "alpha" in result.dims and result.sizes["alpha"] == 1:
         parts.append(f"α={_plain(result['alpha'].values[0])}")
@@ -99,7 +91,7 @@ def study_figure(result: xr.Dataset) -> Any:
 
 def _swept(result: xr.Dataset, axis: str, metrics: list[str], axes: Any) -> None:
     """Each metric against `axis`: series of the methods that have it, one mark per method that has not."""
-    own = _own_axes(result)
+    own = result.study.method_axes
     methods = [str(m) for m in result["method"].values] if "method" in result.dims else [next(iter(own), "")]
     having = [m for m in methods if axis in own.get(m, [axis])]
     lacking = [m for m in methods if m not in having]
@@ -157,7 +149,7 @@ def tradeoff_figure(result: xr.Dataset, *, x: str = "flip_rate", y: str = "bg_ss
     fig, axes = plt.subplots(1, len(pairs), figsize=(4.6 * len(pairs), 4.2), squeeze=False)
     table = result[[x, f"{x}_low", f"{x}_high", y, f"{y}_low", f"{y}_high"]].to_dataframe().reset_index()
     table = table[np.isfinite(table[x]) & np.isfinite(table[y])]
-    own = _own_axes(result)
+    own = result.study.method_axes
     if "method" not in table:
         table["method"] = next(iter(own))
     stars = dict(zip([m for m in own if not set(own[m]) - {"blend"}],
