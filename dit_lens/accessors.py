@@ -60,8 +60,9 @@ class LensAccessor:
 
     def _attrs(self) -> Mapping[str, Any]:
         if not any(k in self._ds.attrs for k in PROVENANCE):
-            raise ValueError(f"this Dataset was not made by dit-lens: it has no provenance attrs ({', '.join(PROVENANCE)}); "
-                             f"ds.lens reads results of dit-lens functions (generate, capture, patching, run_study ...)")
+            raise ValueError(f"this Dataset was not made by dit-lens: it has no provenance attrs "
+                             f"({', '.join(PROVENANCE)}); ds.lens reads the results of dit-lens functions "
+                             f"(generate, capture, patching, run_study ...)")
         return self._ds.attrs
 
     @property

@@ -77,7 +77,8 @@ def test_a_study_result_reads_what_it_declared(study_result):
     study, lens, result = study_result
     assert result.study.floors == {"flip_rate": 0.0}
     assert result.study.method_axes == {m: list(sweep) for m, sweep in study.methods.items()}
-    assert result.study.metrics[:2] == ["flip_rate", "target_rate"] and "vector_cosine_to_largest" in result.study.metrics
+    assert result.study.metrics[:2] == ["flip_rate", "target_rate"]
+    assert "vector_cosine_to_largest" in result.study.metrics
     assert result.study.extras == ["vector_cosine_to_largest"]
     assert Study.from_dict(result.study.declaration) == study
     assert result.lens.provenance == lens.provenance()

@@ -56,7 +56,7 @@ def study_figure(result: xr.Dataset) -> Any:
     side. A method without the swept axis (``reprompt`` has no window) is one mark of its own, right of
     a dotted rule, with its legend entry. With no swept axis (a table study), a bar per pair and
     method instead; with several swept axes, the trade-off each pair's settings make
-    (`tradeoff_figure`).
+    (`tradeoff_figure`). ``result.study.figure()`` draws it too.
     """
     plt = _pyplot()
     metrics = _metrics(result)
