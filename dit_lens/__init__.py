@@ -7,7 +7,10 @@ at import time.
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
+from . import accessors  # registers ds.lens and result.study on xarray (loads xarray, not torch)
 from .version import __version__
+
+del accessors  # reached as dit_lens.accessors on first use, as the other modules
 
 #: Each public name: (module, its name there when it differs; "" for the module itself). Imported on
 #: first use (PEP 562), so ``import dit_lens`` and ``dit-lens --help`` load neither torch nor diffusers.
@@ -64,8 +67,8 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
 }
 
 #: Subpackages and modules reachable as attributes on first use, beside the exports (not in ``__all__``).
-_PACKAGES = frozenset({"apps", "experiments", "interventions", "inversion", "model", "readouts", "scale", "storage",
-                       "study", "testing", "trace", "training", "validate", "views", "world"})
+_PACKAGES = frozenset({"accessors", "apps", "experiments", "interventions", "inversion", "model", "readouts", "scale",
+                       "storage", "study", "testing", "trace", "training", "validate", "views", "world"})
 
 __all__ = [
     "__version__",

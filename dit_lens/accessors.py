@@ -9,8 +9,9 @@ steps, each edit's settings ...), ``ds.lens.describe()`` its edits in words. On 
 summary figure. Every attr is read through `dit_lens.trace.attrs.read`, so results made before attrs
 were typed read the same.
 
-Importing this module registers both accessors; `dit_lens.trace.attrs`, which every result writer uses,
-imports it. It needs xarray only (figures and words load their modules when asked for).
+Importing this module registers both accessors. The package's face imports it, so any ``import dit_lens``
+(or of any of its modules) registers them, also for a result read back with ``xarray.open_zarr``. It needs
+xarray only (figures and words load their modules when asked for).
 
 Examples:
     >>> ds = xr.Dataset(attrs={"model_source": "tiny", "dit_lens_version": "0.1.0", "seeds": "[0, 1]"})

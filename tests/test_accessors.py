@@ -129,7 +129,7 @@ def test_a_dataset_dit_lens_did_not_make_is_refused_clearly():
             reading()
 
 
-@pytest.mark.parametrize("first", ["dit_lens.accessors", "dit_lens.trace.attrs", "dit_lens.views.study"])
+@pytest.mark.parametrize("first", ["dit_lens", "dit_lens.accessors", "dit_lens.trace.attrs", "dit_lens.views.study"])
 def test_the_accessors_are_registered_without_torch_whichever_module_comes_first(first):
     script = (f"import sys, xarray as xr, {first}\n"
               "ds = xr.Dataset(attrs={'model_source': 'tiny', 'seeds': '[1]'})\n"

@@ -19,7 +19,7 @@ LAYERS = [
     {"inversion", "readouts"},
     {"methods"},
     {"world"},
-    {"study", "experiments"},
+    {"study", "experiments", "accessors"},
     {"apps", "__init__"},
 ]
 LAYER = {package: i for i, layer in enumerate(LAYERS) for package in layer}

@@ -65,9 +65,3 @@ def read(attrs: Mapping[str, Any], key: str, default: Any = None) -> Any:
         except json.JSONDecodeError:
             return value
     return value
-
-
-# Last, once `read` exists: the accessors read attrs through it, and every result writer imports this module.
-from .. import accessors  # noqa: E402  (registers ds.lens and result.study)
-
-del accessors

@@ -15,10 +15,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .. import accessors  # result.study, on results built by hand too
 from .figures import _chars, _pyplot, _wrap
-
-del accessors
 
 __all__ = ["study_figure", "tradeoff_figure"]
 
