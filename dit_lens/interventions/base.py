@@ -37,6 +37,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
+from ..model.lens import Lens
 from ..storage import read_record, write_atomic
 
 __all__ = [
@@ -116,7 +117,7 @@ class EditContext:
     seeds: tuple[int, ...] = ()
     prompts: tuple[str, ...] = ()
     num_inference_steps: int = 0
-    lens: Any = None
+    lens: Lens | None = None
 
 
 class Intervention:
@@ -130,7 +131,7 @@ class Intervention:
     #: whose edits never do may leave the original rows out of the batch.
     reads_original: ClassVar[bool] = False
 
-    def check(self, lens: Any, num_inference_steps: int) -> None:
+    def check(self, lens: Lens, num_inference_steps: int) -> None:
         """Raise a clear ValueError if this cannot run on `lens` with T steps."""
 
     def settings(self) -> dict:
@@ -214,7 +215,7 @@ class SiteEdit(Intervention):
     def kind(self) -> str:  # type: ignore[override]
         return "weights" if self.site.endswith(".weights") else "site"
 
-    def edit_layers(self, lens: Any) -> list[int]:
+    def edit_layers(self, lens: Lens) -> list[int]:
         raise NotImplementedError
 
     def edit_steps(self, num_inference_steps: int) -> list[int]:
@@ -262,7 +263,7 @@ class Guidance(Intervention):
     def guided_steps(self, num_inference_steps: int) -> list[int]:
         raise NotImplementedError
 
-    def layers_needed(self, lens: Any) -> list[int]:
+    def layers_needed(self, lens: Lens) -> list[int]:
         raise NotImplementedError
 
     def correct(self, step: int, latents: torch.Tensor, forward: Callable[[torch.Tensor], dict],
@@ -287,7 +288,7 @@ class Composite(Intervention):
     def reads_original(self) -> bool:  # type: ignore[override]
         return any(part.reads_original for part in self.parts())
 
-    def check(self, lens: Any, num_inference_steps: int) -> None:
+    def check(self, lens: Lens, num_inference_steps: int) -> None:
         for part in self.parts():
             part.check(lens, num_inference_steps)
 
@@ -322,7 +323,7 @@ def check_steps_fit(name: str, steps: tuple[int, ...] | None, num_inference_step
         raise ValueError(f"{name}.steps {list(steps)} go beyond the run's {num_inference_steps} steps")
 
 
-def check_layers_fit(name: str, layers: list[int], lens: Any) -> None:
+def check_layers_fit(name: str, layers: list[int], lens: Lens) -> None:
     deep = [layer for layer in layers if layer >= lens.num_layers]
     if deep:
         raise ValueError(f"{name} layers {deep} do not exist: the model has {lens.num_layers} blocks")

@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ..model.lens import Lens
 from ..validate import is_real
 from .base import EditContext, LatentEdit, register
 from .region import check_window, window_steps
@@ -110,7 +111,7 @@ class LatentDrift(LatentEdit):
             raise ValueError(f"LatentDrift.delta has {len(self.delta)} values, but the latents have {channels} "
                              f"channels; give one value per channel, or one number for all of them")
 
-    def check(self, lens: Any, num_inference_steps: int) -> None:
+    def check(self, lens: Lens, num_inference_steps: int) -> None:
         self._check_channels(int(lens.pipeline.transformer.config.in_channels))
 
     def _drift(self, latents: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ Examples:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import xarray as xr
@@ -35,11 +35,14 @@ from .blend import Blend, check_blend
 from .plan import Plan, as_edits
 from .steer import Steer
 
+if TYPE_CHECKING:
+    from ..model.lens import Lens
+
 __all__ = ["generate", "reprompt", "scheduler_timesteps"]
 
 
 def generate(
-    lens: Any,
+    lens: Lens,
     prompts: str | Sequence[str],
     *,
     seeds: Sequence[int],
@@ -143,7 +146,7 @@ def generate(
 
 
 def reprompt(
-    lens: Any,
+    lens: Lens,
     source: str,
     target: str,
     *,
@@ -202,7 +205,7 @@ def reprompt(
     return ds
 
 
-def _run_batch(lens: Any, shared: tuple, run: tuple) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _run_batch(lens: Lens, shared: tuple, run: tuple) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """One pipeline call of `generate` (in this process or on a worker): images and records."""
     edits, num_inference_steps, record_gates, guidance_scale = shared
     return Plan(lens, edits, num_inference_steps, record_gates).run(*run, guidance_scale)

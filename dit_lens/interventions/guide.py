@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from ..trace.attention import exposed_weights
+from ..model.lens import Lens
 from ..model.tokens import check_words, word_keys
 from ..validate import check_nonnegative
 from ..trace.denoiser import Denoiser
@@ -42,7 +43,7 @@ class GuidePass:
         guidance_scale: The run's guidance scale (an input of a guidance-distilled denoiser).
     """
 
-    def __init__(self, lens: Any, scheduler: Any, prompts: Sequence[str], num_inference_steps: int,
+    def __init__(self, lens: Lens, scheduler: Any, prompts: Sequence[str], num_inference_steps: int,
                  guides: Sequence[Guidance], guidance_scale: float | None = None) -> None:
         scheduler = scheduler or lens.pipeline.scheduler
         if float(getattr(scheduler, "init_noise_sigma", 1.0)) != 1.0:
@@ -113,10 +114,10 @@ class EnergyGuidance(MaskedValue, Guidance):
     def guided_steps(self, num_inference_steps: int) -> list[int]:
         return window_steps(self.window, num_inference_steps)
 
-    def layers_needed(self, lens: Any) -> list[int]:
+    def layers_needed(self, lens: Lens) -> list[int]:
         return list(range(lens.num_layers)) if self.layers is None else list(self.layers)
 
-    def check(self, lens: Any, num_inference_steps: int) -> None:
+    def check(self, lens: Lens, num_inference_steps: int) -> None:
         self.region.check(lens, "EnergyGuidance.region")
         check_layers_fit("EnergyGuidance", self.layers_needed(lens), lens)
 

@@ -19,10 +19,11 @@ Examples:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
+from ..model.lens import Lens
 from .base import EditContext, SiteEdit, check_layers_fit, check_steps_fit, check_where, register
 
 __all__ = ["Inject"]
@@ -60,13 +61,13 @@ class Inject(SiteEdit):
     def is_identity(self) -> bool:
         return self.steps == ()
 
-    def edit_layers(self, lens: Any) -> list[int]:
+    def edit_layers(self, lens: Lens) -> list[int]:
         return list(range(lens.num_layers)) if self.layers is None else list(self.layers)
 
     def edit_steps(self, num_inference_steps: int) -> list[int]:
         return list(range(num_inference_steps)) if self.steps is None else list(self.steps)
 
-    def check(self, lens: Any, num_inference_steps: int) -> None:
+    def check(self, lens: Lens, num_inference_steps: int) -> None:
         lens.family.rank(self.site)  # a clear error for an unknown site
         check_layers_fit("Inject", self.edit_layers(lens), lens)
         check_steps_fit("Inject", self.steps or None, num_inference_steps)

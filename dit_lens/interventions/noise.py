@@ -53,6 +53,7 @@ import torch
 import torch.utils.checkpoint
 from tqdm.auto import tqdm
 
+from ..model.lens import Lens
 from ..trace.attention import exposed_weights
 from ..trace.denoiser import Denoiser
 from ..trace.runner import initial_noise, timestep_kwargs
@@ -71,7 +72,7 @@ Objective = Callable[[torch.Tensor], torch.Tensor]
 
 
 def optimize_noise(
-    lens: Any,
+    lens: Lens,
     prompt: str,
     *,
     seeds: Sequence[int],
@@ -248,7 +249,7 @@ class _Sampler:
     """The pipeline's denoising loop and decode in plain torch, differentiable in the initial noise; for an
     attention objective, the loop up to the last step it reads, with the words' cross-attention weights."""
 
-    def __init__(self, lens: Any, prompt: str, steps: int, guidance_scale: float, recompute: bool,
+    def __init__(self, lens: Lens, prompt: str, steps: int, guidance_scale: float, recompute: bool,
                  objective: Any) -> None:
         pipe = lens.pipeline
         if not hasattr(pipe, "vae"):
@@ -331,7 +332,7 @@ class _Sampler:
                 handle.remove()
 
 
-def _reading(lens: Any, objective: Any):
+def _reading(lens: Lens, objective: Any):
     """The context an objective needs for the whole optimisation: dit-lens' attention processor on the
     layers an attention objective reads (kept through the backward passes; put back after)."""
     if getattr(objective, "reads", "images") != "attention":

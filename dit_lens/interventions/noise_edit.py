@@ -12,6 +12,7 @@ import torch
 import xarray as xr
 from scipy import stats
 
+from ..model.lens import Lens
 from ..trace.runner import initial_noise
 from ..validate import check_seeds, is_real
 from .base import EditContext, LatentEdit, register
@@ -85,7 +86,7 @@ class OptimizedNoise(LatentEdit):
     def changes_initial(self) -> bool:
         return True
 
-    def check(self, lens: Any, num_inference_steps: int) -> None:
+    def check(self, lens: Lens, num_inference_steps: int) -> None:
         want = tuple(initial_noise(lens, [0]).shape[1:])
         if tuple(self.noise.shape[1:]) != want:
             raise ValueError(f"OptimizedNoise holds noise of shape {self.noise.shape[1:]}, but this model starts from "

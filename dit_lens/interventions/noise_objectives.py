@@ -34,6 +34,7 @@ import math
 
 import torch
 
+from ..model.lens import Lens
 from ..model.tokens import check_words
 from ..validate import check_nonnegative
 from .base import check_where
@@ -127,7 +128,7 @@ class AttentionConcentration:
                              f"widen it (a step i is read when start <= i / steps < end)")
         return read
 
-    def read_layers(self, lens: Any) -> list[int]:
+    def read_layers(self, lens: Lens) -> list[int]:
         layers = list(range(lens.num_layers)) if self.layers is None else list(self.layers)
         bad = [layer for layer in layers if not 0 <= layer < lens.num_layers]
         if bad:

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..model.lens import Lens
 from ..trace.runner import Hook, initial_noise, traced_generate
 from ..validate import NonFiniteError
 from .base import Composite, EditContext, Guidance, Intervention, LatentEdit, SiteEdit, flatten
@@ -28,7 +29,7 @@ class Plan:
     """How a list of edits runs: one hook per site edit, one step-end pass for latent edits, and
     where their records go. The runner's half: the edits never see rows they do not edit."""
 
-    def __init__(self, lens: Any, edits: Sequence[Intervention], T: int, record: bool) -> None:
+    def __init__(self, lens: Lens, edits: Sequence[Intervention], T: int, record: bool) -> None:
         self.lens, self.T = lens, T
         self.edits = list(edits)
         self.record = record

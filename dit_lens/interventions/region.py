@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 import xarray as xr
 
+from ..model.lens import Lens
 from ..validate import as_array, check_seeds
 from .base import EditContext, LatentEdit, register
 
@@ -128,7 +129,7 @@ class Region:
         peak = mask.amax(dim=(2, 3), keepdim=True).clamp_min(torch.finfo(mask.dtype).tiny)
         return (mask / peak).flatten(1)
 
-    def check(self, lens: Any, name: str) -> None:
+    def check(self, lens: Lens, name: str) -> None:
         """Refuse a mask that is neither image-sized nor token-grid-sized for `lens`."""
         image = (lens.pipeline_kwargs["height"], lens.pipeline_kwargs["width"])
         grid = tuple(lens.token_grid)
@@ -242,7 +243,7 @@ class Confine(LatentEdit):
         object.__setattr__(self, "region", Region.of(self.region, "Confine.region"))
         object.__setattr__(self, "steps", check_window(self.steps, "Confine.steps"))
 
-    def check(self, lens: Any, num_inference_steps: int) -> None:
+    def check(self, lens: Lens, num_inference_steps: int) -> None:
         self.region.check(lens, "Confine.region")
 
     def apply_latents(self, step: int, original: torch.Tensor, edited: torch.Tensor,

@@ -63,6 +63,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
+from ..model.lens import Lens
 from ..model.tokens import check_words, word_keys
 from ..validate import check_nonnegative
 from .base import Composite, EditContext, Intervention, SiteEdit, check_layers_fit, check_where, register
@@ -110,13 +111,13 @@ class RegionReweight(MaskedValue, SiteEdit):
     def is_identity(self) -> bool:
         return self.inside == 1.0 and self.outside == 1.0
 
-    def edit_layers(self, lens: Any) -> list[int]:
+    def edit_layers(self, lens: Lens) -> list[int]:
         return list(range(lens.num_layers)) if self.layers is None else list(self.layers)
 
     def edit_steps(self, num_inference_steps: int) -> list[int]:
         return window_steps(self.window, num_inference_steps)
 
-    def check(self, lens: Any, num_inference_steps: int) -> None:
+    def check(self, lens: Lens, num_inference_steps: int) -> None:
         self.region.check(lens, "RegionReweight.region")
         check_layers_fit("RegionReweight", self.edit_layers(lens), lens)
 
@@ -169,7 +170,7 @@ class RegionMix(MaskedValue, SiteEdit):
     def is_identity(self) -> bool:
         return self.outside == 1.0 and self.contrast == 0.0
 
-    def edit_layers(self, lens: Any) -> list[int]:
+    def edit_layers(self, lens: Lens) -> list[int]:
         return list(range(lens.num_layers)) if self.layers is None else list(self.layers)
 
     def edit_steps(self, num_inference_steps: int) -> list[int]:
@@ -177,7 +178,7 @@ class RegionMix(MaskedValue, SiteEdit):
             return list(range(num_inference_steps))
         return window_steps(self.window, num_inference_steps)
 
-    def check(self, lens: Any, num_inference_steps: int) -> None:
+    def check(self, lens: Lens, num_inference_steps: int) -> None:
         lens.family.rank(self.site)
         self.region.check(lens, "RegionMix.region")
         check_layers_fit("RegionMix", self.edit_layers(lens), lens)
@@ -210,13 +211,13 @@ class GateSelfAttention(MaskedValue, SiteEdit):
         layers, _ = check_where("GateSelfAttention", self.layers, None, self.halves)
         object.__setattr__(self, "layers", layers)
 
-    def edit_layers(self, lens: Any) -> list[int]:
+    def edit_layers(self, lens: Lens) -> list[int]:
         return list(range(lens.num_layers)) if self.layers is None else list(self.layers)
 
     def edit_steps(self, num_inference_steps: int) -> list[int]:
         return window_steps(self.window, num_inference_steps)
 
-    def check(self, lens: Any, num_inference_steps: int) -> None:
+    def check(self, lens: Lens, num_inference_steps: int) -> None:
         self.partition.check(lens, "GateSelfAttention.partition")
         check_layers_fit("GateSelfAttention", self.edit_layers(lens), lens)
 
@@ -338,7 +339,7 @@ class AttentionRegulation(MaskedValue, Composite):
             raise ValueError(f"unknown modules {unknown}; choose from {list(off)}")
         return replace(self, **{k: v for m in modules for k, v in off[m].items()})
 
-    def check(self, lens: Any, num_inference_steps: int) -> None:
+    def check(self, lens: Lens, num_inference_steps: int) -> None:
         for attr in ("region", "anatomy_mask"):
             if getattr(self, attr) is not None:
                 getattr(self, attr).check(lens, f"AttentionRegulation.{attr}")

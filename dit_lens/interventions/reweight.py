@@ -19,10 +19,10 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from ..model.lens import Lens
 from .base import EditContext, SiteEdit, check_layers_fit, check_steps_fit, check_where, register
 
 __all__ = ["Reweight"]
@@ -74,13 +74,13 @@ class Reweight(SiteEdit):
     def is_identity(self) -> bool:
         return self.scale == 1.0
 
-    def edit_layers(self, lens: Any) -> list[int]:
+    def edit_layers(self, lens: Lens) -> list[int]:
         return list(range(lens.num_layers)) if self.layers is None else list(self.layers)
 
     def edit_steps(self, num_inference_steps: int) -> list[int]:
         return list(range(num_inference_steps)) if self.steps is None else list(self.steps)
 
-    def check(self, lens: Any, num_inference_steps: int) -> None:
+    def check(self, lens: Lens, num_inference_steps: int) -> None:
         if lens.family.attention_of(self.site) is None:
             raise ValueError(f"Reweight.site {self.site!r} is not a weights site of {lens.family.name}")
         check_layers_fit("Reweight", self.edit_layers(lens), lens)

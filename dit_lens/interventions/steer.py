@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from ..model.lens import Lens
 from ..trace.attrs import read, typed
 from ..validate import check_real, check_vector, is_int
 from .base import HALVES, EditContext, SiteEdit, register
@@ -167,7 +168,7 @@ class Steer(SiteEdit):
             steps = range(num_inference_steps) if self.steps is None else self.steps
         return [t for t in steps if t < num_inference_steps]
 
-    def edit_layers(self, lens: Any) -> list[int]:
+    def edit_layers(self, lens: Lens) -> list[int]:
         return self.steered_layers()
 
     def edit_steps(self, num_inference_steps: int) -> list[int]:
@@ -190,7 +191,7 @@ class Steer(SiteEdit):
             weight = m.repeat(len(ctx.halves), 1).to(h.device)
         return steer_tokens(h, self.vector_at(ctx.step, ctx.layer), self.alpha, self.renormalize, weight)
 
-    def check(self, lens: Any, num_inference_steps: int) -> None:
+    def check(self, lens: Lens, num_inference_steps: int) -> None:
         """Raise a clear error if this steer cannot run on `lens` with T steps."""
         if self.site not in lens.family.every_site:
             raise ValueError(f"Steer.site {self.site!r} is not a site of {lens.family.name}; "

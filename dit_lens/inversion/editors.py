@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from ..interventions.base import Intervention, SiteEdit
 from ..interventions.plan import Plan, as_edits
 from ..interventions.inject import Inject
+from ..model.lens import Lens
 from ..trace.attrs import typed
 from ..validate import NonFiniteError, check_fraction, check_guidance, check_int, check_real, check_seeds
 from .sampler import Denoiser, alpha_bars, check_images, ddim_move, decode, inversion_scheduler, to_epsilon
@@ -142,7 +143,7 @@ EDITORS = ("pnp", "hedit", "reprompt", "medsteer")
 
 
 def edit(
-    lens: Any,
+    lens: Lens,
     images: Any,
     *,
     source: str,

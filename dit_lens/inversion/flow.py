@@ -24,12 +24,13 @@ from typing import Any
 
 import torch
 
+from ..model.lens import Lens
 from ..validate import check_int
 
 __all__ = ["flow_move", "flow_scheduler"]
 
 
-def flow_scheduler(lens: Any, num_inference_steps: int, scheduler: Any = None) -> Any:
+def flow_scheduler(lens: Lens, num_inference_steps: int, scheduler: Any = None) -> Any:
     """The deterministic flow-matching Euler sampler (default: a copy of the pipeline's) set to
     `num_inference_steps` steps; samplers it cannot run backwards are refused with the reason."""
     T = check_int(num_inference_steps, "num_inference_steps", minimum=1)

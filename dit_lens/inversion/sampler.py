@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..model.lens import Lens
 from ..trace.denoiser import Denoiser as _Denoiser
 from ..validate import as_array, check_int
 
@@ -64,7 +65,7 @@ def check_invertible(scheduler: Any) -> None:
                          f"a noise prediction; DDIM inversion needs 'epsilon', 'v_prediction' or 'sample'")
 
 
-def ddim_scheduler(lens: Any, num_inference_steps: int, scheduler: Any = None) -> Any:
+def ddim_scheduler(lens: Lens, num_inference_steps: int, scheduler: Any = None) -> Any:
     """The deterministic DDIM scheduler (η = 0) over `scheduler`'s noise schedule (default: the
     pipeline's), set to `num_inference_steps` steps.
 
@@ -92,7 +93,7 @@ def ddim_scheduler(lens: Any, num_inference_steps: int, scheduler: Any = None) -
     return ddim
 
 
-def inversion_scheduler(lens: Any, num_inference_steps: int, scheduler: Any = None) -> Any:
+def inversion_scheduler(lens: Lens, num_inference_steps: int, scheduler: Any = None) -> Any:
     """The deterministic sampler inversion runs backwards and the editors forwards: DDIM over the noise
     schedule, or the flow-matching Euler sampler for families that sample by flow matching."""
     if lens.family.sampling == "flow":
@@ -133,7 +134,7 @@ class Denoiser(_Denoiser):
         prediction_type: What the model predicts (the sampler's ``prediction_type``), for `epsilon`.
     """
 
-    def __init__(self, lens: Any, prompts: Sequence[str], prediction_type: str = "epsilon") -> None:
+    def __init__(self, lens: Lens, prompts: Sequence[str], prediction_type: str = "epsilon") -> None:
         super().__init__(lens, prompts)
         self.prediction_type = prediction_type
 
@@ -156,7 +157,7 @@ class Denoiser(_Denoiser):
         return to_epsilon(raw, latents.double(), alpha_bar, self.prediction_type)
 
 
-def check_images(images: Any, lens: Any) -> np.ndarray:
+def check_images(images: Any, lens: Lens) -> np.ndarray:
     """Images as float32 ``(n, H, W, 3)`` in [0, 1] at the model's size; clear errors otherwise.
 
     Accepts a numpy array, a torch tensor or an xarray DataArray (``(..., y, x, rgb)``), float in [0, 1]
@@ -200,7 +201,7 @@ def check_images(images: Any, lens: Any) -> np.ndarray:
 
 
 @torch.no_grad()
-def encode(lens: Any, images: np.ndarray, batch_size: int = 16) -> torch.Tensor:
+def encode(lens: Lens, images: np.ndarray, batch_size: int = 16) -> torch.Tensor:
     """Latents ``(n, C, h, w)`` of images ``(n, H, W, 3)`` in [0, 1]: the VAE posterior mean, shifted and
     scaled so that the pipeline's own decode inverts it."""
     vae = lens.pipeline.vae
@@ -216,7 +217,7 @@ def encode(lens: Any, images: np.ndarray, batch_size: int = 16) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode(lens: Any, latents: torch.Tensor, batch_size: int = 16) -> np.ndarray:
+def decode(lens: Lens, latents: torch.Tensor, batch_size: int = 16) -> np.ndarray:
     """Images ``(n, H, W, 3)`` float32 in [0, 1] from latents, as the pipeline decodes them."""
     pipe = lens.pipeline
     out = []

@@ -39,6 +39,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
+from ..model.lens import Lens
 from ..storage import DIGEST, DamagedError, dataset_digest
 from ..validate import NonFiniteError, check_guidance, check_int
 from .flow import flow_move
@@ -48,7 +49,7 @@ __all__ = ["invert", "regenerate", "trajectory_latents"]
 
 
 def invert(
-    lens: Any,
+    lens: Lens,
     images: Any,
     prompt: str,
     *,
@@ -153,7 +154,7 @@ def invert(
     return ds
 
 
-def _check_latents(latents: Any, lens: Any) -> torch.Tensor:
+def _check_latents(latents: Any, lens: Lens) -> torch.Tensor:
     if not isinstance(latents, torch.Tensor):
         raise TypeError(f"latents must be a torch tensor (n, C, h, w), got {type(latents).__name__}")
     scale = lens.pipeline.vae_scale_factor
@@ -175,7 +176,7 @@ def trajectory_latents(trajectory: xr.Dataset, step: int = 0) -> torch.Tensor:
 
 
 def regenerate(
-    lens: Any,
+    lens: Lens,
     trajectory: xr.Dataset,
     prompt: str | None = None,
     *,
@@ -214,7 +215,7 @@ def regenerate(
     return np.concatenate(out)
 
 
-def check_trajectory(lens: Any, trajectory: Any) -> None:
+def check_trajectory(lens: Lens, trajectory: Any) -> None:
     """Refuse a trajectory that is not from `invert`, changed after it was made, or was inverted with another model.
 
     Raises:

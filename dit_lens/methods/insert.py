@@ -29,7 +29,7 @@ Examples:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import xarray as xr
@@ -39,6 +39,9 @@ from ..interventions.regulate import AttentionRegulation
 from .axes import Axis
 from .pair import ConceptPair
 from .registry import Method, MethodContext, register
+
+if TYPE_CHECKING:
+    from ..model.lens import Lens
 
 __all__ = ["MODULES", "PLACES", "REGULATE", "placed_region", "regulation_for"]
 
@@ -96,7 +99,7 @@ def regulation_for(modules: str, region: Any, pathology_words: Sequence[str]) ->
     return AttentionRegulation(region=region, pathology_words=list(pathology_words), **changes)
 
 
-def _run(lens: Any, pair: ConceptPair, seeds: Sequence[int], settings: dict, *, context: MethodContext) -> xr.Dataset:
+def _run(lens: Lens, pair: ConceptPair, seeds: Sequence[int], settings: dict, *, context: MethodContext) -> xr.Dataset:
     size = (lens.pipeline_kwargs["height"], lens.pipeline_kwargs["width"])
     masks = np.stack([placed_region(s, settings["place"], size) for s in seeds])
     region = xr.DataArray(masks, dims=("seed", "y", "x"), coords={"seed": list(seeds)})

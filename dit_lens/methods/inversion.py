@@ -14,7 +14,7 @@ Examples:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import xarray as xr
@@ -24,6 +24,9 @@ from ..inversion.editors import edit
 from .axes import Axis, check_count, check_fraction, check_real, layer_window, window_layers
 from .pair import ConceptPair
 from .registry import Method, MethodContext, register
+
+if TYPE_CHECKING:
+    from ..model.lens import Lens
 
 __all__ = ["HEDIT", "INVERSION_STEPS", "PNP", "originals"]
 
@@ -55,14 +58,14 @@ HEDIT_AXES = (
 )
 
 
-def originals(lens: Any, pair: ConceptPair, seeds: Sequence[int], context: MethodContext) -> np.ndarray:
+def originals(lens: Lens, pair: ConceptPair, seeds: Sequence[int], context: MethodContext) -> np.ndarray:
     """The source prompt's images of `seeds` ``(seeds, H, W, 3)``, as every method's original branch has them."""
     out = generate(lens, pair.source_prompt, seeds=seeds, num_inference_steps=context.num_inference_steps,
                    guidance_scale=context.guidance_scale, batch_size=context.batch_size, progress=context.progress)
     return out["image"].isel(prompt=0, branch=0).values
 
 
-def _pairs(lens: Any, pair: ConceptPair, seeds: Sequence[int], context: MethodContext, method: str,
+def _pairs(lens: Lens, pair: ConceptPair, seeds: Sequence[int], context: MethodContext, method: str,
            **settings: Any) -> xr.Dataset:
     images = originals(lens, pair, seeds, context)
     out = edit(lens, images, source=pair.source_prompt, target=pair.target_prompt, method=method,
@@ -72,14 +75,14 @@ def _pairs(lens: Any, pair: ConceptPair, seeds: Sequence[int], context: MethodCo
     return out
 
 
-def _run_pnp(lens: Any, pair: ConceptPair, seeds: Sequence[int], settings: dict, *, context: MethodContext) -> xr.Dataset:
+def _run_pnp(lens: Lens, pair: ConceptPair, seeds: Sequence[int], settings: dict, *, context: MethodContext) -> xr.Dataset:
     return _pairs(lens, pair, seeds, context, "pnp", inversion_steps=settings["inversion_steps"],
                   feature_fraction=settings["feature_fraction"], attention_fraction=settings["attention_fraction"],
                   feature_layers=window_layers(settings["feature_window"], lens.num_layers),
                   attention_layers=window_layers(settings["attention_window"], lens.num_layers))
 
 
-def _run_hedit(lens: Any, pair: ConceptPair, seeds: Sequence[int], settings: dict, *, context: MethodContext) -> xr.Dataset:
+def _run_hedit(lens: Lens, pair: ConceptPair, seeds: Sequence[int], settings: dict, *, context: MethodContext) -> xr.Dataset:
     return _pairs(lens, pair, seeds, context, "hedit", inversion_steps=settings["inversion_steps"],
                   source_guidance=settings["source_guidance"], iterations=settings["iterations"], skip=settings["skip"])
 

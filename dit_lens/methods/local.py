@@ -26,7 +26,7 @@ Examples:
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import xarray as xr
@@ -39,6 +39,9 @@ from .medsteer import AXES as MEDSTEER_AXES
 from .medsteer import medsteer_steer
 from .pair import ConceptPair
 from .registry import VECTOR_SEEDS, Method, MethodContext, register
+
+if TYPE_CHECKING:
+    from ..model.lens import Lens
 
 __all__ = ["GATE_SHARE", "LOCAL", "gate_region", "grow_masks"]
 
@@ -99,7 +102,7 @@ def gate_region(gate: xr.DataArray, image_size: tuple[int, int], share: float = 
     return np.kron(tokens, np.ones((image_size[0] // rows, image_size[1] // cols), bool)).astype(bool)
 
 
-def _regions(lens: Any, pair: ConceptPair, seeds: Sequence[int], settings: dict, steer: Any,
+def _regions(lens: Lens, pair: ConceptPair, seeds: Sequence[int], settings: dict, steer: Any,
              context: MethodContext) -> np.ndarray:
     size = (lens.pipeline_kwargs["height"], lens.pipeline_kwargs["width"])
     common = dict(num_inference_steps=context.num_inference_steps, guidance_scale=context.guidance_scale,
@@ -117,7 +120,7 @@ def _regions(lens: Any, pair: ConceptPair, seeds: Sequence[int], settings: dict,
     return grow_masks(masks, settings["grow"])
 
 
-def _run(lens: Any, pair: ConceptPair, seeds: Sequence[int], settings: dict, *, context: MethodContext) -> xr.Dataset:
+def _run(lens: Lens, pair: ConceptPair, seeds: Sequence[int], settings: dict, *, context: MethodContext) -> xr.Dataset:
     steer = medsteer_steer(lens, pair, {**settings, "renormalize": False}, context)  # the paper's update
     masks = _regions(lens, pair, seeds, settings, steer, context)
     found = masks.reshape(len(seeds), -1).any(1)

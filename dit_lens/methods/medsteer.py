@@ -39,6 +39,7 @@ import xarray as xr
 from ..interventions.generate import generate
 from ..interventions.noise_objectives import class_probability
 from ..interventions.steer import Steer
+from ..model.lens import Lens
 from ..readouts.patching import patching
 from ..trace.attrs import typed
 from .axes import (BLEND, Axis, check_count, check_flag, check_real, check_window, layer_window, parse_flag,
@@ -55,7 +56,7 @@ _GRIDS: dict[tuple, xr.Dataset] = {}
 _KEPT_GRIDS = 4
 
 
-def _steps(window: tuple, lens: Any, num_inference_steps: int) -> list[int] | str:
+def _steps(window: tuple, lens: Lens, num_inference_steps: int) -> list[int] | str:
     return window_steps(window, num_inference_steps) or "all"
 
 
@@ -109,7 +110,7 @@ class _LogProbability:
             return self.objective(x).double().numpy()
 
 
-def causal_grid(lens: Any, pair: ConceptPair, *, oracle: Any, seeds: int, site: str = "attn2",
+def causal_grid(lens: Lens, pair: ConceptPair, *, oracle: Any, seeds: int, site: str = "attn2",
                 layers: Sequence[int] | None = None, steps: Sequence[int] | None = None,
                 num_inference_steps: int = 20, guidance_scale: float = 4.5, batch_size: int | None = None,
                 progress: bool = False) -> xr.Dataset:
@@ -176,7 +177,7 @@ def top_cells(effect: xr.DataArray, top: float) -> list[tuple[int, int]]:
     return [cells[k] for k in order[:count]]
 
 
-def medsteer_steer(lens: Any, pair: ConceptPair, settings: dict, context: MethodContext) -> Steer:
+def medsteer_steer(lens: Lens, pair: ConceptPair, settings: dict, context: MethodContext) -> Steer:
     """The `Steer` of one setting: the pair's vector from its first ``vector_seeds`` seeds, at the windows or,
     with ``where="causal"``, at the top cells of the patching grid in them (`causal_cells`)."""
     if context.vectors is None:
@@ -190,7 +191,7 @@ def medsteer_steer(lens: Any, pair: ConceptPair, settings: dict, context: Method
     return Steer(vector, cells=causal_cells(lens, pair, settings, context, vector)[1], **common)
 
 
-def causal_cells(lens: Any, pair: ConceptPair, settings: dict, context: MethodContext,
+def causal_cells(lens: Lens, pair: ConceptPair, settings: dict, context: MethodContext,
                  vector: xr.DataArray) -> tuple[xr.Dataset, list[tuple[int, int]]]:
     """The patching grid of ``where="causal"`` in the setting's windows (`causal_grid`) and its top cells."""
     if context.oracle is None:
@@ -209,7 +210,7 @@ def causal_cells(lens: Any, pair: ConceptPair, settings: dict, context: MethodCo
     return grid, top_cells(grid["effect"], settings["top"])
 
 
-def causal_steer(lens: Any, pair: ConceptPair, settings: dict, context: MethodContext,
+def causal_steer(lens: Lens, pair: ConceptPair, settings: dict, context: MethodContext,
                  vector: xr.DataArray) -> dict:
     """Where ``where="causal"`` steers, as kept with the result: ``{"cells", "effect" (their mean effects),
     "top", "grid_cells", "direction", "metric", "seeds", "clean", "corrupt"}`` (the grid's runs)."""
@@ -221,7 +222,7 @@ def causal_steer(lens: Any, pair: ConceptPair, settings: dict, context: MethodCo
             "clean": grid["clean"].values.tolist(), "corrupt": grid["corrupt"].values.tolist()}
 
 
-def _run(lens: Any, pair: ConceptPair, seeds: Sequence[int], settings: dict, *, context: MethodContext) -> xr.Dataset:
+def _run(lens: Lens, pair: ConceptPair, seeds: Sequence[int], settings: dict, *, context: MethodContext) -> xr.Dataset:
     steer = medsteer_steer(lens, pair, settings, context)
     out = generate(lens, pair.source_prompt, seeds=seeds, steer=steer,
                    num_inference_steps=context.num_inference_steps, guidance_scale=context.guidance_scale,
@@ -232,7 +233,7 @@ def _run(lens: Any, pair: ConceptPair, seeds: Sequence[int], settings: dict, *, 
     return out
 
 
-def _extras(lens: Any, pair: ConceptPair, settings: dict, *, context: MethodContext) -> dict:
+def _extras(lens: Lens, pair: ConceptPair, settings: dict, *, context: MethodContext) -> dict:
     """The vector's mean cosine (over steps and layers) to the vector from every captured seed."""
     vector = context.vectors(pair, settings[VECTOR_SEEDS])
     return {"vector_cosine_to_largest": float((vector * context.vectors(pair)).sum("channel").mean())}

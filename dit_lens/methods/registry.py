@@ -21,13 +21,16 @@ Examples:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import xarray as xr
 
 from ..validate import NonFiniteError, check_guidance, check_int, check_steps
 from .axes import Axis
 from .pair import ConceptPair
+
+if TYPE_CHECKING:
+    from ..model.lens import Lens
 
 __all__ = ["Method", "MethodContext", "Vectors", "METHODS", "VECTOR_SEEDS", "register", "get", "names"]
 
@@ -55,7 +58,7 @@ class Vectors:
         repair: Passed to `capture`: recompute damaged cells of the captures instead of refusing them.
     """
 
-    def __init__(self, lens: Any, *, seeds: int, num_inference_steps: int = 20, guidance_scale: float = 4.5,
+    def __init__(self, lens: Lens, *, seeds: int, num_inference_steps: int = 20, guidance_scale: float = 4.5,
                  batch_size: int | None = 8, repair: bool = False) -> None:
         self.lens, self.seeds = lens, check_int(seeds, "Vectors seeds", minimum=1)
         #: What each capture of a pair is run with (`dit_lens.capture`'s keyword arguments).
@@ -181,7 +184,7 @@ class Method:
                 raise ValueError(f"method {self.name!r}, setting {a.name!r}: {err}") from None
         return out
 
-    def run(self, lens: Any, pair: ConceptPair, seeds: Sequence[int], settings: Mapping[str, Any] | None = None,
+    def run(self, lens: Lens, pair: ConceptPair, seeds: Sequence[int], settings: Mapping[str, Any] | None = None,
             *, context: MethodContext | None = None) -> xr.Dataset:
         """The pairs of `pair` for `seeds` at `settings` (checked, defaults filled).
 

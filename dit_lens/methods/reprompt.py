@@ -11,7 +11,7 @@ Examples:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import xarray as xr
 
@@ -20,10 +20,13 @@ from .axes import BLEND
 from .pair import ConceptPair
 from .registry import Method, MethodContext, register
 
+if TYPE_CHECKING:
+    from ..model.lens import Lens
+
 __all__ = ["REPROMPT"]
 
 
-def _run(lens: Any, pair: ConceptPair, seeds: Sequence[int], settings: dict, *, context: MethodContext) -> xr.Dataset:
+def _run(lens: Lens, pair: ConceptPair, seeds: Sequence[int], settings: dict, *, context: MethodContext) -> xr.Dataset:
     return reprompt(lens, pair.source_prompt, pair.target_prompt, seeds=seeds, blend=settings["blend"],
                     num_inference_steps=context.num_inference_steps, guidance_scale=context.guidance_scale,
                     batch_size=context.batch_size, progress=context.progress)

@@ -42,6 +42,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
+from .lens import Lens
+
 __all__ = ["HEADS", "Head", "HeadInputs", "apply_head", "decode", "head_of", "loop_latents", "unpatchify"]
 
 
@@ -78,7 +80,7 @@ HEADS: Mapping[str, Head] = MappingProxyType({
 })
 
 
-def head_of(lens: Any) -> Head:
+def head_of(lens: Lens) -> Head:
     """The `Head` of the lens's denoiser.
 
     Raises:
@@ -90,7 +92,7 @@ def head_of(lens: Any) -> Head:
     return HEADS[name]
 
 
-def apply_head(lens: Any, hidden: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+def apply_head(lens: Lens, hidden: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
     """The denoiser's own output for image-token hidden states `hidden` ``(rows, tokens, C)`` under the
     timestep `embedding` of the same call: final norm and modulation, output projection and unpatchify.
 
@@ -123,7 +125,7 @@ def unpatchify(patches: torch.Tensor, grid: tuple[int, int], patch: int) -> torc
     return x.reshape(rows, -1, h * patch, w * patch)
 
 
-def loop_latents(lens: Any, model_input: torch.Tensor) -> torch.Tensor:
+def loop_latents(lens: Lens, model_input: torch.Tensor) -> torch.Tensor:
     """The latents ``(rows, C, h, w)`` of a denoiser input as the pipeline's loop passes it (Flux's packed
     tokens unpacked)."""
     if lens.family.pack > 1:
@@ -141,7 +143,7 @@ class HeadInputs:
     the body raises).
     """
 
-    def __init__(self, lens: Any, after: Callable[[torch.Tensor], None] | None = None) -> None:
+    def __init__(self, lens: Lens, after: Callable[[torch.Tensor], None] | None = None) -> None:
         self.lens, self.after = lens, after
         self.head = head_of(lens)
         self.embedding: torch.Tensor | None = None
@@ -185,7 +187,7 @@ class HeadInputs:
 
 
 @torch.no_grad()
-def decode(lens: Any, latents: torch.Tensor, batch_size: int = 16) -> np.ndarray:
+def decode(lens: Lens, latents: torch.Tensor, batch_size: int = 16) -> np.ndarray:
     """Images ``(n, H, W, 3)`` float32 in [0, 1] of latents ``(n, C, h, w)``, decoded by the pipeline's VAE
     and image processor as the pipeline decodes its final latents, `batch_size` at a time.
 

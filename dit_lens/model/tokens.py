@@ -30,13 +30,16 @@ from __future__ import annotations
 
 import inspect
 import re
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from .lens import Lens
 
 __all__ = ["check_words", "find_words", "prompt_text", "prompt_words", "text_keys", "text_segments", "token_spans",
            "word_keys", "word_tokens"]
 
 
-def prompt_text(lens: Any, prompt: str) -> str:
+def prompt_text(lens: Lens, prompt: str) -> str:
     """The text the pipeline's tokenizer sees for `prompt` (after the pipeline's preprocessing)."""
     preprocess = getattr(lens.pipeline, "_text_preprocessing", None)
     if preprocess is None:
@@ -44,7 +47,7 @@ def prompt_text(lens: Any, prompt: str) -> str:
     return preprocess(prompt, clean_caption=bool(lens.pipeline_kwargs.get("clean_caption", False)))[0]
 
 
-def max_tokens(lens: Any) -> int | None:
+def max_tokens(lens: Lens) -> int | None:
     """How many text tokens the pipeline keeps (``max_sequence_length``; None if it does not say)."""
     if "max_sequence_length" in lens.pipeline_kwargs:
         return int(lens.pipeline_kwargs["max_sequence_length"])
@@ -54,7 +57,7 @@ def max_tokens(lens: Any) -> int | None:
     return int(parameter.default)
 
 
-def text_segments(lens: Any) -> list[tuple[Any, int, int]]:
+def text_segments(lens: Lens) -> list[tuple[Any, int, int]]:
     """``(tokenizer, first key, keys)`` of each text encoder's run of text keys, in key order (one run for
     PixArt and SANA; CLIP's 77 then T5's for SD3). The tokenizer is None where the pipeline has none
     (its keys are then padding the pipeline fills itself)."""
@@ -70,7 +73,7 @@ def text_segments(lens: Any) -> list[tuple[Any, int, int]]:
     return segments
 
 
-def text_keys(lens: Any) -> int:
+def text_keys(lens: Lens) -> int:
     """How many text keys the text-conditioning attention has (the padded text length)."""
     return sum(length for _, _, length in text_segments(lens))
 
@@ -162,7 +165,7 @@ def _covers(span: tuple[int, int], start: int, end: int) -> bool:
     return low < end and high > start if high > low else low == start
 
 
-def word_tokens(lens: Any, prompt: str, words: Sequence[str]) -> dict[str, tuple[int, ...]]:
+def word_tokens(lens: Lens, prompt: str, words: Sequence[str]) -> dict[str, tuple[int, ...]]:
     """Key indices of ``attn2`` (text-token positions) that each word of `prompt` became.
 
     The prompt and the words go through the pipeline's own preprocessing first, so ``"Polyps"``
@@ -200,7 +203,7 @@ def word_tokens(lens: Any, prompt: str, words: Sequence[str]) -> dict[str, tuple
     return {word: tuple(sorted(found[processed])) for word, processed in seen.items()}
 
 
-def prompt_words(lens: Any, prompt: str) -> list[str]:
+def prompt_words(lens: Lens, prompt: str) -> list[str]:
     """The words of `prompt` as the pipeline's tokenizer sees them (runs of letters and digits,
     hyphenated words kept whole), each once, in order."""
     words = re.findall(r"\w+(?:-\w+)*", prompt_text(lens, prompt))
@@ -218,7 +221,7 @@ def check_words(words: Any, name: str) -> tuple[str, ...]:
 _KEYS: dict[tuple, tuple[int, ...]] = {}
 
 
-def word_keys(lens: Any, prompts: Sequence[str], words: Sequence[str]) -> list[Any]:
+def word_keys(lens: Lens, prompts: Sequence[str], words: Sequence[str]) -> list[Any]:
     """The key indices of all `words` in each prompt (a LongTensor per prompt), for edits that act on
     them at every layer and step: looked up once per (tokenizer, prompt, words), then cached."""
     import torch

@@ -25,13 +25,14 @@ Examples:
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
+from ..model.lens import Lens
 from ..trace.attrs import typed
 from ..trace.capture import DEFAULT_BATCH, CaptureSettings
 from ..trace.runner import scheduler_timesteps
@@ -44,7 +45,7 @@ MAP_DIMS = ("prompt", "seed", "step", "layer", "word", "row", "col")
 
 
 def attention_maps(
-    lens: Any,
+    lens: Lens,
     prompts: str | Iterable[str],
     *,
     seeds: Iterable[int],
@@ -212,7 +213,7 @@ def _check_steps(steps: Iterable[int] | None, T: int) -> list[int]:
     return sorted(int(t) for t in steps)
 
 
-def _check_words(lens: Any, prompts: list[str], words: Sequence[str] | None) -> list[str]:
+def _check_words(lens: Lens, prompts: list[str], words: Sequence[str] | None) -> list[str]:
     if words is None:
         found = [prompt_words(lens, prompt) for prompt in prompts]
         if any(f != found[0] for f in found[1:]):

@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 
 from ..interventions.noise import _Sampler
 from ..interventions.noise_objectives import ClassProbability, frozen
+from ..model.lens import Lens
 from ..trace.attrs import typed
 from ..trace.runner import initial_noise, scheduler_timesteps
 from ..validate import NonFiniteError, check_guidance, check_int, check_seeds, check_steps
@@ -67,7 +68,7 @@ DEFAULT_BATCH = 4
 
 
 def attribution_patching(
-    lens: Any,
+    lens: Lens,
     *,
     clean: str,
     corrupt: str,
@@ -210,7 +211,7 @@ class _Stepped:
 
 
 @contextmanager
-def _at_cells(lens: Any, site: str, cells: list[tuple[int, int]], loop: _Sampler,
+def _at_cells(lens: Lens, site: str, cells: list[tuple[int, int]], loop: _Sampler,
               visit: Callable[[tuple[int, int], torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
     """Forward hooks that call ``visit((step, layer), output)`` on `site`'s output ``(rows, tokens, C)`` at
     `cells` of `loop`'s runs; a returned tensor replaces it. Removed on exit, also on error."""
@@ -237,7 +238,7 @@ def _at_cells(lens: Any, site: str, cells: list[tuple[int, int]], loop: _Sampler
             handle.remove()
 
 
-def _attribute(lens: Any, site: str, cells: list[tuple[int, int]], own: _Sampler, source: _Sampler,
+def _attribute(lens: Lens, site: str, cells: list[tuple[int, int]], own: _Sampler, source: _Sampler,
                seeds: list[int], metric: Callable) -> dict:
     """One chunk of seeds: the cell terms ``(seeds, cells)``, and the own and source runs' scores ``(seeds,)``
     and images ``(seeds, H, W, 3)``."""

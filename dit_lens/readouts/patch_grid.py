@@ -19,11 +19,14 @@ Examples:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from ..validate import NonFiniteError, as_array, check_window, is_int, window_layers
+
+if TYPE_CHECKING:
+    from ..model.lens import Lens
 
 __all__ = ["DIRECTIONS", "GRIDS", "OUTPUT_SITES", "Cells", "head_indices", "metric_name", "patch_grid", "score_metric",
            "site_layers"]
@@ -39,7 +42,7 @@ OUTPUT_SITES = ("attn1", "attn2", "ff", "block")
 Cells = frozenset  # of (step, layer)
 
 
-def site_layers(lens: Any, site: str, heads: bool = False) -> list[int]:
+def site_layers(lens: Lens, site: str, heads: bool = False) -> list[int]:
     """The blocks that have output site `site` (with `heads`: its per-head output ``"<site>.heads"``), refusing
     weights sites, unknown names and a site without per-head softmax attention."""
     family = lens.family
@@ -57,7 +60,7 @@ def site_layers(lens: Any, site: str, heads: bool = False) -> list[int]:
     return lens.layers_with(f"{site}.heads")
 
 
-def head_indices(lens: Any, site: str, heads: Any, layers: list[int]) -> tuple[list[int | None], int]:
+def head_indices(lens: Lens, site: str, heads: Any, layers: list[int]) -> tuple[list[int | None], int]:
     """The heads to patch one at a time (``[None]``: the whole site), every head for ``True`` or the listed ones,
     checked against the head count of `site` at `layers`; and that count (0 for the whole site)."""
     if heads is False:
@@ -116,7 +119,7 @@ def _span(values: list[int]) -> str:
     return f"{values[0]}..{values[-1]}" if values == list(range(values[0], values[-1] + 1)) else str(values)
 
 
-def patch_grid(lens: Any, grid: Any, site: str, reachable: list[int], layers: Any, steps: Any,
+def patch_grid(lens: Lens, grid: Any, site: str, reachable: list[int], layers: Any, steps: Any,
                T: int) -> tuple[tuple[str, ...], dict, list[Cells], list[dict]]:
     """The grid's dims, coords, each patch's cells and each window's labels, over the blocks `reachable` that
     have `site` and T steps."""

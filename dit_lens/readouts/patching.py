@@ -69,6 +69,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
+from ..model.lens import Lens
 from ..trace.attrs import typed
 from ..trace.runner import Hook, scheduler_timesteps, traced_generate
 from ..validate import NonFiniteError, check_guidance, check_int, check_seeds, check_steps
@@ -85,7 +86,7 @@ DEFAULT_BATCH = 16
 
 
 def patching(
-    lens: Any,
+    lens: Lens,
     *,
     clean: str,
     corrupt: str,
@@ -262,7 +263,7 @@ def patching(
     return ds
 
 
-def _run(lens: Any, site: str, heads: int, plan: dict, prompts: list[str], row_seeds: list[int], T: int,
+def _run(lens: Lens, site: str, heads: int, plan: dict, prompts: list[str], row_seeds: list[int], T: int,
          guidance_scale: float, metric_on: str) -> np.ndarray:
     """One pipeline call; at ``(step, layer)``, row ``plan[cell][head][0][i]`` takes row ``plan[cell][head][1][i]``'s
     `site` output there, of one of its `heads` heads (`head` None: all of it). Returns the decoded images ``(rows, H,
@@ -300,7 +301,7 @@ def _run(lens: Any, site: str, heads: int, plan: dict, prompts: list[str], row_s
     return out
 
 
-def _decode(lens: Any, latents: np.ndarray) -> np.ndarray:
+def _decode(lens: Lens, latents: np.ndarray) -> np.ndarray:
     """Images ``(seed, 2, H, W, 3)`` of each seed's clean and corrupt final latents ``(seed, 2, C, h, w)``."""
     from ..model.head import decode
 

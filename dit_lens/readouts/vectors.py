@@ -22,13 +22,16 @@ import pickle
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import xarray as xr
 
 from ..storage import DIGEST, DamagedError, dataset_digest, remove_stale_temporaries, temporary_name
 from ..validate import VECTOR_DIMS, NonFiniteError, check_vector
+
+if TYPE_CHECKING:
+    from ..model.lens import Lens
 
 __all__ = ["concept_vector", "save_vector", "load_vector", "export_authors", "import_authors", "normalize_vector"]
 
@@ -115,7 +118,7 @@ def concept_vector(
     return vec
 
 
-def _check_kept_tokens(lens: Any, positive: list[str], negative: list[str]) -> None:
+def _check_kept_tokens(lens: Lens, positive: list[str], negative: list[str]) -> None:
     """Refuse prompts that differ only in tokens past the pipeline's token limit: the model sees them as equal."""
     from ..model.tokens import prompt_text, text_segments
 

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from ..interventions.base import Intervention
 from ..interventions.plan import Plan, as_edits
 from ..model.head import HeadInputs, apply_head, decode, head_of
+from ..model.lens import Lens
 from ..trace.attrs import typed
 from ..trace.capture import CaptureSettings
 from ..trace.runner import Hook, scheduler_timesteps
@@ -58,7 +59,7 @@ DEFAULT_RUNS = 4
 
 
 def x0_lens(
-    lens: Any,
+    lens: Lens,
     prompts: str | Iterable[str],
     *,
     seeds: Iterable[int],
@@ -186,7 +187,7 @@ def x0_lens(
     return ds
 
 
-def _decode_into(lens: Any, latents: torch.Tensor, out: np.ndarray, decode_batch: int, where: Any) -> None:
+def _decode_into(lens: Lens, latents: torch.Tensor, out: np.ndarray, decode_batch: int, where: Any) -> None:
     """Decode `latents` ``(n, C, h, w)`` `decode_batch` at a time, image k into ``out[where(k)]`` (never all
     n images at once)."""
     for start in range(0, latents.shape[0], decode_batch):
@@ -194,7 +195,7 @@ def _decode_into(lens: Any, latents: torch.Tensor, out: np.ndarray, decode_batch
             out[where(k)] = image
 
 
-def prediction_of(lens: Any) -> str:
+def prediction_of(lens: Lens) -> str:
     """What the pipeline's sampler reads the denoiser's output as: ``"flow"`` (a velocity, flow matching),
     or for a noise-schedule sampler its ``prediction_type`` (``"epsilon"``, ``"v_prediction"``, ``"sample"``).
 
@@ -236,7 +237,7 @@ def predicted_x0(prediction: str, scheduler: Any, step: int, latents: torch.Tens
     return out
 
 
-def _run_batch(lens: Any, runs: list[tuple[str, int]], settings: CaptureSettings, recorded: list[int],
+def _run_batch(lens: Lens, runs: list[tuple[str, int]], settings: CaptureSettings, recorded: list[int],
                edits: list[Intervention], prediction: str,
                source: str | None = None) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """One pipeline call for `runs`: x̂₀ of the lens ``(runs, step, layer, C, h, w)`` and of the denoiser's

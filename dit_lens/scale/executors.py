@@ -34,7 +34,10 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+if TYPE_CHECKING:
+    from ..model.lens import Lens
 
 __all__ = ["LocalExecutor", "RayExecutor", "WorkerLostError", "as_executor"]
 
@@ -54,7 +57,7 @@ class WorkerLostError(RuntimeError):
 class LocalExecutor:
     """Every item in this process, in order, with the caller's lens."""
 
-    def map(self, lens: Any, fn: Task, items: Sequence[Any], *, shared: Any = None) -> Iterator[tuple[int, Any]]:
+    def map(self, lens: Lens, fn: Task, items: Sequence[Any], *, shared: Any = None) -> Iterator[tuple[int, Any]]:
         for index, item in enumerate(items):
             yield index, fn(lens, shared, item)
 
@@ -103,7 +106,7 @@ class RayExecutor:
         if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, numbers.Integral) or self.max_retries < 0:
             raise ValueError(f"RayExecutor.max_retries must be an integer >= 0, got {self.max_retries!r}")
 
-    def map(self, lens: Any, fn: Task, items: Sequence[Any], *, shared: Any = None) -> Iterator[tuple[int, Any]]:
+    def map(self, lens: Lens, fn: Task, items: Sequence[Any], *, shared: Any = None) -> Iterator[tuple[int, Any]]:
         items = list(items)
         if not items:
             return
@@ -147,7 +150,7 @@ class RayExecutor:
             for actor in actors:
                 _ray().kill(actor)
 
-    def _workers(self, ray: Any, lens: Any, count: int) -> list:
+    def _workers(self, ray: Any, lens: Lens, count: int) -> list:
         """`count` workers holding `lens`'s model: those kept from an earlier `map` with the same model
         in this Ray session, and new ones for the rest."""
         device = "cuda" if self.num_gpus else "cpu"
@@ -250,7 +253,7 @@ class _Worker:
         return fn(self.lens, shared, item)
 
 
-def _source(lens: Any, device: str) -> dict:
+def _source(lens: Lens, device: str) -> dict:
     """How a worker opens the same model: its folder, or a copy of the in-memory pipeline."""
     source = {"label": lens.source, "lora": lens.lora, "device": device, "dtype": lens.denoiser.dtype}
     if lens.source == "<object>":

@@ -25,7 +25,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import xarray as xr
@@ -43,6 +43,9 @@ from ..views.figures import pairs_figure
 from ..storage import inuse
 from .. import metrics as M
 from .declaration import Study
+
+if TYPE_CHECKING:
+    from ..model.lens import Lens
 
 __all__ = ["CellRunner", "DamagedCellError"]
 
@@ -67,7 +70,7 @@ class CellRunner:
             whatever this says.
     """
 
-    def __init__(self, study: Study, lens: Any, oracle: Callable, segmenter: Callable, folder: Path,
+    def __init__(self, study: Study, lens: Lens, oracle: Callable, segmenter: Callable, folder: Path,
                  *, progress: bool = True, repair: bool = False, overwrite: bool = False) -> None:
         self.study, self.lens, self.oracle, self.segmenter = study, lens, oracle, segmenter
         self.folder, self.progress = Path(folder), progress
@@ -363,7 +366,7 @@ def _read_cell(path: Path, cell: dict) -> dict:
 _WORKER_RUNNER: dict[tuple, CellRunner] = {}
 
 
-def _run_on_worker(lens: Any, job: tuple, cell: dict) -> None:
+def _run_on_worker(lens: Lens, job: tuple, cell: dict) -> None:
     """One cell on a Ray worker, under the same per-cell lock as in-process runs (the folder was
     claimed by the caller)."""
     study, oracle, segmenter, folder, repair = job
@@ -378,7 +381,7 @@ def _run_on_worker(lens: Any, job: tuple, cell: dict) -> None:
         runner._run_if_unfinished(cell)
 
 
-def _capture_on_worker(lens: Any, settings: dict, prompts: list[str]) -> None:
+def _capture_on_worker(lens: Lens, settings: dict, prompts: list[str]) -> None:
     """One capture of a concept vector's prompts on a Ray worker, into the shared capture store."""
     from ..trace.capture import capture
 

@@ -7,7 +7,7 @@ this module, beside the cell runner (`dit_lens.study.cells`), runs them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import xarray as xr
 
@@ -16,12 +16,15 @@ from ..storage.cache import cache_root
 from .cells import CellRunner
 from .declaration import Study
 
+if TYPE_CHECKING:
+    from ..model.lens import Lens
+
 __all__ = ["run_study", "study_folder"]
 
 
 def run_study(
     study: Study,
-    lens: Any,
+    lens: Lens,
     *,
     oracle: Callable,
     segmenter: Callable,
@@ -66,6 +69,6 @@ def run_study(
         return runner.assemble()
 
 
-def study_folder(study: Study, lens: Any, out: str | Path | None = None) -> Path:
+def study_folder(study: Study, lens: Lens, out: str | Path | None = None) -> Path:
     """Where `run_study` keeps `study`'s cells: `out`, or ``cache/studies/<name>-<key>``."""
     return Path(out) if out is not None else cache_root() / "studies" / f"{study.name}-{study.key(lens)}"

@@ -34,6 +34,8 @@ from typing import Any, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
+from ..model.lens import Lens
+
 __all__ = ["AttentionWeights", "FluxWeightsProcessor", "JointWeightsProcessor", "WeightsProcessor", "exposed_weights", "processor_key"]
 
 
@@ -252,14 +254,14 @@ _KINDS = {"cross": WeightsProcessor, "joint": JointWeightsProcessor, "flux": Flu
 _PROCESSORS: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
 
 
-def processor_key(lens: Any, site: str, layer: int) -> str:
+def processor_key(lens: Lens, site: str, layer: int) -> str:
     """The key of `site`'s processor in ``denoiser.attn_processors``."""
     path = lens.family.site_path(site, layer, lens.split)[len(lens.family.denoiser) + 1:]
     return f"{path}.processor"
 
 
 @contextmanager
-def exposed_weights(lens: Any, points: Iterable[tuple[str, int]]) -> Iterator[None]:
+def exposed_weights(lens: Lens, points: Iterable[tuple[str, int]]) -> Iterator[None]:
     """Install `WeightsProcessor` on the attention modules ``(site, layer)`` for the duration.
 
     Args:

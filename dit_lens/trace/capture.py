@@ -43,6 +43,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
+from ..model.lens import Lens
 from ..scale.executors import LocalExecutor, as_executor
 from .runner import Hook, branch_rows, scheduler_timesteps, check_prompts, check_seeds, is_int, traced_generate
 from ..storage.locks import exclusive
@@ -54,7 +55,7 @@ from .settings import BRANCHES, DEFAULT_BATCH, REDUCTIONS, CaptureSettings
 __all__ = ["BRANCHES", "DEFAULT_BATCH", "REDUCTIONS", "CaptureSettings", "capture"]
 
 def capture(
-    lens: Any,
+    lens: Lens,
     prompts: str | Iterable[str],
     *,
     seeds: Iterable[int],
@@ -176,12 +177,12 @@ def capture(
         return cells().dataset()
 
 
-def _fill(lens: Any, shared: tuple, batch: list) -> None:
+def _fill(lens: Lens, shared: tuple, batch: list) -> None:
     cells, prompts, seeds, settings, cell_shape = shared
     _run_batch(lens, cells, batch, prompts, seeds, settings, cell_shape)
 
 
-def _fill_store(lens: Any, shared: tuple, batch: list) -> None:
+def _fill_store(lens: Lens, shared: tuple, batch: list) -> None:
     """A worker's half of a capture: run `batch` and write its cells into the store at the path."""
     path, spec, prompts, seeds, settings = shared
     store = CaptureStore(Path(path), spec)
@@ -320,7 +321,7 @@ def _layout(lens, prompts, seeds, settings) -> tuple[xr.Dataset, VariableSpec]:
     return xr.Dataset(coords=coords), spec
 
 
-def _key_count(lens: Any, site: str) -> int:
+def _key_count(lens: Lens, site: str) -> int:
     """Keys of a weights site: the padded text length (cross-attention) or the image tokens."""
     attention = lens.family.attention_of(site)
     if attention != lens.family.cross_attention_site:

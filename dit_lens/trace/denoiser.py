@@ -22,6 +22,8 @@ from typing import Any, Sequence
 
 import torch
 
+from ..model.lens import Lens
+
 __all__ = ["Denoiser"]
 
 
@@ -35,7 +37,7 @@ class Denoiser:
             override it); unused by the other families, which guide by mixing two calls.
     """
 
-    def __init__(self, lens: Any, prompts: Sequence[str], guidance: float | None = None) -> None:
+    def __init__(self, lens: Lens, prompts: Sequence[str], guidance: float | None = None) -> None:
         pipe = lens.pipeline
         if not hasattr(pipe, "encode_prompt") or not hasattr(pipe, "transformer"):
             raise ValueError(f"calling the denoiser directly needs a pipeline with `encode_prompt` and a `transformer`; "

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..model.lens import Lens
 from ..model.sites import site_module
 from ..validate import check_guidance, check_prompts, check_seeds, check_steps, is_int
 from .attention import exposed_weights
@@ -83,7 +84,7 @@ class Hook:
 
 
 def traced_generate(
-    lens: Any,
+    lens: Lens,
     prompts: Sequence[str],
     seeds: Sequence[int],
     *,
@@ -182,7 +183,7 @@ def traced_generate(
     return result
 
 
-def _step_callback(lens: Any, step_end: Callable[[int, torch.Tensor], None]) -> dict:
+def _step_callback(lens: Lens, step_end: Callable[[int, torch.Tensor], None]) -> dict:
     """`step_end` as the pipeline's own per-step callback: ``callback`` (PixArt) or
     ``callback_on_step_end`` (SANA and newer pipelines), which sees the same latents tensor."""
     import inspect
@@ -204,7 +205,7 @@ def _step_callback(lens: Any, step_end: Callable[[int, torch.Tensor], None]) -> 
 
 
 @contextmanager
-def _scheduler(lens: Any, scheduler: Any):
+def _scheduler(lens: Lens, scheduler: Any):
     """Run the pipeline with `scheduler` (None: its own) and put its own back afterwards."""
     if scheduler is None:
         yield
@@ -217,7 +218,7 @@ def _scheduler(lens: Any, scheduler: Any):
         lens.pipeline.scheduler = own
 
 
-def scheduler_timesteps(lens: Any, num_inference_steps: int, scheduler: Any = None) -> Any:
+def scheduler_timesteps(lens: Lens, num_inference_steps: int, scheduler: Any = None) -> Any:
     """The timestep value at each transformer call of a run of T steps (numpy, its dtype), of `scheduler`
     (None: the pipeline's own)."""
     scheduler = copy.deepcopy(scheduler or lens.pipeline.scheduler)
@@ -225,7 +226,7 @@ def scheduler_timesteps(lens: Any, num_inference_steps: int, scheduler: Any = No
     return scheduler.timesteps[:num_inference_steps].cpu().numpy()
 
 
-def timestep_kwargs(lens: Any, scheduler: Any, num_inference_steps: int) -> dict:
+def timestep_kwargs(lens: Lens, scheduler: Any, num_inference_steps: int) -> dict:
     """What the pipeline passes ``scheduler.set_timesteps`` besides the step count: Flux's noise levels
     ``linspace(1, 1/T, T)`` (`Family.linear_sigmas`), and a resolution-dependent shift ``mu`` where the sampler
     shifts dynamically (linear in the image-token count, as diffusers' ``calculate_shift``)."""
@@ -270,7 +271,7 @@ def branch_rows(output: torch.Tensor, branch: str, batch: int, guided: bool) -> 
     raise ValueError(f"unknown branch {branch!r}; choose 'cond', 'uncond' or 'both'")
 
 
-def initial_noise(lens: Any, seeds: Sequence[int], dtype: torch.dtype | None = None) -> torch.Tensor:
+def initial_noise(lens: Lens, seeds: Sequence[int], dtype: torch.dtype | None = None) -> torch.Tensor:
     """Each row's initial noise ``(rows, C, h, w)``, drawn from its seed's generator exactly as the pipeline's
     ``prepare_latents`` draws it (in the family's `Family.noise_dtype`, else the prompt embeddings' dtype, unless
     `dtype` is given)."""

@@ -8,9 +8,12 @@ Examples:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..validate import check_guidance, check_steps, is_int
+
+if TYPE_CHECKING:
+    from ..model.lens import Lens
 
 __all__ = ["BRANCHES", "DEFAULT_BATCH", "REDUCTIONS", "CaptureSettings"]
 
@@ -89,7 +92,7 @@ class CaptureSettings:
         object.__setattr__(self, "num_inference_steps", int(steps))
         object.__setattr__(self, "guidance_scale", float(self.guidance_scale))
 
-    def resolve(self, lens: Any) -> "CaptureSettings":
+    def resolve(self, lens: Lens) -> "CaptureSettings":
         """These settings checked against `lens`, with ``layers=None`` expanded to every block."""
         check_steps(self.num_inference_steps, lens.pipeline.scheduler)  # what the sampler can run
         sites = lens.family.every_site

@@ -13,12 +13,15 @@ from __future__ import annotations
 import contextlib
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from ..model.adapters import RECORD, architecture, read_finetune
 from ..storage import (MARKER, Claim, DamagedError, FolderClaimError, MissingError, claim, differences, exclusive,
                        read_record as read_sealed, try_exclusive)
 from .data import TrainingImages, read_image_folder
+
+if TYPE_CHECKING:
+    from ..model.lens import Lens
 
 __all__ = ["CHECKPOINT", "RECORD", "base_model", "claim_run", "holding", "read_record", "release_new",
            "training_images", "use_line"]
@@ -46,7 +49,7 @@ def training_images(data: TrainingImages | str | Path, side: int, what: str) -> 
     return data
 
 
-def base_model(lens: Any) -> dict:
+def base_model(lens: Lens) -> dict:
     """The base model a fine-tune starts from, as recorded: where it came from (for people), its
     fingerprint (what identifies it), the adapter merged into it, and its architecture (what an
     adapter made from it fits)."""

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.adapters import peft_quietly
+from ..model.lens import Lens
 from ..storage import file_digests
 from ..storage import DamagedError, all_finite, load_torch, remove_stale_temporaries, save_torch, temporary_name, \
     write_record
@@ -58,7 +59,7 @@ from .inputs import added_conditions, drifted_training_pair, encode_images, toke
 
 __all__ = ["FinetuneConfig", "finetune", "read_record", "METHODS", "TEXT_ENCODER_TARGETS"]
 
-def finetune(lens: Any, data: TrainingImages | str | Path, out: str | Path, *, method: str = "lora", rank: int = 8,
+def finetune(lens: Lens, data: TrainingImages | str | Path, out: str | Path, *, method: str = "lora", rank: int = 8,
              steps: int = 600, lr: float | None = None, batch_size: int = 8, drift: float = 0.0,
              text_encoder: bool = False, seed: int = 0, caption_dropout: float = 0.1, warmup: int = 20,
              checkpoint_every: int = 100, validation: TrainingImages | str | Path | None = None,
@@ -137,7 +138,7 @@ def finetune(lens: Any, data: TrainingImages | str | Path, out: str | Path, *, m
 class _Trainer:
     """The trainable copies, the encoded data and the loop."""
 
-    def __init__(self, lens: Any, data: TrainingImages, cfg: FinetuneConfig, device: torch.device, *,
+    def __init__(self, lens: Lens, data: TrainingImages, cfg: FinetuneConfig, device: torch.device, *,
                  validation: TrainingImages | None = None) -> None:
         from diffusers import DDPMScheduler
 
