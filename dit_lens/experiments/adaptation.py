@@ -24,7 +24,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,6 +39,9 @@ from ..world.data import world_split
 from ..world.judges import load_oracle
 from ..world.procedural import LABELS, caption, render
 from .folders import claim_experiment
+
+if TYPE_CHECKING:
+    from ..model.lens import Lens
 
 __all__ = ["AdaptationConfig", "run_adaptation", "FORMS"]
 
@@ -99,7 +102,7 @@ def _real(cfg: AdaptationConfig, base: int, per_class: int) -> tuple[np.ndarray,
     return render(labels, seeds, split="shifted").images, labels
 
 
-def _generated(lens: Any, cfg: AdaptationConfig, delta: float, form: str, seeds: list[int]) -> np.ndarray:
+def _generated(lens: Lens, cfg: AdaptationConfig, delta: float, form: str, seeds: list[int]) -> np.ndarray:
     """Images ``(classes · seeds, H, W, 3)`` of every class's canonical prompt, drifted by δ."""
     drift = LatentDrift(delta, steps=(0.0, 1.0) if form == "every" else None)
     edits = [] if drift.is_identity else [drift]

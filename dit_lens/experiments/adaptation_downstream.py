@@ -18,7 +18,7 @@ import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,6 +29,9 @@ from ..storage import DamagedError, FolderClaimError, digest, read_record, write
 from ..world.procedural import caption, render
 from .downstream import DownstreamConfig, _test_set, _train_and_test
 from .folders import cached_json, claim_experiment
+
+if TYPE_CHECKING:
+    from ..model.lens import Lens
 
 __all__ = ["AdaptedDownstreamConfig", "run_adapted_downstream"]
 
@@ -76,7 +79,7 @@ def _drift(value: float | LatentDrift) -> LatentDrift:
     return value if isinstance(value, LatentDrift) else LatentDrift(float(value), steps=None)  # z_T only
 
 
-def _synthetic(lens: Any, drift: LatentDrift, cfg: AdaptedDownstreamConfig) -> np.ndarray:
+def _synthetic(lens: Lens, drift: LatentDrift, cfg: AdaptedDownstreamConfig) -> np.ndarray:
     """``(2, K, H, W, 3)``: K images of the source prompt, then K of the target prompt, drifted."""
     edits = [] if drift.is_identity else [drift]
     seeds = [cfg.synthetic_seed_base + i for i in range(cfg.synthetic_per_class)]
@@ -141,7 +144,7 @@ def run_adapted_downstream(generators: dict[str, tuple[Any, float | LatentDrift]
     return result
 
 
-def _stored_synthetic(path: Path, lens: Any, drift: LatentDrift, cfg: AdaptedDownstreamConfig) -> np.ndarray:
+def _stored_synthetic(path: Path, lens: Lens, drift: LatentDrift, cfg: AdaptedDownstreamConfig) -> np.ndarray:
     """An arm's images: made once and kept at `path` with a sealed record beside it (``.json``: the
     generator's weights, its drift and the images' digest); reused only for the same generator."""
     made_by = {"model_fingerprint": lens.fingerprint, "drift": drift.to_dict()}

@@ -31,7 +31,7 @@ import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -43,6 +43,9 @@ from ..interventions.blend import check_blend
 from ..trace.attrs import typed
 from ..validate import check_int
 from ..storage import claim, exclusive, read_record, write_atomic, write_record
+
+if TYPE_CHECKING:
+    from ..model.lens import Lens
 
 __all__ = ["DownstreamConfig", "roc_auc", "f1_score", "train_detector", "run_downstream", "synthetic_pairs"]
 
@@ -102,7 +105,7 @@ class DownstreamConfig:
         data.pop("train_seeds")
         return data
 
-    def key(self, lens: Any) -> str:
+    def key(self, lens: Lens) -> str:
         """Names the default result folder: changes with the settings (not the seed list) or the model.
 
         Settings of `LATER_FIELDS` at their default are left out, so the key of a config that an
@@ -159,7 +162,7 @@ def train_detector(images: np.ndarray, labels: np.ndarray, *, seed: int, steps: 
     return detect
 
 
-def run_downstream(cfg: DownstreamConfig, lens: Any, folder: Path, *, progress: bool = True,
+def run_downstream(cfg: DownstreamConfig, lens: Lens, folder: Path, *, progress: bool = True,
                    overwrite: bool = False) -> xr.Dataset:
     """Run (or resume) every (arm, seed); returns AUC/F1 per arm with intervals over seeds.
 
@@ -223,7 +226,7 @@ def run_downstream(cfg: DownstreamConfig, lens: Any, folder: Path, *, progress: 
     return ds
 
 
-def synthetic_pairs(cfg: DownstreamConfig, lens: Any, *, arms: tuple[str, ...] | None = None,
+def synthetic_pairs(cfg: DownstreamConfig, lens: Lens, *, arms: tuple[str, ...] | None = None,
                     progress: bool = False) -> dict[str, tuple]:
     """Each synthetic arm's pairs from its registered method: ``{arm: (originals, counterfactuals)}``,
     images ``(K, H, W, 3)``, for `arms` (default: every synthetic arm). MedSteer steers at the
@@ -313,7 +316,7 @@ def _stored_arrays(path: Path) -> dict[str, np.ndarray]:
         return {name: stored[name] for name in stored.files}
 
 
-def _synthetic(path: Path, cfg: DownstreamConfig, lens: Any, *, progress: bool) -> dict[str, tuple]:
+def _synthetic(path: Path, cfg: DownstreamConfig, lens: Lens, *, progress: bool) -> dict[str, tuple]:
     """Every synthetic arm's pairs: read from `path`, the arms it lacks made and added to it.
 
     The caller holds the lock on `path`. A set stored by an earlier version (fewer arms, or the
@@ -359,6 +362,6 @@ def _test_set(cfg: DownstreamConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return images, (np.array(labels) == cfg.source).astype(int), np.array(labels)
 
 
-def identity(cfg: DownstreamConfig, lens: Any) -> dict:
+def identity(cfg: DownstreamConfig, lens: Lens) -> dict:
     """What a downstream folder is claimed for: every setting but the training seeds, and the model's weights."""
     return {"config": cfg.context(), "model_fingerprint": lens.fingerprint}

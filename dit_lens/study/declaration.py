@@ -23,7 +23,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import xarray as xr
 
@@ -31,6 +31,9 @@ from ..accessors import DEFAULT_FLOORS
 from ..methods import METHODS, VECTOR_SEEDS, ConceptPair, get, window_label, window_layers, window_steps
 from ..validate import check_guidance, check_int, check_steps
 from ..metrics import STANDARD_METRICS, Metric
+
+if TYPE_CHECKING:
+    from ..model.lens import Lens
 
 __all__ = ["ConceptPair", "Study", "window_layers", "window_steps", "window_label", "floors",
            "pick_settings", "DEFAULT_FLOORS"]
@@ -181,7 +184,7 @@ class Study:
         """
         return context_of(self.to_dict())
 
-    def key(self, lens: Any) -> str:
+    def key(self, lens: Lens) -> str:
         """Names the default result folder: the study's name and cell context, the model, the metrics."""
         from ..metrics import METRICS_VERSION
 
