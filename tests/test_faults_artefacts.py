@@ -13,7 +13,8 @@ from dit_lens.interventions.base import Intervention, UnverifiedWarning
 from dit_lens.interventions.region import Region
 from dit_lens.interventions.steer import Steer
 from dit_lens.inversion import edit, invert, regenerate
-from dit_lens.readouts.vectors import concept_vector, load_vector, save_vector
+from dit_lens.readouts.vector_files import load_vector, save_vector
+from dit_lens.readouts.vectors import concept_vector
 from dit_lens.storage import MARKER, DamagedError, write_record
 from dit_lens.validate import NonFiniteError
 

@@ -20,8 +20,8 @@ from dit_lens.interventions.generate import generate
 from dit_lens.interventions.steer import Steer
 from dit_lens.methods import ConceptPair, get
 from dit_lens.methods.registry import MethodContext
-from dit_lens.readouts.vectors import (concept_vector, export_authors, import_authors, load_vector,
-                                       normalize_vector, save_vector)
+from dit_lens.readouts.vector_files import export_authors, import_authors, load_vector, save_vector
+from dit_lens.readouts.vectors import concept_vector, normalize_vector
 from dit_lens import metrics as M
 from dit_lens.study.declaration import Study
 from dit_lens.trace.capture import capture
@@ -384,7 +384,7 @@ def test_vectors_keep_the_sampler_settings(tiny_lens, tmp_path, monkeypatch):
 def test_a_saved_vector_with_a_flipped_byte_is_refused(tmp_path):
     from test_steer import unit_vector
 
-    from dit_lens.readouts.vectors import load_vector, save_vector
+    from dit_lens.readouts.vector_files import load_vector, save_vector
 
     path = save_vector(unit_vector(), tmp_path / "v.zarr")
     np.testing.assert_array_equal(load_vector(path).values, unit_vector().values)

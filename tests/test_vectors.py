@@ -5,7 +5,8 @@ import pytest
 import torch
 import xarray as xr
 
-from dit_lens.readouts.vectors import concept_vector, export_authors, import_authors, load_vector, save_vector
+from dit_lens.readouts.vector_files import export_authors, import_authors, load_vector, save_vector
+from dit_lens.readouts.vectors import concept_vector
 
 DIMS = ("prompt", "seed", "step", "layer", "channel")
 

@@ -348,7 +348,7 @@ def _source_words(lens, prompt: str, source: str) -> list[str]:
 
 def _write_outputs(out: Claim, pairs, vector, summary: dict, maps=None, judge=None, segmenter=None) -> None:
     """Every output, each recorded in the folder's marker before it is written (atomically)."""
-    from ..readouts.vectors import save_vector
+    from ..readouts.vector_files import save_vector
     from ..views.attention import attention_figure
     from ..views.explorer import write_explorer
     from ..views.figures import gate_figure, pairs_figure
