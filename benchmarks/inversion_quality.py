@@ -27,7 +27,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 import dit_lens
 from dit_lens.inversion import ddim_scheduler
-from dit_lens.inversion.sampler import decode
+from dit_lens.sampling.images import decode
 from dit_lens.metrics import estimate
 from dit_lens.trace.runner import traced_generate
 from dit_lens.world import render

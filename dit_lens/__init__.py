@@ -22,8 +22,8 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "Blend": ("dit_lens.interventions.blend", None),
     "LatentDrift": ("dit_lens.interventions.drift", None),
     "Inject": ("dit_lens.interventions.inject", None),
-    "OptimizedNoise": ("dit_lens.interventions.noise", None),
-    "optimize_noise": ("dit_lens.interventions.noise", None),
+    "OptimizedNoise": ("dit_lens.interventions.noise_edit", None),
+    "optimize_noise": ("dit_lens.optimize.noise", None),
     "Confine": ("dit_lens.interventions.region", None),
     "Region": ("dit_lens.interventions.region", None),
     "AttentionRegulation": ("dit_lens.interventions.regulate", None),
@@ -67,8 +67,9 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
 }
 
 #: Subpackages and modules reachable as attributes on first use, beside the exports (not in ``__all__``).
-_PACKAGES = frozenset({"accessors", "apps", "experiments", "interventions", "inversion", "model", "readouts", "scale",
-                       "storage", "study", "testing", "trace", "training", "validate", "views", "world"})
+_PACKAGES = frozenset({"accessors", "apps", "experiments", "interventions", "inversion", "model", "optimize",
+                       "readouts", "sampling", "scale", "storage", "study", "testing", "trace", "training", "validate",
+                       "views", "world"})
 
 __all__ = [
     "__version__",
@@ -150,8 +151,8 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .interventions.blend import Blend
     from .interventions.drift import LatentDrift
     from .interventions.inject import Inject
-    from .interventions.noise import OptimizedNoise
-    from .interventions.noise import optimize_noise
+    from .interventions.noise_edit import OptimizedNoise
+    from .optimize.noise import optimize_noise
     from .interventions.region import Confine
     from .interventions.region import Region
     from .interventions.regulate import AttentionRegulation

@@ -239,7 +239,7 @@ def test_sana_refuses_fine_tuning_saying_why(sana, tmp_path):
 @pytest.mark.parametrize("guidance_scale", [1.0, 4.5])
 def test_noise_optimisation_runs_the_run_generate_makes(family, guidance_scale, request):
     from dit_lens import optimize_noise
-    from dit_lens.interventions import class_probability
+    from dit_lens.optimize import class_probability
     from dit_lens.world.judges import Oracle, OracleNet
 
     lens = request.getfixturevalue(family)  # its differentiable loop replays the family's own pipeline loop

@@ -234,7 +234,7 @@ def test_flux_inversion_recovers_the_noise_and_regenerates_the_image(flux):
 @pytest.mark.parametrize("guidance_scale", [1.0, 4.5])
 def test_flux_noise_optimisation_runs_the_run_generate_makes(flux, guidance_scale):
     from dit_lens import optimize_noise
-    from dit_lens.interventions import class_probability
+    from dit_lens.optimize import class_probability
     from dit_lens.world.judges import Oracle, OracleNet
 
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ import dit_lens
 from dit_lens.interventions.plan import Plan
 from dit_lens.interventions.inject import Inject
 from dit_lens.inversion import HEdit, PnP, check_images, ddim_scheduler, edit, invert, regenerate
-from dit_lens.inversion.sampler import Denoiser, decode, encode
+from dit_lens.sampling import GuidedDenoiser, decode, encode
 from dit_lens.methods import ConceptPair, MethodContext, get
 from dit_lens.model.builders import build_pixart
 from dit_lens.world.judges import EMBEDDED_JUDGES
@@ -189,7 +189,7 @@ def test_pnp_injection_makes_the_edited_branch_follow_the_replayed_source(tiny_l
     out = edit(tiny_lens, images, source=SOURCE, target=TARGET, method="pnp", num_inference_steps=T,
                guidance_scale=guidance, feature_fraction=1.0, attention_fraction=0.0,
                feature_layers=(tiny_lens.num_layers - 1,), trajectory=trajectory, progress=False)
-    ddim, denoiser = ddim_scheduler(tiny_lens, T), Denoiser(tiny_lens, [SOURCE])
+    ddim, denoiser = ddim_scheduler(tiny_lens, T), GuidedDenoiser(tiny_lens, [SOURCE])
     levels = torch.from_numpy(trajectory["latent"].values.copy())  # (n, T + 1, C, h, w)
     n = len(images)
     z = levels[:, 0].clone()

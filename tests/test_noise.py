@@ -10,7 +10,7 @@ import torch
 
 from dit_lens import generate, intervention_from_dict
 from dit_lens.interventions.base import EditContext, Intervention
-from dit_lens.interventions.noise import OptimizedNoise, class_probability, optimize_noise
+from dit_lens.optimize import OptimizedNoise, class_probability, optimize_noise
 from dit_lens.trace.runner import initial_noise
 from dit_lens.world.judges import Oracle, OracleNet
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dit_lens import attention_maps, generate
-from dit_lens.interventions.noise import attention_concentration, optimize_noise
+from dit_lens.optimize import attention_concentration, optimize_noise
 
 T, PROMPT = 8, "a red polyp"
 

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..interventions.generate import generate
-from ..interventions.noise import attention_concentration, class_probability, optimize_noise
+from ..optimize import attention_concentration, class_probability, optimize_noise
 from ..metrics import estimate, proportion
 from ..storage import write_atomic
 from ..training.trainer import finetune, read_record

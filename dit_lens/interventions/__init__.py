@@ -10,9 +10,8 @@ pairs.
 - `inject`: `Inject`, copying the original branch's site output (everywhere, or outside a region);
 - `region`: `Region` masks (image or token grid, shared or per seed) and `Confine`, which keeps the
   original outside a region;
-- `noise`: `optimize_noise`, initial-noise optimisation for an objective of the generated image
-  (`class_probability`) or of the prompted words' attention (`attention_concentration`, both in
-  `noise_objectives`), and `OptimizedNoise`, the latent edit that starts the edited branch from it;
+- `noise_edit`: `OptimizedNoise`, the latent edit that starts the edited branch from optimised initial
+  noise (made by `dit_lens.optimize_noise`; its objectives are in `dit_lens.optimize`);
 - `regulate`: `AttentionRegulation`, mask-guided attention regulation, and its modules;
 - `guide`: how a run makes the differentiable denoiser calls a `Guidance` edit needs;
 - `plan`: `Plan`, the runner: a list of edits as hooks, a step-end pass and corrections in one pipeline call;
@@ -23,14 +22,12 @@ from .base import Composite, EditContext, Guidance, Intervention, LatentEdit, Si
 from .blend import Blend
 from .drift import LatentDrift
 from .inject import Inject
-from .noise import (AttentionConcentration, ClassProbability, OptimizedNoise, attention_concentration,
-                    class_probability, optimize_noise)
+from .noise_edit import OptimizedNoise
 from .region import Confine, Region
 from .reweight import Reweight
 from .regulate import AttentionRegulation, EnergyGuidance, GateSelfAttention, RegionReweight
 from .steer import Steer
 
-__all__ = ["AttentionConcentration", "AttentionRegulation", "Blend", "ClassProbability", "Composite", "Confine",
-           "EditContext", "EnergyGuidance", "GateSelfAttention", "Guidance", "Inject", "Intervention", "LatentDrift",
-           "LatentEdit", "OptimizedNoise", "Region", "RegionReweight", "Reweight", "SiteEdit", "Steer",
-           "attention_concentration", "class_probability", "from_dict", "optimize_noise", "register"]
+__all__ = ["AttentionRegulation", "Blend", "Composite", "Confine", "EditContext", "EnergyGuidance",
+           "GateSelfAttention", "Guidance", "Inject", "Intervention", "LatentDrift", "LatentEdit", "OptimizedNoise",
+           "Region", "RegionReweight", "Reweight", "SiteEdit", "Steer", "from_dict", "register"]

@@ -4,7 +4,7 @@ run does not see.
 
 A latent correction needs the model's attention at the latents it is about to denoise, with gradients
 back to those latents. `GuidePass` makes that call for the edited rows (their conditional prompts, the
-run's timestep at that step) through `dit_lens.trace.denoiser.Denoiser`, whose calls nnsight does not
+run's timestep at that step) through `dit_lens.sampling.denoiser.Denoiser`, whose calls nnsight does not
 count as steps of the traced run, and reads the cross-attention weights of the layers the edits need
 through plain PyTorch forward hooks on dit-lens' attention processor (`dit_lens.trace.attention`),
 removed after every call. Parameters are never given gradients (``torch.autograd.grad`` takes only the
@@ -23,7 +23,7 @@ from ..trace.attention import exposed_weights
 from ..model.lens import Lens
 from ..model.tokens import check_words, word_keys
 from ..validate import check_nonnegative
-from ..trace.denoiser import Denoiser
+from ..sampling.denoiser import Denoiser
 from ..trace.runner import scheduler_timesteps
 from .base import EditContext, Guidance, check_layers_fit, check_where, register
 from .region import MaskedValue, Region, check_window, window_steps

@@ -1,5 +1,5 @@
 """`OptimizedNoise`: the latent edit that starts a run's edited branch from optimised initial noise
-(made by `dit_lens.interventions.noise.optimize_noise`), with the measurements of how Gaussian it stayed."""
+(made by `dit_lens.optimize.noise.optimize_noise`), with the measurements of how Gaussian it stayed."""
 
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 
 from .editors import EDITORS, HEdit, PnP, edit
 from .trajectory import invert, regenerate
-from .sampler import check_images, ddim_scheduler
+from ..sampling.ddim import ddim_scheduler
+from ..sampling.images import check_images
 
 __all__ = ["EDITORS", "HEdit", "PnP", "edit", "check_images", "ddim_scheduler", "invert", "regenerate"]

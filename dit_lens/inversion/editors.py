@@ -11,7 +11,7 @@ with the same DDIM sampler:
 - ``"hedit"`` (h-Edit, deterministic variant h-Edit-D, implicit form): the reconstruction path keeps
   the inversion residual u_t; at each step the edit adds c_t·(ε̂_tar − ε̂_src) evaluated at the new
   latent, `iterations` times. Its update needs predictions at two timesteps per step, which the
-  pipeline's loop does not make, so it calls the denoiser directly (`Denoiser`); it has no site edits.
+  pipeline's loop does not make, so it calls the denoiser directly (`GuidedDenoiser`); it has no site edits.
 - ``"reprompt"``: regenerate the inverted noise under the target prompt.
 - ``"medsteer"``: regenerate the inverted noise under the source prompt with a `Steer` (and any other
   interventions in ``edits``).
@@ -46,7 +46,8 @@ from ..interventions.inject import Inject
 from ..model.lens import Lens
 from ..trace.attrs import typed
 from ..validate import NonFiniteError, check_fraction, check_guidance, check_int, check_real, check_seeds
-from .sampler import Denoiser, alpha_bars, check_images, ddim_move, decode, inversion_scheduler, to_epsilon
+from ..sampling.ddim import GuidedDenoiser, alpha_bars, ddim_move, inversion_scheduler, to_epsilon
+from ..sampling.images import check_images, decode
 from .trajectory import check_trajectory, invert
 
 __all__ = ["EDITORS", "HEdit", "PnP", "edit"]
@@ -233,7 +234,7 @@ def edit(
     latents = torch.from_numpy(trajectory["latent"].values.copy())  # (n, T + 1, C, h, w)
     ddim = inversion_scheduler(lens, T)  # DDIM, or the flow-matching Euler sampler
     if method == "hedit":
-        denoiser = Denoiser(lens, [source, target], ddim.config.prediction_type)
+        denoiser = GuidedDenoiser(lens, [source, target], ddim.config.prediction_type)
         run = partial(_hedit, denoiser, ddim, cfg=editor, w_edit=guidance, T=T)
     else:
         extra = editor.interventions(T, lens.num_layers, lens.family) if method == "pnp" else interventions
@@ -287,7 +288,7 @@ def _through_pipeline(plan: Plan, ddim: Any, latents: torch.Tensor, replay_promp
 
 
 @torch.no_grad()
-def _hedit(denoiser: Denoiser, ddim: Any, latents: torch.Tensor, cfg: HEdit, w_edit: float, T: int) -> torch.Tensor:
+def _hedit(denoiser: GuidedDenoiser, ddim: Any, latents: torch.Tensor, cfg: HEdit, w_edit: float, T: int) -> torch.Tensor:
     """h-Edit-D on one chunk: `latents` ``(n, T + 1, C, h, w)`` is the inverted trajectory; the denoiser's
     prompts are ``[source, target]``."""
     levels = alpha_bars(ddim).tolist()

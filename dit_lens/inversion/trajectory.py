@@ -1,5 +1,5 @@
 """`invert`: DDIM inversion of images into the trajectory that regenerates them; `regenerate` runs it forward.
-Families that sample by flow matching invert their Euler sampler the same way (`dit_lens.inversion.flow`).
+Families that sample by flow matching invert their Euler sampler the same way (`dit_lens.sampling.flow`).
 
 Inversion encodes each image to the pipeline's latents z₀ and runs the deterministic DDIM step
 backwards, level by level, to the starting noise z_T: step i of the sampler maps level i to level
@@ -42,8 +42,9 @@ from tqdm.auto import tqdm
 from ..model.lens import Lens
 from ..storage import DIGEST, DamagedError, dataset_digest
 from ..validate import NonFiniteError, check_guidance, check_int
-from .flow import flow_move
-from .sampler import Denoiser, alpha_bars, check_images, ddim_move, decode, encode, inversion_scheduler
+from ..sampling.ddim import GuidedDenoiser, alpha_bars, ddim_move, inversion_scheduler
+from ..sampling.flow import flow_move
+from ..sampling.images import check_images, decode, encode
 
 __all__ = ["invert", "regenerate", "trajectory_latents"]
 
@@ -66,7 +67,7 @@ def invert(
     Args:
         lens: From `dit_lens.load`.
         images: ``(n, H, W, 3)`` (or one ``(H, W, 3)``) RGB at the model's size, float in [0, 1] or
-            uint8 (`dit_lens.inversion.sampler.check_images`).
+            uint8 (`dit_lens.sampling.images.check_images`).
         prompt: The prompt the images are inverted under.
         latents: Invert these clean latents ``(n, C, h, w)`` (e.g. a run's own, from
             ``output_type="latent"``) instead of encoding images; pass ``images=None``. The VAE's
@@ -108,13 +109,13 @@ def invert(
     sampler = inversion_scheduler(lens, T, scheduler)
     if flow:  # σ at each level; the step is Euler's along the predicted velocity
         levels, kind = sampler.sigmas.double(), "flow"
-        denoiser = Denoiser(lens, [prompt])
+        denoiser = GuidedDenoiser(lens, [prompt])
 
         def move(z, t, frm, to, at):
             return flow_move(z, denoiser.guided(at, t, 0, guidance), frm, to)
     else:  # ᾱ at each level; the DDIM step along ε̂
         levels, kind = alpha_bars(sampler), sampler.config.prediction_type
-        denoiser = Denoiser(lens, [prompt], kind)
+        denoiser = GuidedDenoiser(lens, [prompt], kind)
 
         def move(z, t, frm, to, at):
             return ddim_move(z, denoiser.epsilon(at, t, 0, guidance, to), frm, to)

@@ -37,7 +37,7 @@ import torch
 import xarray as xr
 
 from ..interventions.generate import generate
-from ..interventions.noise_objectives import class_probability
+from ..optimize.objectives import class_probability
 from ..interventions.steer import Steer
 from ..model.lens import Lens
 from ..readouts.patching import patching

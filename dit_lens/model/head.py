@@ -14,8 +14,8 @@ where the embedding comes from and how the norm is modulated, so each is one `He
   latent patches, unpacked as its pipeline unpacks them.
 
 `HeadInputs` keeps, with torch forward hooks on the denoiser, what the head needs at each call: the
-timestep embedding and the latents the call was given. `decode` turns latents into images with the
-pipeline's own VAE and image processor, as the pipeline decodes its final latents.
+timestep embedding and the latents the call was given. (Latents become images with
+`dit_lens.sampling.images.decode`, which reads `Head.shifted`.)
 
 Examples:
     >>> import torch
@@ -39,12 +39,11 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
-import numpy as np
 import torch
 
 from .lens import Lens
 
-__all__ = ["HEADS", "Head", "HeadInputs", "apply_head", "decode", "head_of", "loop_latents", "unpatchify"]
+__all__ = ["HEADS", "Head", "HeadInputs", "apply_head", "head_of", "loop_latents", "unpatchify"]
 
 
 @dataclass(frozen=True)
@@ -185,26 +184,3 @@ class HeadInputs:
             handle.remove()
         self._handles.clear()
 
-
-@torch.no_grad()
-def decode(lens: Lens, latents: torch.Tensor, batch_size: int = 16) -> np.ndarray:
-    """Images ``(n, H, W, 3)`` float32 in [0, 1] of latents ``(n, C, h, w)``, decoded by the pipeline's VAE
-    and image processor as the pipeline decodes its final latents, `batch_size` at a time.
-
-    Raises:
-        ValueError: the pipeline has no VAE.
-    """
-    pipe = lens.pipeline
-    vae = getattr(pipe, "vae", None)
-    if vae is None:
-        raise ValueError(f"decoding latents needs the pipeline's VAE; this {type(pipe).__name__} has none "
-                         f"(vae=None): load the pipeline with its VAE")
-    scaling = vae.config.scaling_factor
-    shift = (vae.config.get("shift_factor") or 0.0) if head_of(lens).shifted else 0.0
-    images = []
-    for start in range(0, latents.shape[0], batch_size):
-        chunk = latents[start : start + batch_size].to(device=vae.device, dtype=vae.dtype)
-        chunk = chunk / scaling + shift
-        decoded = vae.decode(chunk, return_dict=False)[0]  # (n, 3, H, W) in [-1, 1]
-        images.append(np.asarray(pipe.image_processor.postprocess(decoded, output_type="np"), dtype=np.float32))
-    return np.concatenate(images) if images else np.zeros((0, 0, 0, 3), np.float32)

@@ -9,8 +9,8 @@ image,
 
 a sum over the patch's cells and over every row, token and channel of the cell's output. Per seed and
 chunk of seeds it takes one run of the source prompt without gradients (recording the site's output at
-every cell), one run of the own prompt in plain torch (`dit_lens.interventions.noise`'s differentiable
-copy of the pipeline's loop and decode) with a zero tensor added to the site's output at every cell, and
+every cell), one run of the own prompt in plain torch (`dit_lens.sampling.DifferentiableSampler`, the
+differentiable copy of the pipeline's loop and decode) with a zero tensor added to the site's output at every cell, and
 one backward pass to those tensors. First order is additive, so a ``"layer"``, ``"step"`` or window patch
 is the sum of its cells' terms: the cell terms are computed once, for every cell any patch holds.
 
@@ -53,9 +53,9 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from ..interventions.noise import _Sampler
-from ..interventions.noise_objectives import ClassProbability, frozen
 from ..model.lens import Lens
+from ..optimize.objectives import ClassProbability
+from ..sampling.loop import DifferentiableSampler, frozen
 from ..trace.attrs import typed
 from ..trace.runner import initial_noise, scheduler_timesteps
 from ..validate import NonFiniteError, check_guidance, check_int, check_seeds, check_steps
@@ -138,9 +138,6 @@ def attribution_patching(
     dims, coords, patches, labels = patch_grid(lens, grid, site, site_layers(lens, site), layers, steps, T)
     cells = sorted(frozenset().union(*patches))  # every cell some patch holds, each attributed once
     timesteps = scheduler_timesteps(lens, T)
-    if len(set(timesteps.tolist())) != T:
-        raise ValueError(f"the sampler repeats timesteps in a {T}-step run ({timesteps.tolist()}); attribution "
-                         f"patching tells the steps apart by them: use patching(..., method='exact')")
 
     own, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
     kinds = {source: int(direction == "noise"), own: int(direction == "denoise")}  # index into [clean, corrupt]
@@ -151,9 +148,7 @@ def attribution_patching(
     modules = [m for m in lens.pipeline.components.values() if isinstance(m, torch.nn.Module)]
     chunks = [list(range(i, min(i + per_call, len(seeds)))) for i in range(0, len(seeds), per_call)]
     with frozen(modules):
-        loops = {prompt: _Sampler(lens, prompt, T, guidance_scale, checkpoint, metric) for prompt in (own, source)}
-        for prompt, loop in loops.items():
-            loop.denoiser = _Stepped(loop.denoiser, timesteps)
+        loops = {prompt: DifferentiableSampler(lens, prompt, T, guidance_scale, checkpoint) for prompt in (own, source)}
         for chunk in tqdm(chunks, desc=f"attribution {site}", unit="call", disable=not progress):
             run = _attribute(lens, site, cells, loops[own], loops[source], [seeds[s] for s in chunk], metric)
             terms[chunk] = run["terms"]
@@ -196,22 +191,8 @@ def attribution_patching(
     return ds
 
 
-class _Stepped:
-    """A `dit_lens.trace.denoiser.Denoiser` whose calls say which step of the loop they are: read from the
-    call's timestep, so a checkpointed call recomputed in the backward pass sets its own step again."""
-
-    def __init__(self, denoiser: Any, timesteps: np.ndarray) -> None:
-        self.denoiser, self.step = denoiser, -1
-        self.steps = {float(t): i for i, t in enumerate(timesteps.tolist())}
-
-    def call(self, latents: torch.Tensor, timestep: Any, which: Sequence[int | None],
-             guidance: float | None = None) -> torch.Tensor:
-        self.step = self.steps[float(timestep)]
-        return self.denoiser.call(latents, timestep, which, guidance)
-
-
 @contextmanager
-def _at_cells(lens: Lens, site: str, cells: list[tuple[int, int]], loop: _Sampler,
+def _at_cells(lens: Lens, site: str, cells: list[tuple[int, int]], loop: DifferentiableSampler,
               visit: Callable[[tuple[int, int], torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
     """Forward hooks that call ``visit((step, layer), output)`` on `site`'s output ``(rows, tokens, C)`` at
     `cells` of `loop`'s runs; a returned tensor replaces it. Removed on exit, also on error."""
@@ -221,7 +202,7 @@ def _at_cells(lens: Lens, site: str, cells: list[tuple[int, int]], loop: _Sample
         part = lens.part(layer)
 
         def hook(_module: Any, _inputs: Any, output: Any) -> Any:
-            cell = (loop.denoiser.step, layer)
+            cell = (loop.step, layer)
             if cell not in wanted:
                 return None
             new = visit(cell, part.read(site, output, text))
@@ -238,7 +219,7 @@ def _at_cells(lens: Lens, site: str, cells: list[tuple[int, int]], loop: _Sample
             handle.remove()
 
 
-def _attribute(lens: Lens, site: str, cells: list[tuple[int, int]], own: _Sampler, source: _Sampler,
+def _attribute(lens: Lens, site: str, cells: list[tuple[int, int]], own: DifferentiableSampler, source: DifferentiableSampler,
                seeds: list[int], metric: Callable) -> dict:
     """One chunk of seeds: the cell terms ``(seeds, cells)``, and the own and source runs' scores ``(seeds,)``
     and images ``(seeds, H, W, 3)``."""
@@ -321,7 +302,7 @@ def _check_images(images: torch.Tensor, guidance_scale: float) -> None:
 class ClassLogProb:
     """The judge's log-probability of `label` for each image, on numpy or torch images ``(n, H, W, 3)`` in
     [0, 1]: numpy in, numpy ``(n,)`` out (exact patching, studies); torch in, a differentiable torch ``(n,)``
-    out on the images' device (attribution patching). Built on `dit_lens.interventions.class_probability`."""
+    out on the images' device (attribution patching). Built on `dit_lens.optimize.class_probability`."""
 
     oracle: Any
     label: str

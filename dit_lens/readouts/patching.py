@@ -303,7 +303,7 @@ def _run(lens: Lens, site: str, heads: int, plan: dict, prompts: list[str], row_
 
 def _decode(lens: Lens, latents: np.ndarray) -> np.ndarray:
     """Images ``(seed, 2, H, W, 3)`` of each seed's clean and corrupt final latents ``(seed, 2, C, h, w)``."""
-    from ..model.head import decode
+    from ..sampling.images import decode
 
     flat = torch.from_numpy(latents.reshape(-1, *latents.shape[2:])).to(lens.device)
     images = decode(lens, flat)

@@ -43,7 +43,8 @@ from tqdm.auto import tqdm
 
 from ..interventions.base import Intervention
 from ..interventions.plan import Plan, as_edits
-from ..model.head import HeadInputs, apply_head, decode, head_of
+from ..model.head import HeadInputs, apply_head, head_of
+from ..sampling.images import decode
 from ..model.lens import Lens
 from ..trace.attrs import typed
 from ..trace.capture import CaptureSettings

@@ -26,9 +26,8 @@ averaged over the words.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar, Sequence
 
 import math
 
@@ -36,11 +35,12 @@ import torch
 
 from ..model.lens import Lens
 from ..model.tokens import check_words
+from ..interventions.base import check_where
+from ..interventions.region import as_region, check_window, window_steps
+from ..sampling.loop import frozen
 from ..validate import check_nonnegative
-from .base import check_where
-from .region import as_region, check_window, window_steps
 
-__all__ = ["AttentionConcentration", "ClassProbability", "attention_concentration", "class_probability", "frozen"]
+__all__ = ["AttentionConcentration", "ClassProbability", "attention_concentration", "class_probability"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -158,18 +158,3 @@ def attention_concentration(words: Sequence[str] | str, *, region: Any = None, w
     words = (words,) if isinstance(words, str) else tuple(words)
     return AttentionConcentration(words, region, window, None if layers is None else tuple(layers), blur)
 
-
-@contextmanager
-def frozen(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
-    """`modules` in eval mode with ``requires_grad=False`` inside; every submodule's mode and every flag put back."""
-    modes = [(m, m.training) for module in modules for m in module.modules()]
-    flags = [(p, p.requires_grad) for module in modules for p in module.parameters()]
-    try:
-        for module in modules:
-            module.eval().requires_grad_(False)
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-        for p, flag in flags:
-            p.requires_grad_(flag)

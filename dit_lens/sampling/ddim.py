@@ -1,4 +1,4 @@
-"""The deterministic sampler that inversion runs backwards, and direct calls of the denoiser.
+"""The deterministic samplers that inversion runs backwards, and the guided denoiser calls they step with.
 
 `ddim_scheduler` makes the DDIM scheduler (η = 0) of a pipeline from its own noise schedule and
 prediction type (ε, v; PixArt-alpha's learned-sigma output is cut to its first half as the pipeline
@@ -7,10 +7,10 @@ timestep: a step is then invertible up to the one approximation DDIM inversion m
 prediction at the current latent stands in for the one at the next). Samplers that cannot be run
 backwards deterministically are refused with the reason (`check_invertible`).
 
-`Denoiser` calls the pipeline's transformer the way the pipeline's own loop does (same prompt
-encoding, micro-conditions and guidance), for the loops the pipeline has no place for: the inversion
-itself and h-Edit's extra evaluations. `check_images`, `encode` and `decode` move images in and out
-of the latent space the way the pipeline does.
+`inversion_scheduler` picks DDIM, or the flow-matching Euler sampler (`dit_lens.sampling.flow`) for
+families that sample by flow matching. `GuidedDenoiser` is the `dit_lens.sampling.denoiser.Denoiser` with
+classifier-free guidance mixed in and the prediction converted to ε, for the loops the pipeline has no
+place for: the inversion itself and h-Edit's extra evaluations.
 
 Examples:
     >>> from dit_lens import load
@@ -19,22 +19,22 @@ Examples:
     >>> sampler = ddim_scheduler(lens, 4)
     >>> sampler.timesteps.tolist()  # each step ends on the next step's timestep
     [750, 500, 250, 0]
-    >>> check_images(np.zeros((16, 16, 3), np.float32), lens).shape  # one image becomes a batch of one
-    (1, 16, 16, 3)
+    >>> ddim_move(torch.ones(1), torch.zeros(1), 0.25, 1.0)  # no noise predicted: x̂₀ = x / √ᾱ
+    tensor([2.])
 """
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from ..model.lens import Lens
-from ..trace.denoiser import Denoiser as _Denoiser
-from ..validate import as_array, check_int
+from ..validate import check_int
+from .denoiser import Denoiser, mix
 
-__all__ = ["Denoiser", "check_images", "check_invertible", "ddim_scheduler", "decode", "encode", "inversion_scheduler"]
+__all__ = ["GuidedDenoiser", "alpha_bars", "check_invertible", "ddim_move", "ddim_scheduler", "inversion_scheduler",
+           "to_epsilon"]
 
 #: Scheduler classes that draw fresh noise at every step: their runs have no deterministic inverse.
 _STOCHASTIC = ("DDPMScheduler", "EulerAncestralDiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
@@ -125,8 +125,8 @@ def ddim_move(latents: torch.Tensor, eps: torch.Tensor, alpha_from: float, alpha
     return alpha_to ** 0.5 * x0 + (1 - alpha_to) ** 0.5 * eps
 
 
-class Denoiser(_Denoiser):
-    """`dit_lens.trace.denoiser.Denoiser` with the guided ε that inversion and h-Edit step with.
+class GuidedDenoiser(Denoiser):
+    """`dit_lens.sampling.denoiser.Denoiser` with the guided ε that inversion and h-Edit step with.
 
     Args:
         lens: A PixArt-family `dit_lens.Lens`.
@@ -147,7 +147,7 @@ class Denoiser(_Denoiser):
         if guidance == 1.0:
             return self.raw(latents.float(), timestep, [prompt] * n).double()
         both = self.raw(torch.cat([latents, latents]).float(), timestep, [None] * n + [prompt] * n).double()
-        return both[:n] + guidance * (both[n:] - both[:n])
+        return mix(both[:n], both[n:], guidance)
 
     def epsilon(self, latents: torch.Tensor, timestep: int, prompt: int, guidance: float,
                 alpha_bar: float) -> torch.Tensor:
@@ -155,75 +155,3 @@ class Denoiser(_Denoiser):
         (1: the conditional prediction alone), the model taken to be at noise level `alpha_bar`."""
         raw = self.guided(latents, timestep, prompt, guidance)
         return to_epsilon(raw, latents.double(), alpha_bar, self.prediction_type)
-
-
-def check_images(images: Any, lens: Lens) -> np.ndarray:
-    """Images as float32 ``(n, H, W, 3)`` in [0, 1] at the model's size; clear errors otherwise.
-
-    Accepts a numpy array, a torch tensor or an xarray DataArray (``(..., y, x, rgb)``), float in [0, 1]
-    or uint8 in 0–255, one image ``(H, W, 3)`` or a batch.
-    """
-    images = as_array(images)  # an xarray DataArray (e.g. generate()'s image) or a tensor
-    if not isinstance(images, np.ndarray):
-        raise TypeError(f"images must be a numpy array, torch tensor or xarray DataArray of shape (n, H, W, 3), "
-                        f"got {type(images).__name__}")
-    height, width = lens.pipeline_kwargs["height"], lens.pipeline_kwargs["width"]
-    if images.ndim == 3 and images.shape[-1] == 3:
-        images = images[None]
-    if images.ndim in (3, 4) and images.shape[-1] == 4:
-        raise ValueError(f"images of shape {images.shape} have 4 channels (RGBA?): drop the alpha channel, "
-                         f"e.g. images[..., :3]")
-    if images.ndim in (3, 4) and images.shape[-3] == 3 and images.shape[-1] != 3:
-        raise ValueError(f"images of shape {images.shape} look channels-first: the model takes channels last "
-                         f"(n, H, W, 3); transpose them, e.g. np.moveaxis(images, -3, -1)")
-    if images.ndim == 2 or (images.ndim == 3 and images.shape[-1] != 3) or (images.ndim == 4 and images.shape[-1] == 1):
-        raise ValueError(f"images of shape {images.shape} look grayscale: the model takes RGB (n, H, W, 3); "
-                         f"repeat the channel, e.g. np.repeat(gray[..., None], 3, axis=-1)")
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images must be (n, H, W, 3) or one (H, W, 3), channels last, got shape {images.shape}")
-    if images.shape[0] == 0:
-        raise ValueError("images is an empty batch: give at least one image")
-    if images.shape[1:3] != (height, width):
-        raise ValueError(f"images are {images.shape[1]}×{images.shape[2]} but the model makes {height}×{width}; "
-                         f"resize them (e.g. PIL.Image.resize) before editing")
-    if images.dtype == np.uint8:
-        return images.astype(np.float32) / 255.0
-    if images.dtype.kind != "f":
-        raise ValueError(f"images have dtype {images.dtype}: give float images in [0, 1] or uint8 in 0-255")
-    if not np.isfinite(images).all():
-        raise ValueError("images hold NaN or inf values")
-    low, high = float(images.min()), float(images.max())
-    if low < 0.0 or high > 1.0:
-        hint = " (they look like 0-255 values: divide by 255)" if high > 1.0 and high <= 255.0 and low >= 0.0 else \
-            " (they look like [-1, 1] values: map them with (x + 1) / 2)" if low >= -1.0 else ""
-        raise ValueError(f"float images must lie in [0, 1], got values in [{low:g}, {high:g}]{hint}")
-    return images.astype(np.float32)
-
-
-@torch.no_grad()
-def encode(lens: Lens, images: np.ndarray, batch_size: int = 16) -> torch.Tensor:
-    """Latents ``(n, C, h, w)`` of images ``(n, H, W, 3)`` in [0, 1]: the VAE posterior mean, shifted and
-    scaled so that the pipeline's own decode inverts it."""
-    vae = lens.pipeline.vae
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2) * 2 - 1  # (n, 3, H, W) in [-1, 1]
-    x = x.to(device=vae.device, dtype=vae.dtype)
-    means = []
-    for i in range(0, len(x), batch_size):
-        encoded = vae.encode(x[i : i + batch_size])
-        # a KL autoencoder's posterior mean, or a deterministic one's latent (SANA's DC-AE)
-        means.append(encoded.latent_dist.mean if hasattr(encoded, "latent_dist") else encoded.latent)
-    shift = getattr(vae.config, "shift_factor", None) or 0.0  # SD3's VAE shifts as well as scales
-    return (torch.cat(means) - shift) * vae.config.scaling_factor
-
-
-@torch.no_grad()
-def decode(lens: Lens, latents: torch.Tensor, batch_size: int = 16) -> np.ndarray:
-    """Images ``(n, H, W, 3)`` float32 in [0, 1] from latents, as the pipeline decodes them."""
-    pipe = lens.pipeline
-    out = []
-    for i in range(0, len(latents), batch_size):
-        chunk = latents[i : i + batch_size].to(device=pipe.vae.device, dtype=pipe.vae.dtype)
-        shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
-        image = pipe.vae.decode(chunk / pipe.vae.config.scaling_factor + shift, return_dict=False)[0]
-        out.append(pipe.image_processor.postprocess(image, output_type="np"))
-    return np.concatenate(out).astype(np.float32)

@@ -6,9 +6,9 @@ generated image (`class_probability`: the oracle's log-probability of the prompt
 an `OptimizedNoise`, a latent edit that starts the edited branch of `generate` from the optimised noise
 while its original twin starts from ε. How it works:
 
-- **Differentiable sampling.** The pipeline's own loop, rewritten in torch: its transformer (through
-  `dit_lens.trace.denoiser.Denoiser`; the learned-sigma half dropped), a copy of its sampler at
-  `grad_steps` steps, classifier-free guidance as the pipeline does it, the VAE decode and postprocess.
+- **Differentiable sampling.** The pipeline's own loop, rewritten in torch
+  (`dit_lens.sampling.DifferentiableSampler`): its transformer, a copy of its sampler at `grad_steps`
+  steps, classifier-free guidance as the pipeline does it, the VAE decode and postprocess.
   With ``grad_steps = num_inference_steps`` (the default) it is the very run `generate` makes (same
   images up to batching rounding), so what was optimised is what comes out; fewer steps are cheaper but
   only approximate it (a seed the short run judges fixed may not be on the real one). Each
@@ -44,27 +44,20 @@ Examples:
 
 from __future__ import annotations
 
-import copy
 import math
-from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, Iterator, Sequence
+from contextlib import nullcontext
+from typing import Any, Callable, Sequence
 
 import torch
-import torch.utils.checkpoint
 from tqdm.auto import tqdm
 
+from ..interventions.noise_edit import OptimizedNoise
 from ..model.lens import Lens
+from ..sampling.loop import DifferentiableSampler, frozen
 from ..trace.attention import exposed_weights
-from ..trace.denoiser import Denoiser
-from ..trace.runner import initial_noise, timestep_kwargs
+from ..trace.runner import initial_noise
 from ..validate import NonFiniteError, check_guidance, check_int, check_seeds, check_steps, is_real
-from ..model.tokens import word_tokens
-from .noise_edit import OptimizedNoise
-from .noise_objectives import (AttentionConcentration, ClassProbability, attention_concentration,
-                               class_probability, frozen)
-
-__all__ = ["AttentionConcentration", "ClassProbability", "OptimizedNoise", "attention_concentration",
-           "class_probability", "optimize_noise"]
+__all__ = ["optimize_noise"]
 
 #: An objective: images ``(N, 3, H, W)`` float in [0, 1] (as `generate` returns them) -> scores ``(N,)``
 #: to maximise, differentiable in torch.
@@ -97,7 +90,7 @@ def optimize_noise(
         objective: Images ``(N, 3, H, W)`` float in [0, 1] -> ``(N,)`` scores to maximise, in torch
             (e.g. `class_probability`; any callable), or an attention objective
             (`attention_concentration`), for which the differentiable run stops after the last step it
-            reads (`dit_lens.interventions.noise_objectives`).
+            reads (`dit_lens.optimize.objectives`).
         iterations: Gradient steps per seed (0: only measure the objective at ε).
         lr: Angle in radians each step rotates the noise by (0 leaves it).
         max_angle: Largest angle in radians between z and ε (None: no trust region).
@@ -144,7 +137,7 @@ def optimize_noise(
     modules = [m for m in lens.pipeline.components.values() if isinstance(m, torch.nn.Module)]
     with frozen(modules), _reading(lens, objective), tqdm(total=len(chunks) * iterations, desc="optimize_noise",
                                                          unit="it", disable=not progress) as bar:
-        sampler = _Sampler(lens, prompt, steps, guidance_scale, checkpoint, objective)
+        sampler = _sampler(lens, prompt, steps, guidance_scale, checkpoint, objective)
         for chunk in chunks:
             found.append(_optimise(sampler, chunk, objective, iterations, lr, max_angle, target, bar))
     part = {k: torch.cat([f[k] for f in found]) for k in found[0]}
@@ -161,7 +154,7 @@ def optimize_noise(
     )
 
 
-def _optimise(sampler: "_Sampler", seeds: list[int], objective: Objective, iterations: int, lr: float,
+def _optimise(sampler: DifferentiableSampler, seeds: list[int], objective: Objective, iterations: int, lr: float,
               max_angle: float | None, target: float | None, bar: Any) -> dict[str, torch.Tensor]:
     """Geodesic ascent for one batch of seeds; the best iterate of each and its objective."""
     eps = initial_noise(sampler.lens, seeds)  # (n, C, h, w)
@@ -196,12 +189,12 @@ def _optimise(sampler: "_Sampler", seeds: list[int], objective: Objective, itera
     return {"eps": eps, "noise": best, "before": before, "after": best_score, "best_iteration": best_iteration}
 
 
-def _evaluate(sampler: "_Sampler", z: torch.Tensor, seeds: list[int], objective: Objective,
+def _evaluate(sampler: DifferentiableSampler, z: torch.Tensor, seeds: list[int], objective: Objective,
               with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The objective at noise ``z (m, C, h, w)`` as float64 ``(m,)`` on the CPU, and its gradient ``(m, C, h, w)``."""
     z = z.detach().clone().requires_grad_(with_grad)
     with torch.set_grad_enabled(with_grad):
-        score = sampler.score(z, seeds)
+        score = _score(sampler, objective, z, seeds)
         if not isinstance(score, torch.Tensor) or tuple(score.shape) != (len(seeds),):
             got = tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
             raise ValueError(f"the objective must return a torch tensor with one score per image, shape "
@@ -245,91 +238,21 @@ def _rotate(z: torch.Tensor, grad: torch.Tensor, eps: torch.Tensor, lr: float,
     return (new * radius).reshape(shape).to(dtype), moved.cpu()
 
 
-class _Sampler:
-    """The pipeline's denoising loop and decode in plain torch, differentiable in the initial noise; for an
-    attention objective, the loop up to the last step it reads, with the words' cross-attention weights."""
+def _sampler(lens: Lens, prompt: str, steps: int, guidance_scale: float, checkpoint: bool,
+             objective: Any) -> DifferentiableSampler:
+    """The differentiable loop an objective needs: to the decoded image, or to the last step an attention
+    objective reads, with its words' cross-attention kept."""
+    if getattr(objective, "reads", "images") != "attention":
+        return DifferentiableSampler(lens, prompt, steps, guidance_scale, checkpoint)
+    return DifferentiableSampler(lens, prompt, steps, guidance_scale, checkpoint, words=objective.words,
+                                 read_steps=objective.read_steps(steps), read_layers=objective.read_layers(lens))
 
-    def __init__(self, lens: Lens, prompt: str, steps: int, guidance_scale: float, recompute: bool,
-                 objective: Any) -> None:
-        pipe = lens.pipeline
-        if not hasattr(pipe, "vae"):
-            raise ValueError(f"optimize_noise needs a pipeline with a VAE; {type(pipe).__name__} has none")
-        self.lens, self.pipe, self.steps, self.guidance_scale = lens, pipe, steps, guidance_scale
-        self.recompute, self.objective = recompute, objective
-        self.denoiser = Denoiser(lens, [prompt])
-        self.attention = getattr(objective, "reads", "images") == "attention"
-        if self.attention:  # which steps, layers and key tokens the objective reads
-            self.read, self.layers = objective.read_steps(steps), objective.read_layers(lens)
-            found = word_tokens(lens, prompt, list(objective.words))  # refuses a word the prompt lacks
-            self.keys = [torch.tensor(found[word], dtype=torch.long) for word in objective.words]
 
-    def score(self, z: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-        """The objective of the runs from noise ``z (m, C, h, w)``."""
-        if not self.attention:
-            return self.objective(self.images(z, seeds))
-        seen: list[torch.Tensor] = []
-        self._loop(z, seeds, seen)
-        weights = torch.stack(seen, 1)  # (m, read steps · layers, queries, words)
-        return self.objective.score(weights, seeds=seeds, grid=tuple(self.lens.token_grid))
-
-    def images(self, z: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-        """Images ``(m, 3, H, W)`` in [0, 1] generated from noise ``z (m, C, h, w)``, as `generate` makes them."""
-        latents = self._loop(z, seeds, None)
-        config = self.pipe.vae.config
-        shift = getattr(config, "shift_factor", None) or 0.0  # SD3's VAE shifts its latents too
-        decoded = self.pipe.vae.decode(latents / config.scaling_factor + shift, return_dict=False)[0]
-        return (decoded / 2 + 0.5).clamp(0, 1)  # (m, 3, H, W), the image processor's postprocess
-
-    def _loop(self, z: torch.Tensor, seeds: list[int], seen: list[torch.Tensor] | None) -> torch.Tensor:
-        """The final latents; with `seen`, the read steps' weights appended to it and the loop stopped there."""
-        scheduler = copy.deepcopy(self.pipe.scheduler)
-        scheduler.set_timesteps(self.steps, device=z.device, **timestep_kwargs(self.lens, scheduler, self.steps))
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(0)
-        extra = {}  # what the pipeline passes its scheduler's step (SD3 passes nothing)
-        if hasattr(self.pipe, "prepare_extra_step_kwargs"):
-            extra = self.pipe.prepare_extra_step_kwargs([self.lens.generator(s) for s in seeds], 0.0)
-        m, guided = z.shape[0], self.lens.guided(self.guidance_scale)
-        latents = z * getattr(scheduler, "init_noise_sigma", 1.0)  # flow-matching samplers do not scale
-        scale = getattr(scheduler, "scale_model_input", lambda x, _t: x)
-        for i, t in enumerate(scheduler.timesteps):
-            model_input = scale(torch.cat([latents] * 2) if guided else latents, t)
-            which = [None] * m + [0] * m if guided else [0] * m  # the empty prompt first, as the pipeline does
-            if seen is not None and i in self.read:  # not recomputed: the weights are kept with their graph
-                with self._hooks(seen, m if guided else 0):
-                    pred = self.denoiser.call(model_input, t, which, self.guidance_scale)
-                if i == self.read[-1]:
-                    return latents  # nothing later is read
-            elif self.recompute and torch.is_grad_enabled():
-                pred = torch.utils.checkpoint.checkpoint(self.denoiser.call, model_input, t, which, self.guidance_scale,
-                                                         use_reentrant=False)
-            else:
-                pred = self.denoiser.call(model_input, t, which, self.guidance_scale)  # (rows, C, h, w)
-            if guided:
-                uncond, cond = pred.chunk(2)
-                pred = uncond + self.guidance_scale * (cond - uncond)
-            out = scheduler.step(pred, t, latents, **extra, return_dict=False)
-            latents = out[1] if self.steps == 1 and len(out) > 1 else out[0]  # PixArt: the denoised sample at one step
-        return latents
-
-    @contextmanager
-    def _hooks(self, seen: list[torch.Tensor], first: int) -> Iterator[None]:
-        """Forward hooks on the read layers' weights site that keep each word's map from the conditional
-        rows: weights averaged over heads, summed over the word's tokens, ``(m, queries, words)``."""
-        keys = [k.to(self.lens.device) for k in self.keys]
-
-        def keep(_module: Any, _inputs: Any, weights: torch.Tensor) -> None:  # (rows, heads, queries, keys)
-            heads = weights[first:].mean(1)  # (m, queries, keys)
-            seen.append(torch.stack([heads[..., k].sum(-1) for k in keys], -1))
-
-        site = self.lens.family.cross_attention_site
-        handles = [self.lens.site_module(site, layer).processor.weights.register_forward_hook(keep)
-                   for layer in self.layers]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+def _score(sampler: DifferentiableSampler, objective: Any, z: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    """The objective of the runs from noise ``z (m, C, h, w)``."""
+    if getattr(objective, "reads", "images") != "attention":
+        return objective(sampler.images(z, seeds))
+    return objective.score(sampler.attention(z, seeds), seeds=seeds, grid=tuple(sampler.lens.token_grid))
 
 
 def _reading(lens: Lens, objective: Any):

@@ -1,4 +1,5 @@
-"""`Denoiser`: calls of the pipeline's transformer as its own loop makes them, outside that loop.
+"""`Denoiser`: calls of the pipeline's transformer as its own loop makes them, outside that loop, and `mix`,
+classifier-free guidance as the pipeline mixes the two halves.
 
 Loops the pipeline has no place for (DDIM inversion, h-Edit's two-timestep step, a latent correction's
 gradient pass) call the denoiser directly with the pipeline's own prompt embeddings, masks and
@@ -14,6 +15,8 @@ Examples:
     >>> den = Denoiser(lens, ["a polyp"])
     >>> den.raw(torch.zeros(2, 4, 2, 2), 500, [0, None]).shape  # prompt 0 and the empty prompt
     torch.Size([2, 4, 2, 2])
+    >>> mix(torch.zeros(1), torch.ones(1), 4.5)  # the unconditional prediction moved 4.5 times towards the prompt's
+    tensor([4.5000])
 """
 
 from __future__ import annotations
@@ -24,7 +27,13 @@ import torch
 
 from ..model.lens import Lens
 
-__all__ = ["Denoiser"]
+__all__ = ["Denoiser", "mix"]
+
+
+def mix(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance of scale `scale`: ``uncond + scale · (cond − uncond)``, as the pipelines mix the
+    empty prompt's prediction with the prompt's (differentiable)."""
+    return uncond + scale * (cond - uncond)
 
 
 class Denoiser:
