@@ -1,5 +1,5 @@
 """The machinery behind `run_study`: one cell (pair × method × setting) at a time, kept on disk,
-assembled at the end.
+assembled at the end (`dit_lens.study.assembly`).
 
 A cell's file name comes from its method's axes (`dit_lens.methods.Method.cell_name`), e.g.
 ``p0_w0-1_t0-1_a3_r0_b0.3_n32.json`` (MedSteer) or ``reprompt_p0_b0.3.json``; a cell that exists is
@@ -22,12 +22,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-import numpy as np
 import xarray as xr
 from tqdm.auto import tqdm
 
@@ -35,13 +32,13 @@ from ..methods import MethodContext, Vectors, get
 from ..methods.registry import VECTOR_SEEDS
 from ..scale.executors import LocalExecutor, RayExecutor, as_executor
 from ..storage import (MARKER, Claim, DamagedError, FolderClaimError, MissingError, claim, exclusive, jsonable,
-                       read_record, remove_stale_temporaries, temporary_name, try_exclusive, write_record)
-from ..trace.attrs import typed
+                       read_record, try_exclusive, write_record)
 from ..validate import NonFiniteError
 from ..views.explorer import write_explorer
 from ..views.figures import pairs_figure
 from ..storage import inuse
 from .. import metrics as M
+from .assembly import assemble_cells, replace_zarr
 from .declaration import Study
 
 if TYPE_CHECKING:
@@ -276,44 +273,12 @@ class CellRunner:
     # -- results -------------------------------------------------------------------------
 
     def assemble(self) -> xr.Dataset:
-        """The cells as one Dataset ``(method, pair, <axes>)``; a method's cells fill the axes it lacks."""
-        s = self.study
-        axes = {a.name: a for m in s.methods for a in get(m).axes}
-        coords: dict[str, list] = {"method": list(s.methods), "pair": [p.name for p in s.pairs]}
-        for name in s.axis_names():
-            labels = [axes[name].label(v) for m, sweep in s.methods.items() if name in sweep for v in sweep[name]]
-            coords[name] = list(dict.fromkeys(labels))
-        shape = tuple(len(v) for v in coords.values())
-        records = {}
-        for cell in self.cells():
-            records[self.path(cell)] = _read_cell(self.path(cell), cell)
-        names = list(dict.fromkeys(m for record in records.values() for m in record))
-        arrays = {f"{m}{suffix}": np.full(shape, np.nan) for m in names for suffix in ("", "_low", "_high", "_n")}
-        status = set()
-        for cell in self.cells():
-            index = (coords["method"].index(cell["method"]), cell["pair"],
-                     *(coords[a].index(axes[a].label(cell[a])) if a in cell else slice(None) for a in s.axis_names()))
-            for m, est in records[self.path(cell)].items():
-                status.add(est.get("status", "")) if m == "bg_lpips" else None
-                for suffix, key in (("", "value"), ("_low", "low"), ("_high", "high"), ("_n", "n")):
-                    arrays[f"{m}{suffix}"][index] = est[key]
-        ds = xr.Dataset({k: (tuple(coords), v) for k, v in arrays.items()}, coords=coords)
-        ds.attrs.update(self.lens.provenance())
-        ds.attrs.update(
-            study=typed(s.to_dict()), folder=str(self.folder),
-            method_axes=typed({m: list(sweep) for m, sweep in s.methods.items()}),
-            metrics=typed(names), require=typed(s.require),
-            extras=typed([m for m in names if m not in (*M.STANDARD_METRICS, *(x.name for x in s.metrics))]),
-            eval_seeds=[s.eval_seed_base + i for i in range(s.eval_seeds)],
-            bg_lpips_status="; ".join(sorted(x for x in status if x)),
-        )
-        for name, axis in axes.items():  # what the values meant on this model and sampler (layer windows → blocks)
-            if axis.resolve is not None:
-                values = dict.fromkeys(v for sweep in s.methods.values() for v in sweep.get(name, ()))
-                ds.attrs[f"{name}_resolved"] = typed(
-                    {str(axis.label(v)): axis.resolve(v, self.lens, s.num_inference_steps) for v in values})
+        """The cells as one Dataset ``(method, pair, <axes>)`` (`dit_lens.study.assembly.assemble_cells`),
+        each cell file checked as it is read, and kept in the folder as ``result.zarr``."""
+        records = [(cell, _read_cell(self.path(cell), cell)) for cell in self.cells()]
+        ds = assemble_cells(self.study, self.lens, records, folder=self.folder)
         with self.in_use(replace=False), exclusive(self.folder):
-            _replace_zarr(ds, self.folder / "result.zarr")
+            replace_zarr(ds, self.folder / "result.zarr")
         return ds
 
     def record(self, *entries: str) -> None:
@@ -386,20 +351,3 @@ def _capture_on_worker(lens: Lens, settings: dict, prompts: list[str]) -> None:
     from ..trace.capture import capture
 
     capture(lens, prompts, **settings)
-
-
-def _replace_zarr(ds: xr.Dataset, path: Path) -> None:
-    """Write the assembled result (derived from the cells, so replacing it loses nothing), with a
-    checksum on every chunk; the old result is swapped out only once the new one is complete.
-    Call it holding ``exclusive(folder)``."""
-    from numcodecs import CRC32
-
-    remove_stale_temporaries(path)
-    tmp, old = temporary_name(path), path.parent / f".{path.name}.{os.getpid()}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    encoding = {name: {"filters": [CRC32()]} for name in ds.variables}
-    ds.to_zarr(tmp, mode="w-", zarr_format=2, encoding=encoding)  # format 3 warns on string coordinates
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
