@@ -10,7 +10,8 @@ import dit_lens
 from dit_lens.world import LABELS, load_anatomy_segmenter, load_oracle, load_segmenter, render
 from dit_lens.world.judges import (EMBEDDED_JUDGES, Oracle, OracleNet, Segmenter, SegmenterNet, save_judge,
                                    train_segmenter)
-from dit_lens.world.build import BUILD_STAGES, build_anatomy_segmenter, finetune_transformer, recipe
+from dit_lens.world.build import build_anatomy_segmenter, finetune_transformer
+from dit_lens.world.stages import BUILD_STAGES, recipe
 from dit_lens.world.train import StageConfig, fit, train_transformer
 
 shipped = pytest.mark.skipif(not (EMBEDDED_JUDGES / "world.json").is_file(), reason="embedded world not built")
