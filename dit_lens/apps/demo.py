@@ -10,31 +10,24 @@ The output folder is claimed through `dit_lens.storage.claim` (kind ``"demo"``):
 written; a folder holding anything else is refused untouched, and an earlier demo's results are
 replaced only with ``--overwrite`` (and then only the entries dit-lens recorded, inside the folder).
 A run that fails before writing any output leaves no claimed, empty folder behind. Every setting is
-checked before the model is loaded.
+checked before the model is loaded. What it measures, writes and prints is `dit_lens.apps.demo_report`.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
-import json
-import os
 import time
 from pathlib import Path
 
-import numpy as np
-
-from ..storage import MARKER, Claim, FolderClaimError, claim, exclusive, temporary_name
+from ..storage import MARKER, Claim, FolderClaimError, claim, exclusive
 from ..validate import (check_guidance, check_int, check_pipeline_folder, check_real, check_seed, check_steps,
                         check_window, check_writable_folder)
+from .demo_report import OUTPUTS, measure_pairs, print_summary, write_outputs
 
 # The model, metrics and figures are imported where they are used, so `dit-lens demo --help` and the
 # checks of its flags load neither torch nor diffusers.
 
 __all__ = ["MARKER", "OUTPUTS", "add_demo_arguments", "claim_output_folder", "run_demo"]
-
-#: What the demo writes into its folder.
-OUTPUTS = ("summary.json", "pairs.png", "gates.png", "attention.png", "explorer.html", "vector.zarr")
 
 #: Demo defaults on the embedded world, as picked by the layer and alpha sweeps (RESULTS.md).
 DEFAULT_SOURCE, DEFAULT_TARGET = "polyps", "normal cecum"
@@ -178,7 +171,7 @@ def _run(args: argparse.Namespace, out: Claim, start: float) -> int:
                               guidance_scale=args.guidance, batch_size=8)
 
     print("[3/3] metrics and figures")
-    summary = _measure(pairs, oracle_source, concept["source"], concept["target"])
+    summary = measure_pairs(pairs, oracle_source, concept["source"], concept["target"])
     summary.update(
         n_pairs=args.pairs,
         settings={"alpha": args.alpha, "layers": layers, "window": list(args.window),
@@ -197,8 +190,8 @@ def _run(args: argparse.Namespace, out: Claim, start: float) -> int:
         from ..world import load_oracle, load_segmenter
 
         judge, segmenter = load_oracle(oracle_source), load_segmenter(oracle_source)
-    _write_outputs(out, pairs, vector, summary, maps, judge, segmenter)
-    _print_table(summary, out.path)
+    write_outputs(out, pairs, vector, summary, maps, judge, segmenter)
+    print_summary(summary, out.path)
     return 0
 
 
@@ -248,57 +241,6 @@ def _names(prompt: str, label: str) -> bool:
     return re.search(rf"(?<![\w-]){re.escape(label.lower())}(?![\w-])", prompt.lower()) is not None
 
 
-def _measure(pairs, oracle_source, source_label, target_label) -> dict:
-    from .. import metrics as M
-
-    result: dict = {}
-    if oracle_source is None:
-        masks_note = "no segmenter: whole image"
-        background = ~M.segment(pairs, lambda x: np.zeros(x.shape[:3], bool)).any("branch")
-        for key in ("flip_rate", "target_rate", "confidence_shift"):
-            result[key] = None
-            result[f"{key}_status"] = "unavailable: no classifier for this model (pass --oracle)"
-    else:
-        from ..world import load_oracle, load_segmenter
-        from ..world.domain import DYE_CLASSES, dye_detection_rate, polyp_kept
-
-        oracle, segmenter = load_oracle(oracle_source), load_segmenter(oracle_source)
-        probs = M.classify(pairs, oracle)
-        masks = M.segment(pairs, segmenter)
-        background = M.background_mask(masks)
-        masks_note = f"outside the union of both images' lesion masks ({oracle_source} segmenter)"
-        judged = M.Judged(pairs, probs, masks, source_label, target_label)
-        rates = {"flip_rate": (source_label, lambda: M.flips(probs, source_label)),
-                 "target_rate": (target_label, lambda: M.target_rate(probs, target_label)),
-                 "confidence_shift": (source_label, lambda: M.confidence_drop(probs, source_label)),
-                 "unsteered_recognised": (source_label, lambda: 1.0 - M.flips(probs, source_label, branch="original"))}
-        if source_label in DYE_CLASSES and target_label == "polyps":  # removing dye must keep the polyp
-            rates["dye_detection_rate"] = (source_label, lambda: dye_detection_rate(judged))
-            rates["polyp_kept"] = (source_label, lambda: polyp_kept(judged))
-        for key, (label, values) in rates.items():
-            if label is None:
-                side = "--source" if label is source_label else "--target"
-                result[key], result[f"{key}_status"] = None, f"unavailable: no class named; pass {side}"
-                continue
-            est = M.estimate(values())
-            result[key], result[f"{key}_ci95"] = est.value, [est.low, est.high]
-    ssim = "bg_ssim" if oracle_source is not None else "whole_image_ssim"
-    psnr = "bg_psnr" if oracle_source is not None else "whole_image_psnr"
-    for key, values in ((ssim, M.background_ssim(pairs, background)),
-                        (psnr, M.background_psnr(pairs, background))):
-        est = M.estimate(values)
-        result[key], result[f"{key}_ci95"] = est.value, [est.low, est.high]
-    lpips = M.background_lpips(pairs, background, unavailable="nan")  # the reason is printed
-    lp = "bg_lpips" if oracle_source is not None else "whole_image_lpips"
-    result[lp] = None if lpips.attrs["status"].startswith("unavailable") else M.estimate(lpips).value
-    result[f"{lp}_status"] = lpips.attrs["status"]
-    result["background"] = masks_note
-    result["metrics_version"] = M.METRICS_VERSION
-    result[f"{ssim}_definition"] = ("7x7 SSIM, window statistics over background pixels only, averaged over them"
-                                    if oracle_source is not None else "7x7 SSIM over the whole image")
-    return result
-
-
 def claim_output_folder(out_dir: Path, *, overwrite: bool, identity: dict | None = None) -> Claim:
     """Claim `out_dir` for the demo (`dit_lens.storage.claim`): new or empty (marked now), or an earlier demo's.
 
@@ -344,70 +286,3 @@ def _source_words(lens, prompt: str, source: str) -> list[str]:
     except ValueError:
         return []
     return [source]
-
-
-def _write_outputs(out: Claim, pairs, vector, summary: dict, maps=None, judge=None, segmenter=None) -> None:
-    """Every output, each recorded in the folder's marker before it is written (atomically)."""
-    from ..readouts.vector_files import save_vector
-    from ..views.attention import attention_figure
-    from ..views.explorer import write_explorer
-    from ..views.figures import gate_figure, pairs_figure
-
-    out.write("summary.json", json.dumps(summary, indent=2).encode())
-    figures = {"pairs.png": pairs_figure(pairs, max_pairs=8, judge=judge),
-               "gates.png": gate_figure(pairs, segmenter=segmenter)}
-    if maps is not None:
-        figures["attention.png"] = attention_figure(maps)
-    for name, figure in figures.items():
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-        out.write(name, buffer.getvalue())
-    out.record("explorer.html")
-    page = out.path / "explorer.html"
-    write_explorer(pairs, temporary_name(page), attention=maps, judge=judge)
-    os.replace(temporary_name(page), page)
-    out.record("vector.zarr")
-    save_vector(vector, out.path / "vector.zarr")
-    out.record(*(p.relative_to(out.path) for p in (out.path / "vector.zarr").rglob("*") if p.is_file()))
-
-
-#: What each printed metric means (a pair is the unsteered and the steered image of one seed).
-MEANINGS = {
-    "flip_rate": "share of steered images the oracle no longer reads as the source class",
-    "target_rate": "share of steered images the oracle reads as the target class",
-    "dye_detection_rate": "share of steered images where dye is still detected (lower is better)",
-    "polyp_kept": "share of steered images that still show the polyp after the dye was removed",
-    "confidence_shift": "mean drop of the oracle's probability of the source class, unsteered minus steered",
-    "unsteered_recognised": "share of unsteered images the oracle reads as the source class (how often there "
-                            "was a source class to remove)",
-    "bg_ssim": "structural similarity of the two images outside the lesion masks (1 = background untouched)",
-    "bg_psnr": "peak signal-to-noise ratio (dB) of the two images outside the lesion masks, capped at 100",
-    "whole_image_ssim": "structural similarity of the two whole images (no segmenter for this model)",
-    "whole_image_psnr": "peak signal-to-noise ratio (dB) of the two whole images, capped at 100",
-}
-
-
-def _print_table(summary: dict, out_dir: Path) -> None:
-    def fmt(key: str) -> str:
-        value = summary.get(key)
-        if value is None:
-            return summary.get(f"{key}_status", "unavailable")
-        low, high = summary.get(f"{key}_ci95", [value, value])
-        return f"{value:.3f}  [{low:.3f}, {high:.3f}]"
-
-    print(f"\n{summary['steer']['name']}: {summary['steer_description']}")
-    print(f"{'metric':22s} value  [95% CI]   (n = {summary['n_pairs']} pairs)")
-    for key in ("flip_rate", "target_rate", "dye_detection_rate", "polyp_kept", "confidence_shift",
-                "unsteered_recognised", "bg_ssim", "bg_psnr", "whole_image_ssim", "whole_image_psnr"):
-        if key in summary:
-            print(f"{key:22s} {fmt(key)}")
-    for key in ("bg_lpips", "whole_image_lpips"):
-        if f"{key}_status" in summary:
-            print(f"{key:22s} {summary[f'{key}_status']}")
-    shown = [key for key in MEANINGS if key in summary]
-    print("where:")
-    for key in shown:
-        print(f"  {key}: {MEANINGS[key]}")
-    print(f"finished in {summary['seconds']:.0f} s ({summary['seconds'] / 60:.1f} min)")
-    written = [name for name in OUTPUTS if (out_dir / name).exists()]
-    print(f"wrote {out_dir}/" + ", ".join(written))
