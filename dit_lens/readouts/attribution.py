@@ -219,8 +219,8 @@ def _at_cells(lens: Lens, site: str, cells: list[tuple[int, int]], loop: Differe
             handle.remove()
 
 
-def _attribute(lens: Lens, site: str, cells: list[tuple[int, int]], own: DifferentiableSampler, source: DifferentiableSampler,
-               seeds: list[int], metric: Callable) -> dict:
+def _attribute(lens: Lens, site: str, cells: list[tuple[int, int]], own: DifferentiableSampler,
+               source: DifferentiableSampler, seeds: list[int], metric: Callable) -> dict:
     """One chunk of seeds: the cell terms ``(seeds, cells)``, and the own and source runs' scores ``(seeds,)``
     and images ``(seeds, H, W, 3)``."""
     m, z = len(seeds), initial_noise(lens, seeds)  # (m, C, h, w)
