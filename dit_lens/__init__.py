@@ -57,8 +57,8 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "word_tokens": ("dit_lens.model.tokens", None),
     "attention_figure": ("dit_lens.views.attention", None),
     "concept_vector": ("dit_lens.readouts.vectors", None),
-    "load_vector": ("dit_lens.readouts.vectors", None),
-    "save_vector": ("dit_lens.readouts.vectors", None),
+    "load_vector": ("dit_lens.readouts.vector_files", None),
+    "save_vector": ("dit_lens.readouts.vector_files", None),
     "FinetuneConfig": ("dit_lens.training", None),
     "finetune": ("dit_lens.training", None),
     "load_anatomy_segmenter": ("dit_lens.world", None),
@@ -186,8 +186,8 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .model.tokens import word_tokens
     from .views.attention import attention_figure
     from .readouts.vectors import concept_vector
-    from .readouts.vectors import load_vector
-    from .readouts.vectors import save_vector
+    from .readouts.vector_files import load_vector
+    from .readouts.vector_files import save_vector
     from .training import FinetuneConfig
     from .training import finetune
     from .world import load_anatomy_segmenter

@@ -24,12 +24,11 @@ import xarray as xr
 
 from ..validate import VECTOR_DIMS, NonFiniteError
 # Kept importable from here, where the package's face and earlier code find them.
-from .vector_files import export_authors, import_authors, load_vector, save_vector
 
 if TYPE_CHECKING:
     from ..model.lens import Lens
 
-__all__ = ["concept_vector", "normalize_vector", "save_vector", "load_vector", "export_authors", "import_authors"]
+__all__ = ["concept_vector", "normalize_vector"]
 
 
 def concept_vector(
