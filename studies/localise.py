@@ -4,7 +4,8 @@ For each concept pair that studies/concept_pairs.py declares (``--quick``: its f
 an exact activation-patching grid over every (step, layer) of attn2, run on the concept vector's own prompts
 and seeds (`dit_lens.methods.medsteer.causal_grid`: direction "denoise", the target prompt's run gets the
 source prompt's activation at one cell, scored by the judge's log-probability of the source class); its top
-10 % cells by mean effect; and MedSteer steered at exactly those cells (``where="causal"``) against MedSteer at
+10 % cells by mean effect; and MedSteer steered at exactly those cells (``where="causal"``), and at the top 10 % of
+blocks of a block-by-block "noise" grid at every step (``where="causal_layers"``), against MedSteer at
 each layer window of studies/layer_sweep.py, at its α, on fresh evaluation seeds (10 000 …, disjoint from the
 vector's 0 …). Printed per pair: the top cells with their effects, then flip rate, target rate and Bg-SSIM with
 95 % bootstrap intervals for the cells and for every window, and the cells against the window of best flip
@@ -42,7 +43,8 @@ WINDOWS = LAYER_SWEEP.replace(name="localise_windows", pairs=PAIRS, quick=QUICK)
 STUDY = Study(
     "localise",
     pairs=PAIRS,
-    methods={"medsteer": {"where": ("causal",), "top": (0.1,), "causal_seeds": (4,), "alpha": SWEPT["alpha"],
+    methods={"medsteer": {"where": ("causal", "causal_layers"), "top": (0.1,), "causal_seeds": (4,),
+                          "alpha": SWEPT["alpha"],
                           "vector_seeds": SWEPT["vector_seeds"]}},
     eval_seeds=LAYER_SWEEP.eval_seeds,
     eval_seed_base=LAYER_SWEEP.eval_seed_base,
@@ -88,9 +90,11 @@ def grid_record(lens, study: Study, index: int, runner: CellRunner) -> dict:
                             vectors=runner.vectors, oracle=runner.oracle)
     pair = study.pairs[index]
     vector = runner.vectors(pair, settings["vector_seeds"])
-    grid, _ = causal_cells(lens, pair, settings, context, vector)  # the grid the causal cell used (kept in memory)
-    picked = causal_steer(lens, pair, settings, context, vector)
-    record = {"pair": pair.name, **picked, "steps": grid.step.values.tolist(), "layers": grid.layer.values.tolist(),
+    grid, _ = causal_cells(lens, pair, {**settings, "where": "causal"}, context, vector)  # kept in memory
+    picked = causal_steer(lens, pair, {**settings, "where": "causal"}, context, vector)
+    blocks = causal_steer(lens, pair, {**settings, "where": "causal_layers"}, context, vector)
+    record = {"pair": pair.name, **picked, "blocks": blocks["layers"], "block_effect": blocks["effect"],
+              "steps": grid.step.values.tolist(), "layers": grid.layer.values.tolist(),
               "mean_effect": grid.effect.mean("seed").transpose("step", "layer").values.tolist(),
               "metric_clean": grid.metric_clean.values.tolist(), "metric_corrupt": grid.metric_corrupt.values.tolist()}
     runner.record(path.name)
@@ -115,15 +119,20 @@ def report(by_window, by_cells, causal: Study, grids: list[dict]) -> None:
               f"{np.nanmean(grid['mean_effect']):.4f}; top {grid['top']:g} = {len(grid['cells'])} cells "
               f"(step, layer) effect: {shown}")
         print(f"  {'where':>18s}  " + "  ".join(f"{m:>21s}" for m in SHOWN))
-        cells = estimates(by_cells, pair.name)
+        cells = estimates(by_cells, pair.name, where="causal")
         print(line(f"top {grid['top']:g} cells", cells))
+        blocks = estimates(by_cells, pair.name, where="causal_layers")
+        print(line(f"blocks {','.join(map(str, grid['blocks']))}", blocks))
         rows = {w: estimates(by_window, pair.name, window=w) for w in by_window.window.values.tolist()}
         for w, values in rows.items():
             print(line(f"layers {w}", values))
         best = max(rows, key=lambda w: (rows[w]["flip_rate"][0], rows[w]["bg_ssim"][0]))
-        diff = "  ".join(f"{m} {cells[m][0] - rows[best][m][0]:+.3f}" for m in SHOWN)
-        print(f"  top cells − best window (layers {best}, by flip rate): {diff}; n = {int(cells['flip_rate'][3])} "
-              f"pairs per cell")
+        for name, values in (("top cells", cells), ("top blocks", blocks)):
+            diff = "  ".join(f"{m} {values[m][0] - rows[best][m][0]:+.3f}" for m in SHOWN)
+            print(f"  {name} − best window (layers {best}, by flip rate): {diff}; n = {int(values['flip_rate'][3])} "
+                  f"pairs per cell")
+        print("  blocks by necessity (noise grid, 1 − effect): " + ", ".join(
+            f"{l} {1 - e:.3f}" for l, e in zip(grid["blocks"], grid["block_effect"])))
 
 
 def main(argv=None) -> int:

@@ -64,6 +64,30 @@ def test_causal_steers_the_cells_of_largest_mean_effect_on_the_vectors_prompts_a
     assert np.array_equal(out["image"].values, same["image"].values)
 
 
+def test_causal_layers_steers_the_most_necessary_blocks_at_every_step(tiny_lens, judge, context):
+    """where="causal_layers": a block-by-block "noise" grid on the vector's prompts and seeds, made here by hand; the
+    blocks whose patch loses the most of the judge's gap are steered at every step."""
+    def log_polyps(images):
+        return np.log(judge(images)[:, LABELS.index("polyps")])
+
+    effects = [patching(tiny_lens, clean=PAIR.positive()[i], corrupt=PAIR.negative()[i], seeds=[i], metric=log_polyps,
+                        grid="layer", direction="noise", num_inference_steps=T, progress=False).effect.isel(seed=0)
+               for i in (0, 1)]
+    mean = (effects[0] + effects[1]) / 2  # (layer,): 1 − mean is the share of the gap a block's patch loses
+    expected = [int(mean.layer[i]) for i in np.argsort(mean.values, kind="stable")[:1]]
+    settings = {**SETTINGS, "where": "causal_layers", "top": 0.34}  # a third of 3 blocks: one
+    out = get("medsteer").run(tiny_lens, PAIR, [100, 101], settings, context=context)
+    causal = out.attrs["causal"]
+    assert causal["layers"] == expected and causal["direction"] == "noise" and causal["grid_layers"] == 3
+    assert causal["effect"] == pytest.approx([float(mean.sel(layer=l)) for l in expected], rel=1e-3)  # log of softmax
+    assert out.attrs["steers"][0]["layers"] == expected and "cells" not in out.attrs["steers"][0]
+    steer = Steer(context.vectors(PAIR, 2), alpha=6.0, layers=expected, name=PAIR.name)
+    same = generate(tiny_lens, PAIR.source_prompt, seeds=[100, 101], steer=steer, num_inference_steps=T, progress=False)
+    assert np.array_equal(out["image"].values, same["image"].values)
+    named = {"window": (0.0, 1.0), "steps": (0.0, 1.0), "renormalize": False, "blend": 0.0, **settings}
+    assert get("medsteer").cell_name(0, named).endswith("_atcausal_layers_top0.34_cs2")
+
+
 def test_causal_cells_never_depend_on_the_evaluation_seeds(tiny_lens, context):
     first = get("medsteer").run(tiny_lens, PAIR, [100], SETTINGS, context=context).attrs["causal"]
     medsteer._GRIDS.clear()  # computed again, for other evaluation seeds
@@ -91,7 +115,7 @@ def test_top_cells_within_the_windows_and_at_least_one(tiny_lens, context):
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"where": "nowhere"}, "setting 'where': expected one of \\['window', 'causal'\\]"),
+    ({"where": "nowhere"}, "setting 'where': expected one of \\['window', 'causal', 'causal_layers'\\]"),
     ({"top": 0.0}, "setting 'top': expected a fraction of the grid's cells in \\(0, 1\\]"),
     ({"top": 1.5}, "setting 'top': expected a fraction"),
     ({"causal_seeds": 0}, "setting 'causal_seeds': expected a positive integer"),
@@ -137,7 +161,7 @@ def test_the_study_compares_the_cells_with_layer_sweeps_windows_on_the_same_seed
         reference = sweep.quick_version() if quick else sweep
         assert windows.methods["medsteer"] == reference.methods["medsteer"]  # layer_sweep's windows, α, vector seeds
         cells = causal.methods["medsteer"]
-        assert cells["where"] == ("causal",) and cells["top"] == (0.1,) and cells["window"] == ((0.0, 1.0),)
+        assert cells["where"] == ("causal", "causal_layers") and cells["top"] == (0.1,) and cells["window"] == ((0.0, 1.0),)
         for key in ("alpha", "vector_seeds"):
             assert cells[key] == reference.methods["medsteer"][key]
         for study in (windows, causal):  # the same fresh evaluation seeds, disjoint from the vector's

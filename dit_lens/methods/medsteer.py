@@ -16,6 +16,13 @@ runs are the first ``causal_seeds`` seeds of the vector, seed i with the vector'
 contexts, in turn). The cells and their effects are kept with the result (attr ``causal``; the `Steer`'s
 settings in ``steers``).
 
+``where="causal_layers"`` asks the same question a block at a time: a ``grid="layer"`` patching grid in the
+``"noise"`` direction (the source prompt's run gets the target prompt's activation at one block, at every step
+of the step window) ranks the blocks by how much of the judge's gap that loses (``1 − effect``: 1 means the
+block is necessary), and the top fraction ``top`` of the blocks (at least one) is steered at every step of the
+step window. A concept each step makes again from the last (so that no single cell matters) still shows up
+there.
+
 Examples:
     >>> from dit_lens.methods import get
     >>> [(a.name, a.flag, a.default) for a in get("medsteer").axes][:2]
@@ -47,10 +54,11 @@ from .axes import (BLEND, Axis, check_count, check_flag, check_real, check_windo
 from .pair import ConceptPair
 from .registry import VECTOR_SEEDS, Method, MethodContext, register
 
-__all__ = ["MEDSTEER", "WHERE", "causal_cells", "causal_grid", "causal_steer", "medsteer_steer", "top_cells"]
+__all__ = ["MEDSTEER", "WHERE", "causal_cells", "causal_grid", "causal_steer", "medsteer_steer", "top_cells",
+           "top_layers"]
 
 #: Which cells MedSteer steers: the layer and step windows, or the top cells of a patching grid in them.
-WHERE = ("window", "causal")
+WHERE = ("window", "causal", "causal_layers")
 #: Patching grids kept for reuse within a process (a study's cells at several α share one), oldest dropped.
 _GRIDS: dict[tuple, xr.Dataset] = {}
 _KEPT_GRIDS = 4
@@ -62,8 +70,8 @@ def _steps(window: tuple, lens: Lens, num_inference_steps: int) -> list[int] | s
 
 def _check_where(value: Any) -> str:
     if value not in WHERE:
-        raise ValueError(f"expected one of {list(WHERE)} (the windows, or the top cells of a patching grid), "
-                         f"got {value!r}")
+        raise ValueError(f"expected one of {list(WHERE)} (the windows, the top cells of a patching grid, or its "
+                         f"top blocks), got {value!r}")
     return str(value)
 
 
@@ -87,8 +95,9 @@ AXES = (
     Axis(VECTOR_SEEDS, default=(16,), parse=int, check=check_count, key="n", fixed=True,
          help="seeds per prompt for the concept vector"),
     Axis("where", default=("window",), parse=str, check=_check_where, key="at", omit=("window",), flag="where",
-         help="which cells to steer: window (every step and block of the windows) or causal (the top cells of a "
-              "patching grid on the vector's prompts and seeds, within the windows)"),
+         help="which cells to steer: window (every step and block of the windows), causal (the top cells of a "
+              "patching grid on the vector's prompts and seeds, within the windows) or causal_layers (the top "
+              "blocks of a block-by-block patching grid, at every step of the step window)"),
     Axis("top", default=(0.1,), parse=float, check=_check_top, key="top", omit=(0.1,), flag="top",
          help="with --where causal: the fraction of the grid's cells steered, those of largest mean effect"),
     Axis("causal_seeds", default=(4,), parse=int, check=check_count, key="cs", omit=(4,), flag="causal-seeds",
@@ -113,7 +122,7 @@ class _LogProbability:
 def causal_grid(lens: Lens, pair: ConceptPair, *, oracle: Any, seeds: int, site: str = "attn2",
                 layers: Sequence[int] | None = None, steps: Sequence[int] | None = None,
                 num_inference_steps: int = 20, guidance_scale: float = 4.5, batch_size: int | None = None,
-                progress: bool = False) -> xr.Dataset:
+                progress: bool = False, grid: str = "cell", direction: str = "denoise") -> xr.Dataset:
     """The patching grid ``where="causal"`` picks its cells from (the module's docs), kept for reuse.
 
     Args:
@@ -129,16 +138,19 @@ def causal_grid(lens: Lens, pair: ConceptPair, *, oracle: Any, seeds: int, site:
         guidance_scale: Classifier-free guidance scale.
         batch_size: Patched runs per pipeline call (`patching`).
         progress: Show progress bars.
+        grid: ``"cell"`` (``where="causal"``) or ``"layer"`` (``where="causal_layers"``).
+        direction: ``"denoise"`` or ``"noise"`` (`patching`).
 
     Returns:
-        `patching`'s Dataset over every patched seed, ``effect (seed, step, layer)``, with coordinates
+        `patching`'s Dataset over every patched seed, ``effect (seed, step, layer)`` (``(seed, layer)`` for a
+        layer grid), with coordinates
         ``clean (seed)`` and ``corrupt (seed)``, the prompts each seed ran.
     """
     seeds = check_count(seeds)
     label = pair.source
     key = (lens.fingerprint, pair, seeds, site, None if layers is None else tuple(layers),
            None if steps is None else tuple(steps), num_inference_steps, float(guidance_scale), batch_size,
-           getattr(oracle, "fingerprint", None) or id(oracle))
+           getattr(oracle, "fingerprint", None) or id(oracle), grid, direction)
     if key in _GRIDS:
         return _GRIDS[key]
     metric = _LogProbability(oracle, label)
@@ -146,7 +158,7 @@ def causal_grid(lens: Lens, pair: ConceptPair, *, oracle: Any, seeds: int, site:
     parts = []
     for c in range(min(seeds, len(positive))):
         part = patching(lens, clean=positive[c], corrupt=negative[c], seeds=list(range(c, seeds, len(positive))),
-                        metric=metric, site=site, layers=layers, steps=steps, direction="denoise",
+                        metric=metric, site=site, layers=layers, steps=steps, direction=direction, grid=grid,
                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                         batch_size=batch_size, progress=progress)
         parts.append(part.assign_coords(clean=("seed", [positive[c]] * part.sizes["seed"]),
@@ -177,6 +189,21 @@ def top_cells(effect: xr.DataArray, top: float) -> list[tuple[int, int]]:
     return [cells[k] for k in order[:count]]
 
 
+def top_layers(effect: xr.DataArray, top: float) -> list[int]:
+    """The fraction `top` (at least one) of the blocks of a ``"noise"`` layer grid ``effect (seed, layer)`` whose
+    patch loses the most of the gap (smallest mean effect), most necessary first (ties: the lower block)."""
+    top = _check_top(top)
+    mean = effect.mean("seed") if "seed" in effect.dims else effect
+    values = mean.values
+    if np.isnan(values).all():
+        raise ValueError("the patching effect is undefined at every block (the judge scores the source and target "
+                         "prompts' images alike); choose a judge or prompts that tell them apart")
+    count = max(1, int(round(top * values.size)))
+    layers = [int(l) for l in mean["layer"].values]
+    order = sorted(range(len(layers)), key=lambda k: (np.isnan(values[k]), np.nan_to_num(values[k]), layers[k]))
+    return [layers[k] for k in order[:count]]
+
+
 def medsteer_steer(lens: Lens, pair: ConceptPair, settings: dict, context: MethodContext) -> Steer:
     """The `Steer` of one setting: the pair's vector from its first ``vector_seeds`` seeds, at the windows or,
     with ``where="causal"``, at the top cells of the patching grid in them (`causal_cells`)."""
@@ -188,25 +215,31 @@ def medsteer_steer(lens: Lens, pair: ConceptPair, settings: dict, context: Metho
     common = dict(alpha=settings["alpha"], renormalize=settings["renormalize"], name=pair.name)
     if settings.get("where", "window") == "window":
         return Steer(vector, layers=layers, steps=steps, **common)
+    if settings["where"] == "causal_layers":
+        return Steer(vector, layers=causal_cells(lens, pair, settings, context, vector)[1], steps=steps, **common)
     return Steer(vector, cells=causal_cells(lens, pair, settings, context, vector)[1], **common)
 
 
 def causal_cells(lens: Lens, pair: ConceptPair, settings: dict, context: MethodContext,
                  vector: xr.DataArray) -> tuple[xr.Dataset, list[tuple[int, int]]]:
-    """The patching grid of ``where="causal"`` in the setting's windows (`causal_grid`) and its top cells."""
+    """The patching grid of ``where="causal"`` in the setting's windows (`causal_grid`) and its top cells; for
+    ``where="causal_layers"``, the block-by-block grid and its top blocks."""
     if context.oracle is None:
         raise ValueError("medsteer with where='causal' picks its cells by the judge's log-probability: pass "
                          "MethodContext(oracle=...) (a study passes its oracle)")
     if settings["causal_seeds"] > settings[VECTOR_SEEDS]:
         raise ValueError(f"medsteer with where='causal' patches on the vector's own seeds: causal_seeds "
                          f"{settings['causal_seeds']} must be at most vector_seeds {settings[VECTOR_SEEDS]}")
+    by_blocks = {"grid": "layer", "direction": "noise"} if settings["where"] == "causal_layers" else {}
     have = {int(x) for x in vector["layer"].values}
     layers = [l for l in window_layers(settings["window"], lens.num_layers) if l in have]
     grid = causal_grid(lens, pair, oracle=context.oracle, seeds=settings["causal_seeds"],
                        site=str(vector.attrs.get("site", "attn2")), layers=layers,
                        steps=window_steps(settings["steps"], context.num_inference_steps),
                        num_inference_steps=context.num_inference_steps, guidance_scale=context.guidance_scale,
-                       progress=context.progress)
+                       progress=context.progress, **by_blocks)
+    if by_blocks:
+        return grid, top_layers(grid["effect"], settings["top"])
     return grid, top_cells(grid["effect"], settings["top"])
 
 
@@ -216,6 +249,11 @@ def causal_steer(lens: Lens, pair: ConceptPair, settings: dict, context: MethodC
     "top", "grid_cells", "direction", "metric", "seeds", "clean", "corrupt"}`` (the grid's runs)."""
     grid, cells = causal_cells(lens, pair, settings, context, vector)
     mean = grid["effect"].mean("seed")
+    if settings["where"] == "causal_layers":
+        return {"layers": list(cells), "effect": [float(mean.sel(layer=l)) for l in cells], "top": settings["top"],
+                "grid_layers": int(mean.size), "direction": grid.attrs["direction"], "metric": grid.attrs["metric"],
+                "seeds": grid["seed"].values.tolist(), "clean": grid["clean"].values.tolist(),
+                "corrupt": grid["corrupt"].values.tolist()}
     return {"cells": [list(c) for c in cells], "effect": [float(mean.sel(step=t, layer=l)) for t, l in cells],
             "top": settings["top"], "grid_cells": int(mean.size), "direction": grid.attrs["direction"],
             "metric": grid.attrs["metric"], "seeds": grid["seed"].values.tolist(),
@@ -228,7 +266,7 @@ def _run(lens: Lens, pair: ConceptPair, seeds: Sequence[int], settings: dict, *,
                    num_inference_steps=context.num_inference_steps, guidance_scale=context.guidance_scale,
                    record_gates=context.record_gates, blend=settings["blend"], batch_size=context.batch_size,
                    progress=context.progress)
-    if settings["where"] == "causal":  # the grid is kept: this reads it back
+    if settings["where"] != "window":  # the grid is kept: this reads it back
         out.attrs["causal"] = typed(causal_steer(lens, pair, settings, context, steer.vector))
     return out
 
