@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import numbers
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from ..model.lens import Lens
+from ..model.where import HALVES, At, check_indices
 from ..storage import read_record, write_atomic
 
 __all__ = [
@@ -54,9 +54,6 @@ __all__ = [
     "flatten",
     "settings_digest",
 ]
-
-#: Which halves of the classifier-free-guidance batch a site edit touches.
-HALVES = ("both", "cond", "uncond")
 
 _CLASSES: dict[str, type] = {}
 #: `read_record`'s digest key when it only parses a saved intervention (sealed by `settings_digest` instead).
@@ -200,9 +197,10 @@ class Intervention:
 
 
 class SiteEdit(Intervention):
-    """Replaces a site's output on the edited rows. Subclasses define ``site``, ``halves`` and:
+    """Replaces a site's output on the edited rows. Subclasses define ``site``, ``halves`` (and usually
+    ``layers`` and ``steps``): their place is `at`, a `dit_lens.model.where.At` from which ``edit_layers(lens)``
+    and ``edit_steps(T)`` (where and when it runs) follow; and
 
-    - ``edit_layers(lens)`` and ``edit_steps(T)``: where and when it runs;
     - ``apply(h, ctx)``: ``h`` holds the edited rows of the chosen halves, ``(rows, tokens, C)`` at an
       output site or ``(rows, heads, queries, keys)`` at a weights site; returns the new rows (or
       None to leave them) and, if the class has a `record`, one value per row and token (or None).
@@ -215,11 +213,22 @@ class SiteEdit(Intervention):
     def kind(self) -> str:  # type: ignore[override]
         return "weights" if self.site.endswith(".weights") else "site"
 
+    @property
+    def at(self) -> At:
+        """Where the edit runs, from its own fields (``layers`` and ``steps`` None, all, where it has none)."""
+        return At(self.site, getattr(self, "layers", None), getattr(self, "steps", None), self.halves)
+
     def edit_layers(self, lens: Lens) -> list[int]:
-        raise NotImplementedError
+        """The blocks it edits on `lens` (``layers=None``: every block that has the site)."""
+        return list(self.at.layers_in(lens))
 
     def edit_steps(self, num_inference_steps: int) -> list[int]:
-        raise NotImplementedError
+        """The denoising steps it edits in a run of T steps."""
+        return list(self.at.steps_in(num_inference_steps))
+
+    def check_at(self, lens: Lens, num_inference_steps: int) -> None:
+        """Raise a clear ValueError unless `at` fits `lens` and T (site, blocks, steps), naming this class."""
+        self.at.resolve(lens, num_inference_steps, name=type(self).__name__)
 
     def apply(self, h: torch.Tensor, ctx: EditContext | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         raise NotImplementedError
@@ -299,34 +308,19 @@ def flatten(edits: Any) -> list[Intervention]:
 
 
 def check_where(name: str, layers: Any, steps: Any, halves: str) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
-    """Validated ``(layers, steps)`` (sorted unique tuples or None) and halves, for a site edit's fields."""
-    out = []
-    for attr, value in (("layers", layers), ("steps", steps)):
-        if value is None:
-            out.append(None)
-            continue
-        if isinstance(value, numbers.Integral):
-            value = (value,)
-        values = tuple(value)
-        if not values or not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in values):
-            raise ValueError(f"{name}.{attr} must be a non-empty list of integers or None (all), got {value!r}")
-        if min(values) < 0:
-            raise ValueError(f"{name}.{attr} must be >= 0, got {list(values)}")
-        out.append(tuple(sorted({int(x) for x in values})))
+    """Validated ``(layers, steps)`` (sorted unique tuples or None) and halves, for a site edit's fields, in
+    `dit_lens.model.where.At`'s words."""
     if halves not in HALVES:
         raise ValueError(f"{name}.halves must be one of {list(HALVES)}, got {halves!r}")
-    return out[0], out[1]
-
-
-def check_steps_fit(name: str, steps: tuple[int, ...] | None, num_inference_steps: int) -> None:
-    if steps is not None and max(steps) >= num_inference_steps:
-        raise ValueError(f"{name}.steps {list(steps)} go beyond the run's {num_inference_steps} steps")
+    return check_indices(f"{name}.layers", layers), check_indices(f"{name}.steps", steps)
 
 
 def check_layers_fit(name: str, layers: list[int], lens: Lens) -> None:
+    """Refuse blocks beyond `lens`'s (for interventions without a site, e.g. guidance), in `At`'s words."""
     deep = [layer for layer in layers if layer >= lens.num_layers]
     if deep:
-        raise ValueError(f"{name} layers {deep} do not exist: the model has {lens.num_layers} blocks")
+        raise ValueError(f"{name}.layers {deep} do not exist: the model has {lens.num_layers} blocks; pass indices "
+                         f"in 0..{lens.num_layers - 1}, or None for all")
 
 
 def _plain(value: Any) -> Any:

@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 
 from ..model.lens import Lens
-from .base import EditContext, SiteEdit, check_layers_fit, check_steps_fit, check_where, register
+from .base import EditContext, SiteEdit, check_where, register
 
 __all__ = ["Inject"]
 
@@ -61,16 +61,8 @@ class Inject(SiteEdit):
     def is_identity(self) -> bool:
         return self.steps == ()
 
-    def edit_layers(self, lens: Lens) -> list[int]:
-        return list(range(lens.num_layers)) if self.layers is None else list(self.layers)
-
-    def edit_steps(self, num_inference_steps: int) -> list[int]:
-        return list(range(num_inference_steps)) if self.steps is None else list(self.steps)
-
     def check(self, lens: Lens, num_inference_steps: int) -> None:
-        lens.family.rank(self.site)  # a clear error for an unknown site
-        check_layers_fit("Inject", self.edit_layers(lens), lens)
-        check_steps_fit("Inject", self.steps or None, num_inference_steps)
+        self.check_at(lens, num_inference_steps)  # site, blocks and steps
 
     def apply(self, h: torch.Tensor, ctx: EditContext | None) -> tuple[torch.Tensor, None]:
         if ctx is None:

@@ -66,7 +66,7 @@ import torch
 from ..model.lens import Lens
 from ..model.tokens import check_words, word_keys
 from ..validate import check_nonnegative
-from .base import Composite, EditContext, Intervention, SiteEdit, check_layers_fit, check_where, register
+from .base import Composite, EditContext, Intervention, SiteEdit, check_where, register
 from .guide import EnergyGuidance
 from .region import Confine, MaskedValue, Region, check_window, window_steps
 
@@ -111,15 +111,12 @@ class RegionReweight(MaskedValue, SiteEdit):
     def is_identity(self) -> bool:
         return self.inside == 1.0 and self.outside == 1.0
 
-    def edit_layers(self, lens: Lens) -> list[int]:
-        return list(range(lens.num_layers)) if self.layers is None else list(self.layers)
-
     def edit_steps(self, num_inference_steps: int) -> list[int]:
         return window_steps(self.window, num_inference_steps)
 
     def check(self, lens: Lens, num_inference_steps: int) -> None:
         self.region.check(lens, "RegionReweight.region")
-        check_layers_fit("RegionReweight", self.edit_layers(lens), lens)
+        self.check_at(lens, num_inference_steps)
 
     def apply(self, h: torch.Tensor, ctx: EditContext | None) -> tuple[torch.Tensor, None]:
         if ctx is None:
@@ -170,18 +167,14 @@ class RegionMix(MaskedValue, SiteEdit):
     def is_identity(self) -> bool:
         return self.outside == 1.0 and self.contrast == 0.0
 
-    def edit_layers(self, lens: Lens) -> list[int]:
-        return list(range(lens.num_layers)) if self.layers is None else list(self.layers)
-
     def edit_steps(self, num_inference_steps: int) -> list[int]:
         if self.outside != 1.0:
             return list(range(num_inference_steps))
         return window_steps(self.window, num_inference_steps)
 
     def check(self, lens: Lens, num_inference_steps: int) -> None:
-        lens.family.rank(self.site)
+        self.check_at(lens, num_inference_steps)
         self.region.check(lens, "RegionMix.region")
-        check_layers_fit("RegionMix", self.edit_layers(lens), lens)
 
     def apply(self, h: torch.Tensor, ctx: EditContext | None) -> tuple[torch.Tensor, None]:
         if ctx is None or ctx.lens is None:
@@ -211,15 +204,12 @@ class GateSelfAttention(MaskedValue, SiteEdit):
         layers, _ = check_where("GateSelfAttention", self.layers, None, self.halves)
         object.__setattr__(self, "layers", layers)
 
-    def edit_layers(self, lens: Lens) -> list[int]:
-        return list(range(lens.num_layers)) if self.layers is None else list(self.layers)
-
     def edit_steps(self, num_inference_steps: int) -> list[int]:
         return window_steps(self.window, num_inference_steps)
 
     def check(self, lens: Lens, num_inference_steps: int) -> None:
         self.partition.check(lens, "GateSelfAttention.partition")
-        check_layers_fit("GateSelfAttention", self.edit_layers(lens), lens)
+        self.check_at(lens, num_inference_steps)
 
     def apply(self, h: torch.Tensor, ctx: EditContext | None) -> tuple[torch.Tensor, None]:
         if ctx is None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model.lens import Lens
-from .base import EditContext, SiteEdit, check_layers_fit, check_steps_fit, check_where, register
+from .base import EditContext, SiteEdit, check_where, register
 
 __all__ = ["Reweight"]
 
@@ -74,17 +74,10 @@ class Reweight(SiteEdit):
     def is_identity(self) -> bool:
         return self.scale == 1.0
 
-    def edit_layers(self, lens: Lens) -> list[int]:
-        return list(range(lens.num_layers)) if self.layers is None else list(self.layers)
-
-    def edit_steps(self, num_inference_steps: int) -> list[int]:
-        return list(range(num_inference_steps)) if self.steps is None else list(self.steps)
-
     def check(self, lens: Lens, num_inference_steps: int) -> None:
         if lens.family.attention_of(self.site) is None:
             raise ValueError(f"Reweight.site {self.site!r} is not a weights site of {lens.family.name}")
-        check_layers_fit("Reweight", self.edit_layers(lens), lens)
-        check_steps_fit("Reweight", self.steps, num_inference_steps)
+        self.check_at(lens, num_inference_steps)
 
     def apply(self, h: torch.Tensor, ctx: EditContext | None) -> tuple[torch.Tensor, None]:
         if max(self.tokens) >= h.shape[-1]:

@@ -42,6 +42,7 @@ import xarray as xr
 from ..model.lens import Lens
 from ..trace.attrs import read, typed
 from ..validate import check_real, check_vector, is_int
+from ..model.where import At
 from .base import HALVES, EditContext, SiteEdit, register
 from .region import Region
 
@@ -168,11 +169,12 @@ class Steer(SiteEdit):
             steps = range(num_inference_steps) if self.steps is None else self.steps
         return [t for t in steps if t < num_inference_steps]
 
-    def edit_layers(self, lens: Lens) -> list[int]:
-        return self.steered_layers()
-
-    def edit_steps(self, num_inference_steps: int) -> list[int]:
-        return self.steered_steps(num_inference_steps)
+    @property
+    def at(self) -> At:
+        """Where it steers: the steered layers (of `cells`, else `layers`, else the vector's) and steps (of
+        `cells`, else `steps`)."""
+        steps = sorted({step for step, _ in self.cells}) if self.cells is not None else self.steps
+        return At(self.site, self.steered_layers(), steps, self.halves)
 
     @property
     def is_identity(self) -> bool:
@@ -193,19 +195,16 @@ class Steer(SiteEdit):
 
     def check(self, lens: Lens, num_inference_steps: int) -> None:
         """Raise a clear error if this steer cannot run on `lens` with T steps."""
-        if self.site not in lens.family.every_site:
-            raise ValueError(f"Steer.site {self.site!r} is not a site of {lens.family.name}; "
-                             f"sites: {sorted(lens.family.every_site)}")
+        late = [list(c) for c in self.cells or () if c[0] >= num_inference_steps]
+        if late:
+            raise ValueError(f"Steer.cells {late} go beyond the run's {num_inference_steps} steps (steps 0.."
+                             f"{num_inference_steps - 1}); pick cells of a grid made with this step count")
+        self.check_at(lens, num_inference_steps)  # site, blocks and steps
         channels = int(self.vector.sizes["channel"])
         if channels != lens.width:
             raise ValueError(
                 f"the vector has {channels} channels but the model's {self.site} output is "
                 f"{lens.width} wide; compute the vector on this model"
-            )
-        too_deep = [l for l in self.steered_layers() if l >= lens.num_layers]
-        if too_deep:
-            raise ValueError(
-                f"Steer layers {too_deep} do not exist: the model has {lens.num_layers} blocks"
             )
         if num_inference_steps > self.vector_steps and not self.reuse_last_step:
             raise ValueError(
@@ -215,14 +214,6 @@ class Steer(SiteEdit):
                 f"inversion's step count). reuse_last_step=True repeats its last step for the rest (the authors' "
                 f"behaviour): it runs, but steers late steps with an early-step direction"
             )
-        if self.steps is not None and max(self.steps) >= num_inference_steps:
-            raise ValueError(
-                f"Steer.steps {list(self.steps)} go beyond the run's {num_inference_steps} steps"
-            )
-        late = [list(c) for c in self.cells or () if c[0] >= num_inference_steps]
-        if late:
-            raise ValueError(f"Steer.cells {late} go beyond the run's {num_inference_steps} steps (steps 0.."
-                             f"{num_inference_steps - 1}); pick cells of a grid made with this step count")
         if self.region is not None:
             self.region.check(lens, "Steer.region")
 

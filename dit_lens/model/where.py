@@ -137,7 +137,7 @@ class At:
         """
         family = lens.family
         if self.site not in family.every_site:
-            raise ValueError(f"{name}.site {self.site!r} is not a site of {family.name}; "
+            raise ValueError(f"{name}: unknown site {self.site!r} for {family.name}; "
                              f"choose one of {sorted(family.every_site)}")
         count = lens.num_layers
         layers = self.layers_in(lens)
