@@ -119,3 +119,15 @@ def test_site_edits_name_themselves_when_their_place_does_not_fit(tiny_lens):
         GateSelfAttention(np.ones((4, 4), bool), layers=(4,)).check(tiny_lens, T)
     with pytest.raises(ValueError, match=r"Steer.steps \[5\] go beyond the run's 3 steps"):
         Steer(vector(), alpha=2.0, steps=[5]).check(tiny_lens, T)
+
+
+def test_hooks_are_placed_by_the_same_checks(tiny_lens):
+    from dit_lens.trace.runner import Hook, traced_generate
+
+    def run(hook):
+        traced_generate(tiny_lens, ["a"], [0], num_inference_steps=2, guidance_scale=4.5, hooks=[hook])
+
+    with pytest.raises(ValueError, match=r"Hook.layers \[7\] do not exist: the model has 3 blocks; pass indices in 0..2"):
+        run(Hook("attn2", (0, 7), lambda *args: None))
+    with pytest.raises(ValueError, match=r"Hook: unknown site 'attn3' for PixArtTransformer2DModel"):
+        run(Hook("attn3", (0,), lambda *args: None))

@@ -35,6 +35,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..model.lens import Lens
 from ..model.sites import site_module
+from ..model.where import At
 from ..validate import check_guidance, check_prompts, check_seeds, check_steps, is_int
 from .attention import exposed_weights
 
@@ -128,14 +129,8 @@ def traced_generate(
         )
     hooks = list(hooks)
     family = lens.family
-    split = lens.split
-    for hook in hooks:
-        family.rank(hook.site)  # a clear error for an unknown site
-        deep = [layer for layer in hook.layers if layer >= lens.num_layers]
-        if deep:
-            raise ValueError(f"layers {deep} do not exist: the model has {lens.num_layers} blocks")
-        for layer in hook.layers:
-            family.check_site(hook.site, layer, split)  # a site of Flux's other block list
+    for hook in hooks:  # site in the family, blocks that exist and have it (Flux's two lists); a hook's steps
+        At(hook.site, hook.layers, steps=()).resolve(lens, 0, name="Hook")  # past the run are never visited
     steps = check_steps(num_inference_steps, scheduler or lens.pipeline.scheduler)
     guidance_scale = check_guidance(guidance_scale)
     points = sorted({(layer, lens.part(layer).rank(h.site), h.site) for h in hooks for layer in h.layers})
@@ -147,7 +142,7 @@ def traced_generate(
             raise ValueError(f"latents hold {latents.shape[0]} runs for {len(prompts)} prompts")
         extra["latents"] = family.pack_latents(latents)  # Flux's loop holds packed 2×2 patches
     with exposed_weights(lens, weights), _scheduler(lens, scheduler):
-        envoys = {(layer, site): site_module(lens.model, family, site, layer, split) for layer, _, site in points}
+        envoys = {(layer, site): site_module(lens.model, family, site, layer, lens.split) for layer, _, site in points}
         parts = {layer: lens.part(layer) for layer, _, _ in points}
         text = lens.text_tokens()  # text tokens before the image tokens of a sequence site
         with lens.model.generate(
