@@ -43,7 +43,6 @@ Examples:
 
 from __future__ import annotations
 
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -57,9 +56,10 @@ from ..model.lens import Lens
 from ..optimize.objectives import ClassProbability
 from ..sampling.loop import DifferentiableSampler, frozen
 from ..trace.attrs import typed
-from ..trace.runner import initial_noise, scheduler_timesteps
+from ..trace.runner import initial_noise
 from ..validate import NonFiniteError, check_guidance, check_int, check_seeds, check_steps
-from .patch_grid import DIRECTIONS, metric_name as _name, patch_grid, score_metric as _score, site_layers
+from .patch_grid import (check_patching, effect_dataset, metric_name as _name, patch_grid, score_metric as _score,
+                         site_layers)
 
 __all__ = ["ClassLogProb", "attribution_patching", "class_logprob"]
 
@@ -116,19 +116,7 @@ def attribution_patching(
         ValueError: a bad argument, identical prompts, or a metric that does not return one finite number
             per image or whose scores have no gradient (then use ``patching(..., method="exact")``).
     """
-    for name, prompt in (("clean", clean), ("corrupt", corrupt)):
-        if not isinstance(prompt, str) or not prompt:
-            raise ValueError(f"{name} must be a non-empty prompt string, got {prompt!r}")
-    if clean == corrupt:
-        raise ValueError(f"clean and corrupt are the same prompt ({clean!r}); patching compares two different "
-                         f"prompts, e.g. clean='An endoscopic image of polyps', corrupt='An endoscopic image of "
-                         f"normal cecum'")
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be 'denoise' (the corrupt run gets the clean activation) or 'noise' "
-                         f"(the clean run gets the corrupt one), got {direction!r}")
-    if not callable(metric):
-        raise ValueError(f"metric must be a callable on torch images (n, H, W, 3) returning (n,), got "
-                         f"{type(metric).__name__}")
+    check_patching(clean, corrupt, direction, metric, "torch images (n, H, W, 3) returning (n,)")
     if not isinstance(checkpoint, bool):
         raise ValueError(f"checkpoint must be True or False, got {checkpoint!r}")
     seeds = check_seeds(seeds)
@@ -137,7 +125,6 @@ def attribution_patching(
     per_call = DEFAULT_BATCH if batch_size is None else check_int(batch_size, "batch_size", minimum=1)
     dims, coords, patches, labels = patch_grid(lens, grid, site, site_layers(lens, site), layers, steps, T)
     cells = sorted(frozenset().union(*patches))  # every cell some patch holds, each attributed once
-    timesteps = scheduler_timesteps(lens, T)
 
     own, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
     kinds = {source: int(direction == "noise"), own: int(direction == "denoise")}  # index into [clean, corrupt]
@@ -155,40 +142,15 @@ def attribution_patching(
             scores[chunk, kinds[own]], images[chunk, kinds[own]] = run["own"]
             scores[chunk, kinds[source]], images[chunk, kinds[source]] = run["source"]
 
-    spread = scores[:, 0] - scores[:, 1]
-    alike = [seeds[i] for i in np.flatnonzero(spread == 0)]
-    if alike:
-        warnings.warn(f"the metric {_name(metric)} scores the clean and the corrupt image alike at seeds {alike}: "
-                      f"their effect is undefined (NaN); choose prompts or a metric that tell them apart",
-                      stacklevel=2)
     index = {cell: i for i, cell in enumerate(cells)}
     summed = np.stack([terms[:, [index[c] for c in sorted(p)]].sum(1) for p in patches], 1)  # (seed, patch)
     patched = scores[:, kinds[own], None] + summed
-    with np.errstate(divide="ignore", invalid="ignore"):
-        effect = np.where(spread[:, None] != 0, (patched - scores[:, 1:2]) / spread[:, None], np.nan)
-    shape = (len(seeds),) + tuple(len(coords[d]) for d in dims)
-    coords = {"seed": seeds, **coords}
-    if "step" in dims:
-        coords["timestep"] = ("step", timesteps.astype(np.float64)[coords["step"]])
-    ds = xr.Dataset(
-        {
-            "effect": (("seed",) + dims, effect.reshape(shape)),
-            "metric_patched": (("seed",) + dims, patched.reshape(shape)),
-            "metric_clean": (("seed",), scores[:, 0]),
-            "metric_corrupt": (("seed",), scores[:, 1]),
-            "image_clean": (("seed", "y", "x", "rgb"), images[:, 0]),
-            "image_corrupt": (("seed", "y", "x", "rgb"), images[:, 1]),
-        },
-        coords=coords,
-    )
-    ds.attrs.update(lens.provenance())
-    ds.attrs.update(
-        clean=clean, corrupt=corrupt, site=site, heads=False, direction=direction, method="attribution",
-        metric=_name(metric), metric_on="images", grid=grid if isinstance(grid, str) else "windows", windows=typed(labels),
-        patches=typed([sorted(p) for p in patches]), num_inference_steps=T, guidance_scale=guidance_scale,
-        batch_size=per_call, seeds=typed(seeds),
-    )
-    return ds
+    return effect_dataset(
+        lens, seeds=seeds, dims=dims, coords=coords, patched=patched, scores=scores, images=images,
+        num_inference_steps=T, metric=metric, clean=clean, corrupt=corrupt, site=site, heads=False,
+        direction=direction, method="attribution", metric_on="images", guidance_scale=guidance_scale,
+        grid=grid if isinstance(grid, str) else "windows", windows=typed(labels),
+        patches=typed([sorted(p) for p in patches]), batch_size=per_call)
 
 
 @contextmanager

@@ -19,17 +19,21 @@ Examples:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+import warnings
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
+import xarray as xr
 
+from ..trace.attrs import typed
+from ..trace.runner import scheduler_timesteps
 from ..validate import NonFiniteError, as_array, check_window, is_int, window_layers
 
 if TYPE_CHECKING:
     from ..model.lens import Lens
 
-__all__ = ["DIRECTIONS", "GRIDS", "OUTPUT_SITES", "Cells", "head_indices", "metric_name", "patch_grid", "score_metric",
-           "site_layers"]
+__all__ = ["DIRECTIONS", "GRIDS", "OUTPUT_SITES", "Cells", "check_patching", "effect_dataset", "head_indices",
+           "metric_name", "patch_grid", "score_metric", "site_layers"]
 
 #: Which run gets the other's activation: the corrupt one (``"denoise"``) or the clean one (``"noise"``).
 DIRECTIONS = ("denoise", "noise")
@@ -201,3 +205,58 @@ def score_metric(metric: Callable, images: np.ndarray) -> np.ndarray:
 def metric_name(metric: Any) -> str:
     name = getattr(metric, "name", None) or getattr(metric, "__name__", None) or type(metric).__name__
     return str(name)
+
+
+def check_patching(clean: Any, corrupt: Any, direction: Any, metric: Any, reads: str) -> None:
+    """Refuse what exact and attribution patching both refuse: prompts that are not two different non-empty
+    strings, an unknown direction, a metric that is not callable (`reads`: what it is called on)."""
+    for name, prompt in (("clean", clean), ("corrupt", corrupt)):
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError(f"{name} must be a non-empty prompt string, got {prompt!r}")
+    if clean == corrupt:
+        raise ValueError(f"clean and corrupt are the same prompt ({clean!r}); patching compares two different "
+                         f"prompts, e.g. clean='An endoscopic image of polyps', corrupt='An endoscopic image of "
+                         f"normal cecum'")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be 'denoise' (the corrupt run gets the clean activation) or 'noise' "
+                         f"(the clean run gets the corrupt one), got {direction!r}")
+    if not callable(metric):
+        raise ValueError(f"metric must be a callable on {reads}, got {type(metric).__name__}")
+
+
+def effect_dataset(lens: Lens, *, seeds: Sequence[int], dims: tuple[str, ...], coords: dict, patched: np.ndarray,
+                   scores: np.ndarray, images: np.ndarray, num_inference_steps: int, metric: Any,
+                   extra: dict | None = None, **attrs: Any) -> xr.Dataset:
+    """The result of a patching call, exact or attribution: ``effect`` from the patched runs' metric `patched`
+    ``(seed, patch)`` and the unpatched runs' `scores` ``(seed, [clean, corrupt])``, NaN (with a warning naming
+    the seeds) where the metric scores the clean and the corrupt run alike; the clean and corrupt `images`
+    ``(seed, 2, H, W, 3)``, `extra` variables, a ``timestep`` per step, provenance and `attrs`."""
+    spread = scores[:, 0] - scores[:, 1]
+    alike = [seeds[i] for i in np.flatnonzero(spread == 0)]
+    if alike:
+        warnings.warn(f"the metric {metric_name(metric)} scores the clean and the corrupt image alike at seeds "
+                      f"{alike}: their effect is undefined (NaN); choose prompts or a metric that tell them apart",
+                      stacklevel=3)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        effect = np.where(spread[:, None] != 0, (patched - scores[:, 1:2]) / spread[:, None], np.nan)
+    shape = (len(seeds),) + tuple(len(coords[d]) for d in dims)
+    coords = {"seed": list(seeds), **coords}
+    if "step" in dims:
+        timesteps = scheduler_timesteps(lens, num_inference_steps).astype(np.float64)
+        coords["timestep"] = ("step", timesteps[coords["step"]])
+    ds = xr.Dataset(
+        {
+            "effect": (("seed",) + dims, effect.reshape(shape)),
+            "metric_patched": (("seed",) + dims, patched.reshape(shape)),
+            "metric_clean": (("seed",), scores[:, 0]),
+            "metric_corrupt": (("seed",), scores[:, 1]),
+            "image_clean": (("seed", "y", "x", "rgb"), images[:, 0]),
+            "image_corrupt": (("seed", "y", "x", "rgb"), images[:, 1]),
+            **(extra or {}),
+        },
+        coords=coords,
+    )
+    ds.attrs.update(lens.provenance())
+    ds.attrs.update(metric=metric_name(metric), num_inference_steps=num_inference_steps, seeds=typed(list(seeds)),
+                    **attrs)
+    return ds

@@ -61,7 +61,6 @@ Examples:
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -71,10 +70,11 @@ from tqdm.auto import tqdm
 
 from ..model.lens import Lens
 from ..trace.attrs import typed
-from ..trace.runner import Hook, scheduler_timesteps, traced_generate
+from ..trace.runner import Hook, traced_generate
 from ..validate import NonFiniteError, check_guidance, check_int, check_seeds, check_steps
 from .attribution import attribution_patching
-from .patch_grid import DIRECTIONS, GRIDS, head_indices, metric_name as _name, patch_grid, score_metric as _score, site_layers
+from .patch_grid import (DIRECTIONS, GRIDS, check_patching, effect_dataset, head_indices, patch_grid,
+                         score_metric as _score, site_layers)
 
 __all__ = ["DEFAULT_BATCH", "DIRECTIONS", "GRIDS", "METRIC_ON", "patching"]
 
@@ -161,21 +161,9 @@ def patching(
     if method != "exact":
         raise ValueError(f"method must be 'exact' (every patched run is run) or 'attribution' (first order, one "
                          f"backward pass per seed), got {method!r}")
-    for name, prompt in (("clean", clean), ("corrupt", corrupt)):
-        if not isinstance(prompt, str) or not prompt:
-            raise ValueError(f"{name} must be a non-empty prompt string, got {prompt!r}")
-    if clean == corrupt:
-        raise ValueError(f"clean and corrupt are the same prompt ({clean!r}); patching compares two different "
-                         f"prompts, e.g. clean='An endoscopic image of polyps', corrupt='An endoscopic image of "
-                         f"normal cecum'")
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be 'denoise' (the corrupt run gets the clean activation) or 'noise' "
-                         f"(the clean run gets the corrupt one), got {direction!r}")
     if metric_on not in METRIC_ON:
         raise ValueError(f"metric_on must be 'images' (decoded images) or 'latents' (final latents), got {metric_on!r}")
-    if not callable(metric):
-        raise ValueError(f"metric must be a callable on {metric_on} returning one number per run, got "
-                         f"{type(metric).__name__}")
+    check_patching(clean, corrupt, direction, metric, f"{metric_on} returning one number per run")
     seeds = check_seeds(seeds)
     T = check_steps(num_inference_steps, lens.pipeline.scheduler)
     guidance_scale = check_guidance(guidance_scale)
@@ -221,16 +209,6 @@ def patching(
         for j, (s, k) in enumerate(chunk):
             patched[s, k] = scores[len(lead) + j]
 
-    spread = sources[:, 0] - sources[:, 1]
-    alike = [seeds[i] for i in np.flatnonzero(spread == 0)]
-    if alike:
-        warnings.warn(f"the metric {_name(metric)} scores the clean and the corrupt image alike at seeds {alike}: "
-                      f"their effect is undefined (NaN); choose prompts or a metric that tell them apart",
-                      stacklevel=2)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        effect = np.where(spread[:, None] != 0, (patched - sources[:, 1:2]) / spread[:, None], np.nan)
-    shape = (len(seeds),) + tuple(len(coords[d]) for d in dims)
-    coords = {"seed": seeds, **coords}
     finals = np.stack([np.stack(pair) for pair in finals])  # (seed, [clean, corrupt], ...)
     if metric_on == "latents":
         latents, images = finals, _decode(lens, finals)
@@ -238,29 +216,12 @@ def patching(
                  "latent_corrupt": (("seed", "channel", "h", "w"), latents[:, 1])}
     else:
         images, extra = finals, {}
-    timesteps = scheduler_timesteps(lens, T).astype(np.float64)
-    if "step" in dims:
-        coords["timestep"] = ("step", timesteps[coords["step"]])
-    ds = xr.Dataset(
-        {
-            "effect": (("seed",) + dims, effect.reshape(shape)),
-            "metric_patched": (("seed",) + dims, patched.reshape(shape)),
-            "metric_clean": (("seed",), sources[:, 0]),
-            "metric_corrupt": (("seed",), sources[:, 1]),
-            "image_clean": (("seed", "y", "x", "rgb"), images[:, 0]),
-            "image_corrupt": (("seed", "y", "x", "rgb"), images[:, 1]),
-            **extra,
-        },
-        coords=coords,
-    )
-    ds.attrs.update(lens.provenance())
-    ds.attrs.update(
-        clean=clean, corrupt=corrupt, site=site, heads=per_head, direction=direction, method=method,
-        metric=_name(metric), metric_on=metric_on, grid=grid if isinstance(grid, str) else "windows",
-        windows=typed(labels), patches=typed([sorted(cells) for cells in grid_cells]),
-        num_inference_steps=T, guidance_scale=guidance_scale, batch_size=per_call, seeds=typed(seeds),
-    )
-    return ds
+    return effect_dataset(
+        lens, seeds=seeds, dims=dims, coords=coords, patched=patched, scores=sources, images=images,
+        num_inference_steps=T, metric=metric, extra=extra, clean=clean, corrupt=corrupt, site=site, heads=per_head,
+        direction=direction, method=method, metric_on=metric_on, guidance_scale=guidance_scale,
+        grid=grid if isinstance(grid, str) else "windows", windows=typed(labels),
+        patches=typed([sorted(cells) for cells in grid_cells]), batch_size=per_call)
 
 
 def _run(lens: Lens, site: str, heads: int, plan: dict, prompts: list[str], row_seeds: list[int], T: int,
