@@ -1,4 +1,5 @@
-"""What the interactive pages share: images as PNG data URIs and integer axis ticks.
+"""What the interactive pages share: images as PNG data URIs, integer axis ticks, the page style, and writing a
+page (atomically, through `dit_lens.storage`: a page is never left half-written).
 
 Examples:
     >>> import numpy as np
@@ -12,10 +13,20 @@ from __future__ import annotations
 
 import base64
 import io
+from pathlib import Path
 
 import numpy as np
 
-__all__ = ["int_ticks", "png_uri"]
+from ..storage import write_atomic
+
+__all__ = ["PAGE_STYLE", "int_ticks", "png_uri", "write_page"]
+
+#: The style every explorer page opens with (inside its ``<head>``).
+PAGE_STYLE = """<style>
+ body { font-family: system-ui, sans-serif; margin: 1em; }
+ .controls { display: flex; gap: 2em; align-items: center; flex-wrap: wrap; }
+ label { font-size: 0.9em; } output { font-weight: bold; }
+</style>"""
 
 
 def png_uri(image: np.ndarray) -> str:
@@ -30,3 +41,10 @@ def png_uri(image: np.ndarray) -> str:
 def int_ticks(values: list[int], most: int = 12) -> list[int]:
     """Integer ticks: every value, or every k-th from the first when there are more than `most`."""
     return values[::-(-len(values) // most)]
+
+
+def write_page(path: str | Path, page: str) -> Path:
+    """Write the HTML `page` to `path` atomically (parent folders are created); returns the path."""
+    path = Path(path)
+    write_atomic(path, page.encode("utf-8"))
+    return path

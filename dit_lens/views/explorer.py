@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .encode import int_ticks, png_uri
+from .encode import PAGE_STYLE, int_ticks, png_uri, write_page
 from .figures import _require_gates, _title
 from .patching import is_patching, write_patching_explorer
 from .x0 import write_x0_explorer
@@ -30,11 +30,7 @@ __all__ = ["write_explorer"]
 
 _PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>dit-lens gate explorer</title>
-<style>
- body {{ font-family: system-ui, sans-serif; margin: 1em; }}
- .controls {{ display: flex; gap: 2em; align-items: center; flex-wrap: wrap; }}
- label {{ font-size: 0.9em; }} output {{ font-weight: bold; }}
-</style></head><body>
+{style}</head><body>
 <h3>{title}</h3>
 <div class="controls">
  <label>pair <select id="pair">{pair_options}</select></label>
@@ -244,6 +240,7 @@ def write_explorer(out: xr.Dataset, path: str | Path, *, max_pairs: int = 16,
                                                            images[start[0]][0])
     data["verdicts"] = None if judge is None else _verdict_lines(out, cells, judge)
     page = _PAGE.format(
+        style=PAGE_STYLE,
         title=html.escape(_title(out, None)),
         verdict_note="" if judge is not None else "(No judge given: no verdicts.)",
         summary=summary,
@@ -258,10 +255,7 @@ def write_explorer(out: xr.Dataset, path: str | Path, *, max_pairs: int = 16,
         plot=plot,
         data=json.dumps(data),
     )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
-    return path
+    return write_page(path, page)
 
 
 def _attention_data(attention: xr.Dataset | xr.DataArray, cells: list[tuple[str, int]], gate: xr.DataArray) -> dict:

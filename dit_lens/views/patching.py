@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from .encode import png_uri
+from .encode import png_uri, write_page
 from .figures import _pyplot, _wrap
 
 __all__ = ["patching_figure", "write_patching_explorer"]
@@ -182,10 +182,7 @@ def write_patching_explorer(result: xr.Dataset, path: str | Path, *, max_seeds: 
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title></head>"
             f"<body style='font-family: sans-serif'><h3 style='font-size: 14px'>{title}</h3>"
             f"{figure.to_html(full_html=False, include_plotlyjs=True, div_id='patching-explorer')}</body></html>")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
-    return path
+    return write_page(path, page)
 
 
 def patching_explorer_figure(result: xr.Dataset, *, max_seeds: int = 16) -> Any:

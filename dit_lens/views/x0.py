@@ -30,7 +30,7 @@ import numpy as np
 import xarray as xr
 
 from .describe import describe_result, span
-from .encode import int_ticks, png_uri
+from .encode import PAGE_STYLE, int_ticks, png_uri, write_page
 from .figures import _cell, _chars, _pick, _pyplot, _wrap
 
 __all__ = ["x0_distance", "x0_lens_figure", "write_x0_explorer"]
@@ -115,11 +115,7 @@ def x0_lens_figure(ds: xr.Dataset, *, prompt: int | str = 0, seed: int | None = 
 
 _PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>dit-lens x0 lens</title>
-<style>
- body {{ font-family: system-ui, sans-serif; margin: 1em; }}
- .controls {{ display: flex; gap: 2em; align-items: center; flex-wrap: wrap; }}
- label {{ font-size: 0.9em; }} output {{ font-weight: bold; }}
-</style></head><body>
+{style}</head><body>
 <h3>{title}</h3>
 <div class="controls">
  <label>run <select id="run">{run_options}</select></label>
@@ -220,6 +216,7 @@ def write_x0_explorer(ds: xr.Dataset, path: str | Path, *, max_runs: int = 16) -
                           title={"text": "distance from the model's x̂₀ of the step", "font": {"size": 13}})
     options = "".join(f'<option value="{i}">{html.escape(p)} · seed {s}</option>' for i, (p, s) in enumerate(cells))
     page = _PAGE.format(
+        style=PAGE_STYLE,
         title=html.escape(f"x̂₀ lens: {describe_result(ds)}"),
         run_options=options,
         max_step=len(steps) - 1,
@@ -228,7 +225,4 @@ def write_x0_explorer(ds: xr.Dataset, path: str | Path, *, max_runs: int = 16) -
         summary=summary.to_html(full_html=False, include_plotlyjs=False, div_id="x0-distance"),
         data=json.dumps(data),
     )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
-    return path
+    return write_page(path, page)
