@@ -34,18 +34,19 @@ PLAIN = {"PixArtAlphaPipeline": dict(use_resolution_binning=False, clean_caption
          "StableDiffusion3Pipeline": {}}
 
 
-def raw_call(pipeline, prompt, seed, hooks=()):
+def raw_call(pipeline, prompt, seed, hooks=(), output_type="np"):
     """The plain call with raw forward hooks ``[(module, fn(step, output) -> output | None)]``; returns the
-    image (H, W, 3)."""
+    image (H, W, 3), or with ``output_type="latent"`` the final latents (C, h, w) as float32 numpy."""
     state = {"t": -1}
     handles = [pipeline.transformer.register_forward_pre_hook(lambda m, a: state.__setitem__("t", state["t"] + 1))]
     for module, fn in hooks:
         handles.append(module.register_forward_hook(lambda m, a, out, fn=fn: fn(state["t"], out)))
     side = pipeline.transformer.config.sample_size * pipeline.vae_scale_factor
     try:
-        return pipeline(prompt, generator=torch.Generator("cpu").manual_seed(seed), num_inference_steps=STEPS,
-                        guidance_scale=4.5, output_type="np", height=side, width=side,
-                        **PLAIN[type(pipeline).__name__]).images[0]
+        image = pipeline(prompt, generator=torch.Generator("cpu").manual_seed(seed), num_inference_steps=STEPS,
+                         guidance_scale=4.5, output_type=output_type, height=side, width=side,
+                         **PLAIN[type(pipeline).__name__]).images[0]
+        return image.float().numpy() if output_type == "latent" else image
     finally:
         for handle in handles:
             handle.remove()

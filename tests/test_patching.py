@@ -1,16 +1,17 @@
 """Exact activation patching (`dit_lens.patching`) against a hand-written patching loop: the plain pipeline call
 with raw torch forward hooks that save one run's site outputs and put them into the other run."""
 
+from functools import partial
+
 import numpy as np
 import pytest
-import torch
 
 from dit_lens import load, patching
 from dit_lens.methods.axes import window_layers
 from dit_lens.model.sana import SanaSpec, build_sana
 from dit_lens.model.sd3 import SD3Spec, build_sd3
 from dit_lens.trace.runner import Hook, traced_generate
-from test_families import PLAIN, raw_call  # the plain call with raw hooks, the one reference of every family test
+from test_families import raw_call  # the plain call with raw hooks, the one reference of every family test
 
 STEPS = 3
 CLEAN, CORRUPT = "a red polyp", "a pale mucosa"
@@ -36,7 +37,7 @@ def metric_for(lens):
 def hand_patched(pipeline, site, source, target, seed, patches, call=raw_call):
     """Per patch (a set of (step, layer) cells), the `target` prompt's image with `site`'s output at those cells
     replaced by the `source` prompt's run there (every row of the guidance batch): the plain pipeline and raw
-    hooks only (`call`: `raw_call`, or `latent_call` for final latents). Returns the source image, the target
+    hooks only (`call`: `raw_call`, with ``output_type="latent"`` for final latents). Returns the source image, the target
     image and one image per patch."""
     blocks = pipeline.transformer.transformer_blocks
     modules = [blocks[layer] if site == "block" else getattr(blocks[layer], site) for layer in range(len(blocks))]
@@ -368,22 +369,6 @@ def test_heads_are_refused_where_attention_has_no_per_head_softmax_output():
         patching(sana, site="attn1", heads=True, **args)
 
 
-def latent_call(pipeline, prompt, seed, hooks=()):
-    """`raw_call` returning the final latents (C, h, w), no decode."""
-    state = {"t": -1}
-    handles = [pipeline.transformer.register_forward_pre_hook(lambda m, a: state.__setitem__("t", state["t"] + 1))]
-    for module, fn in hooks:
-        handles.append(module.register_forward_hook(lambda m, a, out, fn=fn: fn(state["t"], out)))
-    side = pipeline.transformer.config.sample_size * pipeline.vae_scale_factor
-    try:
-        return pipeline(prompt, generator=torch.Generator("cpu").manual_seed(seed), num_inference_steps=STEPS,
-                        guidance_scale=4.5, output_type="latent", height=side, width=side,
-                        **PLAIN[type(pipeline).__name__]).images[0].float().numpy()
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def test_metric_on_latents_scores_the_final_latents_and_decodes_only_the_clean_and_corrupt_runs(tiny_lens):
     weights = np.random.default_rng(1).standard_normal(4 * 8 * 8)
     seen, decoded = [], []
@@ -403,7 +388,7 @@ def test_metric_on_latents_scores_the_final_latents_and_decodes_only_the_clean_a
     assert out.effect.dims == ("seed", "layer") and out.attrs["metric_on"] == "latents"
     assert out.latent_clean.dims == ("seed", "channel", "h", "w") and out.latent_clean.shape == (2, 4, 8, 8)
     clean, corrupt, latents = hand_patched(tiny_lens.pipeline, "attn2", CLEAN, CORRUPT, 3,
-                                           [{(t, l) for t in range(STEPS)} for l in range(3)], call=latent_call)
+                                           [{(t, l) for t in range(STEPS)} for l in range(3)], call=partial(raw_call, output_type="latent"))
     rounding = 1e-5 * np.abs(clean).max()  # float rounding of latents far from unit scale
     np.testing.assert_allclose(out.latent_clean.sel(seed=3).values, clean, atol=rounding, rtol=0)
     np.testing.assert_allclose(out.latent_corrupt.sel(seed=3).values, corrupt, atol=rounding, rtol=0)
