@@ -15,7 +15,7 @@ LAYERS = [
     {"metrics", "model"},
     {"scale", "training", "testing"},
     {"trace"},
-    {"sampling"},
+    {"sampling", "features"},
     {"views", "interventions"},
     {"inversion", "readouts", "optimize"},
     {"methods"},
