@@ -153,7 +153,7 @@ def test_word_tokens_follow_a_sentencepiece_t5_tokenizer(tiny_spec):
         (dict(prompts=["x" * 130 + " polyp"], words=["polyp"]), "past the 120 tokens"),
         (dict(steps=[3]), r"steps \[3\] out of range.*0\.\.2"),
         (dict(steps=1), r"steps=\[1\]"),
-        (dict(layers=[5]), r"layers \[5\] out of range"),
+        (dict(layers=[5]), r"attention_maps.layers \[5\] do not exist"),
         (dict(num_inference_steps=0), "num_inference_steps must be a positive integer"),
         (dict(batch_size=0), "batch_size must be a positive integer"),
         (dict(seeds=[]), "seeds is empty"),

@@ -160,7 +160,7 @@ def test_latent_corrections_between_steps_leave_the_lens_on_the_traced_run(pixar
 
 def test_bad_input_is_refused_naming_the_argument(pixart):
     run = dict(seeds=[0], num_inference_steps=2, progress=False)
-    with pytest.raises(ValueError, match=r"layers \[2\] out of range.*2 blocks"):
+    with pytest.raises(ValueError, match=r"x0_lens.layers \[2\] do not exist.*2 blocks"):
         x0_lens(pixart, ["a polyp"], layers=[2], **run)
     with pytest.raises(ValueError, match=r"pass layers=\[1\]"):
         x0_lens(pixart, ["a polyp"], layers=1, **run)

@@ -95,7 +95,7 @@ def attention_maps(
         layers=None if layers is None else tuple(layers),
         site=f"{lens.family.cross_attention_site}.weights",
         reduce="heads",
-    ).resolve(lens)
+    ).resolve(lens, "attention_maps")
     T = settings.num_inference_steps
     recorded = _check_steps(steps, T)
     batch_size = DEFAULT_BATCH if batch_size is None else batch_size

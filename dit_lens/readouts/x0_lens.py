@@ -112,7 +112,7 @@ def x0_lens(
     settings = CaptureSettings(  # validates steps, guidance and layers as capture does
         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
         layers=None if layers is None else tuple(layers), site="block",
-    ).resolve(lens)
+    ).resolve(lens, "x0_lens")
     T = settings.num_inference_steps
     recorded = _check_steps(steps, T)
     if getattr(lens.pipeline, "vae", None) is None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
-from ..validate import check_guidance, check_steps, is_int
+from ..model.where import At, check_indices
+from ..validate import check_guidance, check_steps
 
 if TYPE_CHECKING:
     from ..model.lens import Lens
@@ -80,41 +81,25 @@ class CaptureSettings:
                 f"tokens) or reduce=None (every token); 'heads' applies to weights sites such as 'attn2.weights'"
             )
         if self.layers is not None:
-            layers = tuple(self.layers)
-            if not layers or not all(is_int(layer) for layer in layers):
-                raise ValueError(
-                    f"layers must be a non-empty list of block indices (or None for all), got "
-                    f"{self.layers!r}"
-                )
-            if len(set(layers)) != len(layers):
+            layers = self.layers if isinstance(self.layers, (int, str)) else tuple(self.layers)
+            if isinstance(layers, tuple) and len(set(layers)) != len(layers):
                 raise ValueError(f"layers has duplicates: {list(layers)}; list each block once")
-            object.__setattr__(self, "layers", tuple(sorted(int(l) for l in layers)))
+            object.__setattr__(self, "layers", check_indices("layers", layers))
         object.__setattr__(self, "num_inference_steps", int(steps))
         object.__setattr__(self, "guidance_scale", float(self.guidance_scale))
 
-    def resolve(self, lens: Lens) -> "CaptureSettings":
-        """These settings checked against `lens`, with ``layers=None`` expanded to every block."""
+    def resolve(self, lens: Lens, name: str = "capture") -> "CaptureSettings":
+        """These settings checked against `lens`, with ``layers=None`` expanded to every block.
+
+        The site and blocks are checked by `dit_lens.model.where.At`, as every edit's and hook's are; `name`
+        (the calling function) labels the messages.
+        """
         check_steps(self.num_inference_steps, lens.pipeline.scheduler)  # what the sampler can run
-        sites = lens.family.every_site
         if self.branch != "cond" and not lens.family.cfg:
             raise ValueError(f"branch={self.branch!r} needs classifier-free guidance, but {lens.family.label} is "
                              f"guidance-distilled (no unconditional branch runs); pass branch='cond'")
-        if self.site not in sites:
-            raise ValueError(
-                f"unknown site={self.site!r} for {lens.family.name}; pass one of {sorted(sites)} "
-                f"(or add it to the family's site table in dit_lens.model.sites)"
-            )
-        count = lens.num_layers
-        layers = tuple(lens.layers_with(self.site)) if self.layers is None else self.layers
-        outside = [l for l in layers if not 0 <= l < count]
-        if outside:
-            raise ValueError(
-                f"layers {outside} out of range: this model has {count} blocks; pass indices in "
-                f"0..{count - 1}, or layers=None for all"
-            )
-        for layer in layers:
-            lens.family.check_site(self.site, layer, lens.split)  # a site of Flux's other block list
-        return replace(self, layers=layers)
+        where = At(self.site, self.layers, steps=()).resolve(lens, 0, name=name)  # site and blocks
+        return replace(self, layers=where.layers)
 
     def to_dict(self) -> dict:
         data = asdict(self)
