@@ -1,0 +1,442 @@
+"""Linear probes with controls: where, over layers and steps, a concept is linearly decodable from a capture.
+
+Method (Hewitt & Liang 2019). For every (layer, step) of a capture, a probe
+``Pipeline(StandardScaler(), LogisticRegression(C=C, class_weight="balanced"))`` from scikit-learn
+(features standardised with the training set's mean and spread) is trained on the runs of some seeds and
+tested on the runs of the other seeds. The split is by seed, drawn once from `seed` and the same for every
+cell, so a run is never in both sets (``train_seeds`` and ``test_seeds`` in the attrs). The *control task*
+trains the same probe on the training labels shuffled within the training set (one permutation, the same
+for every cell) and scores it against the true test labels: a probe that reads the concept rather than
+memorising its training set is at chance there. Selectivity = accuracy − control accuracy.
+
+- Item level (``token_level=False``): one feature vector per run (the capture's token mean), one label per
+  prompt. Intervals: percentile bootstrap over test runs (`dit_lens.metrics.estimates.estimate`); the
+  selectivity's is the paired bootstrap of per-run (probe correct − control correct).
+- Token level (``token_level=True``, a capture with ``reduce=None``): every image token is an example,
+  labelled by `masks` downsampled to the token grid (a token is positive when at least `token_threshold`
+  of its pixels are). Reported: token accuracy, balanced accuracy and ROC AUC, their controls, selectivity
+  = balanced accuracy − control balanced accuracy (plain accuracy's chance level is the majority share),
+  and per-token probability maps of the test runs. Intervals: bootstrap over test runs (a run's tokens
+  resampled together). The fitted weights are kept, so `probe_maps` maps any other capture.
+
+Examples:
+    >>> import numpy as np, xarray as xr
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.normal(size=(2, 40, 1, 2, 8))  # (prompt, seed, step, layer, channel)
+    >>> x[0, :, :, 1, 0] += 4.0  # prompt 0 is told apart at layer 1 only
+    >>> ds = xr.Dataset({"attn2": (("prompt", "seed", "step", "layer", "channel"), x)},
+    ...                 coords={"prompt": ["polyps", "normal"], "seed": range(40), "step": [0], "layer": [0, 1]})
+    >>> result = probe(ds, labels={"polyps": 1, "normal": 0}, n_boot=200, progress=False)
+    >>> result.accuracy.sel(step=0).values.round(2).tolist(), bool(result.selectivity.sel(layer=1, step=0) > 0.3)
+    ([0.57, 0.95], True)
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import xarray as xr
+from tqdm.auto import tqdm
+
+from ..metrics.estimates import estimate
+from ..trace.attrs import PROVENANCE, typed
+
+__all__ = ["probe", "probe_maps"]
+
+#: What a probe needs of a capture's variable, besides an optional ``token`` and ``branch``.
+DIMS = ("prompt", "seed", "step", "layer", "channel")
+TOKEN_METRICS = ("accuracy", "balanced_accuracy", "auc")
+
+
+def probe(
+    store_or_dataset: str | Path | xr.Dataset,
+    *,
+    labels: Mapping[str, Any] | Sequence[Any] | None = None,
+    masks: Any = None,
+    site: str | None = None,
+    layers: Iterable[int] | None = None,
+    steps: Iterable[int] | None = None,
+    token_level: bool = False,
+    token_threshold: float = 0.5,
+    train_fraction: float = 0.5,
+    C: float = 1.0,
+    n_boot: int = 1000,
+    seed: int = 0,
+    progress: bool = True,
+) -> xr.Dataset:
+    """Train and test a linear probe and its control task at every (layer, step) of a capture.
+
+    Args:
+        store_or_dataset: A capture store (a ``.zarr`` path) or the Dataset `dit_lens.capture` returns.
+        labels: Item level: the class of each prompt, as ``{prompt: class}`` or one class per prompt in
+            the store's order. Token level: leave out (the masks label the tokens).
+        masks: Token level: ``(prompt, seed, H, W)`` or ``(item, H, W)`` booleans (items prompt-major, as
+            the store orders its runs), H and W multiples of the token grid; e.g. the world's lesion
+            masks or its segmenter's masks of the generated images.
+        site: The captured variable (default: the store's only one).
+        layers: Block indices to probe (default: all the store holds).
+        steps: Denoising steps to probe (default: all).
+        token_level: Probe image tokens (needs a capture with ``reduce=None``) instead of runs.
+        token_threshold: The share of a token's pixels that must be in the mask for it to count as
+            positive.
+        train_fraction: Share of the seeds whose runs train the probes; the rest test them.
+        C: Inverse L2 regularisation strength of the logistic regression.
+        n_boot: Bootstrap resamples for the 95% intervals.
+        seed: Seeds the split, the control's shuffle and the bootstrap.
+        progress: Show a tqdm bar over cells.
+
+    Returns:
+        A Dataset over ``(layer, step)`` with ``accuracy``, ``control_accuracy``, ``selectivity`` (each with
+        ``_low`` and ``_high`` bounds), ``train_accuracy`` and ``control_train_accuracy`` (how well each
+        fits its own training set), ``converged``; at token level also ``balanced_accuracy``, ``auc``, their
+        controls with bounds, ``map`` ``(layer, step, prompt, seed, row, col)`` over the test runs, and the
+        probe in the capture's units, ``weight`` ``(layer, step, channel)`` and ``bias``. Attrs: the
+        capture's provenance, every setting, the split's seeds, the classes and scikit-learn's version.
+
+    Raises:
+        ValueError: a bad argument, a store without tokens at token level, labels that miss or add
+            prompts, one class only, too few seeds to split, masks of the wrong shape.
+    """
+    ds, where = _open(store_or_dataset)
+    da, site = _variable(ds, site, token_level)
+    layers, steps = _pick(da, "layer", layers), _pick(da, "step", steps)
+    _check_settings(token_threshold, train_fraction, C, n_boot, seed)
+    prompts, seeds = [str(p) for p in da["prompt"].values], [int(s) for s in da["seed"].values]
+    rng = np.random.default_rng(seed)
+    if len(seeds) < 2:
+        raise ValueError(f"the capture holds {len(seeds)} seed; a probe needs at least 2 (train on some seeds, test "
+                         f"on others); capture more seeds")
+    order = rng.permutation(len(seeds))
+    n_train = min(max(int(round(train_fraction * len(seeds))), 1), len(seeds) - 1)
+    train, test = np.sort(order[:n_train]), np.sort(order[n_train:])  # seed indices
+    if token_level:
+        if labels is not None:
+            raise ValueError("a token-level probe is labelled by masks=, not labels=; leave labels out")
+        y = _token_labels(masks, da, prompts, seeds, token_threshold)  # (prompt, seed, token) bool
+        classes = [False, True]
+    else:
+        if masks is not None:
+            raise ValueError("masks= label tokens; pass token_level=True to probe tokens, or leave masks out")
+        y, classes = _item_labels(labels, prompts)  # (prompt,) class indices
+        y = np.broadcast_to(y[:, None], (len(prompts), len(seeds)))
+    y_train, y_test = y[:, train].reshape(-1), y[:, test].reshape(-1)
+    for part, values in (("training", y_train), ("test", y_test)):
+        if len(np.unique(values)) < 2:
+            raise ValueError(f"the {part} set holds one class only ({classes[int(values[0])]!r}); a probe needs "
+                             f"both classes in both sets: add runs with the other class, or more seeds")
+    shuffled = y_train[rng.permutation(len(y_train))]
+    result = _token_cells if token_level else _item_cells
+    out = result(da, layers, steps, train, test, y_train, y_test, shuffled, C, n_boot, seed, progress)
+    if token_level:
+        rows, cols = _grid(da)
+        out["map"] = out["map"].assign_coords(prompt=prompts, seed=[seeds[j] for j in test], row=range(rows),
+                                              col=range(cols))
+    out = out.assign_coords(layer=layers, step=steps)
+    if "timestep" in da.coords:
+        out = out.assign_coords(timestep=("step", da["timestep"].sel(step=steps).values))
+    out.attrs = _attrs(ds, where, site, layers, steps, token_level, token_threshold, train_fraction, C, n_boot, seed,
+                       [seeds[j] for j in train], [seeds[j] for j in test], classes, labels, prompts)
+    return out
+
+
+def probe_maps(result: xr.Dataset, capture: str | Path | xr.Dataset, *, layer: int, step: int) -> xr.DataArray:
+    """The lesion probability of every image token of every run of `capture`, from a token-level probe.
+
+    Args:
+        result: What ``probe(..., token_level=True)`` returned.
+        capture: A token capture (``reduce=None``) of the same model and site: a store path or Dataset.
+        layer, step: The probe's cell to apply.
+
+    Returns:
+        DataArray ``(prompt, seed, row, col)`` in [0, 1] (row-major token grid).
+
+    Raises:
+        ValueError: `result` is not a token-level probe, the capture has no tokens or comes from another
+            model or site, or the cell was not probed.
+    """
+    if not isinstance(result, xr.Dataset) or "weight" not in result:
+        raise ValueError("probe_maps takes the Dataset of probe(..., token_level=True) (it has a 'weight')")
+    ds, _ = _open(capture)
+    site = result.attrs["site"]
+    theirs, ours = ds.attrs.get("model_fingerprint"), result.attrs.get("model_fingerprint")
+    if theirs is not None and ours is not None and theirs != ours:
+        raise ValueError(f"the capture comes from model {theirs}, the probe was trained on model {ours}; capture "
+                         f"the runs with the probe's model")
+    da, _ = _variable(ds, site, True)
+    if layer not in result["layer"].values or step not in result["step"].values:
+        raise ValueError(f"the probe has no cell (layer {layer}, step {step}); it has layers "
+                         f"{result['layer'].values.tolist()} and steps {result['step'].values.tolist()}")
+    x = da.sel(layer=layer, step=step).transpose("prompt", "seed", "token", "channel").values.astype(np.float64)
+    cell = result.sel(layer=layer, step=step)
+    logit = x @ cell["weight"].values + float(cell["bias"])  # (prompt, seed, token)
+    rows, cols = _grid(da)
+    maps = (1.0 / (1.0 + np.exp(-logit))).reshape(*logit.shape[:2], rows, cols)
+    return xr.DataArray(maps, dims=("prompt", "seed", "row", "col"), name="probe_map",
+                        coords={"prompt": da["prompt"].values, "seed": da["seed"].values, "row": range(rows),
+                                "col": range(cols)},
+                        attrs={"layer": int(layer), "step": int(step), **dict(result.attrs)})
+
+
+def _fit(x: np.ndarray, y: np.ndarray, C: float) -> tuple[Any, bool]:
+    """A fitted standardised logistic-regression probe and whether lbfgs converged."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=C, class_weight="balanced", max_iter=1000))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        model.fit(x, y)
+    return model, not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+
+
+def _slabs(da: xr.DataArray, layers: list[int], steps: list[int], progress: bool, name: str):
+    """``(step, layer, values (prompt, seed[, token], channel))`` cell by cell, one step read at a time."""
+    bar = tqdm(total=len(layers) * len(steps), unit="cell", desc=name, disable=not progress)
+    with bar:
+        for t in steps:
+            slab = da.sel(step=t, layer=layers).transpose("layer", "prompt", "seed", ...).values.astype(np.float64)
+            if not np.isfinite(slab).all():
+                raise ValueError(f"the capture holds NaN or inf values at step {t}: unfinished or diverged runs; "
+                                 f"finish the capture (dit_lens.capture with the same store) first")
+            for k, layer in enumerate(layers):
+                yield t, layer, slab[k]
+                bar.update()
+
+
+def _item_cells(da, layers, steps, train, test, y_train, y_test, shuffled, C, n_boot, seed, progress) -> xr.Dataset:
+    names = ("accuracy", "control_accuracy", "selectivity")
+    shape = (len(layers), len(steps))
+    out = {f"{n}{b}": np.zeros(shape) for n in names for b in ("", "_low", "_high")}
+    out |= {n: np.zeros(shape) for n in ("train_accuracy", "control_train_accuracy")}
+    out["converged"] = np.zeros(shape, bool)
+    if "token" in da.dims:
+        da = da.mean("token")
+    for t, layer, x in _slabs(da, layers, steps, progress, "probe"):
+        i, j = layers.index(layer), steps.index(t)
+        x_train, x_test = x[:, train].reshape(-1, x.shape[-1]), x[:, test].reshape(-1, x.shape[-1])
+        model, ok = _fit(x_train, y_train, C)
+        control, ok_control = _fit(x_train, shuffled, C)
+        correct = model.predict(x_test) == y_test
+        control_correct = control.predict(x_test) == y_test
+        out["converged"][i, j] = ok and ok_control
+        out["train_accuracy"][i, j] = np.mean(model.predict(x_train) == y_train)
+        out["control_train_accuracy"][i, j] = np.mean(control.predict(x_train) == shuffled)
+        values = (correct, control_correct, correct.astype(float) - control_correct)
+        for name, v in zip(names, values):
+            e = estimate(v.astype(float), resamples=n_boot, seed=seed)
+            out[name][i, j], out[f"{name}_low"][i, j], out[f"{name}_high"][i, j] = e.value, e.low, e.high
+    return xr.Dataset({k: (("layer", "step"), v) for k, v in out.items()})
+
+
+def _token_cells(da, layers, steps, train, test, y_train, y_test, shuffled, C, n_boot, seed, progress) -> xr.Dataset:
+    n_prompt, n_test, tokens, width = da.sizes["prompt"], len(test), da.sizes["token"], da.sizes["channel"]
+    names = (*TOKEN_METRICS, *(f"control_{m}" for m in TOKEN_METRICS), "selectivity")
+    shape = (len(layers), len(steps))
+    out = {f"{n}{b}": np.zeros(shape) for n in names for b in ("", "_low", "_high")}
+    out |= {n: np.zeros(shape) for n in ("train_accuracy", "control_train_accuracy", "bias")}
+    out["converged"] = np.zeros(shape, bool)
+    weight, maps = np.zeros((*shape, width)), np.zeros((*shape, n_prompt * n_test * tokens))
+    rng = np.random.default_rng(seed)
+    counts = np.vstack([np.ones(n_prompt * n_test), rng.multinomial(  # row 0: the sample itself
+        n_prompt * n_test, np.full(n_prompt * n_test, 1.0 / (n_prompt * n_test)), size=n_boot)])
+    for t, layer, x in _slabs(da, layers, steps, progress, "probe tokens"):
+        i, j = layers.index(layer), steps.index(t)
+        x_train, x_test = x[:, train].reshape(-1, width), x[:, test].reshape(-1, width)
+        model, ok = _fit(x_train, y_train, C)
+        control, ok_control = _fit(x_train, shuffled, C)
+        prob, prob_control = model.predict_proba(x_test)[:, 1], control.predict_proba(x_test)[:, 1]
+        real, fake = (np.concatenate([_token_scores(y_test, p, np.repeat(counts[k : k + 100], tokens, axis=1))
+                                      for k in range(0, len(counts), 100)], axis=1)  # (metric, 1 + n_boot)
+                      for p in (prob, prob_control))  # a run's tokens are resampled together
+        rows = {**dict(zip(TOKEN_METRICS, real)), **{f"control_{m}": v for m, v in zip(TOKEN_METRICS, fake)},
+                "selectivity": real[1] - fake[1]}
+        for name, v in rows.items():
+            out[name][i, j] = v[0]
+            out[f"{name}_low"][i, j], out[f"{name}_high"][i, j] = np.nanpercentile(v[1:], [2.5, 97.5])
+        out["converged"][i, j] = ok and ok_control
+        out["train_accuracy"][i, j] = np.mean(model.predict(x_train) == y_train)
+        out["control_train_accuracy"][i, j] = np.mean(control.predict(x_train) == shuffled)
+        scaler, logistic = model[0], model[1]
+        weight[i, j] = logistic.coef_[0] / scaler.scale_  # the probe in the capture's units
+        out["bias"][i, j] = logistic.intercept_[0] - float(weight[i, j] @ scaler.mean_)
+        maps[i, j] = prob
+    data = {k: (("layer", "step"), v) for k, v in out.items()}
+    data["weight"] = (("layer", "step", "channel"), weight)
+    rows, cols = _grid(da)
+    data["map"] = (("layer", "step", "prompt", "seed", "row", "col"), maps.reshape(*shape, n_prompt, n_test, rows, cols))
+    return xr.Dataset(data)
+
+
+def _token_scores(y: np.ndarray, prob: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Accuracy, balanced accuracy and ROC AUC (ties count half) of `prob` against `y` under each row of
+    token weights `w` ``(resamples, tokens)``; returns ``(3, resamples)``."""
+    pred, pos = prob >= 0.5, y.astype(bool)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        n_pos, n_neg = (w * pos).sum(1), (w * ~pos).sum(1)
+        tp, tn = (w * (pred & pos)).sum(1), (w * (~pred & ~pos)).sum(1)
+        accuracy, balanced = (tp + tn) / (n_pos + n_neg), 0.5 * (tp / n_pos + tn / n_neg)
+        order = np.argsort(prob, kind="stable")
+        sorted_prob, sorted_pos, sorted_w = prob[order], pos[order], w[:, order]
+        below = np.concatenate([np.zeros((len(w), 1)), np.cumsum(sorted_w * ~sorted_pos, axis=1)], axis=1)
+        first, last = np.searchsorted(sorted_prob, sorted_prob, "left"), np.searchsorted(sorted_prob, sorted_prob, "right")
+        wins = below[:, first] + 0.5 * (below[:, last] - below[:, first])  # negatives under each token, ties half
+        auc = (sorted_w * sorted_pos * wins).sum(1) / (n_pos * n_neg)
+    return np.stack([accuracy, balanced, auc])
+
+
+def _open(source: Any) -> tuple[xr.Dataset, str | None]:
+    if isinstance(source, xr.Dataset):
+        ds, where = source, None
+    elif isinstance(source, (str, Path)):
+        path = Path(source).expanduser()
+        if not path.is_dir():
+            raise ValueError(f"no capture store at {path}: pass the path of a .zarr store dit_lens.capture made, or "
+                             f"the Dataset it returned")
+        try:
+            ds = xr.open_zarr(path)
+        except Exception as err:  # zarr and xarray raise many types for folders that are not stores
+            raise ValueError(f"{path} is not a readable capture store ({type(err).__name__}: {err})") from err
+        where = str(path)
+    else:
+        raise ValueError(f"probe takes a capture store path or Dataset, got {type(source).__name__}")
+    if "done" in ds:
+        done = np.asarray(ds["done"].values, bool)
+        if not done.all():
+            raise ValueError(f"the store holds {int((~done).sum())} unfinished runs of {done.size}; finish the "
+                             f"capture (dit_lens.capture with the same store) first")
+        ds = ds.drop_vars("done")
+    return ds, where
+
+
+def _variable(ds: xr.Dataset, site: str | None, token_level: bool) -> tuple[xr.DataArray, str]:
+    names = [str(v) for v in ds.data_vars]
+    if site is None:
+        if len(names) != 1:
+            raise ValueError(f"the capture holds variables {names}; say which to probe with site=")
+        site = names[0]
+    if site not in ds:
+        raise ValueError(f"the capture has no variable {site!r} (it has {names})")
+    da = ds[site]
+    if "branch" in da.dims:
+        da = da.sel(branch="cond", drop=True)
+    if "token_grid" in ds.attrs:
+        da = da.assign_attrs(token_grid=ds.attrs["token_grid"])
+    missing = [d for d in DIMS if d not in da.dims]
+    if missing:
+        raise ValueError(f"{site!r} has dims {da.dims}, without {missing}: a probe reads activations "
+                         f"(prompt, seed, step, layer[, token], channel); capture a site such as 'attn2'")
+    if token_level and "token" not in da.dims:
+        raise ValueError(f"{site!r} holds no tokens (it was captured with reduce='mean'); a token-level probe "
+                         f"needs every image token: capture with reduce=None")
+    return da, site
+
+
+def _pick(da: xr.DataArray, dim: str, chosen: Iterable[int] | None) -> list[int]:
+    held = [int(v) for v in da[dim].values]
+    if chosen is None:
+        return held
+    if isinstance(chosen, (int, np.integer)):
+        raise ValueError(f"{dim}s must be a list; pass {dim}s=[{chosen}]")
+    chosen = [int(v) for v in chosen]
+    absent = [v for v in chosen if v not in held]
+    if absent or not chosen:
+        raise ValueError(f"{dim}s {absent or chosen} are not in the capture, which holds {dim}s {held}")
+    return chosen
+
+
+def _check_settings(token_threshold, train_fraction, C, n_boot, seed) -> None:
+    if not 0 < float(train_fraction) < 1:
+        raise ValueError(f"train_fraction must be between 0 and 1 (exclusive), got {train_fraction!r}")
+    if not 0 < float(token_threshold) <= 1:
+        raise ValueError(f"token_threshold must be in (0, 1], got {token_threshold!r}")
+    if not float(C) > 0:
+        raise ValueError(f"C must be positive, got {C!r}")
+    if int(n_boot) < 1 or int(seed) < 0:
+        raise ValueError(f"n_boot must be at least 1 and seed non-negative, got {n_boot!r} and {seed!r}")
+
+
+def _item_labels(labels: Any, prompts: list[str]) -> tuple[np.ndarray, list]:
+    if labels is None:
+        raise ValueError("an item-level probe needs labels=: {prompt: class}, or one class per prompt")
+    if isinstance(labels, Mapping):
+        missing = [p for p in prompts if p not in labels]
+        extra = [str(p) for p in labels if str(p) not in prompts]
+        if missing or extra:
+            raise ValueError(f"labels do not match the capture's prompts: no label for {missing}; labels for prompts "
+                             f"the capture does not hold: {extra}; label exactly the prompts {prompts}")
+        values = [labels[p] for p in prompts]
+    else:
+        values = list(labels)
+        if len(values) != len(prompts):
+            raise ValueError(f"labels give {len(values)} classes for the capture's {len(prompts)} prompts {prompts}; "
+                             f"give one per prompt, or a {{prompt: class}} mapping")
+    classes = sorted(set(values), key=str)
+    if len(classes) < 2:
+        raise ValueError(f"labels hold one class only ({classes[0]!r}); a probe needs prompts of at least two classes")
+    return np.array([classes.index(v) for v in values]), classes
+
+
+def _grid(da: xr.DataArray) -> tuple[int, int]:
+    grid = da.attrs.get("token_grid")
+    tokens = da.sizes["token"]
+    if grid is None:
+        side = int(round(np.sqrt(tokens)))
+        if side * side != tokens:
+            raise ValueError(f"the capture's {tokens} tokens form no square grid and its attrs name no token_grid")
+        grid = (side, side)
+    rows, cols = int(grid[0]), int(grid[1])
+    if rows * cols != tokens:
+        raise ValueError(f"token_grid {grid} does not hold the capture's {tokens} tokens")
+    return rows, cols
+
+
+def _token_labels(masks: Any, da: xr.DataArray, prompts: list[str], seeds: list[int], threshold: float) -> np.ndarray:
+    """``(prompt, seed, token)``: whether at least `threshold` of each token's pixels are in the mask."""
+    if masks is None:
+        raise ValueError("a token-level probe needs masks=: (prompt, seed, H, W) or (item, H, W) booleans")
+    m = np.asarray(masks)
+    rows, cols = _grid(da)
+    n_p, n_s = len(prompts), len(seeds)
+    if m.ndim == 3 and m.shape[0] == n_p * n_s:
+        m = m.reshape(n_p, n_s, *m.shape[1:])
+    if m.ndim != 4 or m.shape[:2] != (n_p, n_s) or m.shape[2] % rows or m.shape[3] % cols:
+        raise ValueError(f"masks have shape {np.asarray(masks).shape}; expected ({n_p}, {n_s}, H, W) or "
+                         f"({n_p * n_s}, H, W) (one per run, prompt-major) with H, W multiples of the token grid "
+                         f"{(rows, cols)}")
+    if m.dtype != bool and not np.isin(m, (0, 1)).all():
+        raise ValueError("masks must be booleans (or 0/1)")
+    h, w = m.shape[2] // rows, m.shape[3] // cols
+    share = m.astype(np.float64).reshape(n_p, n_s, rows, h, cols, w).mean(axis=(3, 5))
+    return (share >= threshold).reshape(n_p, n_s, rows * cols)
+
+
+def _attrs(ds, where, site, layers, steps, token_level, token_threshold, train_fraction, C, n_boot, seed,
+           train_seeds, test_seeds, classes, labels, prompts) -> dict:
+    import sklearn
+
+    from ..version import __version__
+
+    kept = [*PROVENANCE, "capture_key", "token_grid"]
+    attrs = {k: ds.attrs[k] for k in kept if k in ds.attrs}
+    attrs |= {k: v for k, v in ds.attrs.items() if str(k).startswith("capture_")}
+    attrs |= {
+        "store": where or "", "site": site, "layers": layers, "steps": steps, "token_level": token_level,
+        "train_fraction": train_fraction, "C": C, "n_boot": n_boot, "seed": seed,
+        "train_seeds": train_seeds, "test_seeds": test_seeds, "classes": [str(c) for c in classes],
+        "probe": "Pipeline(StandardScaler(), LogisticRegression(C, class_weight='balanced', max_iter=1000))",
+        "control": "training labels shuffled within the training set (one permutation); scored on true test labels",
+        "intervals": "95% percentile bootstrap over test runs",
+        "sklearn_version": sklearn.__version__, "dit_lens_version": __version__,
+    }
+    if token_level:
+        attrs |= {"token_threshold": token_threshold, "token_labels": "mask share of a token's pixels >= threshold",
+                  "selectivity_of": "balanced_accuracy - control_balanced_accuracy"}
+    else:
+        values = [labels[p] for p in prompts] if isinstance(labels, Mapping) else list(labels)
+        attrs |= {"labels": {p: str(v) for p, v in zip(prompts, values)}, "selectivity_of": "accuracy - control_accuracy"}
+    return typed(attrs)
