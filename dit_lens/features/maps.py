@@ -1,0 +1,187 @@
+"""Feature maps: where on the image an SAE's features fire, per denoising step, and what a dashboard shows.
+
+`sae_features` runs the model (the one traced loop, `dit_lens.trace.runner.traced_generate`) and encodes the
+SAE's site at its blocks with the SAE, on the conditional half of the guidance batch (the half the SAE was
+trained on): ``activation (prompt, seed, step, layer, feature, row, col)`` on the token grid, beside the
+images. `feature_dashboard` reduces such maps to what a feature page shows: per-prompt (class) activation
+rates and the top-activating images with their maps. `store_feature_means` reads a capture store through an
+SAE cell by cell, for choosing features from captures without running the model again.
+
+Examples:
+    >>> import tempfile
+    >>> from dit_lens import load, capture
+    >>> from dit_lens.testing import PixArtSpec, build_pixart
+    >>> from dit_lens.features.train import train_sae
+    >>> lens = load(build_pixart(PixArtSpec(num_layers=2)))
+    >>> folder = tempfile.mkdtemp()
+    >>> _ = capture(lens, ["a polyp", "normal mucosa"], seeds=[0, 1, 2], num_inference_steps=2, reduce=None,
+    ...             store=folder + "/tokens.zarr")
+    >>> sae = train_sae(folder + "/tokens.zarr", k=4, expansion=2, tokens=2048, batch_size=64, progress=False)
+    >>> maps = sae_features(sae, lens, ["a polyp"], seeds=[5], num_inference_steps=2, progress=False)
+    >>> maps.activation.dims, maps.activation.shape
+    (('prompt', 'seed', 'step', 'layer', 'feature', 'row', 'col'), (1, 1, 2, 2, 32, 4, 4))
+    >>> board = feature_dashboard(maps, top=1)
+    >>> board.rate.dims, board.top_map.dims
+    (('feature', 'prompt'), ('feature', 'rank', 'row', 'col'))
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import xarray as xr
+from tqdm.auto import tqdm
+
+from ..trace.attrs import typed
+from ..trace.runner import Hook, branch_rows, check_prompts, check_seeds, scheduler_timesteps, traced_generate
+from ..validate import check_int
+from .sae import SAE
+
+__all__ = ["feature_dashboard", "sae_features", "store_feature_means"]
+
+
+def sae_features(sae: SAE, lens: Any, prompts: str | Sequence[str], *, seeds: Iterable[int] = (0,),
+                 num_inference_steps: int = 20, guidance_scale: float = 4.5, layers: Any = None,
+                 steps: Any = None, features: Any = None, batch_size: int = 8, progress: bool = True) -> xr.Dataset:
+    """Feature activations per image token, as maps, from runs of `prompts` × `seeds`.
+
+    Args:
+        sae: A trained `SAE` (`dit_lens.train_sae`); it must have been trained on `lens`'s model.
+        lens: The `dit_lens.Lens` to run.
+        prompts: One prompt or a list.
+        seeds: Generator seeds.
+        num_inference_steps: Denoising steps T of the runs.
+        guidance_scale: Classifier-free guidance scale.
+        layers: Blocks to read (default: the SAE's); each must be one the SAE was trained on.
+        steps: Steps to read (default: every step of the run).
+        features: Feature indices to keep (default: all).
+        batch_size: Runs per pipeline call.
+        progress: Show a progress bar over batches.
+
+    Returns:
+        Dataset with ``activation (prompt, seed, step, layer, feature, row, col)`` (float32, k non-zero per
+        token) and ``image (prompt, seed, y, x, rgb)``; attrs hold the lens's provenance, the SAE's folder,
+        digest and quality, and every setting.
+
+    Raises:
+        ValueError: an SAE trained on another model (or width), a block it was not trained on, a feature index
+            out of range.
+    """
+    sae.check_fits(lens, name="the SAE")
+    prompts, seeds = check_prompts(prompts), check_seeds(seeds)
+    layers = sae.layers if layers is None else tuple(sorted({int(x) for x in ([layers] if np.isscalar(layers) else layers)}))
+    foreign = sorted(set(layers) - set(sae.layers))
+    if foreign:
+        raise ValueError(f"the SAE was trained on blocks {list(sae.layers)}, not {foreign}; read those blocks or "
+                         f"train an SAE on them")
+    steps = tuple(range(num_inference_steps)) if steps is None else tuple(sorted({int(t) for t in steps}))
+    chosen = torch.tensor(sae.check_features(range(sae.num_features) if features is None else features))
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
+    rows, cols = lens.token_grid
+    cells = [(p, s) for p in range(len(prompts)) for s in range(len(seeds))]
+    values = np.zeros((len(prompts), len(seeds), len(steps), len(layers), len(chosen), rows, cols), np.float32)
+    images = np.zeros((len(prompts), len(seeds), *_image_shape(lens)), np.float32)
+    step_at, layer_at = {t: i for i, t in enumerate(steps)}, {x: i for i, x in enumerate(layers)}
+    guided = lens.guided(guidance_scale)
+    for start in tqdm(range(0, len(cells), batch_size), desc="sae features", unit="batch", disable=not progress):
+        batch = cells[start : start + batch_size]
+
+        def visit(step: int, layer: int, h: torch.Tensor, batch=batch) -> None:
+            z = sae.encode(branch_rows(h, "cond", len(batch), guided))[..., chosen]  # (runs, tokens, features)
+            maps = z.transpose(1, 2).reshape(len(batch), len(chosen), rows, cols).cpu().numpy()
+            for r, (p, s) in enumerate(batch):
+                values[p, s, step_at[step], layer_at[layer]] = maps[r]
+
+        out = traced_generate(lens, [prompts[p] for p, _ in batch], [seeds[s] for _, s in batch],
+                              num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                              hooks=[Hook(sae.site, layers, visit, frozenset(steps))], output_type="np")
+        for r, (p, s) in enumerate(batch):
+            images[p, s] = out.images[r]
+    timesteps = scheduler_timesteps(lens, num_inference_steps).astype(np.float64)[list(steps)]
+    ds = xr.Dataset(
+        {"activation": (("prompt", "seed", "step", "layer", "feature", "row", "col"), values),
+         "image": (("prompt", "seed", "y", "x", "rgb"), images)},
+        coords={"prompt": prompts, "seed": seeds, "step": list(steps), "timestep": ("step", timesteps),
+                "layer": list(layers), "feature": chosen.tolist()})
+    ds.attrs.update(lens.provenance())
+    ds.attrs.update(site=sae.site, sae_folder=str(sae.folder or ""), sae_digest=sae.digest, sae_k=sae.k,
+                    sae_features=sae.num_features, sae_fvu=sae.fvu, num_inference_steps=num_inference_steps,
+                    guidance_scale=float(guidance_scale), seeds=typed(seeds), branch="cond")
+    return ds
+
+
+def _image_shape(lens: Any) -> tuple[int, int, int]:
+    return lens.pipeline_kwargs["height"], lens.pipeline_kwargs["width"], 3
+
+
+def feature_dashboard(maps: xr.Dataset, *, features: Any = None, top: int = 6) -> xr.Dataset:
+    """What a feature page shows, from `sae_features` maps.
+
+    Args:
+        maps: The Dataset `sae_features` returned.
+        features: Features to describe (default: all in `maps`).
+        top: Top-activating images per feature.
+
+    Returns:
+        Dataset with ``rate (feature, prompt)`` (share of image tokens where the feature is active, over seeds,
+        steps and layers), ``image_rate (feature, prompt)`` (share of images where it fires anywhere),
+        ``peak (feature, prompt, seed)`` (its largest activation), and its `top` images: ``top_prompt``,
+        ``top_seed``, ``top_peak (feature, rank)``, ``top_map (feature, rank, row, col)`` (the activation
+        averaged over steps and layers) and ``top_image (feature, rank, y, x, rgb)``.
+    """
+    act = maps["activation"] if features is None else maps["activation"].sel(feature=list(features))
+    top = check_int(top, "top", minimum=1)
+    items = act.sizes["prompt"] * act.sizes["seed"]
+    top = min(top, items)
+    rate = (act > 0).mean(("seed", "step", "layer", "row", "col"))
+    image_rate = (act > 0).any(("step", "layer", "row", "col")).mean("seed")
+    peak = act.max(("step", "layer", "row", "col"))  # (prompt, seed, feature)
+    mean_map = act.mean(("step", "layer"))  # (prompt, seed, feature, row, col)
+    flat = peak.transpose("feature", "prompt", "seed").values.reshape(act.sizes["feature"], items)
+    order = np.argsort(-flat, axis=1, kind="stable")[:, :top]  # (feature, rank)
+    p_index, s_index = np.divmod(order, act.sizes["seed"])
+    maps_fp = mean_map.transpose("feature", "prompt", "seed", "row", "col").values
+    images = maps["image"].transpose("prompt", "seed", "y", "x", "rgb").values
+    f_index = np.arange(act.sizes["feature"])[:, None]
+    board = xr.Dataset(
+        {"rate": rate.transpose("feature", "prompt"), "image_rate": image_rate.transpose("feature", "prompt"),
+         "peak": peak.transpose("feature", "prompt", "seed"),
+         "top_prompt": (("feature", "rank"), act["prompt"].values[p_index]),
+         "top_seed": (("feature", "rank"), act["seed"].values[s_index]),
+         "top_peak": (("feature", "rank"), np.take_along_axis(flat, order, 1)),
+         "top_map": (("feature", "rank", "row", "col"), maps_fp[f_index, p_index, s_index]),
+         "top_image": (("feature", "rank", "y", "x", "rgb"), images[p_index, s_index])},
+        coords={"feature": act["feature"].values, "rank": np.arange(top)})
+    board.attrs.update(maps.attrs)
+    return board
+
+
+def store_feature_means(sae: SAE, store: Any) -> xr.DataArray:
+    """Mean activation of every feature per prompt ``(prompt, feature)`` over a token-level capture store's
+    seeds, and the SAE's steps, layers and tokens, read one (prompt, seed) cell at a time."""
+    from .train import open_tokens, read_cell
+
+    source = open_tokens(store, sae.site, sae.layers, _store_steps(sae, store))
+    if int(source.array.shape[-1]) != sae.width or source.attrs.get("model_fingerprint") != sae.model_fingerprint:
+        raise ValueError("the store was captured from another model (or width) than the SAE was trained on; pass a "
+                         "capture of the SAE's model")
+    means = np.zeros((len(source.prompts), sae.num_features))
+    for i in range(len(source.prompts)):
+        for j in range(len(source.seeds)):
+            means[i] += sae.encode(torch.from_numpy(read_cell(source, (i, j)))).double().mean(0).numpy()
+    means /= len(source.seeds)
+    out = xr.DataArray(means, dims=("prompt", "feature"),
+                       coords={"prompt": list(source.prompts), "feature": np.arange(sae.num_features)},
+                       name="mean_activation")
+    out.attrs.update(site=sae.site, sae_digest=sae.digest, seeds=typed(list(source.seeds)))
+    return out
+
+
+def _store_steps(sae: SAE, store: Any) -> Any:
+    """The SAE's steps when the store has them all, else every step of the store."""
+    from .train import open_tokens
+
+    have = open_tokens(store, sae.site).steps
+    return sae.steps if set(sae.steps) <= set(have) else None
