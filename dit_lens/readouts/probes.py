@@ -5,8 +5,9 @@ Method (Hewitt & Liang 2019). For every (layer, step) of a capture, a probe
 (features standardised with the training set's mean and spread) is trained on the runs of some seeds and
 tested on the runs of the other seeds. The split is by seed, drawn once from `seed` and the same for every
 cell, so a run is never in both sets (``train_seeds`` and ``test_seeds`` in the attrs). The *control task*
-trains the same probe on the training labels shuffled within the training set (one permutation, the same
-for every cell) and scores it against the true test labels: a probe that reads the concept rather than
+trains the same probe on the training labels shuffled within the training set (one shuffle, the same for
+every cell, stratified so that each true class is split across the control classes in the training set's
+proportions: the control labels are independent of the true ones) and scores it against the true test labels: a probe that reads the concept rather than
 memorising its training set is at chance there. Selectivity = accuracy − control accuracy.
 
 - Item level (``token_level=False``): one feature vector per run (the capture's token mean), one label per
@@ -92,7 +93,7 @@ def probe(
         A Dataset over ``(layer, step)`` with ``accuracy``, ``control_accuracy``, ``selectivity`` (each with
         ``_low`` and ``_high`` bounds), ``train_accuracy`` and ``control_train_accuracy`` (how well each
         fits its own training set), ``converged``; at token level also ``balanced_accuracy``, ``auc``, their
-        controls with bounds, ``map`` ``(layer, step, prompt, seed, row, col)`` over the test runs, and the
+        controls with bounds, ``probe_map`` ``(layer, step, prompt, seed, row, col)`` over the test runs, and the
         probe in the capture's units, ``weight`` ``(layer, step, channel)`` and ``bias``. Attrs: the
         capture's provenance, every setting, the split's seeds, the classes and scikit-learn's version.
 
@@ -127,12 +128,12 @@ def probe(
         if len(np.unique(values)) < 2:
             raise ValueError(f"the {part} set holds one class only ({classes[int(values[0])]!r}); a probe needs "
                              f"both classes in both sets: add runs with the other class, or more seeds")
-    shuffled = y_train[rng.permutation(len(y_train))]
+    shuffled = _control_labels(y_train, rng)
     result = _token_cells if token_level else _item_cells
     out = result(da, layers, steps, train, test, y_train, y_test, shuffled, C, n_boot, seed, progress)
     if token_level:
         rows, cols = _grid(da)
-        out["map"] = out["map"].assign_coords(prompt=prompts, seed=[seeds[j] for j in test], row=range(rows),
+        out["probe_map"] = out["probe_map"].assign_coords(prompt=prompts, seed=[seeds[j] for j in test], row=range(rows),
                                               col=range(cols))
     out = out.assign_coords(layer=layers, step=steps)
     if "timestep" in da.coords:
@@ -158,7 +159,7 @@ def probe_maps(result: xr.Dataset, capture: str | Path | xr.Dataset, *, layer: i
             model or site, or the cell was not probed.
     """
     if not isinstance(result, xr.Dataset) or "weight" not in result:
-        raise ValueError("probe_maps takes the Dataset of probe(..., token_level=True) (it has a 'weight')")
+        raise ValueError("probe_maps needs a token-level probe: the Dataset of probe(..., token_level=True), which holds its 'weight'")
     ds, _ = _open(capture)
     site = result.attrs["site"]
     theirs, ours = ds.attrs.get("model_fingerprint"), result.attrs.get("model_fingerprint")
@@ -268,7 +269,7 @@ def _token_cells(da, layers, steps, train, test, y_train, y_test, shuffled, C, n
     data = {k: (("layer", "step"), v) for k, v in out.items()}
     data["weight"] = (("layer", "step", "channel"), weight)
     rows, cols = _grid(da)
-    data["map"] = (("layer", "step", "prompt", "seed", "row", "col"), maps.reshape(*shape, n_prompt, n_test, rows, cols))
+    data["probe_map"] = (("layer", "step", "prompt", "seed", "row", "col"), maps.reshape(*shape, n_prompt, n_test, rows, cols))
     return xr.Dataset(data)
 
 
@@ -287,6 +288,19 @@ def _token_scores(y: np.ndarray, prob: np.ndarray, w: np.ndarray) -> np.ndarray:
         wins = below[:, first] + 0.5 * (below[:, last] - below[:, first])  # negatives under each token, ties half
         auc = (sorted_w * sorted_pos * wins).sum(1) / (n_pos * n_neg)
     return np.stack([accuracy, balanced, auc])
+
+
+def _control_labels(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The control task's training labels: `y` shuffled, stratified so that each true class is split across the
+    control classes in the training set's proportions. The control labels then carry no information about the
+    true ones (a plain permutation correlates with them by chance, about 1/√n, which a strong signal amplifies)."""
+    spread = np.sort(y)
+    out = np.empty_like(y)
+    for c in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == c))
+        picks = ((np.arange(len(members)) + 0.5) * len(y) / len(members)).astype(int)  # evenly over the sorted labels
+        out[members] = rng.permutation(spread[picks])
+    return out
 
 
 def _open(source: Any) -> tuple[xr.Dataset, str | None]:
@@ -429,7 +443,8 @@ def _attrs(ds, where, site, layers, steps, token_level, token_threshold, train_f
         "train_fraction": train_fraction, "C": C, "n_boot": n_boot, "seed": seed,
         "train_seeds": train_seeds, "test_seeds": test_seeds, "classes": [str(c) for c in classes],
         "probe": "Pipeline(StandardScaler(), LogisticRegression(C, class_weight='balanced', max_iter=1000))",
-        "control": "training labels shuffled within the training set (one permutation); scored on true test labels",
+        "control": "training labels shuffled within the training set, stratified by true class (one shuffle); "
+                   "scored on the true test labels",
         "intervals": "95% percentile bootstrap over test runs",
         "sklearn_version": sklearn.__version__, "dit_lens_version": __version__,
     }
