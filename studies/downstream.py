@@ -12,8 +12,8 @@ Paper: ViT AUC 0.9755 (MedSteer) vs 0.9083 (re-prompting).
     python studies/downstream.py [--quick] [--synthetic-per-class 64] [--train-seeds 0 1 2 3]
         [--test-negatives 'normal cecum'] [--inversion-steps 50]
 
-A result folder of an earlier version (arms real, reprompt and medsteer) is resumed: its cells are
-reused and the PnP and h-Edit pairs are added to its synthetic set.
+A result folder is resumed (its finished cells are reused); one whose synthetic set an earlier version
+wrote (without the sealed ``synthetic.json``) is refused with the files to delete to make the set again.
 """
 
 import argparse

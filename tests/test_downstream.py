@@ -37,28 +37,22 @@ def test_config_validation():
         DownstreamConfig(inversion_steps=2.5)
 
 
-def test_config_key_is_an_earlier_versions_at_the_default_inversion_steps():
-    import hashlib
-    import json
+def test_config_key_covers_every_setting_but_the_seeds_and_the_model():
     from types import SimpleNamespace
 
     lens = SimpleNamespace(fingerprint="model-a")
     cfg = DownstreamConfig()
-    earlier = {k: v for k, v in cfg.context().items() if k != "inversion_steps"}  # before PnP and h-Edit
-    blob = json.dumps({"config": earlier, "model": "model-a"}, sort_keys=True)
-    assert cfg.key(lens) == hashlib.blake2b(blob.encode(), digest_size=6).hexdigest()
-    assert cfg.context()["inversion_steps"] == 50
     assert DownstreamConfig(inversion_steps=10).key(lens) != cfg.key(lens)
+    assert DownstreamConfig(alpha=1.0).key(lens) != cfg.key(lens)
     assert DownstreamConfig(train_seeds=(3,)).key(lens) == cfg.key(lens)
     assert cfg.key(SimpleNamespace(fingerprint="model-b")) != cfg.key(lens)
 
 
 def test_default_inversion_steps_are_the_registered_methods_default():
     from dit_lens.methods import get
-    from dit_lens.experiments.downstream import LATER_FIELDS
 
     assert get("pnp").settings({})["inversion_steps"] == DownstreamConfig().inversion_steps
-    assert get("hedit").settings({})["inversion_steps"] == LATER_FIELDS["inversion_steps"] == 50
+    assert get("hedit").settings({})["inversion_steps"] == DownstreamConfig().inversion_steps == 50
 
 
 def test_config_refuses_unknown_or_positive_test_negatives():
@@ -144,129 +138,65 @@ def test_run_downstream_end_to_end_resumes_and_refuses_another_run(tmp_path, det
     assert sorted(p.name for p in (tmp_path / "cells").iterdir()) == cells
 
 
-@pytest.fixture(scope="module")
-def fresh_default_steps(tmp_path_factory, detector_lens):
-    """A folder run by this version at the default inversion steps (an earlier version's folder holds the default)."""
-    from dit_lens.experiments.downstream import run_downstream
+ARMS_ = ("reprompt", "pnp", "hedit", "medsteer")
 
-    import torch
 
-    cfg = DownstreamConfig(**{**TINY, "inversion_steps": 50})
-    folder = tmp_path_factory.mktemp("fresh")
-    threads = torch.get_num_threads()  # one thread, as conftest's `one_torch_thread` gives each test
-    torch.set_num_threads(1)
-    try:
-        run_downstream(cfg, detector_lens, folder, progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    return cfg, folder
+def _sealed_set(folder, arrays, arms=ARMS_):
+    """A synthetic set written as this version writes one: the arrays and their sealed record."""
+    from dit_lens.storage import digest, write_record
+
+    np.savez_compressed(folder / "synthetic.npz", **arrays)
+    write_record(folder / "synthetic.json", {"arms": list(arms), "arrays_digest": digest({}, arrays)})
 
 
 @pytest.mark.parametrize("layout", ["per_arm", "source_steered_target"])
-def test_a_folder_of_an_earlier_version_is_completed_not_overwritten(tmp_path, detector_lens, fresh_default_steps, layout):
-    """A folder whose synthetic set was stored before PnP and h-Edit (arms real, reprompt, medsteer)
-    keeps its cells and stored arrays; the missing arms are made and added."""
-    import json
-    import shutil
-
-    from dit_lens.storage import MARKER
-    from dit_lens.experiments.downstream import _digest, _digest_path, _read_synthetic, run_downstream
-
-    lens = detector_lens
-    cfg, fresh = fresh_default_steps
-    made = dict(np.load(fresh / "synthetic.npz"))
-    old = tmp_path / "old"  # what an earlier version left
-    (old / "cells").mkdir(parents=True)
-    for name in (MARKER, "downstream.json"):  # a folder dit-lens made, for the same settings
-        shutil.copy(fresh / name, old)
-    for arm in ("real", "reprompt", "medsteer"):
-        for seed in (0, 1):
-            shutil.copy(fresh / "cells" / f"{arm}_seed{seed}.json", old / "cells")
-    if layout == "per_arm":
-        stored = {k: v for k, v in made.items() if k.split("_")[0] in ("reprompt", "medsteer")}
-    else:  # before the methods registry: one shared set of originals
-        stored = {"source": made["medsteer_unsteered"], "steered": made["medsteer_steered"],
-                  "target": made["reprompt_steered"]}
-    np.savez_compressed(old / "synthetic.npz", **stored)
-    if layout == "per_arm":
-        _digest_path(old / "synthetic.npz").write_text(_digest((old / "synthetic.npz").read_bytes()))
-    before = _read_synthetic(old / "synthetic.npz")
-    assert sorted(before) == ["medsteer", "reprompt"]  # read, but not complete
-    stamp = {p: p.stat().st_mtime_ns for p in (old / "cells").iterdir()}
-
-    with pytest.raises(ValueError, match=r"other settings \(config.inversion_steps: 50 there, 2 now"):
-        run_downstream(DownstreamConfig(**TINY), lens, old, progress=False)  # 2 inversion steps, not 50
-    assert sorted(dict(np.load(old / "synthetic.npz"))) == sorted(stored)
-    result = run_downstream(cfg, lens, old, progress=False)
-    assert list(result["arm"].values) == ["real", "reprompt", "pnp", "hedit", "medsteer"]
-    assert {p: p.stat().st_mtime_ns for p in (old / "cells").iterdir() if p in stamp} == stamp  # reused
-    assert sorted(p.name for p in (old / "cells").glob("*.json")) == sorted(
-        p.name for p in (fresh / "cells").glob("*.json"))
-    completed = dict(np.load(old / "synthetic.npz"))
-    for name, images in stored.items():  # every stored array kept as it was
-        np.testing.assert_array_equal(completed[name], images)
-    for name in ("pnp_unsteered", "pnp_steered", "hedit_unsteered", "hedit_steered"):  # made as a fresh run makes them
-        np.testing.assert_allclose(completed[name], made[name], rtol=0, atol=1e-5)  # (CPU float rounding aside)
-    assert sorted(completed) == sorted([*stored, "pnp_unsteered", "pnp_steered", "hedit_unsteered", "hedit_steered"])
-    assert _digest_path(old / "synthetic.npz").read_text() == _digest((old / "synthetic.npz").read_bytes())
-    after = _read_synthetic(old / "synthetic.npz")
-    assert sorted(after) == ["hedit", "medsteer", "pnp", "reprompt"]
-    for arm in before:
-        for a, b in zip(after[arm], before[arm]):
-            np.testing.assert_array_equal(a, b)
-    assert json.loads((old / "downstream.json").read_text())["config"]["inversion_steps"] == 50
-    # the reused cells give the fresh folder's numbers
-    again = run_downstream(cfg, lens, fresh, progress=False)
-    reused = ["real", "reprompt", "medsteer"]
-    np.testing.assert_array_equal(result["auc_per_seed"].sel(arm=reused).values, again["auc_per_seed"].sel(arm=reused).values)
-
-
-def test_a_stored_set_that_does_not_fit_the_config_is_refused_not_changed(tmp_path, detector_lens):
+def test_a_set_of_an_earlier_version_is_refused_and_left_as_it_is(tmp_path, detector_lens, layout):
+    """Sets stored before the sealed record (fewer arms with a .digest file, or the layout before the methods
+    registry) are caches: refused with the files to delete, never completed or changed."""
     from dit_lens.storage import claimed
-    from dit_lens.experiments.downstream import _read_synthetic, identity, run_downstream
+    from dit_lens.experiments.downstream import identity, run_downstream
 
     cfg = DownstreamConfig(**TINY)
     claimed(tmp_path, "downstream", identity=identity(cfg, detector_lens))  # a folder dit-lens made for it
     images = np.full((2, 32, 32, 3), 0.5, np.float32)
+    if layout == "per_arm":
+        np.savez_compressed(tmp_path / "synthetic.npz", **{f"{arm}_{b}": images for arm in ("reprompt", "medsteer")
+                                                           for b in ("unsteered", "steered")})
+        (tmp_path / "synthetic.npz.digest").write_text("blake2b:0")
+    else:
+        np.savez_compressed(tmp_path / "synthetic.npz", source=images, steered=images, target=images)
+    stored = lambda: {p.name: p.read_bytes() for p in tmp_path.glob("synthetic*")}  # noqa: E731
+    before = stored()
+    with pytest.raises(ValueError, match=r"synthetic.npz has no record synthetic.json.*earlier dit-lens.*delete "
+                                         r".*synthetic.npz and synthetic.json.*Nothing was changed"):
+        run_downstream(cfg, detector_lens, tmp_path, progress=False)
+    assert stored() == before and not (tmp_path / "cells").exists()
+
+
+def test_a_stored_set_that_does_not_fit_the_config_or_its_record_is_refused_not_changed(tmp_path, detector_lens):
+    from dit_lens.storage import claimed
+    from dit_lens.experiments.downstream import identity, run_downstream
+
+    cfg = DownstreamConfig(**TINY)
+    claimed(tmp_path, "downstream", identity=identity(cfg, detector_lens))  # a folder dit-lens made for it
     path = tmp_path / "synthetic.npz"
-    np.savez_compressed(path, reprompt_unsteered=images, medsteer_unsteered=images, medsteer_steered=images)
-    with pytest.raises(ValueError, match="reprompt_unsteered without reprompt_steered; delete it"):
-        _read_synthetic(path)
+    names = [f"{arm}_{b}" for arm in ARMS_ for b in ("unsteered", "steered")]
+    wrong = np.full((3, 32, 32, 3), 0.5, np.float32)  # three pairs, the config asks for two
+    _sealed_set(tmp_path, {name: wrong for name in names})
     content = path.read_bytes()
-    with pytest.raises(ValueError, match="reprompt_unsteered without reprompt_steered"):
+    with pytest.raises(ValueError, match="synthetic_per_class = 2 needs; delete"):
         run_downstream(cfg, detector_lens, tmp_path, progress=False)
     assert path.read_bytes() == content and not (tmp_path / "cells").exists()
-    wrong = np.full((3, 32, 32, 3), 0.5, np.float32)  # three pairs, the config asks for two
-    names = [f"{arm}_{b}" for arm in ("reprompt", "pnp", "hedit", "medsteer") for b in ("unsteered", "steered")]
-    np.savez_compressed(path, **{name: wrong for name in names})
-    content = path.read_bytes()
-    with pytest.raises(ValueError, match="synthetic_per_class = 2 needs; delete it"):
+    right = np.full((2, 32, 32, 3), 0.5, np.float32)
+    _sealed_set(tmp_path, {name: right for name in names[:-1]})  # medsteer_steered missing
+    with pytest.raises(ValueError, match="not the arms"):
         run_downstream(cfg, detector_lens, tmp_path, progress=False)
-    assert path.read_bytes() == content
-
-
-def test_synthetic_sets_written_before_the_methods_registry_are_read_back(tmp_path):
-    from dit_lens.experiments.downstream import _read_synthetic
-
-    source, steered, target = (np.full((2, 4, 4, 3), v, np.float32) for v in (0.1, 0.2, 0.3))
-    np.savez_compressed(tmp_path / "synthetic.npz", source=source, steered=steered, target=target)
-    arms = _read_synthetic(tmp_path / "synthetic.npz")
-    assert [float(a[0, 0, 0, 0]) for a in arms["reprompt"]] == pytest.approx([0.1, 0.3])
-    assert [float(a[0, 0, 0, 0]) for a in arms["medsteer"]] == pytest.approx([0.1, 0.2])
-    assert sorted(arms) == ["medsteer", "reprompt"]  # no PnP or h-Edit pairs: `run_downstream` makes them
-
-
-def test_synthetic_sets_checked_against_their_digest(tmp_path):
-    from dit_lens.experiments.downstream import _digest, _digest_path, _read_synthetic
-
-    path = tmp_path / "synthetic.npz"
-    np.savez_compressed(path, **{f"{arm}_{b}": np.zeros((1, 4, 4, 3), np.float32)
-                                 for arm in ("reprompt", "pnp", "hedit", "medsteer") for b in ("unsteered", "steered")})
-    _digest_path(path).write_text(_digest(path.read_bytes()))
-    assert sorted(_read_synthetic(path)) == ["hedit", "medsteer", "pnp", "reprompt"]
-    _digest_path(path).write_text(_digest(b"something else"))
-    with pytest.raises(ValueError, match="fails its checksum"):
-        _read_synthetic(path)
+    _sealed_set(tmp_path, {name: right for name in names})
+    np.savez_compressed(path, **{name: right + (name == names[0]) for name in names})  # changed after sealing
+    content = path.read_bytes()
+    with pytest.raises(ValueError, match="fails its digest"):
+        run_downstream(cfg, detector_lens, tmp_path, progress=False)
+    assert path.read_bytes() == content and not (tmp_path / "cells").exists()
 
 
 def test_downstream_files_are_checked_against_their_digests(tmp_path):

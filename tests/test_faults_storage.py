@@ -208,7 +208,7 @@ def test_concept_vector_never_averages_over_a_damaged_seed(lens, tmp_path, monke
     np.testing.assert_allclose(concept_vector(lens, **kwargs).values, clean, rtol=1e-4, atol=1e-5)
 
 
-def test_stores_of_the_previous_format_still_open_and_are_checked(tmp_path, monkeypatch):
+def test_stores_of_the_earlier_format_are_refused_with_advice_and_left_as_they_are(tmp_path, monkeypatch):
     import dit_lens.trace.store as S
 
     monkeypatch.setattr(S, "STORE_FORMAT", "dit-lens.capture/1")
@@ -217,16 +217,13 @@ def test_stores_of_the_previous_format_still_open_and_are_checked(tmp_path, monk
     spec = VariableSpec("attn2", ("prompt", "seed", "channel"), (1, 2, 3), (1, 1, 3))
     old = CaptureStore.open(tmp_path / "old.zarr", template, spec, identity={"k": 1}, attrs={})
     old.write((0, 0), np.ones(3))
-    old.write((0, 1), np.ones(3))
-    old.mark_done([(0, 0), (0, 1)])
-    assert "filters" not in json.loads((tmp_path / "old.zarr" / "attn2" / ".zarray").read_text()) or \
-        not json.loads((tmp_path / "old.zarr" / "attn2" / ".zarray").read_text())["filters"]
+    old.mark_done([(0, 0)])
     monkeypatch.undo()
-    reopened = CaptureStore.open(tmp_path / "old.zarr", template, spec, identity={"k": 1}, attrs={})
-    assert reopened.verify() == {}
-    assert reopened.dataset().attn2.values.tolist() == [[[1.0] * 3] * 2]
-    (tmp_path / "old.zarr" / "attn2" / "0.1.0").unlink()
-    assert list(reopened.verify()) == [(0, 1)]
+    before = {p: p.read_bytes() for p in (tmp_path / "old.zarr").rglob("*") if p.is_file()}
+    with pytest.raises(S.CaptureStoreError, match=r"earlier format \(dit-lens.capture/1.*delete it.*run the capture "
+                                                  r"again.*not modified"):
+        CaptureStore.open(tmp_path / "old.zarr", template, spec, identity={"k": 1}, attrs={})
+    assert {p: p.read_bytes() for p in (tmp_path / "old.zarr").rglob("*") if p.is_file()} == before
 
 
 # -- row 2: a component the fingerprint did not cover ----------------------------------------------

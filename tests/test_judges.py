@@ -29,12 +29,15 @@ def test_edited_weights_or_records_are_refused(tmp_path):
         load_oracle(tmp_path / "p")
 
 
-def test_a_judge_saved_as_a_weights_only_torch_file_still_loads(tmp_path):
+def test_a_judge_of_the_earlier_torch_file_format_is_refused_with_advice_and_left_as_it_is(tmp_path):
     oracle = Oracle(OracleNet(width=4))
     save_judge(oracle, tmp_path / "o")
     (tmp_path / "o" / "weights.safetensors").unlink()
     torch.save(oracle.net.state_dict(), tmp_path / "o" / "weights.pt")
-    assert judge_fingerprint(load_oracle(tmp_path / "o")) == judge_fingerprint(oracle)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()}
+    with pytest.raises(ValueError, match=r"weights.pt, the format of an earlier dit-lens.*save the judge again"):
+        load_oracle(tmp_path / "o")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "o").iterdir()} == before
 
 
 def test_a_judge_whose_weights_diverged_is_not_saved(tmp_path):

@@ -19,9 +19,9 @@ arms see the same real images, initialisation and batch order for a seed, so the
 detector's own seed-to-seed spread).
 
 A result folder's ``synthetic.npz`` holds ``{arm}_unsteered`` and ``{arm}_steered`` per synthetic
-arm. A set stored by an earlier version, with fewer arms (or the older ``source``/``steered``/
-``target`` layout), is completed: the missing arms are made and added beside the stored arrays,
-which are kept as they are.
+arm, sealed by ``synthetic.json`` (the arms and the arrays' digest). A set without that record (an
+earlier version's, or one changed by hand) is refused, never completed or changed: the message says
+which files to delete to make it again.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from .. import metrics as M
 from ..interventions.blend import check_blend
 from ..trace.attrs import typed
 from ..validate import check_int
-from ..storage import claim, exclusive, read_record, write_atomic, write_record
+from ..storage import DamagedError, claim, digest, exclusive, read_record, write_atomic, write_record
 
 if TYPE_CHECKING:
     from ..model.lens import Lens
@@ -52,10 +52,8 @@ __all__ = ["DownstreamConfig", "roc_auc", "f1_score", "train_detector", "run_dow
 ARMS = ("real", "reprompt", "pnp", "hedit", "medsteer")
 #: The arms MedSteer is compared with, paired by training seed (``auc_gain_medsteer_vs_<arm>``).
 BASELINES = ("reprompt", "pnp", "hedit")
-#: Settings added after results were first stored, with their defaults: at the default they are
-#: left out of `DownstreamConfig.key` (so a folder of an earlier version is found again and
-#: completed), and a folder declared before they existed counts as holding the default.
-LATER_FIELDS = {"inversion_steps": 50}
+#: The synthetic set and its sealed record in a result folder.
+SYNTHETIC, SYNTHETIC_RECORD = "synthetic.npz", "synthetic.json"
 #: The first synthetic seed (disjoint from the vector seeds and the real images' seeds).
 SYNTHETIC_SEED_BASE = 20_000
 
@@ -106,15 +104,8 @@ class DownstreamConfig:
         return data
 
     def key(self, lens: Lens) -> str:
-        """Names the default result folder: changes with the settings (not the seed list) or the model.
-
-        Settings of `LATER_FIELDS` at their default are left out, so the key of a config that an
-        earlier version could express is the key that version gave it."""
-        context = self.context()
-        for name, default in LATER_FIELDS.items():
-            if context[name] == default:
-                del context[name]
-        blob = json.dumps({"config": context, "model": lens.fingerprint}, sort_keys=True)
+        """Names the default result folder: changes with the settings (not the seed list) or the model."""
+        blob = json.dumps({"config": self.context(), "model": lens.fingerprint}, sort_keys=True)
         return hashlib.blake2b(blob.encode(), digest_size=6).hexdigest()
 
 
@@ -175,12 +166,11 @@ def run_downstream(cfg: DownstreamConfig, lens: Lens, folder: Path, *, progress:
     with exclusive(folder):
         claimed_ = claim(folder, "downstream", identity=identity(cfg, lens), overwrite=overwrite,
                          what="the downstream folder")
-        claimed_.record("downstream.json", "cells", "synthetic.npz", _digest_path(folder / "synthetic.npz").name)
+        claimed_.record("downstream.json", "cells", SYNTHETIC, SYNTHETIC_RECORD)
         write_record(folder / "downstream.json", {"config": asdict(cfg), "model_fingerprint": lens.fingerprint})
     k = cfg.synthetic_per_class
-    synth_path = folder / "synthetic.npz"
-    with exclusive(folder / ".locks" / synth_path.name):  # made once; others wait, then read it
-        synthetic = _synthetic(synth_path, cfg, lens, progress=progress)
+    with exclusive(folder / ".locks" / SYNTHETIC):  # made once; others wait, then read it
+        synthetic = _synthetic(folder, cfg, lens, progress=progress)
     n_real, n_test = cfg.real_per_class, cfg.test_per_class
     real = render([cfg.source] * n_real + [cfg.target] * n_real, list(range(500, 500 + n_real)) * 2).images
     real_y = np.array([1] * n_real + [0] * n_real)
@@ -267,14 +257,6 @@ def _train_and_test(x, y, seed: int, cfg: DownstreamConfig, test, test_y, test_l
                                 for label in cfg.test_negatives}}
 
 
-def _digest(data: bytes) -> str:
-    return "blake2b:" + hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
-def _digest_path(path: Path) -> Path:
-    return path.with_name(path.name + ".digest")
-
-
 def _write_record(path: Path, record: dict) -> None:
     """A sealed cell file, written atomically."""
     write_record(path, record)
@@ -285,70 +267,53 @@ def _read_record(path: Path) -> dict:
     return read_record(path, what="downstream cell", fix="delete that file to recompute the cell")
 
 
-def _read_synthetic(path: Path) -> dict[str, tuple]:
-    """The synthetic pairs stored in `path`, ``{arm: (unsteered, steered)}`` for the arms it holds
-    (which may be fewer than `ARMS`: see `_synthetic`), checked against their digest (files of
-    earlier versions have none). Files written before the methods registry held one shared set of
-    originals (``source``) beside ``steered`` and ``target``."""
-    data = _stored_arrays(path)
-    arms = {}
-    for arm in ARMS[1:]:
-        names = [f"{arm}_{branch}" for branch in ("unsteered", "steered")]
-        if any(name in data for name in names):
-            if not all(name in data for name in names):
-                raise ValueError(f"{path} holds {' and '.join(n for n in names if n in data)} without "
-                                 f"{' and '.join(n for n in names if n not in data)}; delete it and its "
-                                 f"{_digest_path(path).name} to make the synthetic set again")
-            arms[arm] = tuple(data[name] for name in names)
-    if "source" in data:  # the layout before the methods registry
-        arms.setdefault("reprompt", (data["source"], data["target"]))
-        arms.setdefault("medsteer", (data["source"], data["steered"]))
-    return arms
+def _synthetic(folder: Path, cfg: DownstreamConfig, lens: Lens, *, progress: bool) -> dict[str, tuple]:
+    """Every synthetic arm's pairs ``{arm: (unsteered, steered)}``: read back, or made and stored.
 
-
-def _stored_arrays(path: Path) -> dict[str, np.ndarray]:
-    """Every array of a stored synthetic set, checked against its digest where it has one."""
-    digest = _digest_path(path)
-    if digest.exists() and digest.read_text() != _digest(path.read_bytes()):
-        raise ValueError(f"{path} fails its checksum (changed after it was written); delete it and its "
-                         f"{digest.name} to make the synthetic set again")
-    with np.load(path) as stored:
-        return {name: stored[name] for name in stored.files}
-
-
-def _synthetic(path: Path, cfg: DownstreamConfig, lens: Lens, *, progress: bool) -> dict[str, tuple]:
-    """Every synthetic arm's pairs: read from `path`, the arms it lacks made and added to it.
-
-    The caller holds the lock on `path`. A set stored by an earlier version (fewer arms, or the
-    ``source``/``steered``/``target`` layout) is kept array for array; the missing arms' arrays
-    are added beside them, and the file and its digest are rewritten atomically. The old digest
-    is removed first, so a crash in between leaves a complete file without a digest (read as an
-    earlier version's), never a file that fails its checksum.
+    The caller holds the set's lock. The record is written before the arrays, so a crash in between leaves a
+    record without its arrays (made again) and never arrays without a record (refused as not this version's).
     """
-    stored, synthetic = ({}, {}) if not path.exists() else (_stored_arrays(path), _read_synthetic(path))
-    missing = tuple(arm for arm in ARMS[1:] if arm not in synthetic)
-    if missing:
-        if synthetic and progress:
-            print(f"downstream: {path} lacks the arms {', '.join(missing)} (an earlier version's set); "
-                  f"making them and adding them to it")
-        made = synthetic_pairs(cfg, lens, arms=missing, progress=progress)
-        added = {f"{arm}_{branch}": images for arm, pair in made.items()
-                 for branch, images in zip(("unsteered", "steered"), pair)}
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, **stored, **added)
-        digest = _digest_path(path)
-        digest.unlink(missing_ok=True)
-        write_atomic(path, buffer.getvalue())
-        write_atomic(digest, _digest(buffer.getvalue()).encode())
-        synthetic.update(made)
+    path, record_path = folder / SYNTHETIC, folder / SYNTHETIC_RECORD
+    if path.exists():
+        return _read_synthetic(folder, cfg)
+    made = synthetic_pairs(cfg, lens, arms=ARMS[1:], progress=progress)
+    arrays = {f"{arm}_{branch}": np.ascontiguousarray(images, dtype=np.float32)
+              for arm, pair in made.items() for branch, images in zip(_BRANCHES, pair)}
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    write_record(record_path, {"arms": list(ARMS[1:]), "arrays_digest": digest({}, arrays)})
+    write_atomic(path, buffer.getvalue())
+    return _read_synthetic(folder, cfg)
+
+
+_BRANCHES = ("unsteered", "steered")
+
+
+def _read_synthetic(folder: Path, cfg: DownstreamConfig) -> dict[str, tuple]:
+    """The stored synthetic set, checked against its record (arms, digest) and the config (pairs, shape)."""
+    path, record_path = folder / SYNTHETIC, folder / SYNTHETIC_RECORD
+    fix = f"delete {path} and {record_path.name} (and {path.name}.digest if there is one) to make the set again"
+    if not record_path.exists():
+        raise DamagedError(f"{path} has no record {record_path.name} beside it: an earlier dit-lens (or a hand) wrote "
+                           f"it, and this version reads only the sets it sealed; {fix}. Nothing was changed.")
+    record = read_record(record_path, what="the synthetic set's record", fix=fix)
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            arrays = {name: stored[name] for name in stored.files}
+    except (OSError, ValueError) as err:
+        raise DamagedError(f"{path} is unreadable ({type(err).__name__}: {err}); {fix}") from None
+    names = sorted(f"{arm}_{branch}" for arm in ARMS[1:] for branch in _BRANCHES)
+    if record.get("arms") != list(ARMS[1:]) or sorted(arrays) != names:
+        raise DamagedError(f"{path} holds {sorted(arrays)} for the arms {record.get('arms')}, not the arms "
+                           f"{list(ARMS[1:])} this version compares; {fix}")
+    if record.get("arrays_digest") != digest({}, arrays):
+        raise DamagedError(f"{path} fails its digest (changed after dit-lens wrote it); {fix}")
     k = cfg.synthetic_per_class
-    shapes = {arm: [images.shape for images in synthetic[arm]] for arm in ARMS[1:]}
-    every = {shape for pair in shapes.values() for shape in pair}
-    if len(every) != 1 or any(len(shape) != 4 or shape[0] != k or shape[-1] != 3 for shape in every):
+    shapes = {name: arrays[name].shape for name in names}
+    if len(set(shapes.values())) != 1 or any(len(s) != 4 or s[0] != k or s[-1] != 3 for s in shapes.values()):
         raise ValueError(f"{path}: the synthetic pairs have shapes {shapes}, not one shape ({k}, H, W, 3) as "
-                         f"synthetic_per_class = {k} needs; delete it and its {_digest_path(path).name} "
-                         f"to make the synthetic set again")
-    return {arm: synthetic[arm] for arm in ARMS[1:]}
+                         f"synthetic_per_class = {k} needs; {fix}")
+    return {arm: tuple(arrays[f"{arm}_{branch}"] for branch in _BRANCHES) for arm in ARMS[1:]}
 
 
 def _test_set(cfg: DownstreamConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -12,8 +12,8 @@ Zarr format 2 applies inside the compressor and checks on every read, also throu
 ``xarray.open_zarr``). A cell is marked done only after its chunks are on disk (fsynced) and read
 back intact; `CaptureStore.verify` finds done cells whose chunks are missing, damaged or fail their
 checksum, which `dit_lens.capture` refuses to serve (``repair=True`` recomputes just those).
-Stores of the previous format (``dit-lens.capture/1``, no checksums) still open; for them
-`verify` checks that every chunk of a done cell exists and decodes.
+Stores of an earlier format (``dit-lens.capture/1``, no checksums) are refused, never converted or
+touched: a capture is recomputed from the model, so the message says to delete the store and run again.
 
 Writers: hold `dit_lens.storage.exclusive` on the store path while creating or filling it
 (`dit_lens.capture` does), so any number of processes may capture into one store.
@@ -66,8 +66,8 @@ __all__ = [
 
 #: Written into every store's attrs; a store without it is not a dit-lens capture.
 STORE_FORMAT = "dit-lens.capture/2"
-#: Earlier formats that still open: ``/1`` is ``/2`` without chunk checksums.
-LEGACY_FORMATS = ("dit-lens.capture/1",)
+#: Earlier formats, refused with advice to recompute: ``/1`` is ``/2`` without chunk checksums.
+EARLIER_FORMATS = ("dit-lens.capture/1",)
 _ZARR_FORMAT = 2  # format 3 warns on string coordinates and consolidated metadata (zarr 3.1)
 
 
@@ -311,7 +311,14 @@ def _check_existing(path: Path, template: xr.Dataset, spec: VariableSpec, identi
             f"store {path} exists but is not a readable Zarr store ({type(err).__name__}: {err}); "
             f"{fix}"
         ) from err
-    if found.attrs.get("dit_lens_store") not in (STORE_FORMAT, *LEGACY_FORMATS):
+    written = found.attrs.get("dit_lens_store")
+    if written in EARLIER_FORMATS:
+        raise CaptureStoreError(
+            f"store {path} was written in an earlier format ({written}, without chunk checksums) that this "
+            f"dit-lens does not read; captures are recomputed, not converted: delete it (rm -r {path}) and run "
+            f"the capture again, or pass another `store=` path. It was not modified."
+        )
+    if written != STORE_FORMAT:
         raise CaptureStoreError(f"store {path} is not a dit-lens capture store; {fix}")
     stored = found.attrs.get("identity", {})
     if stored != identity:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..storage import DamagedError, all_finite, load_torch, read_record, read_tensors, write_record, write_tensors
+from ..storage import DamagedError, all_finite, read_record, read_tensors, write_record, write_tensors
 from ..validate import NonFiniteError
 from .procedural import LABELS
 from .train import StageConfig, fit, rand, randn
@@ -30,8 +30,8 @@ __all__ = ["Oracle", "Segmenter", "OracleNet", "SegmenterNet", "as_batch", "augm
 
 #: Where the shipped judges live (written by ``dit-lens world build``).
 EMBEDDED_JUDGES = Path(__file__).resolve().parent.parent / "embedded"
-#: A judge's weights (safetensors, with a digest) and what earlier versions wrote (a weights-only torch file).
-WEIGHTS, LEGACY_WEIGHTS = "weights.safetensors", "weights.pt"
+#: A judge's weights (safetensors, with a digest).
+WEIGHTS = "weights.safetensors"
 #: What a segmenter can find, and the folder of the shipped one under `EMBEDDED_JUDGES`.
 SEGMENTER_TARGETS = {"lesion": "segmenter", "anatomy": "anatomy"}
 
@@ -249,7 +249,6 @@ def save_judge(judge: Oracle | Segmenter, folder: Path) -> None:
                              f"{folder}; lower the stage's learning rate")
     write_tensors(folder / WEIGHTS, judge.net.state_dict(), meta)
     write_record(folder / "judge.json", meta)
-    (folder / LEGACY_WEIGHTS).unlink(missing_ok=True)  # what an earlier save_judge wrote here
 
 
 def _a(word: str) -> str:
@@ -272,20 +271,20 @@ def _load(source: str | Path, kind: str, target: str = "lesion"):
     meta = read_record(meta_path, what=f"the {what}'s record", fix=fix, unsealed=True)
     if meta.get("kind") != kind:
         raise ValueError(f"{folder} holds a {meta.get('kind')!r}, not a {kind}")
-    held = meta.get("target", "lesion")  # folders written before anatomy segmenters existed hold lesion ones
+    held = meta.get("target")
     if kind == "segmenter" and held != target:
         if held not in SEGMENTER_TARGETS:
             raise ValueError(f"{folder} holds a segmenter of unknown target {held!r}; "
                              f"expected one of {list(SEGMENTER_TARGETS)}")
         loader = "load_segmenter" if held == "lesion" else f"load_{held}_segmenter"
         raise ValueError(f"{folder} holds {_a(held)} segmenter, not {_a(target)} segmenter; load it with {loader}()")
-    if (folder / WEIGHTS).is_file():
-        weights, settings = read_tensors(folder / WEIGHTS, what=f"the {what}'s weights", fix=fix)
-        if settings != meta:
-            raise DamagedError(f"{folder / 'judge.json'} does not describe the weights beside it ({settings} were "
-                               f"saved with them); {fix}")
-    else:  # a folder an earlier dit-lens wrote: torch's weights-only loader (no code can run)
-        weights = load_torch(folder / LEGACY_WEIGHTS, what=f"the {what}'s weights", fix=fix, sealed=False)
+    if not (folder / WEIGHTS).is_file() and (folder / "weights.pt").is_file():
+        raise ValueError(f"{folder} holds weights.pt, the format of an earlier dit-lens, which this one does not read; "
+                         f"judges are rebuilt, not converted: {fix} (the folder was not modified)")
+    weights, settings = read_tensors(folder / WEIGHTS, what=f"the {what}'s weights", fix=fix)
+    if settings != meta:
+        raise DamagedError(f"{folder / 'judge.json'} does not describe the weights beside it ({settings} were "
+                           f"saved with them); {fix}")
     net = (OracleNet if kind == "oracle" else SegmenterNet)(**meta["config"])
     net.load_state_dict(weights)
     return Oracle(net, meta["labels"]) if kind == "oracle" else Segmenter(net, target)
