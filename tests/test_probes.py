@@ -43,7 +43,12 @@ def test_planted_signal_is_found_at_its_layer_and_the_control_stays_at_chance():
     assert (abs(control - 0.5) < 0.08).all(), control.values
     assert float(result.selectivity.sel(layer=1, step=0)) > 0.2
     assert float(result.selectivity_low.sel(layer=1, step=0)) > 0.1
-    assert (result.control_accuracy_low <= 0.5).all() and (result.control_accuracy_high >= 0.5).all()
+    # one control probe is a random direction: alone it reads the strong signal above or below chance by luck;
+    # the mean over shuffles is near chance, and how far one shuffle strays is reported
+    assert result.attrs["n_controls"] == 5 and (result.control_spread > 0).all()
+    single = probe(capture_like(x, ["polyps", "normal"]), labels=["polyps", "normal"], n_boot=50, n_controls=1,
+                   progress=False)
+    assert (single.control_spread == 0).all() and (abs(single.control_accuracy - 0.5) < 0.1).all()
     assert result.accuracy_low.sel(layer=1, step=0) < acc.sel(layer=1) < result.accuracy_high.sel(layer=1, step=0)
     np.testing.assert_allclose(result.selectivity, result.accuracy - result.control_accuracy, atol=1e-12)
     assert result.converged.all()

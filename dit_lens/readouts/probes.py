@@ -5,10 +5,13 @@ Method (Hewitt & Liang 2019). For every (layer, step) of a capture, a probe
 (features standardised with the training set's mean and spread) is trained on the runs of some seeds and
 tested on the runs of the other seeds. The split is by seed, drawn once from `seed` and the same for every
 cell, so a run is never in both sets (``train_seeds`` and ``test_seeds`` in the attrs). The *control task*
-trains the same probe on the training labels shuffled within the training set (one shuffle, the same for
-every cell, stratified so that each true class is split across the control classes in the training set's
-proportions: the control labels are independent of the true ones) and scores it against the true test labels: a probe that reads the concept rather than
-memorising its training set is at chance there. Selectivity = accuracy − control accuracy.
+trains the same probe on the training labels shuffled within the training set (stratified so that each
+true class is split across the control classes in the training set's proportions: the control labels are
+independent of the true ones) and scores it against the true test labels: a probe that reads the concept
+rather than memorising its training set is at chance there. One control probe is a random direction, which
+reads a strongly separated concept above or below chance by luck; the control figures are the mean over
+`n_controls` shuffles (drawn once, the same for every cell; ``control_spread`` is their standard deviation).
+Selectivity = accuracy − control accuracy.
 
 - Item level (``token_level=False``): one feature vector per run (the capture's token mean), one label per
   prompt. Intervals: percentile bootstrap over test runs (`dit_lens.metrics.estimates.estimate`); the
@@ -65,6 +68,7 @@ def probe(
     train_fraction: float = 0.5,
     C: float = 1.0,
     n_boot: int = 1000,
+    n_controls: int = 5,
     seed: int = 0,
     progress: bool = True,
 ) -> xr.Dataset:
@@ -86,13 +90,15 @@ def probe(
         train_fraction: Share of the seeds whose runs train the probes; the rest test them.
         C: Inverse L2 regularisation strength of the logistic regression.
         n_boot: Bootstrap resamples for the 95% intervals.
+        n_controls: Shuffles of the control task, averaged.
         seed: Seeds the split, the control's shuffle and the bootstrap.
         progress: Show a tqdm bar over cells.
 
     Returns:
         A Dataset over ``(layer, step)`` with ``accuracy``, ``control_accuracy``, ``selectivity`` (each with
-        ``_low`` and ``_high`` bounds), ``train_accuracy`` and ``control_train_accuracy`` (how well each
-        fits its own training set), ``converged``; at token level also ``balanced_accuracy``, ``auc``, their
+        ``_low`` and ``_high`` bounds), ``control_spread`` (the control's standard deviation over shuffles),
+        ``train_accuracy`` and ``control_train_accuracy`` (how well each fits its own training set),
+        ``converged``; at token level also ``balanced_accuracy``, ``auc``, their
         controls with bounds, ``probe_map`` ``(layer, step, prompt, seed, row, col)`` over the test runs, and the
         probe in the capture's units, ``weight`` ``(layer, step, channel)`` and ``bias``. Attrs: the
         capture's provenance, every setting, the split's seeds, the classes and scikit-learn's version.
@@ -105,6 +111,8 @@ def probe(
     da, site = _variable(ds, site, token_level)
     layers, steps = _pick(da, "layer", layers), _pick(da, "step", steps)
     _check_settings(token_threshold, train_fraction, C, n_boot, seed)
+    if not isinstance(n_controls, (int, np.integer)) or n_controls < 1:
+        raise ValueError(f"n_controls must be a positive integer, got {n_controls!r}")
     prompts, seeds = [str(p) for p in da["prompt"].values], [int(s) for s in da["seed"].values]
     rng = np.random.default_rng(seed)
     if len(seeds) < 2:
@@ -128,7 +136,7 @@ def probe(
         if len(np.unique(values)) < 2:
             raise ValueError(f"the {part} set holds one class only ({classes[int(values[0])]!r}); a probe needs "
                              f"both classes in both sets: add runs with the other class, or more seeds")
-    shuffled = _control_labels(y_train, rng)
+    shuffled = [_control_labels(y_train, rng) for _ in range(n_controls)]
     result = _token_cells if token_level else _item_cells
     out = result(da, layers, steps, train, test, y_train, y_test, shuffled, C, n_boot, seed, progress)
     if token_level:
@@ -139,7 +147,7 @@ def probe(
     if "timestep" in da.coords:
         out = out.assign_coords(timestep=("step", da["timestep"].sel(step=steps).values))
     out.attrs = _attrs(ds, where, site, layers, steps, token_level, token_threshold, train_fraction, C, n_boot, seed,
-                       [seeds[j] for j in train], [seeds[j] for j in test], classes, labels, prompts)
+                       [seeds[j] for j in train], [seeds[j] for j in test], classes, labels, prompts, shuffled)
     return out
 
 
@@ -213,7 +221,7 @@ def _item_cells(da, layers, steps, train, test, y_train, y_test, shuffled, C, n_
     names = ("accuracy", "control_accuracy", "selectivity")
     shape = (len(layers), len(steps))
     out = {f"{n}{b}": np.zeros(shape) for n in names for b in ("", "_low", "_high")}
-    out |= {n: np.zeros(shape) for n in ("train_accuracy", "control_train_accuracy")}
+    out |= {n: np.zeros(shape) for n in ("train_accuracy", "control_train_accuracy", "control_spread")}
     out["converged"] = np.zeros(shape, bool)
     if "token" in da.dims:
         da = da.mean("token")
@@ -221,12 +229,15 @@ def _item_cells(da, layers, steps, train, test, y_train, y_test, shuffled, C, n_
         i, j = layers.index(layer), steps.index(t)
         x_train, x_test = x[:, train].reshape(-1, x.shape[-1]), x[:, test].reshape(-1, x.shape[-1])
         model, ok = _fit(x_train, y_train, C)
-        control, ok_control = _fit(x_train, shuffled, C)
+        controls = [_fit(x_train, labels, C) for labels in shuffled]
         correct = model.predict(x_test) == y_test
-        control_correct = control.predict(x_test) == y_test
-        out["converged"][i, j] = ok and ok_control
+        each = np.array([control.predict(x_test) == y_test for control, _ in controls])  # (shuffle, test run)
+        control_correct = each.mean(0)  # per test run: the share of control probes right
+        out["converged"][i, j] = ok and all(done for _, done in controls)
         out["train_accuracy"][i, j] = np.mean(model.predict(x_train) == y_train)
-        out["control_train_accuracy"][i, j] = np.mean(control.predict(x_train) == shuffled)
+        out["control_train_accuracy"][i, j] = np.mean([np.mean(c.predict(x_train) == labels)
+                                                       for (c, _), labels in zip(controls, shuffled)])
+        out["control_spread"][i, j] = each.mean(1).std()
         values = (correct, control_correct, correct.astype(float) - control_correct)
         for name, v in zip(names, values):
             e = estimate(v.astype(float), resamples=n_boot, seed=seed)
@@ -239,7 +250,7 @@ def _token_cells(da, layers, steps, train, test, y_train, y_test, shuffled, C, n
     names = (*TOKEN_METRICS, *(f"control_{m}" for m in TOKEN_METRICS), "selectivity")
     shape = (len(layers), len(steps))
     out = {f"{n}{b}": np.zeros(shape) for n in names for b in ("", "_low", "_high")}
-    out |= {n: np.zeros(shape) for n in ("train_accuracy", "control_train_accuracy", "bias")}
+    out |= {n: np.zeros(shape) for n in ("train_accuracy", "control_train_accuracy", "control_spread", "bias")}
     out["converged"] = np.zeros(shape, bool)
     weight, maps = np.zeros((*shape, width)), np.zeros((*shape, n_prompt * n_test * tokens))
     rng = np.random.default_rng(seed)
@@ -249,19 +260,22 @@ def _token_cells(da, layers, steps, train, test, y_train, y_test, shuffled, C, n
         i, j = layers.index(layer), steps.index(t)
         x_train, x_test = x[:, train].reshape(-1, width), x[:, test].reshape(-1, width)
         model, ok = _fit(x_train, y_train, C)
-        control, ok_control = _fit(x_train, shuffled, C)
-        prob, prob_control = model.predict_proba(x_test)[:, 1], control.predict_proba(x_test)[:, 1]
-        real, fake = (np.concatenate([_token_scores(y_test, p, np.repeat(counts[k : k + 100], tokens, axis=1))
-                                      for k in range(0, len(counts), 100)], axis=1)  # (metric, 1 + n_boot)
-                      for p in (prob, prob_control))  # a run's tokens are resampled together
+        controls = [_fit(x_train, labels, C) for labels in shuffled]
+        prob = model.predict_proba(x_test)[:, 1]
+        scores = [np.concatenate([_token_scores(y_test, p, np.repeat(counts[k : k + 100], tokens, axis=1))
+                                  for k in range(0, len(counts), 100)], axis=1)  # (metric, 1 + n_boot)
+                  for p in (prob, *(c.predict_proba(x_test)[:, 1] for c, _ in controls))]  # a run's tokens together
+        real, fake = scores[0], np.mean(scores[1:], axis=0)  # the controls' mean, resample by resample
+        out["control_spread"][i, j] = np.std([s[1, 0] for s in scores[1:]])
         rows = {**dict(zip(TOKEN_METRICS, real)), **{f"control_{m}": v for m, v in zip(TOKEN_METRICS, fake)},
                 "selectivity": real[1] - fake[1]}
         for name, v in rows.items():
             out[name][i, j] = v[0]
             out[f"{name}_low"][i, j], out[f"{name}_high"][i, j] = np.nanpercentile(v[1:], [2.5, 97.5])
-        out["converged"][i, j] = ok and ok_control
+        out["converged"][i, j] = ok and all(done for _, done in controls)
         out["train_accuracy"][i, j] = np.mean(model.predict(x_train) == y_train)
-        out["control_train_accuracy"][i, j] = np.mean(control.predict(x_train) == shuffled)
+        out["control_train_accuracy"][i, j] = np.mean([np.mean(c.predict(x_train) == labels)
+                                                       for (c, _), labels in zip(controls, shuffled)])
         scaler, logistic = model[0], model[1]
         weight[i, j] = logistic.coef_[0] / scaler.scale_  # the probe in the capture's units
         out["bias"][i, j] = logistic.intercept_[0] - float(weight[i, j] @ scaler.mean_)
@@ -430,7 +444,7 @@ def _token_labels(masks: Any, da: xr.DataArray, prompts: list[str], seeds: list[
 
 
 def _attrs(ds, where, site, layers, steps, token_level, token_threshold, train_fraction, C, n_boot, seed,
-           train_seeds, test_seeds, classes, labels, prompts) -> dict:
+           train_seeds, test_seeds, classes, labels, prompts, shuffled) -> dict:
     import sklearn
 
     from ..version import __version__
@@ -443,8 +457,8 @@ def _attrs(ds, where, site, layers, steps, token_level, token_threshold, train_f
         "train_fraction": train_fraction, "C": C, "n_boot": n_boot, "seed": seed,
         "train_seeds": train_seeds, "test_seeds": test_seeds, "classes": [str(c) for c in classes],
         "probe": "Pipeline(StandardScaler(), LogisticRegression(C, class_weight='balanced', max_iter=1000))",
-        "control": "training labels shuffled within the training set, stratified by true class (one shuffle); "
-                   "scored on the true test labels",
+        "control": "training labels shuffled within the training set, stratified by true class; scored on the "
+                   "true test labels; mean over n_controls shuffles", "n_controls": len(shuffled),
         "intervals": "95% percentile bootstrap over test runs",
         "sklearn_version": sklearn.__version__, "dit_lens_version": __version__,
     }
