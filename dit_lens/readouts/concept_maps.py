@@ -20,7 +20,7 @@ tokens pools its tokens (mean of their outputs, which for this linear read is th
 
 ``kind="cross_attention"``: the word maps of `dit_lens.readouts.attention_maps` (the concepts must be words of
 the prompt). Given images (``images`` an ``(n, H, W, 3)`` array in [0, 1]) are encoded by the pipeline's VAE,
-noised to each of `noise_levels` with the noise of `seeds[0]`, and read from one conditional denoiser call per
+noised to each of `noise_levels` with one noise field drawn from `seeds[0]` (the same for every image), and read from one conditional denoiser call per
 level (all images in one batch); the ``step`` dimension then indexes the noise levels.
 
 Examples:
@@ -49,18 +49,21 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from ..model.lens import Lens
-from ..model.tokens import word_tokens
+from ..model.tokens import max_tokens, prompt_text, word_tokens
 from ..sampling import Denoiser, check_images, encode
 from ..trace.attention import exposed_weights
 from ..trace.attrs import typed
+from ..trace.capture import DEFAULT_BATCH
 from ..trace.runner import Hook, check_seeds, scheduler_timesteps, traced_generate
 from ..validate import check_guidance
 from .attention_maps import _check_steps, attention_maps
 
-__all__ = ["KINDS", "MAP_DIMS", "concept_maps"]
+__all__ = ["KINDS", "MAP_DIMS", "concept_maps", "noised"]
 
 KINDS = ("output", "cross_attention")
 MAP_DIMS = ("item", "step", "layer", "concept", "row", "col")
+#: Given images per denoiser call.
+GIVEN_BATCH = 16
 
 
 def concept_maps(lens: Lens, images: Any = None, *, prompt: str, concepts: Sequence[str], seeds: Sequence[int] = (0,),
@@ -126,19 +129,22 @@ def concept_maps(lens: Lens, images: Any = None, *, prompt: str, concepts: Seque
         made = words["image"].isel(prompt=0).values
     else:
         reader = _Reader(lens, kind, concepts, tokens, prompt, layers, output_space, joint)
-        runs = [images[i : i + 1] for i in range(len(images))] if given else [[s] for s in seeds]
-        values, made = [], []
-        for run in tqdm(runs, desc=f"concept maps ({kind})", unit="item", disable=not progress):
-            if given:
-                values.append(reader.given(run, levels, seeds[0], guidance_scale))
-                made.append(run[0])
-            else:
-                m, image = reader.generated(run[0], num_inference_steps, guidance_scale, recorded)
-                values.append(m)
-                made.append(image)
-        rows, cols = lens.token_grid
-        values = np.stack(values).reshape(len(runs), len(recorded), len(layers), len(concepts), rows, cols)
-        made = np.stack(made)
+        if given:
+            latents = encode(lens, images)  # (n, C, h, w)
+            draw = torch.Generator("cpu").manual_seed(seeds[0])  # one noise field for every image: no image's
+            noise = torch.randn((1, *latents.shape[1:]), generator=draw).to(latents).expand_as(latents)  # maps
+            # depend on the others in the batch
+            chunks = [slice(i, i + GIVEN_BATCH) for i in range(0, len(images), GIVEN_BATCH)]
+            values = [reader.given(latents[c], noise[c], levels, guidance_scale)
+                      for c in tqdm(chunks, desc=f"concept maps ({kind})", unit="batch", disable=not progress)]
+            values, made = np.concatenate(values), images
+        else:
+            batches = [seeds[i : i + DEFAULT_BATCH] for i in range(0, len(seeds), DEFAULT_BATCH)]
+            done = [reader.generated(batch, num_inference_steps, guidance_scale, recorded)
+                    for batch in tqdm(batches, desc=f"concept maps ({kind})", unit="batch", disable=not progress)]
+            values, made = np.concatenate([d[0] for d in done]), np.concatenate([d[1] for d in done])
+        n = len(values)
+        values = values.reshape(n, len(recorded), len(layers), len(concepts), *lens.token_grid)
     return _dataset(lens, values, made, locals())
 
 
@@ -169,27 +175,28 @@ class _Reader:
         if not joint:  # static: per layer, each concept's output (value) or key (key) in that attention
             self.static = {layer: self._static(layer) for layer in self.layers}
 
-    def generated(self, seed, T, guidance_scale, recorded):
-        guided = self.lens.guided(guidance_scale)
+    def generated(self, seeds, T, guidance_scale, recorded):
+        """Maps ``(runs, step, layer, concept, N)`` and images of one traced pipeline call over `seeds`."""
+        guided, self.rows = self.lens.guided(guidance_scale), len(seeds)
         buffer = self._buffer(len(recorded))
         state = {"step": -1}
         index = {t: i for i, t in enumerate(recorded)}
 
         def visit(step, layer, out):
-            buffer[index[step], self.layer_index[layer]] = self._maps(layer, out[-1:] if guided else out)[0]
+            buffer[:, index[step], self.layer_index[layer]] = self._maps(layer, out[-self.rows :] if guided else out)
 
         site = "attn2" if self.kind == "output" else "attn2.weights"
         with ExitStack() as stack:
             self._install(stack, state, lambda: state["step"] in index)
-            result = traced_generate(self.lens, [self.prompt], [seed], num_inference_steps=T,
+            result = traced_generate(self.lens, [self.prompt] * len(seeds), list(seeds), num_inference_steps=T,
                                      guidance_scale=guidance_scale, output_type="np",
                                      hooks=[Hook(site, tuple(self.layers), visit, frozenset(recorded))])
-        return buffer.cpu().numpy(), np.asarray(result.images, np.float32)[0]
+        return buffer.cpu().numpy(), np.asarray(result.images, np.float32)
 
-    def given(self, image, levels, seed, guidance_scale):
-        lens = self.lens
-        latents = encode(lens, image)  # (1, C, h, w)
-        noise = torch.randn(latents.shape, generator=torch.Generator("cpu").manual_seed(int(seed))).to(latents)
+    def given(self, latents, noise, levels, guidance_scale):
+        """Maps ``(images, level, layer, concept, N)`` of encoded images `latents` from one conditional denoiser
+        call per noise level (every image in it)."""
+        lens, self.rows = self.lens, len(latents)
         denoiser = Denoiser(lens, [self.prompt], guidance=guidance_scale)
         buffer = self._buffer(len(levels))
         state = {"step": -1}
@@ -206,19 +213,20 @@ class _Reader:
                     out = output
                     if self.kind == "output":
                         out = lens.part(layer).read("attn2", output, lens.text_tokens())
-                    buffer[state["step"], self.layer_index[layer]] = self._maps(layer, out)[0]
+                    buffer[:, state["step"], self.layer_index[layer]] = self._maps(layer, out)
 
                 handle = module.register_forward_hook(hook)
                 stack.callback(handle.remove)
             for i, level in enumerate(levels):
-                noisy, timestep = _noised(lens, latents, noise, level)
+                noisy, timestep = noised(lens, latents, noise, level)
                 state["step"] = i - 1  # the denoiser's pre-hook counts the call
-                denoiser.raw(noisy, timestep, [0])
+                denoiser.raw(noisy, timestep, [0] * len(latents))
         return buffer.cpu().numpy()
 
     def _buffer(self, steps: int) -> torch.Tensor:
         queries = self.lens.token_grid[0] * self.lens.token_grid[1]
-        return torch.zeros(steps, len(self.layers), self.n, queries, device=self.lens.device)  # (step, layer, c, N)
+        return torch.zeros(self.rows, steps, len(self.layers), self.n, queries,
+                           device=self.lens.device)  # (rows, step, layer, concept, N)
 
     def _install(self, stack: ExitStack, state: dict, active) -> None:
         """Count denoiser calls; keep what the maps need besides the site tensor: the image queries
@@ -233,7 +241,7 @@ class _Reader:
             for layer in self.layers:
                 def before(_m, args, kwargs, layer=layer):
                     if active():
-                        self.seen[layer] = (args[0] if args else kwargs["hidden_states"])[-1:]
+                        self.seen[layer] = (args[0] if args else kwargs["hidden_states"])[-self.rows :]
 
                 handle = lens.site_module("attn2", layer).register_forward_pre_hook(before, with_kwargs=True)
                 stack.callback(handle.remove)
@@ -244,14 +252,14 @@ class _Reader:
 
             def before_block(_m, _a, kwargs, layer=layer):
                 if active():
-                    stream.update(temb=kwargs["temb"][-1:], rotary=kwargs.get("image_rotary_emb"),
+                    stream.update(temb=kwargs["temb"][-self.rows :], rotary=kwargs.get("image_rotary_emb"),
                                   text=kwargs["encoder_hidden_states"].shape[1])
                     if layer == 0:
-                        stream["c"] = self.stream0
+                        stream["c"] = self.stream0.expand(self.rows, -1, -1)
 
             def before_attention(_m, _a, kwargs, layer=layer, block=block):
                 if active():
-                    self.seen[layer], stream["c"] = _joint_step(block, stream, kwargs["hidden_states"][-1:])
+                    self.seen[layer], stream["c"] = _joint_step(block, stream, kwargs["hidden_states"][-self.rows :])
 
             for module, fn in ((block, before_block), (block.attn, before_attention)):
                 handle = module.register_forward_pre_hook(fn, with_kwargs=True)
@@ -294,12 +302,12 @@ class _Reader:
 
 @torch.no_grad()
 def _joint_step(block: Any, stream: dict, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One joint block on the concept stream: the concepts' attention outputs ``(1, K, C)`` after the text
+    """One joint block on the concept stream: the concepts' attention outputs ``(rows, K, C)`` after the text
     stream's output projection, and the stream after the block (gated residual, feed-forward), as the block
-    moves its text tokens; `image` ``(1, N, C)`` is the block's normed image input."""
+    moves its text tokens; `image` ``(rows, N, C)`` is the block's normed image input."""
     attn, c = block.attn, stream["c"]
     normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(c, emb=stream["temb"])
-    split = lambda x: x.unflatten(-1, (attn.heads, -1))  # (1, S, heads, d)
+    split = lambda x: x.unflatten(-1, (attn.heads, -1))  # (rows, S, heads, d)
     k_x, v_x = split(attn.to_k(image)), split(attn.to_v(image))
     q_c, k_c, v_c = split(attn.add_q_proj(normed)), split(attn.add_k_proj(normed)), split(attn.add_v_proj(normed))
     if attn.norm_k is not None:
@@ -314,7 +322,7 @@ def _joint_step(block: Any, stream: dict, image: torch.Tensor) -> tuple[torch.Te
         k_x = apply_rotary_emb(k_x, tuple(x[stream["text"] :] for x in stream["rotary"]), sequence_dim=1)
     keys, values = torch.cat([k_x, k_c], dim=1), torch.cat([v_x, v_c], dim=1)  # image keys, then concept keys
     out = F.scaled_dot_product_attention(q_c.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2))
-    out = attn.to_add_out(out.transpose(1, 2).flatten(2).to(c.dtype))  # (1, K, C)
+    out = attn.to_add_out(out.transpose(1, 2).flatten(2).to(c.dtype))  # (rows, K, C)
     c = c + gate_msa.unsqueeze(1) * out
     ff_in = block.norm2_context(c) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
     return out, c + gate_mlp.unsqueeze(1) * block.ff_context(ff_in)
@@ -332,7 +340,7 @@ def _text_stream(denoiser: Any, embeds: torch.Tensor) -> torch.Tensor:
     return embeds if norm is None else norm(embeds)
 
 
-def _noised(lens: Lens, latents: torch.Tensor, noise: torch.Tensor, level: float) -> tuple[torch.Tensor, Any]:
+def noised(lens: Lens, latents: torch.Tensor, noise: torch.Tensor, level: float) -> tuple[torch.Tensor, Any]:
     """The latents at noise `level` and the timestep the denoiser takes there: ε/v models at training
     timestep ``round(level · (N − 1))`` (``√ᾱ·z + √(1 − ᾱ)·ε``), flow models at σ = level
     (``(1 − σ)·z + σ·ε``, timestep ``σ · N``)."""
@@ -361,8 +369,12 @@ def _concept_tokens(lens: Lens, prompt: str | None, concepts: list[str]) -> list
     if prompt is not None:
         found = word_tokens(lens, prompt, concepts)
         return [found[c] for c in concepts]
-    out = []
+    out, keep = [], max_tokens(lens)
     for concept in concepts:
+        count = len(lens.pipeline.tokenizer(prompt_text(lens, concept)).input_ids)
+        if keep is not None and count > keep:
+            raise ValueError(f"concept {concept[:40]!r}… makes {count} tokens, more than the {keep} the text encoder "
+                             f"keeps; use a shorter word or phrase")
         try:
             positions = word_tokens(lens, concept, [concept])[concept]
         except ValueError as err:

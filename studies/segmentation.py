@@ -1,0 +1,223 @@
+"""Zero-shot lesion segmentation on the embedded world: which kind of map finds the lesion?
+
+Every map kind in `MAP_KINDS` reads one map of the lesion concept per image over the 8×8 image-token grid;
+`dit_lens.segmentation_scores` scores it (bilinear upsampling, threshold at each map's mean, pixel accuracy,
+mIoU, lesion IoU, mAP, bootstrap intervals over images) against
+
+- **given images**: procedural renders of the world (`dit_lens.world.procedural.render`) with their true lesion
+  masks, read as given images (encoded, noised, one denoiser call per noise level), and
+- **generated images**: the world's own runs of the class's caption, scored against the lesion *segmenter*'s
+  masks (a judge, not ground truth; images where it finds no lesion are left out and counted),
+
+per class with lesions. Choices (noise levels, layers, steps) are tuned per map kind with ``--tune`` on seeds
+100 000 … (never used for measuring) and fixed in `CHOSEN`; the measurement runs on fresh seeds 200 000 ….
+A new map kind (probe maps, SAE feature maps) is one entry of `MAP_KINDS`: a function
+``(lens, label, images_or_seeds, given) -> maps (n, step, layer, row, col)`` of every step and layer it can read.
+
+    python studies/segmentation.py [--quick] [--tune] [--n 32] [--seed-base 200000] [--out DIR]
+
+``--quick``: one class, 4 images, 10 denoising steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+import dit_lens
+from dit_lens.interventions import Steer
+from dit_lens.methods import Vectors
+from dit_lens.metrics.segmentation import METRICS, segmentation_scores
+from dit_lens.readouts.concept_maps import concept_maps, noised
+from dit_lens.sampling import Denoiser, encode
+from dit_lens.storage import claimed, write_record
+from dit_lens.trace.runner import scheduler_timesteps
+from dit_lens.world import endoscopy_pair, load_segmenter
+from dit_lens.world.procedural import caption, render
+
+#: Classes with lesions, each with the normal class of its anatomy (the contrast concept and MedSteer's target).
+CLASSES = {"polyps": "normal cecum", "dyed lifted polyps": "normal cecum", "dyed resection margins": "normal cecum",
+           "ulcerative colitis": "normal cecum", "esophagitis": "normal z-line"}
+LEVELS = (0.1, 0.2, 0.3, 0.5)  # noise levels read from given images (the tuning picks among them)
+T, GUIDANCE, VECTOR_SEEDS = 20, 4.5, 16
+TUNE_BASE = 100_000
+
+
+@dataclass(frozen=True)
+class MapKind:
+    """One kind of map: `read(lens, label, source, given)` -> ``(n, step, layer, row, col)`` lesion maps."""
+
+    read: Callable
+    about: str
+
+
+def _concept(kind: str, space: str = "value") -> Callable:
+    def read(lens, label, source, given):
+        common = dict(prompt=caption(label), kind=kind, output_space=space, progress=False)
+        concepts = [label] if kind == "cross_attention" else [label, CLASSES[label]]
+        if given:
+            ds = concept_maps(lens, source, concepts=concepts, noise_levels=LEVELS, seeds=[0], **common)
+        else:
+            ds = concept_maps(lens, seeds=source, concepts=concepts, num_inference_steps=T, guidance_scale=GUIDANCE,
+                              **common)
+        return ds["map"].sel(concept=label).values, ds["image"].values
+    return read
+
+
+_VECTORS: dict = {}
+
+
+def _gates(lens, label, source, given):
+    """MedSteer's gate g = max(0, h·v) of the class's concept vector (lesion class − normal class, 16 seeds) on
+    attn2's output, at every layer; generated: recorded on a run steered with α = 0 (the plain run); given: at
+    each noise level, with the vector of the step whose timestep is nearest."""
+    if "vectors" not in _VECTORS:
+        _VECTORS["vectors"] = Vectors(lens, seeds=VECTOR_SEEDS, num_inference_steps=T, guidance_scale=GUIDANCE)
+    vector = _VECTORS["vectors"](endoscopy_pair(label, CLASSES[label]))  # (step, layer, channel), unit
+    rows, cols = lens.token_grid
+    if not given:
+        out = dit_lens.generate(lens, caption(label), seeds=source, steer=Steer(vector, alpha=0.0),
+                                record_gates=True, num_inference_steps=T, guidance_scale=GUIDANCE, progress=False)
+        return out["gate"].isel(prompt=0).values, out["image"].isel(prompt=0).sel(branch="original").values
+    latents = encode(lens, source)
+    noise = torch.randn((1, *latents.shape[1:]), generator=torch.Generator().manual_seed(0)).expand_as(latents)
+    times = scheduler_timesteps(lens, T)
+    maps = np.zeros((len(source), len(LEVELS), lens.num_layers, rows * cols), np.float32)
+    denoiser, handles, state = Denoiser(lens, [caption(label)]), [], {}
+    for layer in range(lens.num_layers):
+        def hook(_m, _a, out, layer=layer):
+            v = torch.from_numpy(vector.isel(step=state["step"]).sel(layer=layer).values).to(out)
+            maps[:, state["level"], layer] = (out @ v).clamp(min=0).numpy()
+        handles.append(lens.site_module("attn2", layer).register_forward_hook(hook))
+    try:
+        for i, level in enumerate(LEVELS):
+            noisy, t = noised(lens, latents, noise, level)
+            state.update(level=i, step=int(np.abs(times - t).argmin()))
+            denoiser.raw(noisy, t, [0] * len(source))
+    finally:
+        for h in handles:
+            h.remove()
+    return maps.reshape(len(source), len(LEVELS), lens.num_layers, rows, cols), source
+
+
+#: The map kinds compared. Add one entry per new kind of map.
+MAP_KINDS = {
+    "cross_attention": MapKind(_concept("cross_attention"), "cross-attention word maps (DAAM-style)"),
+    "output": MapKind(_concept("output"), "output-space concept maps, o_c = to_out(to_v(e_c))"),
+    "output_key": MapKind(_concept("output", "key"), "concept maps from the logits q_x·k_c (alternative)"),
+    "medsteer_gate": MapKind(_gates, "MedSteer gate maps max(0, h·v)"),
+}
+
+#: Choices per (source, map kind), fixed from ``--tune`` on seeds 100 000 … (``levels``: indices into LEVELS for
+#: given images, steps as fractions of the run for generated ones; layers as fractions of the depth).
+CHOSEN: dict = {}
+DEFAULT = {"given": {"levels": (1,), "layers": (0.0, 1.0)}, "generated": {"steps": (0.0, 1.0), "layers": (0.0, 1.0)}}
+GRID = {"given": [{"levels": lv, "layers": ly} for lv in ((0,), (1,), (2,), (3,), (0, 1, 2))
+                  for ly in ((0.0, 1.0), (0.0, 0.5), (0.5, 1.0))],
+        "generated": [{"steps": st, "layers": ly} for st in ((0.0, 1.0), (0.0, 0.5), (0.5, 1.0))
+                      for ly in ((0.0, 1.0), (0.0, 0.5), (0.5, 1.0))]}
+
+
+def pooled(maps: np.ndarray, source: str, choice: dict, depth: int) -> np.ndarray:
+    """The mean over the chosen steps (levels) and layers of ``(n, step, layer, row, col)`` maps."""
+    low, high = choice["layers"]
+    layers = [l for l in range(depth) if low * depth <= l < max(high * depth, low * depth + 1)]
+    if source == "given":
+        steps = list(choice["levels"])
+    else:
+        count = maps.shape[1]
+        steps = [t for t in range(count) if choice["steps"][0] * count <= t < choice["steps"][1] * count]
+    return maps[:, steps][:, :, layers].mean((1, 2))
+
+
+def read_all(lens, labels, n, base, sources, kinds, segmenter):
+    """``{(source, label, kind): (maps (n, step, layer, r, c), masks)}`` for seeds ``base … base + n − 1``."""
+    out, left_out = {}, {}
+    for label in labels:
+        seeds = list(range(base, base + n))
+        truth = render([label] * n, seeds)
+        for source in sources:
+            for kind in kinds:
+                start = time.perf_counter()
+                images = truth.images if source == "given" else seeds
+                maps, made = MAP_KINDS[kind].read(lens, label, images, source == "given")
+                masks = truth.lesion if source == "given" else segmenter(made)
+                keep = masks.reshape(n, -1).any(1) & ~masks.reshape(n, -1).all(1)
+                left_out[(source, label)] = int((~keep).sum())
+                out[(source, label, kind)] = (maps[keep], masks[keep])
+                print(f"  read {source} {label!r} {kind}: {time.perf_counter() - start:.1f} s", flush=True)
+    return out, left_out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one class, 4 images, 10 denoising steps")
+    parser.add_argument("--tune", action="store_true", help="pick each kind's choices on seeds 100000+")
+    parser.add_argument("--n", type=int, default=32, help="images per class (default 32)")
+    parser.add_argument("--seed-base", type=int, default=200_000, help="first seed measured (fresh: >= 200000)")
+    parser.add_argument("--sources", nargs="+", default=["given", "generated"], choices=["given", "generated"])
+    parser.add_argument("--kinds", nargs="+", default=list(MAP_KINDS), choices=list(MAP_KINDS))
+    parser.add_argument("--classes", nargs="+", default=list(CLASSES), choices=list(CLASSES))
+    parser.add_argument("--out", default="results/segmentation", help="output folder (claimed)")
+    args = parser.parse_args(argv)
+    global T
+    labels, n, base = args.classes, args.n, args.seed_base
+    if args.quick:
+        labels, n, T = labels[:1], 4, 10
+    if args.tune:
+        base = TUNE_BASE
+    elif base < 200_000:
+        print("measuring on seeds below 200000 (tuning seeds); pass --tune to tune", file=sys.stderr)
+    lens, segmenter = dit_lens.load("embedded"), load_segmenter()
+    torch.set_num_threads(torch.get_num_threads())
+    reads, left_out = read_all(lens, labels, n, base, args.sources, args.kinds, segmenter)
+    results, chosen = [], {}
+    for source in args.sources:
+        for kind in args.kinds:
+            grid = GRID[source] if args.tune else [CHOSEN.get((source, kind), DEFAULT[source])]
+            best = None
+            for choice in grid:
+                maps = np.concatenate([pooled(reads[(source, l, kind)][0], source, choice, lens.num_layers)
+                                       for l in labels])
+                masks = np.concatenate([reads[(source, l, kind)][1] for l in labels])
+                miou = float(segmentation_scores(maps, masks, n_boot=20)["miou"].mean())
+                if best is None or miou > best[0]:
+                    best = (miou, choice)
+            chosen[(source, kind)] = best[1]
+            for label in labels + ["all"]:
+                use = labels if label == "all" else [label]
+                maps = np.concatenate([pooled(reads[(source, l, kind)][0], source, best[1], lens.num_layers)
+                                       for l in use])
+                masks = np.concatenate([reads[(source, l, kind)][1] for l in use])
+                scores = segmentation_scores(maps, masks, n_boot=1000, seed=0)["summary"]
+                row = {"source": source, "kind": kind, "class": label, "n": int(len(maps)), "choice": best[1],
+                       **{m: [round(float(x), 4) for x in scores.sel(metric=m).values] for m in METRICS}}
+                results.append(row)
+                print(f"{source:9s} {kind:15s} {label:24s} n={row['n']:3d} " + "  ".join(
+                    f"{m} {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for m, v in row.items() if m in METRICS), flush=True)
+    if args.tune:
+        print("CHOSEN =", {k: v for k, v in chosen.items()})
+    record = {"study": "segmentation", "tuned" if args.tune else "measured": True, "seeds": [base, base + n - 1],
+              "classes": labels, "num_inference_steps": T, "guidance_scale": GUIDANCE, "levels": LEVELS,
+              "left_out_no_lesion": {f"{s}/{l}": v for (s, l), v in left_out.items()},
+              "chosen": {f"{s}/{k}": v for (s, k), v in chosen.items()}, "results": results,
+              "segmenter": segmenter.fingerprint, **lens.provenance()}
+    claim = claimed(Path(args.out), "segmentation_study", identity={"quick": args.quick, "tune": args.tune,
+                                                                    "n": n, "seed_base": base}, overwrite=True,
+                    what="--out")
+    name = "tuning.json" if args.tune else "results.json"
+    claim.record(name)
+    write_record(claim.path / name, record)
+    print(f"wrote {claim.path / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
