@@ -137,8 +137,7 @@ def probe(
             raise ValueError(f"the {part} set holds one class only ({classes[int(values[0])]!r}); a probe needs "
                              f"both classes in both sets: add runs with the other class, or more seeds")
     shuffled = [_control_labels(y_train, rng) for _ in range(n_controls)]
-    result = _token_cells if token_level else _item_cells
-    out = result(da, layers, steps, train, test, y_train, y_test, shuffled, C, n_boot, seed, progress)
+    out = _cells(da, layers, steps, train, test, y_train, y_test, shuffled, C, n_boot, seed, progress, token_level)
     if token_level:
         rows, cols = _grid(da)
         out["probe_map"] = out["probe_map"].assign_coords(prompt=prompts, seed=[seeds[j] for j in test], row=range(rows),
@@ -217,74 +216,67 @@ def _slabs(da: xr.DataArray, layers: list[int], steps: list[int], progress: bool
                 bar.update()
 
 
-def _item_cells(da, layers, steps, train, test, y_train, y_test, shuffled, C, n_boot, seed, progress) -> xr.Dataset:
-    names = ("accuracy", "control_accuracy", "selectivity")
-    shape = (len(layers), len(steps))
-    out = {f"{n}{b}": np.zeros(shape) for n in names for b in ("", "_low", "_high")}
-    out |= {n: np.zeros(shape) for n in ("train_accuracy", "control_train_accuracy", "control_spread")}
-    out["converged"] = np.zeros(shape, bool)
-    if "token" in da.dims:
+def _cells(da, layers, steps, train, test, y_train, y_test, shuffled, C, n_boot, seed, progress, token) -> xr.Dataset:
+    """Fit the probe and its controls at every cell; their figures as ``(layer, step[, ...])`` arrays."""
+    grid: dict[str, np.ndarray] = {}
+
+    def put(name: str, i: int, j: int, value: Any) -> None:
+        grid.setdefault(name, np.zeros((len(layers), len(steps), *np.shape(value))))[i, j] = value
+
+    if not token and "token" in da.dims:
         da = da.mean("token")
-    for t, layer, x in _slabs(da, layers, steps, progress, "probe"):
-        i, j = layers.index(layer), steps.index(t)
-        x_train, x_test = x[:, train].reshape(-1, x.shape[-1]), x[:, test].reshape(-1, x.shape[-1])
-        model, ok = _fit(x_train, y_train, C)
-        controls = [_fit(x_train, labels, C) for labels in shuffled]
-        correct = model.predict(x_test) == y_test
-        each = np.array([control.predict(x_test) == y_test for control, _ in controls])  # (shuffle, test run)
-        control_correct = each.mean(0)  # per test run: the share of control probes right
-        out["converged"][i, j] = ok and all(done for _, done in controls)
-        out["train_accuracy"][i, j] = np.mean(model.predict(x_train) == y_train)
-        out["control_train_accuracy"][i, j] = np.mean([np.mean(c.predict(x_train) == labels)
-                                                       for (c, _), labels in zip(controls, shuffled)])
-        out["control_spread"][i, j] = each.mean(1).std()
-        values = (correct, control_correct, correct.astype(float) - control_correct)
-        for name, v in zip(names, values):
-            e = estimate(v.astype(float), resamples=n_boot, seed=seed)
-            out[name][i, j], out[f"{name}_low"][i, j], out[f"{name}_high"][i, j] = e.value, e.low, e.high
-    return xr.Dataset({k: (("layer", "step"), v) for k, v in out.items()})
-
-
-def _token_cells(da, layers, steps, train, test, y_train, y_test, shuffled, C, n_boot, seed, progress) -> xr.Dataset:
-    n_prompt, n_test, tokens, width = da.sizes["prompt"], len(test), da.sizes["token"], da.sizes["channel"]
-    names = (*TOKEN_METRICS, *(f"control_{m}" for m in TOKEN_METRICS), "selectivity")
-    shape = (len(layers), len(steps))
-    out = {f"{n}{b}": np.zeros(shape) for n in names for b in ("", "_low", "_high")}
-    out |= {n: np.zeros(shape) for n in ("train_accuracy", "control_train_accuracy", "control_spread", "bias")}
-    out["converged"] = np.zeros(shape, bool)
-    weight, maps = np.zeros((*shape, width)), np.zeros((*shape, n_prompt * n_test * tokens))
-    rng = np.random.default_rng(seed)
-    counts = np.vstack([np.ones(n_prompt * n_test), rng.multinomial(  # row 0: the sample itself
-        n_prompt * n_test, np.full(n_prompt * n_test, 1.0 / (n_prompt * n_test)), size=n_boot)])
-    for t, layer, x in _slabs(da, layers, steps, progress, "probe tokens"):
+    width, runs = da.sizes["channel"], da.sizes["prompt"] * len(test)
+    counts = np.vstack([np.ones(runs), np.random.default_rng(seed).multinomial(  # row 0: the test set itself
+        runs, np.full(runs, 1.0 / runs), size=n_boot)])  # token level: resampled test runs, a run's tokens together
+    for t, layer, x in _slabs(da, layers, steps, progress, "probe tokens" if token else "probe"):
         i, j = layers.index(layer), steps.index(t)
         x_train, x_test = x[:, train].reshape(-1, width), x[:, test].reshape(-1, width)
         model, ok = _fit(x_train, y_train, C)
         controls = [_fit(x_train, labels, C) for labels in shuffled]
-        prob = model.predict_proba(x_test)[:, 1]
-        scores = [np.concatenate([_token_scores(y_test, p, np.repeat(counts[k : k + 100], tokens, axis=1))
-                                  for k in range(0, len(counts), 100)], axis=1)  # (metric, 1 + n_boot)
-                  for p in (prob, *(c.predict_proba(x_test)[:, 1] for c, _ in controls))]  # a run's tokens together
-        real, fake = scores[0], np.mean(scores[1:], axis=0)  # the controls' mean, resample by resample
-        out["control_spread"][i, j] = np.std([s[1, 0] for s in scores[1:]])
-        rows = {**dict(zip(TOKEN_METRICS, real)), **{f"control_{m}": v for m, v in zip(TOKEN_METRICS, fake)},
-                "selectivity": real[1] - fake[1]}
-        for name, v in rows.items():
-            out[name][i, j] = v[0]
-            out[f"{name}_low"][i, j], out[f"{name}_high"][i, j] = np.nanpercentile(v[1:], [2.5, 97.5])
-        out["converged"][i, j] = ok and all(done for _, done in controls)
-        out["train_accuracy"][i, j] = np.mean(model.predict(x_train) == y_train)
-        out["control_train_accuracy"][i, j] = np.mean([np.mean(c.predict(x_train) == labels)
-                                                       for (c, _), labels in zip(controls, shuffled)])
-        scaler, logistic = model[0], model[1]
-        weight[i, j] = logistic.coef_[0] / scaler.scale_  # the probe in the capture's units
-        out["bias"][i, j] = logistic.intercept_[0] - float(weight[i, j] @ scaler.mean_)
-        maps[i, j] = prob
-    data = {k: (("layer", "step"), v) for k, v in out.items()}
-    data["weight"] = (("layer", "step", "channel"), weight)
-    rows, cols = _grid(da)
-    data["probe_map"] = (("layer", "step", "prompt", "seed", "row", "col"), maps.reshape(*shape, n_prompt, n_test, rows, cols))
+        put("converged", i, j, ok and all(done for _, done in controls))
+        put("train_accuracy", i, j, np.mean(model.predict(x_train) == y_train))
+        put("control_train_accuracy", i, j, np.mean([np.mean(c.predict(x_train) == labels)
+                                                     for (c, _), labels in zip(controls, shuffled)]))
+        if token:
+            figures, spread, prob = _token_figures(model, [c for c, _ in controls], x_test, y_test, counts)
+            scaler, logistic = model[0], model[1]
+            put("weight", i, j, logistic.coef_[0] / scaler.scale_)  # the probe in the capture's units
+            put("bias", i, j, logistic.intercept_[0] - float(grid["weight"][i, j] @ scaler.mean_))
+            put("probe_map", i, j, prob)
+        else:
+            correct = model.predict(x_test) == y_test
+            each = np.array([c.predict(x_test) == y_test for c, _ in controls])  # (shuffle, test run)
+            spread = each.mean(1).std()
+            per_run = (correct, each.mean(0), correct - each.mean(0))  # control: the share of control probes right
+            figures = {name: estimate(v.astype(float), resamples=n_boot, seed=seed)
+                       for name, v in zip(("accuracy", "control_accuracy", "selectivity"), per_run)}
+            figures = {name: (e.value, e.low, e.high) for name, e in figures.items()}
+        put("control_spread", i, j, spread)
+        for name, (value, low, high) in figures.items():
+            put(name, i, j, value), put(f"{name}_low", i, j, low), put(f"{name}_high", i, j, high)
+    grid["converged"] = grid["converged"].astype(bool)
+    data = {k: (("layer", "step"), v) for k, v in grid.items() if v.ndim == 2}
+    if token:
+        rows, cols = _grid(da)
+        data["weight"] = (("layer", "step", "channel"), grid["weight"])
+        data["probe_map"] = (("layer", "step", "prompt", "seed", "row", "col"),
+                             grid["probe_map"].reshape(len(layers), len(steps), da.sizes["prompt"], len(test), rows, cols))
     return xr.Dataset(data)
+
+
+def _token_figures(model, controls: list, x_test: np.ndarray, y_test: np.ndarray, counts: np.ndarray):
+    """Token accuracy, balanced accuracy and AUC of the probe and of its controls (their mean, resample by
+    resample), selectivity, each as (value, low, high); the controls' spread; the probe's test probabilities."""
+    tokens = len(y_test) // counts.shape[1]
+    prob = model.predict_proba(x_test)[:, 1]
+    scores = [np.concatenate([_token_scores(y_test, p, np.repeat(counts[k : k + 100], tokens, axis=1))
+                              for k in range(0, len(counts), 100)], axis=1)  # (metric, 1 + n_boot)
+              for p in (prob, *(c.predict_proba(x_test)[:, 1] for c in controls))]
+    real, fake = scores[0], np.mean(scores[1:], axis=0)
+    rows = {**dict(zip(TOKEN_METRICS, real)), **{f"control_{m}": v for m, v in zip(TOKEN_METRICS, fake)},
+            "selectivity": real[1] - fake[1]}
+    figures = {name: (v[0], *np.nanpercentile(v[1:], [2.5, 97.5])) for name, v in rows.items()}
+    return figures, np.std([s[1, 0] for s in scores[1:]]), prob
 
 
 def _token_scores(y: np.ndarray, prob: np.ndarray, w: np.ndarray) -> np.ndarray:
