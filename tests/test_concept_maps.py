@@ -303,3 +303,21 @@ def test_joint_blocks_without_a_text_output_are_refused():
     with pytest.raises(ValueError, match="noise_levels"):
         concept_maps(lens, np.zeros((1, 16, 16, 3), np.float32), prompt=PROMPT, concepts=CONCEPTS,
                      noise_levels=[0.0], progress=False)
+
+
+def test_figure_and_explorer_show_each_concepts_pooled_map(tmp_path):
+    from dit_lens.views.concept_maps import concept_maps_figure, overlay, write_concept_explorer
+
+    lens = load(BUILDERS["pixart"]())
+    ds = concept_maps(lens, prompt=PROMPT, concepts=CONCEPTS, seeds=SEEDS, num_inference_steps=T, progress=False)
+    fig = concept_maps_figure(ds)
+    assert len(fig.axes) == len(SEEDS) * (1 + len(CONCEPTS))
+    assert "output-space concept maps" in fig._suptitle.get_text()
+    page = write_concept_explorer(ds, tmp_path / "maps" / "page.html").read_text()
+    assert page.count("data:image/png;base64,") == len(SEEDS) * (1 + len(CONCEPTS))
+    assert "<select id='concept'><option value='polyp'>polyp</option><option value='red'>red</option>" in page
+    image, grid = ds["image"][0].values, ds["pooled"].sel(concept="red")[0].values
+    drawn = overlay(image, grid)
+    assert drawn.shape == image.shape and not np.array_equal(drawn, overlay(image, -grid))
+    with pytest.raises(ValueError, match="dit_lens.concept_maps"):
+        write_concept_explorer(ds.drop_vars("pooled"), tmp_path / "x.html")
