@@ -162,6 +162,11 @@ def test_token_probe_agrees_with_sklearn_by_hand_on_a_real_capture(tiny_lens, tm
         # the kept weights map any capture of the model: on the test runs, the same maps
         again = probe_maps(result, ds, layer=2, step=step).sel(seed=test)
         np.testing.assert_allclose(again.values, cell.probe_map.values, rtol=1e-5, atol=1e-7)
+    # or captures the runs it is given, with the probe's settings
+    fresh = probe_maps(result, tiny_lens, prompts=["a polyp"], seeds=test, layer=2, step=1)
+    np.testing.assert_allclose(fresh.values, result.probe_map.sel(layer=2, step=1).values, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match=r"no cell \(layer 0, step 1\)"):
+        probe_maps(result, tiny_lens, prompts=["a polyp"], seeds=test, layer=0, step=1)
 
 
 def test_bad_input_gets_a_clear_error(tmp_path):

@@ -81,7 +81,8 @@ def probe(
         masks: Token level: ``(prompt, seed, H, W)`` or ``(item, H, W)`` booleans (items prompt-major, as
             the store orders its runs), H and W multiples of the token grid; e.g. the world's lesion
             masks or its segmenter's masks of the generated images.
-        site: The captured variable (default: the store's only one).
+        site: The captured variable (default: the store's only one); a capture of both guidance branches is
+            probed on its conditional half.
         layers: Block indices to probe (default: all the store holds).
         steps: Denoising steps to probe (default: all).
         token_level: Probe image tokens (needs a capture with ``reduce=None``) instead of runs.
@@ -150,33 +151,48 @@ def probe(
     return out
 
 
-def probe_maps(result: xr.Dataset, capture: str | Path | xr.Dataset, *, layer: int, step: int) -> xr.DataArray:
-    """The lesion probability of every image token of every run of `capture`, from a token-level probe.
+def probe_maps(result: xr.Dataset, runs: Any, *, layer: int, step: int, prompts: Sequence[str] | None = None,
+               seeds: Iterable[int] | None = None) -> xr.DataArray:
+    """The lesion probability of every image token of every run, from a token-level probe.
 
     Args:
         result: What ``probe(..., token_level=True)`` returned.
-        capture: A token capture (``reduce=None``) of the same model and site: a store path or Dataset.
+        runs: A token capture (``reduce=None``) of the same model and site (a store path or Dataset), or a
+            `dit_lens.Lens`: then `prompts` × `seeds` are captured at `layer` with the probe's capture settings.
         layer, step: The probe's cell to apply.
+        prompts, seeds: The runs to map, with a Lens.
 
     Returns:
         DataArray ``(prompt, seed, row, col)`` in [0, 1] (row-major token grid).
 
     Raises:
         ValueError: `result` is not a token-level probe, the capture has no tokens or comes from another
-            model or site, or the cell was not probed.
+            model, or the cell was not probed.
     """
     if not isinstance(result, xr.Dataset) or "weight" not in result:
-        raise ValueError("probe_maps needs a token-level probe: the Dataset of probe(..., token_level=True), which holds its 'weight'")
-    ds, _ = _open(capture)
+        raise ValueError("probe_maps needs a token-level probe: the Dataset of probe(..., token_level=True), which "
+                         "holds its 'weight'")
+    if layer not in result["layer"].values or step not in result["step"].values:
+        raise ValueError(f"the probe has no cell (layer {layer}, step {step}); it has layers "
+                         f"{result['layer'].values.tolist()} and steps {result['step'].values.tolist()}")
     site = result.attrs["site"]
+    if hasattr(runs, "pipeline"):
+        from ..trace.capture import capture
+
+        if not prompts or seeds is None:
+            raise ValueError("probe_maps(result, lens, ...) needs the runs: prompts=[...] and seeds=[...]")
+        settings = {k: result.attrs.get(f"capture_{k}") for k in ("num_inference_steps", "guidance_scale")}
+        if None in settings.values():
+            raise ValueError("the probe's attrs hold no capture settings; capture the runs yourself (reduce=None) "
+                             "with the settings of the probe's capture and pass that")
+        runs = capture(runs, list(prompts), seeds=list(seeds), **settings, layers=[layer], site=site, reduce=None,
+                       label="capture for probe maps")
+    ds, _ = _open(runs)
     theirs, ours = ds.attrs.get("model_fingerprint"), result.attrs.get("model_fingerprint")
     if theirs is not None and ours is not None and theirs != ours:
         raise ValueError(f"the capture comes from model {theirs}, the probe was trained on model {ours}; capture "
                          f"the runs with the probe's model")
     da, _ = _variable(ds, site, True)
-    if layer not in result["layer"].values or step not in result["step"].values:
-        raise ValueError(f"the probe has no cell (layer {layer}, step {step}); it has layers "
-                         f"{result['layer'].values.tolist()} and steps {result['step'].values.tolist()}")
     x = da.sel(layer=layer, step=step).transpose("prompt", "seed", "token", "channel").values.astype(np.float64)
     cell = result.sel(layer=layer, step=step)
     logit = x @ cell["weight"].values + float(cell["bias"])  # (prompt, seed, token)
