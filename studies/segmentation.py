@@ -45,7 +45,7 @@ from dit_lens.world.procedural import caption, render
 #: Classes with lesions, each with the normal class of its anatomy (the contrast concept and MedSteer's target).
 CLASSES = {"polyps": "normal cecum", "dyed lifted polyps": "normal cecum", "dyed resection margins": "normal cecum",
            "ulcerative colitis": "normal cecum", "esophagitis": "normal z-line"}
-LEVELS = (0.1, 0.2, 0.3, 0.5)  # noise levels read from given images (the tuning picks among them)
+LEVELS = (0.05, 0.1, 0.2, 0.3, 0.5)  # noise levels read from given images (the tuning picks among them)
 T, GUIDANCE, VECTOR_SEEDS = 20, 4.5, 16
 TUNE_BASE = 100_000
 
@@ -119,10 +119,11 @@ MAP_KINDS = {
 #: given images, steps as fractions of the run for generated ones; layers as fractions of the depth).
 CHOSEN: dict = {}
 DEFAULT = {"given": {"levels": (1,), "layers": (0.0, 1.0)}, "generated": {"steps": (0.0, 1.0), "layers": (0.0, 1.0)}}
-GRID = {"given": [{"levels": lv, "layers": ly} for lv in ((0,), (1,), (2,), (3,), (0, 1, 2))
-                  for ly in ((0.0, 1.0), (0.0, 0.5), (0.5, 1.0))],
-        "generated": [{"steps": st, "layers": ly} for st in ((0.0, 1.0), (0.0, 0.5), (0.5, 1.0))
-                      for ly in ((0.0, 1.0), (0.0, 0.5), (0.5, 1.0))]}
+LAYERS = ((0.0, 1.0), (0.0, 0.5), (0.5, 1.0), (0.25, 0.75), (0.75, 1.0))
+GRID = {"given": [{"levels": lv, "layers": ly} for lv in ((0,), (1,), (2,), (3,), (4,), (0, 1), (0, 1, 2))
+                  for ly in LAYERS],
+        "generated": [{"steps": st, "layers": ly} for st in ((0.0, 1.0), (0.0, 0.5), (0.5, 1.0), (0.75, 1.0))
+                      for ly in LAYERS]}
 
 
 def pooled(maps: np.ndarray, source: str, choice: dict, depth: int) -> np.ndarray:
