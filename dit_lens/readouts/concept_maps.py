@@ -131,9 +131,9 @@ def concept_maps(lens: Lens, images: Any = None, *, prompt: str, concepts: Seque
         reader = _Reader(lens, kind, concepts, tokens, prompt, layers, output_space, joint)
         if given:
             latents = encode(lens, images)  # (n, C, h, w)
-            draw = torch.Generator("cpu").manual_seed(seeds[0])  # one noise field for every image: no image's
-            noise = torch.randn((1, *latents.shape[1:]), generator=draw).to(latents).expand_as(latents)  # maps
-            # depend on the others in the batch
+            draw = torch.Generator("cpu").manual_seed(seeds[0])  # one noise field for every image, so that
+            noise = torch.randn((1, *latents.shape[1:]), generator=draw).to(latents).expand_as(latents)  # no map
+            # depends on the other images of the batch
             chunks = [slice(i, i + GIVEN_BATCH) for i in range(0, len(images), GIVEN_BATCH)]
             values = [reader.given(latents[c], noise[c], levels, guidance_scale)
                       for c in tqdm(chunks, desc=f"concept maps ({kind})", unit="batch", disable=not progress)]
@@ -145,7 +145,10 @@ def concept_maps(lens: Lens, images: Any = None, *, prompt: str, concepts: Seque
             values, made = np.concatenate([d[0] for d in done]), np.concatenate([d[1] for d in done])
         n = len(values)
         values = values.reshape(n, len(recorded), len(layers), len(concepts), *lens.token_grid)
-    return _dataset(lens, values, made, locals())
+    settings = dict(kind=kind, prompt=prompt, concepts=concepts, seeds=seeds, layers=layers, recorded=recorded,
+                    levels=levels if given else None, num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale, output_space=output_space, tokens=tokens)
+    return _dataset(lens, values, made, settings)
 
 
 class _Reader:
@@ -156,7 +159,6 @@ class _Reader:
         self.lens, self.kind, self.layers, self.prompt = lens, kind, list(layers), prompt
         self.joint, self.space, self.n = joint, output_space, len(concepts)
         self.layer_index = {layer: j for j, layer in enumerate(self.layers)}
-        self.size = 1
         if kind == "cross_attention":  # (keys, concepts): 1 on each word's tokens of the prompt
             self.words = torch.zeros(max(max(t) for t in tokens) + 1, len(concepts), device=lens.device)
             for c, positions in enumerate(tokens):
@@ -185,12 +187,11 @@ class _Reader:
         def visit(step, layer, out):
             buffer[:, index[step], self.layer_index[layer]] = self._maps(layer, out[-self.rows :] if guided else out)
 
-        site = "attn2" if self.kind == "output" else "attn2.weights"
-        with ExitStack() as stack:
+        with ExitStack() as stack:  # (word maps of generated runs are attention_maps')
             self._install(stack, state, lambda: state["step"] in index)
             result = traced_generate(self.lens, [self.prompt] * len(seeds), list(seeds), num_inference_steps=T,
                                      guidance_scale=guidance_scale, output_type="np",
-                                     hooks=[Hook(site, tuple(self.layers), visit, frozenset(recorded))])
+                                     hooks=[Hook("attn2", tuple(self.layers), visit, frozenset(recorded))])
         return buffer.cpu().numpy(), np.asarray(result.images, np.float32)
 
     def given(self, latents, noise, levels, guidance_scale):
@@ -418,7 +419,7 @@ def _check_levels(levels: Any) -> list[float]:
 
 def _dataset(lens: Lens, values: np.ndarray, made: np.ndarray, settings: dict) -> xr.Dataset:
     rows, cols = lens.token_grid
-    given = settings["given"]
+    given = settings["levels"] is not None
     recorded = settings["recorded"]
     coords: dict = {"item": np.arange(values.shape[0]), "step": np.array(recorded, np.int64),
                     "layer": np.array(settings["layers"], np.int64), "concept": list(settings["concepts"]),
