@@ -68,7 +68,9 @@ def probe_figure(result: xr.Dataset, *, annotate: bool | None = None) -> Any:
     classes = " vs ".join(str(c) for c in result.attrs.get("classes", []))
     what = "lesion tokens" if token else classes or "classes"
     control = f"{'balanced ' if token else ''}accuracy − shuffled-label control"
-    fig.suptitle(_wrap(f"linear probe of {result.attrs.get('site', '?')}: {what}; "
+    branch = result.attrs.get("capture_branch")
+    half = f" ({branch} half)" if branch in ("cond", "uncond") else ""
+    fig.suptitle(_wrap(f"linear probe of {result.attrs.get('site', '?')}{half}: {what}; "
                        f"{len(result.attrs.get('train_seeds', []))} training seeds, "
                        f"{len(result.attrs.get('test_seeds', []))} test seeds; selectivity = {control}", 90),
                  fontsize=9)
