@@ -190,6 +190,10 @@ def test_bad_input_gets_a_clear_error(tmp_path):
         probe(ds, labels={"polyps": 1, "normal": 0}, train_fraction=1.0, progress=False)
     with pytest.raises(ValueError, match="no capture store"):
         probe(tmp_path / "absent.zarr", labels={"polyps": 1}, progress=False)
+    unfinished = ds.assign(done=(("prompt", "seed"), np.arange(12).reshape(2, 6) != 3))
+    unfinished.to_zarr(tmp_path / "unfinished.zarr", zarr_format=2)
+    with pytest.raises(ValueError, match="1 unfinished runs of 12"):
+        probe(tmp_path / "unfinished.zarr", labels={"polyps": 1, "normal": 0}, progress=False)
     tokens = capture_like(rng.normal(size=(1, 6, 1, 1, 4, 3)), ["polyps"], token_grid=(2, 2))
     with pytest.raises(ValueError, match=r"masks have shape \(5, 8, 8\); expected \(1, 6, H, W\)"):
         probe(tokens, masks=np.zeros((5, 8, 8), bool), token_level=True, progress=False)

@@ -111,9 +111,7 @@ def probe(
     ds, where = _open(store_or_dataset)
     da, site = _variable(ds, site, token_level)
     layers, steps = _pick(da, "layer", layers), _pick(da, "step", steps)
-    _check_settings(token_threshold, train_fraction, C, n_boot, seed)
-    if not isinstance(n_controls, (int, np.integer)) or n_controls < 1:
-        raise ValueError(f"n_controls must be a positive integer, got {n_controls!r}")
+    _check_settings(token_threshold, train_fraction, C, n_boot, n_controls, seed)
     prompts, seeds = [str(p) for p in da["prompt"].values], [int(s) for s in da["seed"].values]
     rng = np.random.default_rng(seed)
     if len(seeds) < 2:
@@ -146,8 +144,18 @@ def probe(
     out = out.assign_coords(layer=layers, step=steps)
     if "timestep" in da.coords:
         out = out.assign_coords(timestep=("step", da["timestep"].sel(step=steps).values))
-    out.attrs = _attrs(ds, where, site, layers, steps, token_level, token_threshold, train_fraction, C, n_boot, seed,
-                       [seeds[j] for j in train], [seeds[j] for j in test], classes, labels, prompts, shuffled)
+    settings = {"store": where or "", "site": site, "layers": layers, "steps": steps, "token_level": token_level,
+                "train_fraction": train_fraction, "C": C, "n_boot": n_boot, "n_controls": n_controls, "seed": seed,
+                "train_seeds": [seeds[j] for j in train], "test_seeds": [seeds[j] for j in test],
+                "classes": [str(c) for c in classes]}
+    if token_level:
+        settings |= {"token_threshold": token_threshold, "token_labels": "mask share of a token's pixels >= threshold",
+                     "selectivity_of": "balanced_accuracy - control_balanced_accuracy"}
+    else:
+        named = [labels[p] for p in prompts] if isinstance(labels, Mapping) else list(labels)
+        settings |= {"labels": {p: str(v) for p, v in zip(prompts, named)},
+                     "selectivity_of": "accuracy - control_accuracy"}
+    out.attrs = _attrs(ds, settings)
     return out
 
 
@@ -385,15 +393,16 @@ def _pick(da: xr.DataArray, dim: str, chosen: Iterable[int] | None) -> list[int]
     return chosen
 
 
-def _check_settings(token_threshold, train_fraction, C, n_boot, seed) -> None:
+def _check_settings(token_threshold, train_fraction, C, n_boot, n_controls, seed) -> None:
     if not 0 < float(train_fraction) < 1:
         raise ValueError(f"train_fraction must be between 0 and 1 (exclusive), got {train_fraction!r}")
     if not 0 < float(token_threshold) <= 1:
         raise ValueError(f"token_threshold must be in (0, 1], got {token_threshold!r}")
     if not float(C) > 0:
         raise ValueError(f"C must be positive, got {C!r}")
-    if int(n_boot) < 1 or int(seed) < 0:
-        raise ValueError(f"n_boot must be at least 1 and seed non-negative, got {n_boot!r} and {seed!r}")
+    if int(n_boot) < 1 or int(n_controls) < 1 or int(seed) < 0:
+        raise ValueError(f"n_boot and n_controls must be at least 1 and seed non-negative, got {n_boot!r}, "
+                         f"{n_controls!r} and {seed!r}")
 
 
 def _item_labels(labels: Any, prompts: list[str]) -> tuple[np.ndarray, list]:
@@ -451,29 +460,18 @@ def _token_labels(masks: Any, da: xr.DataArray, prompts: list[str], seeds: list[
     return (share >= threshold).reshape(n_p, n_s, rows * cols)
 
 
-def _attrs(ds, where, site, layers, steps, token_level, token_threshold, train_fraction, C, n_boot, seed,
-           train_seeds, test_seeds, classes, labels, prompts, shuffled) -> dict:
+def _attrs(ds: xr.Dataset, settings: dict) -> dict:
+    """The capture's provenance (model, capture key and settings), the probe's settings and the versions."""
     import sklearn
 
     from ..version import __version__
 
-    kept = [*PROVENANCE, "capture_key", "token_grid"]
-    attrs = {k: ds.attrs[k] for k in kept if k in ds.attrs}
+    attrs = {k: ds.attrs[k] for k in (*PROVENANCE, "capture_key", "token_grid") if k in ds.attrs}
     attrs |= {k: v for k, v in ds.attrs.items() if str(k).startswith("capture_")}
-    attrs |= {
-        "store": where or "", "site": site, "layers": layers, "steps": steps, "token_level": token_level,
-        "train_fraction": train_fraction, "C": C, "n_boot": n_boot, "seed": seed,
-        "train_seeds": train_seeds, "test_seeds": test_seeds, "classes": [str(c) for c in classes],
+    return typed(attrs | settings | {
         "probe": "Pipeline(StandardScaler(), LogisticRegression(C, class_weight='balanced', max_iter=1000))",
         "control": "training labels shuffled within the training set, stratified by true class; scored on the "
-                   "true test labels; mean over n_controls shuffles", "n_controls": len(shuffled),
+                   "true test labels; mean over n_controls shuffles",
         "intervals": "95% percentile bootstrap over test runs",
         "sklearn_version": sklearn.__version__, "dit_lens_version": __version__,
-    }
-    if token_level:
-        attrs |= {"token_threshold": token_threshold, "token_labels": "mask share of a token's pixels >= threshold",
-                  "selectivity_of": "balanced_accuracy - control_balanced_accuracy"}
-    else:
-        values = [labels[p] for p in prompts] if isinstance(labels, Mapping) else list(labels)
-        attrs |= {"labels": {p: str(v) for p, v in zip(prompts, values)}, "selectivity_of": "accuracy - control_accuracy"}
-    return typed(attrs)
+    })
