@@ -227,16 +227,20 @@ def _fit(x: np.ndarray, y: np.ndarray, C: float) -> tuple[Any, bool]:
 
 
 def _slabs(da: xr.DataArray, layers: list[int], steps: list[int], progress: bool, name: str):
-    """``(step, layer, values (prompt, seed[, token], channel))`` cell by cell, one step read at a time."""
-    bar = tqdm(total=len(layers) * len(steps), unit="cell", desc=name, disable=not progress)
-    with bar:
+    """``(step, layer, values (prompt, seed[, token], channel))`` cell by cell: a step's layers read at once from
+    a token-mean capture, one cell at a time from a token capture (whose chunks are cells)."""
+    def read(t: int, chosen: list[int]) -> np.ndarray:
+        values = da.sel(step=t, layer=chosen).transpose("layer", "prompt", "seed", ...).values.astype(np.float64)
+        if not np.isfinite(values).all():
+            raise ValueError(f"the capture holds NaN or inf values at step {t}: unfinished or diverged runs; "
+                             f"finish the capture (dit_lens.capture with the same store) first")
+        return values
+
+    with tqdm(total=len(layers) * len(steps), unit="cell", desc=name, disable=not progress) as bar:
         for t in steps:
-            slab = da.sel(step=t, layer=layers).transpose("layer", "prompt", "seed", ...).values.astype(np.float64)
-            if not np.isfinite(slab).all():
-                raise ValueError(f"the capture holds NaN or inf values at step {t}: unfinished or diverged runs; "
-                                 f"finish the capture (dit_lens.capture with the same store) first")
+            slab = None if "token" in da.dims else read(t, layers)
             for k, layer in enumerate(layers):
-                yield t, layer, slab[k]
+                yield t, layer, slab[k] if slab is not None else read(t, [layer])[0]
                 bar.update()
 
 
