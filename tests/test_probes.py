@@ -116,7 +116,8 @@ def token_labels_by_hand(masks, grid, threshold=0.5):
     for i in range(n):
         for r in range(grid):
             for c in range(grid):
-                out[i, r * grid + c] = masks[i, r * cell : (r + 1) * cell, c * cell : (c + 1) * cell].mean() >= threshold
+                block = masks[i, r * cell : (r + 1) * cell, c * cell : (c + 1) * cell]
+                out[i, r * grid + c] = block.mean() >= threshold
     return out
 
 

@@ -139,8 +139,8 @@ def probe(
     out = _cells(da, layers, steps, train, test, y_train, y_test, shuffled, C, n_boot, seed, progress, token_level)
     if token_level:
         rows, cols = _grid(da)
-        out["probe_map"] = out["probe_map"].assign_coords(prompt=prompts, seed=[seeds[j] for j in test], row=range(rows),
-                                              col=range(cols))
+        out["probe_map"] = out["probe_map"].assign_coords(prompt=prompts, seed=[seeds[j] for j in test],
+                                                          row=range(rows), col=range(cols))
     out = out.assign_coords(layer=layers, step=steps)
     if "timestep" in da.coords:
         out = out.assign_coords(timestep=("step", da["timestep"].sel(step=steps).values))
@@ -287,8 +287,8 @@ def _cells(da, layers, steps, train, test, y_train, y_test, shuffled, C, n_boot,
     if token:
         rows, cols = _grid(da)
         data["weight"] = (("layer", "step", "channel"), grid["weight"])
-        data["probe_map"] = (("layer", "step", "prompt", "seed", "row", "col"),
-                             grid["probe_map"].reshape(len(layers), len(steps), da.sizes["prompt"], len(test), rows, cols))
+        shape = (len(layers), len(steps), da.sizes["prompt"], len(test), rows, cols)
+        data["probe_map"] = (("layer", "step", "prompt", "seed", "row", "col"), grid["probe_map"].reshape(shape))
     return xr.Dataset(data)
 
 
@@ -318,7 +318,8 @@ def _token_scores(y: np.ndarray, prob: np.ndarray, w: np.ndarray) -> np.ndarray:
         order = np.argsort(prob, kind="stable")
         sorted_prob, sorted_pos, sorted_w = prob[order], pos[order], w[:, order]
         below = np.concatenate([np.zeros((len(w), 1)), np.cumsum(sorted_w * ~sorted_pos, axis=1)], axis=1)
-        first, last = np.searchsorted(sorted_prob, sorted_prob, "left"), np.searchsorted(sorted_prob, sorted_prob, "right")
+        first = np.searchsorted(sorted_prob, sorted_prob, "left")  # each token's tie group in the sorted order
+        last = np.searchsorted(sorted_prob, sorted_prob, "right")
         wins = below[:, first] + 0.5 * (below[:, last] - below[:, first])  # negatives under each token, ties half
         auc = (sorted_w * sorted_pos * wins).sum(1) / (n_pos * n_neg)
     return np.stack([accuracy, balanced, auc])

@@ -54,7 +54,8 @@ def probe_figure(result: xr.Dataset, *, annotate: bool | None = None) -> Any:
                              layout="constrained")
     for ax, (name, cmap, low, high) in zip(axes, panels):
         values = result[name].transpose("layer", "step").values
-        image = ax.imshow(values, cmap=cmap, vmin=low, vmax=high, origin="lower", aspect="auto", interpolation="nearest")
+        image = ax.imshow(values, cmap=cmap, vmin=low, vmax=high, origin="lower", aspect="auto",
+                          interpolation="nearest")
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.set_ylabel("layer")
