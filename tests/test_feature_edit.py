@@ -94,3 +94,29 @@ def test_bad_edits_are_refused(world, sae):
     with pytest.raises(ValueError, match="trained on the model with fingerprint"):
         generate(other, ["a polyp"], seeds=[0], num_inference_steps=2, edits=FeatureEdit(sae, features=1),
                  progress=False)
+
+
+def test_sae_steer_picks_the_features_the_source_turns_on_and_scale_one_is_the_plain_run(tmp_path):
+    import xarray as xr
+
+    from dit_lens.methods import MethodContext, get
+    from dit_lens.methods.pair import ConceptPair
+    from dit_lens.methods.sae_steer import sae_feature_edit
+
+    lens = load(build_pixart(SPEC, seed=0))
+    pair = ConceptPair("polyp", "normal mucosa", contexts=("a {}",))
+    context = MethodContext(num_inference_steps=2, batch_size=4)
+    settings = get("sae_steer").settings({"window": (0.5, 1.0), "features": 2, "scale": 1.0, "sae_k": 4,
+                                          "vector_seeds": 3})
+    edit, record = sae_feature_edit(lens, pair, settings, context)
+    sae = edit.sae
+    assert sae.layers == (2,) and edit.at.layers == (2,) and sae.k == 4
+    store = xr.open_zarr(sae.store["path"])["attn2"]
+    means = {p: reference_codes(sae, store.sel(prompt=p).values.reshape(-1, lens.width)).mean(0)
+             for p in ("a polyp", "a normal mucosa")}
+    difference = means["a polyp"] - means["a normal mucosa"]
+    assert record["features"] == np.argsort(-difference)[:2].tolist()
+    np.testing.assert_allclose(record["difference"], np.sort(difference)[::-1][:2], rtol=1e-3, atol=1e-6)
+    out = get("sae_steer").run(lens, pair, [40], settings, context=context)
+    np.testing.assert_array_equal(out.image.sel(branch="edited").values, out.image.sel(branch="original").values)
+    assert out.attrs["sae"]

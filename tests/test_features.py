@@ -164,6 +164,8 @@ def test_bad_stores_and_settings_get_clear_errors(world, tmp_path, monkeypatch):
         train_sae(store, **{**SMALL, "k": 40})
     with pytest.raises(ValueError, match="no capture store"):
         train_sae(tmp_path / "nothing.zarr", **SMALL)
+    with pytest.raises(ValueError, match="fewer than one batch of 2000"):
+        train_sae(store, **{**SMALL, "batch_size": 2000, "buffer_tokens": 4000, "tokens": 4000})
     with pytest.raises(ValueError, match="less than one batch"):
         train_sae(store, **{**SMALL, "buffer_tokens": 10, "batch_size": 200})
     monkeypatch.setitem(sys.modules, "sparsify", None)
@@ -224,3 +226,22 @@ def test_dashboard_rates_and_top_images_are_what_the_maps_say(world, sae):
     x = xr.open_zarr(store)["attn2"].sel(prompt="a polyp").values.reshape(-1, lens.width)
     np.testing.assert_allclose(means.sel(prompt="a polyp").values, reference_codes(sae, x).mean(0), rtol=1e-3,
                                atol=1e-5)
+
+
+def test_the_feature_explorer_shows_each_feature_with_its_rates_and_top_images(world, sae, tmp_path):
+    from dit_lens.views.features import overlay, write_feature_explorer
+
+    lens, _, _ = world
+    maps = sae_features(sae, lens, PROMPTS, seeds=[20, 21], num_inference_steps=2, features=[1, 5, 9], progress=False)
+    board = feature_dashboard(maps, top=2)
+    page = write_feature_explorer(board, tmp_path / "page" / "features.html").read_text()
+    assert page.count("<section") == 3 and page.count("<img") == 6
+    for f in (1, 5, 9):
+        assert f'id="f{f}"' in page
+        assert f"{float(board.rate.sel(feature=f, prompt=PROMPTS[0])):.3f}" in page
+    image = np.full((8, 8, 3), 0.5)
+    grid = np.array([[0.0, 2.0], [0.0, 0.0]])
+    laid = overlay(image, grid, 2.0)
+    assert np.array_equal(laid[:4, :4], image[:4, :4]) and laid[0, 4, 0] > 0.5 > laid[0, 4, 1]
+    with pytest.raises(ValueError, match="lacks"):
+        write_feature_explorer(board.drop_vars("rate"), tmp_path / "bad.html")

@@ -202,6 +202,10 @@ def train_sae(store: Any, *, site: str | None = None, layers: Any = None, steps:
         raise ValueError(f"the store holds {len(seeds)} seed(s); an SAE needs seeds to train on and held-out seeds to "
                          f"be measured on: capture at least 2 seeds")
     features = expansion * source.width
+    training_tokens = len(source.prompts) * (len(seeds) - n_held) * source.cell_tokens
+    if training_tokens < batch_size:
+        raise ValueError(f"the store holds {training_tokens} training tokens (prompts × training seeds × steps × layers "
+                         f"× image tokens), fewer than one batch of {batch_size}; lower batch_size or capture more")
     buffer_tokens = check_int(buffer_tokens, "buffer_tokens", minimum=1)
     if max(1, buffer_tokens // source.cell_tokens) * source.cell_tokens < batch_size:
         raise ValueError(f"a buffer of buffer_tokens={buffer_tokens} holds {max(1, buffer_tokens // source.cell_tokens)}"

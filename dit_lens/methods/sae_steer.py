@@ -5,7 +5,8 @@ For a concept pair (source → target), on the same vector seeds MedSteer's vect
 1. capture the SAE's site (``attn2``) at every token, at the blocks of the layer ``window``, for the pair's
    positive (source) and negative (target) prompts, seeds ``0 … vector_seeds − 1``
    (``dit_lens.capture(..., reduce=None)``, content-addressed in the cache, so a re-run reads it back);
-2. train a TopK SAE on that store (`dit_lens.train_sae`, ``k = sae_k``, expansion 4; cached the same way);
+2. train a TopK SAE on that store (`dit_lens.train_sae`, ``k = sae_k``, expansion 4, 32 passes over its training
+   tokens up to 2**18 tokens; cached the same way);
 3. pick the ``features`` features whose mean activation (over those seeds, steps, blocks and image tokens)
    is most larger on the source prompts than on the target prompts — the features the source concept turns on;
 4. run the source prompt with a `FeatureEdit` scaling those features by ``scale`` (0: ablation) at the
@@ -71,7 +72,10 @@ def sae_feature_edit(lens: Lens, pair: ConceptPair, settings: dict, context: Met
     store = capture(lens, pair.positive() + pair.negative(), seeds=list(range(seeds)), reduce=None, layers=layers,
                     num_inference_steps=context.num_inference_steps, guidance_scale=context.guidance_scale,
                     batch_size=context.batch_size, label="capture tokens for the SAE")
-    sae = train_sae(store, k=settings["sae_k"], progress=context.progress)
+    training = store["attn2"].isel(seed=slice(0, seeds - max(1, round(0.25 * seeds)))).size // lens.width
+    batch = min(1024, max(16, training // 8))  # tokens per step; a store of 16 seeds takes the default 1024
+    sae = train_sae(store, k=settings["sae_k"], batch_size=batch, tokens=max(batch, min(2**18, 32 * training)),
+                    progress=context.progress)
     means = store_feature_means(sae, store)
     difference = (means.sel(prompt=pair.positive()).mean("prompt")
                   - means.sel(prompt=pair.negative()).mean("prompt")).values  # (feature,)
