@@ -58,7 +58,7 @@ class MapKind:
     about: str
 
 
-def _concept(kind: str, space: str = "value") -> Callable:
+def _concept(kind: str, space: str = "prototype") -> Callable:
     def read(lens, label, source, given):
         common = dict(prompt=caption(label), kind=kind, output_space=space, progress=False)
         concepts = [label] if kind == "cross_attention" else [label, CLASSES[label]]
@@ -110,7 +110,8 @@ def _gates(lens, label, source, given):
 #: The map kinds compared. Add one entry per new kind of map.
 MAP_KINDS = {
     "cross_attention": MapKind(_concept("cross_attention"), "cross-attention word maps (DAAM-style)"),
-    "output": MapKind(_concept("output"), "output-space concept maps, o_c = to_out(to_v(e_c))"),
+    "output": MapKind(_concept("output"), "output-space concept maps, o_c the image outputs the concept attends to"),
+    "output_value": MapKind(_concept("output", "value"), "output-space maps, o_c = to_out(to_v(e_c)) (alternative)"),
     "output_key": MapKind(_concept("output", "key"), "concept maps from the logits q_x·k_c (alternative)"),
     "medsteer_gate": MapKind(_gates, "MedSteer gate maps max(0, h·v)"),
 }

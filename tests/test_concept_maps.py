@@ -52,25 +52,48 @@ def concept_embeddings(lens):
     return out
 
 
-def cross_reference(lens):
-    """PixArt, SANA: softmax over concepts of ⟨attn2 output, mean over tokens of to_out(to_v(e))⟩, written out."""
-    state, maps = {"t": -1}, {}
+def cross_reference(lens, space="prototype"):
+    """PixArt, SANA, written out from the attn2 module's own inputs and output (cond rows): ``"value"``: softmax over
+    concepts of ⟨o_x, mean over the concept's tokens of to_out(to_v(e))⟩; ``"prototype"``: a_c = softmax over image
+    tokens of the head-mean of q_x·k_c/√d (k_c the mean key of the concept's tokens), o_c = Σ_x a_c(x) o_x."""
+    state, maps, queries = {"t": -1}, {}, {}
     concepts = concept_embeddings(lens)
+
+    def before(layer):
+        def fn(_m, args, _kwargs):
+            queries[layer] = args[0][len(SEEDS):].double()
+        return fn
 
     def hook(layer):
         attn = lens.blocks[layer].attn2
 
         def fn(_m, _a, out):
-            vals = []
-            for e in concepts:
-                v = e @ attn.to_v.weight.double().T + attn.to_v.bias.double()
-                o = v @ attn.to_out[0].weight.double().T + attn.to_out[0].bias.double()
-                vals.append(o.mean(0))
-            logits = out[len(SEEDS):].double() @ torch.stack(vals).T  # (seeds, N, concepts), cond rows
-            maps[(state["t"], layer)] = logits.softmax(-1)
+            out = out[len(SEEDS):].double()  # (seeds, N, C), cond rows
+            if space == "value":
+                vals = []
+                for e in concepts:
+                    v = e @ attn.to_v.weight.double().T + attn.to_v.bias.double()
+                    vals.append((v @ attn.to_out[0].weight.double().T + attn.to_out[0].bias.double()).mean(0))
+                prototypes = torch.stack(vals)[None].expand(len(SEEDS), -1, -1)  # (seeds, concepts, C)
+            else:
+                heads = attn.heads
+                q = queries[layer] @ attn.to_q.weight.double().T + attn.to_q.bias.double()
+                q = q.unflatten(-1, (heads, -1))  # (s, N, h, d)
+                prototypes, logits = [], []
+                for e in concepts:
+                    k = (e @ attn.to_k.weight.double().T + attn.to_k.bias.double()).unflatten(-1, (heads, -1))
+                    logit = (q * k.mean(0)).sum(-1).mean(-1) / q.shape[-1] ** 0.5  # (s, N)
+                    logits.append(logit)
+                    prototypes.append((logit.softmax(-1)[..., None] * out).sum(1))  # (s, C)
+                prototypes = torch.stack(prototypes, 1)
+                if space == "key":
+                    maps[(state["t"], layer)] = torch.stack(logits, -1).softmax(-1)
+                    return
+            maps[(state["t"], layer)] = (out @ prototypes.transpose(1, 2)).softmax(-1)  # (s, N, concepts)
         return fn
 
     hooks = [(lens.denoiser, lambda m, a, k: state.__setitem__("t", state["t"] + 1), True)]
+    hooks += [(lens.blocks[l].attn2, before(l), True) for l in range(lens.num_layers)]
     hooks += [(lens.blocks[l].attn2, hook(l), False) for l in range(lens.num_layers)]
     return plain_batch(lens, hooks), maps
 
@@ -133,17 +156,20 @@ def joint_reference(lens, layers):
     return plain_batch(lens, hooks), maps
 
 
-@pytest.mark.parametrize("family", list(BUILDERS))
-def test_output_maps_match_raw_hook_recomputation_and_leave_the_run_unchanged(family):
+@pytest.mark.parametrize("family, space", [("pixart", "prototype"), ("pixart", "value"), ("pixart", "key"),
+                                           ("sana", "prototype"), ("sana", "value"), ("sd3", "prototype"),
+                                           ("flux", "prototype")])
+def test_output_maps_match_raw_hook_recomputation_and_leave_the_run_unchanged(family, space):
     lens = load(BUILDERS[family]())
-    ds = concept_maps(lens, prompt=PROMPT, concepts=CONCEPTS, seeds=SEEDS, num_inference_steps=T, progress=False)
+    ds = concept_maps(lens, prompt=PROMPT, concepts=CONCEPTS, seeds=SEEDS, num_inference_steps=T, output_space=space,
+                      progress=False)
     layers = [int(l) for l in ds.layer.values]
     if family in ("pixart", "sana"):
-        images, reference = cross_reference(lens)
+        images, reference = cross_reference(lens, space)
         assert layers == list(range(lens.num_layers))
     else:
         images, reference = joint_reference(lens, layers)
-        assert layers == ([0, 1] if family == "sd3" else [0, 1])  # SD3's last block, Flux's single block: no text out
+        assert layers == [0, 1]  # SD3's last block, Flux's single block: no text-stream output
     np.testing.assert_array_equal(ds["image"].values, images)  # the run is the plain one, bit for bit
     assert len(reference) == T * len(layers)
     for (step, layer), want in reference.items():
@@ -183,7 +209,7 @@ def test_given_images_one_conditional_call_per_level(kind):
                                                      with_kwargs=True)
     try:
         ds = concept_maps(lens, images, prompt=PROMPT, concepts=CONCEPTS, noise_levels=levels, kind=kind,
-                          progress=False)
+                          output_space="value", progress=False)
     finally:
         handle.remove()
     assert calls == [3, 3]  # one conditional call per level, every image in it
@@ -250,11 +276,11 @@ def test_key_space_alternative_and_multi_token_pooling():
     lens = load(BUILDERS["pixart"]())
     ds = concept_maps(lens, prompt=PROMPT, concepts=["polyp", "red"], seeds=[0], num_inference_steps=T,
                       output_space="key", progress=False)
-    value = concept_maps(lens, prompt=PROMPT, concepts=["polyp", "red"], seeds=[0], num_inference_steps=T,
-                         progress=False)
-    assert ds.attrs["output_space"] == "key" and value.attrs["output_space"] == "value"
-    assert not np.allclose(ds["map"].values, value["map"].values)
-    np.testing.assert_array_equal(ds["image"].values, value["image"].values)
+    default = concept_maps(lens, prompt=PROMPT, concepts=["polyp", "red"], seeds=[0], num_inference_steps=T,
+                           progress=False)
+    assert ds.attrs["output_space"] == "key" and default.attrs["output_space"] == "prototype"
+    assert not np.allclose(ds["map"].values, default["map"].values)
+    np.testing.assert_array_equal(ds["image"].values, default["image"].values)
     assert ds.attrs["concept_tokens"] == {"polyp": [0, 1, 2, 3, 4], "red": [0, 1, 2]}  # ByT5: a token per byte
 
 
@@ -298,6 +324,8 @@ def test_bad_images_are_refused(images, message):
 
 def test_joint_blocks_without_a_text_output_are_refused():
     lens = load(BUILDERS["sd3"]())
+    with pytest.raises(ValueError, match="output_space applies to cross-attention families"):
+        concept_maps(lens, prompt=PROMPT, concepts=CONCEPTS, output_space="value", progress=False)
     with pytest.raises(ValueError, match="no text-stream output"):
         concept_maps(lens, prompt=PROMPT, concepts=CONCEPTS, layers=[2], num_inference_steps=T, progress=False)
     with pytest.raises(ValueError, match="noise_levels"):

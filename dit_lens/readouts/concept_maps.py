@@ -11,12 +11,17 @@ tokens pools its tokens (mean of their outputs, which for this linear read is th
   through the text stream's weights (adaLN, q/k/v, output projection, feed-forward), reset at every step. Their
   queries attend to the image tokens and to each other; nothing attends to them, so the run is unchanged. Flux
   gives its text tokens position 0 (identity rotation), so the concept tokens are not rotated either.
-- Cross-attention families (PixArt, SANA) have no text-stream queries. The nearest equivalent: o_c =
-  ``to_out(to_v(e_c))``, the concept's value vector through the output projection (e_c: its tokens as the
-  cross-attention sees keys). Since the softmax weights of a row add up to 1, an image token's output is the
-  weighted mean, over heads and text tokens, of exactly such vectors; ⟨o_x, o_c⟩ asks how much of the concept
-  the token took in. ``output_space="key"`` is the alternative measured beside it: softmax over concepts of
-  the mean over heads of ``q_x · k_c`` (the cross-attention logits restricted to the concepts).
+- Cross-attention families (PixArt, SANA) have no text-stream queries, and their image tokens' attention outputs
+  are built from text values only. The nearest equivalent, ``output_space="prototype"`` (the default): the
+  concept attends to the image tokens through the only projections that pair text with image, the
+  cross-attention's image queries and the concept's keys: with a_c(x) = softmax over image tokens x of
+  ``q_x · k_c`` (scaled, mean over heads), o_c = Σ_x a_c(x)·o_x, the image outputs the concept draws from
+  (ConceptAttention's o_c = Σ_x softmax(q_c · k_x)·v_x with the roles of query and key mirrored). Two alternatives
+  are measured beside it (`studies/segmentation.py`): ``"value"``, o_c = ``to_out(to_v(e_c))``, the concept's
+  value vector through the output projection (an image token's output is a weighted mean of such vectors, so
+  ⟨o_x, o_c⟩ asks how much of the concept it took in), and ``"key"``, the logits ``q_x · k_c`` themselves
+  softmaxed over the concepts (cross-attention restricted to the concepts). e_c: the concept's tokens as the
+  cross-attention sees its keys (caption projection; SANA's caption norm).
 
 ``kind="cross_attention"``: the word maps of `dit_lens.readouts.attention_maps` (the concepts must be words of
 the prompt). Given images (``images`` an ``(n, H, W, 3)`` array in [0, 1]) are encoded by the pipeline's VAE,
@@ -58,9 +63,11 @@ from ..trace.runner import Hook, check_seeds, scheduler_timesteps, traced_genera
 from ..validate import check_guidance
 from .attention_maps import _check_steps, attention_maps
 
-__all__ = ["KINDS", "MAP_DIMS", "concept_maps", "noised"]
+__all__ = ["KINDS", "MAP_DIMS", "SPACES", "concept_maps", "noised"]
 
 KINDS = ("output", "cross_attention")
+#: What a cross-attention family's concept output is (`concept_maps`' ``output_space``).
+SPACES = ("value", "key", "prototype")
 MAP_DIMS = ("item", "step", "layer", "concept", "row", "col")
 #: Given images per denoiser call.
 GIVEN_BATCH = 16
@@ -69,7 +76,7 @@ GIVEN_BATCH = 16
 def concept_maps(lens: Lens, images: Any = None, *, prompt: str, concepts: Sequence[str], seeds: Sequence[int] = (0,),
                  layers: Sequence[int] | None = None, steps: Sequence[int] | None = None, kind: str = "output",
                  noise_levels: Sequence[float] = (0.5,), num_inference_steps: int = 20, guidance_scale: float = 4.5,
-                 output_space: str = "value", progress: bool = True) -> xr.Dataset:
+                 output_space: str = "prototype", progress: bool = True) -> xr.Dataset:
     """Maps of each concept over the image tokens, per item, step (or noise level), layer.
 
     Args:
@@ -86,8 +93,9 @@ def concept_maps(lens: Lens, images: Any = None, *, prompt: str, concepts: Seque
             the flow noise σ (flow models).
         num_inference_steps: Denoising steps of generated runs.
         guidance_scale: Guidance of generated runs (maps read from the conditional half); Flux's embedded scale.
-        output_space: Cross-attention families, ``kind="output"``: ``"value"`` (o_c = to_out(to_v(e_c))) or
-            ``"key"`` (logits q_x · k_c); see the module docstring.
+        output_space: Cross-attention families, ``kind="output"``: ``"prototype"`` (o_c: the image outputs the
+            concept attends to), ``"value"`` (o_c = to_out(to_v(e_c))) or ``"key"`` (logits q_x · k_c); see the
+            module docstring. Joint-attention families have their concept stream and take only the default.
         progress: Show a progress bar.
 
     Returns:
@@ -102,14 +110,17 @@ def concept_maps(lens: Lens, images: Any = None, *, prompt: str, concepts: Seque
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if output_space not in ("value", "key"):
-        raise ValueError(f"output_space must be 'value' or 'key', got {output_space!r}")
+    if output_space not in SPACES:
+        raise ValueError(f"output_space must be one of {SPACES}, got {output_space!r}")
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
     concepts = _check_concepts(concepts)
     seeds = check_seeds(seeds)
     guidance_scale = check_guidance(guidance_scale)
     joint = lens.family.processor != "cross"
+    if joint and output_space != "prototype":
+        raise ValueError(f"output_space applies to cross-attention families; {lens.family.label or lens.family.name} "
+                         f"reads its concepts' own outputs through the text stream (leave output_space out)")
     layers = _check_layers(lens, layers, kind, joint)
     given = images is not None
     if given:
@@ -274,7 +285,7 @@ class _Reader:
         context = self.stream0
         if attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
-        if self.space == "key":
+        if self.space in ("key", "prototype"):
             keys = attn.to_k(context).unflatten(-1, (attn.heads, -1))  # (1, K, heads, d)
             if attn.norm_k is not None:
                 keys = attn.norm_k(keys)
@@ -290,12 +301,15 @@ class _Reader:
         if self.joint:  # concept outputs (rows, K, C) of this block's concept stream
             concept = torch.einsum("ck,rke->rce", self.pool, self.seen[layer].float())
             logits = torch.einsum("rne,rce->rcn", out.float(), concept)
-        elif self.space == "key":  # mean over heads of q_x · k_c, scaled as the attention scales it
+        elif self.space in ("key", "prototype"):  # mean over heads of q_x · k_c, scaled as the attention scales it
             attn = self.lens.site_module("attn2", layer)
             query = attn.to_q(self.seen[layer]).unflatten(-1, (attn.heads, -1))  # (rows, N, heads, d)
             if attn.norm_q is not None:
                 query = attn.norm_q(query)
             logits = torch.einsum("rnhd,chd->rcn", query.float(), self.static[layer]) * attn.scale / attn.heads
+            if self.space == "prototype":  # the concept's output: the image outputs it is most attended from
+                concept = torch.einsum("rcn,rne->rce", logits.softmax(dim=2), out.float())  # (rows, concepts, C)
+                logits = torch.einsum("rne,rce->rcn", out.float(), concept)
         else:
             logits = torch.einsum("rne,ce->rcn", out.float(), self.static[layer])
         return logits.softmax(dim=1)
@@ -439,7 +453,8 @@ def _dataset(lens: Lens, values: np.ndarray, made: np.ndarray, settings: dict) -
                     seeds=typed(settings["seeds"]), source="given images" if given else "generated",
                     num_inference_steps=int(settings["num_inference_steps"]),
                     guidance_scale=float(settings["guidance_scale"]), token_grid=[rows, cols],
-                    output_space=settings["output_space"] if settings["kind"] == "output" else "",
+                    output_space=("" if settings["kind"] != "output" else "concept stream" if lens.family.processor
+                                  != "cross" else settings["output_space"]),
                     concept_tokens=typed({c: list(t) for c, t in zip(settings["concepts"], settings["tokens"])}))
     if given:
         ds.attrs["noise_levels"] = typed(settings["levels"])
