@@ -205,8 +205,8 @@ def test_given_images_one_conditional_call_per_level(kind):
     images = np.random.default_rng(0).random((3, 16, 16, 3)).astype(np.float32)
     levels = [0.3, 0.7]
     calls = []
-    handle = lens.denoiser.register_forward_pre_hook(lambda m, a, k: calls.append((a[0] if a else k["hidden_states"]).shape[0]),
-                                                     with_kwargs=True)
+    count = lambda m, a, k: calls.append((a[0] if a else k["hidden_states"]).shape[0])  # rows per call
+    handle = lens.denoiser.register_forward_pre_hook(count, with_kwargs=True)
     try:
         ds = concept_maps(lens, images, prompt=PROMPT, concepts=CONCEPTS, noise_levels=levels, kind=kind,
                           output_space="value", progress=False)

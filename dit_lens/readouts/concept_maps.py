@@ -25,8 +25,9 @@ tokens pools its tokens (mean of their outputs, which for this linear read is th
 
 ``kind="cross_attention"``: the word maps of `dit_lens.readouts.attention_maps` (the concepts must be words of
 the prompt). Given images (``images`` an ``(n, H, W, 3)`` array in [0, 1]) are encoded by the pipeline's VAE,
-noised to each of `noise_levels` with one noise field drawn from `seeds[0]` (the same for every image), and read from one conditional denoiser call per
-level (all images in one batch); the ``step`` dimension then indexes the noise levels.
+noised to each of `noise_levels` with one noise field drawn from `seeds[0]` (the same for every image), and
+read from one conditional denoiser call per level (all images in one batch); the ``step`` dimension then
+indexes the noise levels.
 
 Examples:
     >>> from dit_lens import load
