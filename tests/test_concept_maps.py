@@ -289,7 +289,9 @@ def test_same_seed_same_maps():
     a = concept_maps(lens, prompt=PROMPT, concepts=CONCEPTS, seeds=[1], num_inference_steps=T, progress=False)
     b = concept_maps(lens, prompt=PROMPT, concepts=CONCEPTS, seeds=[1], num_inference_steps=T, progress=False)
     np.testing.assert_array_equal(a["map"].values, b["map"].values)
-    assert a.attrs["seeds"] == [1] and a.attrs["kind"] == "output" and "fingerprint" in str(a.attrs)
+    assert a.attrs["seeds"] == [1] and a.attrs["kind"] == "output" and a.attrs["readout"] == "concept_maps"
+    assert a.attrs["num_inference_steps"] == T and a.attrs["concepts"] == CONCEPTS
+    assert a.attrs["maps_of"] == "generated runs" and a.attrs["model_source"] == "<object>"
 
 
 @pytest.mark.parametrize("kwargs, message", [

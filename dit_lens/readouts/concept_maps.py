@@ -449,10 +449,13 @@ def _dataset(lens: Lens, values: np.ndarray, made: np.ndarray, settings: dict) -
                      "image": (("item", "y", "x", "rgb"), made.astype(np.float32))}, coords=coords)
     ds["pooled"] = ds["map"].mean(("step", "layer"))
     ds["pooled"].attrs["description"] = "mean of the per-cell maps over the chosen steps (noise levels) and layers"
+    ds["map"].attrs["description"] = ("softmax over the concepts of <image token's attention output, concept's output>"
+                                      if settings["kind"] == "output" else
+                                      "cross-attention weights (mean over heads) summed over each word's tokens")
     ds.attrs.update(lens.provenance())
-    ds.attrs.update(kind=settings["kind"], prompt=settings["prompt"], concepts=typed(settings["concepts"]),
-                    seeds=typed(settings["seeds"]), source="given images" if given else "generated",
-                    num_inference_steps=int(settings["num_inference_steps"]),
+    ds.attrs.update(readout="concept_maps", kind=settings["kind"], prompt=settings["prompt"],
+                    concepts=typed(settings["concepts"]), seeds=typed(settings["seeds"]),
+                    maps_of="given images" if given else "generated runs", num_inference_steps=int(settings["num_inference_steps"]),
                     guidance_scale=float(settings["guidance_scale"]), token_grid=[rows, cols],
                     output_space=("" if settings["kind"] != "output" else "concept stream" if lens.family.processor
                                   != "cross" else settings["output_space"]),
