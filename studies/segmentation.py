@@ -116,6 +116,9 @@ MAP_KINDS = {
     "medsteer_gate": MapKind(_gates, "MedSteer gate maps max(0, h·v)"),
 }
 
+#: Not maps of the model: the bounds the 8×8 token grid sets (given images, whose true masks are known).
+BOUNDS = ("bound_truth_on_grid", "bound_random")
+
 #: Choices per (source, map kind), fixed from ``--tune`` on seeds 100 000 … (``levels``: indices into LEVELS for
 #: given images, steps as fractions of the run for generated ones; layers as fractions of the depth).
 CHOSEN: dict = {}
@@ -155,6 +158,13 @@ def read_all(lens, labels, n, base, sources, kinds, segmenter):
                 left_out[(source, label)] = int((~keep).sum())
                 out[(source, label, kind)] = (maps[keep], masks[keep])
                 print(f"  read {source} {label!r} {kind}: {time.perf_counter() - start:.1f} s", flush=True)
+            if source == "given":  # what the token grid allows: the true mask's share of each token, and noise
+                shape = (n, len(LEVELS), lens.num_layers, *lens.token_grid)
+                rows, cols = lens.token_grid
+                share = truth.lesion.reshape(n, rows, truth.lesion.shape[1] // rows, cols, -1).mean((2, 4))
+                noise = np.random.default_rng(base).random((n, *lens.token_grid))
+                for kind, grid in (("bound_truth_on_grid", share), ("bound_random", noise)):
+                    out[(source, label, kind)] = (np.broadcast_to(grid[:, None, None], shape), truth.lesion)
     return out, left_out
 
 
@@ -182,8 +192,9 @@ def main(argv=None) -> int:
     reads, left_out = read_all(lens, labels, n, base, args.sources, args.kinds, segmenter)
     results, chosen = [], {}
     for source in args.sources:
-        for kind in args.kinds:
-            grid = GRID[source] if args.tune else [CHOSEN.get((source, kind), DEFAULT[source])]
+        bounds = BOUNDS if source == "given" else ()
+        for kind in list(args.kinds) + list(bounds):
+            grid = GRID[source] if args.tune and kind not in bounds else [CHOSEN.get((source, kind), DEFAULT[source])]
             best = None
             for choice in grid:
                 maps = np.concatenate([pooled(reads[(source, l, kind)][0], source, choice, lens.num_layers)
