@@ -236,7 +236,8 @@ def _slabs(da: xr.DataArray, layers: list[int], steps: list[int], progress: bool
                              f"finish the capture (dit_lens.capture with the same store) first")
         return values
 
-    with tqdm(total=len(layers) * len(steps), unit="cell", desc=name, disable=not progress) as bar:
+    quiet = {} if progress else {"disable": True}  # with progress, TQDM_DISABLE=1 still silences it
+    with tqdm(total=len(layers) * len(steps), unit="cell", desc=name, **quiet) as bar:
         for t in steps:
             slab = None if "token" in da.dims else read(t, layers)
             for k, layer in enumerate(layers):
