@@ -5,8 +5,10 @@ The store is a genuine capture store (`dit_lens.trace.store.CaptureStore`: the l
 hundreds of MB is made in seconds rather than by running a model for minutes; only its size matters here. The
 training runs in a child process that, once its imports are done, caps its own address space
 (``resource.setrlimit(RLIMIT_AS)``) at what it has mapped then plus ``--budget`` MB, less than the store holds,
-and trains on every training token of the store once. It prints the store size, the budget, the peak resident
-memory above the child's baseline, and the tokens per second (torch threads as given).
+and trains on every training token of the store once (zarr's reader threads, two, and glibc's malloc arenas,
+two, are started and fixed before the cap: each new thread maps stack and arena space). It prints the store
+size, the budget, the peak resident memory above the child's baseline, and the tokens per second (torch threads
+as given).
 
 The bound `train_sae` keeps: one buffer of ``buffer_tokens`` (at least one cell) of float32 tokens, shuffled
 (× 3 for the read, the concatenation and the permutation), plus the SAE and Adam's state (4 copies of
@@ -51,7 +53,8 @@ def make_store(path: Path, seeds: int) -> float:
     for i in range(PROMPTS):
         for j in range(seeds):
             codes = np.maximum(rng.normal(size=(STEPS, LAYERS, TOKENS, 32)), 0).astype(np.float32)
-            store.write((i, j), codes @ mixing + 0.05 * rng.normal(size=(STEPS, LAYERS, TOKENS, WIDTH)).astype(np.float32))
+            noise = rng.normal(size=(STEPS, LAYERS, TOKENS, WIDTH)).astype(np.float32)
+            store.write((i, j), codes @ mixing + 0.05 * noise)
         store.mark_done([(i, j) for j in range(seeds)])
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
@@ -63,8 +66,14 @@ def child(store: str, budget_mb: int, threads: int, buffer: int, out: str) -> No
     from dit_lens.features import train_sae
     from dit_lens.features.sae import require_sparsify
 
+    import zarr
+
+    from dit_lens.features.train import open_tokens, read_cell
+
     require_sparsify()
     torch.set_num_threads(threads)
+    zarr.config.set({"threading.max_workers": 2, "async.concurrency": 2})  # a fixed pool, started before the cap
+    read_cell(open_tokens(store), (0, 0))
     mapped = _status("VmSize")
     baseline = _status("VmRSS")
     cap = mapped + budget_mb * 2**20
@@ -111,7 +120,7 @@ def main() -> None:
           f"channels ({time.perf_counter() - start:.0f} s to write)")
     done = subprocess.run([sys.executable, __file__, "--child", str(store), str(folder / "sae"), "--budget",
                            str(args.budget), "--threads", str(args.threads), "--buffer", str(args.buffer)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env={**os.environ, "MALLOC_ARENA_MAX": "2"})
     if done.returncode != 0:
         print(done.stderr[-3000:])
         raise SystemExit(f"training under a {args.budget} MB cap failed (exit {done.returncode})")

@@ -11,7 +11,7 @@ from dit_lens.interventions.feature import FeatureEdit
 from dit_lens.interventions.generate import generate
 from dit_lens.model.where import At
 from dit_lens.testing import build_pixart
-from test_features import SMALL, SPEC, reference_codes, sae, world  # noqa: F401  (fixtures)
+from test_features import SPEC, reference_codes, sae, world  # noqa: F401  (fixtures)
 
 
 def busiest_feature(sae, lens, layer):

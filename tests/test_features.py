@@ -219,7 +219,8 @@ def test_dashboard_rates_and_top_images_are_what_the_maps_say(world, sae):
     peak = act.max(axis=(2, 3, 5, 6))  # (prompt, seed, feature)
     for f in range(0, sae.num_features, 7):
         best = np.unravel_index(np.argmax(peak[..., f]), peak.shape[:2])
-        assert board.top_prompt.values[f, 0] == PROMPTS[best[0]] and board.top_seed.values[f, 0] == [20, 21, 22][best[1]]
+        assert board.top_prompt.values[f, 0] == PROMPTS[best[0]]
+        assert board.top_seed.values[f, 0] == [20, 21, 22][best[1]]
         assert board.top_peak.values[f, 0] >= board.top_peak.values[f, 1]
         np.testing.assert_allclose(board.top_map.values[f, 0], act[best[0], best[1], :, :, f].mean((0, 1)), rtol=1e-6)
     means = store_feature_means(sae, store)

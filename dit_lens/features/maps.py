@@ -71,7 +71,9 @@ def sae_features(sae: SAE, lens: Any, prompts: str | Sequence[str], *, seeds: It
     """
     sae.check_fits(lens, name="the SAE")
     prompts, seeds = check_prompts(prompts), check_seeds(seeds)
-    layers = sae.layers if layers is None else tuple(sorted({int(x) for x in ([layers] if np.isscalar(layers) else layers)}))
+    if layers is not None:
+        layers = tuple(sorted({int(x) for x in ([layers] if np.isscalar(layers) else layers)}))
+    layers = sae.layers if layers is None else layers
     foreign = sorted(set(layers) - set(sae.layers))
     if foreign:
         raise ValueError(f"the SAE was trained on blocks {list(sae.layers)}, not {foreign}; read those blocks or "

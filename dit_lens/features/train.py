@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..storage import MissingError, claim, exclusive, load_torch, save_torch
+from ..storage import DamagedError, claim, exclusive, load_torch, save_torch
 from ..storage.cache import cache_root, content_key
 from ..validate import check_int, is_int
 from .sae import SAE, SAE_FILE, SAE_KIND, load_sae, require_sparsify, write_sae
@@ -132,7 +132,8 @@ def open_tokens(store: Any, site: str | None = None, layers: Any = None, steps: 
     array = zarr.open_group(str(path), mode="r")[site]
     return TokenSource(path, site, array, dict(ds.attrs), tuple(str(p) for p in ds["prompt"].values),
                        tuple(int(s) for s in ds["seed"].values), chosen_steps, chosen_layers,
-                       tuple(have_steps.index(s) for s in chosen_steps), tuple(have_layers.index(x) for x in chosen_layers))
+                       tuple(have_steps.index(s) for s in chosen_steps),
+                       tuple(have_layers.index(x) for x in chosen_layers))
 
 
 def _choose(name: str, value: Any, have: list[int]) -> tuple[int, ...]:
@@ -204,15 +205,18 @@ def train_sae(store: Any, *, site: str | None = None, layers: Any = None, steps:
     features = expansion * source.width
     training_tokens = len(source.prompts) * (len(seeds) - n_held) * source.cell_tokens
     if training_tokens < batch_size:
-        raise ValueError(f"the store holds {training_tokens} training tokens (prompts × training seeds × steps × layers "
-                         f"× image tokens), fewer than one batch of {batch_size}; lower batch_size or capture more")
+        raise ValueError(f"the store holds {training_tokens} training tokens (prompts × training seeds × steps × "
+                         f"layers × image tokens), fewer than one batch of {batch_size}; lower batch_size or capture "
+                         f"more")
     buffer_tokens = check_int(buffer_tokens, "buffer_tokens", minimum=1)
-    if max(1, buffer_tokens // source.cell_tokens) * source.cell_tokens < batch_size:
-        raise ValueError(f"a buffer of buffer_tokens={buffer_tokens} holds {max(1, buffer_tokens // source.cell_tokens)}"
+    per_buffer = max(1, buffer_tokens // source.cell_tokens)
+    if per_buffer * source.cell_tokens < batch_size:
+        raise ValueError(f"a buffer of buffer_tokens={buffer_tokens} holds {per_buffer}"
                          f" cell(s) of {source.cell_tokens} tokens, less than one batch of {batch_size}; raise "
                          f"buffer_tokens or lower batch_size")
     settings = {"kind": kind, "k": k, "expansion": expansion, "tokens": tokens, "batch_size": batch_size,
-                "lr": float(lr) if lr is not None else 2e-4 / math.sqrt(features / 2**14), "seed": check_int(seed, "seed"),
+                "lr": float(lr) if lr is not None else 2e-4 / math.sqrt(features / 2**14),
+                "seed": check_int(seed, "seed"),
                 "held_out": held_out, "buffer_tokens": buffer_tokens,
                 "auxk_alpha": float(auxk_alpha), "dead_after": check_int(dead_after, "dead_after", minimum=1),
                 "sparsify_version": require_sparsify().__version__}
@@ -288,7 +292,7 @@ def _train(sae: SAE, source: TokenSource, checkpoint: Path, resume: bool, every:
     if resume and checkpoint.is_file():
         state = load_torch(checkpoint, what="the SAE checkpoint", fix="delete it to train from the start")
         if state.get("identity") != sae.identity():
-            raise MissingError(f"the checkpoint {checkpoint} was made for other settings; delete it to train anew")
+            raise DamagedError(f"the checkpoint {checkpoint} was made for other settings; delete it to train anew")
         coder.load_state_dict(state["coder"])
         optimizer.load_state_dict(state["optimizer"])
         since_fired, step, epoch, group = state["since_fired"], state["step"], state["epoch"], state["group"]

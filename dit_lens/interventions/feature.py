@@ -22,6 +22,7 @@ Examples:
     >>> h = torch.randn(1, 5, 4)                     # (rows, tokens, C)
     >>> torch.equal(FeatureEdit(sae, features=[3], scale=1.0).apply(h, None)[0], h)
     True
+    >>> from dit_lens.interventions.base import from_dict
     >>> loaded = from_dict(FeatureEdit(load_sae(sae.save(tempfile.mkdtemp() + "/sae")), features=3).to_dict())
     >>> loaded.features, loaded.mode
     ((3,), 'scale')
@@ -40,7 +41,7 @@ import torch
 from ..features.sae import SAE, load_sae
 from ..model.lens import Lens
 from ..model.where import At
-from .base import EditContext, SiteEdit, from_dict, register
+from .base import EditContext, SiteEdit, register
 
 __all__ = ["MODES", "FeatureEdit", "feature_delta"]
 
