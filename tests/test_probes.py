@@ -225,3 +225,20 @@ def test_figure_draws_accuracy_and_selectivity_over_layer_and_step():
     np.testing.assert_allclose(heatmaps[1].images[0].get_array(), result.selectivity.values)
     with pytest.raises(ValueError, match="probe"):
         probe_figure(xr.Dataset({"effect": (("layer",), [1.0])}))
+
+
+def test_a_token_capture_is_probed_on_its_token_means_and_both_branches_on_the_conditional(tiny_lens, tmp_path):
+    from dit_lens import capture
+
+    prompts, seeds, labels = ["a polyp", "normal mucosa"], list(range(6)), [1, 0]
+    settings = dict(seeds=seeds, num_inference_steps=2, batch_size=1)
+    mean = capture(tiny_lens, prompts, **settings, store=tmp_path / "m.zarr")
+    tokens = capture(tiny_lens, prompts, **settings, reduce=None, store=tmp_path / "t.zarr")
+    both = capture(tiny_lens, prompts, **settings, branch="both", store=tmp_path / "b.zarr")
+    a, b = (probe(ds, labels=labels, n_boot=50, progress=False) for ds in (mean, tokens))
+    np.testing.assert_array_equal(a.accuracy.values, b.accuracy.values)
+    np.testing.assert_array_equal(a.control_accuracy.values, b.control_accuracy.values)
+    c = probe(both, labels=labels, n_boot=50, progress=False)
+    np.testing.assert_array_equal(a.accuracy.values, c.accuracy.values)
+    uncond = probe(both.sel(branch="uncond"), labels=labels, n_boot=50, progress=False)
+    assert (uncond.accuracy == 0.5).all()  # the unconditional half never sees the prompt: a seed's two runs are alike
