@@ -108,7 +108,7 @@ def sae_features(sae: SAE, lens: Any, prompts: str | Sequence[str], *, seeds: It
         coords={"prompt": prompts, "seed": seeds, "step": list(steps), "timestep": ("step", timesteps),
                 "layer": list(layers), "feature": chosen.tolist()})
     ds.attrs.update(lens.provenance())
-    ds.attrs.update(site=sae.site, sae_folder=str(sae.folder or ""), sae_digest=sae.digest, sae_k=sae.k,
+    ds.attrs.update(readout="sae_features", site=sae.site, sae_folder=str(sae.folder or ""), sae_digest=sae.digest, sae_k=sae.k,
                     sae_features=sae.num_features, sae_fvu=sae.fvu, num_inference_steps=num_inference_steps,
                     guidance_scale=float(guidance_scale), seeds=typed(seeds), branch="cond")
     return ds
@@ -157,6 +157,7 @@ def feature_dashboard(maps: xr.Dataset, *, features: Any = None, top: int = 6) -
          "top_image": (("feature", "rank", "y", "x", "rgb"), images[p_index, s_index])},
         coords={"feature": act["feature"].values, "rank": np.arange(top)})
     board.attrs.update(maps.attrs)
+    board.attrs["readout"] = "feature_dashboard"  # what `dit_lens.views.features.write_feature_explorer` draws
     return board
 
 
