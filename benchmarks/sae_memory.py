@@ -83,7 +83,7 @@ def child(store: str, budget_mb: int, threads: int, buffer: int, out: str) -> No
     tokens = training // 1024 * 1024
     start = time.perf_counter()
     sae = train_sae(store, k=32, expansion=4, tokens=tokens, batch_size=1024, buffer_tokens=buffer, out=out,
-                    progress=False)
+                    resume=False, progress=False)  # trained again on every run: a timing, not a cache read
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "threads": threads,
@@ -118,7 +118,7 @@ def main() -> None:
         f.stat().st_size for f in store.rglob("*") if f.is_file()) / 2**20
     print(f"store {store}: {size:.0f} MB on disk, {PROMPTS * args.seeds * STEPS * LAYERS * TOKENS} tokens × {WIDTH} "
           f"channels ({time.perf_counter() - start:.0f} s to write)")
-    done = subprocess.run([sys.executable, __file__, "--child", str(store), str(folder / "sae"), "--budget",
+    done = subprocess.run([sys.executable, __file__, "--child", str(store), str(folder / f"sae-{args.seeds}"), "--budget",
                            str(args.budget), "--threads", str(args.threads), "--buffer", str(args.buffer)],
                           capture_output=True, text=True, env={**os.environ, "MALLOC_ARENA_MAX": "2"})
     if done.returncode != 0:
