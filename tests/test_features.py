@@ -207,6 +207,8 @@ def test_feature_maps_refuse_another_model_and_foreign_blocks(world, sae):
         sae_features(small, lens, ["a polyp"], seeds=[0], num_inference_steps=2, layers=[2], progress=False)
     with pytest.raises(ValueError, match="out of range"):
         sae_features(sae, lens, ["a polyp"], seeds=[0], num_inference_steps=2, features=[99], progress=False)
+    with pytest.raises(ValueError, match=r"steps \[2\] are not steps of a run of 2"):
+        sae_features(sae, lens, ["a polyp"], seeds=[0], num_inference_steps=2, steps=[2], progress=False)
 
 
 def test_dashboard_rates_and_top_images_are_what_the_maps_say(world, sae):

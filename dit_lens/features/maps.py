@@ -79,6 +79,9 @@ def sae_features(sae: SAE, lens: Any, prompts: str | Sequence[str], *, seeds: It
         raise ValueError(f"the SAE was trained on blocks {list(sae.layers)}, not {foreign}; read those blocks or "
                          f"train an SAE on them")
     steps = tuple(range(num_inference_steps)) if steps is None else tuple(sorted({int(t) for t in steps}))
+    if not steps or min(steps) < 0 or max(steps) >= num_inference_steps:
+        raise ValueError(f"steps {list(steps)} are not steps of a run of {num_inference_steps} (0.."
+                         f"{num_inference_steps - 1}); pass some of those, or None for all")
     chosen = torch.tensor(sae.check_features(range(sae.num_features) if features is None else features))
     batch_size = check_int(batch_size, "batch_size", minimum=1)
     rows, cols = lens.token_grid
