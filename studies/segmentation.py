@@ -121,7 +121,18 @@ BOUNDS = ("bound_truth_on_grid", "bound_random")
 
 #: Choices per (source, map kind), fixed from ``--tune`` on seeds 100 000 … (``levels``: indices into LEVELS for
 #: given images, steps as fractions of the run for generated ones; layers as fractions of the depth).
-CHOSEN: dict = {}
+CHOSEN: dict = {  # python studies/segmentation.py --tune --n 16 (seeds 100000-100015, 5 classes, n = 80 per source)
+    ("given", "cross_attention"): {"levels": (2,), "layers": (0.75, 1.0)},
+    ("given", "output"): {"levels": (1,), "layers": (0.5, 1.0)},
+    ("given", "output_value"): {"levels": (2,), "layers": (0.75, 1.0)},
+    ("given", "output_key"): {"levels": (2,), "layers": (0.75, 1.0)},
+    ("given", "medsteer_gate"): {"levels": (0, 1), "layers": (0.0, 1.0)},
+    ("generated", "cross_attention"): {"steps": (0.5, 1.0), "layers": (0.75, 1.0)},
+    ("generated", "output"): {"steps": (0.75, 1.0), "layers": (0.5, 1.0)},
+    ("generated", "output_value"): {"steps": (0.5, 1.0), "layers": (0.75, 1.0)},
+    ("generated", "output_key"): {"steps": (0.5, 1.0), "layers": (0.75, 1.0)},
+    ("generated", "medsteer_gate"): {"steps": (0.5, 1.0), "layers": (0.75, 1.0)},
+}
 DEFAULT = {"given": {"levels": (1,), "layers": (0.0, 1.0)}, "generated": {"steps": (0.0, 1.0), "layers": (0.0, 1.0)}}
 LAYERS = ((0.0, 1.0), (0.0, 0.5), (0.5, 1.0), (0.25, 0.75), (0.75, 1.0))
 GRID = {"given": [{"levels": lv, "layers": ly} for lv in ((0,), (1,), (2,), (3,), (4,), (0, 1), (0, 1, 2))
