@@ -179,7 +179,8 @@ def read_all(lens, labels, n, base, sources, kinds, segmenter):
     return out, left_out
 
 
-def main(argv=None) -> int:
+def parse(argv=None) -> argparse.Namespace:
+    """The study's flags (the docs' checks parse commands with this)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one class, 4 images, 10 denoising steps")
     parser.add_argument("--tune", action="store_true", help="pick each kind's choices on seeds 100000+")
@@ -189,7 +190,11 @@ def main(argv=None) -> int:
     parser.add_argument("--kinds", nargs="+", default=list(MAP_KINDS), choices=list(MAP_KINDS))
     parser.add_argument("--classes", nargs="+", default=list(CLASSES), choices=list(CLASSES))
     parser.add_argument("--out", default="results/segmentation", help="output folder (claimed)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
     global T
     labels, n, base = args.classes, args.n, args.seed_base
     if args.quick:
