@@ -5,7 +5,8 @@ from the cross-attention weights, for generated runs and for given images.
 tokens is ``softmax_c ⟨o_x, o_c⟩``, o_x an image token's attention output and o_c the concept's own output in
 the same space (after the attention's output projection). Each concept is encoded alone by the pipeline's text
 encoders, as the pipeline encodes a prompt, then enters the blocks as the prompt does; a concept of several
-tokens pools its tokens (mean of their outputs, which for this linear read is the mean of their maps).
+tokens pools all of them: the mean of their outputs (of their keys, for ``"prototype"`` and ``"key"``), so the
+mean of their similarities before the softmax.
 
 - Joint-attention families (SD3, Flux double-stream blocks): the concept tokens form a stream of their own
   through the text stream's weights (adaLN, q/k/v, output projection, feed-forward), reset at every step. Their
