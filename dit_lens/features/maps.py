@@ -39,7 +39,7 @@ from ..trace.runner import Hook, branch_rows, check_prompts, check_seeds, schedu
 from ..validate import check_int
 from .sae import SAE
 
-__all__ = ["feature_dashboard", "sae_features", "store_feature_means"]
+__all__ = ["feature_dashboard", "sae_features", "store_feature_means", "top_features"]
 
 
 def sae_features(sae: SAE, lens: Any, prompts: str | Sequence[str], *, seeds: Iterable[int] = (0,),
@@ -183,6 +183,31 @@ def store_feature_means(sae: SAE, store: Any) -> xr.DataArray:
                        name="mean_activation")
     out.attrs.update(site=sae.site, sae_digest=sae.digest, seeds=typed(list(source.seeds)))
     return out
+
+
+def top_features(means: xr.DataArray, source: str | Sequence[str], target: str | Sequence[str],
+                 count: int) -> xr.DataArray:
+    """The `count` features most more active on the `source` prompts than on the `target` prompts.
+
+    Args:
+        means: Mean activations ``(prompt, feature)`` (`store_feature_means`).
+        source: The source prompt(s) (their means are averaged).
+        target: The target prompt(s).
+        count: How many features.
+
+    Returns:
+        The difference (source mean − target mean) of the chosen features, largest first, over ``feature``.
+
+    Examples:
+        >>> means = xr.DataArray([[0.0, 2.0, 1.0], [0.5, 0.0, 0.0]], dims=("prompt", "feature"),
+        ...                      coords={"prompt": ["polyp", "normal"], "feature": [0, 1, 2]})
+        >>> top_features(means, "polyp", "normal", 2).feature.values.tolist()
+        [1, 2]
+    """
+    pick = lambda prompts: means.sel(prompt=[prompts] if isinstance(prompts, str) else list(prompts))  # noqa: E731
+    difference = pick(source).mean("prompt") - pick(target).mean("prompt")
+    order = np.argsort(-difference.values, kind="stable")[: check_int(count, "count", minimum=1)]
+    return difference.isel(feature=order).rename("difference")
 
 
 def _store_steps(sae: SAE, store: Any) -> Any:

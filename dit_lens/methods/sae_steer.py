@@ -28,10 +28,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 import xarray as xr
 
-from ..features.maps import store_feature_means
+from ..features.maps import store_feature_means, top_features
 from ..features.train import train_sae
 from ..interventions.feature import FeatureEdit
 from ..interventions.generate import generate
@@ -76,15 +75,13 @@ def sae_feature_edit(lens: Lens, pair: ConceptPair, settings: dict, context: Met
     batch = min(1024, max(16, training // 8))  # tokens per step; a store of 16 seeds takes the default 1024
     sae = train_sae(store, k=settings["sae_k"], batch_size=batch, tokens=max(batch, min(2**18, 32 * training)),
                     progress=context.progress)
-    means = store_feature_means(sae, store)
-    difference = (means.sel(prompt=pair.positive()).mean("prompt")
-                  - means.sel(prompt=pair.negative()).mean("prompt")).values  # (feature,)
-    count = min(settings["features"], sae.num_features)
-    chosen = [int(f) for f in np.argsort(-difference, kind="stable")[:count]]
+    top = top_features(store_feature_means(sae, store), pair.positive(), pair.negative(),
+                       min(settings["features"], sae.num_features))
+    chosen = [int(f) for f in top.feature.values]
     steps = window_steps(settings["steps"], context.num_inference_steps)
     edit = FeatureEdit(sae, features=chosen, mode="scale", scale=settings["scale"], at=At(sae.site, layers, steps))
     record = {"folder": str(sae.folder), "digest": sae.digest, "fvu": sae.fvu, "dead_rate": sae.dead_rate,
-              "dense_rate": sae.dense_rate, "features": chosen, "difference": [float(difference[f]) for f in chosen]}
+              "dense_rate": sae.dense_rate, "features": chosen, "difference": [float(d) for d in top.values]}
     return edit, record
 
 
