@@ -248,3 +248,36 @@ def test_the_feature_explorer_shows_each_feature_with_its_rates_and_top_images(w
     assert np.array_equal(laid[:4, :4], image[:4, :4]) and laid[0, 4, 0] > 0.5 > laid[0, 4, 1]
     with pytest.raises(ValueError, match="lacks"):
         write_feature_explorer(board.drop_vars("rate"), tmp_path / "bad.html")
+
+
+def test_maps_of_given_images_match_a_raw_hook_on_the_noised_denoiser_call(world, sae):
+    from dit_lens.sampling.denoiser import Denoiser
+    from dit_lens.sampling.images import encode
+
+    lens, _, _ = world
+    height, width = lens.pipeline_kwargs["height"], lens.pipeline_kwargs["width"]
+    images = np.random.default_rng(0).random((2, height, width, 3)).astype(np.float32)
+    maps = sae_features(sae, lens, "a polyp", images=images, seeds=[7], noise_levels=[0.3, 0.8], layers=[0, 2])
+    assert maps.activation.dims == ("item", "level", "layer", "feature", "row", "col")
+    latents = encode(lens, images)
+    noise = torch.randn((1, *latents.shape[1:]), generator=torch.Generator("cpu").manual_seed(7)).expand_as(latents)
+    scheduler = lens.pipeline.scheduler
+    seen = {}
+    handle = lens.pipeline.transformer.transformer_blocks[2].attn2.register_forward_hook(
+        lambda m, a, out: seen.__setitem__("h", out.detach().numpy().copy()))
+    try:
+        for level in (0.3, 0.8):
+            t = round(level * (scheduler.config.num_train_timesteps - 1))
+            a = float(scheduler.alphas_cumprod[t])
+            Denoiser(lens, ["a polyp"]).raw(a**0.5 * latents + (1 - a) ** 0.5 * noise, t, [0, 0])
+            for i in range(2):
+                expected = reference_codes(sae, seen["h"][i]).T.reshape(sae.num_features, *lens.token_grid)
+                np.testing.assert_allclose(maps.activation.sel(level=level, layer=2).values[i], expected, rtol=1e-3,
+                                           atol=1e-4)
+    finally:
+        handle.remove()
+    assert not np.allclose(maps.activation.sel(level=0.3).values, maps.activation.sel(level=0.8).values)
+    with pytest.raises(ValueError, match="noise_levels"):
+        sae_features(sae, lens, images=images, noise_levels=[0.0])
+    with pytest.raises(ValueError, match="pass prompts"):
+        sae_features(sae, lens)

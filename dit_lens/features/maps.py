@@ -39,24 +39,32 @@ from ..trace.runner import Hook, branch_rows, check_prompts, check_seeds, schedu
 from ..validate import check_int
 from .sae import SAE
 
-__all__ = ["feature_dashboard", "sae_features", "store_feature_means", "top_features"]
+__all__ = ["feature_dashboard", "image_features", "sae_features", "store_feature_means", "top_features"]
 
 
-def sae_features(sae: SAE, lens: Any, prompts: str | Sequence[str], *, seeds: Iterable[int] = (0,),
-                 num_inference_steps: int = 20, guidance_scale: float = 4.5, layers: Any = None,
-                 steps: Any = None, features: Any = None, batch_size: int = 8, progress: bool = True) -> xr.Dataset:
-    """Feature activations per image token, as maps, from runs of `prompts` × `seeds`.
+def sae_features(sae: SAE, lens: Any, prompts: str | Sequence[str] | None = None, images: Any = None, *,
+                 seeds: Iterable[int] = (0,), num_inference_steps: int = 20, guidance_scale: float = 4.5,
+                 layers: Any = None, steps: Any = None, features: Any = None, noise_levels: Sequence[float] = (0.5,),
+                 batch_size: int = 8, progress: bool = True) -> xr.Dataset:
+    """Feature activations per image token, as maps, from runs of `prompts` × `seeds` (or of given `images`).
+
+    Given `images` ``(n, H, W, 3)`` in [0, 1], each is encoded, noised to each of `noise_levels` with one noise
+    field drawn from ``seeds[0]`` (shared by every image), and read in one conditional denoiser call per level
+    under the one prompt `prompts` (default: the empty prompt): ``activation (item, level, layer, feature, row,
+    col)`` (`image_features`).
 
     Args:
         sae: A trained `SAE` (`dit_lens.train_sae`); it must have been trained on `lens`'s model.
         lens: The `dit_lens.Lens` to run.
-        prompts: One prompt or a list.
-        seeds: Generator seeds.
+        prompts: One prompt or a list (with `images`: the one prompt of the denoiser calls, default empty).
+        images: Images ``(n, H, W, 3)`` in [0, 1] to read instead of generating (`image_features`).
+        seeds: Generator seeds (with `images`: the first draws the noise).
         num_inference_steps: Denoising steps T of the runs.
         guidance_scale: Classifier-free guidance scale.
         layers: Blocks to read (default: the SAE's); each must be one the SAE was trained on.
         steps: Steps to read (default: every step of the run).
         features: Feature indices to keep (default: all).
+        noise_levels: With `images`: the noise levels in (0, 1] they are read at.
         batch_size: Runs per pipeline call.
         progress: Show a progress bar over batches.
 
@@ -70,14 +78,16 @@ def sae_features(sae: SAE, lens: Any, prompts: str | Sequence[str], *, seeds: It
             out of range.
     """
     sae.check_fits(lens, name="the SAE")
-    prompts, seeds = check_prompts(prompts), check_seeds(seeds)
-    if layers is not None:
-        layers = tuple(sorted({int(x) for x in ([layers] if np.isscalar(layers) else layers)}))
-    layers = sae.layers if layers is None else layers
-    foreign = sorted(set(layers) - set(sae.layers))
-    if foreign:
-        raise ValueError(f"the SAE was trained on blocks {list(sae.layers)}, not {foreign}; read those blocks or "
-                         f"train an SAE on them")
+    seeds = check_seeds(seeds)
+    if images is not None:
+        if prompts is not None and not isinstance(prompts, str):
+            raise ValueError("given images are read under one prompt: pass prompts='...' (a string) or None")
+        return image_features(sae, lens, images, prompt=prompts or "", seed=seeds[0], noise_levels=noise_levels,
+                              guidance_scale=guidance_scale, layers=layers, features=features)
+    if prompts is None:
+        raise ValueError("pass prompts to generate and read, or images= to read given images")
+    prompts = check_prompts(prompts)
+    layers = _layers(sae, layers)
     steps = tuple(range(num_inference_steps)) if steps is None else tuple(sorted({int(t) for t in steps}))
     if not steps or min(steps) < 0 or max(steps) >= num_inference_steps:
         raise ValueError(f"steps {list(steps)} are not steps of a run of {num_inference_steps} (0.."
@@ -111,10 +121,90 @@ def sae_features(sae: SAE, lens: Any, prompts: str | Sequence[str], *, seeds: It
         coords={"prompt": prompts, "seed": seeds, "step": list(steps), "timestep": ("step", timesteps),
                 "layer": list(layers), "feature": chosen.tolist()})
     ds.attrs.update(lens.provenance())
-    ds.attrs.update(readout="sae_features", site=sae.site, sae_folder=str(sae.folder or ""), sae_digest=sae.digest, sae_k=sae.k,
-                    sae_features=sae.num_features, sae_fvu=sae.fvu, num_inference_steps=num_inference_steps,
+    ds.attrs.update(readout="sae_features", site=sae.site, sae_folder=str(sae.folder or ""), sae_digest=sae.digest,
+                    sae_k=sae.k, sae_features=sae.num_features, sae_fvu=sae.fvu, num_inference_steps=num_inference_steps,
                     guidance_scale=float(guidance_scale), seeds=typed(seeds), branch="cond")
     return ds
+
+
+def _layers(sae: SAE, layers: Any) -> tuple[int, ...]:
+    """The blocks to read: the SAE's (None), or some of them."""
+    if layers is None:
+        return sae.layers
+    layers = tuple(sorted({int(x) for x in ([layers] if np.isscalar(layers) else layers)}))
+    foreign = sorted(set(layers) - set(sae.layers))
+    if foreign:
+        raise ValueError(f"the SAE was trained on blocks {list(sae.layers)}, not {foreign}; read those blocks or "
+                         f"train an SAE on them")
+    return layers
+
+
+def image_features(sae: SAE, lens: Any, images: Any, *, prompt: str = "", seed: int = 0,
+                   noise_levels: Sequence[float] = (0.5,), guidance_scale: float = 4.5, layers: Any = None,
+                   features: Any = None) -> xr.Dataset:
+    """Feature maps of given images: ``activation (item, level, layer, feature, row, col)`` and ``image (item, y, x,
+    rgb)``.
+
+    Each image is encoded (`dit_lens.sampling.encode`) and noised to each level with one noise field drawn from
+    `seed` (the same for every image, so no map depends on the others in the batch): ε and v models at training
+    timestep ``round(level · (N − 1))`` as ``√ᾱ·z + √(1 − ᾱ)·ε``, flow models at σ = level as
+    ``(1 − σ)·z + σ·ε``.
+    One conditional denoiser call per level under `prompt` is read at the SAE's site and blocks.
+    """
+    from ..sampling.denoiser import Denoiser
+    from ..sampling.images import check_images, encode
+
+    sae.check_fits(lens, name="the SAE")
+    images = check_images(images, lens)
+    levels = [float(x) for x in noise_levels]
+    if not levels or not all(0 < x <= 1 for x in levels):
+        raise ValueError(f"noise_levels must be levels in (0, 1] (a fraction of the noise schedule), got "
+                         f"{list(noise_levels)}")
+    layers = _layers(sae, layers)
+    chosen = torch.tensor(sae.check_features(range(sae.num_features) if features is None else features))
+    rows, cols = lens.token_grid
+    latents = encode(lens, images)  # (n, C, h, w)
+    draw = torch.Generator("cpu").manual_seed(int(seed))
+    noise = torch.randn((1, *latents.shape[1:]), generator=draw).to(latents).expand_as(latents)
+    values = np.zeros((len(images), len(levels), len(layers), len(chosen), rows, cols), np.float32)
+    denoiser = Denoiser(lens, [prompt], guidance=guidance_scale)
+    state = {"level": 0}
+    handles = []
+    try:
+        for j, layer in enumerate(layers):
+            def hook(_module, _args, output, j=j, layer=layer):
+                h = lens.part(layer).read(sae.site, output, lens.text_tokens())  # (n, tokens, C)
+                z = sae.encode(h)[..., chosen]  # (n, tokens, features)
+                values[:, state["level"], j] = z.transpose(1, 2).reshape(len(images), len(chosen), rows, cols).numpy()
+
+            handles.append(lens.site_module(sae.site, layer).register_forward_hook(hook))
+        for i, level in enumerate(levels):
+            state["level"] = i
+            noisy, timestep = _noised(lens, latents, noise, level)
+            with torch.no_grad():
+                denoiser.raw(noisy, timestep, [0] * len(images))
+    finally:
+        for handle in handles:
+            handle.remove()
+    ds = xr.Dataset({"activation": (("item", "level", "layer", "feature", "row", "col"), values),
+                     "image": (("item", "y", "x", "rgb"), images)},
+                    coords={"item": np.arange(len(images)), "level": levels, "layer": list(layers),
+                            "feature": chosen.tolist()})
+    ds.attrs.update(lens.provenance())
+    ds.attrs.update(readout="sae_image_features", site=sae.site, sae_folder=str(sae.folder or ""),
+                    sae_digest=sae.digest, prompt=prompt, seed=int(seed), guidance_scale=float(guidance_scale))
+    return ds
+
+
+def _noised(lens: Any, latents: torch.Tensor, noise: torch.Tensor, level: float) -> tuple[torch.Tensor, Any]:
+    """Latents at noise `level` and the timestep the denoiser takes there (see `image_features`)."""
+    scheduler = lens.pipeline.scheduler
+    steps = scheduler.config.num_train_timesteps
+    if lens.family.sampling == "flow":
+        return (1 - level) * latents + level * noise, level * steps
+    t = int(round(level * (steps - 1)))
+    alpha_bar = float(scheduler.alphas_cumprod[t])
+    return alpha_bar**0.5 * latents + (1 - alpha_bar) ** 0.5 * noise, t
 
 
 def _image_shape(lens: Any) -> tuple[int, int, int]:
