@@ -34,6 +34,7 @@ import torch
 import dit_lens
 from dit_lens.interventions import Steer
 from dit_lens.methods import Vectors
+from dit_lens.metrics.estimates import estimate
 from dit_lens.metrics.segmentation import METRICS, segmentation_scores
 from dit_lens.readouts.concept_maps import concept_maps, noised
 from dit_lens.sampling import Denoiser, encode
@@ -116,6 +117,8 @@ MAP_KINDS = {
     "medsteer_gate": MapKind(_gates, "MedSteer gate maps max(0, h·v)"),
 }
 
+#: The kind every other kind is compared with, image by image.
+BASELINE = "cross_attention"
 #: Not maps of the model: the bounds the 8×8 token grid sets (given images, whose true masks are known).
 BOUNDS = ("bound_truth_on_grid", "bound_random")
 
@@ -206,7 +209,7 @@ def main(argv=None) -> int:
     lens, segmenter = dit_lens.load("embedded"), load_segmenter()
     torch.set_num_threads(torch.get_num_threads())
     reads, left_out = read_all(lens, labels, n, base, args.sources, args.kinds, segmenter)
-    results, chosen = [], {}
+    results, chosen, per_image = [], {}, {}
     for source in args.sources:
         bounds = BOUNDS if source == "given" else ()
         for kind in list(args.kinds) + list(bounds):
@@ -225,12 +228,21 @@ def main(argv=None) -> int:
                 maps = np.concatenate([pooled(reads[(source, l, kind)][0], source, best[1], lens.num_layers)
                                        for l in use])
                 masks = np.concatenate([reads[(source, l, kind)][1] for l in use])
-                scores = segmentation_scores(maps, masks, n_boot=1000, seed=0)["summary"]
+                scored = segmentation_scores(maps, masks, n_boot=1000, seed=0)
+                per_image[(source, kind, label)] = scored["miou"].values
+                scores = scored["summary"]
                 row = {"source": source, "kind": kind, "class": label, "n": int(len(maps)), "choice": best[1],
                        **{m: [round(float(x), 4) for x in scores.sel(metric=m).values] for m in METRICS}}
+                base_kind = (source, BASELINE, label)
+                if kind != BASELINE and base_kind in per_image:  # the same images: a paired difference
+                    gap = estimate(per_image[(source, kind, label)] - per_image[base_kind], resamples=1000, seed=0)
+                    row[f"miou_minus_{BASELINE}"] = [round(x, 4) for x in (gap.value, gap.low, gap.high)]
                 results.append(row)
-                print(f"{source:9s} {kind:15s} {label:24s} n={row['n']:3d} " + "  ".join(
-                    f"{m} {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for m, v in row.items() if m in METRICS), flush=True)
+                gap = row.get(f"miou_minus_{BASELINE}")
+                versus = f"  miou - {BASELINE} {gap[0]:+.3f} [{gap[1]:+.3f}, {gap[2]:+.3f}]" if gap else ""
+                print(f"{source:9s} {kind:19s} {label:24s} n={row['n']:3d} " + "  ".join(
+                    f"{m} {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for m, v in row.items() if m in METRICS) + versus,
+                    flush=True)
     if args.tune:
         print("CHOSEN =", {k: v for k, v in chosen.items()})
     record = {"study": "segmentation", "tuned" if args.tune else "measured": True, "seeds": [base, base + n - 1],
