@@ -12,6 +12,9 @@ For a concept pair (source → target), on the same vector seeds MedSteer's vect
 4. run the source prompt with a `FeatureEdit` scaling those features by ``scale`` (0: ablation) at the
    window's blocks and the ``steps`` window's steps, both guidance halves, the SAE's error term kept.
 
+The defaults (64 features, scale −3) are what turned polyps into another class on the embedded world with
+the background kept (blocks 6–11; ablation alone, scale 0, flipped almost none: RESULTS.md).
+
 The result is a pairs Dataset like every method's (``image (prompt, seed, branch, y, x, rgb)``); attrs
 ``sae`` record the SAE (folder, digest, quality) and the chosen features with their mean differences.
 
@@ -50,9 +53,9 @@ _SHARED = {axis.name: axis for axis in MEDSTEER_AXES}  # an axis name means one 
 AXES = (
     _SHARED["window"],
     _SHARED["steps"],
-    Axis("features", default=(4,), parse=int, check=check_count, key="f", flag="sae-features",
+    Axis("features", default=(64,), parse=int, check=check_count, key="f", flag="sae-features",
          help="how many SAE features to steer: those most more active on the source prompts than the target's"),
-    Axis("scale", default=(0.0,), parse=float, check=check_real, key="s", flag="sae-scales",
+    Axis("scale", default=(-3.0,), parse=float, check=check_real, key="s", flag="sae-scales",
          help="factor on the chosen features' activations (0 = ablation, 1 = no edit)"),
     Axis("sae_k", default=(32,), parse=int, check=check_count, key="k", flag="sae-k",
          help="active features per token of the TopK SAE"),
