@@ -22,15 +22,10 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "Blend": ("dit_lens.interventions.blend", None),
     "LatentDrift": ("dit_lens.interventions.drift", None),
     "Inject": ("dit_lens.interventions.inject", None),
-    "OptimizedNoise": ("dit_lens.interventions.noise_edit", None),
     "optimize_noise": ("dit_lens.optimize.noise", None),
     "Confine": ("dit_lens.interventions.region", None),
     "Region": ("dit_lens.interventions.region", None),
     "AttentionRegulation": ("dit_lens.interventions.regulate", None),
-    "EnergyGuidance": ("dit_lens.interventions.regulate", None),
-    "GateSelfAttention": ("dit_lens.interventions.regulate", None),
-    "RegionReweight": ("dit_lens.interventions.regulate", None),
-    "CaptureSettings": ("dit_lens.trace.capture", None),
     "capture": ("dit_lens.trace.capture", None),
     "write_explorer": ("dit_lens.views.explorer", None),
     "gate_figure": ("dit_lens.views.figures", None),
@@ -59,15 +54,20 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "concept_vector": ("dit_lens.readouts.vectors", None),
     "load_vector": ("dit_lens.readouts.vector_files", None),
     "save_vector": ("dit_lens.readouts.vector_files", None),
-    "FinetuneConfig": ("dit_lens.training", None),
     "finetune": ("dit_lens.training", None),
     "load_anatomy_segmenter": ("dit_lens.world", None),
     "load_oracle": ("dit_lens.world", None),
     "load_segmenter": ("dit_lens.world", None),
+    "concept_maps": ("dit_lens.readouts.concept_maps", None),
+    "segmentation_scores": ("dit_lens.metrics.segmentation", None),
+    "probe": ("dit_lens.readouts.probes", None),
+    "train_sae": ("dit_lens.features.train", None),
+    "sae_features": ("dit_lens.features.maps", None),
+    "FeatureEdit": ("dit_lens.interventions.feature", None),
 }
 
 #: Subpackages and modules reachable as attributes on first use, beside the exports (not in ``__all__``).
-_PACKAGES = frozenset({"accessors", "apps", "experiments", "interventions", "inversion", "model", "optimize",
+_PACKAGES = frozenset({"accessors", "apps", "experiments", "features", "interventions", "inversion", "model", "optimize",
                        "readouts", "sampling", "scale", "storage", "study", "testing", "trace", "training", "validate",
                        "views", "world"})
 
@@ -82,17 +82,12 @@ __all__ = [
     "AttentionRegulation",
     "Blend",
     "Confine",
-    "EnergyGuidance",
-    "GateSelfAttention",
     "Inject",
-    "OptimizedNoise",
     "optimize_noise",
     "Region",
-    "RegionReweight",
     "LatentDrift",
     "Reweight",
     "intervention_from_dict",
-    "CaptureSettings",
     "ConceptPair",
     "Study",
     "methods",
@@ -103,7 +98,6 @@ __all__ = [
     "capture",
     "concept_vector",
     "finetune",
-    "FinetuneConfig",
     "gate_figure",
     "generate",
     "load",
@@ -122,6 +116,12 @@ __all__ = [
     "x0_lens",
     "patching_figure",
     "x0_lens_figure",
+    "concept_maps",
+    "segmentation_scores",
+    "probe",
+    "train_sae",
+    "sae_features",
+    "FeatureEdit",
 ]
 
 
@@ -151,15 +151,10 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .interventions.blend import Blend
     from .interventions.drift import LatentDrift
     from .interventions.inject import Inject
-    from .interventions.noise_edit import OptimizedNoise
     from .optimize.noise import optimize_noise
     from .interventions.region import Confine
     from .interventions.region import Region
     from .interventions.regulate import AttentionRegulation
-    from .interventions.regulate import EnergyGuidance
-    from .interventions.regulate import GateSelfAttention
-    from .interventions.regulate import RegionReweight
-    from .trace.capture import CaptureSettings
     from .trace.capture import capture
     from .views.explorer import write_explorer
     from .views.figures import gate_figure
@@ -188,8 +183,13 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from .readouts.vectors import concept_vector
     from .readouts.vector_files import load_vector
     from .readouts.vector_files import save_vector
-    from .training import FinetuneConfig
     from .training import finetune
     from .world import load_anatomy_segmenter
     from .world import load_oracle
     from .world import load_segmenter
+    from .readouts.concept_maps import concept_maps
+    from .metrics.segmentation import segmentation_scores
+    from .readouts.probes import probe
+    from .features.train import train_sae
+    from .features.maps import sae_features
+    from .interventions.feature import FeatureEdit

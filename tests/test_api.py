@@ -22,3 +22,10 @@ def test_importing_dit_lens_loads_no_model_code():
     script = "import sys, dit_lens; print(sorted(m for m in ('torch', 'diffusers', 'nnsight') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_face_exports_the_user_workflow_in_at_most_50_names():
+    # the rest is reached through its package (dit_lens.interventions.EnergyGuidance, dit_lens.testing.build_pixart)
+    assert len(dit_lens.__all__) == len(set(dit_lens.__all__)) <= 50
+    assert {"capture", "concept_maps", "probe", "train_sae", "FeatureEdit", "patching"} <= set(dit_lens.__all__)
+    assert dit_lens.interventions.EnergyGuidance and dit_lens.features.load_sae and dit_lens.testing.build_pixart

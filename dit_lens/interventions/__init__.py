@@ -7,6 +7,7 @@ pairs.
 - `steer`: `Steer`, MedSteer's gated removal along a concept vector (a site edit), optionally in a region;
 - `blend`: `Blend`, latent blending (a latent edit);
 - `drift`: `LatentDrift`, latent drifting: a constant δ added to every reverse step and to z_T;
+- `feature`: `FeatureEdit`, scaling, clamping or ablating sparse-autoencoder features (a site edit);
 - `inject`: `Inject`, copying the original branch's site output (everywhere, or outside a region);
 - `region`: `Region` masks (image or token grid, shared or per seed) and `Confine`, which keeps the
   original outside a region;
@@ -21,6 +22,7 @@ pairs.
 from .base import Composite, EditContext, Guidance, Intervention, LatentEdit, SiteEdit, from_dict, register
 from .blend import Blend
 from .drift import LatentDrift
+from .feature import FeatureEdit
 from .inject import Inject
 from .noise_edit import OptimizedNoise
 from .region import Confine, Region
@@ -28,6 +30,6 @@ from .reweight import Reweight
 from .regulate import AttentionRegulation, EnergyGuidance, GateSelfAttention, RegionReweight
 from .steer import Steer
 
-__all__ = ["AttentionRegulation", "Blend", "Composite", "Confine", "EditContext", "EnergyGuidance",
+__all__ = ["AttentionRegulation", "Blend", "Composite", "Confine", "EditContext", "EnergyGuidance", "FeatureEdit",
            "GateSelfAttention", "Guidance", "Inject", "Intervention", "LatentDrift", "LatentEdit", "OptimizedNoise",
            "Region", "RegionReweight", "Reweight", "SiteEdit", "Steer", "from_dict", "register"]

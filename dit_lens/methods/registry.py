@@ -11,7 +11,7 @@ What a method needs from outside â€” the sampler settings and concept vectors â€
 
 Examples:
     >>> sorted(names())
-    ['hedit', 'medsteer', 'medsteer_local', 'pnp', 'regulate', 'reprompt']
+    ['hedit', 'medsteer', 'medsteer_local', 'pnp', 'regulate', 'reprompt', 'sae_steer']
     >>> [a.name for a in get("reprompt").axes]
     ['blend']
     >>> get("medsteer").settings({"alpha": 3})["alpha"]

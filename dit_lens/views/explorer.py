@@ -127,7 +127,8 @@ def write_explorer(out: xr.Dataset, path: str | Path, *, max_pairs: int = 16,
                    attention: xr.Dataset | xr.DataArray | None = None, judge: Any = None) -> Path:
     """Write the gate explorer for a `generate` result made with a steer and ``record_gates=True`` (or, for
     an `x0_lens` result, the x̂₀ explorer of `dit_lens.views.x0.write_x0_explorer`, `max_pairs` runs; for a
-    `patching` result, `dit_lens.views.patching.write_patching_explorer`, `max_pairs` seeds).
+    `patching` result, `dit_lens.views.patching.write_patching_explorer`, `max_pairs` seeds; for a feature
+    dashboard, `dit_lens.views.features.write_feature_explorer`).
 
     The page opens on the pair, step and layer with the most gate mass (the gate summed over the
     image). Images are embedded as PNG; gate, blend and attention maps as 8-bit levels of their
@@ -164,6 +165,12 @@ def write_explorer(out: xr.Dataset, path: str | Path, *, max_pairs: int = 16,
         if attention is not None or judge is not None:
             raise ValueError("attention= and judge= belong to the gate explorer; a patching result takes neither")
         return write_patching_explorer(out, path, max_seeds=max_pairs)
+    if out.attrs.get("readout") == "feature_dashboard":
+        if attention is not None or judge is not None:
+            raise ValueError("attention= and judge= belong to the gate explorer; a feature dashboard takes neither")
+        from .features import write_feature_explorer
+
+        return write_feature_explorer(out, path)
     gate = _require_gates(out)
     if len(out["branch"]) != 2:
         raise ValueError("the explorer needs pairs: generate with a steer")
