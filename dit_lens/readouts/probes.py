@@ -47,11 +47,10 @@ from tqdm.auto import tqdm
 
 from ..metrics.estimates import estimate
 from ..trace.attrs import PROVENANCE, typed
+from .probe_inputs import capture_variable, item_labels, open_capture, pick, token_grid, token_labels
 
 __all__ = ["probe", "probe_maps"]
 
-#: What a probe needs of a capture's variable, besides an optional ``token`` and ``branch``.
-DIMS = ("prompt", "seed", "step", "layer", "channel")
 TOKEN_METRICS = ("accuracy", "balanced_accuracy", "auc")
 
 
@@ -108,9 +107,9 @@ def probe(
         ValueError: a bad argument, a store without tokens at token level, labels that miss or add
             prompts, one class only, too few seeds to split, masks of the wrong shape.
     """
-    ds, where = _open(store_or_dataset)
-    da, site = _variable(ds, site, token_level)
-    layers, steps = _pick(da, "layer", layers), _pick(da, "step", steps)
+    ds, where = open_capture(store_or_dataset)
+    da, site = capture_variable(ds, site, token_level)
+    layers, steps = pick(da, "layer", layers), pick(da, "step", steps)
     _check_settings(token_threshold, train_fraction, C, n_boot, n_controls, seed)
     prompts, seeds = [str(p) for p in da["prompt"].values], [int(s) for s in da["seed"].values]
     rng = np.random.default_rng(seed)
@@ -123,12 +122,12 @@ def probe(
     if token_level:
         if labels is not None:
             raise ValueError("a token-level probe is labelled by masks=, not labels=; leave labels out")
-        y = _token_labels(masks, da, prompts, seeds, token_threshold)  # (prompt, seed, token) bool
+        y = token_labels(masks, da, prompts, seeds, token_threshold)  # (prompt, seed, token) bool
         classes = [False, True]
     else:
         if masks is not None:
             raise ValueError("masks= label tokens; pass token_level=True to probe tokens, or leave masks out")
-        y, classes = _item_labels(labels, prompts)  # (prompt,) class indices
+        y, classes = item_labels(labels, prompts)  # (prompt,) class indices
         y = np.broadcast_to(y[:, None], (len(prompts), len(seeds)))
     y_train, y_test = y[:, train].reshape(-1), y[:, test].reshape(-1)
     for part, values in (("training", y_train), ("test", y_test)):
@@ -138,7 +137,7 @@ def probe(
     shuffled = [_control_labels(y_train, rng) for _ in range(n_controls)]
     out = _cells(da, layers, steps, train, test, y_train, y_test, shuffled, C, n_boot, seed, progress, token_level)
     if token_level:
-        rows, cols = _grid(da)
+        rows, cols = token_grid(da)
         out["probe_map"] = out["probe_map"].assign_coords(prompt=prompts, seed=[seeds[j] for j in test],
                                                           row=range(rows), col=range(cols))
     out = out.assign_coords(layer=layers, step=steps)
@@ -195,16 +194,16 @@ def probe_maps(result: xr.Dataset, runs: Any, *, layer: int, step: int, prompts:
                              "with the settings of the probe's capture and pass that")
         runs = capture(runs, list(prompts), seeds=list(seeds), **settings, layers=[layer], site=site, reduce=None,
                        label="capture for probe maps")
-    ds, _ = _open(runs)
+    ds, _ = open_capture(runs)
     theirs, ours = ds.attrs.get("model_fingerprint"), result.attrs.get("model_fingerprint")
     if theirs is not None and ours is not None and theirs != ours:
         raise ValueError(f"the capture comes from model {theirs}, the probe was trained on model {ours}; capture "
                          f"the runs with the probe's model")
-    da, _ = _variable(ds, site, True)
+    da, _ = capture_variable(ds, site, True)
     x = da.sel(layer=layer, step=step).transpose("prompt", "seed", "token", "channel").values.astype(np.float64)
     cell = result.sel(layer=layer, step=step)
     logit = x @ cell["weight"].values + float(cell["bias"])  # (prompt, seed, token)
-    rows, cols = _grid(da)
+    rows, cols = token_grid(da)
     maps = (1.0 / (1.0 + np.exp(-logit))).reshape(*logit.shape[:2], rows, cols)
     return xr.DataArray(maps, dims=("prompt", "seed", "row", "col"), name="probe_map",
                         coords={"prompt": da["prompt"].values, "seed": da["seed"].values, "row": range(rows),
@@ -286,7 +285,7 @@ def _cells(da, layers, steps, train, test, y_train, y_test, shuffled, C, n_boot,
     grid["converged"] = grid["converged"].astype(bool)
     data = {k: (("layer", "step"), v) for k, v in grid.items() if v.ndim == 2}
     if token:
-        rows, cols = _grid(da)
+        rows, cols = token_grid(da)
         data["weight"] = (("layer", "step", "channel"), grid["weight"])
         shape = (len(layers), len(steps), da.sizes["prompt"], len(test), rows, cols)
         data["probe_map"] = (("layer", "step", "prompt", "seed", "row", "col"), grid["probe_map"].reshape(shape))
@@ -339,66 +338,6 @@ def _control_labels(y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def _open(source: Any) -> tuple[xr.Dataset, str | None]:
-    if isinstance(source, xr.Dataset):
-        ds, where = source, None
-    elif isinstance(source, (str, Path)):
-        path = Path(source).expanduser()
-        if not path.is_dir():
-            raise ValueError(f"no capture store at {path}: pass the path of a .zarr store dit_lens.capture made, or "
-                             f"the Dataset it returned")
-        try:
-            ds = xr.open_zarr(path)
-        except Exception as err:  # zarr and xarray raise many types for folders that are not stores
-            raise ValueError(f"{path} is not a readable capture store ({type(err).__name__}: {err})") from err
-        where = str(path)
-    else:
-        raise ValueError(f"probe takes a capture store path or Dataset, got {type(source).__name__}")
-    if "done" in ds:
-        done = np.asarray(ds["done"].values, bool)
-        if not done.all():
-            raise ValueError(f"the store holds {int((~done).sum())} unfinished runs of {done.size}; finish the "
-                             f"capture (dit_lens.capture with the same store) first")
-        ds = ds.drop_vars("done")
-    return ds, where
-
-
-def _variable(ds: xr.Dataset, site: str | None, token_level: bool) -> tuple[xr.DataArray, str]:
-    names = [str(v) for v in ds.data_vars]
-    if site is None:
-        if len(names) != 1:
-            raise ValueError(f"the capture holds variables {names}; say which to probe with site=")
-        site = names[0]
-    if site not in ds:
-        raise ValueError(f"the capture has no variable {site!r} (it has {names})")
-    da = ds[site]
-    if "branch" in da.dims:
-        da = da.sel(branch="cond", drop=True)
-    if "token_grid" in ds.attrs:
-        da = da.assign_attrs(token_grid=ds.attrs["token_grid"])
-    missing = [d for d in DIMS if d not in da.dims]
-    if missing:
-        raise ValueError(f"{site!r} has dims {da.dims}, without {missing}: a probe reads activations "
-                         f"(prompt, seed, step, layer[, token], channel); capture a site such as 'attn2'")
-    if token_level and "token" not in da.dims:
-        raise ValueError(f"{site!r} holds no tokens (it was captured with reduce='mean'); a token-level probe "
-                         f"needs every image token: capture with reduce=None")
-    return da, site
-
-
-def _pick(da: xr.DataArray, dim: str, chosen: Iterable[int] | None) -> list[int]:
-    held = [int(v) for v in da[dim].values]
-    if chosen is None:
-        return held
-    if isinstance(chosen, (int, np.integer)):
-        raise ValueError(f"{dim}s must be a list; pass {dim}s=[{chosen}]")
-    chosen = [int(v) for v in chosen]
-    absent = [v for v in chosen if v not in held]
-    if absent or not chosen:
-        raise ValueError(f"{dim}s {absent or chosen} are not in the capture, which holds {dim}s {held}")
-    return chosen
-
-
 def _check_settings(token_threshold, train_fraction, C, n_boot, n_controls, seed) -> None:
     if not 0 < float(train_fraction) < 1:
         raise ValueError(f"train_fraction must be between 0 and 1 (exclusive), got {train_fraction!r}")
@@ -409,61 +348,6 @@ def _check_settings(token_threshold, train_fraction, C, n_boot, n_controls, seed
     if int(n_boot) < 1 or int(n_controls) < 1 or int(seed) < 0:
         raise ValueError(f"n_boot and n_controls must be at least 1 and seed non-negative, got {n_boot!r}, "
                          f"{n_controls!r} and {seed!r}")
-
-
-def _item_labels(labels: Any, prompts: list[str]) -> tuple[np.ndarray, list]:
-    if labels is None:
-        raise ValueError("an item-level probe needs labels=: {prompt: class}, or one class per prompt")
-    if isinstance(labels, Mapping):
-        missing = [p for p in prompts if p not in labels]
-        extra = [str(p) for p in labels if str(p) not in prompts]
-        if missing or extra:
-            raise ValueError(f"labels do not match the capture's prompts: no label for {missing}; labels for prompts "
-                             f"the capture does not hold: {extra}; label exactly the prompts {prompts}")
-        values = [labels[p] for p in prompts]
-    else:
-        values = list(labels)
-        if len(values) != len(prompts):
-            raise ValueError(f"labels give {len(values)} classes for the capture's {len(prompts)} prompts {prompts}; "
-                             f"give one per prompt, or a {{prompt: class}} mapping")
-    classes = sorted(set(values), key=str)
-    if len(classes) < 2:
-        raise ValueError(f"labels hold one class only ({classes[0]!r}); a probe needs prompts of at least two classes")
-    return np.array([classes.index(v) for v in values]), classes
-
-
-def _grid(da: xr.DataArray) -> tuple[int, int]:
-    grid = da.attrs.get("token_grid")
-    tokens = da.sizes["token"]
-    if grid is None:
-        side = int(round(np.sqrt(tokens)))
-        if side * side != tokens:
-            raise ValueError(f"the capture's {tokens} tokens form no square grid and its attrs name no token_grid")
-        grid = (side, side)
-    rows, cols = int(grid[0]), int(grid[1])
-    if rows * cols != tokens:
-        raise ValueError(f"token_grid {grid} does not hold the capture's {tokens} tokens")
-    return rows, cols
-
-
-def _token_labels(masks: Any, da: xr.DataArray, prompts: list[str], seeds: list[int], threshold: float) -> np.ndarray:
-    """``(prompt, seed, token)``: whether at least `threshold` of each token's pixels are in the mask."""
-    if masks is None:
-        raise ValueError("a token-level probe needs masks=: (prompt, seed, H, W) or (item, H, W) booleans")
-    m = np.asarray(masks)
-    rows, cols = _grid(da)
-    n_p, n_s = len(prompts), len(seeds)
-    if m.ndim == 3 and m.shape[0] == n_p * n_s:
-        m = m.reshape(n_p, n_s, *m.shape[1:])
-    if m.ndim != 4 or m.shape[:2] != (n_p, n_s) or m.shape[2] % rows or m.shape[3] % cols:
-        raise ValueError(f"masks have shape {np.asarray(masks).shape}; expected ({n_p}, {n_s}, H, W) or "
-                         f"({n_p * n_s}, H, W) (one per run, prompt-major) with H, W multiples of the token grid "
-                         f"{(rows, cols)}")
-    if m.dtype != bool and not np.isin(m, (0, 1)).all():
-        raise ValueError("masks must be booleans (or 0/1)")
-    h, w = m.shape[2] // rows, m.shape[3] // cols
-    share = m.astype(np.float64).reshape(n_p, n_s, rows, h, cols, w).mean(axis=(3, 5))
-    return (share >= threshold).reshape(n_p, n_s, rows * cols)
 
 
 def _attrs(ds: xr.Dataset, settings: dict) -> dict:
