@@ -69,6 +69,8 @@ def test_bad_input_is_refused(maps, masks, message):
         segmentation_scores(maps, masks)
 
 
-def test_bad_threshold_is_refused():
+def test_bad_threshold_and_resampling_are_refused():
     with pytest.raises(ValueError, match="threshold"):
         segmentation_scores(np.ones((1, 2, 2)), np.eye(2, dtype=bool)[None], threshold="otsu")
+    with pytest.raises(ValueError, match="n_boot"):
+        segmentation_scores(np.ones((1, 2, 2)), np.eye(2, dtype=bool)[None], n_boot=1)

@@ -82,8 +82,8 @@ def segmentation_scores(maps: Any, masks: Any, *, threshold: str | float = "mean
         raise ValueError(f"threshold must be 'mean' or a finite number, got {threshold!r}")
     if isinstance(threshold, str) and threshold != "mean":
         raise ValueError(f"threshold must be 'mean' or a number, got {threshold!r}")
-    if not (isinstance(n_boot, (int, np.integer)) and n_boot >= 1):
-        raise ValueError(f"n_boot must be a positive integer, got {n_boot!r}")
+    if not (isinstance(n_boot, (int, np.integer)) and n_boot >= 2):
+        raise ValueError(f"n_boot must be an integer of at least 2 resamples (1000 is usual), got {n_boot!r}")
     up = upsample(values, truth.shape[1:])  # (n, H, W)
     per = {name: np.zeros(len(up)) for name in METRICS}
     from sklearn.metrics import average_precision_score
