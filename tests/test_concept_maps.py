@@ -9,7 +9,7 @@ from dit_lens import load
 from dit_lens.model.tokens import word_tokens
 from dit_lens.readouts.attention_maps import attention_maps
 from dit_lens.readouts.concept_maps import concept_maps
-from dit_lens.sampling import Denoiser
+from dit_lens.sampling import Denoiser, encode
 from dit_lens.testing import FluxSpec, PixArtSpec, SanaSpec, SD3Spec, build_flux, build_pixart, build_sana, build_sd3
 from test_attention import raw_weights
 
@@ -98,14 +98,15 @@ def cross_reference(lens, space="prototype"):
     return plain_batch(lens, hooks), maps
 
 
-def joint_reference(lens, layers):
+def joint_reference(lens, layers, run=plain_batch, rows=len(SEEDS), guided=None):
     """SD3, Flux: the concept stream as the block itself moves text: at each block, the block is called on (the
-    run's image input, the concept stream) and its attention's text output is the concepts' output."""
+    run's image input, the concept stream) and its attention's text output is the concepts' output. `run(lens,
+    hooks)` makes the run (default: the plain pipeline over SEEDS) over `rows` conditional rows."""
     state, maps, inner = {"t": -1, "c": None, "busy": False}, {}, {}
     stream0 = torch.cat([e.float() for e in concept_embeddings(lens)])[None]  # (1, K, C)
     sizes = [len(word_tokens(lens, c, [c])[c]) for c in CONCEPTS]
-    guided = lens.family.guidance == "cfg"
-    cond = slice(len(SEEDS), None) if guided else slice(None)
+    guided = lens.family.guidance == "cfg" if guided is None else guided
+    cond = slice(rows, None) if guided else slice(None)
 
     def block_hook(layer):
         block = lens.blocks[layer]
@@ -114,7 +115,7 @@ def joint_reference(lens, layers):
             if state["busy"]:
                 return
             if layer == 0:
-                state["c"] = stream0.expand(len(SEEDS), -1, -1)
+                state["c"] = stream0.expand(rows, -1, -1)
             extra = {}
             if kwargs.get("image_rotary_emb") is not None:  # Flux: concept tokens at position 0
                 cos, sin = kwargs["image_rotary_emb"]
@@ -153,7 +154,7 @@ def joint_reference(lens, layers):
     for l in range(max(layers) + 1):
         hooks += [(lens.blocks[l], block_hook(l), True), (lens.blocks[l].attn, attn_hook(l), False),
                   (lens.blocks[l], after_block(l), False)]
-    return plain_batch(lens, hooks), maps
+    return run(lens, hooks), maps
 
 
 @pytest.mark.parametrize("family, space", [("pixart", "prototype"), ("pixart", "value"), ("pixart", "key"),
@@ -351,3 +352,31 @@ def test_figure_and_explorer_show_each_concepts_pooled_map(tmp_path):
     assert drawn.shape == image.shape and not np.array_equal(drawn, overlay(image, -grid))
     with pytest.raises(ValueError, match="dit_lens.concept_maps"):
         write_concept_explorer(ds.drop_vars("pooled"), tmp_path / "x.html")
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_given_images_on_joint_families_match_the_block_driven_reference(family):
+    lens = load(BUILDERS[family]())
+    size = lens.pipeline_kwargs["height"]
+    images = np.random.default_rng(1).random((2, size, size, 3)).astype(np.float32)
+    ds = concept_maps(lens, images, prompt=PROMPT, concepts=CONCEPTS, noise_levels=[0.4], guidance_scale=3.0,
+                      progress=False)
+    latents = encode(lens, images)  # the VAE's posterior mean, shifted and scaled
+    eps = torch.randn((1, *latents.shape[1:]), generator=torch.Generator().manual_seed(0))
+    noisy = 0.6 * latents + 0.4 * eps  # flow: (1 − σ)·z + σ·ε at σ = 0.4
+    timestep = 0.4 * lens.pipeline.scheduler.config.num_train_timesteps
+
+    def call(lens, hooks):
+        handles = [m.register_forward_pre_hook(fn, with_kwargs=True) if pre else m.register_forward_hook(fn)
+                   for m, fn, pre in hooks]
+        try:
+            Denoiser(lens, [PROMPT], guidance=3.0).raw(noisy, timestep, [0, 0])
+        finally:
+            for h in handles:
+                h.remove()
+
+    _, reference = joint_reference(lens, [0, 1], run=call, rows=2, guided=False)
+    assert sorted(reference) == [(0, 0), (0, 1)]
+    for (_, layer), want in reference.items():
+        got = ds["map"].sel(step=0, layer=layer).values.reshape(2, len(CONCEPTS), -1)
+        np.testing.assert_allclose(got, want.transpose(1, 2).numpy(), atol=2e-5)
