@@ -12,9 +12,12 @@ mIoU, lesion IoU, mAP, bootstrap intervals over images) against
 per class with lesions. Choices (noise levels, layers, steps) are tuned per map kind with ``--tune`` on seeds
 100 000 … (never used for measuring) and fixed in `CHOSEN`; the measurement runs on fresh seeds 200 000 ….
 A new map kind (probe maps, SAE feature maps) is one entry of `MAP_KINDS`: a function
-``(lens, label, images_or_seeds, given) -> maps (n, step, layer, row, col)`` of every step and layer it can read.
+``(lens, label, images_or_seeds, given) -> (maps (n, step, layer, row, col), images (n, H, W, 3))``, the lesion
+maps of every step (noise level) and layer it can read and the images they are of; its choices go in `CHOSEN`.
+Beside the kinds, the bounds the 8×8 grid sets: the true mask's share of each token, and random maps.
 
-    python studies/segmentation.py [--quick] [--tune] [--n 32] [--seed-base 200000] [--out DIR]
+    python studies/segmentation.py [--quick] [--tune] [--n 32] [--seed-base 200000] [--sources given generated]
+        [--kinds cross_attention output ...] [--classes polyps ...] [--out DIR]
 
 ``--quick``: one class, 4 images, 10 denoising steps.
 """
@@ -53,7 +56,8 @@ TUNE_BASE = 100_000
 
 @dataclass(frozen=True)
 class MapKind:
-    """One kind of map: `read(lens, label, source, given)` -> ``(n, step, layer, row, col)`` lesion maps."""
+    """One kind of map: ``read(lens, label, source, given)`` -> lesion maps ``(n, step, layer, row, col)`` and the
+    images ``(n, H, W, 3)`` they are of; `source` is the images (given) or the seeds (generated)."""
 
     read: Callable
     about: str
