@@ -4,8 +4,8 @@ removing or reversing the polyp features does.
 1. **Capture and train**: attn2's image tokens (``reduce=None``) of the captions of polyps and normal cecum
    (`dit_lens.world.procedural.caption`) on fresh seeds (``--seed-base`` …), at the blocks ``--layers``; a TopK
    SAE (`dit_lens.features.train_sae`, ``--k``, ``--expansion``) on them, its last quarter of seeds held out.
-   FVU, dead and dense rates on the held-out tokens, with 95 % bootstrap intervals over held-out (prompt, seed)
-   cells.
+   FVU, dead and dense rates on the held-out tokens; FVU and dense rate with 95 % bootstrap intervals over held-out
+   (prompt, seed) cells, the dead rate with a Wilson interval over features.
 2. **Lesion map**: feature maps (`dit_lens.features.sae_features`) of polyps runs (seeds base + 100 …), averaged
    over steps, per block and over all blocks, bilinearly upsampled and thresholded at their mean; the (feature,
    block) of best mean IoU against the world's lesion *segmenter* (a judge on generated images, not ground
@@ -85,6 +85,8 @@ def quality(sae, n_boot: int) -> dict:
     import torch
     import xarray as xr
 
+    from dit_lens.metrics.estimates import proportion
+
     da = xr.open_zarr(sae.store["path"])[sae.site].sel(seed=list(sae.store["held_out_seeds"]), layer=list(sae.layers),
                                                      step=list(sae.steps))
     err, sq, sums, counts, fired = [], [], [], [], []
@@ -109,7 +111,11 @@ def quality(sae, n_boot: int) -> dict:
     rng = np.random.default_rng(0)
     boots = np.array([figures(rng.integers(0, len(counts), len(counts))) for _ in range(n_boot)])
     out = {name: [round(float(point[i]), 5), *(round(float(np.percentile(boots[:, i], q)), 5) for q in (2.5, 97.5)),
-                  len(counts)] for i, name in enumerate(("fvu", "dead_rate", "dense_rate"))}
+                  len(counts)] for i, name in ((0, "fvu"), (2, "dense_rate"))}
+    # a resample of cells holds fewer distinct tokens, so a bootstrap of "never fired" is biased upwards: the dead
+    # rate's interval is Wilson's over the features instead
+    dead = proportion(fired.sum(0) == 0)
+    out["dead_rate"] = [round(dead.value, 5), round(dead.low, 5), round(dead.high, 5), dead.n]
     out["tokens"] = int(counts.sum())
     return out
 
@@ -256,7 +262,8 @@ def main(argv=None) -> int:
     measured = quality(sae, args.n_boot)
     print(f"\nSAE blocks {list(sae.layers)}, k {sae.k}, {sae.num_features} features, trained on seeds "
           f"{sae.store['train_seeds']}; on held-out seeds {sae.store['held_out_seeds']} ({measured['tokens']} tokens, "
-          f"intervals over n = {measured['fvu'][3]} (prompt, seed) cells): " + ", ".join(
+          f"fvu and dense: bootstrap over n = {measured['fvu'][3]} (prompt, seed) cells; dead: Wilson over n = "
+          f"{measured['dead_rate'][3]} features): " + ", ".join(
               f"{k} {v[0]:.4f} [{v[1]:.4f}, {v[2]:.4f}]" for k, v in measured.items() if k != "tokens"))
     record = {"study": "sae", **settings, **lens.provenance(), "oracle": oracle.fingerprint,
               "segmenter": segmenter.fingerprint, "sae_digest": sae.digest, "sae_folder": "sae",
