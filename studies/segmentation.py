@@ -39,7 +39,8 @@ from dit_lens.interventions import Steer
 from dit_lens.methods import Vectors
 from dit_lens.metrics.estimates import estimate
 from dit_lens.metrics.segmentation import METRICS, segmentation_scores
-from dit_lens.readouts.concept_maps import concept_maps, noised
+from dit_lens.readouts.concept_maps import concept_maps
+from dit_lens.sampling import noised
 from dit_lens.sampling import Denoiser, encode
 from dit_lens.storage import claimed, write_record
 from dit_lens.trace.runner import scheduler_timesteps

@@ -27,22 +27,26 @@ Examples:
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence, TYPE_CHECKING
 
 import numpy as np
 import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
+from ..sampling import noised
 from ..trace.attrs import typed
 from ..trace.runner import Hook, branch_rows, check_prompts, check_seeds, scheduler_timesteps, traced_generate
 from ..validate import check_int
 from .sae import SAE
 
+if TYPE_CHECKING:
+    from ..model.lens import Lens
+
 __all__ = ["feature_dashboard", "image_features", "sae_features", "store_feature_means", "top_features"]
 
 
-def sae_features(sae: SAE, lens: Any, prompts: str | Sequence[str] | None = None, images: Any = None, *,
+def sae_features(sae: SAE, lens: Lens, prompts: str | Sequence[str] | None = None, images: Any = None, *,
                  seeds: Iterable[int] = (0,), num_inference_steps: int = 20, guidance_scale: float = 4.5,
                  layers: Any = None, steps: Any = None, features: Any = None, noise_levels: Sequence[float] = (0.5,),
                  batch_size: int = 8, progress: bool = True) -> xr.Dataset:
@@ -139,7 +143,7 @@ def _layers(sae: SAE, layers: Any) -> tuple[int, ...]:
     return layers
 
 
-def image_features(sae: SAE, lens: Any, images: Any, *, prompt: str = "", seed: int = 0,
+def image_features(sae: SAE, lens: Lens, images: Any, *, prompt: str = "", seed: int = 0,
                    noise_levels: Sequence[float] = (0.5,), guidance_scale: float = 4.5, layers: Any = None,
                    features: Any = None) -> xr.Dataset:
     """Feature maps of given images: ``activation (item, level, layer, feature, row, col)`` and ``image (item, y, x,
@@ -180,7 +184,7 @@ def image_features(sae: SAE, lens: Any, images: Any, *, prompt: str = "", seed: 
             handles.append(lens.site_module(sae.site, layer).register_forward_hook(hook))
         for i, level in enumerate(levels):
             state["level"] = i
-            noisy, timestep = _noised(lens, latents, noise, level)
+            noisy, timestep = noised(lens, latents, noise, level)
             with torch.no_grad():
                 denoiser.raw(noisy, timestep, [0] * len(images))
     finally:
@@ -196,18 +200,7 @@ def image_features(sae: SAE, lens: Any, images: Any, *, prompt: str = "", seed: 
     return ds
 
 
-def _noised(lens: Any, latents: torch.Tensor, noise: torch.Tensor, level: float) -> tuple[torch.Tensor, Any]:
-    """Latents at noise `level` and the timestep the denoiser takes there (see `image_features`)."""
-    scheduler = lens.pipeline.scheduler
-    steps = scheduler.config.num_train_timesteps
-    if lens.family.sampling == "flow":
-        return (1 - level) * latents + level * noise, level * steps
-    t = int(round(level * (steps - 1)))
-    alpha_bar = float(scheduler.alphas_cumprod[t])
-    return alpha_bar**0.5 * latents + (1 - alpha_bar) ** 0.5 * noise, t
-
-
-def _image_shape(lens: Any) -> tuple[int, int, int]:
+def _image_shape(lens: Lens) -> tuple[int, int, int]:
     return lens.pipeline_kwargs["height"], lens.pipeline_kwargs["width"], 3
 
 

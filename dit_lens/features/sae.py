@@ -36,12 +36,15 @@ import contextlib
 import io
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, TYPE_CHECKING
 
 import torch
 
 from ..storage import DamagedError, claim, exclusive, read_tensors, write_tensors
 from ..storage.records import digest, jsonable
+
+if TYPE_CHECKING:
+    from ..model.lens import Lens
 
 __all__ = ["SAE", "SAE_FILE", "SAE_KIND", "load_sae", "require_sparsify", "write_sae"]
 
@@ -173,7 +176,7 @@ class SAE:
                              f"(indices 0..{self.num_features - 1})")
         return tuple(sorted({int(f) for f in values}))
 
-    def check_fits(self, lens: Any, site: str | None = None, name: str = "the SAE") -> None:
+    def check_fits(self, lens: Lens, site: str | None = None, name: str = "the SAE") -> None:
         """Refuse a lens or site this SAE was not trained on (other weights, another site, another width)."""
         if lens.fingerprint != self.model_fingerprint:
             raise ValueError(f"{name} was trained on the model with fingerprint {self.model_fingerprint}, not this "

@@ -1,5 +1,5 @@
-"""Images in and out of the latent space as the pipeline moves them: `check_images`, `encode`, and the one
-decode every loop shares.
+"""Images in and out of the latent space as the pipeline moves them: `check_images`, `encode`, `noised` (latents at a
+noise level, for readouts of given images), and the one decode every loop shares.
 
 `decode_images` is the pipeline's VAE decode and postprocess in torch, differentiable in the latents (the
 differentiable loop of `dit_lens.sampling.loop` and initial-noise optimisation differentiate it); `decode`
@@ -124,3 +124,16 @@ def decode(lens: Lens, latents: torch.Tensor, batch_size: int = 16) -> np.ndarra
     images = [decode_images(lens, latents[start : start + batch_size]).permute(0, 2, 3, 1).float().cpu().numpy()
               for start in range(0, latents.shape[0], batch_size)]
     return np.concatenate(images) if images else np.zeros((0, 0, 0, 3), np.float32)
+
+
+def noised(lens: Lens, latents: torch.Tensor, noise: torch.Tensor, level: float) -> tuple[torch.Tensor, Any]:
+    """The latents at noise `level` and the timestep the denoiser takes there: ε/v models at training
+    timestep ``round(level · (N − 1))`` (``√ᾱ·z + √(1 − ᾱ)·ε``), flow models at σ = level
+    (``(1 − σ)·z + σ·ε``, timestep ``σ · N``)."""
+    scheduler = lens.pipeline.scheduler
+    steps = scheduler.config.num_train_timesteps
+    if lens.family.sampling == "flow":
+        return (1 - level) * latents + level * noise, level * steps
+    t = int(round(level * (steps - 1)))
+    alpha_bar = float(scheduler.alphas_cumprod[t])
+    return alpha_bar ** 0.5 * latents + (1 - alpha_bar) ** 0.5 * noise, t

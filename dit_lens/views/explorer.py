@@ -128,7 +128,8 @@ def write_explorer(out: xr.Dataset, path: str | Path, *, max_pairs: int = 16,
     """Write the gate explorer for a `generate` result made with a steer and ``record_gates=True`` (or, for
     an `x0_lens` result, the x̂₀ explorer of `dit_lens.views.x0.write_x0_explorer`, `max_pairs` runs; for a
     `patching` result, `dit_lens.views.patching.write_patching_explorer`, `max_pairs` seeds; for a feature
-    dashboard, `dit_lens.views.features.write_feature_explorer`).
+    dashboard, `dit_lens.views.features.write_feature_explorer`; for `concept_maps`,
+    `dit_lens.views.concept_maps.write_concept_explorer`, `max_pairs` items).
 
     The page opens on the pair, step and layer with the most gate mass (the gate summed over the
     image). Images are embedded as PNG; gate, blend and attention maps as 8-bit levels of their
@@ -165,6 +166,12 @@ def write_explorer(out: xr.Dataset, path: str | Path, *, max_pairs: int = 16,
         if attention is not None or judge is not None:
             raise ValueError("attention= and judge= belong to the gate explorer; a patching result takes neither")
         return write_patching_explorer(out, path, max_seeds=max_pairs)
+    if out.attrs.get("readout") == "concept_maps":
+        if attention is not None or judge is not None:
+            raise ValueError("attention= and judge= belong to the gate explorer; concept maps take neither")
+        from .concept_maps import write_concept_explorer
+
+        return write_concept_explorer(out, path, max_items=max_pairs)
     if out.attrs.get("readout") == "feature_dashboard":
         if attention is not None or judge is not None:
             raise ValueError("attention= and judge= belong to the gate explorer; a feature dashboard takes neither")
