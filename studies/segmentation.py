@@ -40,9 +40,8 @@ from dit_lens.methods import Vectors
 from dit_lens.metrics.estimates import estimate
 from dit_lens.metrics.segmentation import METRICS, segmentation_scores
 from dit_lens.readouts.concept_maps import concept_maps
-from dit_lens.sampling import noised
-from dit_lens.sampling import Denoiser, encode
-from dit_lens.storage import claimed, write_record
+from dit_lens.sampling import Denoiser, encode, noised
+from dit_lens.storage import cache_root, claimed, write_record
 from dit_lens.trace.runner import scheduler_timesteps
 from dit_lens.world import endoscopy_pair, load_segmenter
 from dit_lens.world.procedural import caption, render
@@ -197,7 +196,7 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--sources", nargs="+", default=["given", "generated"], choices=["given", "generated"])
     parser.add_argument("--kinds", nargs="+", default=list(MAP_KINDS), choices=list(MAP_KINDS))
     parser.add_argument("--classes", nargs="+", default=list(CLASSES), choices=list(CLASSES))
-    parser.add_argument("--out", default="results/segmentation", help="output folder (claimed)")
+    parser.add_argument("--out", default=None, help="output folder (claimed; default: cache/studies/segmentation-...)")
     return parser.parse_args(argv)
 
 
@@ -212,7 +211,6 @@ def main(argv=None) -> int:
     elif base < 200_000:
         print("measuring on seeds below 200000 (tuning seeds); pass --tune to tune", file=sys.stderr)
     lens, segmenter = dit_lens.load("embedded"), load_segmenter()
-    torch.set_num_threads(torch.get_num_threads())
     reads, left_out = read_all(lens, labels, n, base, args.sources, args.kinds, segmenter)
     results, chosen, per_image = [], {}, {}
     for source in args.sources:
@@ -255,9 +253,10 @@ def main(argv=None) -> int:
               "left_out_no_lesion": {f"{s}/{l}": v for (s, l), v in left_out.items()},
               "chosen": {f"{s}/{k}": v for (s, k), v in chosen.items()}, "results": results,
               "segmenter": segmenter.fingerprint, **lens.provenance()}
-    claim = claimed(Path(args.out), "segmentation_study", identity={"quick": args.quick, "tune": args.tune,
-                                                                    "n": n, "seed_base": base}, overwrite=True,
-                    what="--out")
+    identity = {"quick": args.quick, "tune": args.tune, "n": n, "seed_base": base}
+    out = Path(args.out) if args.out else cache_root() / "studies" / (
+        f"segmentation-n{n}-s{base}" + "-quick" * args.quick + "-tune" * args.tune)
+    claim = claimed(out, "segmentation_study", identity=identity, what="--out")
     name = "tuning.json" if args.tune else "results.json"
     claim.record(name)
     write_record(claim.path / name, record)
