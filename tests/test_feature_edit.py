@@ -34,11 +34,12 @@ def test_scale_one_is_bit_identical_to_the_plain_run(world, sae):
     assert torch.equal(FeatureEdit(sae, features=[0, 5], scale=1.0).apply(h, None)[0], h)
 
 
-@pytest.mark.parametrize("mode, scale", [("ablate", 0.0), ("scale", 3.0), ("clamp", 2.0)])
+@pytest.mark.parametrize("mode, scale", [("ablate", 0.0), ("scale", 3.0), ("clamp", 2.0), ("splice", 0.0)])
 def test_an_edit_is_the_raw_hook_recomputation(world, sae, mode, scale):
     lens, _, _ = world
     f = busiest_feature(sae, lens, 1)
-    edit = FeatureEdit(sae, features=[f], mode=mode, scale=scale, at=At("attn2", [1], steps=[0, 1]))
+    edit = FeatureEdit(sae, features=() if mode == "splice" else [f], mode=mode, scale=scale,
+                       at=At("attn2", [1], steps=[0, 1]))
     out = generate(lens, ["a polyp"], seeds=[30], num_inference_steps=3, edits=edit, progress=False)
     w = sae.W_dec[f].double().numpy()
     state = {"t": -1}
@@ -48,6 +49,9 @@ def test_an_edit_is_the_raw_hook_recomputation(world, sae, mode, scale):
         if state["t"] not in (0, 1):
             return output
         h = output.detach().double().numpy()  # (rows, tokens, C), both guidance halves
+        if mode == "splice":  # x̂ = z W_dec + b_dec from the codes by hand, every feature
+            w_all, b_dec = sae.W_dec.double().numpy(), sae.coder.b_dec.detach().double().numpy()
+            return torch.from_numpy(np.stack([reference_codes(sae, row) @ w_all + b_dec for row in h])).to(output.dtype)
         z = np.stack([reference_codes(sae, row)[:, f] for row in h])  # (rows, tokens)
         c = {"ablate": -z, "scale": (scale - 1.0) * z, "clamp": scale - z}[mode]
         return torch.from_numpy(h + c[..., None] * w).to(output.dtype)
@@ -85,6 +89,8 @@ def test_bad_edits_are_refused(world, sae):
         FeatureEdit(sae, features=[1, 32])
     with pytest.raises(ValueError, match="mode must be one of"):
         FeatureEdit(sae, features=1, mode="boost")
+    with pytest.raises(ValueError, match="mode='splice'.*pass no features"):
+        FeatureEdit(sae, features=[1], mode="splice")
     with pytest.raises(ValueError, match="trained on 'attn2'"):
         FeatureEdit(sae, features=1, at=At("attn1"))
     small = FeatureEdit(type(sae)(sae.coder, sae.site, (0,), sae.steps, sae.model_fingerprint), features=1)

@@ -6,9 +6,11 @@ unit decoder rows W_dec[f]:
     scale:   h' = h + Σ_f (s − 1) · z_f · W_dec[f]       (s = 1 leaves h bit for bit; s = 0 ablates)
     clamp:   h' = h + Σ_f (c − z_f) · W_dec[f]           (the feature set to c on every token)
     ablate:  h' = h − Σ_f z_f · W_dec[f]
+    splice:  h' = x̂ = SAE.decode(SAE.encode(h))         (the site's output replaced by the reconstruction)
 
-Only the chosen features' share of the reconstruction moves; the SAE's error h − x̂ stays in h', so an edit
-that changes no feature changes nothing (METHODS.md §7: steering by feature). The SAE is referenced in saved
+In the first three, only the chosen features' share of the reconstruction moves; the SAE's error h − x̂ stays in h', so an edit
+that changes no feature changes nothing (METHODS.md §7: steering by feature). ``splice`` drops the error
+term instead, on every feature: what the model loses when the site passes through the SAE (its splice cost). The SAE is referenced in saved
 settings by its folder and digest (`dit_lens.features.sae.load_sae` reads it back and the digest must match).
 
 Examples:
@@ -46,7 +48,7 @@ from .base import EditContext, SiteEdit, register
 __all__ = ["MODES", "FeatureEdit", "feature_delta"]
 
 #: What a `FeatureEdit` does to its features.
-MODES = ("scale", "clamp", "ablate")
+MODES = ("scale", "clamp", "ablate", "splice")
 
 
 def feature_delta(sae: SAE, h: torch.Tensor, features: torch.Tensor, mode: str, value: float) -> torch.Tensor:
@@ -68,9 +70,10 @@ class FeatureEdit(SiteEdit):
 
     Attributes:
         sae: The `SAE` (trained on the model this edit runs on, at its site).
-        features: Feature indices (one or several).
+        features: Feature indices (one or several; none for ``mode="splice"``).
         scale: ``mode="scale"``: the factor s on the features' activations (1: identity, 0: ablation);
-            ``mode="clamp"``: the activation c the features are set to on every token; ignored by ``"ablate"``.
+            ``mode="clamp"``: the activation c the features are set to on every token; ignored by ``"ablate"``
+            and ``"splice"``.
         mode: One of `MODES`.
         at: Where: the SAE's site, blocks among those it was trained on, steps, guidance halves (default: the
             SAE's site and blocks, every step, both halves).
@@ -86,12 +89,18 @@ class FeatureEdit(SiteEdit):
         if not isinstance(self.sae, SAE):
             raise ValueError(f"FeatureEdit.sae must be a trained SAE (dit_lens.train_sae / load_sae), got "
                              f"{type(self.sae).__name__}")
-        object.__setattr__(self, "features", self.sae.check_features(self.features, "FeatureEdit.features"))
         if self.mode not in MODES:
             raise ValueError(f"FeatureEdit.mode must be one of {list(MODES)}, got {self.mode!r}")
+        if self.mode == "splice":
+            if self.features not in ((), None, []):
+                raise ValueError(f"FeatureEdit(mode='splice') replaces the site's output by the SAE's reconstruction "
+                                 f"on every feature; pass no features (got {self.features!r})")
+            object.__setattr__(self, "features", ())
+        else:
+            object.__setattr__(self, "features", self.sae.check_features(self.features, "FeatureEdit.features"))
         if isinstance(self.scale, bool) or not isinstance(self.scale, numbers.Real) or not math.isfinite(self.scale):
             raise ValueError(f"FeatureEdit.scale must be a finite number, got {self.scale!r}")
-        object.__setattr__(self, "scale", 0.0 if self.mode == "ablate" else float(self.scale))
+        object.__setattr__(self, "scale", 0.0 if self.mode in ("ablate", "splice") else float(self.scale))
         at = At(self.sae.site, self.sae.layers) if self.at is None else self.at
         if not isinstance(at, At):
             raise ValueError(f"FeatureEdit.at must be a dit_lens.model.where.At, got {at!r}")
@@ -125,6 +134,8 @@ class FeatureEdit(SiteEdit):
         """``h (rows, tokens, C)`` with the chosen features moved (`feature_delta`); at identity, `h` itself."""
         if self.is_identity:
             return h, None
+        if self.mode == "splice":
+            return self.sae.decode(self.sae.encode(h)).to(device=h.device, dtype=h.dtype), None
         index = torch.tensor(self.features)
         delta = feature_delta(self.sae, h, index, self.mode, self.scale)
         return h + delta.to(device=h.device, dtype=h.dtype), None
