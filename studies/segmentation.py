@@ -33,16 +33,21 @@ from typing import Callable
 
 import numpy as np
 import torch
+import xarray as xr
 
 import dit_lens
+from dit_lens.features import sae_features, train_sae
+from dit_lens.features.maps import image_features
 from dit_lens.interventions import Steer
 from dit_lens.methods import Vectors
 from dit_lens.metrics.estimates import estimate
 from dit_lens.metrics.segmentation import METRICS, segmentation_scores
 from dit_lens.readouts.concept_maps import concept_maps
+from dit_lens.readouts.probes import probe, probe_maps
 from dit_lens.sampling import Denoiser, encode, noised
 from dit_lens.storage import cache_root, claimed, write_record
-from dit_lens.trace.runner import scheduler_timesteps
+from dit_lens.trace.capture import capture
+from dit_lens.trace.runner import scheduler_timesteps, traced_generate
 from dit_lens.world import endoscopy_pair, load_segmenter
 from dit_lens.world.procedural import caption, render
 
@@ -61,6 +66,7 @@ class MapKind:
 
     read: Callable
     about: str
+    supervision: str = "zero-shot"
 
 
 def _concept(kind: str, space: str = "prototype") -> Callable:
@@ -112,6 +118,146 @@ def _gates(lens, label, source, given):
     return maps.reshape(len(source), len(LEVELS), lens.num_layers, rows, cols), source
 
 
+# Kinds trained (probe) or selected (SAE feature) with masks: on seeds TUNE_BASE … TUNE_BASE + TRAIN_N − 1, never
+# the measured ones; generated: the segmenter's masks of the tuning-seed runs, given: the tuning renders' true masks.
+TRAIN_N = 32
+SAE_SETTINGS = {"k": 8, "expansion": 4, "tokens": 2**15, "batch_size": 256}
+_TRAINED: dict = {}
+
+
+def _train_seeds() -> list[int]:
+    return list(range(TUNE_BASE, TUNE_BASE + TRAIN_N))
+
+
+def _runs(lens, label, seeds):
+    """The generated runs' images ``(n, H, W, 3)`` (the same runs every capture of these seeds records)."""
+    return traced_generate(lens, [caption(label)] * len(seeds), list(seeds), num_inference_steps=T,
+                           guidance_scale=GUIDANCE, hooks=[], output_type="np").images
+
+
+def _train_store(lens, label):
+    """The tuning-seed token capture (attn2, every layer and step, ``reduce=None``) of the class's caption, the
+    segmenter's masks of its images and the store's path; stored under the cache, reused when complete."""
+    key = ("store", label, T, TRAIN_N)
+    if key not in _TRAINED:
+        path = cache_root() / "studies" / "segmentation-train" / f"{label.replace(' ', '_')}-n{TRAIN_N}-T{T}.zarr"
+        capture(lens, [caption(label)], seeds=_train_seeds(), num_inference_steps=T, guidance_scale=GUIDANCE,
+                reduce=None, store=path, label="segmentation study training capture")
+        _TRAINED[key] = (path, load_segmenter()(_runs(lens, label, _train_seeds())))
+    return _TRAINED[key]
+
+
+def _given_tokens(lens, label, images) -> xr.Dataset:
+    """attn2's image tokens of given images, read like `_gates` (one denoiser call per noise level), as a capture
+    ``(prompt, seed, step, layer, token, channel)`` with the levels as steps and the images as seeds."""
+    latents = encode(lens, images)
+    noise = torch.randn((1, *latents.shape[1:]), generator=torch.Generator().manual_seed(0)).expand_as(latents)
+    rows, cols = lens.token_grid
+    values, denoiser, handles, state = None, Denoiser(lens, [caption(label)]), [], {}
+    for layer in range(lens.num_layers):
+        def hook(_m, _a, out, layer=layer):
+            h = lens.part(layer).read("attn2", out, lens.text_tokens()).float().numpy()
+            nonlocal values
+            if values is None:
+                values = np.zeros((1, len(images), len(LEVELS), lens.num_layers, rows * cols, h.shape[-1]), np.float32)
+            values[0, :, state["level"], layer] = h
+        handles.append(lens.site_module("attn2", layer).register_forward_hook(hook))
+    try:
+        for i, level in enumerate(LEVELS):
+            state["level"] = i
+            denoiser.raw(*noised(lens, latents, noise, level), [0] * len(images))
+    finally:
+        for h in handles:
+            h.remove()
+    return xr.Dataset({"attn2": (("prompt", "seed", "step", "layer", "token", "channel"), values)},
+                      coords={"prompt": [caption(label)], "seed": range(len(images)), "step": range(len(LEVELS)),
+                              "layer": range(lens.num_layers)},
+                      attrs={"token_grid": [rows, cols], "model_fingerprint": lens.fingerprint})
+
+
+def _probe(lens, label, source, given):
+    """A token-level linear probe (`dit_lens.probe`) on attn2 at every (layer, step/level), trained on the
+    tuning seeds' masks; the cell with the best test AUC (the probe's own held-out half of the tuning seeds)
+    maps the measured images, the same map at every step and layer of the returned array."""
+    key = ("probe", given, label, T, TRAIN_N)
+    if key not in _TRAINED:
+        if given:
+            truth = render([label] * TRAIN_N, _train_seeds())
+            runs, masks = _given_tokens(lens, label, truth.images), truth.lesion
+        else:
+            runs, masks = _train_store(lens, label)[0], _train_store(lens, label)[1]
+        result = probe(runs, masks=masks, token_level=True, n_controls=1, n_boot=100, progress=False)
+        layer, step = np.unravel_index(int(np.nanargmax(result["auc"].transpose("layer", "step").values)),
+                                       (result.sizes["layer"], result.sizes["step"]))
+        cell = {"layer": int(result["layer"][layer]), "step": int(result["step"][step])}
+        _TRAINED[key] = (result, cell)
+        TRAINED_INFO[f"{'given' if given else 'generated'}/probe/{label}"] = {
+            **cell, "test_auc": round(float(result["auc"].isel(layer=layer, step=step)), 4), "seeds": _train_seeds()}
+    result, cell = _TRAINED[key]
+    if given:
+        maps, images = probe_maps(result, _given_tokens(lens, label, source), **cell).values[0], source
+    else:
+        maps = probe_maps(result, lens, prompts=[caption(label)], seeds=source, **cell).values[0]
+        images = _runs(lens, label, source)
+    count = len(LEVELS) if given else T
+    return np.broadcast_to(maps[:, None, None], (len(maps), count, lens.num_layers, *maps.shape[1:])), images
+
+
+def _iou(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Mean lesion IoU over images of maps ``(n, feature, row, col)`` thresholded at each map's mean, against
+    boolean masks ``(n, H, W)``, at nearest upsampling (a token's pixels share its value): ∑ p·s / ∑ (p + s − p·s)
+    with p the thresholded token and s the mask's share of the token's pixels."""
+    n, _, rows, cols = maps.shape
+    share = masks.reshape(n, rows, masks.shape[1] // rows, cols, -1).mean((2, 4))[:, None]
+    pred = (maps > maps.mean((2, 3), keepdims=True)).astype(np.float64)
+    union = (pred + share - pred * share).sum((2, 3))
+    return np.where(union > 0, (pred * share).sum((2, 3)) / np.maximum(union, 1e-12), 0.0).mean(0)
+
+
+def _sae_feature(lens, label, source, given):
+    """A TopK SAE (`dit_lens.train_sae`) on the tuning-seed token capture (attn2, blocks of the upper half, every
+    step); the feature whose map (mean over those blocks and the kind's chosen steps or levels) has the best lesion
+    IoU on the tuning seeds is mapped on the measured ones (`sae_features`, given images `image_features`), the
+    mean over the SAE's blocks at every step or level, the same at every layer of the returned array."""
+    src = "given" if given else "generated"
+    key = ("sae", given, label, T, TRAIN_N)
+    if key not in _TRAINED:
+        path, masks = _train_store(lens, label)
+        layers = list(range(lens.num_layers // 2, lens.num_layers))
+        sae = train_sae(path, layers=layers, progress=False, **SAE_SETTINGS)
+        choice = CHOSEN.get((src, "sae_feature"), DEFAULT[src])
+        if given:
+            truth = render([label] * TRAIN_N, _train_seeds())
+            acts, masks = image_features(sae, lens, truth.images, prompt=caption(label), noise_levels=LEVELS), truth.lesion
+            pooled_maps = acts["activation"].isel(level=list(choice["levels"])).mean(("level", "layer")).values
+        else:
+            acts = xr.open_zarr(path)["attn2"].sel(layer=layers).isel(prompt=0)
+            steps = [t for t in range(T) if choice["steps"][0] * T <= t < choice["steps"][1] * T]
+            rows, cols = lens.token_grid
+            pooled_maps = np.stack([sae.encode(torch.from_numpy(acts.sel(seed=s).isel(step=steps).values)).mean((0, 1))
+                                    .T.reshape(-1, rows, cols).numpy() for s in _train_seeds()])
+        iou = _iou(pooled_maps, masks)
+        best = int(np.argmax(iou))
+        _TRAINED[key] = (sae, best)
+        TRAINED_INFO[f"{src}/sae_feature/{label}"] = {"feature": best, "tuning_iou": round(float(iou[best]), 4),
+                                                      "sae_fvu": round(float(sae.fvu), 4), "layers": layers,
+                                                      "seeds": _train_seeds(), **SAE_SETTINGS}
+    sae, best = _TRAINED[key]
+    if given:
+        acts = image_features(sae, lens, source, prompt=caption(label), noise_levels=LEVELS, features=[best])
+        maps, images = acts["activation"].isel(feature=0).mean("layer").values, source  # (n, level, row, col)
+    else:
+        acts = sae_features(sae, lens, [caption(label)], seeds=source, num_inference_steps=T, guidance_scale=GUIDANCE,
+                            features=[best], progress=False)
+        maps = acts["activation"].isel(prompt=0, feature=0).mean("layer").values  # (n, step, row, col)
+        images = acts["image"].isel(prompt=0).values
+    return np.broadcast_to(maps[:, :, None], (maps.shape[0], maps.shape[1], lens.num_layers, *maps.shape[2:])), images
+
+
+#: Where the trained and selected kinds ended up (cell, feature, its tuning IoU), per source, kind and class.
+TRAINED_INFO: dict = {}
+
+
 #: The map kinds compared. Add one entry per new kind of map.
 MAP_KINDS = {
     "cross_attention": MapKind(_concept("cross_attention"), "cross-attention word maps (DAAM-style)"),
@@ -119,7 +265,13 @@ MAP_KINDS = {
     "output_value": MapKind(_concept("output", "value"), "output-space maps, o_c = to_out(to_v(e_c)) (alternative)"),
     "output_key": MapKind(_concept("output", "key"), "concept maps from the logits q_x·k_c (alternative)"),
     "medsteer_gate": MapKind(_gates, "MedSteer gate maps max(0, h·v)"),
+    "probe": MapKind(_probe, "token-level linear probe on attn2, its best-AUC (layer, step) cell",
+                     "trained on tuning-seed masks"),
+    "sae_feature": MapKind(_sae_feature, "the lesion-IoU-best feature of a TopK SAE on attn2",
+                           "feature selected on tuning seeds"),
 }
+#: What the bounds are, in the supervision column.
+REFERENCE = "reference (not a model map)"
 
 #: The kind every other kind is compared with, image by image.
 BASELINE = "cross_attention"
@@ -202,10 +354,11 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    global T
+    global T, TRAIN_N
     labels, n, base = args.classes, args.n, args.seed_base
+    TRAIN_N = n
     if args.quick:
-        labels, n, T = labels[:1], 4, 10
+        labels, n, T, TRAIN_N = labels[:1], 4, 10, 4
     if args.tune:
         base = TUNE_BASE
     elif base < 200_000:
@@ -234,7 +387,9 @@ def main(argv=None) -> int:
                 scored = segmentation_scores(maps, masks, n_boot=1000, seed=0)
                 per_image[(source, kind, label)] = scored["miou"].values
                 scores = scored["summary"]
-                row = {"source": source, "kind": kind, "class": label, "n": int(len(maps)), "choice": best[1],
+                supervision = MAP_KINDS[kind].supervision if kind in MAP_KINDS else REFERENCE
+                row = {"source": source, "kind": kind, "class": label, "supervision": supervision,
+                       "n": int(len(maps)), "choice": best[1],
                        **{m: [round(float(x), 4) for x in scores.sel(metric=m).values] for m in METRICS}}
                 base_kind = (source, BASELINE, label)
                 if kind != BASELINE and base_kind in per_image:  # the same images: a paired difference
@@ -244,7 +399,8 @@ def main(argv=None) -> int:
                 gap = row.get(f"miou_minus_{BASELINE}")
                 versus = f"  miou - {BASELINE} {gap[0]:+.3f} [{gap[1]:+.3f}, {gap[2]:+.3f}]" if gap else ""
                 print(f"{source:9s} {kind:19s} {label:24s} n={row['n']:3d} " + "  ".join(
-                    f"{m} {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for m, v in row.items() if m in METRICS) + versus,
+                    f"{m} {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for m, v in row.items() if m in METRICS) + versus
+                    + f"  ({supervision})" * (supervision != "zero-shot"),
                     flush=True)
     if args.tune:
         print("CHOSEN =", {k: v for k, v in chosen.items()})
@@ -252,6 +408,7 @@ def main(argv=None) -> int:
               "classes": labels, "num_inference_steps": T, "guidance_scale": GUIDANCE, "levels": LEVELS,
               "left_out_no_lesion": {f"{s}/{l}": v for (s, l), v in left_out.items()},
               "chosen": {f"{s}/{k}": v for (s, k), v in chosen.items()}, "results": results,
+              "trained_on_tuning_seeds": dict(TRAINED_INFO),
               "segmenter": segmenter.fingerprint, **lens.provenance()}
     identity = {"quick": args.quick, "tune": args.tune, "n": n, "seed_base": base}
     out = Path(args.out) if args.out else cache_root() / "studies" / (
