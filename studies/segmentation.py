@@ -176,9 +176,9 @@ def _given_tokens(lens, label, images) -> xr.Dataset:
 
 
 def _probe(lens, label, source, given):
-    """A token-level linear probe (`dit_lens.probe`) on attn2 at every (layer, step/level), trained on the
-    tuning seeds' masks; the cell with the best test AUC (the probe's own held-out half of the tuning seeds)
-    maps the measured images, the same map at every step and layer of the returned array."""
+    """A token-level linear probe (`dit_lens.probe`) on attn2 at every (layer, step/level), trained on half the
+    tuning seeds' masks; the cell with the best AUC on the other half (ties: balanced accuracy) maps the measured
+    images, the same map at every step and layer of the returned array."""
     key = ("probe", given, label, T, TRAIN_N)
     if key not in _TRAINED:
         if given:
@@ -187,7 +187,9 @@ def _probe(lens, label, source, given):
         else:
             runs, masks = _train_store(lens, label)[0], _train_store(lens, label)[1]
         result = probe(runs, masks=masks, token_level=True, n_controls=1, n_boot=100, progress=False)
-        layer, step = np.unravel_index(int(np.nanargmax(result["auc"].transpose("layer", "step").values)),
+        auc, balanced = (np.nan_to_num(result[m].transpose("layer", "step").values.ravel(), nan=-1.0)
+                         for m in ("auc", "balanced_accuracy"))
+        layer, step = np.unravel_index(int(np.lexsort((balanced, auc))[-1]),  # ties in AUC: balanced accuracy
                                        (result.sizes["layer"], result.sizes["step"]))
         cell = {"layer": int(result["layer"][layer]), "step": int(result["step"][step])}
         _TRAINED[key] = (result, cell)
