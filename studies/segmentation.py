@@ -11,7 +11,12 @@ mIoU, lesion IoU, mAP, bootstrap intervals over images) against
 
 per class with lesions. Choices (noise levels, layers, steps) are tuned per map kind with ``--tune`` on seeds
 100 000 … (never used for measuring) and fixed in `CHOSEN`; the measurement runs on fresh seeds 200 000 ….
-A new map kind (probe maps, SAE feature maps) is one entry of `MAP_KINDS`: a function
+Most kinds are zero-shot (no mask is seen); two are not, and the ``supervision`` column says so: ``probe`` (a
+token-level linear probe trained on the masks of tuning seeds: the segmenter's for generated runs, the true ones
+for given renders) and ``sae_feature`` (an unsupervised SAE trained on tuning-seed tokens, whose feature is
+selected by its lesion IoU on the tuning seeds' masks). Both use tuning seeds 100 000 … only (as many as are
+measured), recorded under ``trained_on_tuning_seeds`` with the probe's cell and the feature chosen.
+A new map kind is one entry of `MAP_KINDS`: a function
 ``(lens, label, images_or_seeds, given) -> (maps (n, step, layer, row, col), images (n, H, W, 3))``, the lesion
 maps of every step (noise level) and layer it can read and the images they are of; its choices go in `CHOSEN`.
 Beside the kinds, the bounds the 8×8 grid sets: the true mask's share of each token, and random maps.
@@ -89,9 +94,9 @@ def _gates(lens, label, source, given):
     """MedSteer's gate g = max(0, h·v) of the class's concept vector (lesion class − normal class, 16 seeds) on
     attn2's output, at every layer; generated: recorded on a run steered with α = 0 (the plain run); given: at
     each noise level, with the vector of the step whose timestep is nearest."""
-    if "vectors" not in _VECTORS:
-        _VECTORS["vectors"] = Vectors(lens, seeds=VECTOR_SEEDS, num_inference_steps=T, guidance_scale=GUIDANCE)
-    vector = _VECTORS["vectors"](endoscopy_pair(label, CLASSES[label]))  # (step, layer, channel), unit
+    if T not in _VECTORS:
+        _VECTORS[T] = Vectors(lens, seeds=VECTOR_SEEDS, num_inference_steps=T, guidance_scale=GUIDANCE)
+    vector = _VECTORS[T](endoscopy_pair(label, CLASSES[label]))  # (step, layer, channel), unit
     rows, cols = lens.token_grid
     if not given:
         out = dit_lens.generate(lens, caption(label), seeds=source, steer=Steer(vector, alpha=0.0),
@@ -207,8 +212,8 @@ def _probe(lens, label, source, given):
 
 def _iou(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """Mean lesion IoU over images of maps ``(n, feature, row, col)`` thresholded at each map's mean, against
-    boolean masks ``(n, H, W)``, at nearest upsampling (a token's pixels share its value): ∑ p·s / ∑ (p + s − p·s)
-    with p the thresholded token and s the mask's share of the token's pixels."""
+    boolean masks ``(n, H, W)``, at nearest upsampling (a token's pixels share its value):
+    ∑ p·s / ∑ (p + s − p·s), with p the thresholded token and s the mask's share of the token's pixels."""
     n, _, rows, cols = maps.shape
     share = masks.reshape(n, rows, masks.shape[1] // rows, cols, -1).mean((2, 4))[:, None]
     pred = (maps > maps.mean((2, 3), keepdims=True)).astype(np.float64)
@@ -230,7 +235,8 @@ def _sae_feature(lens, label, source, given):
         choice = CHOSEN.get((src, "sae_feature"), DEFAULT[src])
         if given:
             truth = render([label] * TRAIN_N, _train_seeds())
-            acts, masks = image_features(sae, lens, truth.images, prompt=caption(label), noise_levels=LEVELS), truth.lesion
+            acts, masks = image_features(sae, lens, truth.images, prompt=caption(label), noise_levels=LEVELS), \
+                truth.lesion
             pooled_maps = acts["activation"].isel(level=list(choice["levels"])).mean(("level", "layer")).values
         else:
             acts = xr.open_zarr(path)["attn2"].sel(layer=layers).isel(prompt=0)
@@ -410,7 +416,8 @@ def main(argv=None) -> int:
               "classes": labels, "num_inference_steps": T, "guidance_scale": GUIDANCE, "levels": LEVELS,
               "left_out_no_lesion": {f"{s}/{l}": v for (s, l), v in left_out.items()},
               "chosen": {f"{s}/{k}": v for (s, k), v in chosen.items()}, "results": results,
-              "trained_on_tuning_seeds": dict(TRAINED_INFO),
+              "trained_on_tuning_seeds": {f"{s}/{k}/{l}": TRAINED_INFO[f"{s}/{k}/{l}"] for s in args.sources
+                                          for k in args.kinds for l in labels if f"{s}/{k}/{l}" in TRAINED_INFO},
               "segmenter": segmenter.fingerprint, **lens.provenance()}
     identity = {"quick": args.quick, "tune": args.tune, "n": n, "seed_base": base}
     out = Path(args.out) if args.out else cache_root() / "studies" / (
