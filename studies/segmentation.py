@@ -369,6 +369,7 @@ def main(argv=None) -> int:
         labels, n, T, TRAIN_N = labels[:1], 4, 10, 4
     if args.tune:
         base = TUNE_BASE
+        print("tuning: the probe and SAE-feature kinds are trained and selected on these same seeds (in-sample)")
     elif base < 200_000:
         print("measuring on seeds below 200000 (tuning seeds); pass --tune to tune", file=sys.stderr)
     lens, segmenter = dit_lens.load("embedded"), load_segmenter()
