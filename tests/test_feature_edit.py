@@ -112,7 +112,7 @@ def test_sae_steer_picks_the_features_the_source_turns_on_and_scale_one_is_the_p
     lens = load(build_pixart(SPEC, seed=0))
     pair = ConceptPair("polyp", "normal mucosa", contexts=("a {}",))
     context = MethodContext(num_inference_steps=2, batch_size=4)
-    settings = get("sae_steer").settings({"window": (0.5, 1.0), "features": 2, "scale": 1.0, "sae_k": 4,
+    settings = get("sae_steer").settings({"window": (0.5, 1.0), "sae_features": 2, "sae_scale": 1.0, "sae_k": 4,
                                           "vector_seeds": 3})
     edit, record = sae_feature_edit(lens, pair, settings, context)
     sae = edit.sae

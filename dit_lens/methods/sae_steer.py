@@ -7,9 +7,9 @@ For a concept pair (source → target), on the same vector seeds MedSteer's vect
    (``dit_lens.capture(..., reduce=None)``, content-addressed in the cache, so a re-run reads it back);
 2. train a TopK SAE on that store (`dit_lens.train_sae`, ``k = sae_k``, expansion 4, 32 passes over its training
    tokens up to 2**18 tokens; cached the same way);
-3. pick the ``features`` features whose mean activation (over those seeds, steps, blocks and image tokens)
+3. pick the ``sae_features`` features whose mean activation (over those seeds, steps, blocks and image tokens)
    is most larger on the source prompts than on the target prompts — the features the source concept turns on;
-4. run the source prompt with a `FeatureEdit` scaling those features by ``scale`` (0: ablation) at the
+4. run the source prompt with a `FeatureEdit` scaling those features by ``sae_scale`` (0: ablation) at the
    window's blocks and the ``steps`` window's steps, both guidance halves, the SAE's error term kept.
 
 The defaults (64 features, scale −3) are what turned polyps into another class on the embedded world with
@@ -21,9 +21,9 @@ The result is a pairs Dataset like every method's (``image (prompt, seed, branch
 Examples:
     >>> from dit_lens.methods import get
     >>> [a.name for a in get("sae_steer").axes]
-    ['window', 'steps', 'features', 'scale', 'sae_k', 'blend', 'vector_seeds']
-    >>> get("sae_steer").cell_name(0, {"window": (0.5, 1.0), "steps": (0.0, 1.0), "features": 4, "scale": 0.0,
-    ...                                "sae_k": 32, "blend": 0.0, "vector_seeds": 16})
+    ['window', 'steps', 'sae_features', 'sae_scale', 'sae_k', 'blend', 'vector_seeds']
+    >>> get("sae_steer").cell_name(0, {"window": (0.5, 1.0), "steps": (0.0, 1.0), "sae_features": 4,
+    ...                                "sae_scale": 0.0, "sae_k": 32, "blend": 0.0, "vector_seeds": 16})
     'sae_steer_p0_w0.5-1_t0-1_f4_s0_k32_n16'
 """
 
@@ -53,9 +53,9 @@ _SHARED = {axis.name: axis for axis in MEDSTEER_AXES}  # an axis name means one 
 AXES = (
     _SHARED["window"],
     _SHARED["steps"],
-    Axis("features", default=(64,), parse=int, check=check_count, key="f", flag="sae-features",
+    Axis("sae_features", default=(64,), parse=int, check=check_count, key="f", flag="sae-features",
          help="how many SAE features to steer: those most more active on the source prompts than the target's"),
-    Axis("scale", default=(-3.0,), parse=float, check=check_real, key="s", flag="sae-scales",
+    Axis("sae_scale", default=(-3.0,), parse=float, check=check_real, key="s", flag="sae-scales",
          help="factor on the chosen features' activations (0 = ablation, 1 = no edit)"),
     Axis("sae_k", default=(32,), parse=int, check=check_count, key="k", flag="sae-k",
          help="active features per token of the TopK SAE"),
@@ -79,10 +79,10 @@ def sae_feature_edit(lens: Lens, pair: ConceptPair, settings: dict, context: Met
     sae = train_sae(store, k=settings["sae_k"], batch_size=batch, tokens=max(batch, min(2**18, 32 * training)),
                     progress=context.progress)
     top = top_features(store_feature_means(sae, store), pair.positive(), pair.negative(),
-                       min(settings["features"], sae.num_features))
+                       min(settings["sae_features"], sae.num_features))
     chosen = [int(f) for f in top.feature.values]
     steps = window_steps(settings["steps"], context.num_inference_steps)
-    edit = FeatureEdit(sae, features=chosen, mode="scale", scale=settings["scale"], at=At(sae.site, layers, steps))
+    edit = FeatureEdit(sae, features=chosen, mode="scale", scale=settings["sae_scale"], at=At(sae.site, layers, steps))
     record = {"folder": str(sae.folder), "digest": sae.digest, "fvu": sae.fvu, "dead_rate": sae.dead_rate,
               "dense_rate": sae.dense_rate, "features": chosen, "difference": [float(d) for d in top.values]}
     return edit, record
