@@ -204,13 +204,17 @@ def _image_shape(lens: Lens) -> tuple[int, int, int]:
     return lens.pipeline_kwargs["height"], lens.pipeline_kwargs["width"], 3
 
 
-def feature_dashboard(maps: xr.Dataset, *, features: Any = None, top: int = 6) -> xr.Dataset:
+def feature_dashboard(maps: xr.Dataset, *, features: Any = None, top: int = 6,
+                      attention: xr.Dataset | None = None) -> xr.Dataset:
     """What a feature page shows, from `sae_features` maps.
 
     Args:
         maps: The Dataset `sae_features` returned.
         features: Features to describe (default: all in `maps`).
         top: Top-activating images per feature.
+        attention: Optionally `dit_lens.attention_maps` of the same prompts and seeds: each feature's map is
+            then compared with each word's cross-attention map, to name the words attention says the feature
+            follows.
 
     Returns:
         Dataset with ``rate (feature, prompt)`` (share of image tokens where the feature is active, over seeds,
@@ -242,9 +246,35 @@ def feature_dashboard(maps: xr.Dataset, *, features: Any = None, top: int = 6) -
          "top_map": (("feature", "rank", "row", "col"), maps_fp[f_index, p_index, s_index]),
          "top_image": (("feature", "rank", "y", "x", "rgb"), images[p_index, s_index])},
         coords={"feature": act["feature"].values, "rank": np.arange(top)})
+    if attention is not None:
+        board = board.merge(_word_correlation(mean_map, attention))
     board.attrs.update(maps.attrs)
     board.attrs["readout"] = "feature_dashboard"  # what `dit_lens.views.features.write_feature_explorer` draws
     return board
+
+
+def _word_correlation(mean_map: xr.DataArray, attention: xr.Dataset) -> xr.Dataset:
+    """``word_correlation (feature, word)`` and ``word (feature)`` between feature maps ``(prompt, seed, feature,
+    row, col)`` and the words' attention maps of the same runs."""
+    words = attention["attention"] if isinstance(attention, xr.Dataset) else attention
+    prompts, seeds = list(mean_map["prompt"].values), list(mean_map["seed"].values)
+    missing = [p for p in prompts if p not in list(words["prompt"].values)] + \
+        [s for s in seeds if s not in list(words["seed"].values)]
+    if missing:
+        raise ValueError(f"attention lacks the runs {missing} of the feature maps; pass attention_maps of the same "
+                         f"prompts and seeds")
+    words = words.sel(prompt=prompts, seed=seeds).mean(("step", "layer"))  # (prompt, seed, word, row, col)
+    if (words.sizes["row"], words.sizes["col"]) != (mean_map.sizes["row"], mean_map.sizes["col"]):
+        raise ValueError("attention maps and feature maps lie on different token grids; pass maps of one model")
+    f = mean_map.transpose("feature", "prompt", "seed", "row", "col").values.reshape(mean_map.sizes["feature"], -1)
+    w = words.transpose("word", "prompt", "seed", "row", "col").values.reshape(words.sizes["word"], -1)
+    f, w = f - f.mean(1, keepdims=True), w - w.mean(1, keepdims=True)
+    norm = np.linalg.norm(f, axis=1)[:, None] * np.linalg.norm(w, axis=1)[None]  # (feature, word)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.where(norm > 0, f @ w.T / np.where(norm > 0, norm, 1.0), np.nan)  # a silent feature: no correlation
+    best = np.where(np.isnan(r).all(1), "", np.array(words["word"].values)[np.nanargmax(np.nan_to_num(r, nan=-2), 1)])
+    return xr.Dataset({"word_correlation": (("feature", "word"), r), "word": ("feature", best.astype(str))},
+                      coords={"feature": mean_map["feature"].values, "word": words["word"].values})
 
 
 def store_feature_means(sae: SAE, store: Any) -> xr.DataArray:

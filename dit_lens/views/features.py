@@ -67,7 +67,11 @@ def write_feature_explorer(board: xr.Dataset, path: str | Path, *, title: str = 
             f'<figure><img src="{png_uri(overlay(one.top_image.values[r], one.top_map.values[r], peak))}" width="128">'
             f"<figcaption>{html.escape(str(one.top_prompt.values[r]))}, seed {int(one.top_seed.values[r])}: peak "
             f"{float(one.top_peak.values[r]):.3g}</figcaption></figure>" for r in range(one.sizes["rank"]))
-        sections.append(f'<section id="f{int(f)}"><h2>feature {int(f)}</h2><table><tr><th>prompt</th>'
+        said = ""
+        if "word_correlation" in board and str(one.word.values):
+            said = (f"<p>follows the word <b>{html.escape(str(one.word.values))}</b> (correlation of its map with the "
+                    f"word's attention map {float(one.word_correlation.sel(word=one.word.values)):.2f})</p>")
+        sections.append(f'<section id="f{int(f)}"><h2>feature {int(f)}</h2>{said}<table><tr><th>prompt</th>'
                         f"<th>token rate</th><th>image rate</th></tr>{rates}</table>"
                         f'<div class="controls">{images}</div></section>')
     about = "".join(f"<li>{html.escape(str(k))}: {html.escape(str(board.attrs[k]))}</li>"
