@@ -32,6 +32,16 @@ def test_the_methods_flag_picks_methods_and_an_axis_needs_a_method_that_has_it()
         parser(STUDY).parse_args(["--methods", "sdedit"])
 
 
+def test_a_method_added_by_flag_takes_the_studys_vector_seeds_and_the_flag_sets_both():
+    study = Study("v", pairs=(PAIR,), methods={"medsteer": {"vector_seeds": (32,)}})
+    both = declared(study, parser(study).parse_args(["--methods", "medsteer", "sae_steer"]))
+    assert both.methods["medsteer"]["vector_seeds"] == both.methods["sae_steer"]["vector_seeds"] == (32,)
+    fewer = declared(study, parser(study).parse_args(["--methods", "medsteer", "sae_steer", "--vector-seeds", "8"]))
+    assert fewer.methods["medsteer"]["vector_seeds"] == fewer.methods["sae_steer"]["vector_seeds"] == (8,)
+    assert declared(study, parser(study).parse_args(["--methods", "sae_steer"])).methods["sae_steer"][
+        "vector_seeds"] == (32,)
+
+
 def test_quick_applies_the_study_overrides_then_flags():
     s = declared(STUDY, parser(STUDY).parse_args(["--quick", "--eval-seeds", "7"]))
     assert s.name == "s-quick" and s.methods["medsteer"]["alpha"] == (3.0,) and s.eval_seeds == 7

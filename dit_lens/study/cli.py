@@ -149,8 +149,10 @@ def _declared(study: Study, args: argparse.Namespace) -> Study:
     changes: dict[str, Any] = {f: getattr(args, f) for f in ("eval_seeds", "eval_seed_base", "num_inference_steps",
                                                                  "guidance_scale")
                                if getattr(args, f) is not None}
-    if args.methods:
-        changes["methods"] = {m: study.methods.get(m, {}) for m in args.methods}
+    if args.methods:  # a method the study does not declare takes the study's fixed axes (vector seeds) where it has them
+        shared = {axis: next(iter(values)) for axis, values in study.fixed_axes().items() if len(values) == 1}
+        changes["methods"] = {m: study.methods.get(m) or {a.name: shared[a.name] for a in METHODS[m].axes
+                                                          if a.name in shared} for m in args.methods}
     if getattr(args, "require", None):
         changes["require"] = dict(args.require)
     if args.pairs:
