@@ -43,6 +43,7 @@ __all__ = [
     "check_fraction",
     "check_guidance",
     "check_int",
+    "check_labels",
     "check_pipeline_folder",
     "check_prompts",
     "check_real",
@@ -121,6 +122,25 @@ def check_prompts(prompts: Any) -> list[str]:
     if len(set(prompts)) != len(prompts):
         raise ValueError("prompts has duplicates; list each prompt once (they label the data)")
     return prompts
+
+
+def check_labels(values: Any, name: str) -> list[str]:
+    """`values` (one string or several) as a list of distinct non-empty strings that label data (words, concepts).
+
+    Examples:
+        >>> check_labels("polyp", "words")
+        ['polyp']
+        >>> check_labels(["polyp", "polyp"], "concepts")
+        Traceback (most recent call last):
+        ...
+        ValueError: concepts has duplicates: ['polyp', 'polyp']; list each once (they label the data)
+    """
+    values = [values] if isinstance(values, str) else list(values)
+    if not values or not all(isinstance(v, str) and v.strip() for v in values):
+        raise ValueError(f"{name} must be a non-empty list of non-empty strings, got {values!r}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name} has duplicates: {values}; list each once (they label the data)")
+    return values
 
 
 def check_seed(value: Any, name: str = "seed") -> int:

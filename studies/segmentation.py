@@ -49,7 +49,7 @@ from dit_lens.metrics.estimates import estimate
 from dit_lens.metrics.segmentation import METRICS, segmentation_scores
 from dit_lens.readouts.concept_maps import concept_maps
 from dit_lens.readouts.probes import probe, probe_maps
-from dit_lens.sampling import Denoiser, encode, noised
+from dit_lens.sampling import Denoiser, encode, noise_field, noised
 from dit_lens.storage import cache_root, claimed, write_record
 from dit_lens.trace.capture import capture
 from dit_lens.trace.runner import scheduler_timesteps, traced_generate
@@ -103,7 +103,7 @@ def _gates(lens, label, source, given):
                                 record_gates=True, num_inference_steps=T, guidance_scale=GUIDANCE, progress=False)
         return out["gate"].isel(prompt=0).values, out["image"].isel(prompt=0).sel(branch="original").values
     latents = encode(lens, source)
-    noise = torch.randn((1, *latents.shape[1:]), generator=torch.Generator().manual_seed(0)).expand_as(latents)
+    noise = noise_field(latents, 0)
     times = scheduler_timesteps(lens, T)
     maps = np.zeros((len(source), len(LEVELS), lens.num_layers, rows * cols), np.float32)
     denoiser, handles, state = Denoiser(lens, [caption(label)]), [], {}
@@ -156,7 +156,7 @@ def _given_tokens(lens, label, images) -> xr.Dataset:
     """attn2's image tokens of given images, read like `_gates` (one denoiser call per noise level), as a capture
     ``(prompt, seed, step, layer, token, channel)`` with the levels as steps and the images as seeds."""
     latents = encode(lens, images)
-    noise = torch.randn((1, *latents.shape[1:]), generator=torch.Generator().manual_seed(0)).expand_as(latents)
+    noise = noise_field(latents, 0)
     rows, cols = lens.token_grid
     values, denoiser, handles, state = None, Denoiser(lens, [caption(label)]), [], {}
     for layer in range(lens.num_layers):

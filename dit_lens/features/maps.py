@@ -27,6 +27,7 @@ Examples:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Iterable, Sequence, TYPE_CHECKING
 
 import numpy as np
@@ -34,7 +35,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from ..sampling import noised
+from ..sampling import check_levels, noise_field, noised
 from ..trace.attrs import typed
 from ..trace.runner import Hook, branch_rows, check_prompts, check_seeds, scheduler_timesteps, traced_generate
 from ..validate import check_int
@@ -160,16 +161,12 @@ def image_features(sae: SAE, lens: Lens, images: Any, *, prompt: str = "", seed:
 
     sae.check_fits(lens, name="the SAE")
     images = check_images(images, lens)
-    levels = [float(x) for x in noise_levels]
-    if not levels or not all(0 < x <= 1 for x in levels):
-        raise ValueError(f"noise_levels must be levels in (0, 1] (a fraction of the noise schedule), got "
-                         f"{list(noise_levels)}")
+    levels = check_levels(noise_levels)
     layers = _layers(sae, layers)
     chosen = torch.tensor(sae.check_features(range(sae.num_features) if features is None else features))
     rows, cols = lens.token_grid
     latents = encode(lens, images)  # (n, C, h, w)
-    draw = torch.Generator("cpu").manual_seed(int(seed))
-    noise = torch.randn((1, *latents.shape[1:]), generator=draw).to(latents).expand_as(latents)
+    noise = noise_field(latents, seed)
     values = np.zeros((len(images), len(levels), len(layers), len(chosen), rows, cols), np.float32)
     denoiser = Denoiser(lens, [prompt], guidance=guidance_scale)
     state = {"level": 0}
@@ -282,7 +279,9 @@ def store_feature_means(sae: SAE, store: Any) -> xr.DataArray:
     seeds, and the SAE's steps, layers and tokens, read one (prompt, seed) cell at a time."""
     from .train import open_tokens, read_cell
 
-    source = open_tokens(store, sae.site, sae.layers, _store_steps(sae, store))
+    source = open_tokens(store, sae.site, sae.layers)  # every step of the store; the SAE's when it has them all
+    if set(sae.steps) <= set(source.steps):
+        source = replace(source, steps=sae.steps, step_index=tuple(source.steps.index(t) for t in sae.steps))
     if int(source.array.shape[-1]) != sae.width or source.attrs.get("model_fingerprint") != sae.model_fingerprint:
         raise ValueError("the store was captured from another model (or width) than the SAE was trained on; pass a "
                          "capture of the SAE's model")
@@ -321,11 +320,3 @@ def top_features(means: xr.DataArray, source: str | Sequence[str], target: str |
     difference = pick(source).mean("prompt") - pick(target).mean("prompt")
     order = np.argsort(-difference.values, kind="stable")[: check_int(count, "count", minimum=1)]
     return difference.isel(feature=order).rename("difference")
-
-
-def _store_steps(sae: SAE, store: Any) -> Any:
-    """The SAE's steps when the store has them all, else every step of the store."""
-    from .train import open_tokens
-
-    have = open_tokens(store, sae.site).steps
-    return sae.steps if set(sae.steps) <= set(have) else None

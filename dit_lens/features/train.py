@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from ..storage import DamagedError, claim, exclusive, load_torch, save_torch
 from ..storage.cache import cache_root, content_key
+from ..trace.store import open_finished
 from ..validate import check_int, is_int
 from .sae import SAE, SAE_FILE, SAE_KIND, load_sae, require_sparsify, write_sae
 
@@ -105,11 +106,7 @@ def open_tokens(store: Any, site: str | None = None, layers: Any = None, steps: 
                              "store= argument)")
         store = source
     path = Path(store).expanduser()
-    if not path.is_dir():
-        raise ValueError(f"no capture store at {path}; make one with dit_lens.capture(..., reduce=None, store=...)")
-    ds = xr.open_zarr(path)
-    if "dit_lens_store" not in ds.attrs:
-        raise ValueError(f"{path} is not a dit-lens capture store; make one with dit_lens.capture(..., reduce=None)")
+    ds = open_finished(path, make="make one with dit_lens.capture(..., reduce=None, store=...)")
     sites = [name for name in ds.data_vars if name != "done"]
     site = sites[0] if site is None and len(sites) == 1 else site
     if site not in sites:
@@ -122,10 +119,6 @@ def open_tokens(store: Any, site: str | None = None, layers: Any = None, steps: 
     if dims != ("prompt", "seed", "step", "layer", "token", "channel"):
         raise ValueError(f"the store's {site} has dims {dims}; train_sae reads (prompt, seed, step, layer, token, "
                          f"channel): capture one guidance branch (branch='cond' or 'uncond') with reduce=None")
-    done = np.asarray(ds["done"].values, bool)
-    if not done.all():
-        raise ValueError(f"the store at {path} is not complete ({int((~done).sum())} of {done.size} (prompt, seed) "
-                         f"cells missing); finish it by running the same capture again, then train")
     have_steps, have_layers = [int(s) for s in ds["step"].values], [int(x) for x in ds["layer"].values]
     chosen_steps = _choose("steps", steps, have_steps)
     chosen_layers = _choose("layers", layers, have_layers)

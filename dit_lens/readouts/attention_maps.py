@@ -37,6 +37,7 @@ from ..trace.attrs import typed
 from ..trace.capture import DEFAULT_BATCH, CaptureSettings
 from ..trace.runner import scheduler_timesteps
 from ..trace.runner import Hook, check_prompts, check_seeds, is_int, traced_generate
+from ..validate import check_labels
 from ..model.tokens import prompt_words, word_tokens
 
 __all__ = ["MAP_DIMS", "attention_maps"]
@@ -220,11 +221,4 @@ def _check_words(lens: Lens, prompts: list[str], words: Sequence[str] | None) ->
             raise ValueError(f"the prompts have different words ({[', '.join(f) for f in found]}); pass words=[...] "
                              f"that occur in every prompt")
         return found[0]
-    if isinstance(words, str):
-        words = [words]
-    words = list(words)
-    if not words or not all(isinstance(w, str) and w.strip() for w in words):
-        raise ValueError(f"words must be a non-empty list of non-empty strings, got {words!r}")
-    if len(set(words)) != len(words):
-        raise ValueError(f"words has duplicates: {words}; list each word once (they label the data)")
-    return words
+    return check_labels(words, "words")

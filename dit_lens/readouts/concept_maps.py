@@ -49,17 +49,16 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
 from ..model.lens import Lens
 from ..model.tokens import max_tokens, prompt_text, word_tokens
-from ..sampling import check_images, encode
+from ..sampling import check_images, check_levels, encode, noise_field
 from ..trace.attrs import typed
 from ..trace.capture import DEFAULT_BATCH
 from ..trace.runner import check_seeds, scheduler_timesteps
-from ..validate import check_guidance
+from ..validate import check_guidance, check_labels
 from .attention_maps import _check_steps, attention_maps
 from .concept_reader import Reader
 
@@ -114,7 +113,7 @@ def concept_maps(lens: Lens, images: Any = None, *, prompt: str, concepts: Seque
         raise ValueError(f"output_space must be one of {SPACES}, got {output_space!r}")
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
-    concepts = _check_concepts(concepts)
+    concepts = check_labels(concepts, "concepts")
     seeds = check_seeds(seeds)
     guidance_scale = check_guidance(guidance_scale)
     joint = lens.family.processor != "cross"
@@ -125,7 +124,7 @@ def concept_maps(lens: Lens, images: Any = None, *, prompt: str, concepts: Seque
     given = images is not None
     if given:
         images = check_images(images, lens)
-        levels = _check_levels(noise_levels)
+        levels = check_levels(noise_levels)
         if steps is not None:
             raise ValueError("steps apply to generated runs; for given images choose noise_levels=[...]")
         recorded = list(range(len(levels)))
@@ -142,9 +141,7 @@ def concept_maps(lens: Lens, images: Any = None, *, prompt: str, concepts: Seque
         reader = Reader(lens, kind, concepts, tokens, prompt, layers, output_space, joint)
         if given:
             latents = encode(lens, images)  # (n, C, h, w)
-            draw = torch.Generator("cpu").manual_seed(seeds[0])  # one noise field for every image, so that
-            noise = torch.randn((1, *latents.shape[1:]), generator=draw).to(latents).expand_as(latents)  # no map
-            # depends on the other images of the batch
+            noise = noise_field(latents, seeds[0])  # one field for every image
             chunks = [slice(i, i + GIVEN_BATCH) for i in range(0, len(images), GIVEN_BATCH)]
             values = [reader.given(latents[c], noise[c], levels, guidance_scale)
                       for c in tqdm(chunks, desc=f"concept maps ({kind})", unit="batch", disable=not progress)]
@@ -160,17 +157,6 @@ def concept_maps(lens: Lens, images: Any = None, *, prompt: str, concepts: Seque
                     levels=levels if given else None, num_inference_steps=num_inference_steps,
                     guidance_scale=guidance_scale, output_space=output_space, tokens=tokens)
     return _dataset(lens, values, made, settings)
-
-
-def _check_concepts(concepts: Any) -> list[str]:
-    if isinstance(concepts, str):
-        concepts = [concepts]
-    concepts = list(concepts)
-    if not concepts or not all(isinstance(c, str) and c.strip() for c in concepts):
-        raise ValueError(f"concepts must be a non-empty list of non-empty strings, got {concepts!r}")
-    if len(set(concepts)) != len(concepts):
-        raise ValueError(f"concepts has duplicates: {concepts}; list each concept once (they label the maps)")
-    return concepts
 
 
 def _concept_tokens(lens: Lens, prompt: str | None, concepts: list[str]) -> list[tuple[int, ...]]:
@@ -214,15 +200,6 @@ def _check_layers(lens: Lens, layers: Any, kind: str, joint: bool) -> list[int]:
         raise ValueError(f"blocks {bad} of {lens.family.label or lens.family.name} have no text-stream output "
                          f"(the last joint block, or a single-stream one) for kind='output'; leave them out")
     return sorted(int(l) for l in layers)
-
-
-def _check_levels(levels: Any) -> list[float]:
-    if isinstance(levels, (int, float)):
-        levels = [levels]
-    levels = [float(x) for x in levels]
-    if not levels or not all(0 < x <= 1 for x in levels) or len(set(levels)) != len(levels):
-        raise ValueError(f"noise_levels must be distinct values in (0, 1], got {levels!r}")
-    return levels
 
 
 def _dataset(lens: Lens, values: np.ndarray, made: np.ndarray, settings: dict) -> xr.Dataset:

@@ -17,6 +17,8 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import xarray as xr
 
+from ..trace.store import check_finished, open_finished
+
 __all__ = ["DIMS", "open_capture", "capture_variable", "pick", "item_labels", "token_grid", "token_labels"]
 
 #: What a probe needs of a capture's variable, besides an optional ``token`` and ``branch``.
@@ -24,27 +26,17 @@ DIMS = ("prompt", "seed", "step", "layer", "channel")
 
 
 def open_capture(source: Any) -> tuple[xr.Dataset, str | None]:
+    """The capture a probe reads (a finished store's path, or a Dataset), without its ``done`` marks, and its path."""
     if isinstance(source, xr.Dataset):
         ds, where = source, None
+        check_finished(ds)
     elif isinstance(source, (str, Path)):
-        path = Path(source).expanduser()
-        if not path.is_dir():
-            raise ValueError(f"no capture store at {path}: pass the path of a .zarr store dit_lens.capture made, or "
-                             f"the Dataset it returned")
-        try:
-            ds = xr.open_zarr(path)
-        except Exception as err:  # zarr and xarray raise many types for folders that are not stores
-            raise ValueError(f"{path} is not a readable capture store ({type(err).__name__}: {err})") from err
-        where = str(path)
+        where = str(Path(source).expanduser())
+        ds = open_finished(where, make="pass the path of a .zarr store dit_lens.capture made, or the Dataset it "
+                                        "returned", foreign=True)
     else:
         raise ValueError(f"probe takes a capture store path or Dataset, got {type(source).__name__}")
-    if "done" in ds:
-        done = np.asarray(ds["done"].values, bool)
-        if not done.all():
-            raise ValueError(f"the store holds {int((~done).sum())} unfinished runs of {done.size}; finish the "
-                             f"capture (dit_lens.capture with the same store) first")
-        ds = ds.drop_vars("done")
-    return ds, where
+    return (ds.drop_vars("done") if "done" in ds else ds), where
 
 
 def capture_variable(ds: xr.Dataset, site: str | None, token_level: bool) -> tuple[xr.DataArray, str]:

@@ -6,13 +6,13 @@ deterministic samplers inversion runs backwards, the differentiable loop, and th
   `to_epsilon`, `alpha_bars`), `GuidedDenoiser` (guided ε for inversion and h-Edit);
 - `flow`: the flow-matching Euler sampler, run in either direction;
 - `loop`: `DifferentiableSampler`, the pipeline's loop and decode in plain torch, and `frozen`;
-- `images`: `check_images`, `encode`, `noised`, and the one decode (`decode_images` in torch, `decode` to numpy).
+- `images`: `check_images`, `encode`, `noised`, `noise_field`, `check_levels`, and the one decode (`decode_images` in torch, `decode` to numpy).
 """
 
 from .ddim import GuidedDenoiser, ddim_scheduler, inversion_scheduler
 from .denoiser import Denoiser, mix
-from .images import check_images, decode, decode_images, encode, noised
+from .images import check_images, check_levels, decode, decode_images, encode, noise_field, noised
 from .loop import DifferentiableSampler, frozen
 
-__all__ = ["Denoiser", "DifferentiableSampler", "GuidedDenoiser", "check_images", "ddim_scheduler", "decode",
-           "decode_images", "encode", "frozen", "inversion_scheduler", "mix", "noised"]
+__all__ = ["Denoiser", "DifferentiableSampler", "GuidedDenoiser", "check_images", "check_levels", "ddim_scheduler", "decode",
+           "decode_images", "encode", "frozen", "inversion_scheduler", "mix", "noise_field", "noised"]

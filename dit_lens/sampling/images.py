@@ -1,5 +1,5 @@
-"""Images in and out of the latent space as the pipeline moves them: `check_images`, `encode`, `noised` (latents at a
-noise level, for readouts of given images), and the one decode every loop shares.
+"""Images in and out of the latent space as the pipeline moves them: `check_images`, `encode`, `noised`, `noise_field`
+and `check_levels` (given images at noise levels, for readouts), and the one decode every loop shares.
 
 `decode_images` is the pipeline's VAE decode and postprocess in torch, differentiable in the latents (the
 differentiable loop of `dit_lens.sampling.loop` and initial-noise optimisation differentiate it); `decode`
@@ -137,3 +137,21 @@ def noised(lens: Lens, latents: torch.Tensor, noise: torch.Tensor, level: float)
     t = int(round(level * (steps - 1)))
     alpha_bar = float(scheduler.alphas_cumprod[t])
     return alpha_bar ** 0.5 * latents + (1 - alpha_bar) ** 0.5 * noise, t
+
+
+def noise_field(latents: torch.Tensor, seed: int) -> torch.Tensor:
+    """One noise field ``(1, C, h, w)`` drawn on the CPU from `seed`, expanded to the batch of `latents`: the same
+    for every image, so that no reading of a given image depends on the other images of its batch."""
+    draw = torch.Generator("cpu").manual_seed(int(seed))
+    return torch.randn((1, *latents.shape[1:]), generator=draw).to(latents).expand_as(latents)
+
+
+def check_levels(levels: Any) -> list[float]:
+    """`levels` (one number or several) as distinct noise levels in (0, 1]; ValueError otherwise."""
+    if isinstance(levels, (int, float)):
+        levels = [levels]
+    levels = [float(x) for x in levels]
+    if not levels or not all(0 < x <= 1 for x in levels) or len(set(levels)) != len(levels):
+        raise ValueError(f"noise_levels must be distinct values in (0, 1] (a fraction of the noise schedule), got "
+                         f"{levels!r}")
+    return levels

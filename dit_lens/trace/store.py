@@ -61,7 +61,9 @@ __all__ = [
     "DamagedStoreError",
     "VariableSpec",
     "cache_root",
+    "check_finished",
     "content_key",
+    "open_finished",
 ]
 
 #: Written into every store's attrs; a store without it is not a dit-lens capture.
@@ -246,6 +248,41 @@ class CaptureStore:
     def dataset(self) -> xr.Dataset:
         """The store as a lazily loaded Dataset (without the ``done`` bookkeeping variable)."""
         return xr.open_zarr(self.path).drop_vars("done")
+
+
+def open_finished(path: str | Path, *, make: str, foreign: bool = False) -> xr.Dataset:
+    """A finished capture store at `path`, opened read-only for a readout (probes, SAE training).
+
+    Args:
+        path: The store's folder.
+        make: How to make the store the readout needs, for the messages.
+        foreign: Also accept a Zarr store of the same layout that dit-lens did not write (a readout that takes any
+            Dataset of that layout takes its store too).
+
+    Raises:
+        CaptureStoreError: no store there, not a readable dit-lens capture store, or runs still unfinished.
+    """
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise CaptureStoreError(f"no capture store at {path}; {make}")
+    try:
+        ds = xr.open_zarr(path)
+    except Exception as err:  # zarr and xarray raise many types for folders that are not stores
+        raise CaptureStoreError(f"{path} is not a readable capture store ({type(err).__name__}: {err}); {make}") from err
+    if not foreign and ds.attrs.get("dit_lens_store") != STORE_FORMAT:
+        raise CaptureStoreError(f"{path} is not a dit-lens capture store; {make}")
+    check_finished(ds, f" at {path}")
+    return ds
+
+
+def check_finished(ds: xr.Dataset, where: str = "") -> None:
+    """Refuse a capture whose ``done`` marks say some runs are unfinished (`where`: " at <path>", for the message)."""
+    if "done" not in ds:
+        return
+    done = np.asarray(ds["done"].values, bool)
+    if not done.all():
+        raise CaptureStoreError(f"the store{where} holds {int((~done).sum())} unfinished runs of {done.size}; finish "
+                                f"it by running the same dit_lens.capture (same store=) again")
 
 
 def _create(
