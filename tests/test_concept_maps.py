@@ -11,7 +11,6 @@ from dit_lens.readouts.attention_maps import attention_maps
 from dit_lens.readouts.concept_maps import concept_maps
 from dit_lens.sampling import Denoiser, encode
 from dit_lens.testing import FluxSpec, PixArtSpec, SanaSpec, SD3Spec, build_flux, build_pixart, build_sana, build_sd3
-from test_attention import raw_weights
 
 T, PROMPT, CONCEPTS, SEEDS = 2, "a red polyp", ["polyp", "red"], [0, 3]
 BUILDERS = {
@@ -38,7 +37,7 @@ def plain_batch(lens, hooks=()):
 
 def concept_embeddings(lens):
     """Each concept encoded alone by the pipeline, as the blocks receive text: ``[(tokens, C)]``."""
-    pipe, den = lens.pipeline, lens.denoiser
+    den = lens.denoiser
     out = []
     for concept in CONCEPTS:
         embeds = Denoiser(lens, [concept]).embeds[0]  # the pipeline's encode_prompt

@@ -115,7 +115,7 @@ def test_trained_kinds_never_saw_the_measured_seeds(quick):
 def test_printed_lines_are_the_record(quick):
     _, printed, record = quick
     pattern = (r"^(given|generated) +(\S+) +(.+?) +n= *(\d+) " + "  ".join(rf"{m} {INTERVAL}" for m in METRICS)
-               + rf"(?:  miou - cross_attention ([-+]\d+\.\d+) \[([-+]\d+\.\d+), ([-+]\d+\.\d+)\])?(?:  \((.+)\))?$")
+               + r"(?:  miou - cross_attention ([-+]\d+\.\d+) \[([-+]\d+\.\d+), ([-+]\d+\.\d+)\])?(?:  \((.+)\))?$")
     lines = [re.match(pattern, line) for line in printed.splitlines() if re.match(r"^(given|generated) ", line)]
     assert len(lines) == len(record["results"]) and all(lines)
     for found, row in zip(lines, record["results"]):
